@@ -1,0 +1,44 @@
+package endpoint
+
+import "sync/atomic"
+
+// Stats are a link endpoint's counters. Every field is updated atomically and
+// may be read at any time, for example by a metrics collector.
+type Stats struct {
+	// RxPackets and RxBytes count frames received from the peer and
+	// delivered to the stack.
+	RxPackets atomic.Uint64
+	RxBytes   atomic.Uint64
+	// TxPackets and TxBytes count frames handed to the peer.
+	TxPackets atomic.Uint64
+	TxBytes   atomic.Uint64
+	// RxDrops counts frames from the peer that were dropped: malformed,
+	// oversized, or arriving while the endpoint is not attached.
+	RxDrops atomic.Uint64
+	// TxDrops counts frames for the peer that were dropped because its queue
+	// was full (no posted buffers, no descriptor space) or the link was down.
+	TxDrops atomic.Uint64
+	// Violations counts protocol violations by the peer: descriptors or
+	// ring headers that point outside the peer's own region or break the
+	// ring's rules. A violation cuts the peer off.
+	Violations atomic.Uint64
+}
+
+// StatsSnapshot is a plain copy of Stats.
+type StatsSnapshot struct {
+	RxPackets, RxBytes, TxPackets, TxBytes uint64
+	RxDrops, TxDrops, Violations           uint64
+}
+
+// Snapshot returns a copy of the counters.
+func (s *Stats) Snapshot() StatsSnapshot {
+	return StatsSnapshot{
+		RxPackets:  s.RxPackets.Load(),
+		RxBytes:    s.RxBytes.Load(),
+		TxPackets:  s.TxPackets.Load(),
+		TxBytes:    s.TxBytes.Load(),
+		RxDrops:    s.RxDrops.Load(),
+		TxDrops:    s.TxDrops.Load(),
+		Violations: s.Violations.Load(),
+	}
+}

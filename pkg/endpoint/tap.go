@@ -1,0 +1,712 @@
+//go:build linux
+
+package endpoint
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// TAPOptions configure NewTAP.
+type TAPOptions struct {
+	// FD is an fd attached to a TUN/TAP device (from OpenTAP, or received
+	// over SCM_RIGHTS). NewTAP duplicates it and owns the duplicate; the
+	// caller keeps FD and closes it when it likes. The duplicate shares
+	// FD's open file description, which NewTAP makes non-blocking.
+	FD int
+	// MTU is the IP MTU of the link (without the Ethernet header).
+	MTU uint32
+	// EthernetHeader is true for a TAP device (Ethernet frames, ARP/NDP)
+	// and false for a TUN device (bare IP packets).
+	EthernetHeader bool
+	// LinkAddress is the endpoint's own MAC address on a TAP device: frames
+	// to other unicast addresses are dropped. Empty for TUN.
+	LinkAddress tcpip.LinkAddress
+	// VnetHdr says the device was opened with IFF_VNET_HDR
+	// (TAPDeviceOptions.VnetHdr); NewTAP checks it against the device.
+	VnetHdr bool
+	// GSOMaxSize, when non-zero, advertises stack.HostGSOSupported: the
+	// stack's own TCP endpoints then send super-packets of up to this many
+	// bytes, which the kernel segments. Needs VnetHdr; at most 65535.
+	GSOMaxSize uint32
+	// OnClosed, if set, is called once, on the endpoint's goroutine, when
+	// the device goes away under the endpoint (it was deleted, or a read
+	// failed for good); the endpoint has then stopped and closed its fd.
+	// It is not called for a stop caused by Close. It must not call Wait.
+	OnClosed func(error)
+	// Logger receives the endpoint's logs; nil discards them.
+	Logger *slog.Logger
+}
+
+// TAPOffloadStats count the endpoint's offload work. Every field is updated
+// atomically and may be read at any time.
+type TAPOffloadStats struct {
+	// RxGSOPackets counts TCP super-packets received from the kernel and
+	// RxGSOSegments the segments they were cut into.
+	RxGSOPackets  atomic.Uint64
+	RxGSOSegments atomic.Uint64
+	// RxCsumCompleted counts received packets whose partial checksum
+	// (VIRTIO_NET_HDR_F_NEEDS_CSUM) was completed in software.
+	RxCsumCompleted atomic.Uint64
+	// RxUnsupportedGSO counts received frames with a GSO type other than
+	// TCP (UDP fragmentation or segmentation offload), dropped and also
+	// counted in Stats.RxDrops.
+	RxUnsupportedGSO atomic.Uint64
+	// TxGSOPackets counts super-packets handed to the kernel to segment.
+	TxGSOPackets atomic.Uint64
+	// TxFlattened counts packets made of too many pieces to write in
+	// place, copied into one buffer first.
+	TxFlattened atomic.Uint64
+}
+
+// TAPEndpoint is a stack.LinkEndpoint driving a TUN or TAP device through
+// its fd: one goroutine reads frames (parked on the runtime's poller, not on
+// an OS thread of its own) and delivers them to the stack; WritePackets
+// writes with one non-blocking writev per frame and drops when the device
+// queue is full.
+//
+// With a virtio-net header, received TCP super-packets are segmented and
+// partial checksums completed, so every packet handed to the stack carries
+// valid checksums, as the router needs to forward it.
+//
+// Lifecycle: NewTAP; Attach with a dispatcher (stack.CreateNIC) starts the
+// reader; Attach(nil) (stack.RemoveNIC, Stack.Destroy) stops it; Close
+// closes the fd; Wait returns once the reader has exited, and after Close
+// once the fd is closed too. If the device goes away first, the endpoint
+// stops and closes the fd by itself and calls TAPOptions.OnClosed.
+//
+// A TAP fd keeps the network namespace it was opened in alive (see
+// OpenTAP), so removing a pod's namespace does not stop the endpoint:
+// delete the device, or Close the endpoint.
+type TAPEndpoint struct {
+	// Immutable after NewTAP.
+	file       *os.File // owns fd; closed by closeFile
+	name       string   // device name
+	ethernet   bool
+	vnetHdr    bool
+	gsoMaxSize uint32
+	onClosed   func(error)
+	log        *slog.Logger
+
+	stats   Stats
+	offload TAPOffloadStats
+
+	mtu      atomic.Uint32
+	linkAddr atomic.Pointer[tcpip.LinkAddress]
+
+	// wg counts the reader goroutine.
+	wg sync.WaitGroup
+
+	// mu guards the reader's lifecycle. Every read deadline is set with mu
+	// held, so the reader and its stoppers agree on why a read timed out.
+	mu sync.Mutex
+	// +checklocks:mu
+	dispatcher stack.NetworkDispatcher
+	// reading is set while the reader goroutine runs.
+	// +checklocks:mu
+	reading bool
+	// closing is set by Close.
+	// +checklocks:mu
+	closing bool
+	// gone is set when the device went away under the reader.
+	// +checklocks:mu
+	gone bool
+	// +checklocks:mu
+	onCloseAction func()
+
+	// fdMu keeps fd open while a writer uses it. mu and fdMu are never held
+	// together.
+	fdMu sync.RWMutex
+	// fd is the fd behind file, for writev; it is set once by NewTAP and
+	// closed, with file, under fdMu.
+	// +checklocks:fdMu
+	fd int
+	// +checklocks:fdMu
+	fdClosed bool
+}
+
+var (
+	_ stack.LinkEndpoint = (*TAPEndpoint)(nil)
+	_ stack.GSOEndpoint  = (*TAPEndpoint)(nil)
+)
+
+// maxIPPacket is the largest IPv4 packet: its total length is 16 bits.
+const maxIPPacket = math.MaxUint16
+
+// maxConsecutiveReadErrors is how many unexpected read errors in a row the
+// reader tolerates before it treats the device as gone.
+const maxConsecutiveReadErrors = 16
+
+// NewTAP returns an endpoint for the TUN/TAP device opts.FD is attached to.
+// It checks opts against the device (TAP vs TUN, virtio-net header).
+func NewTAP(opts TAPOptions) (*TAPEndpoint, error) {
+	if err := opts.validate(); err != nil {
+		return nil, fmt.Errorf("new tap endpoint: %w", err)
+	}
+	fd, info, err := dupTAP(opts.FD)
+	if err != nil {
+		return nil, fmt.Errorf("new tap endpoint: %w", err)
+	}
+	// From here fd is owned by file.
+	file := os.NewFile(uintptr(fd), "tap:"+info.Name)
+	fail := func(err error) (*TAPEndpoint, error) {
+		file.Close()
+		return nil, fmt.Errorf("new tap endpoint %s: %w", info.Name, err)
+	}
+	switch {
+	case info.TUN == opts.EthernetHeader:
+		return fail(fmt.Errorf("device is tun=%t but EthernetHeader=%t", info.TUN, opts.EthernetHeader))
+	case info.VnetHdr != opts.VnetHdr:
+		return fail(fmt.Errorf("device has vnet_hdr=%t but VnetHdr=%t", info.VnetHdr, opts.VnetHdr))
+	case info.VnetHdr && info.VnetHdrSize != virtioNetHdrLen:
+		return fail(fmt.Errorf("device virtio-net header is %d bytes, want %d", info.VnetHdrSize, virtioNetHdrLen))
+	}
+	// Only a file registered with the poller takes deadlines; Close needs
+	// them to stop the reader.
+	if err := file.SetReadDeadline(time.Time{}); err != nil {
+		return fail(fmt.Errorf("fd is not pollable: %w", err))
+	}
+
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	e := &TAPEndpoint{
+		file:       file,
+		fd:         fd,
+		name:       info.Name,
+		ethernet:   opts.EthernetHeader,
+		vnetHdr:    opts.VnetHdr,
+		gsoMaxSize: opts.GSOMaxSize,
+		onClosed:   opts.OnClosed,
+		log:        log.With("link", info.Name),
+	}
+	e.mtu.Store(opts.MTU)
+	addr := opts.LinkAddress
+	e.linkAddr.Store(&addr)
+	return e, nil
+}
+
+func (o *TAPOptions) validate() error {
+	var errs []error
+	if o.FD < 0 {
+		errs = append(errs, fmt.Errorf("FD %d is negative", o.FD))
+	}
+	if o.MTU < header.IPv4MinimumMTU || o.MTU > maxIPPacket {
+		errs = append(errs, fmt.Errorf("MTU %d outside [%d, %d]", o.MTU, header.IPv4MinimumMTU, maxIPPacket))
+	}
+	if o.EthernetHeader && len(o.LinkAddress) != header.EthernetAddressSize {
+		errs = append(errs, fmt.Errorf("LinkAddress %q is not a MAC address", o.LinkAddress))
+	}
+	if !o.EthernetHeader && o.LinkAddress != "" {
+		errs = append(errs, fmt.Errorf("LinkAddress %q given for a TUN device", o.LinkAddress))
+	}
+	if o.GSOMaxSize > 0 && !o.VnetHdr {
+		errs = append(errs, errors.New("GSOMaxSize needs VnetHdr"))
+	}
+	if o.GSOMaxSize > maxIPPacket {
+		errs = append(errs, fmt.Errorf("GSOMaxSize %d above %d", o.GSOMaxSize, maxIPPacket))
+	}
+	return errors.Join(errs...)
+}
+
+// Name returns the name of the device.
+func (e *TAPEndpoint) Name() string { return e.name }
+
+// Stats returns the endpoint's packet counters.
+func (e *TAPEndpoint) Stats() *Stats { return &e.stats }
+
+// OffloadStats returns the endpoint's offload counters.
+func (e *TAPEndpoint) OffloadStats() *TAPOffloadStats { return &e.offload }
+
+// MTU implements stack.LinkEndpoint.MTU.
+func (e *TAPEndpoint) MTU() uint32 { return e.mtu.Load() }
+
+// SetMTU implements stack.LinkEndpoint.SetMTU. It changes what the stack
+// sends, not the device's own MTU.
+func (e *TAPEndpoint) SetMTU(mtu uint32) { e.mtu.Store(mtu) }
+
+// MaxHeaderLength implements stack.LinkEndpoint.MaxHeaderLength. The
+// virtio-net header is written from its own buffer and needs no room.
+func (e *TAPEndpoint) MaxHeaderLength() uint16 {
+	if e.ethernet {
+		return header.EthernetMinimumSize
+	}
+	return 0
+}
+
+// LinkAddress implements stack.LinkEndpoint.LinkAddress.
+func (e *TAPEndpoint) LinkAddress() tcpip.LinkAddress { return *e.linkAddr.Load() }
+
+// SetLinkAddress implements stack.LinkEndpoint.SetLinkAddress.
+func (e *TAPEndpoint) SetLinkAddress(addr tcpip.LinkAddress) { e.linkAddr.Store(&addr) }
+
+// Capabilities implements stack.LinkEndpoint.Capabilities.
+//
+// A TAP endpoint needs link resolution (ARP, NDP). Neither checksum offload
+// is claimed: TX checksums are computed by the stack (the kernel is told to
+// finish them only for the stack's own TCP super-packets, through the GSO
+// metadata), and RX checksums are verified by the stack, except on segments
+// this endpoint cut from a super-packet, whose checksums it computed itself
+// and marks as validated per packet.
+func (e *TAPEndpoint) Capabilities() stack.LinkEndpointCapabilities {
+	if e.ethernet {
+		return stack.CapabilityResolutionRequired
+	}
+	return stack.CapabilityNone
+}
+
+// GSOMaxSize implements stack.GSOEndpoint.GSOMaxSize.
+func (e *TAPEndpoint) GSOMaxSize() uint32 { return e.gsoMaxSize }
+
+// SupportedGSO implements stack.GSOEndpoint.SupportedGSO.
+func (e *TAPEndpoint) SupportedGSO() stack.SupportedGSO {
+	if e.vnetHdr && e.gsoMaxSize > 0 {
+		return stack.HostGSOSupported
+	}
+	return stack.GSONotSupported
+}
+
+// ARPHardwareType implements stack.LinkEndpoint.ARPHardwareType.
+func (e *TAPEndpoint) ARPHardwareType() header.ARPHardwareType {
+	if e.ethernet {
+		return header.ARPHardwareEther
+	}
+	return header.ARPHardwareNone
+}
+
+// Attach implements stack.LinkEndpoint.Attach. A non-nil dispatcher starts
+// the reader. A nil dispatcher (the NIC is being removed) stops it, so that
+// Wait returns even before Close: the stack's Wait and Destroy wait for a
+// link endpoint before they close it.
+func (e *TAPEndpoint) Attach(dispatcher stack.NetworkDispatcher) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.dispatcher = dispatcher
+	switch {
+	case dispatcher == nil:
+		if e.reading {
+			e.stopReaderLocked()
+		}
+	case !e.reading && !e.closing && !e.gone:
+		// A reader that stopped left a deadline in the past behind.
+		_ = e.file.SetReadDeadline(time.Time{})
+		e.reading = true
+		e.wg.Add(1)
+		go e.readLoop()
+	}
+	// Otherwise a reader runs, or is stopping and will see the new
+	// dispatcher when it wakes.
+}
+
+// stopReaderLocked wakes the parked reader at once with a deadline in the
+// past.
+//
+// +checklocks:e.mu
+func (e *TAPEndpoint) stopReaderLocked() {
+	_ = e.file.SetReadDeadline(time.Unix(1, 0))
+}
+
+// IsAttached implements stack.LinkEndpoint.IsAttached.
+func (e *TAPEndpoint) IsAttached() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.dispatcher != nil
+}
+
+// Wait implements stack.LinkEndpoint.Wait. It returns once the reader
+// goroutine has exited: after Close, the fd is then closed too; after
+// Attach(nil), the fd stays open until Close.
+func (e *TAPEndpoint) Wait() { e.wg.Wait() }
+
+// Close implements stack.LinkEndpoint.Close. It runs the action set by
+// SetOnCloseAction and closes the fd: at once when no reader runs,
+// otherwise it stops the reader, which closes the fd on its way out. It is
+// idempotent and does not wait: call Wait for that.
+func (e *TAPEndpoint) Close() {
+	e.mu.Lock()
+	if e.closing {
+		e.mu.Unlock()
+		return
+	}
+	e.closing = true
+	action := e.onCloseAction
+	reading := e.reading
+	if reading {
+		e.stopReaderLocked()
+	}
+	e.mu.Unlock()
+
+	if action != nil {
+		action()
+	}
+	if !reading {
+		e.closeFile()
+	}
+}
+
+// SetOnCloseAction implements stack.LinkEndpoint.SetOnCloseAction.
+func (e *TAPEndpoint) SetOnCloseAction(action func()) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.onCloseAction = action
+}
+
+// closeFile closes the fd once no writer uses it. Safe to call repeatedly.
+func (e *TAPEndpoint) closeFile() {
+	e.fdMu.Lock()
+	defer e.fdMu.Unlock()
+	if e.fdClosed {
+		return
+	}
+	e.fdClosed = true
+	// The file is non-blocking and was never switched to blocking mode, so
+	// Close returns only after the fd is really closed.
+	if err := e.file.Close(); err != nil {
+		e.log.Warn("close tap fd", "err", err)
+	}
+}
+
+// readBufSize fits the largest frame the device can hand over: a virtio-net
+// header, an Ethernet header and the largest IP (super-)packet, an IPv6
+// header with a 64 KiB payload: 10 + 14 + 40 + 65535 = 65599 bytes.
+const readBufSize = virtioNetHdrLen + header.EthernetMinimumSize + header.IPv6MinimumSize + header.IPv6MaximumPayloadSize
+
+// readLoop reads and delivers frames until it is stopped (Attach(nil),
+// Close) or the device goes away. It closes the fd unless only detached.
+func (e *TAPEndpoint) readLoop() {
+	defer e.wg.Done()
+	buf := make([]byte, readBufSize)
+	emit := e.deliver
+	errorsInRow := 0
+	for {
+		n, err := e.file.Read(buf)
+		if err == nil {
+			errorsInRow = 0
+			e.handleFrame(buf[:n], emit)
+			continue
+		}
+		var gone error
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			if e.readerShouldStop() {
+				return
+			}
+			continue
+		case errors.Is(err, unix.EINVAL):
+			// The kernel could not describe one packet in a virtio-net
+			// header and dropped it.
+			e.stats.RxDrops.Add(1)
+			continue
+		case isDeviceGone(err) || errors.Is(err, io.EOF):
+			gone = err
+		default:
+			errorsInRow++
+			e.log.Warn("tap read", "err", err)
+			if errorsInRow < maxConsecutiveReadErrors {
+				continue
+			}
+			gone = err
+		}
+		e.stopGone(gone)
+		return
+	}
+}
+
+// readerShouldStop decides, after a read deadline expired, whether the
+// reader exits (closing the fd if the endpoint is closing) or goes on.
+func (e *TAPEndpoint) readerShouldStop() bool {
+	e.mu.Lock()
+	closing := e.closing
+	if !closing && e.dispatcher != nil {
+		// Detached and attached again before the reader woke up.
+		_ = e.file.SetReadDeadline(time.Time{})
+		e.mu.Unlock()
+		return false
+	}
+	e.reading = false
+	e.mu.Unlock()
+	if closing {
+		e.closeFile()
+	}
+	return true
+}
+
+// stopGone stops the endpoint after a fatal read error and reports it to
+// OnClosed unless the endpoint is closing anyway.
+func (e *TAPEndpoint) stopGone(err error) {
+	e.mu.Lock()
+	e.reading = false
+	e.gone = true
+	closing := e.closing
+	e.mu.Unlock()
+	e.closeFile()
+	if closing {
+		return
+	}
+	e.log.Info("tap device gone", "err", err)
+	if e.onClosed != nil {
+		e.onClosed(fmt.Errorf("read tap %s: %w", e.name, err))
+	}
+}
+
+// handleFrame splits one read into the frames to deliver and counts what
+// happened.
+func (e *TAPEndpoint) handleFrame(b []byte, emit func([]byte, bool)) {
+	kind, err := splitFrame(b, e.vnetHdr, e.ethernet, emit)
+	if err != nil {
+		e.stats.RxDrops.Add(1)
+		if errors.Is(err, errUnsupportedGSO) {
+			e.offload.RxUnsupportedGSO.Add(1)
+		}
+		e.log.Debug("tap drop", "err", err, "len", len(b))
+		return
+	}
+	switch kind {
+	case rxSegmented:
+		e.offload.RxGSOPackets.Add(1)
+	case rxCsumCompleted:
+		e.offload.RxCsumCompleted.Add(1)
+	}
+}
+
+// deliver hands one frame to the stack. validated says its checksums were
+// computed by splitFrame.
+func (e *TAPEndpoint) deliver(frame []byte, validated bool) {
+	if validated {
+		e.offload.RxGSOSegments.Add(1)
+	}
+	e.mu.Lock()
+	d := e.dispatcher
+	e.mu.Unlock()
+	if d == nil {
+		e.stats.RxDrops.Add(1)
+		return
+	}
+	var proto tcpip.NetworkProtocolNumber
+	if e.ethernet {
+		if len(frame) < header.EthernetMinimumSize {
+			e.stats.RxDrops.Add(1)
+			return
+		}
+		eth := header.Ethernet(frame)
+		dst := frame[:header.EthernetAddressSize]
+		// Unicast to us, or group (multicast, broadcast: low bit of the
+		// first octet, RFC 9542 section 2.1).
+		if string(dst) != string(*e.linkAddr.Load()) && dst[0]&1 == 0 {
+			e.stats.RxDrops.Add(1)
+			return
+		}
+		proto = eth.Type()
+	} else {
+		switch header.IPVersion(frame) {
+		case header.IPv4Version:
+			proto = header.IPv4ProtocolNumber
+		case header.IPv6Version:
+			proto = header.IPv6ProtocolNumber
+		default:
+			e.stats.RxDrops.Add(1)
+			return
+		}
+	}
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{
+		Payload: buffer.MakeWithData(frame),
+	})
+	defer pkt.DecRef()
+	if e.ethernet {
+		pkt.LinkHeader().Consume(header.EthernetMinimumSize)
+	}
+	pkt.NetworkProtocolNumber = proto
+	pkt.RXChecksumValidated = validated
+	e.stats.RxPackets.Add(1)
+	e.stats.RxBytes.Add(uint64(len(frame)))
+	d.DeliverNetworkPacket(proto, pkt)
+}
+
+// AddHeader implements stack.LinkEndpoint.AddHeader: an Ethernet header on a
+// TAP device, nothing on a TUN device.
+func (e *TAPEndpoint) AddHeader(pkt *stack.PacketBuffer) {
+	if !e.ethernet {
+		return
+	}
+	src := pkt.EgressRoute.LocalLinkAddress
+	if src == "" {
+		src = e.LinkAddress()
+	}
+	eth := header.Ethernet(pkt.LinkHeader().Push(header.EthernetMinimumSize))
+	eth.Encode(&header.EthernetFields{
+		SrcAddr: src,
+		DstAddr: pkt.EgressRoute.RemoteLinkAddress,
+		Type:    pkt.NetworkProtocolNumber,
+	})
+}
+
+// ParseHeader implements stack.LinkEndpoint.ParseHeader: it consumes the
+// Ethernet header of a TAP frame, or infers IPv4 or IPv6 from the version
+// nibble of a TUN packet.
+func (e *TAPEndpoint) ParseHeader(pkt *stack.PacketBuffer) bool {
+	if e.ethernet {
+		b, ok := pkt.LinkHeader().Consume(header.EthernetMinimumSize)
+		if !ok {
+			return false
+		}
+		pkt.NetworkProtocolNumber = header.Ethernet(b).Type()
+		return true
+	}
+	b, ok := pkt.Data().PullUp(1)
+	if !ok {
+		return false
+	}
+	switch header.IPVersion(b) {
+	case header.IPv4Version:
+		pkt.NetworkProtocolNumber = header.IPv4ProtocolNumber
+	case header.IPv6Version:
+		pkt.NetworkProtocolNumber = header.IPv6ProtocolNumber
+	default:
+		return false
+	}
+	return true
+}
+
+// WritePackets implements stack.LinkEndpoint.WritePackets. Every packet is
+// consumed: written, or dropped and counted in Stats.TxDrops when the device
+// queue is full, the device is gone or the endpoint is closed. It never
+// returns an error, in particular never tcpip.ErrWouldBlock, which the
+// stack's IP forwarding cannot handle.
+func (e *TAPEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	e.fdMu.RLock()
+	defer e.fdMu.RUnlock()
+	n := 0
+	for _, pkt := range pkts.AsSlice() {
+		n++
+		if e.fdClosed {
+			e.stats.TxDrops.Add(1)
+			continue
+		}
+		e.writePacketLocked(pkt)
+	}
+	return n, nil
+}
+
+// txIovecs is how many iovecs writePacketLocked keeps on its stack: the
+// virtio-net header plus the views of a packet, which for a 64 KiB TCP
+// super-packet are a handful. A packet with more views is copied flat.
+const txIovecs = 64
+
+// writePacketLocked writes pkt, prefixed by its virtio-net header, with one
+// writev. The header and the iovecs live on the stack: no allocation per
+// packet.
+//
+// +checklocksread:e.fdMu
+func (e *TAPEndpoint) writePacketLocked(pkt *stack.PacketBuffer) {
+	var vnetBuf [virtioNetHdrLen]byte
+	var iovArr [txIovecs]unix.Iovec
+	n := 0
+	gso := false
+	if e.vnetHdr {
+		h := e.txVnetHdr(pkt)
+		gso = h.gsoType != virtioNetHdrGSONone
+		h.encode(&vnetBuf)
+		iovArr[n] = unix.Iovec{Base: &vnetBuf[0]}
+		iovArr[n].SetLen(virtioNetHdrLen)
+		n++
+	}
+	size := 0
+	views, off := pkt.AsViewList()
+	if n+views.Len() > len(iovArr) {
+		// More pieces than iovecs on the stack: write a flat copy.
+		e.offload.TxFlattened.Add(1)
+		flat := pkt.ToView()
+		defer flat.Release()
+		if s := flat.AsSlice(); len(s) > 0 {
+			iovArr[n] = unix.Iovec{Base: &s[0]}
+			iovArr[n].SetLen(len(s))
+			n++
+			size = len(s)
+		}
+	} else {
+		for v := views.Front(); v != nil; v = v.Next() {
+			s := v.AsSlice()
+			if off >= len(s) {
+				off -= len(s)
+				continue
+			}
+			s = s[off:]
+			off = 0
+			iovArr[n] = unix.Iovec{Base: &s[0]}
+			iovArr[n].SetLen(len(s))
+			n++
+			size += len(s)
+		}
+	}
+	if size == 0 {
+		e.stats.TxDrops.Add(1)
+		return
+	}
+	if errno := writeIovec(e.fd, iovArr[:n]); errno != 0 {
+		e.stats.TxDrops.Add(1)
+		if errno != unix.EAGAIN && errno != unix.ENOBUFS {
+			e.log.Debug("tap write", "err", errno, "len", size)
+		}
+		return
+	}
+	if gso {
+		e.offload.TxGSOPackets.Add(1)
+	}
+	e.stats.TxPackets.Add(1)
+	e.stats.TxBytes.Add(uint64(size))
+}
+
+// txVnetHdr returns the virtio-net header for pkt: all zero for an ordinary
+// packet; for a TCP packet of the stack's own with GSO options, the
+// checksum the kernel must complete and, when it is larger than one
+// segment, how to segment it.
+func (e *TAPEndpoint) txVnetHdr(pkt *stack.PacketBuffer) virtioNetHdr {
+	var h virtioNetHdr
+	if e.gsoMaxSize == 0 {
+		return h
+	}
+	opts := pkt.GSOOptions
+	var typ uint8
+	switch opts.Type {
+	case stack.GSOTCPv4:
+		typ = virtioNetHdrGSOTCPv4
+	case stack.GSOTCPv6:
+		typ = virtioNetHdrGSOTCPv6
+	default:
+		return h
+	}
+	l2 := 0
+	if e.ethernet {
+		l2 = header.EthernetMinimumSize
+	}
+	h.hdrLen = uint16(pkt.HeaderSize())
+	if opts.NeedsCsum {
+		// The stack left the pseudo-header sum in the TCP checksum field
+		// (CHECKSUM_PARTIAL).
+		h.flags = virtioNetHdrFNeedsCsum
+		h.csumStart = uint16(l2 + len(pkt.NetworkHeader().Slice()))
+		h.csumOffset = opts.CsumOffset
+	}
+	if opts.MSS > 0 && pkt.Data().Size() > int(opts.MSS) {
+		h.gsoType = typ
+		h.gsoSize = opts.MSS
+		if t := header.TCP(pkt.TransportHeader().Slice()); len(t) >= header.TCPMinimumSize && t.Flags()&header.TCPFlagCwr != 0 {
+			h.gsoType |= virtioNetHdrGSOECN
+		}
+	}
+	return h
+}

@@ -1,0 +1,310 @@
+package ipam
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+)
+
+var (
+	// ErrExhausted means a range has no free address left.
+	ErrExhausted = errors.New("address range exhausted")
+	// ErrLocked means another Allocator holds the state directory.
+	ErrLocked = errors.New("state directory in use by another allocator")
+	// ErrClosed means the Allocator has been closed.
+	ErrClosed = errors.New("allocator closed")
+)
+
+var (
+	_ fmt.Stringer = Owner{}
+	_ fmt.Stringer = Family(0)
+)
+
+// Owner identifies an allocation: one interface of one container, as CNI
+// names it.
+type Owner struct {
+	ContainerID string
+	IfName      string
+}
+
+// String returns "containerID/ifName".
+func (o Owner) String() string { return o.ContainerID + "/" + o.IfName }
+
+func (o Owner) validate() error {
+	if o.ContainerID == "" || o.IfName == "" {
+		return fmt.Errorf("owner %q: container ID and interface name must not be empty", o.String())
+	}
+	return nil
+}
+
+// Allocation is one owner's addresses, IPv4 first.
+type Allocation struct {
+	Owner Owner
+	Addrs []netip.Addr
+}
+
+// Options tune an Allocator.
+type Options struct {
+	// Logger receives allocation events; nil discards them.
+	Logger *slog.Logger
+}
+
+// Allocator hands out addresses from the node's pod ranges and persists them.
+// Create it with Open; it is safe for concurrent use.
+type Allocator struct {
+	dir    string       // immutable
+	ranges []*addrRange // immutable, IPv4 first
+	log    *slog.Logger // immutable
+
+	mu sync.Mutex
+	// st is the state last written to disk; replaced, never mutated.
+	// +checklocks:mu
+	st *state
+	// lock holds the directory's flock; nil once closed.
+	// +checklocks:mu
+	lock *os.File
+}
+
+// Open validates ranges, locks dir (creating it if needed) and loads the
+// state stored there. See the package doc for the rules on ranges and the
+// on-disk format.
+func Open(dir string, ranges []netip.Prefix, opts Options) (*Allocator, error) {
+	rs, err := validateRanges(ranges)
+	if err != nil {
+		return nil, fmt.Errorf("open ipam %s: %w", dir, err)
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		// Make the new directory's own entry durable too.
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("open ipam %s: %w", dir, err)
+		}
+		if err := syncDir(filepath.Dir(dir)); err != nil {
+			return nil, fmt.Errorf("open ipam %s: %w", dir, err)
+		}
+	}
+	lock, err := lockDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("open ipam %s: %w", dir, err)
+	}
+	success := false
+	defer func() {
+		if !success {
+			lock.Close()
+		}
+	}()
+	// A crash may leave a half-written temp file; it was never the state.
+	if err := os.Remove(filepath.Join(dir, stateTmpFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("open ipam %s: %w", dir, err)
+	}
+	st, err := readState(dir)
+	if err != nil {
+		return nil, fmt.Errorf("open ipam %s: %w", dir, err)
+	}
+	a := &Allocator{dir: dir, ranges: rs, log: log, st: st, lock: lock}
+	for _, al := range st.sortedAllocations() {
+		for _, ip := range al.Addrs {
+			if !a.usable(ip) {
+				log.Warn("ipam: stored address is not allocatable from the configured ranges; keeping it",
+					"owner", al.Owner.String(), "addr", ip)
+			}
+		}
+	}
+	log.Info("ipam: opened", "dir", dir, "ranges", ranges, "allocations", len(st.allocs))
+	success = true
+	return a, nil
+}
+
+func (a *Allocator) usable(ip netip.Addr) bool {
+	for _, r := range a.ranges {
+		if r.usableAddr(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// Allocate returns o's addresses, one per configured range, IPv4 first,
+// allocating them if o has none yet. Calling it again for the same owner
+// returns the same addresses. The allocation is on disk when it returns.
+func (a *Allocator) Allocate(o Owner) ([]netip.Addr, error) {
+	if err := o.validate(); err != nil {
+		return nil, fmt.Errorf("allocate %s: %w", o, err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.lock == nil {
+		return nil, fmt.Errorf("allocate %s: %w", o, ErrClosed)
+	}
+	if addrs, ok := a.st.allocs[o]; ok {
+		return slices.Clone(addrs), nil
+	}
+	next := a.st.clone()
+	addrs := make([]netip.Addr, 0, len(a.ranges))
+	for _, r := range a.ranges {
+		ip, err := pick(next, r)
+		if err != nil {
+			return nil, fmt.Errorf("allocate %s in %s: %w", o, r.prefix, err)
+		}
+		addrs = append(addrs, ip)
+		next.cursors[r.prefix] = ip
+	}
+	next.add(o, addrs)
+	if err := writeState(a.dir, next); err != nil {
+		return nil, fmt.Errorf("allocate %s: %w", o, err)
+	}
+	a.st = next
+	a.log.Debug("ipam: allocated", "owner", o.String(), "addrs", addrs)
+	return slices.Clone(addrs), nil
+}
+
+// pick returns the first free address of r after r's cursor in s.
+func pick(s *state, r *addrRange) (netip.Addr, error) {
+	var taken uint64
+	for ip := range s.used {
+		if r.usableAddr(ip) {
+			taken++
+		}
+	}
+	if taken >= r.usable {
+		return netip.Addr{}, ErrExhausted
+	}
+	// Of any taken+1 consecutive usable addresses at least one is free.
+	ip := r.next(s.cursors[r.prefix])
+	for range taken + 1 {
+		if _, ok := s.used[ip]; !ok {
+			return ip, nil
+		}
+		ip = r.next(ip)
+	}
+	return netip.Addr{}, fmt.Errorf("no free address found although %d of %d are taken", taken, r.usable)
+}
+
+// Release frees o's addresses. Releasing an unknown owner is not an error
+// (CNI DEL may be called several times).
+func (a *Allocator) Release(o Owner) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.lock == nil {
+		return fmt.Errorf("release %s: %w", o, ErrClosed)
+	}
+	if _, ok := a.st.allocs[o]; !ok {
+		return nil
+	}
+	next := a.st.clone()
+	addrs, _ := next.remove(o)
+	if err := writeState(a.dir, next); err != nil {
+		return fmt.Errorf("release %s: %w", o, err)
+	}
+	a.st = next
+	a.log.Debug("ipam: released", "owner", o.String(), "addrs", addrs)
+	return nil
+}
+
+// ReleaseExcept frees every allocation whose owner is not in valid (CNI GC)
+// and returns them, ordered by owner.
+func (a *Allocator) ReleaseExcept(valid []Owner) ([]Allocation, error) {
+	keep := make(map[Owner]bool, len(valid))
+	for _, o := range valid {
+		keep[o] = true
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.lock == nil {
+		return nil, fmt.Errorf("release except %d owners: %w", len(valid), ErrClosed)
+	}
+	var released []Allocation
+	for _, al := range a.st.sortedAllocations() {
+		if !keep[al.Owner] {
+			released = append(released, al)
+		}
+	}
+	if len(released) == 0 {
+		return nil, nil
+	}
+	next := a.st.clone()
+	for _, al := range released {
+		next.remove(al.Owner)
+	}
+	if err := writeState(a.dir, next); err != nil {
+		return nil, fmt.Errorf("release except %d owners: %w", len(valid), err)
+	}
+	a.st = next
+	for _, al := range released {
+		a.log.Info("ipam: garbage-collected", "owner", al.Owner.String(), "addrs", al.Addrs)
+	}
+	return released, nil
+}
+
+// Get returns o's allocation, if any.
+func (a *Allocator) Get(o Owner) (Allocation, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	addrs, ok := a.st.allocs[o]
+	if !ok {
+		return Allocation{}, false
+	}
+	return Allocation{Owner: o, Addrs: slices.Clone(addrs)}, true
+}
+
+// List returns every allocation, ordered by owner.
+func (a *Allocator) List() []Allocation {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.st.sortedAllocations()
+}
+
+// Ranges returns the configured ranges, IPv4 first.
+func (a *Allocator) Ranges() []netip.Prefix {
+	out := make([]netip.Prefix, len(a.ranges))
+	for i, r := range a.ranges {
+		out[i] = r.prefix
+	}
+	return out
+}
+
+// Gateway returns the address reserved for the node in the range of family
+// f (the range's first address after the network address), and false when
+// no range of that family is configured.
+func (a *Allocator) Gateway(f Family) (netip.Addr, bool) {
+	for _, r := range a.ranges {
+		if r.family() == f {
+			return r.gateway, true
+		}
+	}
+	return netip.Addr{}, false
+}
+
+// Gateways returns the gateway address of every range, IPv4 first.
+func (a *Allocator) Gateways() []netip.Addr {
+	out := make([]netip.Addr, len(a.ranges))
+	for i, r := range a.ranges {
+		out[i] = r.gateway
+	}
+	return out
+}
+
+// Close releases the directory lock. Later calls that change state fail
+// with ErrClosed; Get and List keep answering from memory. Close is
+// idempotent.
+func (a *Allocator) Close() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.lock == nil {
+		return nil
+	}
+	err := a.lock.Close()
+	a.lock = nil
+	if err != nil {
+		return fmt.Errorf("close ipam %s: %w", a.dir, err)
+	}
+	return nil
+}

@@ -1,0 +1,217 @@
+package queue
+
+import (
+	"bytes"
+	"math/rand"
+	"testing"
+)
+
+// newTestPair creates a pair of small queues and maps all four roles.
+func newTestPair(t testing.TB, s Sizes, maxFrame uint32) (*Sender, *Receiver, *Filler, *Poster) {
+	t.Helper()
+	p, err := NewPair(s)
+	if err != nil {
+		t.Fatalf("NewPair: %v", err)
+	}
+	t.Cleanup(func() { p.Close() })
+	strict := MapOptions{RequireSeals: true}
+	snd, err := NewSender(p.TX, s.BufferSize, MapOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(snd.Close)
+	rcv, err := NewReceiver(p.TX, maxFrame, strict)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rcv.Close)
+	fil, err := NewFiller(p.RX, strict)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(fil.Close)
+	pst, err := NewPoster(p.RX, s.BufferSize, maxFrame, MapOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pst.Close)
+	return snd, rcv, fil, pst
+}
+
+func alloc(n int) []byte { return make([]byte, n) }
+
+func smallSizes() Sizes { return Sizes{DataSize: 64 << 10, PipeSize: 8 << 10, BufferSize: 512} }
+
+// TestFramesBothDirections sends frames of random sizes, some spanning
+// several buffers, both ways, with every byte checked and exact lengths (no
+// padding to the buffer size).
+func TestFramesBothDirections(t *testing.T) {
+	const maxFrame = 9000
+	snd, rcv, fil, pst := newTestPair(t, smallSizes(), maxFrame)
+	rng := rand.New(rand.NewSource(1))
+	for i := range 5000 {
+		n := 1 + rng.Intn(maxFrame)
+		frame := make([]byte, n)
+		rng.Read(frame)
+		// Split into up to three parts, as a packet buffer would be.
+		a, b := rng.Intn(n+1), rng.Intn(n+1)
+		a, b = min(a, b), max(a, b)
+		parts := [][]byte{frame[:a], frame[a:b], frame[b:]}
+
+		ok, err := snd.Send(parts, n)
+		if err != nil || !ok {
+			t.Fatalf("frame %d: Send(%d bytes) = %v, %v", i, n, ok, err)
+		}
+		snd.Flush()
+		got, err := rcv.Recv(alloc)
+		if err != nil {
+			t.Fatalf("frame %d: Recv: %v", i, err)
+		}
+		rcv.Flush()
+		if !bytes.Equal(got, frame) {
+			t.Fatalf("frame %d: client->server got %d bytes, want %d (equal prefix: %v)", i, len(got), n, bytes.HasPrefix(got, frame))
+		}
+
+		ok, err = fil.Send(parts, n)
+		if err != nil || !ok {
+			t.Fatalf("frame %d: Filler.Send(%d bytes) = %v, %v", i, n, ok, err)
+		}
+		fil.Flush()
+		got, err = pst.Recv(alloc)
+		if err != nil {
+			t.Fatalf("frame %d: Poster.Recv: %v", i, err)
+		}
+		pst.Flush()
+		if !bytes.Equal(got, frame) {
+			t.Fatalf("frame %d: server->client got %d bytes, want %d", i, len(got), n)
+		}
+	}
+}
+
+// TestFullQueueDrops shows that a queue whose consumer is not draining
+// refuses frames instead of blocking, and takes them again once drained.
+func TestFullQueueDrops(t *testing.T) {
+	snd, rcv, fil, pst := newTestPair(t, smallSizes(), 1500)
+	frame := [][]byte{bytes.Repeat([]byte{7}, 1000)}
+	sent := 0
+	for {
+		ok, err := snd.Send(frame, 1000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			break
+		}
+		sent++
+	}
+	snd.Flush()
+	if want := int(smallSizes().Buffers() / 2); sent != want {
+		t.Errorf("client sent %d 1000-byte frames into 128 512-byte buffers, want %d", sent, want)
+	}
+	for range sent {
+		if f, err := rcv.Recv(alloc); err != nil || f == nil {
+			t.Fatalf("Recv = %v, %v", f, err)
+		}
+	}
+	rcv.Flush()
+	if ok, err := snd.Send(frame, 1000); !ok || err != nil {
+		t.Fatalf("Send after drain = %v, %v, want true", ok, err)
+	}
+
+	filled := 0
+	for {
+		ok, err := fil.Send(frame, 1000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			break
+		}
+		filled++
+	}
+	fil.Flush()
+	if filled == 0 {
+		t.Fatal("server filled no frame")
+	}
+	for range filled {
+		if f, err := pst.Recv(alloc); err != nil || len(f) != 1000 {
+			t.Fatalf("Poster.Recv = %d bytes, %v", len(f), err)
+		}
+	}
+	pst.Flush()
+	if ok, err := fil.Send(frame, 1000); !ok || err != nil {
+		t.Fatalf("Filler.Send after drain = %v, %v, want true", ok, err)
+	}
+}
+
+// TestSizesValidate checks that bad sizes are refused with the field named.
+func TestSizesValidate(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		s    Sizes
+		want string // substring of the error; "" means valid
+	}{
+		{"default", DefaultSizes(), ""},
+		{"small", smallSizes(), ""},
+		{"zero", Sizes{}, "bufferSize"},
+		{"odd buffer", Sizes{DataSize: 1 << 20, PipeSize: 64 << 10, BufferSize: 1500}, "bufferSize"},
+		{"data not page aligned", Sizes{DataSize: 1<<20 + 8, PipeSize: 64 << 10, BufferSize: 2048}, "dataSize"},
+		{"data not buffer multiple", Sizes{DataSize: 3 * 4096, PipeSize: 64 << 10, BufferSize: 8192}, "dataSize"},
+		{"pipe too small for buffers", Sizes{DataSize: 64 << 20, PipeSize: 4096, BufferSize: 2048}, "pipeSize"},
+		{"data too big", Sizes{DataSize: 2 << 30, PipeSize: 64 << 10, BufferSize: 2048}, "dataSize"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.s.Validate()
+			switch {
+			case tc.want == "" && err != nil:
+				t.Errorf("Validate() = %v, want nil", err)
+			case tc.want != "" && (err == nil || !bytes.Contains([]byte(err.Error()), []byte(tc.want))):
+				t.Errorf("Validate() = %v, want an error naming %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// TestFDOrder checks the wire order and its inverse.
+func TestFDOrder(t *testing.T) {
+	p := Pair{TX: QueueFDs{1, 2, 3, 4, 5}, RX: QueueFDs{6, 7, 8, 9, 10}}
+	fds := p.FDs()
+	for i, fd := range fds {
+		if fd != i+1 {
+			t.Fatalf("FDs() = %v, want 1..10", fds)
+		}
+	}
+	back, err := PairFrom(fds)
+	if err != nil || back != p {
+		t.Fatalf("PairFrom(FDs()) = %v, %v, want %v", back, err, p)
+	}
+	if _, err := PairFrom(fds[:9]); err == nil {
+		t.Fatal("PairFrom(9 fds) succeeded")
+	}
+}
+
+// TestUnsealedRegionRefused shows a server refuses memory the peer could
+// shrink under its mapping.
+func TestUnsealedRegionRefused(t *testing.T) {
+	p, err := NewPair(smallSizes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	fd, err := newUnsealed(int64(smallSizes().DataSize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := p.TX
+	q.Data = fd
+	defer closeFD(fd)
+	if _, err := NewReceiver(q, 1500, MapOptions{RequireSeals: true}); err == nil {
+		t.Fatal("NewReceiver accepted an unsealed data region")
+	}
+	if r, err := NewReceiver(q, 1500, MapOptions{}); err != nil {
+		t.Fatalf("NewReceiver without RequireSeals: %v", err)
+	} else {
+		r.Close()
+	}
+}
+

@@ -1,0 +1,196 @@
+package router
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+)
+
+// Defaults applied by New to zero fields of Config.
+const (
+	// DefaultUplinkName is the uplink TUN device's name in the host.
+	DefaultUplinkName = "shm0"
+	// DefaultUplinkMTU is the uplink's MTU: the Ethernet MTU, so that no
+	// pod link (1500 by default) ever sees a larger packet from the host.
+	DefaultUplinkMTU = 1500
+)
+
+const (
+	// maxIfNameLen is IFNAMSIZ (16) less the terminating NUL.
+	maxIfNameLen = 15
+	// minMTUv4 is the smallest MTU every IPv4 host must accept (RFC 791).
+	minMTUv4 = 576
+	// minMTUv6 is IPv6's minimum link MTU (RFC 8200 section 5).
+	minMTUv6 = 1280
+	// maxMTU is the largest IP packet, 2^16-1 bytes.
+	maxMTU = 65535
+	// maxPodPrefixBits4 leaves room for network, gateway, one pod and
+	// broadcast: a /30 has 2^(32-30) = 4 addresses.
+	maxPodPrefixBits4 = 30
+	// maxPodPrefixBits6 leaves room for the subnet-router anycast address
+	// (RFC 4291 section 2.6.1), the gateway and pods: 2^(128-126) = 4.
+	maxPodPrefixBits6 = 126
+)
+
+// Config is the router's configuration. The zero value of every field but
+// PodCIDRs is usable.
+type Config struct {
+	// PodCIDRs are the node's pod CIDRs: at most one IPv4 and one IPv6
+	// prefix (v4-only, v6-only or dual-stack), as Kubernetes allocates them.
+	// Pod addresses come from these; the host routes them to the uplink.
+	PodCIDRs []netip.Prefix
+
+	// ClusterCIDRs are destinations never masqueraded (every node's pod
+	// CIDRs, the service CIDRs). The node's own PodCIDRs are always
+	// exempt.
+	ClusterCIDRs []netip.Prefix
+
+	// UplinkName names the uplink TUN device. Empty means
+	// DefaultUplinkName.
+	UplinkName string
+
+	// UplinkMTU is the uplink's MTU. Zero means DefaultUplinkMTU.
+	UplinkMTU int
+
+	// Masquerade enables source NAT (nftables masquerade in the host) of
+	// pod traffic to destinations outside PodCIDRs and ClusterCIDRs. The
+	// agent turns it on by default; the zero value leaves it off.
+	Masquerade bool
+}
+
+// withDefaults returns c with its zero fields set to their defaults.
+func (c Config) withDefaults() Config {
+	if c.UplinkName == "" {
+		c.UplinkName = DefaultUplinkName
+	}
+	if c.UplinkMTU == 0 {
+		c.UplinkMTU = DefaultUplinkMTU
+	}
+	return c
+}
+
+// Validate reports every problem of c (after defaults are applied) at once.
+func (c Config) Validate() error {
+	c = c.withDefaults()
+	var errs []error
+	if len(c.PodCIDRs) == 0 {
+		errs = append(errs, errors.New("no pod CIDR"))
+	}
+	var has4, has6 bool
+	for _, p := range c.PodCIDRs {
+		if _, err := NodeGateway(p); err != nil {
+			errs = append(errs, fmt.Errorf("pod CIDR %s: %w", p, err))
+			continue
+		}
+		if p.Addr().Is4() {
+			if has4 {
+				errs = append(errs, fmt.Errorf("pod CIDR %s: more than one IPv4 pod CIDR", p))
+			}
+			has4 = true
+		} else {
+			if has6 {
+				errs = append(errs, fmt.Errorf("pod CIDR %s: more than one IPv6 pod CIDR", p))
+			}
+			has6 = true
+		}
+	}
+	for _, p := range c.ClusterCIDRs {
+		if err := checkPrefix(p); err != nil {
+			errs = append(errs, fmt.Errorf("cluster CIDR %s: %w", p, err))
+		}
+	}
+	if err := checkIfName(c.UplinkName); err != nil {
+		errs = append(errs, fmt.Errorf("uplink name %q: %w", c.UplinkName, err))
+	}
+	minMTU := minMTUv4
+	if has6 {
+		minMTU = minMTUv6
+	}
+	if c.UplinkMTU < minMTU || c.UplinkMTU > maxMTU {
+		errs = append(errs, fmt.Errorf("uplink MTU %d: want %d..%d", c.UplinkMTU, minMTU, maxMTU))
+	}
+	return errors.Join(errs...)
+}
+
+// NodeGateway returns the node gateway address of a pod CIDR: its first
+// usable address (10.244.1.1 for 10.244.1.0/24, 2001:db8:1::1 for
+// 2001:db8:1::/64). The host owns it on the uplink; pods never get it.
+func NodeGateway(podCIDR netip.Prefix) (netip.Addr, error) {
+	if err := checkPrefix(podCIDR); err != nil {
+		return netip.Addr{}, err
+	}
+	maxBits := maxPodPrefixBits6
+	if podCIDR.Addr().Is4() {
+		maxBits = maxPodPrefixBits4
+	}
+	if podCIDR.Bits() > maxBits {
+		return netip.Addr{}, fmt.Errorf("prefix longer than /%d leaves no room for pods", maxBits)
+	}
+	return podCIDR.Addr().Next(), nil
+}
+
+// checkPrefix accepts valid, masked IPv4 or IPv6 prefixes (no IPv4-mapped
+// IPv6, no zone).
+func checkPrefix(p netip.Prefix) error {
+	switch {
+	case !p.IsValid():
+		return errors.New("invalid prefix")
+	case p.Addr().Is4In6():
+		return errors.New("IPv4-mapped IPv6 prefix")
+	case p.Addr().Zone() != "":
+		return errors.New("prefix has a zone")
+	case p != p.Masked():
+		return fmt.Errorf("host bits set (want %s)", p.Masked())
+	}
+	return nil
+}
+
+// checkIfName accepts what the kernel's dev_valid_name accepts.
+func checkIfName(name string) error {
+	switch {
+	case name == "":
+		return errors.New("empty")
+	case len(name) > maxIfNameLen:
+		return fmt.Errorf("longer than %d bytes", maxIfNameLen)
+	case name == "." || name == "..":
+		return errors.New("reserved name")
+	case strings.ContainsAny(name, "/: \t\n\v\f\r"):
+		return errors.New("contains '/', ':' or white space")
+	}
+	return nil
+}
+
+// podAddrError says why addr cannot be a pod address under cfg, or returns
+// nil.
+func (c Config) podAddrError(addr netip.Addr) error {
+	if !addr.IsValid() || addr.Zone() != "" || addr.Is4In6() {
+		return fmt.Errorf("pod address %s: not a plain IPv4 or IPv6 address", addr)
+	}
+	for _, p := range c.PodCIDRs {
+		if !p.Contains(addr) {
+			continue
+		}
+		gw, _ := NodeGateway(p)
+		switch {
+		case addr == p.Addr():
+			return fmt.Errorf("pod address %s: network address of %s", addr, p)
+		case addr == gw:
+			return fmt.Errorf("pod address %s: node gateway of %s", addr, p)
+		case addr.Is4() && addr == lastAddr(p):
+			return fmt.Errorf("pod address %s: broadcast address of %s", addr, p)
+		}
+		return nil
+	}
+	return fmt.Errorf("pod address %s: outside the pod CIDRs %v", addr, c.PodCIDRs)
+}
+
+// lastAddr returns the last address of p.
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Addr().AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	a, _ := netip.AddrFromSlice(b)
+	return a
+}

@@ -1,0 +1,172 @@
+package router
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// Link describes a pod link's addressing.
+type Link struct {
+	// Addrs are the pod's addresses (its /32 and/or /128), each inside one
+	// of the node's pod CIDRs and used by no other link.
+	Addrs []netip.Addr
+	// PodMAC is the pod side's MAC. The router installs static neighbor
+	// entries Addrs -> PodMAC, so it never resolves pod addresses.
+	// Required when the endpoint needs link resolution (Ethernet links);
+	// ignored otherwise.
+	PodMAC tcpip.LinkAddress
+	// GatewayMAC, when set, becomes the endpoint's link address: the MAC
+	// the router answers ARP and NDP for the gateway with on this link.
+	// Empty keeps the endpoint's own.
+	GatewayMAC tcpip.LinkAddress
+}
+
+// link is a pod link the router has.
+type link struct {
+	ep    stack.LinkEndpoint
+	nicID tcpip.NICID
+	addrs []netip.Addr
+}
+
+// AddLink attaches ep as a new pod link named id: it creates a NIC, puts the
+// link-local gateway addresses on it, adds a host route and (for links that
+// need resolution) a static neighbor entry for each pod address. ep must not
+// be attached to any stack; the router wraps it (see forwardhold.go), and
+// every lifecycle call reaches ep unchanged. On failure nothing is left
+// behind and ep has been detached, closed and waited for, as by RemoveLink;
+// the caller still owns what backs it.
+func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
+	if err := r.checkLink(id, ep, l); err != nil {
+		return fmt.Errorf("add link %s: %w", id, err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.state == stateClosed {
+		return fmt.Errorf("add link %s: %w", id, ErrClosed)
+	}
+	if _, ok := r.links[id]; ok {
+		return fmt.Errorf("add link %s: link exists", id)
+	}
+	for _, a := range l.Addrs {
+		if owner, ok := r.owners[a]; ok {
+			return fmt.Errorf("add link %s: address %s is in use by link %s", id, a, owner)
+		}
+	}
+	if l.GatewayMAC != "" {
+		ep.SetLinkAddress(l.GatewayMAC)
+	}
+
+	wrapped := newHoldingEndpoint(ep, r.holds)
+	nicID := r.stack.NextNICID()
+	if err := r.stack.CreateNICWithOptions(nicID, wrapped, stack.NICOptions{Name: podNICPrefix + id}); err != nil {
+		return fmt.Errorf("add link %s: create NIC: %s", id, err)
+	}
+	lk := &link{ep: wrapped, nicID: nicID, addrs: append([]netip.Addr(nil), l.Addrs...)}
+	success := false
+	defer func() {
+		if !success {
+			r.removeNIC(lk)
+		}
+	}()
+	if err := addGatewayAddrs(r.stack, nicID); err != nil {
+		return fmt.Errorf("add link %s: %w", id, err)
+	}
+	resolves := ep.Capabilities()&stack.CapabilityResolutionRequired != 0
+	for _, a := range l.Addrs {
+		if resolves {
+			if err := r.stack.AddStaticNeighbor(nicID, protoOf(a), toAddr(a), l.PodMAC); err != nil {
+				return fmt.Errorf("add link %s: neighbor %s -> %s: %s", id, a, l.PodMAC, err)
+			}
+		}
+		r.stack.AddRoute(tcpip.Route{Destination: toSubnet(netip.PrefixFrom(a, a.BitLen())), NIC: nicID})
+	}
+	for _, a := range l.Addrs {
+		r.owners[a] = id
+	}
+	r.links[id] = lk
+	success = true
+	r.log.Info("link added", "link", id, "nic", nicID, "addrs", l.Addrs, "podMAC", l.PodMAC.String())
+	return nil
+}
+
+// checkLink validates AddLink's arguments without the lock.
+func (r *Router) checkLink(id string, ep stack.LinkEndpoint, l Link) error {
+	var errs []error
+	if id == "" {
+		errs = append(errs, errors.New("empty link id"))
+	}
+	if ep == nil {
+		errs = append(errs, errors.New("nil endpoint"))
+	} else if ep.IsAttached() {
+		errs = append(errs, errors.New("endpoint already attached"))
+	}
+	if len(l.Addrs) == 0 {
+		errs = append(errs, errors.New("no pod address"))
+	}
+	seen := make(map[netip.Addr]bool)
+	for _, a := range l.Addrs {
+		if err := r.cfg.podAddrError(a); err != nil {
+			errs = append(errs, err)
+		}
+		if seen[a] {
+			errs = append(errs, fmt.Errorf("pod address %s: listed twice", a))
+		}
+		seen[a] = true
+	}
+	if ep != nil && ep.Capabilities()&stack.CapabilityResolutionRequired != 0 {
+		if !header.IsValidUnicastEthernetAddress(l.PodMAC) {
+			errs = append(errs, fmt.Errorf("pod MAC %q: not a unicast Ethernet address", l.PodMAC))
+		}
+	}
+	if l.GatewayMAC != "" && !header.IsValidUnicastEthernetAddress(l.GatewayMAC) {
+		errs = append(errs, fmt.Errorf("gateway MAC %q: not a unicast Ethernet address", l.GatewayMAC))
+	}
+	return errors.Join(errs...)
+}
+
+// RemoveLink removes the link id: its NIC, and with it the NIC's routes,
+// neighbor entries and addresses. When it returns, the endpoint is detached,
+// closed and its goroutines have stopped (see the package doc). Removing an
+// unknown link is not an error, so RemoveLink may be repeated.
+func (r *Router) RemoveLink(id string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.state == stateClosed {
+		return nil // Close removed every link.
+	}
+	return r.removeLinkLocked(id)
+}
+
+// +checklocks:r.mu
+func (r *Router) removeLinkLocked(id string) error {
+	lk, ok := r.links[id]
+	if !ok {
+		return nil
+	}
+	delete(r.links, id)
+	for _, a := range lk.addrs {
+		delete(r.owners, a)
+	}
+	r.removeNIC(lk)
+	r.log.Info("link removed", "link", id, "nic", lk.nicID)
+	return nil
+}
+
+// removeNIC removes lk's NIC and waits for its endpoint. RemoveNIC drops
+// every route through the NIC and the NIC's neighbor cache, then calls
+// ep.Attach(nil) and ep.Close(); it does not call ep.Wait, so we do. An
+// endpoint may already have removed its NIC itself (through the stack's
+// on-close action); the NIC is then unknown, which is fine.
+func (r *Router) removeNIC(lk *link) {
+	if err := r.stack.RemoveNIC(lk.nicID); err != nil {
+		if _, unknown := err.(*tcpip.ErrUnknownNICID); !unknown {
+			r.log.Warn("remove NIC", "nic", lk.nicID, "err", err.String())
+		}
+	}
+	lk.ep.Wait()
+}

@@ -1,0 +1,408 @@
+package router
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sort"
+	"sync"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// The link-local gateway every pod routes to. The router owns both on every
+// pod link (and on its uplink and blackhole NICs, see addGatewayAddrs).
+var (
+	// GatewayV4 is the pods' IPv4 default gateway.
+	GatewayV4 = netip.MustParseAddr("169.254.1.1")
+	// GatewayV6 is the pods' IPv6 default gateway.
+	GatewayV6 = netip.MustParseAddr("fe80::1")
+)
+
+// Errors callers may test with errors.Is.
+var (
+	// ErrUnknownLink is returned for a link id the router does not have.
+	ErrUnknownLink = errors.New("unknown link")
+	// ErrClosed is returned by every method after Close.
+	ErrClosed = errors.New("router closed")
+)
+
+// state is the router's lifecycle state.
+type state int
+
+const (
+	stateNew state = iota
+	stateStarted
+	stateClosed
+)
+
+// NIC names of the router's own NICs. Pod NICs are named "pod:" + link id,
+// so no link id can take one of these.
+const (
+	uplinkNICName    = "uplink"
+	blackholeNICName = "blackhole"
+	podNICPrefix     = "pod:"
+)
+
+// Router is the node's userspace L3 router. Its methods are safe for
+// concurrent use.
+//
+// LOCK ORDERING: Router.mu > gVisor's stack locks.
+type Router struct {
+	// cfg is the configuration with defaults applied. Immutable.
+	cfg Config
+	// log is the router's logger. Immutable.
+	log *slog.Logger
+	// stack is the netstack; it has its own locking. Immutable.
+	stack *stack.Stack
+	// hostNS is the host network namespace, captured by New and closed by
+	// Close. Immutable.
+	hostNS ns.NetNS
+	// hole drops traffic for pod CIDR addresses without a link. Immutable.
+	hole *blackhole
+	// holds works around a gVisor IPv4 forwarding bug (forwardhold.go).
+	// Immutable.
+	holds *forwardHolds
+
+	// mu guards the fields below and serialises every change to the
+	// stack's NICs, addresses, routes and neighbors, and to the host.
+	mu sync.Mutex
+	// state is the lifecycle state. Guarded by mu.
+	state state
+	// links maps link ids to links. Guarded by mu.
+	links map[string]*link
+	// owners maps every pod address in use to its link id. Guarded by mu.
+	owners map[netip.Addr]string
+	// up is the uplink; nil before Start and after Close. Guarded by mu.
+	up *uplink
+	// nl is a netlink handle in hostNS; nil until Start. Guarded by mu.
+	nl *netlink.Handle
+	// masq reports whether the nftables table is installed. Guarded by mu.
+	masq bool
+}
+
+// New validates cfg, builds the router's netstack and records the calling
+// thread's network namespace as the host namespace. It changes nothing on the
+// host: Start does.
+func New(cfg Config, log *slog.Logger) (*Router, error) {
+	if log == nil {
+		return nil, errors.New("new router: nil logger")
+	}
+	cfg = cfg.withDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("new router: %w", err)
+	}
+	cfg.PodCIDRs = append([]netip.Prefix(nil), cfg.PodCIDRs...)
+	cfg.ClusterCIDRs = append([]netip.Prefix(nil), cfg.ClusterCIDRs...)
+
+	hostNS, err := ns.GetCurrentNS()
+	if err != nil {
+		return nil, fmt.Errorf("new router: host netns: %w", err)
+	}
+	holds := newForwardHolds()
+	r := &Router{
+		cfg:    cfg,
+		log:    log,
+		stack:  newStack(holds),
+		hostNS: hostNS,
+		hole:   &blackhole{},
+		holds:  holds,
+		links:  make(map[string]*link),
+		owners: make(map[netip.Addr]string),
+	}
+	if err := r.addBlackhole(); err != nil {
+		r.stack.Destroy()
+		hostNS.Close()
+		return nil, fmt.Errorf("new router: %w", err)
+	}
+	return r, nil
+}
+
+// newStack returns a netstack that forwards IPv4 and IPv6 between all of its
+// NICs and answers ARP, NDP and ICMP echo for its own addresses. It registers
+// no transport protocol: forwarding works at the network layer, and the
+// router terminates no TCP or UDP (the privileged tests forward TCP through
+// it). Echo replies and ICMP errors are produced by the network protocols.
+// Non-default options:
+//   - forwarding on, for IPv4 and IPv6, on every NIC (the default for NICs
+//     created later too): the stack is a router.
+//   - nftables hooks set to holds, which accepts every packet: the hook is
+//     where the router works around a use-after-free in gVisor's IPv4
+//     forwarding (see forwardhold.go).
+//
+// Defaults kept deliberately: HandleLocal off (nothing is delivered locally
+// but packets for the router's own addresses); IPv6 duplicate address
+// detection off (ipv6.Options.DADConfigs zero), so fe80::1 is usable on a
+// new link at once, and only the router owns it on each link; no SLAAC, no
+// auto-generated link-local addresses, no router solicitations.
+func newStack(holds *forwardHolds) *stack.Stack {
+	s := stack.New(stack.Options{
+		NetworkProtocols: []stack.NetworkProtocolFactory{
+			ipv4.NewProtocol,
+			ipv6.NewProtocol,
+			arp.NewProtocol,
+		},
+		NFTables: holds,
+	})
+	s.SetNFTablesConfigured(true)
+	for _, proto := range []tcpip.NetworkProtocolNumber{ipv4.ProtocolNumber, ipv6.ProtocolNumber} {
+		if err := s.SetForwardingDefaultAndAllNICs(proto, true); err != nil {
+			// Only fails for a protocol that is not registered.
+			panic(fmt.Sprintf("enable forwarding for protocol %d: %s", proto, err))
+		}
+	}
+	return s
+}
+
+// addBlackhole creates the blackhole NIC and routes the pod CIDRs to it. Pod
+// host routes are longer, so only addresses without a link hit it; it has
+// the gateway addresses so that forwarding finds a source address on it (the
+// stack requires a link-local source to be on the outgoing NIC).
+func (r *Router) addBlackhole() error {
+	id := r.stack.NextNICID()
+	if err := r.stack.CreateNICWithOptions(id, r.hole, stack.NICOptions{Name: blackholeNICName}); err != nil {
+		return fmt.Errorf("create blackhole NIC: %s", err)
+	}
+	if err := addGatewayAddrs(r.stack, id); err != nil {
+		return fmt.Errorf("blackhole NIC: %w", err)
+	}
+	for _, p := range r.cfg.PodCIDRs {
+		r.stack.AddRoute(tcpip.Route{Destination: toSubnet(p), NIC: id})
+	}
+	return nil
+}
+
+// addGatewayAddrs puts the link-local gateway addresses on a NIC.
+func addGatewayAddrs(s *stack.Stack, id tcpip.NICID) error {
+	for _, a := range []netip.Addr{GatewayV4, GatewayV6} {
+		pa := tcpip.ProtocolAddress{
+			Protocol:          protoOf(a),
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: toAddr(a), PrefixLen: a.BitLen()},
+		}
+		if err := s.AddProtocolAddress(id, pa, stack.AddressProperties{}); err != nil {
+			return fmt.Errorf("add address %s to NIC %d: %s", a, id, err)
+		}
+	}
+	return nil
+}
+
+// Start creates the uplink TUN device in the host namespace, assigns the
+// node gateway addresses and routes the pod CIDRs to it, adds the stack's
+// default routes through it and, with Masquerade, installs the nftables
+// table (replacing any left over). On failure it undoes what it did.
+func (r *Router) Start() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch r.state {
+	case stateClosed:
+		return fmt.Errorf("start router: %w", ErrClosed)
+	case stateStarted:
+		return errors.New("start router: already started")
+	}
+
+	success := false
+	nl, err := netlink.NewHandleAt(netns.NsHandle(r.hostNS.Fd()))
+	if err != nil {
+		return fmt.Errorf("start router: netlink in host netns: %w", err)
+	}
+	r.nl = nl
+	defer func() {
+		if !success {
+			r.stopUplinkLocked()
+			r.nl.Close()
+			r.nl = nil
+		}
+	}()
+
+	fd, err := openUplink(r.hostNS, r.cfg.UplinkName)
+	if err != nil {
+		return fmt.Errorf("start router: %w", err)
+	}
+	up := &uplink{fd: fd}
+	r.up = up
+	if err := configureHostUplink(r.nl, r.cfg); err != nil {
+		return fmt.Errorf("start router: %w", err)
+	}
+	raw, err := newUplinkEndpoint(fd, uint32(r.cfg.UplinkMTU), func(err tcpip.Error) {
+		up.readerStopped(r.log, err)
+	})
+	if err != nil {
+		return fmt.Errorf("start router: %w", err)
+	}
+	ep := newHoldingEndpoint(raw, r.holds)
+	r.up.ep = ep
+	id := r.stack.NextNICID()
+	if err := r.stack.CreateNICWithOptions(id, ep, stack.NICOptions{Name: uplinkNICName}); err != nil {
+		return fmt.Errorf("start router: create uplink NIC: %s", err)
+	}
+	r.up.nicID = id
+	// The uplink needs a source address of each family for the stack
+	// to forward to it (see addBlackhole) and for ICMP errors to the host.
+	if err := addGatewayAddrs(r.stack, id); err != nil {
+		return fmt.Errorf("start router: uplink NIC: %w", err)
+	}
+	for _, p := range r.cfg.PodCIDRs {
+		// The node gateway is inside the pod CIDR, which the blackhole
+		// takes: route it to the host that owns it.
+		gw, _ := NodeGateway(p)
+		r.stack.AddRoute(tcpip.Route{Destination: toSubnet(netip.PrefixFrom(gw, gw.BitLen())), NIC: id})
+		r.stack.AddRoute(tcpip.Route{Destination: defaultSubnet(p.Addr()), NIC: id})
+	}
+	if r.cfg.Masquerade {
+		if err := r.withNFT(func(c *nftables.Conn) error { return installMasquerade(c, r.cfg) }); err != nil {
+			return fmt.Errorf("start router: %w", err)
+		}
+		r.masq = true
+	}
+	r.state = stateStarted
+	success = true
+	r.log.Info("router started", "uplink", r.cfg.UplinkName, "podCIDRs", r.cfg.PodCIDRs,
+		"masquerade", r.cfg.Masquerade)
+	return nil
+}
+
+// withNFT runs f with an nftables connection in the host namespace.
+func (r *Router) withNFT(f func(*nftables.Conn) error) error {
+	c, err := nftables.New(nftables.WithNetNSFd(int(r.hostNS.Fd())))
+	if err != nil {
+		return fmt.Errorf("nftables in host netns: %w", err)
+	}
+	return f(c)
+}
+
+// stopUplinkLocked undoes Start: the masquerade table, the uplink NIC and
+// its routes, the TUN fd and device. Safe on a partial Start.
+//
+// +checklocks:r.mu
+func (r *Router) stopUplinkLocked() error {
+	var errs []error
+	if r.masq {
+		if err := r.withNFT(removeMasquerade); err != nil {
+			errs = append(errs, err)
+		}
+		r.masq = false
+	}
+	if r.up == nil {
+		return errors.Join(errs...)
+	}
+	r.up.stopping.Store(true)
+	if r.up.nicID != 0 {
+		// Removes the NIC's routes; detaches and closes the endpoint.
+		if err := r.stack.RemoveNIC(r.up.nicID); err != nil {
+			errs = append(errs, fmt.Errorf("remove uplink NIC: %s", err))
+		}
+	}
+	if r.up.ep != nil {
+		r.up.ep.Wait()
+	}
+	if err := r.up.closeFD(); err != nil {
+		errs = append(errs, err)
+	}
+	if r.nl != nil {
+		if err := deleteHostUplink(r.nl, r.cfg.UplinkName); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	r.up = nil
+	return errors.Join(errs...)
+}
+
+// Close removes every link, the uplink (NIC, TUN device, host routes) and the
+// nftables table, then closes the stack and waits for every goroutine the
+// router's endpoints started. It is idempotent.
+func (r *Router) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.state == stateClosed {
+		return nil
+	}
+	r.state = stateClosed
+	var errs []error
+	for _, id := range r.linkIDsLocked() {
+		if err := r.removeLinkLocked(id); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := r.stopUplinkLocked(); err != nil {
+		errs = append(errs, err)
+	}
+	if r.nl != nil {
+		r.nl.Close()
+		r.nl = nil
+	}
+	// Close stops protocol workers; Wait removes the remaining (blackhole)
+	// NIC and waits for the endpoints.
+	r.stack.Close()
+	r.stack.Wait()
+	if err := r.hostNS.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close host netns: %w", err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("close router: %w", err)
+	}
+	r.log.Info("router closed")
+	return nil
+}
+
+// Links returns the ids of the router's links, sorted.
+func (r *Router) Links() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.linkIDsLocked()
+}
+
+// +checklocks:r.mu
+func (r *Router) linkIDsLocked() []string {
+	ids := make([]string, 0, len(r.links))
+	for id := range r.links {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	return ids
+}
+
+// UnroutedDrops counts packets for pod CIDR addresses without a link, which
+// the router dropped.
+func (r *Router) UnroutedDrops() uint64 {
+	return r.hole.dropped.Load()
+}
+
+// toAddr converts a to a tcpip.Address.
+func toAddr(a netip.Addr) tcpip.Address {
+	return tcpip.AddrFromSlice(a.AsSlice())
+}
+
+// protoOf returns a's network protocol.
+func protoOf(a netip.Addr) tcpip.NetworkProtocolNumber {
+	if a.Is4() {
+		return ipv4.ProtocolNumber
+	}
+	return ipv6.ProtocolNumber
+}
+
+// toSubnet converts a valid, masked prefix to a tcpip.Subnet.
+func toSubnet(p netip.Prefix) tcpip.Subnet {
+	return tcpip.AddressWithPrefix{Address: toAddr(p.Addr()), PrefixLen: p.Bits()}.Subnet()
+}
+
+// defaultSubnet is the default route's destination in a's family.
+func defaultSubnet(a netip.Addr) tcpip.Subnet {
+	if a.Is4() {
+		return header4Default
+	}
+	return header6Default
+}
+
+var (
+	header4Default = toSubnet(netip.PrefixFrom(netip.IPv4Unspecified(), 0))
+	header6Default = toSubnet(netip.PrefixFrom(netip.IPv6Unspecified(), 0))
+)

@@ -1,0 +1,98 @@
+package router
+
+import (
+	"fmt"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// LinkStats are a link's counters, read from the stack's NIC statistics. Rx
+// is what the pod sent to the router, Tx what the router sent to the pod.
+type LinkStats struct {
+	RxPackets, RxBytes uint64
+	TxPackets, TxBytes uint64
+	// RxDrops counts received packets the stack dropped: arriving while
+	// the NIC was disabled, of an unknown network or transport protocol,
+	// with a malformed transport header, or impossible to forward
+	// (no route, TTL exhausted, too big, bad source...).
+	RxDrops uint64
+	// TxDrops counts packets dropped because the link had no buffer
+	// space.
+	TxDrops uint64
+}
+
+// LinkStats returns the counters of link id.
+func (r *Router) LinkStats(id string) (LinkStats, error) {
+	r.mu.Lock()
+	lk, ok := r.links[id]
+	r.mu.Unlock()
+	if !ok {
+		return LinkStats{}, fmt.Errorf("link stats %s: %w", id, ErrUnknownLink)
+	}
+	info, ok := r.stack.SingleNICInfo(lk.nicID)
+	if !ok {
+		return LinkStats{}, fmt.Errorf("link stats %s: %w", id, ErrUnknownLink)
+	}
+	return nicStats(info), nil
+}
+
+// UplinkStats returns the uplink's counters; Rx is what the host sent to the
+// router. It returns zero before Start.
+func (r *Router) UplinkStats() LinkStats {
+	r.mu.Lock()
+	var id tcpip.NICID
+	if r.up != nil {
+		id = r.up.nicID
+	}
+	r.mu.Unlock()
+	if id == 0 {
+		return LinkStats{}
+	}
+	info, ok := r.stack.SingleNICInfo(id)
+	if !ok {
+		return LinkStats{}
+	}
+	return nicStats(info)
+}
+
+// nicStats flattens a NIC's statistics.
+func nicStats(info *stack.NICInfo) LinkStats {
+	s := info.Stats
+	st := LinkStats{
+		RxPackets: s.Rx.Packets.Value(),
+		RxBytes:   s.Rx.Bytes.Value(),
+		TxPackets: s.Tx.Packets.Value(),
+		TxBytes:   s.Tx.Bytes.Value(),
+		RxDrops: s.DisabledRx.Packets.Value() +
+			s.MalformedL4RcvdPackets.Value() +
+			sumCounterMap(s.UnknownL3ProtocolRcvdPacketCounts) +
+			sumCounterMap(s.UnknownL4ProtocolRcvdPacketCounts),
+		TxDrops: s.TxPacketsDroppedNoBufferSpace.Value(),
+	}
+	for _, nst := range info.NetworkStats {
+		switch nst := nst.(type) {
+		case *ipv4.Stats:
+			st.RxDrops += nst.IP.Forwarding.Errors.Value()
+		case *ipv6.Stats:
+			st.RxDrops += nst.IP.Forwarding.Errors.Value()
+		}
+	}
+	return st
+}
+
+// sumCounterMap adds up every counter of m.
+func sumCounterMap(m *tcpip.IntegralStatCounterMap) uint64 {
+	if m == nil {
+		return 0
+	}
+	var n uint64
+	for _, k := range m.Keys() {
+		if c, ok := m.Get(k); ok {
+			n += c.Value()
+		}
+	}
+	return n
+}
