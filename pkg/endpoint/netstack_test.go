@@ -140,4 +140,3 @@ func listenStack(s *stack.Stack, addr tcpip.Address) (*gonet.TCPListener, error)
 
 // transferTimeout bounds a test transfer; it is a hang guard, not a timing.
 const transferTimeout = 10 * time.Minute
-

@@ -204,4 +204,3 @@ func scaled(n int64) int64 {
 	}
 	return n
 }
-

@@ -3,8 +3,8 @@ package endpoint
 import (
 	"fmt"
 	"os"
-	"time"
 	"testing"
+	"time"
 
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )

@@ -23,9 +23,9 @@ import "encoding/binary"
 //
 // RX queue, RxPipe (server to client), one per frame:
 //
-//	 0  size      u32   frame length
-//	 4  reserved  u32
-//	 8  buffers   {offset u64, size u32, userData u64, id u64} x n, 28 B each
+//	0  size      u32   frame length
+//	4  reserved  u32
+//	8  buffers   {offset u64, size u32, userData u64, id u64} x n, 28 B each
 const (
 	txPacketHeaderSize = 16
 	txBufferDescSize   = 12

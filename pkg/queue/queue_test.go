@@ -214,4 +214,3 @@ func TestUnsealedRegionRefused(t *testing.T) {
 		r.Close()
 	}
 }
-
