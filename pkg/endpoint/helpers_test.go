@@ -81,3 +81,15 @@ func waitResources(t testing.TB, before resources) resources {
 	}
 	return r
 }
+
+// waitFor polls cond until it holds; the bound is a hang guard, not a timing.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}

@@ -522,7 +522,7 @@ func (l *shmLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	}()
 	l.txMu.Lock()
 	defer l.txMu.Unlock()
-	if l.tx == nil {
+	if l.tx == nil || l.stopping.Load() {
 		l.stats.TxDrops.Add(uint64(len(all)))
 		return len(all), nil
 	}

@@ -1,0 +1,54 @@
+# shm-cni: build, test, fuzz, benchmark, demo.
+#
+#   make test    everything CI runs (needs root: network namespaces, TAP)
+#   make demo    a node in a box with traffic (needs root)
+#   make bench   benchmarks beside gVisor's endpoint and the kernel
+#   make fuzz    every fuzz target for FUZZTIME each
+
+GO       ?= go
+BIN      ?= bin
+FUZZTIME ?= 60s
+# Packages with fuzz targets and their targets, as pkg:Target.
+FUZZ_TARGETS ?= \
+	./pkg/queue:FuzzServer \
+	./pkg/endpoint:FuzzHostileClient \
+	./pkg/endpoint:FuzzTAPFrame \
+	./pkg/ipam:FuzzParseState \
+	./pkg/agentapi:FuzzDecodeRequest
+
+.PHONY: all build deps test test-unit test-full lint fuzz bench demo clean
+
+all: build
+
+deps:
+	@hack/deps.sh
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+# test-unit runs every test under the race detector (big transfers are scaled
+# down there); test-full runs the long real-traffic tests at full size.
+test-unit:
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+test-full:
+	$(GO) test -count=1 -timeout 20m -run 'TwoProcess|Interop|Forwarding|TCPInProcess' ./pkg/endpoint
+
+test: deps lint build test-unit test-full
+
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "== $$name ($$pkg) for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 2s -parallel 1 $$pkg; \
+	done
+
+bench: deps
+	$(GO) test -run '^$$' -bench . -benchtime 1x -count 1 ./pkg/endpoint | tee $(BIN)/bench-endpoint.txt
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,313 @@
+package cni
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/queue"
+)
+
+// Link kinds, the values of Config.Kind and of the per-pod overrides.
+const (
+	// KindTap gives the pod a TAP device (kernel-stack pods). The default.
+	KindTap = agentapi.KindTap
+	// KindShm gives the pod a shared-memory queue pair for a sandbox's
+	// userspace stack, and a placeholder dummy interface in its netns.
+	KindShm = agentapi.KindShm
+)
+
+// Defaults of the Config fields.
+const (
+	DefaultKind     = KindTap
+	DefaultMTU      = 1500
+	DefaultLogLevel = "info"
+)
+
+// Per-pod overrides of the link kind.
+const (
+	// ArgKind is the CNI_ARGS key ("SHM_CNI_KIND=shm").
+	ArgKind = "SHM_CNI_KIND"
+	// AnnotationKind is the pod annotation, read from the runtimeConfig
+	// key PodAnnotationsKey when the runtime passes pod annotations.
+	AnnotationKind = "shm-cni.io/kind"
+	// PodAnnotationsKey is the runtimeConfig key under which CRI runtimes
+	// pass the pod's annotations.
+	PodAnnotationsKey = "io.kubernetes.cri.pod-annotations"
+)
+
+// maxSocketPath is the longest unix socket path: sun_path is 108 bytes
+// including the terminating NUL.
+const maxSocketPath = 107
+
+// Config is one shm-cni plugin entry of a conflist ("type": "shm-cni").
+// Fields absent from the JSON keep their defaults (see ParseConfig).
+//
+// Config embeds types.PluginConf, whose MarshalJSON method is promoted:
+// json.Marshal of a Config encodes only the PluginConf part. Config is meant
+// to be parsed, not encoded.
+type Config struct {
+	types.PluginConf
+
+	// Kind is the default link kind, KindTap or KindShm. Pods may
+	// override it (see Config.PodKind).
+	Kind string `json:"kind,omitempty"`
+	// MTU is the pod link's IP MTU, 68..65535, unless the agent answers
+	// with another.
+	MTU int `json:"mtu,omitempty"`
+	// AgentSocket is the agent's unix socket.
+	AgentSocket string `json:"agentSocket,omitempty"`
+	// Queue are the queue sizes of a shm link; keys left out keep
+	// queue.DefaultSizes. Used only for kind shm.
+	Queue queue.Sizes `json:"queue"`
+	// LogFile, when set, receives the plugin's logs (appended) instead of
+	// stderr. It must be an absolute path.
+	LogFile string `json:"logFile,omitempty"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `json:"logLevel,omitempty"`
+
+	// Args are the conventional "args" of the config (CNI conventions):
+	// args.cni.kind overrides Kind for this pod.
+	Args *ConfigArgs `json:"args,omitempty"`
+	// RuntimeConfig carries what the runtime passes per pod.
+	RuntimeConfig *RuntimeConfig `json:"runtimeConfig,omitempty"`
+}
+
+// ConfigArgs is the config's "args" object.
+type ConfigArgs struct {
+	CNI *struct {
+		Kind string `json:"kind,omitempty"`
+	} `json:"cni,omitempty"`
+}
+
+// RuntimeConfig is the config's "runtimeConfig" object, as far as shm-cni
+// reads it.
+type RuntimeConfig struct {
+	// PodAnnotations are the pod's annotations, when the runtime passes
+	// them (CRI-O does).
+	PodAnnotations map[string]string `json:"io.kubernetes.cri.pod-annotations,omitempty"`
+}
+
+// DefaultConfig returns a Config holding every default.
+func DefaultConfig() Config {
+	return Config{
+		Kind:        DefaultKind,
+		MTU:         DefaultMTU,
+		AgentSocket: agentapi.DefaultSocketPath,
+		Queue:       queue.DefaultSizes(),
+		LogLevel:    DefaultLogLevel,
+	}
+}
+
+// ParseConfig parses a plugin config (the CNI command's stdin) over
+// DefaultConfig and validates it. Keys outside shm-cni's own objects are
+// ignored, since runtimes add their own; inside "queue" an unknown key is
+// refused. Every error is a *types.Error:
+//   - CodeDecodingFailure when data is not one JSON object;
+//   - CodeUnsupportedField for an unknown key in "queue";
+//   - CodeInvalidConfig for a value of the wrong JSON type or one Validate
+//     refuses, naming the field.
+func ParseConfig(data []byte) (*Config, error) {
+	c := DefaultConfig()
+	if err := json.Unmarshal(data, &c); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) && te.Field != "" {
+			return nil, newError(CodeInvalidConfig, "invalid shm-cni config: %s: got a JSON %s, want %s", te.Field, te.Value, te.Type)
+		}
+		return nil, newError(CodeDecodingFailure, "cannot decode shm-cni config: %v", err)
+	}
+	if err := checkObjects(data); err != nil {
+		return nil, err
+	}
+	if err := c.Validate(); err != nil {
+		return nil, types.NewError(CodeInvalidConfig, "invalid shm-cni config", joinDetails(err))
+	}
+	return &c, nil
+}
+
+// checkObjects refuses unknown keys inside "queue" and an "ipam" object with
+// keys but no "type". data decoded once already.
+func checkObjects(data []byte) error {
+	var probe struct {
+		Queue json.RawMessage            `json:"queue"`
+		IPAM  map[string]json.RawMessage `json:"ipam"`
+	}
+	if err := json.Unmarshal(data, &probe); err != nil {
+		return newError(CodeDecodingFailure, "cannot decode shm-cni config: %v", err)
+	}
+	if len(probe.Queue) > 0 && !bytes.Equal(probe.Queue, []byte("null")) {
+		dec := json.NewDecoder(bytes.NewReader(probe.Queue))
+		dec.DisallowUnknownFields()
+		var s queue.Sizes
+		if err := dec.Decode(&s); err != nil {
+			if key, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
+				return newError(CodeUnsupportedField, "unsupported field in shm-cni config: queue.%s (known: dataSize, pipeSize, bufferSize)", strings.Trim(key, `"`))
+			}
+			return newError(CodeInvalidConfig, "invalid shm-cni config: queue: %v", err)
+		}
+	}
+	if len(probe.IPAM) > 0 {
+		if _, ok := probe.IPAM["type"]; !ok {
+			return newError(CodeInvalidConfig, "invalid shm-cni config: ipam.type: required when ipam has other keys (leave ipam out to let the agent allocate)")
+		}
+	}
+	return nil
+}
+
+// Validate reports every problem of c at once (errors.Join), each naming
+// its field, for example "queue.bufferSize: ...".
+func (c *Config) Validate() error {
+	var errs []error
+	add := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
+	}
+	if c.Name == "" {
+		add("name", "required")
+	}
+	if err := validKind(c.Kind); err != nil {
+		add("kind", "%v", err)
+	}
+	// 68 is the smallest MTU IPv4 allows (RFC 791); 65535 the largest an
+	// IP packet can use.
+	if c.MTU < 68 || c.MTU > 65535 {
+		add("mtu", "%d is not in 68..65535", c.MTU)
+	}
+	switch {
+	case c.AgentSocket == "":
+		add("agentSocket", "required")
+	case !filepath.IsAbs(c.AgentSocket) || strings.ContainsRune(c.AgentSocket, 0):
+		add("agentSocket", "%s is not an absolute path", quote(c.AgentSocket))
+	case len(c.AgentSocket) > maxSocketPath:
+		add("agentSocket", "%d bytes, longer than a unix socket path may be (%d)", len(c.AgentSocket), maxSocketPath)
+	}
+	if err := c.Queue.Validate(); err != nil {
+		for _, e := range unjoin(err) {
+			errs = append(errs, fmt.Errorf("queue.%w", e))
+		}
+	}
+	if c.LogFile != "" && (!filepath.IsAbs(c.LogFile) || strings.ContainsRune(c.LogFile, 0)) {
+		add("logFile", "%s is not an absolute path", quote(c.LogFile))
+	}
+	if _, err := parseLevel(c.LogLevel); err != nil {
+		add("logLevel", "%v", err)
+	}
+	if c.IPAM.Type != "" && (strings.ContainsAny(c.IPAM.Type, `/\`) || c.IPAM.Type == "." || c.IPAM.Type == "..") {
+		add("ipam.type", "%s is not a plugin name", quote(c.IPAM.Type))
+	}
+	return errors.Join(errs...)
+}
+
+// DelegatesIPAM reports whether the config names an IPAM plugin; otherwise
+// the agent allocates the addresses.
+func (c *Config) DelegatesIPAM() bool { return c.IPAM.Type != "" }
+
+// PodArgs are what the runtime says about the pod in CNI_ARGS. The field
+// names are the CNI_ARGS keys, as types.LoadArgs requires.
+type PodArgs struct {
+	types.CommonArgs
+	K8S_POD_NAMESPACE          types.UnmarshallableString
+	K8S_POD_NAME               types.UnmarshallableString
+	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString
+	K8S_POD_UID                types.UnmarshallableString
+	SHM_CNI_KIND               types.UnmarshallableString
+}
+
+// ParsePodArgs parses CNI_ARGS ("K=V;K2=V2"). Unknown keys are refused
+// unless IgnoreUnknown is set, as the CNI conventions say; errors are
+// *types.Error with CodeInvalidEnvironment naming CNI_ARGS.
+func ParsePodArgs(cniArgs string) (*PodArgs, error) {
+	var a PodArgs
+	if err := types.LoadArgs(cniArgs, &a); err != nil {
+		return nil, newError(CodeInvalidEnvironment, "invalid CNI_ARGS: %v", err)
+	}
+	return &a, nil
+}
+
+// PodKind returns the link kind for one pod: the first of CNI_ARGS
+// SHM_CNI_KIND, the config's args.cni.kind, the pod annotation
+// shm-cni.io/kind (runtimeConfig io.kubernetes.cri.pod-annotations) that is
+// set, else c.Kind. An unknown kind is a *types.Error with
+// CodeInvalidConfig naming its source and value.
+func (c *Config) PodKind(a *PodArgs) (string, error) {
+	type source struct{ name, value string }
+	var srcs []source
+	if a != nil {
+		srcs = append(srcs, source{"CNI_ARGS " + ArgKind, string(a.SHM_CNI_KIND)})
+	}
+	if c.Args != nil && c.Args.CNI != nil {
+		srcs = append(srcs, source{"args.cni.kind", c.Args.CNI.Kind})
+	}
+	if c.RuntimeConfig != nil {
+		srcs = append(srcs, source{"runtimeConfig pod annotation " + AnnotationKind, c.RuntimeConfig.PodAnnotations[AnnotationKind]})
+	}
+	srcs = append(srcs, source{"kind", c.Kind})
+	for _, s := range srcs {
+		if s.value == "" {
+			continue
+		}
+		if err := validKind(s.value); err != nil {
+			return "", newError(CodeInvalidConfig, "invalid shm-cni config: %s: %v", s.name, err)
+		}
+		return s.value, nil
+	}
+	return DefaultKind, nil
+}
+
+func validKind(k string) error {
+	switch k {
+	case KindTap, KindShm:
+		return nil
+	}
+	return fmt.Errorf("unknown link kind %s (want %s or %s)", quote(k), KindTap, KindShm)
+}
+
+// parseLevel parses a logLevel value.
+func parseLevel(s string) (slog.Level, error) {
+	switch s {
+	case "debug":
+		return slog.LevelDebug, nil
+	case "info", "":
+		return slog.LevelInfo, nil
+	case "warn":
+		return slog.LevelWarn, nil
+	case "error":
+		return slog.LevelError, nil
+	}
+	return 0, fmt.Errorf("%s is not one of debug, info, warn, error", quote(s))
+}
+
+// unjoin returns the errors an errors.Join joined, or err alone.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+// joinDetails renders a joined error on one line, problems separated by
+// "; ".
+func joinDetails(err error) string {
+	var parts []string
+	for _, e := range unjoin(err) {
+		parts = append(parts, e.Error())
+	}
+	return strings.Join(parts, "; ")
+}
+
+// quote quotes a value for an error message, cut to 64 bytes so a hostile
+// config cannot blow up logs.
+func quote(s string) string {
+	const max = 64
+	if len(s) > max {
+		return strconv.Quote(s[:max]) + "..."
+	}
+	return strconv.Quote(s)
+}

@@ -1,0 +1,382 @@
+package cni
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
+)
+
+// Link types as netlink reports them.
+const (
+	linkTypeTAP   = "tuntap"
+	linkTypeDummy = "dummy"
+)
+
+// linkConfig is what the pod's interface gets.
+type linkConfig struct {
+	MTU int
+	// Addrs are host prefixes (/32, /128).
+	Addrs  []netip.Prefix
+	Routes []podRoute
+	// Gateways get a permanent neighbour entry to GatewayMAC, so the pod
+	// never resolves them. Empty GatewayMAC: no entries.
+	Gateways   []netip.Addr
+	GatewayMAC net.HardwareAddr
+}
+
+// podRoute is one route through the pod's interface. A zero GW is a
+// device route.
+type podRoute struct {
+	Dst netip.Prefix
+	GW  netip.Addr
+	MTU int
+}
+
+// openNetNS opens CNI_NETNS for ADD or CHECK: it must be a network
+// namespace other than the plugin's own.
+func openNetNS(path string) (ns.NetNS, error) {
+	netns, err := ns.GetNS(path)
+	if err != nil {
+		return nil, newError(CodeInvalidEnvironment, "CNI_NETNS %s: not a network namespace: %v", quote(path), err)
+	}
+	// GetNS accepts any file on procfs; make sure this one is a netns.
+	if t, err := unix.IoctlRetInt(int(netns.Fd()), unix.NS_GET_NSTYPE); err != nil || t != unix.CLONE_NEWNET {
+		netns.Close()
+		return nil, newError(CodeInvalidEnvironment, "CNI_NETNS %s: not a network namespace", quote(path))
+	}
+	var own, pod unix.Stat_t
+	if err := unix.Stat("/proc/thread-self/ns/net", &own); err == nil {
+		if err := unix.Fstat(int(netns.Fd()), &pod); err == nil && own.Dev == pod.Dev && own.Ino == pod.Ino {
+			netns.Close()
+			return nil, newError(CodeInvalidNetNS, "CNI_NETNS %s is the plugin's own network namespace", quote(path))
+		}
+	}
+	return netns, nil
+}
+
+// ifNameFree fails with CodeInterfaceExists when name exists in the
+// calling thread's netns.
+func ifNameFree(name string) error {
+	_, err := netlinksafe.LinkByName(name)
+	var nf netlink.LinkNotFoundError
+	switch {
+	case errors.As(err, &nf):
+		return nil
+	case err != nil:
+		return fmt.Errorf("look up interface %s: %w", name, err)
+	}
+	return newError(CodeInterfaceExists, "CNI_IFNAME %s already exists in the pod's network namespace", quote(name))
+}
+
+// createTAP creates the persistent TAP device name in netns, with a
+// virtio-net header and offloads, and returns its fd and MAC. It fails if
+// name exists. On error nothing is left behind.
+func createTAP(netns ns.NetNS, name string) (*os.File, net.HardwareAddr, error) {
+	var (
+		f   *os.File
+		mac net.HardwareAddr
+	)
+	err := netns.Do(func(ns.NetNS) error {
+		if err := ifNameFree(name); err != nil {
+			return err
+		}
+		var err error
+		f, err = endpoint.OpenTAP(name, endpoint.TAPDeviceOptions{VnetHdr: true, Offload: true, Persist: true})
+		if err != nil {
+			return fmt.Errorf("create tap %s: %w", name, err)
+		}
+		l, err := netlinksafe.LinkByName(name)
+		if err == nil && len(l.Attrs().HardwareAddr) != 6 {
+			err = fmt.Errorf("device has MAC %q, not an Ethernet address", l.Attrs().HardwareAddr)
+		}
+		if err != nil {
+			if l != nil {
+				netlink.LinkDel(l)
+			}
+			f.Close()
+			f = nil
+			return fmt.Errorf("read tap %s: %w", name, err)
+		}
+		mac = l.Attrs().HardwareAddr
+		return nil
+	})
+	if err != nil {
+		return nil, nil, linkErr(err)
+	}
+	return f, mac, nil
+}
+
+// createPlaceholder creates the placeholder interface of a shm link in
+// netns, with mac (nil: the kernel picks one) and mtu, and returns its MAC.
+// It is a dummy device, or, on kernels built without dummy support
+// (CONFIG_DUMMY), a persistent TAP device nobody attaches to: both only
+// carry the configuration for runtimes that read the netns. It fails if
+// name exists.
+func createPlaceholder(netns ns.NetNS, name string, mac net.HardwareAddr, mtu int) (net.HardwareAddr, error) {
+	var got net.HardwareAddr
+	err := netns.Do(func(ns.NetNS) error {
+		if err := ifNameFree(name); err != nil {
+			return err
+		}
+		d := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu, HardwareAddr: mac}}
+		err := netlink.LinkAdd(d)
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			err = createTAPPlaceholder(name, mac, mtu)
+		}
+		if err != nil {
+			return fmt.Errorf("create placeholder %s: %w", name, err)
+		}
+		l, err := netlinksafe.LinkByName(name)
+		if err != nil {
+			netlink.LinkDel(d)
+			return fmt.Errorf("read placeholder %s: %w", name, err)
+		}
+		got = l.Attrs().HardwareAddr
+		return nil
+	})
+	if err != nil {
+		return nil, linkErr(err)
+	}
+	return got, nil
+}
+
+// createTAPPlaceholder creates a persistent TAP device name in the calling
+// thread's netns with mac and mtu and closes its fd.
+func createTAPPlaceholder(name string, mac net.HardwareAddr, mtu int) error {
+	f, err := endpoint.OpenTAP(name, endpoint.TAPDeviceOptions{Persist: true})
+	if err != nil {
+		return err
+	}
+	f.Close()
+	l, err := netlinksafe.LinkByName(name)
+	if err == nil {
+		err = netlink.LinkSetMTU(l, mtu)
+	}
+	if err == nil && mac != nil {
+		err = netlink.LinkSetHardwareAddr(l, mac)
+	}
+	if err != nil {
+		if l != nil {
+			netlink.LinkDel(l)
+		}
+		return fmt.Errorf("tap placeholder: %w", err)
+	}
+	return nil
+}
+
+// configureLink applies lc to the interface name in netns: MTU, addresses,
+// link up, an on-link route to every IPv4 gateway, the routes, and
+// permanent neighbour entries for the gateways.
+func configureLink(netns ns.NetNS, name string, lc linkConfig) error {
+	err := netns.Do(func(ns.NetNS) error {
+		l, err := netlinksafe.LinkByName(name)
+		if err != nil {
+			return fmt.Errorf("look up %s: %w", name, err)
+		}
+		if err := netlink.LinkSetMTU(l, lc.MTU); err != nil {
+			return fmt.Errorf("set %s mtu %d: %w", name, lc.MTU, err)
+		}
+		for _, a := range lc.Addrs {
+			addr := &netlink.Addr{IPNet: ipNet(a)}
+			if a.Addr().Is6() {
+				// The agent owns the address plan: duplicate address
+				// detection would only hold the address tentative.
+				addr.Flags = unix.IFA_F_NODAD
+			}
+			if err := netlink.AddrAdd(l, addr); err != nil {
+				return fmt.Errorf("add address %s to %s: %w", a, name, err)
+			}
+		}
+		if err := netlink.LinkSetUp(l); err != nil {
+			return fmt.Errorf("set %s up: %w", name, err)
+		}
+		idx := l.Attrs().Index
+		onLink := map[netip.Addr]bool{}
+		for _, r := range lc.Routes {
+			if !r.GW.IsValid() || !r.GW.Is4() || onLink[r.GW] {
+				continue
+			}
+			onLink[r.GW] = true
+			// 169.254.1.1 dev eth0 scope link: the gateway is on the link
+			// although no address prefix covers it.
+			gw := &netlink.Route{LinkIndex: idx, Dst: ipNet(netip.PrefixFrom(r.GW, 32)), Scope: netlink.SCOPE_LINK}
+			if err := netlink.RouteReplace(gw); err != nil {
+				return fmt.Errorf("add route %s dev %s scope link: %w", r.GW, name, err)
+			}
+		}
+		for _, r := range lc.Routes {
+			nr := &netlink.Route{LinkIndex: idx, Dst: ipNet(r.Dst), MTU: r.MTU}
+			switch {
+			case !r.GW.IsValid():
+				nr.Scope = netlink.SCOPE_LINK
+			case r.GW.Is6():
+				// fe80::1 is on the link; onlink spares waiting for the
+				// kernel's fe80::/64 route.
+				nr.Gw = net.IP(r.GW.AsSlice())
+				nr.Flags = int(netlink.FLAG_ONLINK)
+			default:
+				nr.Gw = net.IP(r.GW.AsSlice())
+			}
+			if err := netlink.RouteReplace(nr); err != nil {
+				return fmt.Errorf("add route %s via %s dev %s: %w", r.Dst, r.GW, name, err)
+			}
+		}
+		if len(lc.GatewayMAC) == 0 {
+			return nil
+		}
+		for _, gw := range lc.Gateways {
+			fam := unix.AF_INET
+			if gw.Is6() {
+				fam = unix.AF_INET6
+			}
+			n := &netlink.Neigh{LinkIndex: idx, Family: fam, State: netlink.NUD_PERMANENT, IP: net.IP(gw.AsSlice()), HardwareAddr: lc.GatewayMAC}
+			if err := netlink.NeighSet(n); err != nil {
+				return fmt.Errorf("add neighbour %s lladdr %s dev %s: %w", gw, lc.GatewayMAC, name, err)
+			}
+		}
+		return nil
+	})
+	return linkErr(err)
+}
+
+// deleteLink deletes the interface name from the netns at path, if both
+// still exist and the interface is a TAP or dummy device (the kinds
+// shm-cni creates; anything else is left alone). It reports what it did.
+// A missing netns or interface is not an error: DEL must succeed when
+// the resources are already gone.
+func deleteLink(path, name string) (string, error) {
+	if path == "" {
+		return "no netns given", nil
+	}
+	outcome := ""
+	err := ns.WithNetNSPath(path, func(ns.NetNS) error {
+		l, err := netlinksafe.LinkByName(name)
+		var nf netlink.LinkNotFoundError
+		switch {
+		case errors.As(err, &nf):
+			outcome = "interface already gone"
+			return nil
+		case err != nil:
+			return fmt.Errorf("look up %s: %w", name, err)
+		}
+		if t := l.Type(); t != linkTypeTAP && t != linkTypeDummy {
+			outcome = fmt.Sprintf("interface is a %s device, not shm-cni's; left alone", t)
+			return nil
+		}
+		if err := netlink.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+			return fmt.Errorf("delete %s: %w", name, err)
+		}
+		outcome = "interface deleted"
+		return nil
+	})
+	var notExist ns.NSPathNotExistErr
+	var notNS ns.NSPathNotNSErr
+	if errors.As(err, &notExist) || errors.As(err, &notNS) {
+		return "netns already gone", nil
+	}
+	if err != nil {
+		return "", linkErr(err)
+	}
+	return outcome, nil
+}
+
+// linkState is what CHECK reads back from the pod's interface.
+type linkState struct {
+	Type   string
+	MAC    net.HardwareAddr
+	MTU    int
+	Up     bool
+	Addrs  []netip.Prefix
+	Routes []podRoute
+	// Neigh are the permanent neighbour entries, by IP.
+	Neigh map[netip.Addr]net.HardwareAddr
+}
+
+// inspectLink reads the interface name in netns.
+func inspectLink(netns ns.NetNS, name string) (*linkState, error) {
+	var st linkState
+	err := netns.Do(func(ns.NetNS) error {
+		l, err := netlinksafe.LinkByName(name)
+		if err != nil {
+			return fmt.Errorf("look up %s: %w", name, err)
+		}
+		a := l.Attrs()
+		st = linkState{Type: l.Type(), MAC: a.HardwareAddr, MTU: a.MTU, Up: a.Flags&net.FlagUp != 0, Neigh: map[netip.Addr]net.HardwareAddr{}}
+		addrs, err := netlinksafe.AddrList(l, netlink.FAMILY_ALL)
+		if err != nil {
+			return fmt.Errorf("list addresses of %s: %w", name, err)
+		}
+		for _, ad := range addrs {
+			if p, ok := prefixOf(ad.IPNet); ok {
+				st.Addrs = append(st.Addrs, p)
+			}
+		}
+		routes, err := netlinksafe.RouteList(l, netlink.FAMILY_ALL)
+		if err != nil {
+			return fmt.Errorf("list routes of %s: %w", name, err)
+		}
+		for _, r := range routes {
+			dst, ok := prefixOf(r.Dst)
+			if !ok {
+				continue
+			}
+			gw, _ := netip.AddrFromSlice(r.Gw)
+			st.Routes = append(st.Routes, podRoute{Dst: dst, GW: gw.Unmap(), MTU: r.MTU})
+		}
+		neighs, err := netlink.NeighList(a.Index, netlink.FAMILY_ALL)
+		if err != nil {
+			return fmt.Errorf("list neighbours of %s: %w", name, err)
+		}
+		for _, n := range neighs {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
+				st.Neigh[ip.Unmap()] = n.HardwareAddr
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, linkErr(err)
+	}
+	return &st, nil
+}
+
+// linkErr gives an error from the netns side CodeLinkSetup unless it has a
+// code already.
+func linkErr(err error) error {
+	if err == nil || codeOf(err) != CodeInternal {
+		return err
+	}
+	return types.NewError(CodeLinkSetup, err.Error(), "")
+}
+
+// ipNet converts a prefix to the netlink form.
+func ipNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// prefixOf converts a netlink prefix; a nil one is not valid.
+func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	a = a.Unmap()
+	ones, bits := n.Mask.Size()
+	if bits != a.BitLen() {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(a, ones), true
+}
