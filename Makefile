@@ -50,5 +50,8 @@ fuzz:
 bench: deps
 	$(GO) test -run '^$$' -bench . -benchtime 1x -count 1 ./pkg/endpoint | tee $(BIN)/bench-endpoint.txt
 
+demo: deps
+	@hack/demo.sh
+
 clean:
 	rm -rf $(BIN)

@@ -1,0 +1,35 @@
+// Command shm-agent is the shm-cni node agent; see package agent.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/shm-cni/shm-cni/pkg/agent"
+)
+
+func main() { os.Exit(run()) }
+
+func run() int {
+	cfg := agent.DefaultConfig()
+	cfg.RegisterFlags(flag.CommandLine)
+	flag.Parse()
+	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: cfg.LogLevel}))
+	a, err := agent.New(cfg, log)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "shm-agent:", err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := a.Run(ctx); err != nil {
+		log.Error("shm-agent failed", "err", err)
+		return 1
+	}
+	return 0
+}

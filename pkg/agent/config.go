@@ -1,0 +1,207 @@
+package agent
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/router"
+)
+
+// Defaults of Config, also the flags' defaults.
+const (
+	DefaultUplink      = router.DefaultUplinkName
+	DefaultMTU         = 1500
+	DefaultStateDir    = "/var/lib/shm-cni"
+	DefaultSandboxDir  = "/run/shm-cni/sandbox"
+	DefaultMetricsAddr = "127.0.0.1:9309"
+)
+
+const (
+	// minMTU4 is the smallest MTU every IPv4 host must accept (RFC 791).
+	minMTU4 = 576
+	// minMTU6 is IPv6's minimum link MTU (RFC 8200 section 5).
+	minMTU6 = 1280
+	// maxMTU is the largest IP packet, 2^16-1 bytes.
+	maxMTU = 65535
+	// maxSocketPath is the longest unix socket path: sun_path is 108
+	// bytes with the terminating NUL.
+	maxSocketPath = 107
+	// maxSandboxSocketName bounds a per-link socket's file name: a 64-byte
+	// container ID, "-", a 15-byte interface name and ".sock".
+	maxSandboxSocketName = 64 + 1 + 15 + len(".sock")
+)
+
+// Config is the agent's configuration. DefaultConfig gives the defaults;
+// RegisterFlags binds every field to a command-line flag.
+type Config struct {
+	// PodCIDRs are the node's pod CIDRs: one IPv4 and/or one IPv6 prefix
+	// (--pod-cidr).
+	PodCIDRs []netip.Prefix
+	// ClusterCIDRs are never masqueraded: every node's pod CIDRs, the
+	// service CIDRs (--cluster-cidr).
+	ClusterCIDRs []netip.Prefix
+	// Uplink names the router's TUN device in the host (--uplink).
+	Uplink string
+	// MTU is the pod links' and the uplink's MTU (--mtu); an attach may
+	// ask for a smaller one.
+	MTU int
+	// SocketPath is the agentapi socket the CNI binary calls (--socket).
+	SocketPath string
+	// StateDir holds the IPAM state and the attachments (--state-dir).
+	StateDir string
+	// SandboxDir holds the per-link sockets sandboxes dial
+	// (--sandbox-dir).
+	SandboxDir string
+	// MetricsAddr is where /metrics, /healthz, /readyz and /attachments
+	// are served (--metrics-addr); empty disables the HTTP server.
+	MetricsAddr string
+	// Masquerade enables SNAT of egress leaving the cluster (--masquerade).
+	Masquerade bool
+	// LogLevel is the level of the agent's logs (--log-level); the caller
+	// builds the logger.
+	LogLevel slog.Level
+}
+
+// DefaultConfig returns the defaults. PodCIDRs has none: it is required.
+func DefaultConfig() Config {
+	return Config{
+		Uplink:      DefaultUplink,
+		MTU:         DefaultMTU,
+		SocketPath:  agentapi.DefaultSocketPath,
+		StateDir:    DefaultStateDir,
+		SandboxDir:  DefaultSandboxDir,
+		MetricsAddr: DefaultMetricsAddr,
+		Masquerade:  true,
+		LogLevel:    slog.LevelInfo,
+	}
+}
+
+// RegisterFlags binds c's fields to flags of fs, with c's current values as
+// defaults.
+func (c *Config) RegisterFlags(fs *flag.FlagSet) {
+	fs.Var((*prefixList)(&c.PodCIDRs), "pod-cidr", "the node's pod CIDR; repeat or comma-separate for dual stack (required)")
+	fs.Var((*prefixList)(&c.ClusterCIDRs), "cluster-cidr", "destination CIDRs never masqueraded (all pod and service CIDRs); repeatable, comma-separated")
+	fs.StringVar(&c.Uplink, "uplink", c.Uplink, "name of the router's TUN device in the host")
+	fs.IntVar(&c.MTU, "mtu", c.MTU, "MTU of pod links and of the uplink")
+	fs.StringVar(&c.SocketPath, "socket", c.SocketPath, "unix socket the CNI binary calls")
+	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "directory of the agent's persistent state")
+	fs.StringVar(&c.SandboxDir, "sandbox-dir", c.SandboxDir, "directory of the per-link sockets sandboxes dial")
+	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "host:port of the metrics and health endpoints; empty disables them")
+	fs.BoolVar(&c.Masquerade, "masquerade", c.Masquerade, "masquerade pod egress to destinations outside the cluster CIDRs")
+	fs.TextVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn, error")
+}
+
+// Validate reports every problem of c at once, each naming its flag.
+func (c Config) Validate() error {
+	var errs []error
+	bad := func(flag, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("--%s: %s", flag, fmt.Sprintf(format, args...)))
+	}
+	has4, has6 := false, false
+	if len(c.PodCIDRs) == 0 {
+		bad("pod-cidr", "required")
+	}
+	for _, p := range c.PodCIDRs {
+		if _, err := router.NodeGateway(p); err != nil {
+			bad("pod-cidr", "%s: %v", p, err)
+			continue
+		}
+		if p.Addr().Is4() {
+			if has4 {
+				bad("pod-cidr", "%s: more than one IPv4 pod CIDR", p)
+			}
+			has4 = true
+		} else {
+			if has6 {
+				bad("pod-cidr", "%s: more than one IPv6 pod CIDR", p)
+			}
+			has6 = true
+		}
+	}
+	for _, p := range c.ClusterCIDRs {
+		if !p.IsValid() || p != p.Masked() || p.Addr().Is4In6() {
+			bad("cluster-cidr", "%s: not a masked IPv4 or IPv6 prefix", p)
+		}
+	}
+	if c.Uplink == "" || len(c.Uplink) > 15 || strings.ContainsAny(c.Uplink, "/: \t\n") || c.Uplink == "." || c.Uplink == ".." {
+		bad("uplink", "%q is not a valid interface name (1..15 bytes, no '/', ':' or space)", c.Uplink)
+	}
+	minMTU := minMTU4
+	if has6 {
+		minMTU = minMTU6
+	}
+	if c.MTU < minMTU || c.MTU > maxMTU {
+		bad("mtu", "%d outside %d..%d", c.MTU, minMTU, maxMTU)
+	}
+	switch {
+	case !filepath.IsAbs(c.SocketPath):
+		bad("socket", "%q is not an absolute path", c.SocketPath)
+	case len(c.SocketPath) > maxSocketPath:
+		bad("socket", "%q is longer than %d bytes", c.SocketPath, maxSocketPath)
+	}
+	if !filepath.IsAbs(c.StateDir) {
+		bad("state-dir", "%q is not an absolute path", c.StateDir)
+	}
+	switch {
+	case !filepath.IsAbs(c.SandboxDir):
+		bad("sandbox-dir", "%q is not an absolute path", c.SandboxDir)
+	case len(filepath.Clean(c.SandboxDir))+1+maxSandboxSocketName > maxSocketPath:
+		bad("sandbox-dir", "%q is too long: a per-link socket path there could exceed %d bytes", c.SandboxDir, maxSocketPath)
+	}
+	if c.MetricsAddr != "" {
+		host, port, err := net.SplitHostPort(c.MetricsAddr)
+		if err == nil {
+			_, err = strconv.ParseUint(port, 10, 16)
+		}
+		if err == nil && host != "" {
+			if _, perr := netip.ParseAddr(host); perr != nil && host != "localhost" {
+				err = fmt.Errorf("host %q is not an IP address", host)
+			}
+		}
+		if err != nil {
+			bad("metrics-addr", "%q: %v", c.MetricsAddr, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// prefixList is a repeatable, comma-separated list of CIDRs flag.
+type prefixList []netip.Prefix
+
+var _ flag.Value = (*prefixList)(nil)
+
+// String implements flag.Value.String.
+func (l *prefixList) String() string {
+	if l == nil {
+		return ""
+	}
+	s := make([]string, len(*l))
+	for i, p := range *l {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
+}
+
+// Set implements flag.Value.Set: it appends every comma-separated CIDR.
+func (l *prefixList) Set(v string) error {
+	for _, f := range strings.Split(v, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(f)
+		if err != nil {
+			return fmt.Errorf("%q is not a CIDR", f)
+		}
+		*l = append(*l, p)
+	}
+	return nil
+}

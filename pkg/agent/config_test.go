@@ -1,0 +1,119 @@
+package agent
+
+import (
+	"flag"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+// TestConfigValidate: the defaults with a pod CIDR are valid; every bad
+// field is reported, naming its flag.
+func TestConfigValidate(t *testing.T) {
+	valid := func() Config {
+		c := DefaultConfig()
+		c.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}
+		return c
+	}
+	for _, tc := range []struct {
+		name   string
+		modify func(*Config)
+		// want are substrings of the error; none means valid.
+		want []string
+	}{
+		{"defaults", func(*Config) {}, nil},
+		{"dual stack", func(c *Config) {
+			c.PodCIDRs = append(c.PodCIDRs, netip.MustParsePrefix("2001:db8::/64"))
+		}, nil},
+		{"v6 only", func(c *Config) { c.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("2001:db8::/64")} }, nil},
+		{"metrics disabled", func(c *Config) { c.MetricsAddr = "" }, nil},
+		{"no pod cidr", func(c *Config) { c.PodCIDRs = nil }, []string{"--pod-cidr: required"}},
+		{"two v4", func(c *Config) {
+			c.PodCIDRs = append(c.PodCIDRs, netip.MustParsePrefix("10.245.0.0/16"))
+		}, []string{"more than one IPv4"}},
+		{"host bits", func(c *Config) { c.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.1.1/24")} }, []string{"--pod-cidr", "host bits"}},
+		{"too small", func(c *Config) { c.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.1.0/31")} }, []string{"--pod-cidr"}},
+		{"everything wrong", func(c *Config) {
+			c.ClusterCIDRs = []netip.Prefix{netip.MustParsePrefix("10.0.0.1/8")}
+			c.Uplink = "has space"
+			c.MTU = 100
+			c.SocketPath = "relative.sock"
+			c.StateDir = "state"
+			c.SandboxDir = "/" + strings.Repeat("d", 40)
+			c.MetricsAddr = "nohostport"
+		}, []string{"--cluster-cidr", "--uplink", "--mtu", "--socket", "--state-dir", "--sandbox-dir", "--metrics-addr"}},
+		{"v6 mtu", func(c *Config) {
+			c.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("2001:db8::/64")}
+			c.MTU = 1000
+		}, []string{"--mtu: 1000 outside 1280"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := valid()
+			tc.modify(&c)
+			err := c.Validate()
+			if len(tc.want) == 0 {
+				if err != nil {
+					t.Fatalf("got %v, want valid", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("got valid, want errors %q", tc.want)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+// TestConfigFlags: repeated and comma-separated CIDR flags accumulate and
+// every flag lands in its field.
+func TestConfigFlags(t *testing.T) {
+	c := DefaultConfig()
+	fs := flag.NewFlagSet("test", flag.ContinueOnError)
+	c.RegisterFlags(fs)
+	err := fs.Parse([]string{
+		"--pod-cidr", "10.244.1.0/24, 2001:db8::/64", "--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "10.96.0.0/12",
+		"--uplink", "up0", "--mtu", "9000", "--socket", "/run/x.sock", "--state-dir", "/var/lib/x", "--sandbox-dir", "/run/x",
+		"--metrics-addr", ":9999", "--masquerade=false", "--log-level", "debug",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Config{
+		PodCIDRs:     []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("2001:db8::/64")},
+		ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.96.0.0/12")},
+		Uplink:       "up0", MTU: 9000, SocketPath: "/run/x.sock", StateDir: "/var/lib/x", SandboxDir: "/run/x",
+		MetricsAddr: ":9999", Masquerade: false, LogLevel: slog.LevelDebug,
+	}
+	if got := c; !equalConfig(got, want) {
+		t.Errorf("got %+v, want %+v", got, want)
+	}
+	if err := c.Validate(); err != nil {
+		t.Errorf("parsed config invalid: %v", err)
+	}
+	if err := fs.Parse([]string{"--pod-cidr", "10.0.0.0/33"}); err == nil {
+		t.Error("bad CIDR accepted")
+	}
+}
+
+func equalConfig(a, b Config) bool {
+	eq := func(x, y []netip.Prefix) bool {
+		if len(x) != len(y) {
+			return false
+		}
+		for i := range x {
+			if x[i] != y[i] {
+				return false
+			}
+		}
+		return true
+	}
+	return eq(a.PodCIDRs, b.PodCIDRs) && eq(a.ClusterCIDRs, b.ClusterCIDRs) && a.Uplink == b.Uplink && a.MTU == b.MTU &&
+		a.SocketPath == b.SocketPath && a.StateDir == b.StateDir && a.SandboxDir == b.SandboxDir &&
+		a.MetricsAddr == b.MetricsAddr && a.Masquerade == b.Masquerade && a.LogLevel == b.LogLevel
+}

@@ -1,0 +1,54 @@
+// Package agent is the shm-cni node agent: it runs the userspace router
+// (pkg/router), allocates pod addresses (pkg/ipam), attaches the pod links
+// the CNI binary hands it over the agent protocol (pkg/agentapi), serves
+// each sandbox link's queue pair to its sandbox, and exposes metrics and
+// health over HTTP.
+//
+// # Use
+//
+//	cfg := agent.DefaultConfig()
+//	cfg.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}
+//	a, err := agent.New(cfg, log) // in the host network namespace
+//	err = a.Run(ctx)              // until ctx is cancelled
+//
+// New records the calling thread's network namespace as the host namespace
+// (the router's uplink TUN and nftables table live there); Run may be called
+// from any goroutine, once. Run starts the router, opens the IPAM state,
+// re-adopts the attachments a previous agent left, then serves the agent
+// socket and the HTTP endpoints until ctx is done. It then stops accepting,
+// removes every link (keeping the attachments' records and addresses for the
+// next agent), closes everything and returns once every goroutine it started
+// has ended.
+//
+// # Attachments
+//
+// An attachment is one pod link, named by container ID and interface name.
+//
+//   - tap: a kernel-stack pod. The CNI binary creates a TAP device in the pod
+//     netns and sends its fd; the agent drives it (endpoint.NewTAP) as a
+//     router link at once.
+//   - shm: a sandbox. The CNI binary sends a queue pair; the agent answers
+//     with a per-link socket (<sandbox-dir>/<containerID>-<ifName>.sock,
+//     mode 0600). The sandbox dials it (endpoint.Dial), gets the link config
+//     and a queue pair, and the agent attaches the link while that
+//     connection lives. When the sandbox goes away the link is removed and
+//     the next connection gets a fresh queue pair. One sandbox at a time.
+//
+// Every pod address is a /32 or /128 behind the link-local gateway
+// (169.254.1.1, fe80::1), which answers with GatewayMAC on every link. The
+// addresses come from the request (a delegated IPAM plugin) or from the
+// agent's IPAM, which only then releases them on detach.
+//
+// Each attachment is recorded in <state-dir>/attachments/<containerID>:
+// <ifName>.json, written atomically before the attach is answered. On start
+// the agent re-adopts them: a tap link's persistent device is re-opened in
+// the recorded netns, a shm link gets a fresh socket and pair. Attachments
+// whose netns or device is gone are released (addresses and record).
+//
+// # HTTP
+//
+// /metrics (Prometheus: per-link packets, bytes, drops and protocol
+// violations, the attachment count, attach latency), /healthz (the process
+// serves), /readyz (the router runs and the agent socket serves) and
+// /attachments (JSON list, for operators).
+package agent

@@ -1,0 +1,374 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/ipam"
+	"github.com/shm-cni/shm-cni/pkg/queue"
+)
+
+// ServeAgent implements agentapi.Handler.ServeAgent.
+func (a *Agent) ServeAgent(ctx context.Context, req *agentapi.Request, files []*os.File) (*agentapi.Response, error) {
+	// Everything the agent keeps is a duplicate.
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	switch req.Op {
+	case agentapi.OpAttach:
+		start := time.Now()
+		resp, err := a.attach(req.Attach, files)
+		a.metrics.observeAttach(req.Attach.Kind, err, time.Since(start))
+		return resp, err
+	case agentapi.OpDetach:
+		return nil, a.detach(key{req.Detach.ContainerID, req.Detach.IfName})
+	case agentapi.OpCheck:
+		return nil, a.check(req.Check)
+	case agentapi.OpStatus:
+		return a.status(), nil
+	case agentapi.OpGC:
+		return a.gc(req.GC)
+	}
+	return nil, &agentapi.Error{Code: agentapi.CodeInvalidConfig, Msg: "unknown operation", Details: req.Op}
+}
+
+// attach creates the attachment of req, whose resources are files.
+func (a *Agent) attach(req *agentapi.AttachRequest, files []*os.File) (*agentapi.Response, error) {
+	k := key{req.ContainerID, req.IfName}
+	fail := func(err error) (*agentapi.Response, error) {
+		var ae *agentapi.Error
+		if errors.As(err, &ae) {
+			return nil, fmt.Errorf("attach %s: %w", k, err)
+		}
+		if errors.Is(err, ipam.ErrExhausted) {
+			return nil, &agentapi.Error{Code: agentapi.CodeAddressExhausted, Msg: "no free pod address", Details: fmt.Sprintf("attach %s: %v", k, err)}
+		}
+		return nil, &agentapi.Error{Code: agentapi.CodeAttachFailed, Msg: "attach failed", Details: fmt.Sprintf("attach %s: %v", k, err)}
+	}
+	if !a.isReady() {
+		return nil, &agentapi.Error{Code: agentapi.CodeTryAgainLater, Msg: "agent is not ready"}
+	}
+	a.opMu.Lock()
+	defer a.opMu.Unlock()
+	a.mu.Lock()
+	_, exists := a.attachments[k]
+	a.mu.Unlock()
+	if exists {
+		return fail(fmt.Errorf("attachment exists (detach it first)"))
+	}
+
+	rec := &record{
+		Version:     recordVersion,
+		ContainerID: req.ContainerID,
+		IfName:      req.IfName,
+		Kind:        req.Kind,
+		Netns:       req.Netns,
+		Network:     req.Network,
+		PodNS:       req.PodNamespace,
+		PodName:     req.PodName,
+		MTU:         req.MTU,
+		PodMAC:      req.MAC,
+	}
+	if rec.MTU == 0 {
+		rec.MTU = a.cfg.MTU
+	}
+	var sockPath string
+	if req.Kind == agentapi.KindShm {
+		sizes := queue.Sizes{DataSize: req.Queue.DataSize, PipeSize: req.Queue.PipeSize, BufferSize: req.Queue.BufferSize}
+		if err := sizes.Validate(); err != nil {
+			return fail(invalid("queue: %v", err))
+		}
+		rec.Queue = &sizes
+		sockPath = sandboxSocketPath(a.cfg.SandboxDir, k)
+		if other := a.socketUser(sockPath); other != nil {
+			return fail(fmt.Errorf("socket %s is used by attachment %s", sockPath, *other))
+		}
+	}
+
+	success := false
+	if len(req.IPs) > 0 {
+		for _, s := range req.IPs {
+			p, _ := netip.ParsePrefix(s) // checked by agentapi
+			rec.Addrs = append(rec.Addrs, p.Addr())
+		}
+		slices.SortStableFunc(rec.Addrs, func(x, y netip.Addr) int { return boolCmp(y.Is4(), x.Is4()) })
+	} else {
+		addrs, err := a.ipam.Allocate(ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName})
+		if err != nil {
+			return fail(err)
+		}
+		rec.Addrs, rec.Allocated = addrs, true
+		defer func() {
+			if !success {
+				if err := a.ipam.Release(ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName}); err != nil {
+					a.log.Error("release addresses of a failed attach", "attachment", k, "err", err)
+				}
+			}
+		}()
+	}
+
+	var att *attachment
+	var err error
+	switch req.Kind {
+	case agentapi.KindTap:
+		att, err = a.attachTAP(rec, files[0])
+	case agentapi.KindShm:
+		att, err = a.attachShm(rec, files, sockPath)
+	}
+	if err != nil {
+		return fail(err)
+	}
+	defer func() {
+		if !success {
+			att.stop()
+		}
+	}()
+	if err := a.store.put(rec); err != nil {
+		return fail(err)
+	}
+	a.mu.Lock()
+	a.attachments[k] = att
+	a.mu.Unlock()
+	success = true
+
+	ips, routes := ipConfigs(rec.Addrs)
+	resp := &agentapi.AttachResponse{
+		IPs:        ips,
+		Routes:     routes,
+		MTU:        rec.MTU,
+		GatewayMAC: net.HardwareAddr(GatewayMAC).String(),
+		SocketPath: sockPath,
+	}
+	if req.Kind == agentapi.KindShm {
+		resp.MAC = rec.PodMAC
+	} else {
+		resp.MAC = resp.GatewayMAC
+	}
+	att.log.Info("attached", "kind", rec.Kind, "addrs", rec.Addrs, "pod", rec.PodNS+"/"+rec.PodName,
+		"podMAC", rec.PodMAC, "mtu", rec.MTU, "socket", sockPath)
+	return &agentapi.Response{Attach: resp}, nil
+}
+
+// attachShm checks the queue pair of files and starts serving rec's
+// sandbox socket with it.
+func (a *Agent) attachShm(rec *record, files []*os.File, sockPath string) (*attachment, error) {
+	fds := make([]int, len(files))
+	for i, f := range files {
+		fds[i] = fileFD(f)
+	}
+	pair, err := queue.PairFrom(fds)
+	if err != nil {
+		return nil, invalid("%v", err)
+	}
+	// A trial server endpoint checks the regions (memfds, sealed, sizes).
+	trial, err := endpoint.NewServer(endpoint.ShmOptions{Pair: pair, MTU: uint32(rec.MTU), LinkAddress: GatewayMAC, PeerFD: -1})
+	if err != nil {
+		return nil, invalid("queue pair: %v", err)
+	}
+	trial.Close()
+	trial.Wait()
+	own, err := pair.Dup()
+	if err != nil {
+		return nil, fmt.Errorf("keep queue pair: %w", err)
+	}
+	if rec.PodMAC == "" {
+		rec.PodMAC = net.HardwareAddr(podMACFor(rec.Addrs)).String()
+	}
+	return a.startShm(rec, &own, sockPath)
+}
+
+// startShm serves rec's sandbox socket; pair (owned from the call on) is
+// the first session's, or nil.
+func (a *Agent) startShm(rec *record, pair *queue.Pair, sockPath string) (*attachment, error) {
+	id := linkIDOf(rec.key())
+	log := a.log.With("link", id)
+	s, err := newShmLink(sockPath, id, rec, pair, a.router, log)
+	if err != nil {
+		return nil, err
+	}
+	return &attachment{rec: rec, linkID: id, router: a.router, log: log, shm: s}, nil
+}
+
+// socketUser returns the attachment whose sandbox socket is path, if any.
+func (a *Agent) socketUser(path string) *key {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for k, att := range a.attachments {
+		if att.shm != nil && att.shm.path == path {
+			return &k
+		}
+	}
+	return nil
+}
+
+// detach removes k's attachment: link, descriptors, socket, addresses (when
+// the agent allocated them) and record. An unknown attachment is a success:
+// DEL may be called several times.
+func (a *Agent) detach(k key) error {
+	a.opMu.Lock()
+	defer a.opMu.Unlock()
+	return a.detachLocked(k)
+}
+
+// +checklocks:a.opMu
+func (a *Agent) detachLocked(k key) error {
+	a.mu.Lock()
+	att := a.attachments[k]
+	a.mu.Unlock()
+	owner := ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName}
+	if att == nil {
+		// Addresses a crash left between allocation and record.
+		if err := a.ipam.Release(owner); err != nil {
+			return fmt.Errorf("detach %s: %w", k, err)
+		}
+		return a.store.remove(k)
+	}
+	att.stop()
+	if att.rec.Allocated {
+		// On failure the attachment stays, stopped, for a retried DEL.
+		if err := a.ipam.Release(owner); err != nil {
+			return fmt.Errorf("detach %s: %w", k, err)
+		}
+	}
+	if err := a.store.remove(k); err != nil {
+		return fmt.Errorf("detach %s: %w", k, err)
+	}
+	a.mu.Lock()
+	delete(a.attachments, k)
+	a.mu.Unlock()
+	att.log.Info("detached")
+	return nil
+}
+
+// check verifies that the attachment exists, holds the IPs given and, for a
+// tap link, still has its device.
+func (a *Agent) check(req *agentapi.CheckRequest) error {
+	k := key{req.ContainerID, req.IfName}
+	a.mu.Lock()
+	att := a.attachments[k]
+	a.mu.Unlock()
+	noSuch := func(format string, args ...any) error {
+		return &agentapi.Error{Code: agentapi.CodeNoSuchAttachment, Msg: "attachment check failed",
+			Details: fmt.Sprintf("%s: %s", k, fmt.Sprintf(format, args...))}
+	}
+	if att == nil {
+		return noSuch("no such attachment")
+	}
+	if len(req.IPs) > 0 {
+		var want []netip.Addr
+		for _, s := range req.IPs {
+			p, _ := netip.ParsePrefix(s) // checked by agentapi
+			want = append(want, p.Addr())
+		}
+		if missing, extra := diffAddrs(want, att.rec.Addrs); len(missing) > 0 || len(extra) > 0 {
+			return noSuch("addresses differ: the agent has %v, not %v; it lacks %v", att.rec.Addrs, extra, missing)
+		}
+	}
+	if att.rec.Kind == agentapi.KindTap && (att.tap == nil || att.tapGone.Load()) {
+		return noSuch("the TAP device %s is gone", att.rec.TAPName)
+	}
+	return nil
+}
+
+// diffAddrs returns the addresses of want missing from have, and those of
+// have not in want.
+func diffAddrs(want, have []netip.Addr) (missing, extra []netip.Addr) {
+	for _, w := range want {
+		if !slices.Contains(have, w) {
+			missing = append(missing, w)
+		}
+	}
+	for _, h := range have {
+		if !slices.Contains(want, h) {
+			extra = append(extra, h)
+		}
+	}
+	return missing, extra
+}
+
+// status reports readiness.
+func (a *Agent) status() *agentapi.Response {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	st := &agentapi.StatusResponse{Ready: a.ready, Attachments: len(a.attachments)}
+	if !st.Ready {
+		st.Reason = "agent is starting or stopping"
+	}
+	return &agentapi.Response{Status: st}
+}
+
+// gc detaches every attachment not in req.Valid and releases every address
+// allocation not in it.
+func (a *Agent) gc(req *agentapi.GCRequest) (*agentapi.Response, error) {
+	valid := make(map[key]bool, len(req.Valid))
+	owners := make([]ipam.Owner, 0, len(req.Valid))
+	for _, v := range req.Valid {
+		valid[key{v.ContainerID, v.IfName}] = true
+		owners = append(owners, ipam.Owner{ContainerID: v.ContainerID, IfName: v.IfName})
+	}
+	a.opMu.Lock()
+	defer a.opMu.Unlock()
+	a.mu.Lock()
+	var stale []key
+	for k := range a.attachments {
+		if !valid[k] {
+			stale = append(stale, k)
+		}
+	}
+	a.mu.Unlock()
+	slices.SortFunc(stale, func(x, y key) int { return strings.Compare(x.String(), y.String()) })
+
+	resp := &agentapi.GCResponse{Released: []agentapi.Attachment{}}
+	released := make(map[key]bool)
+	var errs []error
+	for _, k := range stale {
+		if err := a.detachLocked(k); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		released[k] = true
+		resp.Released = append(resp.Released, agentapi.Attachment{ContainerID: k.ContainerID, IfName: k.IfName})
+	}
+	// Keep the allocations of attachments whose detach failed.
+	for _, k := range stale {
+		if !released[k] {
+			owners = append(owners, ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName})
+		}
+	}
+	freed, err := a.ipam.ReleaseExcept(owners)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, al := range freed {
+		k := key{al.Owner.ContainerID, al.Owner.IfName}
+		if !released[k] {
+			resp.Released = append(resp.Released, agentapi.Attachment{ContainerID: k.ContainerID, IfName: k.IfName})
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("gc: %w", err)
+	}
+	a.log.Info("gc done", "valid", len(req.Valid), "released", len(resp.Released))
+	return &agentapi.Response{GC: resp}, nil
+}
+
+func boolCmp(x, y bool) int {
+	switch {
+	case x == y:
+		return 0
+	case x:
+		return 1
+	}
+	return -1
+}

@@ -1,0 +1,126 @@
+package agent
+
+import (
+	"sort"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metric names and their help, one table. "Receive" is what the router got
+// from the pod, "transmit" what it sent to the pod.
+var (
+	linkLabels = []string{"namespace", "pod", "container_id", "ifname", "kind"}
+
+	descRxPackets = prometheus.NewDesc("shm_cni_link_receive_packets_total",
+		"Packets the router received from the pod on the link.", linkLabels, nil)
+	descRxBytes = prometheus.NewDesc("shm_cni_link_receive_bytes_total",
+		"Bytes the router received from the pod on the link.", linkLabels, nil)
+	descTxPackets = prometheus.NewDesc("shm_cni_link_transmit_packets_total",
+		"Packets the router sent to the pod on the link.", linkLabels, nil)
+	descTxBytes = prometheus.NewDesc("shm_cni_link_transmit_bytes_total",
+		"Bytes the router sent to the pod on the link.", linkLabels, nil)
+	descDrops = prometheus.NewDesc("shm_cni_link_drops_total",
+		"Packets the router dropped on the link (receive: unforwardable or malformed; transmit: no buffer space).",
+		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
+	descEndpointDrops = prometheus.NewDesc("shm_cni_link_endpoint_drops_total",
+		"Frames the link endpoint dropped (receive: malformed or oversized; transmit: the pod's queue or device was full).",
+		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
+	descViolations = prometheus.NewDesc("shm_cni_link_protocol_violations_total",
+		"Shared-memory protocol violations by the sandbox; each cuts the sandbox off.", linkLabels, nil)
+	descLinkUp = prometheus.NewDesc("shm_cni_link_up",
+		"1 when the link is attached to the router (a shm link: a sandbox is connected), else 0.", linkLabels, nil)
+	descAttachments = prometheus.NewDesc("shm_cni_attachments",
+		"Attachments the agent holds.", []string{"kind"}, nil)
+	descUnrouted = prometheus.NewDesc("shm_cni_unrouted_drops_total",
+		"Packets for pod CIDR addresses without a link, dropped by the router.", nil, nil)
+)
+
+// metrics is the agent's Prometheus registry.
+type metrics struct {
+	reg *prometheus.Registry // immutable
+	// attachDuration observes attach requests by kind and result.
+	attachDuration *prometheus.HistogramVec // immutable
+}
+
+func newMetrics(a *Agent) *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		attachDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "shm_cni_attach_duration_seconds",
+			Help: "Time to serve an attach request, by link kind and result.",
+			// 100 us to ~3.3 s: 16 buckets doubling (100e-6 * 2^15).
+			Buckets: prometheus.ExponentialBuckets(100e-6, 2, 16),
+		}, []string{"kind", "result"}),
+	}
+	m.reg.MustRegister(
+		m.attachDuration,
+		&linkCollector{a: a},
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	return m
+}
+
+func (m *metrics) observeAttach(kind string, err error, d time.Duration) {
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	m.attachDuration.WithLabelValues(kind, result).Observe(d.Seconds())
+}
+
+// linkCollector reads the links' counters at scrape time.
+type linkCollector struct {
+	a *Agent // immutable
+}
+
+var _ prometheus.Collector = (*linkCollector)(nil)
+
+// Describe implements prometheus.Collector.Describe.
+func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descRxPackets, descRxBytes, descTxPackets, descTxBytes,
+		descDrops, descEndpointDrops, descViolations, descLinkUp, descAttachments, descUnrouted} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.Collect.
+func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
+	byKind := map[string]int{"tap": 0, "shm": 0}
+	for _, st := range c.a.linkStatus() {
+		byKind[st.Kind]++
+		l := []string{st.PodNamespace, st.PodName, st.ContainerID, st.IfName, st.Kind}
+		counter := func(d *prometheus.Desc, v uint64, extra ...string) {
+			ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), append(l[:len(l):len(l)], extra...)...)
+		}
+		up := 0.0
+		if st.Up {
+			up = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descLinkUp, prometheus.GaugeValue, up, l...)
+		if r := st.Router; r != nil {
+			counter(descRxPackets, r.RxPackets)
+			counter(descRxBytes, r.RxBytes)
+			counter(descTxPackets, r.TxPackets)
+			counter(descTxBytes, r.TxBytes)
+			counter(descDrops, r.RxDrops, "receive")
+			counter(descDrops, r.TxDrops, "transmit")
+		}
+		if e := st.Endpoint; e != nil {
+			counter(descEndpointDrops, e.RxDrops, "receive")
+			counter(descEndpointDrops, e.TxDrops, "transmit")
+			counter(descViolations, e.Violations)
+		}
+	}
+	kinds := make([]string, 0, len(byKind))
+	for k := range byKind {
+		kinds = append(kinds, k)
+	}
+	sort.Strings(kinds)
+	for _, k := range kinds {
+		ch <- prometheus.MustNewConstMetric(descAttachments, prometheus.GaugeValue, float64(byKind[k]), k)
+	}
+	ch <- prometheus.MustNewConstMetric(descUnrouted, prometheus.CounterValue, float64(c.a.router.UnroutedDrops()))
+}

@@ -1,0 +1,180 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
+
+	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/router"
+)
+
+// attachTAP drives the TAP device f is attached to as rec's link. It fills
+// in rec's device fields (and PodMAC when empty, from the device). f stays
+// the caller's: the endpoint keeps a duplicate.
+func (a *Agent) attachTAP(rec *record, f *os.File) (*attachment, error) {
+	att := &attachment{rec: rec, linkID: linkIDOf(rec.key()), router: a.router, log: a.log.With("link", linkIDOf(rec.key()))}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, invalid("tap fd: %v", err)
+	}
+	var ep *endpoint.TAPEndpoint
+	var opErr error
+	// Control, not Fd: Fd would make the file blocking.
+	if err := rc.Control(func(fd uintptr) {
+		info, err := endpoint.InspectTAP(int(fd))
+		if err != nil {
+			opErr = invalid("tap fd: %v", err)
+			return
+		}
+		if info.TUN {
+			opErr = invalid("tap fd: device %s is a TUN device, want TAP", info.Name)
+			return
+		}
+		rec.TAPName, rec.VnetHdr = info.Name, info.VnetHdr
+		if rec.PodMAC == "" {
+			mac, err := tapMAC(int(fd), info.Name)
+			if err != nil {
+				opErr = fmt.Errorf("pod MAC of %s: %w", info.Name, err)
+				return
+			}
+			rec.PodMAC = mac.String()
+		}
+		// No GSOMaxSize: the router terminates no TCP, and forwarded
+		// packets never carry GSO metadata.
+		ep, opErr = endpoint.NewTAP(endpoint.TAPOptions{
+			FD:             int(fd),
+			MTU:            uint32(rec.MTU),
+			EthernetHeader: true,
+			LinkAddress:    GatewayMAC,
+			VnetHdr:        info.VnetHdr,
+			OnClosed:       func(err error) { a.tapGone(att, err) },
+			Logger:         att.log,
+		})
+	}); err != nil {
+		return nil, invalid("tap fd: %v", err)
+	}
+	if opErr != nil {
+		return nil, opErr
+	}
+	att.tap = ep
+	link := router.Link{Addrs: rec.Addrs, PodMAC: macOf(rec.PodMAC), GatewayMAC: GatewayMAC}
+	if err := a.router.AddLink(att.linkID, ep, link); err != nil {
+		// AddLink does not always close the endpoint on failure.
+		ep.Close()
+		ep.Wait()
+		return nil, err
+	}
+	return att, nil
+}
+
+// tapGone runs on the endpoint's goroutine when the TAP device went away
+// (deleted, or its netns destroyed): the link leaves the router, from
+// another goroutine because RemoveLink waits for the endpoint. The
+// attachment stays until DEL or GC.
+func (a *Agent) tapGone(att *attachment, reason error) {
+	att.tapGone.Store(true)
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		att.log.Warn("TAP device went away; link removed until the pod is deleted", "reason", reason)
+		a.opMu.Lock()
+		defer a.opMu.Unlock()
+		a.mu.Lock()
+		current := a.attachments[att.rec.key()] == att
+		a.mu.Unlock()
+		if current && !att.stopped.Load() {
+			if err := a.router.RemoveLink(att.linkID); err != nil {
+				att.log.Warn("remove link", "err", err)
+			}
+		}
+	}()
+}
+
+// reopenTAP re-opens rec's persistent TAP device inside its netns. It
+// returns errGone when the netns or the device no longer exists.
+func reopenTAP(rec *record) (*os.File, error) {
+	var f *os.File
+	err := ns.WithNetNSPath(rec.Netns, func(ns.NetNS) error {
+		var err error
+		f, err = endpoint.OpenTAP(rec.TAPName, endpoint.TAPDeviceOptions{
+			VnetHdr: rec.VnetHdr,
+			// The endpoint segments what the kernel sends with
+			// offloads; a virtio-net header is all it needs.
+			Offload:   rec.VnetHdr,
+			MustExist: true,
+		})
+		return err
+	})
+	var notExist ns.NSPathNotExistErr
+	var notNS ns.NSPathNotNSErr
+	switch {
+	case err == nil:
+		return f, nil
+	case errors.As(err, &notExist), errors.As(err, &notNS):
+		return nil, fmt.Errorf("%w: netns %s: %v", errGone, rec.Netns, err)
+	case errors.Is(err, unix.ENODEV):
+		return nil, fmt.Errorf("%w: device %s in %s: %v", errGone, rec.TAPName, rec.Netns, err)
+	}
+	return nil, fmt.Errorf("re-open %s in %s: %w", rec.TAPName, rec.Netns, err)
+}
+
+// errGone says a re-adopted attachment's netns or device no longer exists.
+var errGone = errors.New("gone")
+
+// tapMAC reads the MAC of the device name in the netns of the TAP fd.
+func tapMAC(fd int, name string) (net.HardwareAddr, error) {
+	nsf, err := endpoint.TAPNetNS(fd)
+	if err != nil {
+		return nil, err
+	}
+	defer nsf.Close()
+	h, err := netlink.NewHandleAt(netns.NsHandle(nsf.Fd()))
+	if err != nil {
+		return nil, fmt.Errorf("netlink in the pod netns: %w", err)
+	}
+	defer h.Close()
+	l, err := h.LinkByName(name)
+	if err != nil {
+		return nil, fmt.Errorf("link %s: %w", name, err)
+	}
+	mac := l.Attrs().HardwareAddr
+	if len(mac) != 6 {
+		return nil, fmt.Errorf("link %s has no Ethernet address", name)
+	}
+	return mac, nil
+}
+
+// macOf converts a MAC string checked earlier (agentapi validation, or our
+// own formatting) to a link address; an invalid one yields "".
+func macOf(s string) tcpip.LinkAddress {
+	hw, err := net.ParseMAC(s)
+	if err != nil || len(hw) != 6 {
+		return ""
+	}
+	return tcpip.LinkAddress(hw)
+}
+
+// fileFD returns f's descriptor without switching it to blocking mode, as
+// f.Fd would (that flag is shared with the sender's descriptor). f must stay
+// open while the descriptor is used.
+func fileFD(f *os.File) int {
+	fd := -1
+	if rc, err := f.SyscallConn(); err == nil {
+		rc.Control(func(u uintptr) { fd = int(u) })
+	}
+	return fd
+}
+
+// invalid is an attach error with CodeInvalidConfig.
+func invalid(format string, args ...any) error {
+	return &agentapi.Error{Code: agentapi.CodeInvalidConfig, Msg: "invalid attach request", Details: fmt.Sprintf(format, args...)}
+}

@@ -1,0 +1,56 @@
+package endpoint
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// Configure applies c to NIC nic of a sandbox's netstack s (the NIC of the
+// endpoint Dial returned): it adds the addresses, a static neighbor entry
+// gateway -> GatewayMAC for every gateway (so the sandbox never resolves
+// them) and the routes. s must have the network protocols of c's addresses
+// (ipv4, ipv6) registered.
+func (c *LinkConfig) Configure(s *stack.Stack, nic tcpip.NICID) error {
+	if err := c.Validate(); err != nil {
+		return fmt.Errorf("configure NIC %d: %w", nic, err)
+	}
+	gwMAC, _ := net.ParseMAC(c.GatewayMAC) // checked by Validate
+	for _, p := range c.Addresses {
+		pa := tcpip.ProtocolAddress{
+			Protocol:          protocolOf(p.Addr()),
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(p.Addr().AsSlice()), PrefixLen: p.Bits()},
+		}
+		if err := s.AddProtocolAddress(nic, pa, stack.AddressProperties{}); err != nil {
+			return fmt.Errorf("configure NIC %d: add address %s: %s", nic, p, err)
+		}
+	}
+	for _, gw := range c.Gateways {
+		if err := s.AddStaticNeighbor(nic, protocolOf(gw), tcpip.AddrFromSlice(gw.AsSlice()), tcpip.LinkAddress(gwMAC)); err != nil {
+			return fmt.Errorf("configure NIC %d: neighbor %s -> %s: %s", nic, gw, c.GatewayMAC, err)
+		}
+	}
+	for _, r := range c.Routes {
+		rt := tcpip.Route{
+			Destination: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(r.Dst.Addr().AsSlice()), PrefixLen: r.Dst.Bits()}.Subnet(),
+			NIC:         nic,
+		}
+		if r.GW.IsValid() {
+			rt.Gateway = tcpip.AddrFromSlice(r.GW.AsSlice())
+		}
+		s.AddRoute(rt)
+	}
+	return nil
+}
+
+func protocolOf(a netip.Addr) tcpip.NetworkProtocolNumber {
+	if a.Is4() {
+		return ipv4.ProtocolNumber
+	}
+	return ipv6.ProtocolNumber
+}

@@ -1,0 +1,163 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/shm-cni/shm-cni/test/e2e/node"
+)
+
+// settlePoll is how often a settling counter is read again.
+const settlePoll = 50 * time.Millisecond
+
+// agentFootprint is what an agent holds that a pod may leak.
+type agentFootprint struct {
+	fds, memfdMaps, goroutines int
+}
+
+func (f agentFootprint) String() string {
+	return fmt.Sprintf("%d fds, %d memfd mappings, %d goroutines", f.fds, f.memfdMaps, f.goroutines)
+}
+
+// footprint reads the agent's open fds and memfd mappings (/proc) and its
+// goroutines (its go_goroutines metric).
+func footprint(ctx context.Context, n *node.Node) (agentFootprint, error) {
+	pid := n.Agent().PID()
+	var f agentFootprint
+	var err error
+	if f.fds, err = node.FDCount(pid); err != nil {
+		return f, err
+	}
+	if f.memfdMaps, err = node.MemfdMappings(pid); err != nil {
+		return f, err
+	}
+	g, err := n.Metric(ctx, "go_goroutines", nil)
+	f.goroutines = int(g)
+	return f, err
+}
+
+// settledFootprint reads the footprint until no part of it exceeds base
+// (goroutines and descriptors of a detached link end asynchronously) or
+// ctx ends, and returns the last reading.
+func settledFootprint(ctx context.Context, n *node.Node, base agentFootprint) (agentFootprint, error) {
+	for {
+		f, err := footprint(ctx, n)
+		if err != nil {
+			return f, err
+		}
+		if f.fds <= base.fds && f.memfdMaps <= base.memfdMaps && f.goroutines <= base.goroutines {
+			return f, nil
+		}
+		select {
+		case <-ctx.Done():
+			return f, nil
+		case <-time.After(settlePoll):
+		}
+	}
+}
+
+// TestAddDelCyclesLeakNothing runs 200 ADD/DEL cycles in one pod netns,
+// alternating kinds, with a sandbox session and traffic on every tenth shm
+// link: afterwards the agent holds no more fds, memfd mappings or
+// goroutines than after the first cycles, no attachment or address, and
+// neither the pod netns nor the host has a device left behind.
+func TestAddDelCyclesLeakNothing(t *testing.T) {
+	const cycles = 200
+	n := newNode(t, node.Options{})
+	ctx := testContext(t)
+	x, err := n.NewPodNetNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := n.HostPeer()
+	var base agentFootprint
+	cycle := func(i int) error {
+		kind := node.KindTap
+		if i%2 == 1 {
+			kind = node.KindShm
+		}
+		p, err := n.AddPodIn(ctx, fmt.Sprintf("cycle%d", i), kind, x)
+		if err != nil {
+			return err
+		}
+		// Sessions: a sandbox sends to the host and goes; the next
+		// DEL finds the link without a sandbox.
+		if kind == node.KindShm && i%20 == 1 {
+			if _, err := n.Transfer(ctx, n.PodPeer(p), host, false, 64<<10); err != nil {
+				return err
+			}
+		}
+		// A live sandbox session shows in the footprint: the counters
+		// see what a pod holds, so their return to the base means
+		// something.
+		if kind == node.KindShm && i == 7 {
+			if _, err := n.Transfer(ctx, host, n.PodPeer(p), false, 64<<10); err != nil {
+				return err
+			}
+			live, err := footprint(ctx, n)
+			if err != nil {
+				return err
+			}
+			t.Logf("with a sandbox connected: %v", live)
+			if live.memfdMaps == 0 || live.fds <= base.fds || live.goroutines <= base.goroutines {
+				t.Errorf("footprint with a sandbox connected: %v, want more of each than %v", live, base)
+			}
+		}
+		// And a kernel pod receives.
+		if kind == node.KindTap && i%20 == 0 {
+			if _, err := n.Transfer(ctx, host, n.PodPeer(p), true, 64<<10); err != nil {
+				return err
+			}
+		}
+		return n.DeletePod(ctx, p)
+	}
+	// Warm up: the first cycles of each kind grow pools and caches for
+	// good (the Go runtime's, gVisor's).
+	for i := range 4 {
+		if err := cycle(i); err != nil {
+			t.Fatalf("warm-up cycle %d: %v", i, err)
+		}
+	}
+	settle, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	base, err = settledFootprint(settle, n, agentFootprint{fds: 1 << 30, memfdMaps: 1 << 30, goroutines: 1 << 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("after the warm-up: %v", base)
+
+	for i := 4; i < cycles+4; i++ {
+		if err := cycle(i); err != nil {
+			t.Fatalf("cycle %d: %v", i, err)
+		}
+	}
+
+	settle, cancel = context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	got, err := settledFootprint(settle, n, base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("after %d cycles: %v", cycles, got)
+	if got.fds > base.fds {
+		t.Errorf("agent fds: %d after %d cycles, %d before", got.fds, cycles, base.fds)
+	}
+	if got.memfdMaps > base.memfdMaps {
+		t.Errorf("agent memfd mappings: %d after %d cycles, %d before", got.memfdMaps, cycles, base.memfdMaps)
+	}
+	if got.goroutines > base.goroutines {
+		t.Errorf("agent goroutines: %d after %d cycles, %d before", got.goroutines, cycles, base.goroutines)
+	}
+	if base.memfdMaps != 0 {
+		t.Errorf("agent memfd mappings with no pod: %d, want 0", base.memfdMaps)
+	}
+	wantNoAttachments(t, ctx, n)
+	wantLinks(t, x, "lo")
+	wantLinks(t, n.Host, "lo", node.Uplink, "out0")
+	if ents, err := os.ReadDir(n.SandboxDir()); err != nil || len(ents) != 0 {
+		t.Errorf("sandbox dir: %d entries (%v), want none", len(ents), err)
+	}
+}

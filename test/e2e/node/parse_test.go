@@ -1,0 +1,112 @@
+package node
+
+import (
+	"bytes"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// parseSinkTests are sandbox sink reports, as the sandbox program prints
+// them, and what ParseSinkLine makes of them.
+var parseSinkTests = []struct {
+	line    string
+	n       int64
+	from    netip.Addr
+	wantErr bool
+}{
+	{"sink: 1048576 bytes from 10.244.0.2:43210 in 12ms (699.1 Mbit/s) verified", 1 << 20, netip.MustParseAddr("10.244.0.2"), false},
+	{"sink: 5 bytes from [fd00:10:244::3]:7000 in 1.5s (0.0 Mbit/s) verified", 5, netip.MustParseAddr("fd00:10:244::3"), false},
+	{"sink: 100 bytes from 10.244.0.2:1 in 1ms (0.8 Mbit/s) BAD: byte 99: got 0x1, want 0x2", 100, netip.MustParseAddr("10.244.0.2"), true},
+	{"sink: x bytes from 10.244.0.2:1 in 1ms (0.8 Mbit/s) verified", 0, netip.Addr{}, true},
+	{"sink: 1 bytes from nowhere in 1ms (0.8 Mbit/s) verified", 0, netip.Addr{}, true},
+	{"ready", 0, netip.Addr{}, true},
+	{"", 0, netip.Addr{}, true},
+}
+
+// TestParseSinkLine checks the sink report parser on good and bad lines.
+func TestParseSinkLine(t *testing.T) {
+	for _, tt := range parseSinkTests {
+		n, from, err := ParseSinkLine(tt.line)
+		if (err != nil) != tt.wantErr {
+			t.Errorf("ParseSinkLine(%q): err %v, want error %v", tt.line, err, tt.wantErr)
+			continue
+		}
+		if n != tt.n || from != tt.from {
+			t.Errorf("ParseSinkLine(%q) = %d, %v; want %d, %v", tt.line, n, from, tt.n, tt.from)
+		}
+	}
+}
+
+// parseSentTests are sandbox sender reports and what ParseSentLine makes of
+// them.
+var parseSentTests = []struct {
+	line    string
+	n       int64
+	d       time.Duration
+	wantErr bool
+}{
+	{"sent 104857600 bytes to 10.244.0.3:7000 in 1.02s (822.4 Mbit/s)", 100 << 20, 1020 * time.Millisecond, false},
+	{"sent 1 bytes to [fd00:10:244::1]:80 in 850ms (0.0 Mbit/s)", 1, 850 * time.Millisecond, false},
+	{"sent 1 bytes to 10.244.0.3:7000 in soon (0.0 Mbit/s)", 0, 0, true},
+	{"connected 10.244.0.2:1 -> 10.244.0.3:2", 0, 0, true},
+}
+
+// TestParseSentLine checks the sender report parser on good and bad lines.
+func TestParseSentLine(t *testing.T) {
+	for _, tt := range parseSentTests {
+		n, d, err := ParseSentLine(tt.line)
+		if (err != nil) != tt.wantErr {
+			t.Errorf("ParseSentLine(%q): err %v, want error %v", tt.line, err, tt.wantErr)
+			continue
+		}
+		if n != tt.n || d != tt.d {
+			t.Errorf("ParseSentLine(%q) = %d, %v; want %d, %v", tt.line, n, d, tt.n, tt.d)
+		}
+	}
+}
+
+// FuzzParseSinkLine feeds the sink report parser arbitrary lines (a
+// sandbox's stdout): it never panics, and a line it accepts names a valid
+// address.
+func FuzzParseSinkLine(f *testing.F) {
+	for _, tt := range parseSinkTests {
+		f.Add(tt.line)
+	}
+	f.Fuzz(func(t *testing.T, line string) {
+		n, from, err := ParseSinkLine(line)
+		if err == nil && (!from.IsValid() || n < 0) {
+			t.Errorf("ParseSinkLine(%q) = %d, %v without error", line, n, from)
+		}
+	})
+}
+
+// FuzzParseSentLine feeds the sender report parser arbitrary lines.
+func FuzzParseSentLine(f *testing.F) {
+	for _, tt := range parseSentTests {
+		f.Add(tt.line)
+	}
+	f.Fuzz(func(t *testing.T, line string) {
+		n, _, err := ParseSentLine(line)
+		if err == nil && n < 0 {
+			t.Errorf("ParseSentLine(%q) = %d without error", line, n)
+		}
+	})
+}
+
+// TestPattern checks that CheckPattern accepts what SendPattern writes and
+// finds a flipped byte.
+func TestPattern(t *testing.T) {
+	const size = 200<<10 + 3
+	var b bytes.Buffer
+	if err := SendPattern(&b, size); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := CheckPattern(bytes.NewReader(b.Bytes())); err != nil || n != size {
+		t.Errorf("CheckPattern = %d, %v; want %d, nil", n, err, int64(size))
+	}
+	b.Bytes()[777] ^= 1
+	if n, err := CheckPattern(&b); err == nil || n != 777 {
+		t.Errorf("CheckPattern of a corrupted stream = %d, %v; want 777 and an error", n, err)
+	}
+}

@@ -1,0 +1,189 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// SinkPort is the port sandbox servers listen on.
+const SinkPort = 7000
+
+// Sandbox is a running sandbox workload program on a shm pod's link.
+type Sandbox struct {
+	pod  *Pod     // immutable
+	proc *process // immutable
+	// LogPath is the file its stderr goes to. Immutable.
+	LogPath string
+}
+
+// PID returns the sandbox's process id.
+func (s *Sandbox) PID() int { return s.proc.pid() }
+
+// StartSandbox runs the sandbox program in p's netns on p's link socket
+// with args after --socket, for example "--mode", "echo". Its stderr is
+// appended to LogDir()/sandbox-<pod>.log. Only one sandbox may hold a link
+// at a time: the agent refuses a second. Close kills it if it still runs.
+func (n *Node) StartSandbox(p *Pod, args ...string) (*Sandbox, error) {
+	if p.SocketPath == "" {
+		return nil, fmt.Errorf("start sandbox for %s: not a shm pod", p.Name)
+	}
+	logPath := filepath.Join(n.LogDir(), "sandbox-"+p.Name+".log")
+	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("start sandbox for %s: %w", p.Name, err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(n.opts.Binaries.Sandbox, append([]string{"--socket", p.SocketPath}, args...)...)
+	cmd.Stderr = logf
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return nil, fmt.Errorf("start sandbox for %s: node closed", p.Name)
+	}
+	proc, err := startIn(p.NS, "sandbox "+p.Name, cmd, true)
+	if err != nil {
+		return nil, fmt.Errorf("start sandbox for %s: %w", p.Name, err)
+	}
+	s := &Sandbox{pod: p, proc: proc, LogPath: logPath}
+	// Forget those that ended, so that many short-lived senders do not
+	// pile up.
+	live := n.sandboxes[:0]
+	for _, o := range n.sandboxes {
+		if done, _ := o.proc.exited(); !done {
+			live = append(live, o)
+		}
+	}
+	n.sandboxes = append(live, s)
+	return s, nil
+}
+
+// nextLine returns the sandbox's next stdout line starting with prefix,
+// skipping others. It fails when the sandbox exits first or ctx ends.
+func (s *Sandbox) nextLine(ctx context.Context, prefix string) (string, error) {
+	for {
+		select {
+		case l, ok := <-s.proc.stdout:
+			if !ok {
+				<-s.proc.done
+				return "", fmt.Errorf("sandbox %s exited (%v) before printing %q; log:\n%s", s.pod.Name, s.proc.err, prefix, tail(s.LogPath, 10))
+			}
+			if strings.HasPrefix(l, prefix) {
+				return l, nil
+			}
+		case <-ctx.Done():
+			return "", fmt.Errorf("sandbox %s: waiting for %q: %w", s.pod.Name, prefix, ctx.Err())
+		}
+	}
+}
+
+// Stop stops the sandbox (SIGTERM to its pid) and waits for it.
+func (s *Sandbox) Stop() error {
+	if err := s.proc.stop(); err != nil {
+		return fmt.Errorf("sandbox %s: %w", s.pod.Name, err)
+	}
+	return nil
+}
+
+// Wait waits for the sandbox to exit and returns its exit error.
+func (s *Sandbox) Wait(ctx context.Context) error {
+	select {
+	case <-s.proc.done:
+		if s.proc.err != nil {
+			return fmt.Errorf("sandbox %s: %w; log:\n%s", s.pod.Name, s.proc.err, tail(s.LogPath, 10))
+		}
+		return nil
+	case <-ctx.Done():
+		s.proc.kill()
+		return fmt.Errorf("sandbox %s: %w", s.pod.Name, ctx.Err())
+	}
+}
+
+// ensureSink returns the pod's sink server, starting it (and waiting until
+// it listens) when none runs.
+func (p *Pod) ensureSink(ctx context.Context) (*Sandbox, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.server != nil {
+		if done, _ := p.server.proc.exited(); !done {
+			return p.server, nil
+		}
+		p.server = nil
+	}
+	s, err := p.n.StartSandbox(p, "--mode", "sink", "--port", strconv.Itoa(SinkPort))
+	if err != nil {
+		return nil, err
+	}
+	if _, err := s.nextLine(ctx, "ready"); err != nil {
+		s.proc.kill()
+		return nil, err
+	}
+	p.server = s
+	return s, nil
+}
+
+// stopServer stops the pod's sandbox server, if one runs, so that the link
+// is free for another sandbox.
+func (p *Pod) stopServer() {
+	p.mu.Lock()
+	s := p.server
+	p.server = nil
+	p.mu.Unlock()
+	if s != nil {
+		s.proc.stop()
+	}
+}
+
+// sinkLine matches what a sandbox sink prints per connection:
+// "sink: N bytes from ADDR:PORT in DURATION (R Mbit/s) STATUS".
+var sinkLine = regexp.MustCompile(`^sink: (\d+) bytes from (\S+) in (\S+) \(\S+ Mbit/s\) (.*)$`)
+
+// ParseSinkLine parses a sandbox sink's report: bytes received, the
+// sender's address and whether every byte was the pattern's.
+func ParseSinkLine(l string) (n int64, from netip.Addr, err error) {
+	m := sinkLine.FindStringSubmatch(l)
+	if m == nil {
+		return 0, netip.Addr{}, fmt.Errorf("not a sink report: %q", l)
+	}
+	n, err = strconv.ParseInt(m[1], 10, 64)
+	if err != nil {
+		return 0, netip.Addr{}, fmt.Errorf("sink report %q: %w", l, err)
+	}
+	ap, err := netip.ParseAddrPort(m[2])
+	if err != nil {
+		return 0, netip.Addr{}, fmt.Errorf("sink report %q: %w", l, err)
+	}
+	if m[4] != "verified" {
+		return n, ap.Addr().Unmap(), fmt.Errorf("sandbox sink: %s", m[4])
+	}
+	return n, ap.Addr().Unmap(), nil
+}
+
+// sentLine matches a sandbox sender's report:
+// "sent N bytes to ADDR:PORT in DURATION (R Mbit/s)".
+var sentLine = regexp.MustCompile(`^sent (\d+) bytes to (\S+) in (\S+) \(`)
+
+// ParseSentLine parses a sandbox sender's report: bytes sent and the time
+// from connection to the receiver's close.
+func ParseSentLine(l string) (int64, time.Duration, error) {
+	m := sentLine.FindStringSubmatch(l)
+	if m == nil {
+		return 0, 0, fmt.Errorf("not a send report: %q", l)
+	}
+	n, err := strconv.ParseInt(m[1], 10, 64)
+	if err != nil {
+		return 0, 0, fmt.Errorf("send report %q: %w", l, err)
+	}
+	d, err := time.ParseDuration(m[3])
+	if err != nil {
+		return 0, 0, fmt.Errorf("send report %q: %w", l, err)
+	}
+	return n, d, nil
+}

@@ -1,0 +1,346 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+)
+
+// PatternByte is the transfer pattern's byte at offset off, the same as the
+// sandbox program's: byte((off * 0x9E3779B1) >> 24).
+func PatternByte(off int64) byte { return byte((uint64(off) * 0x9E3779B1) >> 24) }
+
+// SendPattern writes the first n bytes of the pattern to w.
+func SendPattern(w io.Writer, n int64) error {
+	buf := make([]byte, 64<<10)
+	for off := int64(0); off < n; {
+		c := min(int64(len(buf)), n-off)
+		for i := range c {
+			buf[i] = PatternByte(off + i)
+		}
+		if _, err := w.Write(buf[:c]); err != nil {
+			return fmt.Errorf("write at %d: %w", off, err)
+		}
+		off += c
+	}
+	return nil
+}
+
+// CheckPattern reads r to its end and checks every byte against the
+// pattern; it returns how many bytes were right.
+func CheckPattern(r io.Reader) (int64, error) {
+	buf := make([]byte, 64<<10)
+	var off int64
+	for {
+		c, err := r.Read(buf)
+		for i := range c {
+			if buf[i] != PatternByte(off) {
+				return off, fmt.Errorf("byte %d: got %#x, want %#x", off, buf[i], PatternByte(off))
+			}
+			off++
+		}
+		if errors.Is(err, io.EOF) {
+			return off, nil
+		}
+		if err != nil {
+			return off, fmt.Errorf("read at %d: %w", off, err)
+		}
+	}
+}
+
+// PeerKind is what runs a peer's end of a transfer.
+type PeerKind int
+
+// Peer kinds.
+const (
+	// PeerKernel is a tap pod: kernel sockets in its netns.
+	PeerKernel PeerKind = iota
+	// PeerSandbox is a shm pod: the sandbox program's netstack.
+	PeerSandbox
+	// PeerHost is the host namespace: kernel sockets there.
+	PeerHost
+	// PeerOutside is the outside namespace beyond the host.
+	PeerOutside
+)
+
+// String names the kind.
+func (k PeerKind) String() string {
+	switch k {
+	case PeerKernel:
+		return "kernel"
+	case PeerSandbox:
+		return "sandbox"
+	case PeerHost:
+		return "host"
+	case PeerOutside:
+		return "outside"
+	}
+	return "PeerKind(" + strconv.Itoa(int(k)) + ")"
+}
+
+// Peer is one end of a transfer.
+type Peer struct {
+	Name string
+	Kind PeerKind
+	// NS is the peer's network namespace.
+	NS ns.NetNS
+	// Pod is the pod of a kernel or sandbox peer.
+	Pod *Pod
+	// Addr4 and Addr6 are where the peer is reached and what it listens
+	// on.
+	Addr4, Addr6 netip.Addr
+}
+
+// Addr returns the peer's address of a family.
+func (p *Peer) Addr(v6 bool) netip.Addr {
+	if v6 {
+		return p.Addr6
+	}
+	return p.Addr4
+}
+
+// PodPeer returns the peer of a pod.
+func (n *Node) PodPeer(p *Pod) *Peer {
+	k := PeerKernel
+	if p.Kind == KindShm {
+		k = PeerSandbox
+	}
+	return &Peer{Name: p.Name, Kind: k, NS: p.NS, Pod: p, Addr4: p.Addr4, Addr6: p.Addr6}
+}
+
+// HostPeer returns the host namespace's peer, reached at the node gateway
+// addresses.
+func (n *Node) HostPeer() *Peer {
+	return &Peer{Name: "host", Kind: PeerHost, NS: n.Host, Addr4: n.Gateway4, Addr6: n.Gateway6}
+}
+
+// OutsidePeer returns the outside namespace's peer.
+func (n *Node) OutsidePeer() *Peer {
+	return &Peer{Name: "outside", Kind: PeerOutside, NS: n.Outside, Addr4: Outside4.Addr(), Addr6: Outside6.Addr()}
+}
+
+// ExpectedSource is the source address dst must see for a connection from
+// src: the pod's own address inside the cluster (no NAT), the node gateway
+// address for the host, and the host's outside address for anything that
+// leaves the node (masquerade, unless the node runs without).
+func (n *Node) ExpectedSource(src, dst *Peer, v6 bool) netip.Addr {
+	switch {
+	case dst.Kind == PeerOutside && src.Pod != nil && n.opts.NoMasquerade:
+		return src.Addr(v6)
+	case dst.Kind == PeerOutside && v6:
+		return HostOutside6.Addr()
+	case dst.Kind == PeerOutside:
+		return HostOutside4.Addr()
+	case src.Kind == PeerHost:
+		return n.Gateway(v6)
+	}
+	return src.Addr(v6)
+}
+
+// Transfer is the outcome of one verified transfer.
+type Transfer struct {
+	// Bytes the receiver verified.
+	Bytes int64
+	// Duration from the sender's connection to the receiver's close, as
+	// the sender measured it.
+	Duration time.Duration
+	// From is the source address the receiver saw.
+	From netip.Addr
+}
+
+// MiBps is the transfer's throughput in MiB/s.
+func (t Transfer) MiBps() float64 {
+	if t.Duration <= 0 {
+		return 0
+	}
+	return float64(t.Bytes) / (1 << 20) / t.Duration.Seconds()
+}
+
+// Transfer sends size pattern bytes over one TCP connection from src to dst
+// (IPv6 when v6) and returns once the receiver has checked every byte and
+// closed. A sandbox sender first stops the sandbox serving on its link;
+// a sandbox receiver is started when none serves. It fails when fewer bytes
+// arrived or any was wrong; the caller checks Transfer.From.
+func (n *Node) Transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64) (Transfer, error) {
+	tr, err := n.transfer(ctx, src, dst, v6, size)
+	if err != nil {
+		return tr, fmt.Errorf("%s -> %s %s: %w", src.Name, dst.Name, family(v6), err)
+	}
+	return tr, nil
+}
+
+func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64) (Transfer, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if src.Kind == PeerSandbox {
+		// One sandbox per link: the sender's own server goes.
+		src.Pod.stopServer()
+	}
+
+	// The receiver.
+	var (
+		to   netip.AddrPort
+		recv func() (int64, netip.Addr, error)
+	)
+	if dst.Kind == PeerSandbox {
+		sb, err := dst.Pod.ensureSink(ctx)
+		if err != nil {
+			return Transfer{}, err
+		}
+		to = netip.AddrPortFrom(dst.Addr(v6), SinkPort)
+		recv = func() (int64, netip.Addr, error) {
+			l, err := sb.nextLine(ctx, "sink: ")
+			if err != nil {
+				return 0, netip.Addr{}, err
+			}
+			return ParseSinkLine(l)
+		}
+	} else {
+		ln, err := ListenIn(dst.NS, netip.AddrPortFrom(dst.Addr(v6), 0))
+		if err != nil {
+			return Transfer{}, err
+		}
+		defer ln.Close()
+		to = netip.AddrPortFrom(dst.Addr(v6), uint16(ln.Addr().(*net.TCPAddr).Port))
+		res := sinkOnce(ctx, ln)
+		recv = func() (int64, netip.Addr, error) {
+			r := <-res
+			return r.n, r.from, r.err
+		}
+	}
+
+	// The sender.
+	var d time.Duration
+	var err error
+	if src.Kind == PeerSandbox {
+		d, err = n.sandboxSend(ctx, src.Pod, to, size)
+	} else {
+		d, err = SendFrom(ctx, src.NS, to, size)
+	}
+	if err != nil {
+		return Transfer{}, fmt.Errorf("send: %w", err)
+	}
+	got, from, err := recv()
+	tr := Transfer{Bytes: got, Duration: d, From: from}
+	if err != nil {
+		return tr, fmt.Errorf("receive: %w", err)
+	}
+	if got != size {
+		return tr, fmt.Errorf("receiver verified %d bytes, want %d", got, size)
+	}
+	return tr, nil
+}
+
+func family(v6 bool) string {
+	if v6 {
+		return "IPv6"
+	}
+	return "IPv4"
+}
+
+// ListenIn opens a TCP listener on ap inside n (port 0 picks one).
+func ListenIn(n ns.NetNS, ap netip.AddrPort) (*net.TCPListener, error) {
+	var ln *net.TCPListener
+	err := n.Do(func(ns.NetNS) error {
+		var err error
+		ln, err = net.ListenTCP("tcp", net.TCPAddrFromAddrPort(ap))
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s in %s: %w", ap, n.Path(), err)
+	}
+	return ln, nil
+}
+
+// sinkResult is what a kernel-side receiver verified.
+type sinkResult struct {
+	n    int64
+	from netip.Addr
+	err  error
+}
+
+// sinkOnce accepts one connection on ln, checks the pattern to its end and
+// closes it. ctx's end (or closing ln) stops it.
+func sinkOnce(ctx context.Context, ln *net.TCPListener) <-chan sinkResult {
+	ch := make(chan sinkResult, 1)
+	go func() {
+		stopAccept := context.AfterFunc(ctx, func() { ln.Close() })
+		c, err := ln.AcceptTCP()
+		stopAccept()
+		if err != nil {
+			ch <- sinkResult{err: fmt.Errorf("accept: %w", err)}
+			return
+		}
+		defer c.Close()
+		stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+		defer stop()
+		n, err := CheckPattern(c)
+		ch <- sinkResult{n: n, from: c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap(), err: err}
+	}()
+	return ch
+}
+
+// SendFrom connects from inside n to to, sends size pattern bytes, closes
+// its side and waits for the receiver to close: everything arrived. It
+// returns the time from the connection to the receiver's close.
+func SendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64) (time.Duration, error) {
+	var c net.Conn
+	err := n.Do(func(ns.NetNS) error {
+		var err error
+		c, err = (&net.Dialer{}).DialContext(ctx, "tcp", to.String())
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("connect to %s: %w", to, err)
+	}
+	defer c.Close()
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+	defer stop()
+	start := time.Now()
+	if err := SendPattern(c, size); err != nil {
+		return 0, err
+	}
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		return 0, fmt.Errorf("close write: %w", err)
+	}
+	if _, err := io.Copy(io.Discard, c); err != nil {
+		return 0, fmt.Errorf("wait for the receiver: %w", err)
+	}
+	return time.Since(start), nil
+}
+
+// sandboxSend runs a sandbox on p's link that sends size pattern bytes to
+// to, and returns the time it reports from connection to the receiver's
+// close.
+func (n *Node) sandboxSend(ctx context.Context, p *Pod, to netip.AddrPort, size int64) (time.Duration, error) {
+	args := []string{"--mode", "send", "--to", to.String(), "--bytes", strconv.FormatInt(size, 10)}
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) > time.Second {
+		args = append(args, "--timeout", time.Until(dl).Round(time.Second).String())
+	}
+	s, err := n.StartSandbox(p, args...)
+	if err != nil {
+		return 0, err
+	}
+	l, lerr := s.nextLine(ctx, "sent ")
+	if err := s.Wait(ctx); err != nil {
+		return 0, err
+	}
+	if lerr != nil {
+		return 0, lerr
+	}
+	got, d, err := ParseSentLine(l)
+	if err != nil {
+		return 0, err
+	}
+	if got != size {
+		return 0, fmt.Errorf("sandbox sent %d bytes, want %d", got, size)
+	}
+	return d, nil
+}

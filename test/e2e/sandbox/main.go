@@ -1,0 +1,262 @@
+// Command sandbox is the end-to-end tests' sandbox workload: a userspace
+// gVisor netstack on a shm-cni sandbox link. It dials its link's socket
+// (the socketPath of the CNI result), configures its netstack from the link
+// config and then serves or acts as a client:
+//
+//	sandbox --socket S --mode echo --port 7000      TCP echo
+//	sandbox --socket S --mode sink --port 7000      TCP: read, verify the pattern, report
+//	sandbox --socket S --mode http --port 8080      a tiny HTTP server
+//	sandbox --socket S --mode send --to A:P --bytes N   send N pattern bytes
+//	sandbox --socket S --mode connect --to A:P      one TCP connection, then exit
+//
+// Servers print "ready" on stdout once they listen and run until SIGTERM or
+// SIGINT. The pattern byte at offset i is byte((i * 0x9E3779B1) >> 24).
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
+)
+
+const nicID = 1
+
+func main() { os.Exit(run()) }
+
+func run() int {
+	socket := flag.String("socket", "", "the link's socket (socketPath of the CNI result)")
+	mode := flag.String("mode", "echo", "echo, sink, http, send or connect")
+	port := flag.Int("port", 7000, "port to serve on")
+	to := flag.String("to", "", "address:port to connect to (send, connect)")
+	n := flag.Int64("bytes", 1<<20, "bytes to send (send)")
+	timeout := flag.Duration("timeout", 2*time.Minute, "bound of dialing the link and of client modes")
+	flag.Parse()
+	if *socket == "" {
+		fmt.Fprintln(os.Stderr, "sandbox: --socket is required")
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	s, ep, cfg, err := up(ctx, *socket, *timeout)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "sandbox:", err)
+		return 1
+	}
+	defer func() {
+		s.RemoveNIC(nicID)
+		ep.Wait()
+		s.Close()
+		s.Wait()
+	}()
+	fmt.Fprintf(os.Stderr, "sandbox: link up: mac %s, addresses %v, mtu %d\n", cfg.MAC, cfg.Addresses, cfg.MTU)
+
+	switch *mode {
+	case "echo", "sink", "http":
+		err = serve(ctx, s, cfg, *mode, uint16(*port))
+	case "send", "connect":
+		cctx, cancel := context.WithTimeout(ctx, *timeout)
+		defer cancel()
+		err = client(cctx, s, *mode, *to, *n)
+	default:
+		err = fmt.Errorf("unknown mode %q", *mode)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "sandbox:", err)
+		return 1
+	}
+	return 0
+}
+
+// up dials the link and brings up a netstack on it.
+func up(ctx context.Context, socket string, timeout time.Duration) (*stack.Stack, *endpoint.Client, endpoint.LinkConfig, error) {
+	dctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	ep, cfg, err := endpoint.Dial(dctx, socket, endpoint.DialOptions{
+		OnClosed: func(err error) { fmt.Fprintln(os.Stderr, "sandbox: link closed:", err) },
+	})
+	if err != nil {
+		return nil, nil, cfg, err
+	}
+	s := stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol, arp.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
+	})
+	// SACK recovers a burst lost to a full queue without a timeout.
+	sack := tcpip.TCPSACKEnabled(true)
+	s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack)
+	if err := s.CreateNIC(nicID, ep); err != nil {
+		ep.Close()
+		ep.Wait()
+		return nil, nil, cfg, fmt.Errorf("create NIC: %s", err)
+	}
+	if err := cfg.Configure(s, nicID); err != nil {
+		s.RemoveNIC(nicID)
+		ep.Wait()
+		return nil, nil, cfg, err
+	}
+	return s, ep, cfg, nil
+}
+
+// serve listens on port for every address family of the link and serves
+// mode until ctx ends.
+func serve(ctx context.Context, s *stack.Stack, cfg endpoint.LinkConfig, mode string, port uint16) error {
+	var lns []net.Listener
+	seen := map[bool]bool{}
+	for _, p := range cfg.Addresses {
+		v4 := p.Addr().Is4()
+		if seen[v4] {
+			continue
+		}
+		seen[v4] = true
+		proto := ipv6.ProtocolNumber
+		if v4 {
+			proto = ipv4.ProtocolNumber
+		}
+		ln, err := gonet.ListenTCP(s, tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFromSlice(p.Addr().AsSlice()), Port: port}, proto)
+		if err != nil {
+			return fmt.Errorf("listen on %s port %d: %w", p.Addr(), port, err)
+		}
+		defer ln.Close()
+		lns = append(lns, ln)
+	}
+	errc := make(chan error, len(lns))
+	for _, ln := range lns {
+		go func() { errc <- serveListener(ln, mode) }()
+	}
+	fmt.Println("ready")
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-errc:
+		return err
+	}
+}
+
+func serveListener(ln net.Listener, mode string) error {
+	if mode == "http" {
+		return http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "hello from sandbox %s to %s\n", r.Host, r.RemoteAddr)
+		}))
+	}
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return fmt.Errorf("accept: %w", err)
+		}
+		go func() {
+			defer c.Close()
+			if mode == "echo" {
+				io.Copy(c, c)
+				return
+			}
+			start := time.Now()
+			got, err := checkPattern(c)
+			d := time.Since(start)
+			status := "verified"
+			if err != nil {
+				status = "BAD: " + err.Error()
+			}
+			fmt.Printf("sink: %d bytes from %s in %v (%.1f Mbit/s) %s\n",
+				got, c.RemoteAddr(), d.Round(time.Millisecond), float64(got)*8/d.Seconds()/1e6, status)
+		}()
+	}
+}
+
+// client runs the send or connect mode.
+func client(ctx context.Context, s *stack.Stack, mode, to string, n int64) error {
+	ap, err := netip.ParseAddrPort(to)
+	if err != nil {
+		return fmt.Errorf("--to: %w", err)
+	}
+	proto := ipv6.ProtocolNumber
+	if ap.Addr().Is4() {
+		proto = ipv4.ProtocolNumber
+	}
+	c, err := gonet.DialContextTCP(ctx, s, tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFromSlice(ap.Addr().AsSlice()), Port: ap.Port()}, proto)
+	if err != nil {
+		return fmt.Errorf("connect %s: %w", to, err)
+	}
+	defer c.Close()
+	if mode == "connect" {
+		fmt.Println("connected", c.LocalAddr(), "->", c.RemoteAddr())
+		return nil
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	start := time.Now()
+	if err := sendPattern(c, n); err != nil {
+		return err
+	}
+	if err := c.CloseWrite(); err != nil {
+		return fmt.Errorf("close write: %w", err)
+	}
+	// Wait for the peer to close: everything was received.
+	if _, err := io.Copy(io.Discard, c); err != nil {
+		return fmt.Errorf("wait for the peer: %w", err)
+	}
+	d := time.Since(start)
+	fmt.Printf("sent %d bytes to %s in %v (%.1f Mbit/s)\n", n, to, d.Round(time.Millisecond), float64(n)*8/d.Seconds()/1e6)
+	return nil
+}
+
+// patternByte is the pattern's byte at off.
+func patternByte(off int64) byte { return byte((uint64(off) * 0x9E3779B1) >> 24) }
+
+func sendPattern(w io.Writer, n int64) error {
+	buf := make([]byte, 64<<10)
+	for off := int64(0); off < n; {
+		c := min(int64(len(buf)), n-off)
+		for i := range c {
+			buf[i] = patternByte(off + i)
+		}
+		if _, err := w.Write(buf[:c]); err != nil {
+			return fmt.Errorf("write at %d: %w", off, err)
+		}
+		off += c
+	}
+	return nil
+}
+
+// checkPattern reads r to its end and checks every byte.
+func checkPattern(r io.Reader) (int64, error) {
+	buf := make([]byte, 64<<10)
+	var off int64
+	for {
+		c, err := r.Read(buf)
+		for i := range c {
+			if buf[i] != patternByte(off) {
+				return off, fmt.Errorf("byte %d: got %#x, want %#x", off, buf[i], patternByte(off))
+			}
+			off++
+		}
+		if errors.Is(err, io.EOF) {
+			return off, nil
+		}
+		if err != nil {
+			return off, err
+		}
+	}
+}
