@@ -13,8 +13,11 @@ FUZZ_TARGETS ?= \
 	./pkg/queue:FuzzServer \
 	./pkg/endpoint:FuzzHostileClient \
 	./pkg/endpoint:FuzzTAPFrame \
+	./pkg/endpoint:FuzzParseLinkConfig \
 	./pkg/ipam:FuzzParseState \
-	./pkg/agentapi:FuzzDecodeRequest
+	./pkg/agentapi:FuzzDecodeRequest \
+	./pkg/cni:FuzzParseConfig \
+	./pkg/agent:FuzzParseRecord
 
 .PHONY: all build deps test test-unit test-full lint fuzz bench demo clean
 

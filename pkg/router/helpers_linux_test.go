@@ -20,13 +20,13 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
 )
 
 // Safety limits. They bound how long a broken test hangs; no test passes or
@@ -183,17 +183,9 @@ func newKernelPod(t *testing.T, r *Router, id string, addrs ...netip.Addr) *kern
 	})
 	t.Cleanup(func() { unix.Close(p.fd) })
 
-	ep, err := fdbased.New(&fdbased.Options{
-		FDs:            []int{p.fd},
-		MTU:            1500,
-		EthernetHeader: true,
-		Address:        gatewayMAC,
-		// Inline delivery: no processor goroutines that Wait would not
-		// join (see newUplinkEndpoint).
-		ProcessorsPerChannel: 1,
-	})
+	ep, err := endpoint.NewTAP(endpoint.TAPOptions{FD: p.fd, MTU: 1500, EthernetHeader: true, LinkAddress: gatewayMAC})
 	if err != nil {
-		t.Fatalf("fdbased endpoint on TAP: %v", err)
+		t.Fatalf("TAP endpoint: %v", err)
 	}
 	if err := r.AddLink(id, ep, Link{Addrs: addrs, PodMAC: p.mac, GatewayMAC: gatewayMAC}); err != nil {
 		t.Fatalf("add link: %v", err)
@@ -395,5 +387,6 @@ func goroutinesIn(fn string) int {
 	return count
 }
 
-// dispatchLoop is the fdbased endpoints' reader goroutine.
-const dispatchLoop = "fdbased.(*endpoint).dispatchLoop"
+// dispatchLoop is the TAP/TUN endpoints' reader goroutine (pod links and
+// the uplink).
+const dispatchLoop = "endpoint.(*TAPEndpoint).readLoop"

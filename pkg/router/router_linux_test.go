@@ -8,9 +8,9 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/google/nftables"
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
-	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
 )
 
 // The test topology. Everything lives in namespaces the test creates.
@@ -306,8 +306,7 @@ func TestRemoveLink(t *testing.T) {
 	}
 
 	// The same pod comes back on a new endpoint over its TAP fd.
-	ep, err := fdbased.New(&fdbased.Options{FDs: []int{e.b.fd}, MTU: 1500, EthernetHeader: true,
-		Address: gatewayMAC, ProcessorsPerChannel: 1})
+	ep, err := endpoint.NewTAP(endpoint.TAPOptions{FD: e.b.fd, MTU: 1500, EthernetHeader: true, LinkAddress: gatewayMAC})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -358,7 +357,7 @@ func TestClose(t *testing.T) {
 	if err := e.r.Start(); !errors.Is(err, ErrClosed) {
 		t.Errorf("Start after Close: err = %v, want ErrClosed", err)
 	}
-	ep, err := fdbased.New(&fdbased.Options{FDs: []int{e.a.fd}, MTU: 1500, EthernetHeader: true, ProcessorsPerChannel: 1})
+	ep, err := endpoint.NewTAP(endpoint.TAPOptions{FD: e.a.fd, MTU: 1500, EthernetHeader: true, LinkAddress: gatewayMAC})
 	if err != nil {
 		t.Fatal(err)
 	}

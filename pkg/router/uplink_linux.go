@@ -9,10 +9,10 @@ import (
 	"sync/atomic"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
@@ -41,36 +41,27 @@ func (u *uplink) closeFD() error {
 
 // readerStopped reports the uplink reader stopping on its own (the device
 // was deleted, the fd broke): the node has lost its pods' connectivity.
-func (u *uplink) readerStopped(log *slog.Logger, err tcpip.Error) {
+func (u *uplink) readerStopped(log *slog.Logger, err error) {
 	if u.stopping.Load() {
 		return
 	}
-	reason := "end of file"
-	if err != nil {
-		reason = err.String()
-	}
-	log.Error("uplink reader stopped; pods are cut off from the host", "err", reason)
+	log.Error("uplink reader stopped; pods are cut off from the host", "err", err)
 }
 
-// newUplinkEndpoint is the seam where the uplink's link endpoint is made: it
-// drives the TUN fd (IP packets, no packet-information header) with gVisor's
-// fdbased endpoint. pkg/endpoint's own TUN endpoint, with virtio-net headers
-// for large segments, replaces it here; nothing else in the router depends on
-// the endpoint's type.
-// onStop is called once the endpoint's reader stops, with the reason.
-func newUplinkEndpoint(fd int, mtu uint32, onStop func(tcpip.Error)) (stack.LinkEndpoint, error) {
-	ep, err := fdbased.New(&fdbased.Options{
-		FDs: []int{fd},
-		MTU: mtu,
-		// One processor per channel delivers packets inline on the
-		// dispatch goroutine. With more, fdbased starts processor
-		// goroutines in New that Wait does not join (they are only
-		// signalled to stop), so a removed endpoint could outlive Close.
-		ProcessorsPerChannel: 1,
-		ClosedFunc:           onStop,
+// newUplinkEndpoint drives the uplink TUN fd (IP packets, no
+// packet-information header) with pkg/endpoint's TUN endpoint. Unlike
+// gVisor's fdbased endpoint, whose Attach(nil) waits for its reader while
+// RemoveNIC holds the stack lock (a reader delivering a host packet needs that
+// lock: Close could hang), it only signals its reader there; Wait waits.
+// onStop is called once if the device goes away under the endpoint.
+func newUplinkEndpoint(fd int, mtu uint32, onStop func(error)) (stack.LinkEndpoint, error) {
+	ep, err := endpoint.NewTAP(endpoint.TAPOptions{
+		FD:       fd,
+		MTU:      mtu,
+		OnClosed: onStop,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("fdbased endpoint on uplink fd %d: %w", fd, err)
+		return nil, fmt.Errorf("TUN endpoint on uplink fd %d: %w", fd, err)
 	}
 	return ep, nil
 }
