@@ -143,13 +143,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		return errors.New("run agent: already run")
 	}
 	defer a.hostNS.Close()
-	routerStarted := false
 	defer func() {
-		if routerStarted {
-			if qerr := quiesceUplink(a.hostNS, a.cfg.Uplink); qerr != nil {
-				a.log.Warn("uplink not set down before the router closes", "err", qerr)
-			}
-		}
 		if cerr := a.router.Close(); cerr != nil {
 			err = errors.Join(err, cerr)
 		}
@@ -157,7 +151,6 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if err := a.router.Start(); err != nil {
 		return fmt.Errorf("run agent: %w", err)
 	}
-	routerStarted = true
 	if a.store, err = openStore(a.cfg.StateDir); err != nil {
 		return fmt.Errorf("run agent: %w", err)
 	}
