@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 
+	"github.com/shm-cni/shm-cni/internal/unixmsg"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -64,7 +65,7 @@ func Dial(ctx context.Context, socketPath string, opts DialOptions) (*Client, Li
 		}
 		return nil, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
 	}
-	defer closeFDs(fds) // NewClient duplicates what it keeps
+	defer unixmsg.Close(fds) // NewClient duplicates what it keeps
 	cfg, err := ParseLinkConfig(buf[:n])
 	if err != nil {
 		return nil, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
@@ -105,75 +106,27 @@ func Dial(ctx context.Context, socketPath string, opts DialOptions) (*Client, Li
 // when the record or its descriptors were truncated or when the number of
 // descriptors is neither 0 (a refusal) nor queue.FDsPerPair.
 func recvLinkRecord(conn *net.UnixConn, buf []byte) (int, []int, error) {
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		return 0, nil, err
-	}
 	// Room for one more descriptor than expected, to tell "too many".
-	oob := make([]byte, unix.CmsgSpace((queue.FDsPerPair+1)*4))
-	var n, oobn, flags int
-	var rerr error
-	if err := rc.Read(func(fd uintptr) bool {
-		for {
-			n, oobn, flags, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC)
-			if rerr != unix.EINTR {
-				break
-			}
-		}
-		return rerr != unix.EAGAIN
-	}); err != nil {
+	m, err := unixmsg.Recv(conn, buf, queue.FDsPerPair+1)
+	if err != nil {
 		return 0, nil, fmt.Errorf("receive link config: %w", err)
 	}
-	if rerr != nil {
-		return 0, nil, fmt.Errorf("receive link config: %w", rerr)
-	}
-	fds, err := parseDialRights(oob[:oobn])
+	n, fds := m.N, m.FDs
 	switch {
-	case err != nil:
 	case n == 0:
 		err = errors.New("agent closed the connection without a link config")
-	case flags&unix.MSG_TRUNC != 0:
+	case m.Truncated:
 		err = fmt.Errorf("link config larger than %d bytes", len(buf))
-	case flags&unix.MSG_CTRUNC != 0:
+	case m.FDsTruncated:
 		err = errors.New("descriptors truncated (too many sent, or no free descriptor here)")
 	case len(fds) != 0 && len(fds) != queue.FDsPerPair:
 		err = fmt.Errorf("got %d descriptors, want %d", len(fds), queue.FDsPerPair)
 	}
 	if err != nil {
-		closeFDs(fds)
+		unixmsg.Close(fds)
 		return 0, nil, fmt.Errorf("receive link config: %w", err)
 	}
 	return n, fds, nil
-}
-
-// parseDialRights returns every descriptor of the SCM_RIGHTS messages in
-// oob, even when some message is malformed.
-func parseDialRights(oob []byte) ([]int, error) {
-	msgs, err := unix.ParseSocketControlMessage(oob)
-	if err != nil {
-		return nil, fmt.Errorf("parse control messages: %w", err)
-	}
-	var fds []int
-	var errs []error
-	for i := range msgs {
-		m := &msgs[i]
-		if m.Header.Level != unix.SOL_SOCKET || m.Header.Type != unix.SCM_RIGHTS {
-			continue
-		}
-		got, err := unix.ParseUnixRights(m)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		fds = append(fds, got...)
-	}
-	return fds, errors.Join(errs...)
-}
-
-func closeFDs(fds []int) {
-	for _, fd := range fds {
-		unix.Close(fd)
-	}
 }
 
 // SendLinkConfig is the agent's half of Dial: it sends cfg (Version set)

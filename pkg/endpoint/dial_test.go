@@ -22,6 +22,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
+	"github.com/shm-cni/shm-cni/internal/unixmsg"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -106,7 +107,7 @@ func TestLinkConfigRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	closeFDs(fds)
+	unixmsg.Close(fds)
 	if len(fds) != queue.FDsPerPair {
 		t.Errorf("got %d descriptors, want %d", len(fds), queue.FDsPerPair)
 	}

@@ -42,19 +42,19 @@ type link struct {
 // the caller still owns what backs it.
 func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 	if err := r.checkLink(id, ep, l); err != nil {
-		return fmt.Errorf("add link %s: %w", id, err)
+		return r.refuse(ep, fmt.Errorf("add link %s: %w", id, err))
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.state == stateClosed {
-		return fmt.Errorf("add link %s: %w", id, ErrClosed)
+		return r.refuse(ep, fmt.Errorf("add link %s: %w", id, ErrClosed))
 	}
 	if _, ok := r.links[id]; ok {
-		return fmt.Errorf("add link %s: link exists", id)
+		return r.refuse(ep, fmt.Errorf("add link %s: link exists", id))
 	}
 	for _, a := range l.Addrs {
 		if owner, ok := r.owners[a]; ok {
-			return fmt.Errorf("add link %s: address %s is in use by link %s", id, a, owner)
+			return r.refuse(ep, fmt.Errorf("add link %s: address %s is in use by link %s", id, a, owner))
 		}
 	}
 	if l.GatewayMAC != "" {
@@ -92,6 +92,17 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 	success = true
 	r.log.Info("link added", "link", id, "nic", nicID, "addrs", l.Addrs, "podMAC", l.PodMAC.String())
 	return nil
+}
+
+// refuse closes and waits for an endpoint AddLink refused before making a
+// NIC for it, so that every failure of AddLink leaves ep in the same state,
+// and returns err.
+func (r *Router) refuse(ep stack.LinkEndpoint, err error) error {
+	if ep != nil {
+		ep.Close()
+		ep.Wait()
+	}
+	return err
 }
 
 // checkLink validates AddLink's arguments without the lock.
