@@ -46,11 +46,11 @@ const (
 var gatewayMAC = tcpip.LinkAddress("\xee\xee\xee\xee\xee\xee")
 
 // testLogger logs to the test.
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Helper()
@@ -59,7 +59,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 }
 
 // requireRoot skips t unless it runs as root.
-func requireRoot(t *testing.T) {
+func requireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("skipping: needs root (network namespaces, TUN/TAP, nftables)")
@@ -67,7 +67,7 @@ func requireRoot(t *testing.T) {
 }
 
 // newNS creates a fresh network namespace, removed when t ends.
-func newNS(t *testing.T) ns.NetNS {
+func newNS(t testing.TB) ns.NetNS {
 	t.Helper()
 	n, err := testutils.NewNS()
 	if err != nil {
@@ -83,7 +83,7 @@ func newNS(t *testing.T) ns.NetNS {
 }
 
 // do runs f inside n, failing t on error.
-func do(t *testing.T, n ns.NetNS, f func() error) {
+func do(t testing.TB, n ns.NetNS, f func() error) {
 	t.Helper()
 	if err := n.Do(func(ns.NetNS) error { return f() }); err != nil {
 		t.Fatal(err)
@@ -101,7 +101,7 @@ func sysctl(key, value string) error {
 
 // newHostRouter creates the router while running inside host, so its uplink
 // and nftables table live there, starts it and closes it when t ends.
-func newHostRouter(t *testing.T, host ns.NetNS, cfg Config) *Router {
+func newHostRouter(t testing.TB, host ns.NetNS, cfg Config) *Router {
 	t.Helper()
 	var r *Router
 	do(t, host, func() error {
@@ -135,7 +135,7 @@ type kernelPod struct {
 // newKernelPod creates a pod namespace with a TAP eth0 carrying addrs, its
 // default routes via the link-local gateway, and attaches it to r as link
 // id. The link is removed, and the TAP fd closed, when t ends.
-func newKernelPod(t *testing.T, r *Router, id string, addrs ...netip.Addr) *kernelPod {
+func newKernelPod(t testing.TB, r *Router, id string, addrs ...netip.Addr) *kernelPod {
 	t.Helper()
 	p := &kernelPod{ns: newNS(t), id: id, addrs: addrs}
 	do(t, p.ns, func() error {
@@ -312,7 +312,7 @@ type transferResult struct {
 // in clientNS to a server listening on dst inside serverNS. It fails t unless
 // the server received exactly what was sent, and returns the client address
 // the server saw.
-func tcpTransfer(t *testing.T, clientNS, serverNS ns.NetNS, dst netip.Addr) netip.Addr {
+func tcpTransfer(t testing.TB, clientNS, serverNS ns.NetNS, dst netip.Addr) netip.Addr {
 	t.Helper()
 	var ln net.Listener
 	do(t, serverNS, func() error {

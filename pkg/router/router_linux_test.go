@@ -59,7 +59,7 @@ func dualStackConfig(masquerade bool) Config {
 }
 
 // newEnv builds the dual-stack test topology.
-func newEnv(t *testing.T, cfg Config) *env {
+func newEnv(t testing.TB, cfg Config) *env {
 	t.Helper()
 	requireRoot(t)
 	e := &env{host: newNS(t), outside: newNS(t)}
@@ -72,7 +72,7 @@ func newEnv(t *testing.T, cfg Config) *env {
 
 // connectOutside links host and outside with a veth pair and lets the host
 // forward (in the host namespace only).
-func connectOutside(t *testing.T, host, outside ns.NetNS) {
+func connectOutside(t testing.TB, host, outside ns.NetNS) {
 	t.Helper()
 	do(t, host, func() error {
 		for _, kv := range [][2]string{{"net.ipv4.ip_forward", "1"}, {"net.ipv6.conf.all.forwarding", "1"}} {

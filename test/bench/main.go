@@ -1,0 +1,151 @@
+// Command bench measures shm-cni side by side with the kernel in one run:
+// a plain veth pair and pods of the reference ptp and bridge CNI plugins
+// against shm-cni's kernel (tap) pods, sandbox (shm) pods and the host.
+// It needs root and sets everything up itself in network namespaces it
+// creates; Ctrl-C or SIGTERM tears everything down.
+//
+//	go run ./test/bench                          # everything, ~10 minutes
+//	go run ./test/bench -cases tput,rtt -reps 5  # a subset
+//	go run ./test/bench -idle-pods 0,50 -idle-window 9s
+//
+// Each case runs -reps times (at least 3) and reports its median and its
+// ratio to the reference (veth for traffic, bridge for CNI latency),
+// with the project's goals marked met or not met. The table goes to
+// stdout and to <out>/bench.md, the numbers to <out>/bench.json. A number
+// never makes it fail: only a broken setup does.
+//
+// Kernel-stack ends measure throughput with iperf3 (hack/bench-deps.sh
+// installs it), sandbox ends with the sandbox program's send and sink.
+// Latency is 64-byte TCP request/response: a Go echo client and server in
+// the namespaces, the sandbox program's echo server and an in-process
+// netstack client on a shm link.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() { os.Exit(run()) }
+
+// config is the command line.
+type config struct {
+	cases      map[string]bool
+	reps       int
+	streams    []int
+	iperfTime  time.Duration
+	bytes      int64
+	rttCount   int
+	cniPods    int
+	idlePods   []int
+	idleWindow time.Duration
+	out        string
+}
+
+func parseFlags() (config, error) {
+	var c config
+	cases := flag.String("cases", "tput,rtt,cni,idle", "cases to run: tput, rtt, cni, idle")
+	flag.IntVar(&c.reps, "reps", 3, "repetitions of each case (the median is reported; at least 3)")
+	streams := flag.String("streams", "1,4", "parallel TCP streams of the throughput cases")
+	flag.DurationVar(&c.iperfTime, "iperf-time", 3*time.Second, "iperf3 duration of each throughput measurement")
+	flag.Int64Var(&c.bytes, "bytes", 256<<20, "bytes of each verified transfer with a sandbox end")
+	flag.IntVar(&c.rttCount, "rtt-count", 5000, "64-byte round trips per latency measurement")
+	flag.IntVar(&c.cniPods, "cni-pods", 100, "pods added (then deleted) concurrently per CNI latency measurement")
+	idle := flag.String("idle-pods", "0,110,250", "attached idle tap pods at which the agent's RSS and CPU are measured")
+	flag.DurationVar(&c.idleWindow, "idle-window", 30*time.Second, "CPU measurement window per pod count (split into -reps parts)")
+	flag.StringVar(&c.out, "out", "bin", "directory for bench.md and bench.json")
+	verbose := flag.Bool("v", false, "log progress in detail")
+	flag.Parse()
+	if *verbose {
+		slog.SetLogLoggerLevel(slog.LevelDebug)
+	}
+	c.cases = map[string]bool{}
+	for _, k := range strings.Split(*cases, ",") {
+		k = strings.TrimSpace(k)
+		switch k {
+		case "tput", "rtt", "cni", "idle":
+			c.cases[k] = true
+		case "":
+		default:
+			return c, fmt.Errorf("-cases: unknown case %q", k)
+		}
+	}
+	var err error
+	if c.streams, err = intList(*streams); err != nil {
+		return c, fmt.Errorf("-streams: %w", err)
+	}
+	if c.idlePods, err = intList(*idle); err != nil {
+		return c, fmt.Errorf("-idle-pods: %w", err)
+	}
+	if c.reps < 3 {
+		return c, fmt.Errorf("-reps %d: want at least 3", c.reps)
+	}
+	if c.bytes <= 0 || c.rttCount <= 0 || c.cniPods <= 0 || c.idleWindow <= 0 || c.iperfTime < time.Second {
+		return c, fmt.Errorf("sizes must be positive (and -iperf-time at least 1s)")
+	}
+	return c, nil
+}
+
+func intList(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		v, err := strconv.Atoi(f)
+		if err != nil || v < 0 {
+			return nil, fmt.Errorf("bad number %q", f)
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+func run() int {
+	cfg, err := parseFlags()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 2
+	}
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "bench: needs root (network namespaces, TAP devices, CNI plugins)")
+		return 1
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.SetLogLoggerLevel(slog.LevelInfo)}))
+	slog.SetLogLoggerLevel(slog.LevelInfo)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	b, err := newBench(ctx, cfg, log)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 1
+	}
+	rep, err := b.run(ctx)
+	if cerr := b.close(); cerr != nil {
+		log.Warn("cleanup", "err", cerr)
+	}
+	if rep != nil {
+		if werr := rep.write(os.Stdout, cfg.out); werr != nil {
+			fmt.Fprintln(os.Stderr, "bench:", werr)
+			return 1
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 1
+	}
+	return 0
+}
+
+// discard is a logger for the harness's chatter.
+var discard = slog.New(slog.NewTextHandler(io.Discard, nil))
