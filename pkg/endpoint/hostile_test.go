@@ -1,6 +1,7 @@
 package endpoint
 
 import (
+	"encoding/binary"
 	"errors"
 	"testing"
 
@@ -112,13 +113,13 @@ func FuzzHostileClient(f *testing.F) {
 func TestHostileClientCutOff(t *testing.T) {
 	ring := make([]byte, 64)
 	// Slot header: a 28-byte payload, not free.
-	le64(ring[0:], 28)
+	binary.LittleEndian.PutUint64(ring[0:], 28)
 	// TX descriptor: id 0, 100 bytes, one buffer at offset 1 GiB.
-	le64(ring[8:], 0)
-	le32(ring[16:], 100)
-	le64(ring[24:], 1<<30)
-	le32(ring[32:], 256)
-	le64(ring[40:], 1<<63) // the next slot is free
+	binary.LittleEndian.PutUint64(ring[8:], 0)
+	binary.LittleEndian.PutUint32(ring[16:], 100)
+	binary.LittleEndian.PutUint64(ring[24:], 1<<30)
+	binary.LittleEndian.PutUint32(ring[32:], 256)
+	binary.LittleEndian.PutUint64(ring[40:], 1<<63) // the next slot is free
 	v, reason := runHostile(t, ring, nil, nil, true)
 	if v != 1 || !errors.Is(reason, queue.ErrViolation) {
 		t.Fatalf("violations %d, reason %v; want 1 and a violation", v, reason)
@@ -160,16 +161,4 @@ func hostileSeeds(t testing.TB) [][3][]byte {
 		p.Close()
 	}
 	return seeds
-}
-
-func le64(b []byte, v uint64) {
-	for i := range 8 {
-		b[i] = byte(v >> (8 * i))
-	}
-}
-
-func le32(b []byte, v uint32) {
-	for i := range 4 {
-		b[i] = byte(v >> (8 * i))
-	}
 }
