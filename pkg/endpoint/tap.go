@@ -399,6 +399,11 @@ func (e *TAPEndpoint) readLoop() {
 			e.handleFrame(buf[:n], emit)
 			continue
 		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) && !isDeviceGone(err) {
+			// Go's poller may report a device that went away as "not
+			// pollable" (EPOLLERR) without reading: ask the kernel.
+			err = e.kernelReadErr(buf, err)
+		}
 		var gone error
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
@@ -428,6 +433,25 @@ func (e *TAPEndpoint) readLoop() {
 
 // readerShouldStop decides, after a read deadline expired, whether the
 // reader exits (closing the fd if the endpoint is closing) or goes on.
+// kernelReadErr reads the device once directly, without the poller, and
+// returns the kernel's error for it, or orig when the read succeeds or would
+// block (the packet read, if any, is dropped: this runs only on the error
+// path).
+func (e *TAPEndpoint) kernelReadErr(buf []byte, orig error) error {
+	rc, err := e.file.SyscallConn()
+	if err != nil {
+		return orig
+	}
+	var rerr error
+	if err := rc.Control(func(fd uintptr) { _, rerr = unix.Read(int(fd), buf) }); err != nil {
+		return orig
+	}
+	if rerr == nil || errors.Is(rerr, unix.EAGAIN) {
+		return orig
+	}
+	return rerr
+}
+
 func (e *TAPEndpoint) readerShouldStop() bool {
 	e.mu.Lock()
 	closing := e.closing
