@@ -2,12 +2,15 @@
 #
 #   make test    everything CI runs (needs root: network namespaces, TAP)
 #   make demo    a node in a box with traffic (needs root)
-#   make bench   benchmarks beside gVisor's endpoint and the kernel
+#   make bench   shm-cni beside a veth pair and the ptp/bridge plugins (needs root;
+#                BENCH_FLAGS=... for subsets, see go run ./test/bench -h)
+#   make bench-endpoint  the endpoint micro-benchmarks beside gVisor's
 #   make fuzz    every fuzz target for FUZZTIME each
 
 GO       ?= go
 BIN      ?= bin
 FUZZTIME ?= 60s
+BENCH_FLAGS ?=
 # Packages with fuzz targets and their targets, as pkg:Target.
 FUZZ_TARGETS ?= \
 	./pkg/queue:FuzzServer \
@@ -19,7 +22,7 @@ FUZZ_TARGETS ?= \
 	./pkg/cni:FuzzParseConfig \
 	./pkg/agent:FuzzParseRecord
 
-.PHONY: all build deps test test-unit test-full lint fuzz bench demo clean
+.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint demo clean
 
 all: build
 
@@ -50,8 +53,16 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 2s -parallel 1 $$pkg; \
 	done
 
+# bench writes $(BIN)/bench.md and $(BIN)/bench.json; never part of test.
 bench: deps
-	$(GO) test -run '^$$' -bench . -benchtime 1x -count 1 ./pkg/endpoint | tee $(BIN)/bench-endpoint.txt
+	@hack/bench-deps.sh
+	$(GO) run ./test/bench -out $(BIN) $(BENCH_FLAGS)
+
+bench-endpoint: deps
+	@mkdir -p $(BIN)
+	$(GO) test -run '^$$' -bench QueuePPS -benchtime 2000000x -count 3 ./pkg/endpoint | tee $(BIN)/bench-endpoint.txt
+	$(GO) test -run '^$$' -bench TCPThroughput -benchtime 512x -count 3 ./pkg/endpoint | tee -a $(BIN)/bench-endpoint.txt
+	$(GO) test -run '^$$' -bench RTT -benchtime 5000x -count 3 ./pkg/endpoint | tee -a $(BIN)/bench-endpoint.txt
 
 demo: deps
 	@hack/demo.sh

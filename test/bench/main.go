@@ -25,7 +25,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -49,6 +48,7 @@ type config struct {
 	idlePods   []int
 	idleWindow time.Duration
 	out        string
+	verbose    bool
 }
 
 func parseFlags() (config, error) {
@@ -57,17 +57,14 @@ func parseFlags() (config, error) {
 	flag.IntVar(&c.reps, "reps", 3, "repetitions of each case (the median is reported; at least 3)")
 	streams := flag.String("streams", "1,4", "parallel TCP streams of the throughput cases")
 	flag.DurationVar(&c.iperfTime, "iperf-time", 3*time.Second, "iperf3 duration of each throughput measurement")
-	flag.Int64Var(&c.bytes, "bytes", 256<<20, "bytes of each verified transfer with a sandbox end")
+	flag.Int64Var(&c.bytes, "bytes", 64<<20, "bytes of each verified transfer with a sandbox end")
 	flag.IntVar(&c.rttCount, "rtt-count", 5000, "64-byte round trips per latency measurement")
 	flag.IntVar(&c.cniPods, "cni-pods", 100, "pods added (then deleted) concurrently per CNI latency measurement")
 	idle := flag.String("idle-pods", "0,110,250", "attached idle tap pods at which the agent's RSS and CPU are measured")
 	flag.DurationVar(&c.idleWindow, "idle-window", 30*time.Second, "CPU measurement window per pod count (split into -reps parts)")
 	flag.StringVar(&c.out, "out", "bin", "directory for bench.md and bench.json")
-	verbose := flag.Bool("v", false, "log progress in detail")
+	flag.BoolVar(&c.verbose, "v", false, "log the harness's progress in detail")
 	flag.Parse()
-	if *verbose {
-		slog.SetLogLoggerLevel(slog.LevelDebug)
-	}
 	c.cases = map[string]bool{}
 	for _, k := range strings.Split(*cases, ",") {
 		k = strings.TrimSpace(k)
@@ -120,8 +117,11 @@ func run() int {
 		fmt.Fprintln(os.Stderr, "bench: needs root (network namespaces, TAP devices, CNI plugins)")
 		return 1
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.SetLogLoggerLevel(slog.LevelInfo)}))
-	slog.SetLogLoggerLevel(slog.LevelInfo)
+	level := slog.LevelInfo
+	if cfg.verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
@@ -146,6 +146,3 @@ func run() int {
 	}
 	return 0
 }
-
-// discard is a logger for the harness's chatter.
-var discard = slog.New(slog.NewTextHandler(io.Discard, nil))

@@ -1,0 +1,142 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/shm-cni/shm-cni/test/e2e/node"
+)
+
+// cniOps adds and deletes one pod in a namespace.
+type cniOps struct {
+	name string
+	ref  bool
+	add  func(ctx context.Context, id string, x ns.NetNS) error
+	del  func(ctx context.Context, id string, x ns.NetNS) error
+}
+
+// runCNI measures ADD and DEL latency of cniPods pods added at once, then
+// deleted at once, through libcni: shm-cni (tap pods) against ptp and
+// bridge.
+func (b *bench) runCNI(ctx context.Context, rep *report) error {
+	b.log.Info("CNI latency", "pods", b.cfg.cniPods)
+	n, err := b.newNode(ctx, node.Options{PodCIDRs: idleCIDRs})
+	if err != nil {
+		return err
+	}
+	defer b.closeNode(n)
+	l, err := n.NetworkList()
+	if err != nil {
+		return err
+	}
+	shm := n.CNI(filepath.Join(b.tmp, "cache-shm"))
+	refHost, err := b.newRefHost()
+	if err != nil {
+		return err
+	}
+	ptp, err := b.newRefNet("ptp", ptpSubnet, refHost)
+	if err != nil {
+		return err
+	}
+	br, err := b.newRefNet("bridge", bridgeSubnet, refHost)
+	if err != nil {
+		return err
+	}
+	ref := func(r *refNet) cniOps {
+		return cniOps{name: r.name, ref: true,
+			add: func(ctx context.Context, id string, x ns.NetNS) error { _, err := r.add(ctx, id, x); return err },
+			del: r.del}
+	}
+	cases := []cniOps{
+		{name: "shm-cni (tap)",
+			add: func(ctx context.Context, id string, x ns.NetNS) error {
+				_, err := n.CNIAdd(ctx, shm, l, node.RuntimeConf(id, id, x.Path(), node.KindTap))
+				return err
+			},
+			del: func(ctx context.Context, id string, x ns.NetNS) error {
+				return n.CNIDel(ctx, shm, l, node.RuntimeConf(id, id, x.Path(), node.KindTap))
+			}},
+		ref(ptp), ref(br),
+	}
+	rows := make([]cniRow, len(cases))
+	for i, c := range cases {
+		rows[i].Plugin, rows[i].Reference = c.name, c.ref
+	}
+	for r := range b.cfg.reps {
+		for i, c := range cases {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			adds, dels, err := b.cniRound(ctx, c, r)
+			if err != nil {
+				b.log.Warn("CNI latency", "plugin", c.name, "rep", r+1, "err", err)
+				rows[i].Error = err.Error()
+				continue
+			}
+			row := &rows[i]
+			row.AddP50ms = append(row.AddP50ms, percentile(adds, 50)/1000)
+			row.AddP99ms = append(row.AddP99ms, percentile(adds, 99)/1000)
+			row.DelP50ms = append(row.DelP50ms, percentile(dels, 50)/1000)
+			row.DelP99ms = append(row.DelP99ms, percentile(dels, 99)/1000)
+			b.log.Info("CNI latency", "plugin", c.name, "rep", r+1,
+				"ADD p50 ms", fmt.Sprintf("%.1f", percentile(adds, 50)/1000), "ADD p99 ms", fmt.Sprintf("%.1f", percentile(adds, 99)/1000),
+				"DEL p50 ms", fmt.Sprintf("%.1f", percentile(dels, 50)/1000), "DEL p99 ms", fmt.Sprintf("%.1f", percentile(dels, 99)/1000))
+		}
+	}
+	for i := range rows {
+		rows[i].finish()
+	}
+	rep.CNI = rows
+	rep.rateCNI()
+	return nil
+}
+
+// cniRound adds cniPods pods at once, then deletes them at once, each in a
+// fresh namespace, and returns each ADD's and DEL's time.
+func (b *bench) cniRound(ctx context.Context, c cniOps, round int) (adds, dels []time.Duration, err error) {
+	count := b.cfg.cniPods
+	nss := make([]ns.NetNS, count)
+	defer func() {
+		for _, x := range nss {
+			node.DeleteNetNS(x) // also deleted by close if this fails
+		}
+	}()
+	for i := range nss {
+		if nss[i], err = b.newNS(); err != nil {
+			return nil, nil, err
+		}
+	}
+	id := func(i int) string { return fmt.Sprintf("bench-cni-%d-%d", round, i) }
+	phase := func(op func(context.Context, string, ns.NetNS) error) ([]time.Duration, error) {
+		ds := make([]time.Duration, count)
+		errs := make([]error, count)
+		var wg sync.WaitGroup
+		for i := range count {
+			wg.Go(func() {
+				start := time.Now()
+				errs[i] = op(ctx, id(i), nss[i])
+				ds[i] = time.Since(start)
+			})
+		}
+		wg.Wait()
+		for _, err := range errs {
+			if err != nil {
+				return nil, err
+			}
+		}
+		return ds, nil
+	}
+	adds, err = phase(c.add)
+	if err != nil {
+		// Delete what was added; DEL is idempotent.
+		phase(c.del)
+		return nil, nil, err
+	}
+	dels, err = phase(c.del)
+	return adds, dels, err
+}

@@ -1,0 +1,232 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/shm-cni/shm-cni/test/e2e/node"
+)
+
+// iperfPort is the iperf3 servers' port.
+const iperfPort = 5201
+
+// nsName is the name `ip netns` knows a namespace by.
+func nsName(x ns.NetNS) string { return filepath.Base(x.Path()) }
+
+// iperfServer starts `iperf3 -s` on e's address in e's namespace and waits
+// until it accepts connections.
+func (b *bench) iperfServer(ctx context.Context, e kend) error {
+	logf, err := os.Create(filepath.Join(b.tmp, "iperf3-"+e.name+".log"))
+	if err != nil {
+		return fmt.Errorf("iperf3 server in %s: %w", e.name, err)
+	}
+	defer logf.Close()
+	cmd := exec.Command("ip", "netns", "exec", nsName(e.ns), "iperf3", "-s", "-B", e.addr.String(), "-p", strconv.Itoa(iperfPort))
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := b.startProc(cmd); err != nil {
+		return err
+	}
+	to := netip.AddrPortFrom(e.addr, iperfPort)
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		var c net.Conn
+		err := e.ns.Do(func(ns.NetNS) error {
+			var err error
+			c, err = net.DialTimeout("tcp", to.String(), time.Second)
+			return err
+		})
+		if err == nil {
+			c.Close()
+			// Let it log the probe's aborted test and listen again.
+			time.Sleep(100 * time.Millisecond)
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("iperf3 server in %s: not listening on %s: %w", e.name, to, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// iperfClient runs `iperf3 -c` from src to dst's server and returns the
+// receiver's bit/s.
+func (b *bench) iperfClient(ctx context.Context, src, dst kend, streams int) (float64, error) {
+	secs := strconv.Itoa(int(b.cfg.iperfTime / time.Second))
+	var lastErr error
+	for range 3 { // the server takes one test at a time; a busy one refuses
+		cmd := exec.CommandContext(ctx, "ip", "netns", "exec", nsName(src.ns), "iperf3", "-J",
+			"-c", dst.addr.String(), "-p", strconv.Itoa(iperfPort), "-t", secs, "-P", strconv.Itoa(streams))
+		cmd.SysProcAttr = procAttr()
+		var out bytes.Buffer
+		cmd.Stdout = &out
+		runErr := cmd.Run()
+		var res struct {
+			Error string `json:"error"`
+			End   struct {
+				SumReceived struct {
+					BitsPerSecond float64 `json:"bits_per_second"`
+				} `json:"sum_received"`
+			} `json:"end"`
+		}
+		if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+			lastErr = fmt.Errorf("iperf3 %s -> %s: %w (run: %v)", src.name, dst.name, err, runErr)
+		} else if res.Error != "" {
+			lastErr = fmt.Errorf("iperf3 %s -> %s: %s", src.name, dst.name, res.Error)
+		} else if res.End.SumReceived.BitsPerSecond > 0 {
+			return res.End.SumReceived.BitsPerSecond, nil
+		} else {
+			lastErr = fmt.Errorf("iperf3 %s -> %s: no result (run: %v)", src.name, dst.name, runErr)
+		}
+		if ctx.Err() != nil {
+			return 0, ctx.Err()
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	return 0, lastErr
+}
+
+// kernelTransfers runs streams verified pattern transfers of size bytes
+// from src to dst with kernel sockets: the same code as the sandbox's
+// send and sink, for a like-for-like kernel figure.
+func kernelTransfers(ctx context.Context, src, dst kend, streams int, size int64) (float64, error) {
+	ln, err := node.ListenIn(dst.ns, netip.AddrPortFrom(dst.addr, 0))
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	to := netip.AddrPortFrom(dst.addr, uint16(ln.Addr().(*net.TCPAddr).Port))
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		long time.Duration
+		errs []error
+	)
+	fail := func(err error) {
+		mu.Lock()
+		errs = append(errs, err)
+		mu.Unlock()
+	}
+	for range streams {
+		wg.Go(func() {
+			c, err := ln.Accept()
+			if err != nil {
+				fail(err)
+				return
+			}
+			defer c.Close()
+			got, err := node.CheckPattern(c)
+			if err == nil && got != size {
+				err = fmt.Errorf("verified %d bytes, want %d", got, size)
+			}
+			if err != nil {
+				fail(err)
+			}
+		})
+		wg.Go(func() {
+			d, err := node.SendFrom(ctx, src.ns, to, size)
+			if err != nil {
+				fail(err)
+				ln.Close()
+				return
+			}
+			mu.Lock()
+			long = max(long, d)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		return 0, errs[0]
+	}
+	return float64(size) * float64(streams) * 8 / long.Seconds(), nil
+}
+
+// kernelRTT serves echo on dst with kernel sockets and measures from src.
+func kernelRTT(ctx context.Context, src, dst kend, count int) ([]time.Duration, error) {
+	ln, err := node.ListenIn(dst.ns, netip.AddrPortFrom(dst.addr, 0))
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer ln.Close()
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				io.Copy(c, c)
+			})
+		}
+	})
+	return dialRTT(ctx, src, netip.AddrPortFrom(dst.addr, uint16(ln.Addr().(*net.TCPAddr).Port)), count)
+}
+
+// dialRTT connects from src's namespace to an echo server at to and
+// measures round trips.
+func dialRTT(ctx context.Context, src kend, to netip.AddrPort, count int) ([]time.Duration, error) {
+	var c net.Conn
+	err := src.ns.Do(func(ns.NetNS) error {
+		var err error
+		c, err = (&net.Dialer{}).DialContext(ctx, "tcp", to.String())
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("connect from %s to %s: %w", src.name, to, err)
+	}
+	defer c.Close()
+	return roundTrips(ctx, c, count)
+}
+
+// rttSize is the request and response size.
+const rttSize = 64
+
+// warmup round trips are not counted.
+const warmup = 200
+
+// roundTrips writes 64-byte requests on c and reads their echo, count
+// times after a warm-up, and returns each round trip's time.
+func roundTrips(ctx context.Context, c net.Conn, count int) ([]time.Duration, error) {
+	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
+	defer stop()
+	req := make([]byte, rttSize)
+	resp := make([]byte, rttSize)
+	out := make([]time.Duration, 0, count)
+	for i := range warmup + count {
+		req[0] = byte(i)
+		start := time.Now()
+		if _, err := c.Write(req); err != nil {
+			return nil, fmt.Errorf("round trip %d: %w", i, err)
+		}
+		if _, err := io.ReadFull(c, resp); err != nil {
+			return nil, fmt.Errorf("round trip %d: %w", i, err)
+		}
+		d := time.Since(start)
+		if resp[0] != req[0] {
+			return nil, errors.New("echo mismatch")
+		}
+		if i >= warmup {
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}

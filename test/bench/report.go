@@ -1,0 +1,286 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// report is everything one run measured.
+type report struct {
+	Machine    machine           `json:"machine"`
+	LoadBefore string            `json:"loadavgBefore"`
+	LoadAfter  string            `json:"loadavgAfter"`
+	Started    string            `json:"started"`
+	Seconds    float64           `json:"seconds"`
+	Reps       int               `json:"reps"`
+	Config     map[string]string `json:"config"`
+	Throughput []tputRow         `json:"throughput,omitempty"`
+	Latency    []rttRow          `json:"latency,omitempty"`
+	CNI        []cniRow          `json:"cni,omitempty"`
+	Idle       []idleRow         `json:"idle,omitempty"`
+	Goals      []goal            `json:"goals"`
+}
+
+// tputRow is a throughput case; Ratio is to the veth pair's iperf3 figure
+// with as many streams.
+type tputRow struct {
+	Case      string    `json:"case"`
+	Tool      string    `json:"tool"`
+	Reference bool      `json:"reference"`
+	Streams   int       `json:"streams"`
+	Gbps      []float64 `json:"gbps"`
+	Median    float64   `json:"medianGbps"`
+	Ratio     float64   `json:"ratioToVeth"`
+	Error     string    `json:"error,omitempty"`
+}
+
+// rttRow is a latency case; ratios are to the veth pair's.
+type rttRow struct {
+	Case      string    `json:"case"`
+	Tool      string    `json:"tool"`
+	Reference bool      `json:"reference"`
+	P50us     []float64 `json:"p50us"`
+	P99us     []float64 `json:"p99us"`
+	MedianP50 float64   `json:"medianP50us"`
+	MedianP99 float64   `json:"medianP99us"`
+	RatioP50  float64   `json:"p50RatioToVeth"`
+	RatioP99  float64   `json:"p99RatioToVeth"`
+	Error     string    `json:"error,omitempty"`
+}
+
+// cniRow is a plugin's ADD and DEL latency; ratios are to bridge's.
+type cniRow struct {
+	Plugin      string     `json:"plugin"`
+	Reference   bool       `json:"reference"`
+	AddP50ms    []float64  `json:"addP50ms"`
+	AddP99ms    []float64  `json:"addP99ms"`
+	DelP50ms    []float64  `json:"delP50ms"`
+	DelP99ms    []float64  `json:"delP99ms"`
+	Medians     [4]float64 `json:"medianAddP50AddP99DelP50DelP99ms"`
+	AddP99Ratio float64    `json:"addP99RatioToBridge"`
+	Error       string     `json:"error,omitempty"`
+}
+
+func (r *cniRow) finish() {
+	r.Medians = [4]float64{median(r.AddP50ms), median(r.AddP99ms), median(r.DelP50ms), median(r.DelP99ms)}
+}
+
+// idleRow is the agent at rest with Pods attached tap pods.
+type idleRow struct {
+	Pods       int       `json:"pods"`
+	RSSMiB     []float64 `json:"rssMiB"`
+	CPUPercent []float64 `json:"cpuPercentOfACore"`
+	MedianRSS  float64   `json:"medianRSSMiB"`
+	MedianCPU  float64   `json:"medianCPUPercent"`
+	PerPodKiB  float64   `json:"rssPerPodKiB"`
+}
+
+// goal is one of the project's targets and whether this run met it.
+type goal struct {
+	Name  string  `json:"name"`
+	Want  string  `json:"want"`
+	Got   string  `json:"got"`
+	Met   *bool   `json:"met"` // nil: not measured
+	Value float64 `json:"value"`
+}
+
+func (r *report) tput(name string, streams int, tool string) *tputRow {
+	for i := range r.Throughput {
+		t := &r.Throughput[i]
+		if t.Case == name && t.Streams == streams && (tool == "" || t.Tool == tool) && t.Median > 0 {
+			return t
+		}
+	}
+	return nil
+}
+
+func (r *report) rateThroughput() {
+	for i := range r.Throughput {
+		t := &r.Throughput[i]
+		if v := r.tput("veth pair", t.Streams, "iperf3"); v != nil {
+			t.Ratio = ratio(t.Median, v.Median)
+		}
+	}
+}
+
+func (r *report) rtt(name string) *rttRow {
+	for i := range r.Latency {
+		if r.Latency[i].Case == name && r.Latency[i].MedianP50 > 0 {
+			return &r.Latency[i]
+		}
+	}
+	return nil
+}
+
+func (r *report) rateLatency() {
+	v := r.rtt("veth pair")
+	for i := range r.Latency {
+		if v != nil {
+			r.Latency[i].RatioP50 = ratio(r.Latency[i].MedianP50, v.MedianP50)
+			r.Latency[i].RatioP99 = ratio(r.Latency[i].MedianP99, v.MedianP99)
+		}
+	}
+}
+
+func (r *report) rateCNI() {
+	var br *cniRow
+	for i := range r.CNI {
+		if r.CNI[i].Plugin == "bridge" && r.CNI[i].Medians[1] > 0 {
+			br = &r.CNI[i]
+		}
+	}
+	for i := range r.CNI {
+		if br != nil {
+			r.CNI[i].AddP99Ratio = ratio(r.CNI[i].Medians[1], br.Medians[1])
+		}
+	}
+}
+
+func (r *report) rateIdle() {}
+
+// evaluateGoals marks each goal met or not met from what was measured.
+func (r *report) evaluateGoals() {
+	r.Goals = nil
+	add := func(name, want string, measured bool, value float64, got string, met bool) {
+		g := goal{Name: name, Want: want, Got: "not measured"}
+		if measured {
+			g.Got, g.Value, g.Met = got, value, &met
+		}
+		r.Goals = append(r.Goals, g)
+	}
+	tputGoal := func(name, label string, want float64) {
+		t := r.tput(name, 1, "")
+		ok := t != nil && t.Ratio > 0
+		var v float64
+		if ok {
+			v = t.Ratio
+		}
+		add(label+" throughput (1 stream)", fmt.Sprintf("≥ %.1fx veth", want), ok, v, fmt.Sprintf("%.2fx", v), v >= want)
+	}
+	tputGoal("shm-cni sandbox → sandbox", "sandbox↔sandbox", 1.0)
+	tputGoal("shm-cni tap pod → tap pod", "kernel↔kernel", 0.5)
+	tputGoal("shm-cni host → tap pod", "host↔pod", 0.5)
+	s := r.rtt("shm-cni sandbox → sandbox")
+	add("64 B RTT p50 sandbox↔sandbox", "≤ 1.0x veth", s != nil && s.RatioP50 > 0, ratioOf(s), fmt.Sprintf("%.2fx", ratioOf(s)), ratioOf(s) <= 1.0)
+	var shm *cniRow
+	for i := range r.CNI {
+		if strings.HasPrefix(r.CNI[i].Plugin, "shm-cni") && r.CNI[i].AddP99Ratio > 0 {
+			shm = &r.CNI[i]
+		}
+	}
+	var cr float64
+	if shm != nil {
+		cr = shm.AddP99Ratio
+	}
+	add("CNI ADD p99", "≤ 0.5x bridge", shm != nil, cr, fmt.Sprintf("%.2fx", cr), cr <= 0.5)
+	if len(r.Idle) > 0 {
+		last := r.Idle[len(r.Idle)-1]
+		add(fmt.Sprintf("idle agent CPU (%d pods)", last.Pods), "≤ 1% of a core", true, last.MedianCPU, fmt.Sprintf("%.2f%%", last.MedianCPU), last.MedianCPU <= 1)
+		measured := last.Pods > 0 && r.Idle[0].Pods == 0
+		add(fmt.Sprintf("idle agent RSS per pod (%d pods)", last.Pods), "≤ 1 MiB (tap pods: no queue memory)", measured, last.PerPodKiB,
+			fmt.Sprintf("%.0f KiB", last.PerPodKiB), last.PerPodKiB <= 1024)
+	} else {
+		add("idle agent CPU", "≤ 1% of a core", false, 0, "", false)
+		add("idle agent RSS per pod", "≤ 1 MiB", false, 0, "", false)
+	}
+}
+
+func ratioOf(r *rttRow) float64 {
+	if r == nil {
+		return 0
+	}
+	return r.RatioP50
+}
+
+// write prints the Markdown to w and writes bench.md and bench.json to dir.
+func (r *report) write(w io.Writer, dir string) error {
+	var b strings.Builder
+	r.markdown(&b)
+	if _, err := io.WriteString(w, b.String()); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("write report: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "bench.md"), []byte(b.String()), 0o644); err != nil {
+		return fmt.Errorf("write report: %w", err)
+	}
+	j, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return fmt.Errorf("write report: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "bench.json"), append(j, '\n'), 0o644); err != nil {
+		return fmt.Errorf("write report: %w", err)
+	}
+	return nil
+}
+
+func errNote(e string) string {
+	if e == "" {
+		return ""
+	}
+	if len(e) > 80 {
+		e = e[:80] + "…"
+	}
+	return " (failed: " + strings.ReplaceAll(e, "|", "/") + ")"
+}
+
+func (r *report) markdown(b *strings.Builder) {
+	fmt.Fprintf(b, "# shm-cni benchmarks\n\n")
+	fmt.Fprintf(b, "Machine: %d CPUs, %s, kernel %s. Load average before %s, after %s. Started %s, took %.0f s. Medians of %d repetitions.\n\n",
+		r.Machine.NProc, r.Machine.CPU, r.Machine.Kernel, r.LoadBefore, r.LoadAfter, r.Started, r.Seconds, r.Reps)
+	if len(r.Throughput) > 0 {
+		fmt.Fprintf(b, "## TCP throughput (IPv4; ratio to the veth pair's iperf3 figure)\n\n")
+		fmt.Fprintf(b, "| case | tool | streams | median Gbit/s | vs veth | runs |\n|---|---|---:|---:|---:|---|\n")
+		for _, t := range r.Throughput {
+			fmt.Fprintf(b, "| %s | %s | %d | %.2f | %.2fx | %s |%s\n", t.Case, t.Tool, t.Streams, t.Median, t.Ratio, fmtList(t.Gbps, "%.2f"), errNote(t.Error))
+		}
+		b.WriteString("\n")
+	}
+	if len(r.Latency) > 0 {
+		fmt.Fprintf(b, "## 64 B TCP request/response latency (ratio to the veth pair)\n\n")
+		fmt.Fprintf(b, "| case | tool | p50 µs | p99 µs | p50 vs veth | p99 vs veth |\n|---|---|---:|---:|---:|---:|\n")
+		for _, t := range r.Latency {
+			fmt.Fprintf(b, "| %s | %s | %.1f | %.1f | %.2fx | %.2fx |%s\n", t.Case, t.Tool, t.MedianP50, t.MedianP99, t.RatioP50, t.RatioP99, errNote(t.Error))
+		}
+		b.WriteString("\n")
+	}
+	if len(r.CNI) > 0 {
+		fmt.Fprintf(b, "## CNI latency, %s pods added then deleted concurrently through libcni (ratio to bridge)\n\n", r.Config["cni-pods"])
+		fmt.Fprintf(b, "| plugin | ADD p50 ms | ADD p99 ms | DEL p50 ms | DEL p99 ms | ADD p99 vs bridge |\n|---|---:|---:|---:|---:|---:|\n")
+		for _, c := range r.CNI {
+			fmt.Fprintf(b, "| %s | %.1f | %.1f | %.1f | %.1f | %.2fx |%s\n", c.Plugin, c.Medians[0], c.Medians[1], c.Medians[2], c.Medians[3], c.AddP99Ratio, errNote(c.Error))
+		}
+		b.WriteString("\n")
+	}
+	if len(r.Idle) > 0 {
+		fmt.Fprintf(b, "## Idle shm-agent (attached idle tap pods; CPU over %s per count)\n\n", r.Config["idle-window"])
+		fmt.Fprintf(b, "| pods | RSS MiB | RSS per pod KiB | CPU %% of a core |\n|---:|---:|---:|---:|\n")
+		for _, i := range r.Idle {
+			fmt.Fprintf(b, "| %d | %.1f | %.0f | %.2f |\n", i.Pods, i.MedianRSS, i.PerPodKiB, i.MedianCPU)
+		}
+		b.WriteString("\n")
+	}
+	fmt.Fprintf(b, "## Goals\n\n| goal | want | got | |\n|---|---|---|---|\n")
+	for _, g := range r.Goals {
+		mark := "not measured"
+		if g.Met != nil && *g.Met {
+			mark = "met"
+		} else if g.Met != nil {
+			mark = "not met"
+		}
+		fmt.Fprintf(b, "| %s | %s | %s | %s |\n", g.Name, g.Want, g.Got, mark)
+	}
+}
+
+func fmtList(xs []float64, f string) string {
+	s := make([]string, len(xs))
+	for i, x := range xs {
+		s[i] = fmt.Sprintf(f, x)
+	}
+	return strings.Join(s, " ")
+}

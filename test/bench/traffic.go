@@ -1,0 +1,251 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/shm-cni/shm-cni/test/e2e/node"
+)
+
+// echoPort is where the sandbox echo server listens.
+const echoPort = 7001
+
+// tputCase measures throughput with a number of parallel streams, in
+// bit/s.
+type tputCase struct {
+	name, tool string
+	ref        bool
+	measure    func(ctx context.Context, streams int) (float64, error)
+}
+
+// rttCase measures 64-byte round trips.
+type rttCase struct {
+	name, tool string
+	ref        bool
+	measure    func(ctx context.Context) ([]time.Duration, error)
+}
+
+// runTraffic sets up the veth pair, the reference plugins' pods and an
+// shm-cni node with its pods, then measures throughput and latency of
+// every case, rep by rep so that drift of the machine hits all alike.
+func (b *bench) runTraffic(ctx context.Context, rep *report) error {
+	log := b.log
+	log.Info("setting up: veth pair, ptp and bridge pods, shm-cni node and pods")
+	va, vb, err := b.newVethPair()
+	if err != nil {
+		return err
+	}
+	refHost, err := b.newRefHost()
+	if err != nil {
+		return err
+	}
+	ptp, err := b.newRefNet("ptp", ptpSubnet, refHost)
+	if err != nil {
+		return err
+	}
+	br, err := b.newRefNet("bridge", bridgeSubnet, refHost)
+	if err != nil {
+		return err
+	}
+	pa, pb, err := b.refPods(ctx, ptp)
+	if err != nil {
+		return err
+	}
+	ba, bb, err := b.refPods(ctx, br)
+	if err != nil {
+		return err
+	}
+	n, err := b.newNode(ctx, node.Options{})
+	if err != nil {
+		return err
+	}
+	add := func(name, kind string) (*node.Pod, error) { return n.AddPod(ctx, name, kind) }
+	k1, err := add("k1", node.KindTap)
+	if err != nil {
+		return err
+	}
+	k2, err := add("k2", node.KindTap)
+	if err != nil {
+		return err
+	}
+	// s0 receives; s1..sN send (one sandbox per link); e0 serves echo;
+	// c0 is the in-process netstack client's link.
+	maxStreams := 1
+	for _, s := range b.cfg.streams {
+		maxStreams = max(maxStreams, s)
+	}
+	s0, err := add("s0", node.KindShm)
+	if err != nil {
+		return err
+	}
+	senders := make([]*node.Pod, maxStreams)
+	for i := range senders {
+		if senders[i], err = add("s"+strconv.Itoa(i+1), node.KindShm); err != nil {
+			return err
+		}
+	}
+	e0, err := add("e0", node.KindShm)
+	if err != nil {
+		return err
+	}
+	c0, err := add("c0", node.KindShm)
+	if err != nil {
+		return err
+	}
+	echo, err := n.StartSandbox(e0, "--mode", "echo", "--port", strconv.Itoa(echoPort))
+	if err != nil {
+		return err
+	}
+	if _, err := echo.WaitLine(ctx, "ready"); err != nil {
+		return err
+	}
+	host := kend{"host", n.Host, n.Gateway4}
+	kk1 := kend{"k1", k1.NS, k1.Addr4}
+	kk2 := kend{"k2", k2.NS, k2.Addr4}
+	e0Addr := netip.AddrPortFrom(e0.Addr4, echoPort)
+
+	if b.cfg.cases["tput"] {
+		for _, e := range []kend{vb, pb, bb, kk2} {
+			if err := b.iperfServer(ctx, e); err != nil {
+				return err
+			}
+		}
+		iperf := func(src, dst kend) func(context.Context, int) (float64, error) {
+			return func(ctx context.Context, streams int) (float64, error) {
+				return b.iperfClient(ctx, src, dst, streams)
+			}
+		}
+		xfer := func(srcs []*node.Peer, dst *node.Peer) func(context.Context, int) (float64, error) {
+			return func(ctx context.Context, streams int) (float64, error) {
+				return transfers(ctx, n, srcs, dst, streams, b.cfg.bytes)
+			}
+		}
+		sandboxPeers := make([]*node.Peer, len(senders))
+		for i, p := range senders {
+			sandboxPeers[i] = n.PodPeer(p)
+		}
+		cases := []tputCase{
+			{"veth pair", "iperf3", true, iperf(va, vb)},
+			{"veth pair", "Go verified transfer", true, func(ctx context.Context, streams int) (float64, error) {
+				return kernelTransfers(ctx, va, vb, streams, b.cfg.bytes)
+			}},
+			{"ptp pod → pod", "iperf3", true, iperf(pa, pb)},
+			{"bridge pod → pod", "iperf3", true, iperf(ba, bb)},
+			{"shm-cni tap pod → tap pod", "iperf3", false, iperf(kk1, kk2)},
+			{"shm-cni host → tap pod", "iperf3", false, iperf(host, kk2)},
+			{"shm-cni tap pod → sandbox", "sandbox sink", false, xfer([]*node.Peer{n.PodPeer(k1)}, n.PodPeer(s0))},
+			{"shm-cni sandbox → tap pod", "sandbox send", false, xfer(sandboxPeers, n.PodPeer(k2))},
+			{"shm-cni sandbox → sandbox", "sandbox send/sink", false, xfer(sandboxPeers, n.PodPeer(s0))},
+		}
+		results := make([][]float64, len(cases)*len(b.cfg.streams))
+		errs := make([]string, len(results))
+		for r := range b.cfg.reps {
+			for i, c := range cases {
+				for j, s := range b.cfg.streams {
+					if ctx.Err() != nil {
+						return ctx.Err()
+					}
+					k := i*len(b.cfg.streams) + j
+					v, err := c.measure(ctx, s)
+					if err != nil {
+						log.Warn("throughput", "case", c.name, "streams", s, "rep", r+1, "err", err)
+						errs[k] = err.Error()
+						continue
+					}
+					log.Info("throughput", "case", c.name, "tool", c.tool, "streams", s, "rep", r+1, "Gbit/s", fmt.Sprintf("%.2f", v/1e9))
+					results[k] = append(results[k], v/1e9)
+				}
+			}
+		}
+		for i, c := range cases {
+			for j, s := range b.cfg.streams {
+				k := i*len(b.cfg.streams) + j
+				rep.Throughput = append(rep.Throughput, tputRow{Case: c.name, Tool: c.tool, Reference: c.ref,
+					Streams: s, Gbps: results[k], Median: median(results[k]), Error: errs[k]})
+			}
+		}
+		rep.rateThroughput()
+	}
+
+	if b.cfg.cases["rtt"] {
+		kernel := func(src, dst kend) func(context.Context) ([]time.Duration, error) {
+			return func(ctx context.Context) ([]time.Duration, error) {
+				return kernelRTT(ctx, src, dst, b.cfg.rttCount)
+			}
+		}
+		cases := []rttCase{
+			{"veth pair", "Go echo", true, kernel(va, vb)},
+			{"ptp pod → pod", "Go echo", true, kernel(pa, pb)},
+			{"bridge pod → pod", "Go echo", true, kernel(ba, bb)},
+			{"shm-cni tap pod → tap pod", "Go echo", false, kernel(kk1, kk2)},
+			{"shm-cni host → tap pod", "Go echo", false, kernel(host, kk2)},
+			{"shm-cni tap pod → sandbox", "sandbox echo", false, func(ctx context.Context) ([]time.Duration, error) {
+				return dialRTT(ctx, kk1, e0Addr, b.cfg.rttCount)
+			}},
+			{"shm-cni sandbox → sandbox", "netstack client, sandbox echo", false, func(ctx context.Context) ([]time.Duration, error) {
+				return netstackRTT(ctx, c0.SocketPath, e0Addr, b.cfg.rttCount)
+			}},
+		}
+		p50s := make([][]float64, len(cases))
+		p99s := make([][]float64, len(cases))
+		errs := make([]string, len(cases))
+		for r := range b.cfg.reps {
+			for i, c := range cases {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				ds, err := c.measure(ctx)
+				if err != nil {
+					log.Warn("latency", "case", c.name, "rep", r+1, "err", err)
+					errs[i] = err.Error()
+					continue
+				}
+				p50s[i] = append(p50s[i], percentile(ds, 50))
+				p99s[i] = append(p99s[i], percentile(ds, 99))
+				log.Info("latency", "case", c.name, "rep", r+1, "p50 µs", fmt.Sprintf("%.1f", percentile(ds, 50)), "p99 µs", fmt.Sprintf("%.1f", percentile(ds, 99)))
+			}
+		}
+		for i, c := range cases {
+			rep.Latency = append(rep.Latency, rttRow{Case: c.name, Tool: c.tool, Reference: c.ref,
+				P50us: p50s[i], P99us: p99s[i], MedianP50: median(p50s[i]), MedianP99: median(p99s[i]), Error: errs[i]})
+		}
+		rep.rateLatency()
+	}
+	return b.closeNode(n)
+}
+
+// transfers runs streams verified transfers at once, from srcs[i] (the
+// first when there is one) to dst, and returns the aggregate bit/s: all
+// bytes over the longest sender-measured duration.
+func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.Peer, streams int, size int64) (float64, error) {
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		total int64
+		long  time.Duration
+		errs  []error
+	)
+	for i := range streams {
+		src := srcs[min(i, len(srcs)-1)]
+		wg.Go(func() {
+			tr, err := n.Transfer(ctx, src, dst, false, size)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err)
+				return
+			}
+			total += tr.Bytes
+			long = max(long, tr.Duration)
+		})
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		return 0, errs[0]
+	}
+	return float64(total) * 8 / long.Seconds(), nil
+}
