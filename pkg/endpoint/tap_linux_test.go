@@ -164,15 +164,20 @@ func (d *checkingDispatcher) DeliverNetworkPacket(proto tcpip.NetworkProtocolNum
 }
 
 // newAgentStack returns a gVisor stack with one NIC on ep, addressed on the
-// pod's subnets; stack.Destroy at cleanup (which waits for the endpoint
-// before closing it).
+// pod's subnets. At cleanup the NIC goes first and the endpoint is waited for
+// outside the stack's lock: Stack.Wait (in Destroy) waits for link endpoints
+// while holding that lock, which a reader delivering a packet may need.
 func newAgentStack(t *testing.T, ep stack.LinkEndpoint, v6 bool) *stack.Stack {
 	t.Helper()
 	s := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol, arp.NewProtocol},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
 	})
-	t.Cleanup(s.Destroy)
+	t.Cleanup(func() {
+		s.RemoveNIC(1)
+		ep.Wait()
+		s.Destroy()
+	})
 	// Larger TCP buffers than the defaults let a single stream fill a
 	// 64 KiB super-packet; the transfers would crawl otherwise.
 	send := tcpip.TCPSendBufferSizeRangeOption{Min: 4096, Default: 1 << 20, Max: 8 << 20}
