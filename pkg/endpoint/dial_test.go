@@ -404,7 +404,9 @@ func dialSocketPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
 	return conns[0], conns[1]
 }
 
-// dialTestStack is a sandbox-like netstack, closed when t ends.
+// dialTestStack is a sandbox-like netstack, closed when t ends. Its NICs go
+// first: Stack.Wait holds the stack's lock while it waits for link
+// endpoints, and a link delivering a packet may need that lock.
 func dialTestStack(t *testing.T) *stack.Stack {
 	s := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol, arp.NewProtocol},
@@ -413,6 +415,9 @@ func dialTestStack(t *testing.T) *stack.Stack {
 	sack := tcpip.TCPSACKEnabled(true)
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack)
 	t.Cleanup(func() {
+		for id := range s.NICInfo() {
+			s.RemoveNIC(id)
+		}
 		s.Close()
 		s.Wait()
 	})
