@@ -6,6 +6,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/shm-cni/shm-cni/pkg/router"
 )
 
 // Metric names and their help, one table. "Receive" is what the router got
@@ -27,6 +29,9 @@ var (
 	descEndpointDrops = prometheus.NewDesc("shm_cni_link_endpoint_drops_total",
 		"Frames the link endpoint dropped (receive: malformed or oversized; transmit: the pod's queue or device was full).",
 		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
+	descFiltered = prometheus.NewDesc("shm_cni_link_spoofed_drops_total",
+		"Packets from the pod the anti-spoofing filter dropped before routing, by reason (source_mac, source_address, destination, arp, ndp, malformed, ethertype).",
+		append(linkLabels[:len(linkLabels):len(linkLabels)], "reason"), nil)
 	descViolations = prometheus.NewDesc("shm_cni_link_protocol_violations_total",
 		"Shared-memory protocol violations by the sandbox; each cuts the sandbox off.", linkLabels, nil)
 	descLinkUp = prometheus.NewDesc("shm_cni_link_up",
@@ -81,7 +86,7 @@ var _ prometheus.Collector = (*linkCollector)(nil)
 // Describe implements prometheus.Collector.Describe.
 func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRxPackets, descRxBytes, descTxPackets, descTxBytes,
-		descDrops, descEndpointDrops, descViolations, descLinkUp, descAttachments, descUnrouted} {
+		descDrops, descFiltered, descEndpointDrops, descViolations, descLinkUp, descAttachments, descUnrouted} {
 		ch <- d
 	}
 }
@@ -107,6 +112,9 @@ func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
 			counter(descTxBytes, r.TxBytes)
 			counter(descDrops, r.RxDrops, "receive")
 			counter(descDrops, r.TxDrops, "transmit")
+			for _, reason := range router.DropReasons() {
+				counter(descFiltered, r.Filtered[reason], reason.String())
+			}
 		}
 		if e := st.Endpoint; e != nil {
 			counter(descEndpointDrops, e.RxDrops, "receive")

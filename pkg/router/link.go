@@ -28,15 +28,17 @@ type Link struct {
 
 // link is a pod link the router has.
 type link struct {
-	ep    stack.LinkEndpoint
-	nicID tcpip.NICID
-	addrs []netip.Addr
+	ep     stack.LinkEndpoint
+	filter *filterEndpoint
+	nicID  tcpip.NICID
+	addrs  []netip.Addr
 }
 
 // AddLink attaches ep as a new pod link named id: it creates a NIC, puts the
 // link-local gateway addresses on it, adds a host route and (for links that
 // need resolution) a static neighbor entry for each pod address. ep must not
-// be attached to any stack; the router wraps it (see forwardhold.go), and
+// be attached to any stack; the router wraps it (see filter.go: only what
+// the pod may send reaches the stack; forwardhold.go), and
 // every lifecycle call reaches ep unchanged. On failure nothing is left
 // behind and ep has been detached, closed and waited for, as by RemoveLink;
 // the caller still owns what backs it.
@@ -61,12 +63,14 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 		ep.SetLinkAddress(l.GatewayMAC)
 	}
 
-	wrapped := newHoldingEndpoint(ep, r.holds)
+	resolves := ep.Capabilities()&stack.CapabilityResolutionRequired != 0
+	filter := newFilterEndpoint(ep, newPodIdentity(l, resolves))
+	wrapped := newHoldingEndpoint(filter, r.holds)
 	nicID := r.stack.NextNICID()
 	if err := r.stack.CreateNICWithOptions(nicID, wrapped, stack.NICOptions{Name: podNICPrefix + id}); err != nil {
 		return fmt.Errorf("add link %s: create NIC: %s", id, err)
 	}
-	lk := &link{ep: wrapped, nicID: nicID, addrs: append([]netip.Addr(nil), l.Addrs...)}
+	lk := &link{ep: wrapped, filter: filter, nicID: nicID, addrs: append([]netip.Addr(nil), l.Addrs...)}
 	success := false
 	defer func() {
 		if !success {
@@ -76,7 +80,6 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 	if err := addGatewayAddrs(r.stack, nicID); err != nil {
 		return fmt.Errorf("add link %s: %w", id, err)
 	}
-	resolves := ep.Capabilities()&stack.CapabilityResolutionRequired != 0
 	for _, a := range l.Addrs {
 		if resolves {
 			if err := r.stack.AddStaticNeighbor(nicID, protoOf(a), toAddr(a), l.PodMAC); err != nil {

@@ -22,6 +22,9 @@ type LinkStats struct {
 	// TxDrops counts packets dropped because the link had no buffer
 	// space.
 	TxDrops uint64
+	// Filtered counts, by reason, what the pod sent that the router's
+	// anti-spoofing filter dropped before the stack saw it (filter.go).
+	Filtered FilterDrops
 }
 
 // LinkStats returns the counters of link id.
@@ -36,7 +39,9 @@ func (r *Router) LinkStats(id string) (LinkStats, error) {
 	if !ok {
 		return LinkStats{}, fmt.Errorf("link stats %s: %w", id, ErrUnknownLink)
 	}
-	return nicStats(info), nil
+	st := nicStats(info)
+	st.Filtered = lk.filter.Drops()
+	return st, nil
 }
 
 // UplinkStats returns the uplink's counters; Rx is what the host sent to the
