@@ -55,7 +55,11 @@ func (a *Agent) linkStatus() []LinkStatus {
 		if att.shm != nil {
 			st.SocketPath = att.shm.path
 		}
-		if ls, err := a.router.LinkStats(att.linkID); err == nil {
+		if att.shm != nil {
+			// Summed over the sandbox's sessions; up while one is attached.
+			ls, up := att.shm.routerStats()
+			st.Up, st.Router = up, &ls
+		} else if ls, err := a.router.LinkStats(att.linkID); err == nil {
 			st.Up = true
 			st.Router = &ls
 		}

@@ -39,6 +39,11 @@ type shmLink struct {
 
 	// mu guards the fields below and serialises sessions.
 	mu sync.Mutex
+	// pastEndpoint and pastRouter sum the counters of ended sessions, so
+	// that a link's counters (a cut-off sandbox's violations above all)
+	// outlive the session. Guarded by mu.
+	pastEndpoint endpoint.StatsSnapshot
+	pastRouter   router.LinkStats
 	// pair is the queue pair the next session uses, the agent's copy; nil
 	// when none is prepared (one is made at the next connection).
 	// +checklocks:mu
@@ -206,7 +211,12 @@ func (s *shmLink) sessionLost(srv *endpoint.Server, reason error) {
 //
 // +checklocks:s.mu
 func (s *shmLink) endSessionLocked(reason string) {
+	if ls, err := s.router.LinkStats(s.linkID); err == nil {
+		s.pastRouter = addRouterStats(s.pastRouter, ls)
+	}
 	s.removeLinkLocked()
+	// Removed: the endpoint has stopped, its counters are final.
+	s.pastEndpoint = addEndpointStats(s.pastEndpoint, s.server.Stats().Snapshot())
 	s.conn.Close()
 	s.server, s.conn = nil, nil
 	s.log.Info("sandbox disconnected", "reason", reason)
@@ -247,10 +257,43 @@ func (s *shmLink) stop() {
 // stats returns the live session's endpoint counters.
 func (s *shmLink) stats() (endpoint.StatsSnapshot, bool) {
 	s.mu.Lock()
-	srv := s.server
+	srv, past := s.server, s.pastEndpoint
 	s.mu.Unlock()
 	if srv == nil {
-		return endpoint.StatsSnapshot{}, false
+		return past, true
 	}
-	return srv.Stats().Snapshot(), true
+	return addEndpointStats(past, srv.Stats().Snapshot()), true
+}
+
+// routerStats returns the link's router counters summed over every session,
+// and whether a session is attached now.
+func (s *shmLink) routerStats() (router.LinkStats, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ls, err := s.router.LinkStats(s.linkID)
+	if s.server == nil || err != nil {
+		return s.pastRouter, false
+	}
+	return addRouterStats(s.pastRouter, ls), true
+}
+
+func addEndpointStats(a, b endpoint.StatsSnapshot) endpoint.StatsSnapshot {
+	return endpoint.StatsSnapshot{
+		RxPackets: a.RxPackets + b.RxPackets, RxBytes: a.RxBytes + b.RxBytes,
+		TxPackets: a.TxPackets + b.TxPackets, TxBytes: a.TxBytes + b.TxBytes,
+		RxDrops: a.RxDrops + b.RxDrops, TxDrops: a.TxDrops + b.TxDrops,
+		Violations: a.Violations + b.Violations,
+	}
+}
+
+func addRouterStats(a, b router.LinkStats) router.LinkStats {
+	out := router.LinkStats{
+		RxPackets: a.RxPackets + b.RxPackets, RxBytes: a.RxBytes + b.RxBytes,
+		TxPackets: a.TxPackets + b.TxPackets, TxBytes: a.TxBytes + b.TxBytes,
+		RxDrops: a.RxDrops + b.RxDrops, TxDrops: a.TxDrops + b.TxDrops,
+	}
+	for i := range out.Filtered {
+		out.Filtered[i] = a.Filtered[i] + b.Filtered[i]
+	}
+	return out
 }

@@ -42,38 +42,12 @@ type DialOptions struct {
 // time: Dial fails with an error wrapping ErrDialRefused while another
 // connection holds the link.
 func Dial(ctx context.Context, socketPath string, opts DialOptions) (*Client, LinkConfig, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "unixpacket", socketPath)
+	conn, pair, cfg, err := DialPair(ctx, socketPath)
 	if err != nil {
-		return nil, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
+		return nil, LinkConfig{}, err
 	}
-	conn := c.(*net.UnixConn)
-	defer conn.Close() // the endpoint keeps its own duplicate
-	if dl, ok := ctx.Deadline(); ok {
-		if err := conn.SetDeadline(dl); err != nil {
-			return nil, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
-		}
-	}
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-
-	buf := make([]byte, MaxLinkConfigSize)
-	n, fds, err := recvLinkRecord(conn, buf)
-	if err != nil {
-		if ctx.Err() != nil {
-			err = errors.Join(err, context.Cause(ctx))
-		}
-		return nil, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
-	}
-	defer unixmsg.Close(fds) // NewClient duplicates what it keeps
-	cfg, err := ParseLinkConfig(buf[:n])
-	if err != nil {
-		return nil, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
-	}
-	pair, err := queue.PairFrom(fds)
-	if err != nil {
-		return nil, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
-	}
+	defer conn.Close()              // the endpoint keeps its own duplicate
+	defer pair.Close()              // NewClient duplicates what it keeps
 	mac, _ := net.ParseMAC(cfg.MAC) // checked by ParseLinkConfig
 	rc, err := conn.SyscallConn()
 	if err != nil {
@@ -99,6 +73,65 @@ func Dial(ctx context.Context, socketPath string, opts DialOptions) (*Client, Li
 		return nil, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, cerr)
 	}
 	return client, cfg, nil
+}
+
+// DialPair is Dial for sandboxes that bring their own endpoint (gVisor's
+// sharedmem.New, say): it returns the open connection, the queue pair and
+// the link config; the caller owns and must close the connection and the
+// pair. The link lives as long as the connection: the agent takes the
+// connection's end as the sandbox's death.
+func DialPair(ctx context.Context, socketPath string) (*net.UnixConn, queue.Pair, LinkConfig, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unixpacket", socketPath)
+	if err != nil {
+		return nil, queue.Pair{}, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
+	}
+	conn := c.(*net.UnixConn)
+	success := false
+	defer func() {
+		if !success {
+			conn.Close()
+		}
+	}()
+	if dl, ok := ctx.Deadline(); ok {
+		if err := conn.SetDeadline(dl); err != nil {
+			return nil, queue.Pair{}, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
+		}
+	}
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+
+	buf := make([]byte, MaxLinkConfigSize)
+	n, fds, err := recvLinkRecord(conn, buf)
+	if err != nil {
+		if ctx.Err() != nil {
+			err = errors.Join(err, context.Cause(ctx))
+		}
+		return nil, queue.Pair{}, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
+	}
+	cfg, err := ParseLinkConfig(buf[:n])
+	if err != nil {
+		unixmsg.Close(fds)
+		return nil, queue.Pair{}, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
+	}
+	pair, err := queue.PairFrom(fds)
+	if err != nil {
+		unixmsg.Close(fds)
+		return nil, queue.Pair{}, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
+	}
+	if !stop() {
+		// ctx ended after the exchange: the deadline may be in the past.
+		if err := context.Cause(ctx); err != nil {
+			pair.Close()
+			return nil, queue.Pair{}, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
+		}
+	}
+	if err := conn.SetDeadline(time.Time{}); err != nil {
+		pair.Close()
+		return nil, queue.Pair{}, LinkConfig{}, fmt.Errorf("dial %s: %w", socketPath, err)
+	}
+	success = true
+	return conn, pair, cfg, nil
 }
 
 // recvLinkRecord reads the one record of the dial protocol: its length and
