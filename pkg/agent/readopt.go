@@ -72,6 +72,11 @@ func (a *Agent) readoptOne(rec *record) (*attachment, error) {
 		defer f.Close()
 		return a.attachTAP(rec, f)
 	case agentapi.KindShm:
+		// The sandbox lives in the pod's netns (its placeholder
+		// interface too): without it, nobody will dial the link.
+		if err := checkNetns(rec.Netns); err != nil {
+			return nil, err
+		}
 		return a.startShm(rec, nil, sandboxSocketPath(a.cfg.SandboxDir, rec.key()))
 	}
 	return nil, fmt.Errorf("unknown kind %q", rec.Kind)

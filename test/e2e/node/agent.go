@@ -141,6 +141,20 @@ func (n *Node) StopAgent() error {
 	return nil
 }
 
+// KillAgent kills the agent (SIGKILL to its pid), as a crash or an OOM kill
+// would, and waits for it.
+func (n *Node) KillAgent() error {
+	n.mu.Lock()
+	a := n.agent
+	n.agent = nil
+	n.mu.Unlock()
+	if a == nil {
+		return errors.New("kill agent: not running")
+	}
+	a.proc.kill()
+	return nil
+}
+
 // AgentExited reports whether the running agent died on its own, with its
 // exit error; tests check it after traffic (a crash, a race report).
 func (n *Node) AgentExited() (bool, error) {

@@ -21,6 +21,8 @@ type Binaries struct {
 	Agent string
 	// Sandbox is the sandbox workload program.
 	Sandbox string
+	// Hostile is the hostile sandbox program (test/e2e/hostile).
+	Hostile string
 }
 
 // BuildOptions tune Build.
@@ -31,7 +33,7 @@ type BuildOptions struct {
 	Race bool
 }
 
-// Build compiles shm-cni, shm-agent and the sandbox program of the module
+// Build compiles shm-cni, shm-agent, the sandbox and hostile programs of the module
 // the current directory is in into outDir, which must exist.
 func Build(ctx context.Context, outDir string, opts BuildOptions) (Binaries, error) {
 	goBin, err := exec.LookPath("go")
@@ -53,6 +55,7 @@ func Build(ctx context.Context, outDir string, opts BuildOptions) (Binaries, err
 		CNI:     filepath.Join(outDir, "shm-cni"),
 		Agent:   filepath.Join(outDir, "shm-agent"),
 		Sandbox: filepath.Join(outDir, "sandbox"),
+		Hostile: filepath.Join(outDir, "hostile"),
 	}
 	// The CNI binary is never raced: it runs hundreds of times per test
 	// run and is short lived.
@@ -60,6 +63,9 @@ func Build(ctx context.Context, outDir string, opts BuildOptions) (Binaries, err
 		return Binaries{}, err
 	}
 	if err := goBuild(ctx, goBin, root, outDir, opts.Race, "./cmd/shm-agent", "./test/e2e/sandbox"); err != nil {
+		return Binaries{}, err
+	}
+	if err := goBuild(ctx, goBin, root, outDir, false, "./test/e2e/hostile"); err != nil {
 		return Binaries{}, err
 	}
 	return b, nil

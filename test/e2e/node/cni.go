@@ -296,3 +296,10 @@ func (n *Node) DeletePod(ctx context.Context, p *Pod) error {
 	}
 	return DeleteNetNS(p.NS)
 }
+
+// RemovePodNetNS deletes p's netns without CNI DEL, as a reboot (or a
+// runtime that lost it) would: its devices go with it. DeletePod may follow.
+func (n *Node) RemovePodNetNS(p *Pod) error {
+	p.stopServer()
+	return DeleteNetNS(p.NS)
+}

@@ -32,25 +32,35 @@ func (s *Sandbox) PID() int { return s.proc.pid() }
 // appended to LogDir()/sandbox-<pod>.log. Only one sandbox may hold a link
 // at a time: the agent refuses a second. Close kills it if it still runs.
 func (n *Node) StartSandbox(p *Pod, args ...string) (*Sandbox, error) {
+	return n.startProgram(p, n.opts.Binaries.Sandbox, "sandbox", args)
+}
+
+// StartHostile runs the hostile sandbox program (test/e2e/hostile) on p's
+// link like StartSandbox; its stderr goes to LogDir()/hostile-<pod>.log.
+func (n *Node) StartHostile(p *Pod, args ...string) (*Sandbox, error) {
+	return n.startProgram(p, n.opts.Binaries.Hostile, "hostile", args)
+}
+
+func (n *Node) startProgram(p *Pod, bin, name string, args []string) (*Sandbox, error) {
 	if p.SocketPath == "" {
-		return nil, fmt.Errorf("start sandbox for %s: not a shm pod", p.Name)
+		return nil, fmt.Errorf("start %s for %s: not a shm pod", name, p.Name)
 	}
-	logPath := filepath.Join(n.LogDir(), "sandbox-"+p.Name+".log")
+	logPath := filepath.Join(n.LogDir(), name+"-"+p.Name+".log")
 	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("start sandbox for %s: %w", p.Name, err)
+		return nil, fmt.Errorf("start %s for %s: %w", name, p.Name, err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(n.opts.Binaries.Sandbox, append([]string{"--socket", p.SocketPath}, args...)...)
+	cmd := exec.Command(bin, append([]string{"--socket", p.SocketPath}, args...)...)
 	cmd.Stderr = logf
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.closed {
-		return nil, fmt.Errorf("start sandbox for %s: node closed", p.Name)
+		return nil, fmt.Errorf("start %s for %s: node closed", name, p.Name)
 	}
-	proc, err := startIn(p.NS, "sandbox "+p.Name, cmd, true)
+	proc, err := startIn(p.NS, name+" "+p.Name, cmd, true)
 	if err != nil {
-		return nil, fmt.Errorf("start sandbox for %s: %w", p.Name, err)
+		return nil, fmt.Errorf("start %s for %s: %w", name, p.Name, err)
 	}
 	s := &Sandbox{pod: p, proc: proc, LogPath: logPath}
 	// Forget those that ended, so that many short-lived senders do not
@@ -65,8 +75,12 @@ func (n *Node) StartSandbox(p *Pod, args ...string) (*Sandbox, error) {
 	return s, nil
 }
 
-// nextLine returns the sandbox's next stdout line starting with prefix,
+// NextLine returns the sandbox's next stdout line starting with prefix,
 // skipping others. It fails when the sandbox exits first or ctx ends.
+func (s *Sandbox) NextLine(ctx context.Context, prefix string) (string, error) {
+	return s.nextLine(ctx, prefix)
+}
+
 func (s *Sandbox) nextLine(ctx context.Context, prefix string) (string, error) {
 	for {
 		select {

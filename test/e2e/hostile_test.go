@@ -1,0 +1,346 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/shm-cni/shm-cni/test/e2e/node"
+)
+
+// hostileTransfer is what well-behaved pods send while a hostile sandbox
+// misbehaves: enough to overlap every mode's misbehaviour.
+const hostileTransfer = 32 << 20
+
+// hostileDuration is how long the flooding and stalling modes run.
+const hostileDuration = 4 * time.Second
+
+// hostileEnv is a node with well-behaved pods (two kernel pods, a sandbox)
+// and a hostile sandbox pod h.
+type hostileEnv struct {
+	n          *node.Node
+	k1, k2, s1 *node.Pod
+	h          *node.Pod
+}
+
+func newHostileEnv(t *testing.T, ctx context.Context) *hostileEnv {
+	n := newNode(t, node.Options{})
+	return &hostileEnv{
+		n:  n,
+		k1: addPod(t, ctx, n, "k1", node.KindTap),
+		k2: addPod(t, ctx, n, "k2", node.KindTap),
+		s1: addPod(t, ctx, n, "s1", node.KindShm),
+		h:  addPod(t, ctx, n, "h", node.KindShm),
+	}
+}
+
+// startHostile runs the hostile program on h and waits until it holds the
+// link (or, for reconnect, has finished its attachments).
+func (e *hostileEnv) startHostile(t *testing.T, ctx context.Context, args ...string) *node.Sandbox {
+	t.Helper()
+	sb, err := e.n.StartHostile(e.h, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sb.Stop() })
+	if _, err := sb.WaitLine(ctx, "attached"); err != nil {
+		t.Fatal(err)
+	}
+	return sb
+}
+
+// wellBehavedTraffic runs verified TCP transfers between the well-behaved
+// pods (kernel to kernel, kernel to sandbox, sandbox to kernel) at the same
+// time and returns their errors joined.
+func (e *hostileEnv) wellBehavedTraffic(ctx context.Context) error {
+	pairs := [][2]*node.Pod{{e.k1, e.k2}, {e.k2, e.s1}}
+	errs := make([]error, len(pairs))
+	var wg sync.WaitGroup
+	for i, p := range pairs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, errs[i] = e.n.Transfer(ctx, e.n.PodPeer(p[0]), e.n.PodPeer(p[1]), false, hostileTransfer)
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// metric reads a counter of h's link.
+func (e *hostileEnv) metric(t *testing.T, ctx context.Context, name string, labels ...string) float64 {
+	t.Helper()
+	match := map[string]string{"container_id": e.h.RT.ContainerID}
+	for i := 0; i+1 < len(labels); i += 2 {
+		match[labels[i]] = labels[i+1]
+	}
+	v, err := e.n.Metric(ctx, name, match)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// healthyAgain checks that h's link serves a well-behaved sandbox once the
+// hostile one is gone, and that the agent holds no more than it did before.
+func (e *hostileEnv) healthyAgain(t *testing.T, ctx context.Context, base agentFootprint) {
+	t.Helper()
+	if _, err := e.n.Transfer(ctx, e.n.PodPeer(e.k1), e.n.PodPeer(e.h), false, 4<<20); err != nil {
+		t.Errorf("h's link after the hostile sandbox left: %v", err)
+	}
+	// Back to the state of base: no sandbox holds a link.
+	e.h.StopServer()
+	e.s1.StopServer()
+	sctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	f, err := settledFootprint(sctx, e.n, base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.fds > base.fds || f.memfdMaps > base.memfdMaps || f.goroutines > base.goroutines {
+		t.Errorf("agent holds %v, before the hostile sandbox %v", f, base)
+	}
+}
+
+// TestHostileGarbage: a sandbox that scribbles over its shared pages and
+// rings is cut off (a protocol violation, counted) while the other pods'
+// traffic flows; its link then serves the next, well-behaved sandbox.
+func TestHostileGarbage(t *testing.T) {
+	ctx := testContext(t)
+	e := newHostileEnv(t, ctx)
+	base, err := footprint(ctx, e.n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for seed := 1; seed <= 3; seed++ {
+		sb := e.startHostile(t, ctx, "--mode", "garbage", "--seed", fmt.Sprint(seed), "--duration", "20s")
+		if err := e.wellBehavedTraffic(ctx); err != nil {
+			t.Errorf("seed %d: well-behaved traffic: %v", seed, err)
+		}
+		if _, err := sb.WaitLine(ctx, "cut off"); err != nil {
+			t.Fatalf("seed %d: the agent did not cut the scribbling sandbox off: %v", seed, err)
+		}
+		if err := sb.Wait(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if got := e.metric(t, ctx, "shm_cni_link_protocol_violations_total"); got < float64(seed) {
+			t.Errorf("seed %d: protocol violations counted %v, want >= %d", seed, got, seed)
+		}
+	}
+	if got := e.metric(t, ctx, "shm_cni_link_up"); got != 0 {
+		t.Errorf("h's link up = %v after the cut-off, want 0", got)
+	}
+	e.healthyAgain(t, ctx, base)
+}
+
+// TestHostileFlood: a sandbox sending as fast as it can (to a pod address
+// nobody has, so the router drops it) does not stop the other pods'
+// traffic; its frames are counted.
+func TestHostileFlood(t *testing.T) {
+	ctx := testContext(t)
+	e := newHostileEnv(t, ctx)
+	base, err := footprint(ctx, e.n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nobody := unassigned(t, e.n)
+	sb := e.startHostile(t, ctx, "--mode", "flood", "--to", netip.AddrPortFrom(nobody, 9).String(), "--duration", hostileDuration.String())
+	if err := e.wellBehavedTraffic(ctx); err != nil {
+		t.Errorf("well-behaved traffic: %v", err)
+	}
+	l, err := sb.WaitLine(ctx, "done flood")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := e.metric(t, ctx, "shm_cni_link_receive_packets_total"); got == 0 {
+		t.Errorf("the router counted no packet from the flooding sandbox (%s)", l)
+	}
+	if got, err := e.n.Metric(ctx, "shm_cni_unrouted_drops_total", nil); err != nil || got == 0 {
+		t.Errorf("unrouted drops %v (%v), want the flood counted", got, err)
+	}
+	if err := sb.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.healthyAgain(t, ctx, base)
+}
+
+// TestHostileStall: a sandbox that stops consuming fills its receive queue;
+// the router drops and counts what it cannot deliver, never blocks, and the
+// other pods' traffic flows.
+func TestHostileStall(t *testing.T) {
+	ctx := testContext(t)
+	e := newHostileEnv(t, ctx)
+	base, err := footprint(ctx, e.n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb := e.startHostile(t, ctx, "--mode", "stall", "--duration", hostileDuration.String())
+	// k1 sends UDP at h (the 4 MiB queue takes ~2800 frames of 1400 B).
+	sent := make(chan error, 1)
+	go func() { sent <- udpFlood(e.k1.NS, netip.AddrPortFrom(e.h.Addr4, 9), 20000) }()
+	if err := e.wellBehavedTraffic(ctx); err != nil {
+		t.Errorf("well-behaved traffic: %v", err)
+	}
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	if got := e.metric(t, ctx, "shm_cni_link_endpoint_drops_total", "direction", "transmit"); got == 0 {
+		t.Errorf("no transmit drop counted on the stalled sandbox's link")
+	}
+	if err := sb.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.healthyAgain(t, ctx, base)
+}
+
+// TestHostileReconnect: a sandbox attaching and hanging up over and over
+// (some before the link config arrives) leaves the agent as it was.
+func TestHostileReconnect(t *testing.T) {
+	ctx := testContext(t)
+	e := newHostileEnv(t, ctx)
+	base, err := footprint(ctx, e.n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- e.wellBehavedTraffic(ctx) }()
+	sb := e.startHostile(t, ctx, "--mode", "reconnect", "--count", "150")
+	l, err := sb.WaitLine(ctx, "done reconnect")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sb.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("well-behaved traffic: %v", err)
+	}
+	if l != "done reconnect 100" {
+		t.Errorf("hostile reported %q, want 100 completed attachments", l)
+	}
+	e.healthyAgain(t, ctx, base)
+}
+
+// TestHostileSpoof: frames with another pod's addresses or MAC, ARP and NDP
+// claims for another pod's address and packets for the host's loopback are
+// dropped and counted by reason; the receiver sees only the honest
+// datagram, from the sender's own address.
+func TestHostileSpoof(t *testing.T) {
+	ctx := testContext(t)
+	e := newHostileEnv(t, ctx)
+	for _, v6 := range []bool{false, true} {
+		before := map[string]float64{}
+		for _, r := range []string{"source_address", "source_mac", "destination", "arp", "ndp"} {
+			before[r] = e.metric(t, ctx, "shm_cni_link_spoofed_drops_total", "reason", r)
+		}
+		conn, err := listenUDPIn(e.k2.NS, netip.AddrPortFrom(e.k2.Addr(v6), 0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		to := netip.AddrPortFrom(e.k2.Addr(v6), uint16(conn.LocalAddr().(*net.UDPAddr).Port))
+		sb := e.startHostile(t, ctx, "--mode", "spoof", "--to", to.String(), "--as", e.k1.Addr(v6).String())
+		if err := sb.Wait(ctx); err != nil {
+			t.Fatal(err)
+		}
+		got := readDatagrams(conn, time.Second)
+		conn.Close()
+		want := []string{"honest from " + e.h.Addr(v6).String()}
+		if strings.Join(got, "; ") != strings.Join(want, "; ") {
+			t.Errorf("%s: k2 received %q, want %q", family(v6), got, want)
+		}
+		// Ten rounds of: another pod's address and an outside address
+		// (source_address), another MAC, the loopback, an ARP or NDP
+		// claim.
+		wantDrops := map[string]float64{"source_address": 20, "source_mac": 10, "destination": 10}
+		if v6 {
+			wantDrops["ndp"] = 10
+		} else {
+			wantDrops["arp"] = 10
+		}
+		for r, n := range wantDrops {
+			if got := e.metric(t, ctx, "shm_cni_link_spoofed_drops_total", "reason", r) - before[r]; got != n {
+				t.Errorf("%s: %s drops %v, want %v", family(v6), r, got, n)
+			}
+		}
+	}
+	// The well-behaved pods are unaffected.
+	if err := e.wellBehavedTraffic(ctx); err != nil {
+		t.Errorf("well-behaved traffic: %v", err)
+	}
+}
+
+func family(v6 bool) string {
+	if v6 {
+		return "IPv6"
+	}
+	return "IPv4"
+}
+
+// unassigned returns an address in the node's IPv4 pod CIDR that no pod has
+// (the last usable one; the tests add far fewer pods).
+func unassigned(t *testing.T, n *node.Node) netip.Addr {
+	for _, p := range n.PodCIDRs() {
+		if p.Addr().Is4() {
+			a := p.Masked().Addr().As4()
+			a[3] += byte(1<<(32-p.Bits())) - 2
+			return netip.AddrFrom4(a)
+		}
+	}
+	t.Fatal("no IPv4 pod CIDR")
+	return netip.Addr{}
+}
+
+// listenUDPIn opens a UDP socket bound to ap inside netns x.
+func listenUDPIn(x ns.NetNS, ap netip.AddrPort) (*net.UDPConn, error) {
+	var conn *net.UDPConn
+	err := x.Do(func(ns.NetNS) error {
+		var err error
+		conn, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(ap))
+		return err
+	})
+	return conn, err
+}
+
+// readDatagrams returns "<payload> from <source>" for every datagram conn
+// receives until none came for quiet.
+func readDatagrams(conn *net.UDPConn, quiet time.Duration) []string {
+	var out []string
+	buf := make([]byte, 2048)
+	for {
+		conn.SetReadDeadline(time.Now().Add(quiet))
+		n, from, err := conn.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			return out
+		}
+		out = append(out, fmt.Sprintf("%s from %s", buf[:n], from.Addr().Unmap()))
+	}
+}
+
+// udpFlood sends count 1400-byte datagrams from netns x to to.
+func udpFlood(x ns.NetNS, to netip.AddrPort, count int) error {
+	var conn *net.UDPConn
+	if err := x.Do(func(ns.NetNS) error {
+		var err error
+		conn, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(to))
+		return err
+	}); err != nil {
+		return err
+	}
+	defer conn.Close()
+	b := make([]byte, 1400)
+	for i := 0; i < count; i++ {
+		if _, err := conn.Write(b); err != nil && !errors.Is(err, net.ErrClosed) {
+			// ICMP errors come back as ECONNREFUSED: keep sending.
+			continue
+		}
+	}
+	return nil
+}
