@@ -63,6 +63,9 @@ type Config struct {
 	// MetricsAddr is where /metrics, /healthz, /readyz and /attachments
 	// are served (--metrics-addr); empty disables the HTTP server.
 	MetricsAddr string
+	// Pprof adds Go's profiling endpoints (/debug/pprof/) to the HTTP
+	// server (--pprof). Off by default: keep the server on loopback then.
+	Pprof bool
 	// Masquerade enables SNAT of egress leaving the cluster (--masquerade).
 	Masquerade bool
 	// LogLevel is the level of the agent's logs (--log-level); the caller
@@ -95,6 +98,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "directory of the agent's persistent state")
 	fs.StringVar(&c.SandboxDir, "sandbox-dir", c.SandboxDir, "directory of the per-link sockets sandboxes dial")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "host:port of the metrics and health endpoints; empty disables them")
+	fs.BoolVar(&c.Pprof, "pprof", c.Pprof, "serve Go's profiling endpoints under /debug/pprof/ on the metrics address")
 	fs.BoolVar(&c.Masquerade, "masquerade", c.Masquerade, "masquerade pod egress to destinations outside the cluster CIDRs")
 	fs.TextVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn, error")
 }

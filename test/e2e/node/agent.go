@@ -63,6 +63,7 @@ func (n *Node) AgentArgs() []string {
 		"--state-dir=" + n.StateDir(),
 		"--sandbox-dir=" + n.SandboxDir(),
 		"--metrics-addr=" + MetricsAddr,
+		"--pprof", // the tests read heap profiles (GC)
 		"--masquerade=" + strconv.FormatBool(!n.opts.NoMasquerade),
 		"--log-level=" + level,
 	}
@@ -163,6 +164,19 @@ func (n *Node) AgentExited() (bool, error) {
 		return false, nil
 	}
 	return a.proc.exited()
+}
+
+// GC makes the agent collect garbage (it serves a heap profile after a GC),
+// so that its heap metrics then count live memory only.
+func (n *Node) GC(ctx context.Context) error {
+	_, err := n.HeapProfile(ctx)
+	return err
+}
+
+// HeapProfile returns the agent's heap profile (pprof format), taken after
+// a garbage collection.
+func (n *Node) HeapProfile(ctx context.Context) ([]byte, error) {
+	return n.httpGet(ctx, "/debug/pprof/heap?gc=1")
 }
 
 // AgentLogTail returns the last lines of the agent's log.
