@@ -5,6 +5,7 @@
 #   make bench   shm-cni beside a veth pair and the ptp/bridge plugins (needs root;
 #                BENCH_FLAGS=... for subsets, see go run ./test/bench -h)
 #   make bench-endpoint  the endpoint micro-benchmarks beside gVisor's
+#   make bench-hostile   well-behaved pods' throughput beside a hostile sandbox
 #   make fuzz    every fuzz target for FUZZTIME each
 
 GO       ?= go
@@ -20,9 +21,10 @@ FUZZ_TARGETS ?= \
 	./pkg/ipam:FuzzParseState \
 	./pkg/agentapi:FuzzDecodeRequest \
 	./pkg/cni:FuzzParseConfig \
-	./pkg/agent:FuzzParseRecord
+	./pkg/agent:FuzzParseRecord \
+	./pkg/router:FuzzFilter
 
-.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint demo clean
+.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint bench-hostile demo clean
 
 all: build
 
@@ -63,6 +65,11 @@ bench-endpoint: deps
 	$(GO) test -run '^$$' -bench QueuePPS -benchtime 2000000x -count 3 ./pkg/endpoint | tee $(BIN)/bench-endpoint.txt
 	$(GO) test -run '^$$' -bench TCPThroughput -benchtime 512x -count 3 ./pkg/endpoint | tee -a $(BIN)/bench-endpoint.txt
 	$(GO) test -run '^$$' -bench RTT -benchtime 5000x -count 3 ./pkg/endpoint | tee -a $(BIN)/bench-endpoint.txt
+
+# bench-hostile: the well-behaved pods' throughput beside a hostile sandbox
+# (each misbehaviour), as ratios to the same pods alone, in one run.
+bench-hostile: deps
+	SHM_CNI_MEASURE=1 $(GO) test -count=1 -timeout 30m -run '^TestMeasureHostileNeighbour$$' -v ./test/e2e | grep -v 'level=' | tee $(BIN)/bench-hostile.txt
 
 demo: deps
 	@hack/demo.sh

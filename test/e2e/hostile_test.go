@@ -344,3 +344,38 @@ func udpFlood(x ns.NetNS, to netip.AddrPort, count int) error {
 	}
 	return nil
 }
+
+// TestPodCannotReachAgent: the agent's HTTP endpoints listen on the host's
+// loopback only; a pod reaches neither them through the node gateway
+// address nor anything on the router's own gateway address (the router
+// terminates no TCP). A crafted packet for the host's loopback is dropped
+// by the filter (TestHostileSpoof).
+func TestPodCannotReachAgent(t *testing.T) {
+	ctx := testContext(t)
+	n := newNode(t, node.Options{})
+	k1 := addPod(t, ctx, n, "k1", node.KindTap)
+	port := uint16(9309)
+	if _, p, err := net.SplitHostPort(node.MetricsAddr); err == nil {
+		fmt.Sscan(p, &port)
+	}
+	// The host itself reaches the metrics.
+	if _, err := n.Metric(ctx, "go_goroutines", nil); err != nil {
+		t.Fatalf("the host cannot read the metrics: %v", err)
+	}
+	for _, to := range []netip.AddrPort{
+		netip.AddrPortFrom(n.Gateway(false), port),
+		netip.AddrPortFrom(n.Gateway(true), port),
+		netip.AddrPortFrom(netip.MustParseAddr("169.254.1.1"), port),
+	} {
+		err := k1.NS.Do(func(ns.NetNS) error {
+			c, err := net.DialTimeout("tcp", to.String(), 2*time.Second)
+			if err == nil {
+				c.Close()
+			}
+			return err
+		})
+		if err == nil {
+			t.Errorf("pod k1 connected to %s", to)
+		}
+	}
+}
