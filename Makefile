@@ -38,13 +38,15 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
-# test-unit runs every test under the race detector (big transfers are scaled
-# down there); test-full runs the long real-traffic tests at full size.
+# test-unit runs every test under the race detector (big transfers and the
+# churn are scaled down there); test-full runs the long real-traffic tests
+# and the churn of 1000 pods at full size.
 test-unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
 
 test-full:
 	$(GO) test -count=1 -timeout 20m -run 'TwoProcess|Interop|Forwarding|TCPInProcess' ./pkg/endpoint
+	$(GO) test -count=1 -timeout 20m -run '^TestChurn$$' ./test/e2e
 
 test: deps lint build test-unit test-full
 

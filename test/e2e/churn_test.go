@@ -16,10 +16,13 @@ import (
 )
 
 // churnPods is how many pods TestChurn adds and deletes, in waves of
-// churnWave; SHM_CNI_CHURN_PODS overrides it (make test-churn runs more).
+// churnWave; under the race detector (a race-built agent) it runs
+// churnPodsRace, and make test-full runs the whole churn without it.
+// SHM_CNI_CHURN_PODS overrides both.
 const (
-	churnPods = 1000
-	churnWave = 100
+	churnPods     = 1000
+	churnPodsRace = 200
+	churnWave     = 100
 )
 
 // TestChurn adds and deletes pods in waves of 100 concurrent ADDs then 100
@@ -32,6 +35,9 @@ const (
 // near its baseline.
 func TestChurn(t *testing.T) {
 	total := churnPods
+	if raceAgent() {
+		total = churnPodsRace
+	}
 	if s := os.Getenv("SHM_CNI_CHURN_PODS"); s != "" {
 		v, err := strconv.Atoi(s)
 		if err != nil || v <= 0 {
