@@ -379,3 +379,52 @@ func TestPodCannotReachAgent(t *testing.T) {
 		}
 	}
 }
+
+// TestHostileMemoryBounded: what pods can make the agent allocate is
+// bounded per link. Ten flooding sandboxes at once grow the agent's live
+// heap (after a GC, while they flood) by less than 1 MiB each; the queue
+// memory itself is the memfds the conflist sized (checked on attach), not
+// heap.
+func TestHostileMemoryBounded(t *testing.T) {
+	const hostiles = 10
+	ctx := testContext(t)
+	n := newNode(t, node.Options{})
+	var pods []*node.Pod
+	for i := range hostiles {
+		pods = append(pods, addPod(t, ctx, n, fmt.Sprintf("h%d", i), node.KindShm))
+	}
+	saveHeapProfile(t, ctx, n, "hostile-before")
+	base, err := n.Metric(ctx, "go_memstats_heap_inuse_bytes", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	baseRSS, _ := n.Metric(ctx, "process_resident_memory_bytes", nil)
+	nobody := netip.AddrPortFrom(unassigned(t, n), 9)
+	var sbs []*node.Sandbox
+	for _, p := range pods {
+		sb, err := n.StartHostile(p, "--mode", "flood", "--to", nobody.String(), "--duration", "20s")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { sb.Stop() })
+		if _, err := sb.WaitLine(ctx, "attached"); err != nil {
+			t.Fatal(err)
+		}
+		sbs = append(sbs, sb)
+	}
+	time.Sleep(2 * time.Second) // flooding
+	saveHeapProfile(t, ctx, n, "hostile-during")
+	heap, err := n.Metric(ctx, "go_memstats_heap_inuse_bytes", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rss, _ := n.Metric(ctx, "process_resident_memory_bytes", nil)
+	for _, sb := range sbs {
+		sb.Stop()
+	}
+	t.Logf("agent live heap %.1f MiB with %d attached idle links, %.1f MiB while they flood; RSS %.1f MiB, %.1f MiB (the RSS counts the touched queue pages)",
+		base/(1<<20), hostiles, heap/(1<<20), baseRSS/(1<<20), rss/(1<<20))
+	if grown := heap - base; grown > hostiles*(1<<20) {
+		t.Errorf("the agent's live heap grew by %.1f MiB for %d flooding sandboxes, want < 1 MiB each", grown/(1<<20), hostiles)
+	}
+}
