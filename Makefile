@@ -19,7 +19,12 @@ FUZZ_TARGETS ?= \
 	./pkg/endpoint:FuzzParseLinkConfig \
 	./pkg/ipam:FuzzParseState \
 	./pkg/agentapi:FuzzDecodeRequest \
+	./pkg/agentapi:FuzzDecodeResponse \
+	./pkg/agentapi:FuzzServeConn \
 	./pkg/cni:FuzzParseConfig \
+	./pkg/cni:FuzzPodKind \
+	./pkg/cni:FuzzPrevResult \
+	./pkg/cni:FuzzAgentAnswer \
 	./pkg/agent:FuzzParseRecord
 
 .PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint demo clean
