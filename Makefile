@@ -25,7 +25,9 @@ FUZZ_TARGETS ?= \
 	./pkg/cni:FuzzPodKind \
 	./pkg/cni:FuzzPrevResult \
 	./pkg/cni:FuzzAgentAnswer \
-	./pkg/agent:FuzzParseRecord
+	./pkg/agent:FuzzParseRecord \
+	./test/e2e/node:FuzzParseSinkLine \
+	./test/e2e/node:FuzzParseSentLine
 
 .PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint demo clean
 

@@ -158,7 +158,9 @@ func (h fuzzHandler) ServeAgent(ctx context.Context, req *Request, files []*os.F
 // record with one well-formed response (version, and either the body the
 // op needs or an error whose code is the server's), must call the handler
 // only with valid requests and the right descriptor count, and must leave
-// no descriptor open: the process has as many as before.
+// no descriptor open: the process has as many as before. The handler is a
+// checker standing in for the agent's, which needs a router in a network
+// namespace; test/e2e sends the same kinds of records to the real agent.
 func FuzzServeConn(f *testing.F) {
 	for _, tc := range decodeCases() {
 		if len(tc.in) <= MaxMessageSize {
