@@ -106,8 +106,9 @@ func FuzzPodKind(f *testing.F) {
 	})
 }
 
-// FuzzPrevResult feeds arbitrary configs, prevResult included, through what
-// ADD and CHECK do with them before touching a namespace: ParseConfig,
+// FuzzPrevResult feeds arbitrary configs, prevResult and
+// cni.dev/valid-attachments included, through what ADD, CHECK and GC do with
+// them before touching a namespace or the agent: ParseConfig, GC's request,
 // version.ParsePrevResult, the conversion to a 1.x result, CHECK's reading
 // of the pod's interface (expectedLink) and ADD's result (buildResult,
 // printed in the config's version). It must never panic; every error is a
@@ -130,6 +131,7 @@ func FuzzPrevResult(f *testing.F) {
 	f.Add([]byte(`{"cniVersion":"1.1.0","name":"pods","prevResult":{"cniVersion":"1.1.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/p"}],"ips":[{"interface":0,"address":"10.1.0.2/24"}],"routes":[null]}}`))
 	f.Add([]byte(`{"cniVersion":"1.1.0","name":"pods","prevResult":{"cniVersion":"0.1.0","ip4":{"ip":"10.1.0.2/24"}}}`))
 	f.Add([]byte(`{"cniVersion":"1.1.0","name":"pods","prevResult":[]}`))
+	f.Add([]byte(`{"cniVersion":"1.1.0","name":"pods","cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"},{"containerID":"../x","ifname":""}]}`))
 	f.Add([]byte(`{"cniVersion":"1.1.0","name":"pods","prevResult":{"cniVersion":"1.1.0","interfaces":[{"name":"eth0","sandbox":"/var/run/netns/p","mac":"zz"}],"ips":[{"interface":0,"address":"10.1.0.2/24"}]}}`))
 
 	supported := VersionInfo().SupportedVersions()
@@ -154,6 +156,16 @@ func FuzzPrevResult(f *testing.F) {
 		if err != nil {
 			wantCodes("ParseConfig", err, CodeDecodingFailure, CodeInvalidConfig, CodeUnsupportedField)
 			return
+		}
+		// GC: the valid attachments become the agent's request, which
+		// agentapi.Call validates before sending.
+		valid := make([]agentapi.Attachment, 0, len(conf.ValidAttachments))
+		for _, a := range conf.ValidAttachments {
+			valid = append(valid, agentapi.Attachment{ContainerID: a.ContainerID, IfName: a.IfName})
+		}
+		gc := &agentapi.Request{Version: agentapi.Version, Op: agentapi.OpGC, GC: &agentapi.GCRequest{Valid: valid}}
+		if err := gc.Validate(); err != nil && (codeOf(err) != CodeInvalidConfig || !strings.Contains(err.Error(), "gc.valid[")) {
+			t.Fatalf("GC request: code %d, want %d naming gc.valid: %v", codeOf(err), CodeInvalidConfig, err)
 		}
 		// ADD and CHECK map this error to CodeDecodingFailure.
 		if err := version.ParsePrevResult(&conf.PluginConf); err != nil {

@@ -303,7 +303,7 @@ func TestAgentSocketBadInput(t *testing.T) {
 		{name: "invalid attach fields", payload: []byte(`{"version":1,"op":"attach","attach":{"containerID":"../x","ifName":"a/b","netns":"rel","network":"pods","kind":"tap"}}`),
 			fds: tapIn(false, "bad0", endpoint.TAPDeviceOptions{VnetHdr: true}), code: codeInvalidConfig, sub: []string{"attach.containerID", "attach.ifName", "attach.netns"}},
 		{name: "oversized", payload: pad(status, agentapi.MaxMessageSize+1), code: codeDecodingFailure, sub: []string{"65537 bytes", "limit of 65536"}},
-		{name: "oversized with fds", payload: pad(tap("e2e-bad-big"), 200<<10), fds: many(4, pipeEnd), code: codeDecodingFailure, sub: []string{"limit of 65536"}},
+		{name: "oversized with fds", payload: pad(tap("e2e-bad-big"), 100<<10), fds: many(4, pipeEnd), code: codeDecodingFailure, sub: []string{"limit of 65536"}},
 		{name: "nothing sent", mode: sendNothing, code: codeDecodingFailure, sub: []string{"cannot decode request"}},
 
 		// Descriptor counts.
