@@ -20,9 +20,16 @@ FUZZ_TARGETS ?= \
 	./pkg/endpoint:FuzzParseLinkConfig \
 	./pkg/ipam:FuzzParseState \
 	./pkg/agentapi:FuzzDecodeRequest \
+	./pkg/agentapi:FuzzDecodeResponse \
+	./pkg/agentapi:FuzzServeConn \
 	./pkg/cni:FuzzParseConfig \
+	./pkg/cni:FuzzPodKind \
+	./pkg/cni:FuzzPrevResult \
+	./pkg/cni:FuzzAgentAnswer \
 	./pkg/agent:FuzzParseRecord \
-	./pkg/router:FuzzFilter
+	./pkg/router:FuzzFilter \
+	./test/e2e/node:FuzzParseSinkLine \
+	./test/e2e/node:FuzzParseSentLine
 
 .PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint bench-hostile demo clean
 

@@ -171,6 +171,9 @@ func (a *Agent) attachShm(rec *record, files []*os.File, sockPath string) (*atta
 	if err != nil {
 		return nil, invalid("%v", err)
 	}
+	if err := queue.CheckPair(pair, *rec.Queue); err != nil {
+		return nil, invalid("queue pair is not what attach.queue says: %s", strings.ReplaceAll(err.Error(), "\n", "; "))
+	}
 	// A trial server endpoint checks the regions (memfds, sealed, sizes).
 	trial, err := endpoint.NewServer(endpoint.ShmOptions{Pair: pair, MTU: uint32(rec.MTU), LinkAddress: GatewayMAC, PeerFD: -1})
 	if err != nil {

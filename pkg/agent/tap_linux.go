@@ -39,6 +39,10 @@ func (a *Agent) attachTAP(rec *record, f *os.File) (*attachment, error) {
 			opErr = invalid("tap fd: device %s is a TUN device, want TAP", info.Name)
 			return
 		}
+		if err := sameNetNS(int(fd), rec.Netns); err != nil {
+			opErr = invalid("tap fd: device %s: %v", info.Name, err)
+			return
+		}
 		rec.TAPName, rec.VnetHdr = info.Name, info.VnetHdr
 		if rec.PodMAC == "" {
 			mac, err := tapMAC(int(fd), info.Name)
@@ -151,6 +155,30 @@ func tapMAC(fd int, name string) (net.HardwareAddr, error) {
 		return nil, fmt.Errorf("link %s has no Ethernet address", name)
 	}
 	return mac, nil
+}
+
+// sameNetNS refuses a TAP fd whose device is in another network namespace
+// than netns (attach.netns): the agent re-opens the device by name in
+// netns after a restart, and CHECK looks for it there. A netns path the
+// agent cannot stat is left to the caller (the agent may not see every
+// runtime's paths).
+func sameNetNS(fd int, netns string) error {
+	nsf, err := endpoint.TAPNetNS(fd)
+	if err != nil {
+		return err
+	}
+	defer nsf.Close()
+	var dev, want unix.Stat_t
+	if err := unix.Fstat(int(nsf.Fd()), &dev); err != nil {
+		return fmt.Errorf("netns of the device: %w", err)
+	}
+	if err := unix.Stat(netns, &want); err != nil {
+		return nil
+	}
+	if dev.Dev != want.Dev || dev.Ino != want.Ino {
+		return fmt.Errorf("in another network namespace than attach.netns %q", netns)
+	}
+	return nil
 }
 
 // macOf converts a MAC string checked earlier (agentapi validation, or our

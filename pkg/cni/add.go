@@ -224,7 +224,10 @@ func ipamAddresses(r types.Result) ([]string, error) {
 		return nil, fmt.Errorf("result has no addresses")
 	}
 	out := make([]string, 0, len(res.IPs))
-	for _, ip := range res.IPs {
+	for i, ip := range res.IPs {
+		if ip == nil {
+			return nil, fmt.Errorf("result ips[%d] is null", i)
+		}
 		out = append(out, ip.Address.String())
 	}
 	return out, nil

@@ -121,6 +121,9 @@ func expectedLink(prev *types100.Result, ifName, netns string) (*wantLink, error
 	}
 	var gws []netip.Addr
 	for i, ip := range prev.IPs {
+		if ip == nil {
+			return nil, newError(CodeDecodingFailure, "prevResult: ips[%d]: null", i)
+		}
 		if ip.Interface == nil || *ip.Interface != idx {
 			continue
 		}
@@ -137,6 +140,9 @@ func expectedLink(prev *types100.Result, ifName, netns string) (*wantLink, error
 		return nil, newError(CodeCheckFailed, "CHECK: prevResult has no address for interface %s", quote(ifName))
 	}
 	for i, r := range prev.Routes {
+		if r == nil {
+			return nil, newError(CodeDecodingFailure, "prevResult: routes[%d]: null", i)
+		}
 		dst, ok := prefixOf(&r.Dst)
 		if !ok {
 			return nil, newError(CodeDecodingFailure, "prevResult: routes[%d].dst: not a CIDR", i)

@@ -156,6 +156,24 @@ func buildResult(cniVersion string, prev types.Result, iface *types100.Interface
 		if err != nil {
 			return nil, newError(CodeDecodingFailure, "prevResult: cannot convert to %s: %v", cniVersion, err)
 		}
+		// The result goes to the runtime with prev's entries: each must
+		// print as something the runtime can parse again.
+		for i, ip := range r.IPs {
+			if ip == nil {
+				continue
+			}
+			if _, ok := prefixOf(&ip.Address); !ok {
+				return nil, newError(CodeDecodingFailure, "prevResult: ips[%d].address: not a CIDR", i)
+			}
+		}
+		for i, rt := range r.Routes {
+			if rt == nil {
+				continue
+			}
+			if _, ok := prefixOf(&rt.Dst); !ok {
+				return nil, newError(CodeDecodingFailure, "prevResult: routes[%d].dst: not a CIDR", i)
+			}
+		}
 		res = r
 	}
 	res.Interfaces = append(res.Interfaces, iface)
