@@ -6,11 +6,15 @@
 #                BENCH_FLAGS=... for subsets, see go run ./test/bench -h)
 #   make bench-endpoint  the endpoint micro-benchmarks beside gVisor's
 #   make fuzz    every fuzz target for FUZZTIME each
+#   make image   the container image as a docker archive, $(IMAGE_ARCHIVE),
+#                tagged $(IMAGE_TAG), without a Docker engine (hack/image)
 
 GO       ?= go
 BIN      ?= bin
 FUZZTIME ?= 60s
 BENCH_FLAGS ?=
+IMAGE_TAG ?= shm-cni:dev
+IMAGE_ARCHIVE ?= $(BIN)/shm-cni-image.tar
 # Packages with fuzz targets and their targets, as pkg:Target.
 FUZZ_TARGETS ?= \
 	./pkg/queue:FuzzServer \
@@ -22,7 +26,7 @@ FUZZ_TARGETS ?= \
 	./pkg/cni:FuzzParseConfig \
 	./pkg/agent:FuzzParseRecord
 
-.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint demo clean
+.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint demo image clean
 
 all: build
 
@@ -66,6 +70,12 @@ bench-endpoint: deps
 
 demo: deps
 	@hack/demo.sh
+
+# image builds static binaries with the Dockerfile's flags and writes the
+# image the Dockerfile describes; load it with `kind load image-archive` or
+# `ctr -n k8s.io images import`.
+image:
+	$(GO) run ./hack/image -o $(IMAGE_ARCHIVE) --tag $(IMAGE_TAG)
 
 clean:
 	rm -rf $(BIN)
