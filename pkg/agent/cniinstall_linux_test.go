@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 )
 
@@ -347,4 +346,3 @@ func TestCNIInstallRefusesBadConflist(t *testing.T) {
 		})
 	}
 }
-

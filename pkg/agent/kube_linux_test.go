@@ -256,4 +256,3 @@ func (e *env) startWith(t *testing.T, cfg Config, opts ...Option) *running {
 	}
 	return &running{Agent: a, cfg: cfg, stop: stop}
 }
-
