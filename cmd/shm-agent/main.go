@@ -24,6 +24,9 @@ func run() int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	kc, err := agent.ConnectKube(ctx, &cfg, log)
+	if err != nil && ctx.Err() != nil {
+		return 0 // stopped while waiting for the Node's pod CIDRs
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "shm-agent:", err)
 		return 2
