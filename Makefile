@@ -7,11 +7,15 @@
 #   make bench-endpoint  the endpoint micro-benchmarks beside gVisor's
 #   make bench-hostile   well-behaved pods' throughput beside a hostile sandbox
 #   make fuzz    every fuzz target for FUZZTIME each
+#   make image   the container image as a docker archive, $(IMAGE_ARCHIVE),
+#                tagged $(IMAGE_TAG), without a Docker engine (hack/image)
 
 GO       ?= go
 BIN      ?= bin
 FUZZTIME ?= 60s
 BENCH_FLAGS ?=
+IMAGE_TAG ?= shm-cni:dev
+IMAGE_ARCHIVE ?= $(BIN)/shm-cni-image.tar
 # Packages with fuzz targets and their targets, as pkg:Target.
 FUZZ_TARGETS ?= \
 	./pkg/queue:FuzzServer \
@@ -31,7 +35,7 @@ FUZZ_TARGETS ?= \
 	./test/e2e/node:FuzzParseSinkLine \
 	./test/e2e/node:FuzzParseSentLine
 
-.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint bench-hostile demo clean
+.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint bench-hostile demo image clean
 
 all: build
 
@@ -82,6 +86,12 @@ bench-hostile: deps
 
 demo: deps
 	@hack/demo.sh
+
+# image builds static binaries with the Dockerfile's flags and writes the
+# image the Dockerfile describes; load it with `kind load image-archive` or
+# `ctr -n k8s.io images import`.
+image:
+	$(GO) run ./hack/image -o $(IMAGE_ARCHIVE) --tag $(IMAGE_TAG)
 
 clean:
 	rm -rf $(BIN)

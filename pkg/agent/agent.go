@@ -15,6 +15,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/ipam"
@@ -41,6 +42,9 @@ type Agent struct {
 	// hostNS is the host network namespace (New's); closed by Run.
 	// Immutable.
 	hostNS ns.NetNS
+	// kube, when set (WithKubeClient), keeps the routes to the other
+	// nodes' pod CIDRs in sync with the Node list. Immutable.
+	kube kubernetes.Interface
 
 	// ipam and store are set by Run before it serves and never change
 	// after; handlers only run while Run serves.
@@ -76,12 +80,15 @@ var _ agentapi.Handler = (*Agent)(nil)
 // New validates cfg and creates the agent and its router in the calling
 // thread's network namespace, which becomes the host namespace. It changes
 // nothing on the host and opens no file: Run does.
-func New(cfg Config, log *slog.Logger) (*Agent, error) {
+func New(cfg Config, log *slog.Logger, opts ...Option) (*Agent, error) {
 	if log == nil {
 		return nil, errors.New("new agent: nil logger")
 	}
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("new agent: %w", err)
+	}
+	if len(cfg.PodCIDRs) == 0 {
+		return nil, fmt.Errorf("new agent: --pod-cidr not given and none read from node %q (see ConnectKube)", cfg.NodeName)
 	}
 	hostNS, err := ns.GetCurrentNS()
 	if err != nil {
@@ -105,6 +112,9 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 		hostNS:      hostNS,
 		attachments: make(map[key]*attachment),
 		readyCh:     make(chan struct{}),
+	}
+	for _, o := range opts {
+		o(a)
 	}
 	a.metrics = newMetrics(a)
 	return a, nil
@@ -151,6 +161,11 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if err := a.router.Start(); err != nil {
 		return fmt.Errorf("run agent: %w", err)
 	}
+	stopRoutes, err := a.startRoutes(ctx)
+	if err != nil {
+		return fmt.Errorf("run agent: %w", err)
+	}
+	defer stopRoutes()
 	if a.store, err = openStore(a.cfg.StateDir); err != nil {
 		return fmt.Errorf("run agent: %w", err)
 	}
@@ -222,10 +237,15 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	a.log.Info("agent ready", "socket", a.cfg.SocketPath, "metrics", a.cfg.MetricsAddr,
 		"podCIDRs", a.cfg.PodCIDRs, "attachments", a.count())
 
-	select {
-	case <-ctx.Done():
-	case err = <-errc:
-		a.log.Error("agent stopping on error", "err", err)
+	// Only now that it serves: the CNI binary and conflist (cniinstall.go).
+	if err = a.installCNI(); err != nil {
+		err = fmt.Errorf("run agent: %w", err)
+	} else {
+		select {
+		case <-ctx.Done():
+		case err = <-errc:
+			a.log.Error("agent stopping on error", "err", err)
+		}
 	}
 	a.setReady(false)
 	// Stop accepting and answer the requests in flight, then the HTTP

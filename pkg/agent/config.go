@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/kube"
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
 
@@ -22,6 +23,8 @@ const (
 	DefaultStateDir    = "/var/lib/shm-cni"
 	DefaultSandboxDir  = "/run/shm-cni/sandbox"
 	DefaultMetricsAddr = "127.0.0.1:9309"
+	DefaultCNIBinDir   = "/opt/cni/bin"
+	DefaultCNIConfDir  = "/etc/cni/net.d"
 )
 
 const (
@@ -71,6 +74,31 @@ type Config struct {
 	// LogLevel is the level of the agent's logs (--log-level); the caller
 	// builds the logger.
 	LogLevel slog.Level
+
+	// NodeName is the Kubernetes Node the agent runs on (--node-name,
+	// default $NODE_NAME). With a Kubernetes API (Kubeconfig or in
+	// cluster) the pod CIDRs come from the Node when PodCIDRs is empty,
+	// and routes to the other nodes' pod CIDRs follow the Node list (see
+	// ConnectKube).
+	NodeName string
+	// Kubeconfig is a kubeconfig file (--kubeconfig); empty means the
+	// in-cluster configuration.
+	Kubeconfig string
+	// PeerRoutes are static host routes to other nodes' pod CIDRs
+	// (--peer-routes CIDR=GATEWAY,...), kept with the learned ones.
+	PeerRoutes kube.RouteList
+
+	// CNIBinarySource, when set, is the shm-cni binary the agent installs
+	// as CNIBinDir/shm-cni once it is ready (--cni-binary-source).
+	CNIBinarySource string
+	// CNIBinDir is where the CNI binary goes (--cni-bin-dir).
+	CNIBinDir string
+	// CNIConfSource, when set, is a conflist the agent validates and
+	// writes into CNIConfDir, under its own file name, once it is ready
+	// and after the binary (--cni-conf-source).
+	CNIConfSource string
+	// CNIConfDir is where the conflist goes (--cni-conf-dir).
+	CNIConfDir string
 }
 
 // DefaultConfig returns the defaults. PodCIDRs has none: it is required.
@@ -84,6 +112,8 @@ func DefaultConfig() Config {
 		MetricsAddr: DefaultMetricsAddr,
 		Masquerade:  true,
 		LogLevel:    slog.LevelInfo,
+		CNIBinDir:   DefaultCNIBinDir,
+		CNIConfDir:  DefaultCNIConfDir,
 	}
 }
 
@@ -101,6 +131,13 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.Pprof, "pprof", c.Pprof, "serve Go's profiling endpoints under /debug/pprof/ on the metrics address")
 	fs.BoolVar(&c.Masquerade, "masquerade", c.Masquerade, "masquerade pod egress to destinations outside the cluster CIDRs")
 	fs.TextVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn, error")
+	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "Kubernetes node name: pod CIDRs from its Node (without --pod-cidr) and routes to the other nodes' pod CIDRs")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", c.Kubeconfig, "kubeconfig file; empty means the in-cluster configuration")
+	fs.Var(&c.PeerRoutes, "peer-routes", "static routes to other nodes' pod CIDRs, CIDR=GATEWAY; repeatable, comma-separated")
+	fs.StringVar(&c.CNIBinarySource, "cni-binary-source", c.CNIBinarySource, "shm-cni binary to install into --cni-bin-dir once ready; empty installs none")
+	fs.StringVar(&c.CNIBinDir, "cni-bin-dir", c.CNIBinDir, "directory the CNI binary is installed into")
+	fs.StringVar(&c.CNIConfSource, "cni-conf-source", c.CNIConfSource, "conflist to write into --cni-conf-dir once ready; empty writes none")
+	fs.StringVar(&c.CNIConfDir, "cni-conf-dir", c.CNIConfDir, "directory the conflist is written into")
 }
 
 // Validate reports every problem of c at once, each naming its flag.
@@ -110,8 +147,8 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("--%s: %s", flag, fmt.Sprintf(format, args...)))
 	}
 	has4, has6 := false, false
-	if len(c.PodCIDRs) == 0 {
-		bad("pod-cidr", "required")
+	if len(c.PodCIDRs) == 0 && c.NodeName == "" {
+		bad("pod-cidr", "required (or --node-name, to read them from the Node)")
 	}
 	for _, p := range c.PodCIDRs {
 		if _, err := router.NodeGateway(p); err != nil {
@@ -174,8 +211,42 @@ func (c Config) Validate() error {
 			bad("metrics-addr", "%q: %v", c.MetricsAddr, err)
 		}
 	}
+	for _, r := range c.PeerRoutes {
+		if err := r.Validate(); err != nil {
+			bad("peer-routes", "%v", err)
+			continue
+		}
+		for _, p := range c.PodCIDRs {
+			if p.Overlaps(r.Dst) {
+				bad("peer-routes", "%s overlaps this node's pod CIDR %s", r, p)
+			}
+		}
+	}
+	for _, f := range []struct{ flag, path string }{
+		{"cni-binary-source", c.CNIBinarySource},
+		{"cni-conf-source", c.CNIConfSource},
+	} {
+		if f.path != "" && !filepath.IsAbs(f.path) {
+			bad(f.flag, "%q is not an absolute path", f.path)
+		}
+	}
+	if c.CNIBinarySource != "" && !filepath.IsAbs(c.CNIBinDir) {
+		bad("cni-bin-dir", "%q is not an absolute path", c.CNIBinDir)
+	}
+	if c.CNIConfSource != "" {
+		if !filepath.IsAbs(c.CNIConfDir) {
+			bad("cni-conf-dir", "%q is not an absolute path", c.CNIConfDir)
+		}
+		if !isConfName(filepath.Base(c.CNIConfSource)) {
+			bad("cni-conf-source", "%q: the file name must end in .conflist (runtimes load only .conf, .conflist and .json files)", c.CNIConfSource)
+		}
+	}
 	return errors.Join(errs...)
 }
+
+// isConfName reports whether a runtime loads a file of this name from its
+// CNI config directory as a conflist.
+func isConfName(name string) bool { return strings.HasSuffix(name, ".conflist") }
 
 // prefixList is a repeatable, comma-separated list of CIDRs flag.
 type prefixList []netip.Prefix

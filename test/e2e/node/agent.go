@@ -55,7 +55,7 @@ func (n *Node) AgentArgs() []string {
 	if level == "" {
 		level = "info"
 	}
-	return []string{
+	return append([]string{
 		"--pod-cidr=" + n.opts.PodCIDRs[0].String() + "," + n.opts.PodCIDRs[1].String(),
 		"--uplink=" + Uplink,
 		"--mtu=" + strconv.Itoa(n.opts.MTU),
@@ -66,7 +66,7 @@ func (n *Node) AgentArgs() []string {
 		"--pprof", // the tests read heap profiles (GC)
 		"--masquerade=" + strconv.FormatBool(!n.opts.NoMasquerade),
 		"--log-level=" + level,
-	}
+	}, n.opts.ExtraAgentArgs...)
 }
 
 // StartAgent starts the agent in the host namespace and waits until it

@@ -55,6 +55,11 @@ type Options struct {
 	NoMasquerade bool
 	// AgentLogLevel is the agent's --log-level; empty means info.
 	AgentLogLevel string
+	// ExtraAgentArgs are appended to the agent's flags.
+	ExtraAgentArgs []string
+	// DeferAgent leaves the agent to the caller's StartAgent, for setup
+	// the agent needs first (a link to another node).
+	DeferAgent bool
 }
 
 // Node is a node in a box. Its methods may be called from any goroutine.
@@ -90,7 +95,8 @@ type Node struct {
 }
 
 // New builds the node: host and outside namespaces joined by a veth, IP
-// forwarding on in the host namespace only, and a running, ready agent.
+// forwarding on in the host namespace only, and a running, ready agent
+// (unless Options.DeferAgent).
 // On error everything made is released; otherwise call Close.
 func New(ctx context.Context, opts Options) (n *Node, err error) {
 	if opts.Binaries.Agent == "" {
@@ -154,8 +160,10 @@ func New(ctx context.Context, opts Options) (n *Node, err error) {
 	if err := n.writeConflist(); err != nil {
 		return nil, fmt.Errorf("new node: %w", err)
 	}
-	if err := n.StartAgent(ctx); err != nil {
-		return nil, fmt.Errorf("new node: %w", err)
+	if !opts.DeferAgent {
+		if err := n.StartAgent(ctx); err != nil {
+			return nil, fmt.Errorf("new node: %w", err)
+		}
 	}
 	n.log.Debug("node up", "dir", dir, "host", n.Host.Path(), "outside", n.Outside.Path())
 	return n, nil

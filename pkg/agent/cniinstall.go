@@ -1,0 +1,164 @@
+package agent
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/containernetworking/cni/libcni"
+
+	"github.com/shm-cni/shm-cni/pkg/cni"
+)
+
+// PluginType is the CNI plugin type of shm-cni, the name of its binary in
+// the CNI binary directory.
+const PluginType = "shm-cni"
+
+// installCNI installs the CNI binary, then the conflist, as the
+// configuration asks: called once the agent serves, so that a runtime
+// never finds a conflist whose plugin cannot reach a ready agent. The
+// binary goes first: a runtime that sees the conflist finds the plugin.
+//
+// Both stay when the agent stops. A runtime without the conflist could
+// not run DEL for the pods torn down while the agent restarts (a rolling
+// update, a crash), and they would hang in Terminating; with it, ADD fails
+// with "try again" (code 11) and STATUS reports the agent not ready (code
+// 50) until the next agent serves. Uninstalling is removing both files.
+func (a *Agent) installCNI() error {
+	// The conflist is vetted before anything is installed.
+	var conf []byte
+	if src := a.cfg.CNIConfSource; src != "" {
+		var err error
+		if conf, err = os.ReadFile(src); err != nil {
+			return fmt.Errorf("install CNI config: %w", err)
+		}
+		if err := a.checkConflist(conf); err != nil {
+			return fmt.Errorf("install CNI config: %s: %w", src, err)
+		}
+	}
+	if src := a.cfg.CNIBinarySource; src != "" {
+		bin, err := os.ReadFile(src)
+		if err != nil {
+			return fmt.Errorf("install CNI binary: %w", err)
+		}
+		dst := filepath.Join(a.cfg.CNIBinDir, PluginType)
+		changed, err := installFile(dst, bin, 0o755)
+		if err != nil {
+			return fmt.Errorf("install CNI binary: %w", err)
+		}
+		a.log.Info("CNI binary installed", "path", dst, "changed", changed)
+	}
+	if conf != nil {
+		dst := filepath.Join(a.cfg.CNIConfDir, filepath.Base(a.cfg.CNIConfSource))
+		changed, err := installFile(dst, conf, 0o644)
+		if err != nil {
+			return fmt.Errorf("install CNI config: %w", err)
+		}
+		a.log.Info("CNI config installed", "path", dst, "changed", changed)
+	}
+	return nil
+}
+
+// checkConflist refuses a conflist that a runtime or shm-cni would refuse:
+// it must parse as libcni does, have a shm-cni plugin, and every shm-cni
+// entry must pass shm-cni's own config parser. An agentSocket other than
+// the agent's is only logged: the conflist names the path the runtime
+// sees, which a container may mount elsewhere.
+func (a *Agent) checkConflist(data []byte) error {
+	list, err := libcni.ConfListFromBytes(data)
+	if err != nil {
+		return err
+	}
+	found := false
+	for i, p := range list.Plugins {
+		if p.Network.Type != PluginType {
+			continue
+		}
+		found = true
+		c, err := ParsePluginConfig(list, i)
+		if err != nil {
+			return fmt.Errorf("plugin %d: %w", i, err)
+		}
+		if c.AgentSocket != a.cfg.SocketPath {
+			a.log.Warn("the conflist's agentSocket is not the agent's --socket", "agentSocket", c.AgentSocket, "socket", a.cfg.SocketPath)
+		}
+	}
+	if !found {
+		return fmt.Errorf("no plugin of type %s in the conflist", PluginType)
+	}
+	return nil
+}
+
+// ParsePluginConfig parses plugin i of list as shm-cni does when a runtime
+// runs it: the entry with the list's name and cniVersion, as libcni passes
+// it on stdin.
+func ParsePluginConfig(list *libcni.NetworkConfigList, i int) (*cni.Config, error) {
+	var m map[string]any
+	if err := json.Unmarshal(list.Plugins[i].Bytes, &m); err != nil {
+		return nil, err
+	}
+	m["name"] = list.Name
+	m["cniVersion"] = list.CNIVersion
+	b, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	return cni.ParseConfig(b)
+}
+
+// installFile writes data to dst with mode perm atomically: a temporary
+// file in dst's directory, synced, then renamed over dst, so a reader (a
+// runtime exec'ing the plugin, loading the conflist) sees the old file or
+// the new one, never a part. Identical content is left alone (no rename:
+// no reload event for the runtime); changed reports whether dst was
+// written.
+func installFile(dst string, data []byte, perm os.FileMode) (changed bool, err error) {
+	if old, err := os.ReadFile(dst); err == nil && bytes.Equal(old, data) {
+		if fi, err := os.Stat(dst); err == nil && fi.Mode().Perm() == perm {
+			return false, nil
+		}
+	}
+	dir := filepath.Dir(dst)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return false, err
+	}
+	// The temporary name starts with a dot and does not end in .conflist,
+	// so a runtime watching dir never loads it.
+	f, err := os.CreateTemp(dir, "."+filepath.Base(dst)+".tmp")
+	if err != nil {
+		return false, err
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			os.Remove(tmp)
+		}
+	}()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(perm)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return false, fmt.Errorf("write %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		return false, err
+	}
+	if d, err := os.Open(dir); err == nil {
+		err = d.Sync() // the rename itself survives a crash
+		d.Close()
+		if err != nil && !errors.Is(err, os.ErrInvalid) {
+			return true, fmt.Errorf("sync %s: %w", dir, err)
+		}
+	}
+	return true, nil
+}
