@@ -6,6 +6,7 @@
 #                BENCH_FLAGS=... for subsets, see go run ./test/bench -h)
 #   make bench-endpoint  the endpoint micro-benchmarks beside gVisor's
 #   make fuzz    every fuzz target for FUZZTIME each
+#   make e2e-cri    containerd + runc pods on shm-cni (needs root; test/e2e/cri)
 
 GO       ?= go
 BIN      ?= bin
@@ -22,7 +23,7 @@ FUZZ_TARGETS ?= \
 	./pkg/cni:FuzzParseConfig \
 	./pkg/agent:FuzzParseRecord
 
-.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint demo clean
+.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint demo clean e2e-cri
 
 all: build
 
@@ -66,6 +67,10 @@ bench-endpoint: deps
 
 demo: deps
 	@hack/demo.sh
+
+# The container-runtime tiers (test/e2e/cri): real runtimes driving shm-cni.
+e2e-cri: deps
+	@test/e2e/cri/tier1.sh
 
 clean:
 	rm -rf $(BIN)
