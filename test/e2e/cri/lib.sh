@@ -357,6 +357,10 @@ teardown() {
 	[ -n "${S:-}" ] && [ -d "$S" ] || return 0
 	set +e
 	local p r
+	# A tier's own first steps (tier 3: remove its manifests).
+	if declare -F pre_teardown >/dev/null; then pre_teardown; fi
+	# A kubelet would restart the pods removed below.
+	stop_pid "$(pid_of kubelet)"
 	if [ -S "$S/containerd/containerd.sock" ] && ours "$(pid_of containerd)"; then
 		remove_pods
 	fi
@@ -376,6 +380,7 @@ teardown() {
 	done
 	[ -f "$S/made-run-containerd" ] && rmdir /run/containerd/s /run/containerd 2>/dev/null
 	[ -f "$S/made-var-lib-cni" ] && rmdir /var/lib/cni/results /var/lib/cni 2>/dev/null
+	[ -f "$S/made-var-lib-kubelet" ] && rm -rf /var/lib/kubelet
 	rm -rf "$CRI_BIN/last-logs"
 	cp -r "$S/logs" "$CRI_BIN/last-logs" 2>/dev/null
 	rm -rf "$S"
