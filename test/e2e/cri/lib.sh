@@ -104,7 +104,9 @@ our_pids() {
 start_bg() {
 	local name=$1
 	shift
-	"$@" >"$S/logs/$name.log" 2>&1 &
+	# Without the lock's fd: a process that outlives a killed run must not
+	# hold the lock the next run needs to sweep it.
+	"$@" >"$S/logs/$name.log" 2>&1 {LOCK_FD}>&- &
 	echo $! >"$S/pids/$name"
 }
 
