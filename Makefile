@@ -7,6 +7,7 @@
 #   make bench-endpoint  the endpoint micro-benchmarks beside gVisor's
 #   make fuzz    every fuzz target for FUZZTIME each
 #   make e2e-cri    containerd + runc pods on shm-cni (needs root; test/e2e/cri)
+#   make e2e-runsc  gVisor runsc pods beside runc pods (needs root; builds ~10-40 min once)
 
 GO       ?= go
 BIN      ?= bin
@@ -23,7 +24,7 @@ FUZZ_TARGETS ?= \
 	./pkg/cni:FuzzParseConfig \
 	./pkg/agent:FuzzParseRecord
 
-.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint demo clean e2e-cri
+.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint demo clean e2e-cri e2e-runsc
 
 all: build
 
@@ -71,6 +72,9 @@ demo: deps
 # The container-runtime tiers (test/e2e/cri): real runtimes driving shm-cni.
 e2e-cri: deps
 	@test/e2e/cri/tier1.sh
+
+e2e-runsc: deps
+	@test/e2e/cri/tier2-runsc.sh
 
 clean:
 	rm -rf $(BIN)

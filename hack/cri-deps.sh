@@ -9,14 +9,20 @@
 #   hack/cri-deps.sh runsc    tier 2 besides: runsc and a containerd-shim-runsc-v1
 #                             patched to tolerate EPERM on oom_score_adj
 #                             (gvisor.dev/gvisor), containerd v2 (module proxy)
+#   hack/cri-deps.sh k8s      tier 3 besides: etcd, openssl, nftables (Debian),
+#                             kube-apiserver, kube-controller-manager,
+#                             kube-scheduler, kubelet, kubectl built from
+#                             k8s.io/kubernetes (module proxy) into bin/cri/k8s
 #
 # Versions: CRICTL_VERSION, GVISOR_VERSION (default: the gVisor of go.mod),
-# CONTAINERD2_VERSION. A binary is rebuilt when its version stamp differs.
+# CONTAINERD2_VERSION, KUBE_VERSION. A binary is rebuilt when its version
+# stamp differs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CRICTL_VERSION=${CRICTL_VERSION:-v1.34.0}
 CONTAINERD2_VERSION=${CONTAINERD2_VERSION:-v2.4.2}
+KUBE_VERSION=${KUBE_VERSION:-v1.37.2}
 GVISOR_VERSION=${GVISOR_VERSION:-$(go list -m -f '{{.Version}}' gvisor.dev/gvisor)}
 OUT=$PWD/bin/cri
 mkdir -p "$OUT"
@@ -28,7 +34,7 @@ stamped() { [ -x "$OUT/$1" ] && [ "$(cat "$OUT/$1.version" 2>/dev/null)" = "$2" 
 stamp() { echo "$2" >"$OUT/$1.version"; }
 
 debian() {
-	local pkgs=()
+	local pkgs=("$@")
 	command -v containerd >/dev/null || pkgs+=(containerd)
 	command -v runc >/dev/null || pkgs+=(runc)
 	[ -x /usr/lib/cni/loopback ] || pkgs+=(containernetworking-plugins)
@@ -102,16 +108,66 @@ containerd2() {
 	stamp containerd2/containerd "$CONTAINERD2_VERSION"
 }
 
-debian
-crictl
+# k8s builds the Kubernetes binaries through a scratch module requiring
+# k8s.io/kubernetes: its go.mod pins the staging modules (k8s.io/api, ...)
+# at v0.0.0, so each is replaced by its published v0.MINOR.PATCH.
+k8s() {
+	local c all=1
+	for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+		stamped "k8s/$c" "$KUBE_VERSION" || all=0
+	done
+	[ "$all" = 1 ] && return
+	local work kmod ldf
+	work=$(mktemp -d)
+	trap 'rm -rf "$work"' RETURN
+	log "building Kubernetes $KUBE_VERSION (about 15 minutes on two cores, 4 GB of build cache)"
+	mkdir -p "$OUT/k8s"
+	kmod=$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+	{
+		printf 'module shmcni.test/k8sbuild\n\ngo 1.26\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$KUBE_VERSION"
+		grep -E '^\s+k8s.io/\S+ v0.0.0$' "$kmod" | awk -v v="v0.${KUBE_VERSION#v1.}" '{print "\t" $1 " => " $1 " " v}'
+		printf ')\n'
+	} >"$work/go.mod"
+	printf 'package main\n\nfunc main() {}\n' >"$work/main.go"
+	ldf="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1"
+	ldf+=" -X k8s.io/component-base/version.gitMinor=$(echo "$KUBE_VERSION" | cut -d. -f2) -X k8s.io/component-base/version.gitTreeState=clean"
+	ldf+=" -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION"
+	(
+		cd "$work"
+		go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION" "k8s.io/kubernetes/cmd/kube-controller-manager@$KUBE_VERSION" \
+			"k8s.io/kubernetes/cmd/kube-scheduler@$KUBE_VERSION" "k8s.io/kubernetes/cmd/kubelet@$KUBE_VERSION" \
+			"k8s.io/kubernetes/cmd/kubectl@$KUBE_VERSION"
+		for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+			stamped "k8s/$c" "$KUBE_VERSION" && continue
+			log "building $c"
+			CGO_ENABLED=0 go build -ldflags "$ldf" -o "$OUT/k8s/$c" "k8s.io/kubernetes/cmd/$c"
+			stamp "k8s/$c" "$KUBE_VERSION"
+		done
+	)
+}
+
 case "${1:-}" in
-"") ;;
+"")
+	debian
+	crictl
+	;;
 runsc)
+	debian
+	crictl
 	gvisor
 	containerd2
 	;;
+k8s)
+	pkgs=()
+	command -v etcd >/dev/null || pkgs+=(etcd-server etcd-client)
+	command -v openssl >/dev/null || pkgs+=(openssl)
+	command -v nft >/dev/null || pkgs+=(nftables)
+	debian "${pkgs[@]}"
+	crictl
+	k8s
+	;;
 *)
-	log "unknown tier ${1}: want nothing or runsc"
+	log "unknown tier ${1}: want nothing, runsc or k8s"
 	exit 2
 	;;
 esac

@@ -112,6 +112,14 @@ start_bg() {
 
 pid_of() { cat "$S/pids/$1" 2>/dev/null; }
 
+# alive NAME: the process start_bg started as NAME runs (not yet exec'd
+# counts: ours would not know it yet).
+alive() {
+	local p
+	p=$(pid_of "$1") || return 1
+	[ -r "/proc/$p/stat" ] && [ "$(cut -d' ' -f3 "/proc/$p/stat" 2>/dev/null)" != Z ]
+}
+
 # http_get HOST:PORT PATH: the body of a GET (bash's /dev/tcp, no client
 # needed), empty on failure.
 http_get() {
@@ -183,7 +191,7 @@ start_agent() {
 	local i
 	for i in $(seq 300); do
 		[ "$(http_get "$METRICS_ADDR" /readyz 2>/dev/null)" = ok ] && break
-		ours "$(pid_of agent)" || die "the agent exited: $(tail -5 "$S/logs/agent.log")"
+		alive agent || die "the agent exited: $(tail -5 "$S/logs/agent.log")"
 		sleep 0.1
 	done
 	[ "$(http_get "$METRICS_ADDR" /readyz)" = ok ] || die "the agent is not ready after 30 s"
@@ -227,12 +235,12 @@ start_containerd() {
 	start_bg containerd env PATH="$(dirname "$bin"):$CRI_BIN:$PATH" "$bin" -c "$S/containerd/config.toml" --log-level info
 	for i in $(seq 200); do
 		"$ctr" -a "$S/containerd/containerd.sock" version >/dev/null 2>&1 && break
-		ours "$(pid_of containerd)" || die "containerd exited: $(tail -5 "$S/logs/containerd.log")"
+		alive containerd || die "containerd exited: $(tail -5 "$S/logs/containerd.log")"
 		sleep 0.1
 	done
 	"$ctr" -a "$S/containerd/containerd.sock" version >/dev/null 2>&1 || die "containerd is not up after 20 s"
 	for i in pause busybox; do
-		"$ctr" -a "$S/containerd/containerd.sock" -n k8s.io images import "$S/images/$i.tar" >/dev/null ||
+		"$ctr" -a "$S/containerd/containerd.sock" -n k8s.io images import "$S/images/$i.tar" >/dev/null 2>>"$S/logs/ctr.log" ||
 			die "import the $i image"
 	done
 }
@@ -319,8 +327,8 @@ attachments_count() { http_get "$METRICS_ADDR" /attachments | grep -c '"containe
 fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
 tun_fds() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 -lname /dev/net/tun 2>/dev/null | wc -l; }
 goroutines() { http_get "$METRICS_ADDR" /metrics | awk '$1 == "go_goroutines" {print $2}'; }
-# nsfs_mounts: network namespaces mounted under the scratch directory.
-nsfs_mounts() { awk -v s="$S/" '$0 ~ / - nsfs / && index($5, s) == 1' /proc/self/mountinfo | wc -l; }
+# nsfs_mounts: pod network namespaces containerd has mounted.
+nsfs_mounts() { awk -v s="$S/containerd/" '$0 ~ / - nsfs / && index($5, s) == 1' /proc/self/mountinfo | wc -l; }
 # ipam_allocations: addresses the agent's IPAM state holds.
 ipam_allocations() { cat "$S"/state/*/state.json 2>/dev/null | grep -o '"containerID"' | wc -l; }
 # attachment_records: the agent's persistent attachment records.
