@@ -24,7 +24,7 @@ FUZZ_TARGETS ?= \
 	./pkg/cni:FuzzParseConfig \
 	./pkg/agent:FuzzParseRecord
 
-.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint demo clean e2e-cri e2e-runsc
+.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint demo clean
 
 all: build
 
@@ -70,6 +70,7 @@ demo: deps
 	@hack/demo.sh
 
 # The container-runtime tiers (test/e2e/cri): real runtimes driving shm-cni.
+.PHONY: e2e-cri e2e-runsc
 e2e-cri: deps
 	@test/e2e/cri/tier1.sh
 
