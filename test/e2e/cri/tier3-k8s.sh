@@ -54,7 +54,9 @@ make -C "$REPO" --no-print-directory image >/dev/null || die "make image"
 [ -f "$IMAGE_ARCHIVE" ] || die "make image wrote no $IMAGE_ARCHIVE"
 setup_scratch
 [ -d /var/lib/kubelet ] || touch "$S/made-var-lib-kubelet"
-iptables-save 2>/dev/null | grep -c '^:KUBE-' >"$S/kube-chains-before" || true
+compgen -G '/sys/fs/cgroup/*/kubepods' >/dev/null || compgen -G /sys/fs/cgroup/kubepods.slice >/dev/null || touch "$S/made-kubepods"
+kube_chains() { iptables-save 2>/dev/null | grep -c '^:KUBE-' || true; }
+KUBE_CHAINS_BEFORE=$(kube_chains)
 say "build ($S)"
 build
 rm -f "$S/cni/bin/shm-cni" # the agent installs it
@@ -338,4 +340,5 @@ check "the agent's uplink $UPLINK went with it" "" "$(ip -o link show "$UPLINK" 
 check "the agent removed its nftables table" "" "$(nft list table inet shm-cni 2>/dev/null)"
 say "teardown"
 teardown_and_verify
+check "no iptables KUBE- chain added" "$KUBE_CHAINS_BEFORE" "$(kube_chains)"
 finish "tier 3 (Kubernetes $(cat "$K8S_BIN/kubelet.version"), containerd, runsc: $RUNSC, shm-cni)"
