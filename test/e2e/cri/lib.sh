@@ -33,9 +33,14 @@ RUN_RECORD=/run/shm-cni-cri.scratch
 
 FAILS=0
 CHECKS=0
-T0=$(date +%s.%N)
+T0=$(date +%s%N)
 
-elapsed() { printf '%6.1fs' "$(echo "$(date +%s.%N) - $T0" | bc)"; }
+# since T: seconds since T (date +%s%N), one decimal.
+since() {
+	local ms=$((($(date +%s%N) - $1) / 1000000))
+	printf '%d.%d' $((ms / 1000)) $((ms % 1000 / 100))
+}
+elapsed() { printf '%6ss' "$(since "$T0")"; }
 say() { echo "[$(elapsed)] $*"; }
 pass() {
 	CHECKS=$((CHECKS + 1))
@@ -181,6 +186,14 @@ setup_outside() {
 	ip -n "$OUTSIDE_NS" link set lo up
 }
 
+# forward_on IF...: IPv4 forwarding on for packets arriving on each IF.
+forward_on() {
+	local i
+	for i in "$@"; do
+		echo 1 >"/proc/sys/net/ipv4/conf/$i/forwarding" || return 1
+	done
+}
+
 # start_agent: the freshly built agent in the host namespace, ready.
 # Forwarding is enabled only on the uplink and the outside veth (IPv4
 # forwarding is per input interface): the machine's own interfaces and its
@@ -195,8 +208,7 @@ start_agent() {
 		sleep 0.1
 	done
 	[ "$(http_get "$METRICS_ADDR" /readyz)" = ok ] || die "the agent is not ready after 30 s"
-	sysctl -qw "net.ipv4.conf.$UPLINK.forwarding=1" "net.ipv4.conf.$OUTSIDE_VETH.forwarding=1" ||
-		die "forwarding on $UPLINK, $OUTSIDE_VETH"
+	forward_on "$UPLINK" "$OUTSIDE_VETH" || die "forwarding on $UPLINK, $OUTSIDE_VETH"
 	GATEWAY=$(ip -4 -o addr show dev "$UPLINK" | awk '{print $4}' | cut -d/ -f1)
 	[ -n "$GATEWAY" ] || die "the uplink $UPLINK has no IPv4 address"
 	# The TUN/TAP fds of an agent without pods (its uplink's).

@@ -117,13 +117,13 @@ churn_create() {
 	pod_json "churn-$1"
 	crictl_ runp "$S/pods/churn-$1.json" >"$S/pods/churn-$1.id" 2>>"$S/logs/churn.log" || true
 }
-t=$(date +%s.%N)
+t=$(date +%s%N)
 for i in $(seq "$CHURN"); do
 	churn_create "$i" &
 	batch $! "$CHURN_PARALLEL"
 done
 batch_wait
-say "created in $(echo "$(date +%s.%N) - $t" | bc | xargs printf '%.1f')s"
+say "created in $(since "$t")s"
 check "CRI: pods running" "$CHURN" "$(crictl_ pods -q --state ready | wc -l)"
 check "agent: attachments" "$CHURN" "$(attachments_count)"
 http_get "$METRICS_ADDR" /attachments | grep -A1 '"addrs"' | grep -oE '"[0-9.]+"' | tr -d '"' | sort -u >"$S/churn-ips"
@@ -137,9 +137,9 @@ batch_wait
 check "host -> every pod: ping answered" "" "$(tr '\n' ' ' <"$S/ping-failed")"
 
 say "remove the $CHURN pods"
-t=$(date +%s.%N)
+t=$(date +%s%N)
 remove_pods
-say "removed in $(echo "$(date +%s.%N) - $t" | bc | xargs printf '%.1f')s"
+say "removed in $(since "$t")s"
 back_to_baseline() {
 	no_attachments && [ "$(fd_count "$AGENT")" -le "$BASE_FDS" ] && [ "$(goroutines)" -le "$BASE_GR" ]
 }

@@ -250,6 +250,8 @@ sed -e "s#path: /opt/cni/bin#path: $S/cni/bin#" \
 	-e "s#\"logFile\": \"/var/log/shm-cni.log\"#\"logFile\": \"$S/logs/shm-cni.log\"#" \
 	-e "s#^\\( *\\)env:\$#&\\n\\1  - {name: KUBERNETES_SERVICE_HOST, value: \"127.0.0.1\"}\\n\\1  - {name: KUBERNETES_SERVICE_PORT, value: \"6443\"}#" \
 	"$MANIFEST" >"$S/shm-cni.yaml"
+# containerd 1.6's libcni reads CNI 1.0.0 at most.
+[ "$RUNSC" = yes ] || sed -i 's#"cniVersion": "1.1.0"#"cniVersion": "1.0.0"#' "$S/shm-cni.yaml"
 for want in "path: $S/cni/bin" "path: $S/cni/net.d" "path: $S/run" "path: $S/state" \
 	"\"agentSocket\": \"$S/run/agent.sock\"" "\"logFile\": \"$S/logs/shm-cni.log\"" "KUBERNETES_SERVICE_HOST"; do
 	grep -qF -- "$want" "$S/shm-cni.yaml" || die "the manifest changed: no place for $want (update tier3-k8s.sh)"
@@ -267,7 +269,7 @@ check "the agent installed the CNI binary" yes "$([ -x "$S/cni/bin/shm-cni" ] &&
 check "the agent wrote the conflist" yes "$([ -f "$S/cni/net.d/10-shm-cni.conflist" ] && echo yes)"
 NODE_CIDR=$(kubectl_ get node "$NODE" -o jsonpath='{.spec.podCIDR}')
 GATEWAY=$(ip -4 -o addr show dev "$UPLINK" | awk '{print $4}' | cut -d/ -f1)
-sysctl -qw "net.ipv4.conf.$UPLINK.forwarding=1" "net.ipv4.conf.$OUTSIDE_VETH.forwarding=1" || fail "forwarding on $UPLINK, $OUTSIDE_VETH"
+forward_on "$UPLINK" "$OUTSIDE_VETH" || fail "forwarding on $UPLINK, $OUTSIDE_VETH"
 say "node pod CIDR $NODE_CIDR, uplink $UPLINK $GATEWAY"
 
 # --- pods --------------------------------------------------------------------
