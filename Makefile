@@ -9,6 +9,9 @@
 #   make fuzz    every fuzz target for FUZZTIME each
 #   make image   the container image as a docker archive, $(IMAGE_ARCHIVE),
 #                tagged $(IMAGE_TAG), without a Docker engine (hack/image)
+#   make e2e-cri    containerd + runc pods on shm-cni (needs root; test/e2e/cri)
+#   make e2e-runsc  gVisor runsc pods beside runc pods (needs root; builds ~10-40 min once)
+#   make e2e-k8s    a one-node Kubernetes on deploy/ and make image (needs root; builds ~15 min once)
 
 GO       ?= go
 BIN      ?= bin
@@ -92,6 +95,18 @@ demo: deps
 # `ctr -n k8s.io images import`.
 image:
 	$(GO) run ./hack/image -o $(IMAGE_ARCHIVE) --tag $(IMAGE_TAG)
+
+# The container-runtime tiers (test/e2e/cri): real runtimes driving shm-cni.
+.PHONY: e2e-cri e2e-runsc e2e-k8s
+e2e-cri: deps
+	@test/e2e/cri/tier1.sh
+
+e2e-runsc: deps
+	@test/e2e/cri/tier2-runsc.sh
+
+# e2e-k8s needs deploy/shm-cni.yaml and the image target (make image).
+e2e-k8s: deps
+	@test/e2e/cri/tier3-k8s.sh
 
 clean:
 	rm -rf $(BIN)

@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# cri-deps.sh installs what the container-runtime tiers (test/e2e/cri) need,
+# only what is missing, and builds the tools Debian lacks into bin/cri/,
+# where later runs find them:
+#
+#   hack/cri-deps.sh          tier 1: containerd 1.6, runc, the reference
+#                             loopback plugin and busybox-static (Debian);
+#                             crictl (sigs.k8s.io/cri-tools, module proxy)
+#   hack/cri-deps.sh runsc    tier 2 besides: runsc and a containerd-shim-runsc-v1
+#                             patched to tolerate EPERM on oom_score_adj
+#                             (gvisor.dev/gvisor), containerd v2 (module proxy)
+#   hack/cri-deps.sh k8s      tier 3 besides: etcd, openssl, nftables (Debian),
+#                             kube-apiserver, kube-controller-manager,
+#                             kube-scheduler, kubelet, kubectl built from
+#                             k8s.io/kubernetes (module proxy) into bin/cri/k8s
+#
+# Versions: CRICTL_VERSION, GVISOR_VERSION (default: the gVisor of go.mod),
+# CONTAINERD2_VERSION, KUBE_VERSION. A binary is rebuilt when its version
+# stamp differs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CRICTL_VERSION=${CRICTL_VERSION:-v1.34.0}
+CONTAINERD2_VERSION=${CONTAINERD2_VERSION:-v2.4.2}
+KUBE_VERSION=${KUBE_VERSION:-v1.37.2}
+GVISOR_VERSION=${GVISOR_VERSION:-$(go list -m -f '{{.Version}}' gvisor.dev/gvisor)}
+OUT=$PWD/bin/cri
+mkdir -p "$OUT"
+
+log() { echo "cri-deps: $*" >&2; }
+
+# stamped NAME VERSION: the binary NAME in $OUT was built at VERSION.
+stamped() { [ -x "$OUT/$1" ] && [ "$(cat "$OUT/$1.version" 2>/dev/null)" = "$2" ]; }
+stamp() { echo "$2" >"$OUT/$1.version"; }
+
+debian() {
+	local pkgs=("$@")
+	command -v containerd >/dev/null || pkgs+=(containerd)
+	command -v runc >/dev/null || pkgs+=(runc)
+	[ -x /usr/lib/cni/loopback ] || pkgs+=(containernetworking-plugins)
+	[ -x /bin/busybox ] || pkgs+=(busybox-static)
+	command -v ip >/dev/null || pkgs+=(iproute2)
+	[ ${#pkgs[@]} -eq 0 ] && return
+	if [ "$(id -u)" -ne 0 ]; then
+		log "missing packages ${pkgs[*]}: run as root to install them"
+		exit 1
+	fi
+	log "installing ${pkgs[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+}
+
+crictl() {
+	stamped crictl "$CRICTL_VERSION" && return
+	log "building crictl $CRICTL_VERSION"
+	GOBIN=$OUT CGO_ENABLED=0 GOFLAGS=-buildvcs=false go install \
+		-ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
+		"sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+	stamp crictl "$CRICTL_VERSION"
+}
+
+# gvisor builds runsc and the runsc shim in a scratch module. The shim is
+# patched: it lowers its own oom_score_adj, which needs CAP_SYS_RESOURCE,
+# and fails on EPERM where that capability is missing (containers,
+# restricted VMs); the patch ignores EPERM there.
+gvisor() {
+	if stamped runsc "$GVISOR_VERSION" && stamped containerd-shim-runsc-v1 "$GVISOR_VERSION+eperm"; then
+		return
+	fi
+	local work src
+	work=$(mktemp -d)
+	trap 'rm -rf "$work"' RETURN
+	log "building runsc and containerd-shim-runsc-v1 $GVISOR_VERSION (several minutes)"
+	go mod download gvisor.dev/gvisor@"$GVISOR_VERSION"
+	src=$(go list -m -f '{{.Dir}}' gvisor.dev/gvisor@"$GVISOR_VERSION")
+	cp -r "$src" "$work/gvisor"
+	chmod -R u+w "$work/gvisor"
+	local f=$work/gvisor/pkg/shim/v1/manager.go
+	sed -i 's/if err := sys.SetOOMScore(cmd.Process.Pid, oomScoreMax); err != nil {/if err := sys.SetOOMScore(cmd.Process.Pid, oomScoreMax); err != nil \&\& !os.IsPermission(err) {/' "$f"
+	if ! grep -q 'IsPermission(err)' "$f"; then
+		log "the runsc shim patch no longer applies to $f"
+		exit 1
+	fi
+	mkdir "$work/m"
+	(
+		cd "$work/m"
+		printf 'module shmcni.test/gvisorbuild\n\ngo 1.26\n\nrequire gvisor.dev/gvisor %s\n\nreplace gvisor.dev/gvisor => ../gvisor\n' "$GVISOR_VERSION" >go.mod
+		printf 'package main\n\nfunc main() {}\n' >main.go
+		go get gvisor.dev/gvisor/runsc gvisor.dev/gvisor/shim
+		CGO_ENABLED=0 go build -o "$OUT/runsc" gvisor.dev/gvisor/runsc
+		CGO_ENABLED=0 go build -o "$OUT/containerd-shim-runsc-v1" gvisor.dev/gvisor/shim
+	)
+	stamp runsc "$GVISOR_VERSION"
+	stamp containerd-shim-runsc-v1 "$GVISOR_VERSION+eperm"
+}
+
+containerd2() {
+	stamped containerd2/containerd "$CONTAINERD2_VERSION" && return
+	log "building containerd $CONTAINERD2_VERSION (several minutes)"
+	mkdir -p "$OUT/containerd2"
+	GOBIN=$OUT/containerd2 CGO_ENABLED=0 GOFLAGS=-buildvcs=false go install \
+		-tags "no_btrfs no_devmapper no_zfs" \
+		-ldflags "-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD2_VERSION" \
+		"github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD2_VERSION" \
+		"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD2_VERSION" \
+		"github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD2_VERSION"
+	stamp containerd2/containerd "$CONTAINERD2_VERSION"
+}
+
+# k8s builds the Kubernetes binaries through a scratch module requiring
+# k8s.io/kubernetes: its go.mod pins the staging modules (k8s.io/api, ...)
+# at v0.0.0, so each is replaced by its published v0.MINOR.PATCH.
+k8s() {
+	local c all=1
+	for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+		stamped "k8s/$c" "$KUBE_VERSION" || all=0
+	done
+	[ "$all" = 1 ] && return
+	local work kmod ldf
+	work=$(mktemp -d)
+	trap 'rm -rf "$work"' RETURN
+	log "building Kubernetes $KUBE_VERSION (about 15 minutes on two cores, 4 GB of build cache)"
+	mkdir -p "$OUT/k8s"
+	kmod=$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+	{
+		printf 'module shmcni.test/k8sbuild\n\ngo 1.26\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$KUBE_VERSION"
+		grep -E '^\s+k8s.io/\S+ v0.0.0$' "$kmod" | awk -v v="v0.${KUBE_VERSION#v1.}" '{print "\t" $1 " => " $1 " " v}'
+		printf ')\n'
+	} >"$work/go.mod"
+	printf 'package main\n\nfunc main() {}\n' >"$work/main.go"
+	ldf="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1"
+	ldf+=" -X k8s.io/component-base/version.gitMinor=$(echo "$KUBE_VERSION" | cut -d. -f2) -X k8s.io/component-base/version.gitTreeState=clean"
+	ldf+=" -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION"
+	(
+		cd "$work"
+		go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION" "k8s.io/kubernetes/cmd/kube-controller-manager@$KUBE_VERSION" \
+			"k8s.io/kubernetes/cmd/kube-scheduler@$KUBE_VERSION" "k8s.io/kubernetes/cmd/kubelet@$KUBE_VERSION" \
+			"k8s.io/kubernetes/cmd/kubectl@$KUBE_VERSION"
+		for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+			stamped "k8s/$c" "$KUBE_VERSION" && continue
+			log "building $c"
+			CGO_ENABLED=0 go build -ldflags "$ldf" -o "$OUT/k8s/$c" "k8s.io/kubernetes/cmd/$c"
+			stamp "k8s/$c" "$KUBE_VERSION"
+		done
+	)
+}
+
+case "${1:-}" in
+"")
+	debian
+	crictl
+	;;
+runsc)
+	debian
+	crictl
+	gvisor
+	containerd2
+	;;
+k8s)
+	pkgs=()
+	command -v etcd >/dev/null || pkgs+=(etcd-server etcd-client)
+	command -v openssl >/dev/null || pkgs+=(openssl)
+	command -v nft >/dev/null || pkgs+=(nftables)
+	debian "${pkgs[@]}"
+	crictl
+	k8s
+	;;
+*)
+	log "unknown tier ${1}: want nothing, runsc or k8s"
+	exit 2
+	;;
+esac

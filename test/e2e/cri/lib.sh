@@ -1,0 +1,476 @@
+# shellcheck shell=bash
+# lib.sh is sourced by the runtime tiers (tier1.sh, tier2-runsc.sh): a node
+# made of the real shm-agent in the host network namespace and a private
+# containerd driven through CRI (crictl), pods networked by shm-cni.
+#
+# Everything a tier makes lives under one scratch directory (containerd's
+# root, state and socket, runc's root, the agent's socket and state, CNI
+# config, logs) or carries a fixed name below (the outside netns and veth, the
+# uplink), and teardown removes it, on success, failure or interrupt. Runs
+# are serialised by a lock; a run finds and removes what a killed run left.
+# Processes are stopped by PID, and only those whose command line names the
+# run's scratch directory: no other containerd or netns is touched.
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
+CRI_BIN=$REPO/bin/cri
+
+# The node's addressing and names. The pod CIDR and the outside link must
+# not overlap anything routed on the machine (checked).
+POD_CIDR=${POD_CIDR:-10.213.0.0/24}
+OUTSIDE_HOST=${OUTSIDE_HOST:-198.51.100.1}
+OUTSIDE_PEER=${OUTSIDE_PEER:-198.51.100.2}
+UPLINK=shmcri0
+OUTSIDE_NS=shmcri-outside
+OUTSIDE_VETH=shmcri-out
+METRICS_ADDR=${METRICS_ADDR:-127.0.0.1:19309}
+CNI_NETWORK=shm-cri-e2e
+IMAGE_PAUSE=shm-cni.test/pause:e2e
+IMAGE_BUSYBOX=shm-cni.test/busybox:e2e
+# The lock serialising runs, and the record of the running one's scratch
+# directory (for the next run to sweep when this one was killed).
+LOCK_FILE=/run/shm-cni-cri.lock
+RUN_RECORD=/run/shm-cni-cri.scratch
+
+FAILS=0
+CHECKS=0
+T0=$(date +%s%N)
+
+# since T: seconds since T (date +%s%N), one decimal.
+since() {
+	local ms=$((($(date +%s%N) - $1) / 1000000))
+	printf '%d.%d' $((ms / 1000)) $((ms % 1000 / 100))
+}
+elapsed() { printf '%6ss' "$(since "$T0")"; }
+say() { echo "[$(elapsed)] $*"; }
+pass() {
+	CHECKS=$((CHECKS + 1))
+	echo "PASS: $*"
+}
+fail() {
+	CHECKS=$((CHECKS + 1))
+	FAILS=$((FAILS + 1))
+	echo "FAIL: $*"
+}
+die() {
+	echo "FAIL: $*" >&2
+	exit 1
+}
+# check NAME WANT GOT
+check() {
+	if [ "$2" = "$3" ]; then pass "$1 ($3)"; else fail "$1: want $2, got ${3:-nothing}"; fi
+}
+
+need_root() {
+	[ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, containerd, TAP devices)"
+}
+
+# lock takes the run lock, waiting for another run to end.
+lock() {
+	exec {LOCK_FD}>"$LOCK_FILE"
+	if ! flock -n "$LOCK_FD"; then
+		say "waiting for another runtime tier run to end"
+		flock -w 1800 "$LOCK_FD" || die "another runtime tier run holds $LOCK_FILE"
+	fi
+}
+
+# ours PID: the process's command line names the scratch directory $S
+# (read without forking: teardown asks this of every process).
+ours() {
+	local args=()
+	[ -n "$1" ] && [ -r "/proc/$1/cmdline" ] || return 1
+	mapfile -d '' args <"/proc/$1/cmdline" 2>/dev/null || return 1
+	[[ "${args[*]}" == *"$S/"* ]]
+}
+
+# stop_pid PID: SIGTERM, up to 15 s, then SIGKILL; only a process of ours.
+stop_pid() {
+	local pid=$1 i
+	ours "$pid" || return 0
+	kill -TERM "$pid" 2>/dev/null || return 0
+	for i in $(seq 150); do
+		ours "$pid" || return 0
+		sleep 0.1
+	done
+	kill -KILL "$pid" 2>/dev/null || true
+}
+
+# our_pids: every process whose command line names $S (shims included).
+our_pids() {
+	local p
+	for p in /proc/[0-9]*; do
+		p=${p#/proc/}
+		ours "$p" && echo "$p"
+	done
+	return 0
+}
+
+# start_bg NAME CMD...: runs CMD in the background, its output in
+# $S/logs/NAME.log, its PID in $S/pids/NAME.
+start_bg() {
+	local name=$1
+	shift
+	# Without the lock's fd: a process that outlives a killed run must not
+	# hold the lock the next run needs to sweep it.
+	"$@" >"$S/logs/$name.log" 2>&1 {LOCK_FD}>&- &
+	echo $! >"$S/pids/$name"
+}
+
+pid_of() { cat "$S/pids/$1" 2>/dev/null; }
+
+# alive NAME: the process start_bg started as NAME runs (not yet exec'd
+# counts: ours would not know it yet).
+alive() {
+	local p
+	p=$(pid_of "$1") || return 1
+	[ -r "/proc/$p/stat" ] && [ "$(cut -d' ' -f3 "/proc/$p/stat" 2>/dev/null)" != Z ]
+}
+
+# http_get HOST:PORT PATH: the body of a GET (bash's /dev/tcp, no client
+# needed), empty on failure.
+http_get() {
+	local hp=$1 path=$2 fd
+	exec {fd}<>"/dev/tcp/${hp%:*}/${hp##*:}" 2>/dev/null || return 1
+	printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$hp" >&"$fd"
+	sed '1,/^\r$/d' <&"$fd"
+	exec {fd}>&-
+}
+
+# Debian's and our builds of the tools.
+CRICTL=$CRI_BIN/crictl
+crictl_() { "$CRICTL" --config "$S/crictl.yaml" "$@"; }
+
+# setup_scratch makes the run's scratch directory. It lives in /tmp, not
+# under bin/, because the agent's per-link socket paths must fit sun_path.
+setup_scratch() {
+	S=$(mktemp -d /tmp/shmcri.XXXXXX)
+	echo "$S" >>"$RUN_RECORD"
+	mkdir -p "$S"/{bin,pids,logs,images,state,sb,cni/bin,cni/net.d,containerd,runc,pods}
+	[ -d /run/containerd ] || touch "$S/made-run-containerd"
+	[ -d /var/lib/cni ] || touch "$S/made-var-lib-cni"
+}
+
+# build: the project's binaries (bin/), then the pause program and the
+# image tool into the scratch directory, and the two images.
+build() {
+	(cd "$REPO" && go build -o bin/ ./cmd/shm-cni ./cmd/shm-agent) || die "build shm-cni, shm-agent"
+	(cd "$REPO" && CGO_ENABLED=0 go build -ldflags '-s -w' -o "$S/bin/" ./test/e2e/cri/pause ./test/e2e/cri/mkimage) ||
+		die "build pause, mkimage"
+	"$S/bin/mkimage" -ref "$IMAGE_PAUSE" -o "$S/images/pause.tar" -entrypoint /pause "$S/bin/pause:/pause" >/dev/null ||
+		die "pause image"
+	local links=() a
+	for a in $(/bin/busybox --list); do
+		[ "$a" = busybox ] || links+=(-symlink "/bin/$a=busybox")
+	done
+	"$S/bin/mkimage" -ref "$IMAGE_BUSYBOX" -o "$S/images/busybox.tar" -cmd /e2e/serve "${links[@]}" \
+		/bin/busybox:/bin/busybox "$REPO/test/e2e/cri/image/serve:/e2e/serve" "$REPO/test/e2e/cri/image/peer:/e2e/peer" >/dev/null ||
+		die "busybox image"
+	ln -sf "$REPO/bin/shm-cni" "$S/cni/bin/shm-cni"
+	ln -sf /usr/lib/cni/loopback "$S/cni/bin/loopback"
+}
+
+# routed CIDR: the machine has a route (other than a default) into CIDR.
+routed() { ip -4 route show to match "$1" | grep -qv '^default'; }
+
+# setup_outside: the "outside" namespace beyond the host, on a veth from the
+# host namespace. It has no route to the pods: only masquerade reaches it.
+setup_outside() {
+	routed "$POD_CIDR" && die "the pod CIDR $POD_CIDR is routed on this machine already; set POD_CIDR"
+	routed "${OUTSIDE_HOST%.*}.0/24" && die "$OUTSIDE_HOST/24 is routed on this machine already; set OUTSIDE_HOST, OUTSIDE_PEER"
+	ip netns add "$OUTSIDE_NS" || die "netns $OUTSIDE_NS"
+	echo "$OUTSIDE_NS" >"$S/netns"
+	ip link add "$OUTSIDE_VETH" type veth peer name eth0 netns "$OUTSIDE_NS" || die "veth $OUTSIDE_VETH"
+	ip addr add "$OUTSIDE_HOST/24" dev "$OUTSIDE_VETH"
+	ip link set "$OUTSIDE_VETH" up
+	ip -n "$OUTSIDE_NS" addr add "$OUTSIDE_PEER/24" dev eth0
+	ip -n "$OUTSIDE_NS" link set eth0 up
+	ip -n "$OUTSIDE_NS" link set lo up
+}
+
+# forward_on IF...: IPv4 forwarding on for packets arriving on each IF.
+forward_on() {
+	local i
+	for i in "$@"; do
+		echo 1 >"/proc/sys/net/ipv4/conf/$i/forwarding" || return 1
+	done
+}
+
+# start_agent: the freshly built agent in the host namespace, ready.
+# Forwarding is enabled only on the uplink and the outside veth (IPv4
+# forwarding is per input interface): the machine's own interfaces and its
+# global sysctls stay as they were.
+start_agent() {
+	start_bg agent "$REPO/bin/shm-agent" --pod-cidr "$POD_CIDR" --cluster-cidr "$POD_CIDR" --uplink "$UPLINK" \
+		--socket "$S/agent.sock" --state-dir "$S/state" --sandbox-dir "$S/sb" --metrics-addr "$METRICS_ADDR" --log-level debug
+	local i
+	for i in $(seq 300); do
+		[ "$(http_get "$METRICS_ADDR" /readyz 2>/dev/null)" = ok ] && break
+		alive agent || die "the agent exited: $(tail -5 "$S/logs/agent.log")"
+		sleep 0.1
+	done
+	[ "$(http_get "$METRICS_ADDR" /readyz)" = ok ] || die "the agent is not ready after 30 s"
+	forward_on "$UPLINK" "$OUTSIDE_VETH" || die "forwarding on $UPLINK, $OUTSIDE_VETH"
+	GATEWAY=$(ip -4 -o addr show dev "$UPLINK" | awk '{print $4}' | cut -d/ -f1)
+	[ -n "$GATEWAY" ] || die "the uplink $UPLINK has no IPv4 address"
+	# The TUN/TAP fds of an agent without pods (its uplink's).
+	# shellcheck disable=SC2034 # the tier scripts read it
+	AGENT_TUN_FDS=$(tun_fds "$(pid_of agent)")
+}
+
+# write_conflist CNIVERSION
+write_conflist() {
+	cat >"$S/cni/net.d/10-shm-cni.conflist" <<EOF
+{
+  "cniVersion": "$1",
+  "name": "$CNI_NETWORK",
+  "plugins": [{
+    "type": "shm-cni",
+    "kind": "tap",
+    "mtu": 1500,
+    "agentSocket": "$S/agent.sock",
+    "logFile": "$S/logs/shm-cni.log",
+    "logLevel": "debug"
+  }]
+}
+EOF
+	cat >"$S/crictl.yaml" <<EOF
+runtime-endpoint: unix://$S/containerd/containerd.sock
+image-endpoint: unix://$S/containerd/containerd.sock
+timeout: 60
+EOF
+}
+
+# start_containerd CONTAINERD CTR: our containerd on our config, then the
+# images imported into the CRI namespace. Shims are found beside CONTAINERD
+# first, then in bin/cri (the runsc shim).
+start_containerd() {
+	local bin=$1 ctr=$2 i
+	start_bg containerd env PATH="$(dirname "$bin"):$CRI_BIN:$PATH" "$bin" -c "$S/containerd/config.toml" --log-level info
+	for i in $(seq 200); do
+		"$ctr" -a "$S/containerd/containerd.sock" version >/dev/null 2>&1 && break
+		alive containerd || die "containerd exited: $(tail -5 "$S/logs/containerd.log")"
+		sleep 0.1
+	done
+	"$ctr" -a "$S/containerd/containerd.sock" version >/dev/null 2>&1 || die "containerd is not up after 20 s"
+	for i in pause busybox; do
+		"$ctr" -a "$S/containerd/containerd.sock" -n k8s.io images import "$S/images/$i.tar" >/dev/null 2>>"$S/logs/ctr.log" ||
+			die "import the $i image"
+	done
+}
+
+# pod_json NAME: a pod sandbox config, written to $S/pods/NAME.json.
+pod_json() {
+	mkdir -p "$S/logs/pods/$1"
+	cat >"$S/pods/$1.json" <<EOF
+{"metadata": {"name": "$1", "namespace": "shm-cri", "uid": "uid-$1", "attempt": 0},
+ "log_directory": "$S/logs/pods/$1", "linux": {}}
+EOF
+}
+
+# ctr_json NAME: the server container (the image's /e2e/serve).
+ctr_json() {
+	cat >"$S/pods/$1-ctr.json" <<EOF
+{"metadata": {"name": "serve"}, "image": {"image": "$IMAGE_BUSYBOX"}, "log_path": "serve.log", "linux": {}}
+EOF
+}
+
+# Pods run by run_server_pod, by name: sandbox ID, container ID, address.
+declare -A POD CTR IP
+
+# run_server_pod NAME [HANDLER]: a pod with the server container; sets
+# POD[NAME], CTR[NAME] and IP[NAME] (as CRI reports it).
+# shellcheck disable=SC2034 # the tier scripts read them
+run_server_pod() {
+	local name=$1 handler=${2:-} rt=() p c ip
+	[ -n "$handler" ] && rt=(--runtime "$handler")
+	pod_json "$name"
+	ctr_json "$name"
+	p=$(crictl_ runp "${rt[@]}" "$S/pods/$name.json" 2>>"$S/logs/crictl.log") || die "run pod $name: $(tail -3 "$S/logs/shm-cni.log")"
+	c=$(crictl_ create "$p" "$S/pods/$name-ctr.json" "$S/pods/$name.json" 2>>"$S/logs/crictl.log") || die "create the container of $name"
+	crictl_ start "$c" >/dev/null || die "start the container of $name"
+	ip=$(crictl_ inspectp -o go-template --template '{{.status.network.ip}}' "$p") || die "inspect pod $name"
+	POD[$name]=$p
+	CTR[$name]=$c
+	IP[$name]=$ip
+}
+
+# in_pod CTR CMD: CMD in the container through CRI exec.
+in_pod() {
+	local c=$1
+	shift
+	crictl_ exec "$c" sh -c "$*"
+}
+
+# wait_serving CTR: the container's server answers on loopback.
+wait_serving() {
+	local i
+	for i in $(seq 100); do
+		in_pod "$1" "printf 'GET /blob.md5 HTTP/1.0\r\n\r\n' | nc -w 2 127.0.0.1 8080" 2>/dev/null | grep -qE '^[0-9a-f]{32}' && return 0
+		sleep 0.2
+	done
+	die "the server in container $1 does not answer on loopback"
+}
+
+# Requests made with nc (from a pod via CRI exec, or from the host): the
+# peer address the server saw, and the MD5 of the 4 MiB blob.
+peer_req="printf 'GET /cgi-bin/peer HTTP/1.0\r\n\r\n' | nc -w 10"
+blob_req="printf 'GET /blob HTTP/1.0\r\n\r\n' | nc -w 10"
+peer_cmd() { printf '%s' "$peer_req $1 $2 | grep -o 'peer=.*' | cut -d= -f2"; }
+blob_cmd() { printf '%s' "$blob_req $1 8080 | sed '1,/^\r\$/d' | md5sum | cut -d' ' -f1"; }
+
+# start_host_server NAME NETNS ADDR PORT: the image's server run by the
+# host's busybox (inside NETNS unless empty), bound to ADDR:PORT.
+start_host_server() {
+	local name=$1 netns=$2 addr=$3 port=$4 dir=$S/www-$1 pre=() i
+	mkdir -p "$dir/cgi-bin"
+	cp "$REPO/test/e2e/cri/image/peer" "$dir/cgi-bin/peer"
+	[ -n "$netns" ] && pre=(ip netns exec "$netns")
+	start_bg "httpd-$name" "${pre[@]}" /bin/busybox httpd -f -p "$addr:$port" -h "$dir"
+	for i in $(seq 50); do
+		"${pre[@]}" /bin/busybox sh -c "$peer_req $addr $port" 2>/dev/null | grep -q peer= && return 0
+		sleep 0.1
+	done
+	die "the $name server on $addr:$port does not answer"
+}
+
+# attachments_count: attachments the agent lists.
+attachments_count() { http_get "$METRICS_ADDR" /attachments | grep -c '"containerID"'; }
+
+# fd_count PID; tun_fds PID: open fds, and those on /dev/net/tun.
+fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
+tun_fds() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 -lname /dev/net/tun 2>/dev/null | wc -l; }
+goroutines() { http_get "$METRICS_ADDR" /metrics | awk '$1 == "go_goroutines" {print $2}'; }
+# nsfs_mounts: pod network namespaces containerd has mounted.
+nsfs_mounts() { awk -v s="$S/containerd/" '$0 ~ / - nsfs / && index($5, s) == 1' /proc/self/mountinfo | wc -l; }
+# ipam_allocations: addresses the agent's IPAM state holds.
+ipam_allocations() { cat "$S"/state/*/state.json 2>/dev/null | grep -o '"containerID"' | wc -l; }
+# attachment_records: the agent's persistent attachment records.
+attachment_records() { find "$S/state" -name '*:*.json' 2>/dev/null | wc -l; }
+# cni_cache_entries: libcni's result cache entries of our network.
+cni_cache_entries() { find /var/lib/cni -name "$CNI_NETWORK-*" 2>/dev/null | wc -l; }
+
+# batch PID N: PID joins the current batch of background jobs; when it
+# holds N, wait for them. batch_wait waits for the rest. (A bare wait would
+# wait for the servers too.)
+BATCH=()
+batch() {
+	BATCH+=("$1")
+	if [ ${#BATCH[@]} -ge "$2" ]; then batch_wait; fi
+}
+batch_wait() {
+	if [ ${#BATCH[@]} -gt 0 ]; then wait "${BATCH[@]}" || true; fi
+	BATCH=()
+}
+
+# remove_pods: every pod of our containerd, stopped and removed, 5 at a time.
+remove_pods() {
+	local p
+	for p in $(crictl_ pods -q 2>/dev/null); do
+		(crictl_ stopp "$p" && crictl_ rmp -f "$p") >/dev/null 2>>"$S/logs/crictl.log" &
+		batch $! 5
+	done
+	batch_wait
+}
+
+# teardown: everything the run made, in order: pods (while containerd and
+# the agent run, so CNI DEL reaches the agent), containerd, any container
+# runc still knows in our root, remaining processes of ours (shims, agent,
+# servers), the outside netns, mounts under $S, $S.
+teardown() {
+	[ -n "${S:-}" ] && [ -d "$S" ] || return 0
+	set +e
+	local p r
+	# A tier's own first steps (tier 3: remove its manifests).
+	if declare -F pre_teardown >/dev/null; then pre_teardown; fi
+	# A kubelet would restart the pods removed below.
+	stop_pid "$(pid_of kubelet)"
+	if [ -S "$S/containerd/containerd.sock" ] && ours "$(pid_of containerd)"; then
+		remove_pods
+	fi
+	stop_pid "$(pid_of containerd)"
+	for r in "$S"/runc/*; do
+		[ -d "$r" ] || continue
+		for p in $(runc --root "$r" list -q 2>/dev/null); do
+			runc --root "$r" delete --force "$p" >/dev/null 2>&1
+		done
+	done
+	for p in $(our_pids); do
+		stop_pid "$p"
+	done
+	[ -f "$S/netns" ] && ip netns del "$(cat "$S/netns")" 2>/dev/null
+	awk -v s="$S/" 'index($5, s) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
+		umount -l "$m" 2>/dev/null
+	done
+	[ -f "$S/made-run-containerd" ] && rmdir /run/containerd/s /run/containerd 2>/dev/null
+	[ -f "$S/made-var-lib-cni" ] && rmdir /var/lib/cni/results /var/lib/cni 2>/dev/null
+	[ -f "$S/made-var-lib-kubelet" ] && rm -rf /var/lib/kubelet
+	# The kubelet's QoS cgroups, when the run made them (empty by now).
+	[ -f "$S/made-kubepods" ] && find /sys/fs/cgroup -mindepth 1 -maxdepth 6 -depth -type d -path '*kubepods*' -exec rmdir {} + 2>/dev/null
+	rm -rf "$CRI_BIN/last-logs"
+	cp -r "$S/logs" "$CRI_BIN/last-logs" 2>/dev/null
+	rm -rf "$S"
+	if [ -f "$RUN_RECORD" ]; then
+		grep -vxF "$S" "$RUN_RECORD" >"$RUN_RECORD.new"
+		mv "$RUN_RECORD.new" "$RUN_RECORD"
+	fi
+	S=
+}
+
+# sweep_stale: with the lock held, any recorded scratch directory belongs
+# to a run that was killed before its teardown: tear it down now. The fixed
+# names (outside netns) go too.
+sweep_stale() {
+	local old
+	if [ -f "$RUN_RECORD" ]; then
+		while read -r old; do
+			[ -n "$old" ] || continue
+			say "removing what a killed run left in $old"
+			S=$old teardown
+		done <"$RUN_RECORD"
+		rm -f "$RUN_RECORD"
+	fi
+	ip netns del "$OUTSIDE_NS" 2>/dev/null || true
+}
+
+# teardown_and_verify: teardown, then check the machine holds nothing of
+# the run: no process, mount, uplink, outside netns or veth.
+teardown_and_verify() {
+	local s=$S
+	teardown
+	check "teardown: no process of the run left" "" "$(S=$s our_pids | tr '\n' ' ')"
+	check "teardown: no mount under the scratch directory left" 0 "$(awk -v s="$s/" 'index($5, s) == 1' /proc/self/mountinfo | wc -l)"
+	check "teardown: the uplink $UPLINK is gone" "" "$(ip -o link show "$UPLINK" 2>/dev/null)"
+	check "teardown: the outside veth and netns are gone" "" "$(ip -o link show "$OUTSIDE_VETH" 2>/dev/null)$(ls /run/netns/"$OUTSIDE_NS" 2>/dev/null)"
+}
+
+# settle FUNC: FUNC succeeds within 30 s (the agent releases links
+# asynchronously); the checks that follow read the values either way.
+settle() {
+	local i
+	for i in $(seq 300); do
+		"$1" && return 0
+		sleep 0.1
+	done
+	return 1
+}
+
+# on_exit is the tiers' EXIT trap: teardown, keeping the exit status.
+on_exit() {
+	local rc=$?
+	trap - EXIT INT TERM
+	if [ -n "${S:-}" ]; then
+		say "teardown"
+		teardown
+	fi
+	exit "$rc"
+}
+
+# finish: the tier's verdict.
+finish() {
+	local tier=$1
+	if [ "$FAILS" -eq 0 ]; then
+		echo "PASS: $tier: $CHECKS checks in $(elapsed)"
+		return 0
+	fi
+	echo "FAIL: $tier: $FAILS of $CHECKS checks failed ($(elapsed)); logs: bin/cri/last-logs"
+	return 1
+}

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Tier 1 of the runtime tests (make e2e-cri): containerd 1.6 and runc from
+# Debian, driven through CRI by crictl, pods networked by shm-cni (kind tap)
+# and the real shm-agent in the host network namespace, as on a node.
+#
+# Checks, each printed as PASS or FAIL:
+#   - a pod's eth0 is a TAP device carrying the address CRI reports, with
+#     the default route via the link-local gateway; the agent lists it;
+#   - pod <-> pod TCP both ways (the server sees the client's pod address)
+#     and a 4 MiB transfer with matching MD5;
+#   - host -> pod and pod -> host TCP, and the transfer host <- pod;
+#   - pod -> an "outside" namespace beyond the host: the outside sees the
+#     host's address (masquerade), and it has no route to the pods;
+#   - 50 pods created (5 at a time) all answer the host's ping, then
+#     removed: no pod, netns mount, agent attachment (/attachments and
+#     state), IPAM allocation, libcni cache entry or TAP fd is left, and the
+#     agent's fds and goroutines are back to their baseline.
+# Exits non-zero on any failure. Needs root; installs what it needs
+# (hack/cri-deps.sh). Everything it starts it stops (see lib.sh).
+set -euo pipefail
+# shellcheck source=test/e2e/cri/lib.sh
+. "$(dirname "$0")/lib.sh"
+
+CHURN=${CHURN:-50}
+CHURN_PARALLEL=${CHURN_PARALLEL:-5}
+HOST_PORT=18080
+
+need_root
+lock
+sweep_stale
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+say "deps"
+"$REPO/hack/cri-deps.sh"
+setup_scratch
+say "build ($S)"
+build
+say "outside namespace, agent"
+setup_outside
+start_agent
+write_conflist 1.0.0
+cat >"$S/containerd/config.toml" <<EOF
+version = 2
+root = "$S/containerd/root"
+state = "$S/containerd/state"
+
+[grpc]
+  address = "$S/containerd/containerd.sock"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$S/containerd/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$IMAGE_PAUSE"
+  enable_cdi = false
+  netns_mounts_under_state_dir = true
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "$S/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$S/cni/bin"
+    conf_dir = "$S/cni/net.d"
+    max_conf_num = 1
+EOF
+say "containerd $(containerd --version | awk '{print $3}')"
+start_containerd "$(command -v containerd)" "$(command -v ctr)"
+
+say "two runc pods"
+run_server_pod a
+run_server_pod b
+wait_serving "${CTR[a]}"
+wait_serving "${CTR[b]}"
+say "pod a ${IP[a]}, pod b ${IP[b]}, host (uplink $UPLINK) $GATEWAY"
+
+check "pod a: eth0 is a TAP device" yes "$(in_pod "${CTR[a]}" 'test -e /sys/class/net/eth0/tun_flags && echo yes')"
+check "pod a: eth0 carries the CRI address" "${IP[a]}/32" "$(in_pod "${CTR[a]}" "ip -4 -o addr show dev eth0 | awk '{print \$4}'")"
+check "pod a: default route via the link-local gateway" "default via 169.254.1.1 dev eth0" "$(in_pod "${CTR[a]}" 'ip -4 route show default' | awk '{print $1, $2, $3, $4, $5}')"
+check "agent: attachments of the two pods" 2 "$(attachments_count)"
+check "agent: lists pod a's address" 1 "$(http_get "$METRICS_ADDR" /attachments | grep -cF "\"${IP[a]}\"")"
+
+check "pod a -> pod b TCP, b sees a's address" "${IP[a]}" "$(in_pod "${CTR[a]}" "$(peer_cmd "${IP[b]}" 8080)")"
+check "pod b -> pod a TCP, a sees b's address" "${IP[b]}" "$(in_pod "${CTR[b]}" "$(peer_cmd "${IP[a]}" 8080)")"
+check "pod a <- pod b 4 MiB, MD5" "$(in_pod "${CTR[b]}" 'cat /www/blob.md5')" "$(in_pod "${CTR[a]}" "$(blob_cmd "${IP[b]}")")"
+check "pod b <- pod a 4 MiB, MD5" "$(in_pod "${CTR[a]}" 'cat /www/blob.md5')" "$(in_pod "${CTR[b]}" "$(blob_cmd "${IP[a]}")")"
+
+check "host -> pod a TCP, a sees the host's uplink address" "$GATEWAY" "$(/bin/busybox sh -c "$(peer_cmd "${IP[a]}" 8080)")"
+check "host <- pod a 4 MiB, MD5" "$(in_pod "${CTR[a]}" 'cat /www/blob.md5')" "$(/bin/busybox sh -c "$(blob_cmd "${IP[a]}")")"
+start_host_server host "" "$GATEWAY" "$HOST_PORT"
+check "pod a -> host TCP, the host sees a's address" "${IP[a]}" "$(in_pod "${CTR[a]}" "$(peer_cmd "$GATEWAY" "$HOST_PORT")")"
+
+start_host_server outside "$OUTSIDE_NS" "$OUTSIDE_PEER" 8080
+check "outside: no route to the pods" "" "$(ip -n "$OUTSIDE_NS" -4 route show to match "${IP[a]}" | grep -v '^default' || true)"
+check "pod a -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[a]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
+check "pod b -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[b]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
+
+say "remove the two pods"
+remove_pods
+AGENT=$(pid_of agent)
+no_attachments() { [ "$(attachments_count)" -eq 0 ]; }
+settle no_attachments || true
+check "agent: no attachment after the two pods" 0 "$(attachments_count)"
+BASE_FDS=$(fd_count "$AGENT")
+BASE_GR=$(goroutines)
+say "agent baseline: $BASE_FDS fds, $BASE_GR goroutines"
+
+say "$CHURN pods, $CHURN_PARALLEL at a time"
+churn_create() {
+	pod_json "churn-$1"
+	crictl_ runp "$S/pods/churn-$1.json" >"$S/pods/churn-$1.id" 2>>"$S/logs/churn.log" || true
+}
+t=$(date +%s%N)
+for i in $(seq "$CHURN"); do
+	churn_create "$i" &
+	batch $! "$CHURN_PARALLEL"
+done
+batch_wait
+say "created in $(since "$t")s"
+check "CRI: pods running" "$CHURN" "$(crictl_ pods -q --state ready | wc -l)"
+check "agent: attachments" "$CHURN" "$(attachments_count)"
+http_get "$METRICS_ADDR" /attachments | grep -A1 '"addrs"' | grep -oE '"[0-9.]+"' | tr -d '"' | sort -u >"$S/churn-ips"
+check "agent: distinct pod addresses" "$CHURN" "$(wc -l <"$S/churn-ips")"
+: >"$S/ping-failed"
+while read -r ip; do
+	{ /bin/busybox ping -c 1 -W 5 "$ip" >/dev/null 2>&1 || echo "$ip" >>"$S/ping-failed"; } &
+	batch $! 10
+done <"$S/churn-ips"
+batch_wait
+check "host -> every pod: ping answered" "" "$(tr '\n' ' ' <"$S/ping-failed")"
+
+say "remove the $CHURN pods"
+t=$(date +%s%N)
+remove_pods
+say "removed in $(since "$t")s"
+back_to_baseline() {
+	no_attachments && [ "$(fd_count "$AGENT")" -le "$BASE_FDS" ] && [ "$(goroutines)" -le "$BASE_GR" ]
+}
+settle back_to_baseline || true
+check "CRI: no pod left" 0 "$(crictl_ pods -q | wc -l)"
+check "no pod netns mount left" 0 "$(nsfs_mounts)"
+check "agent: no attachment left (/attachments)" 0 "$(attachments_count)"
+check "agent: no attachment record left (state)" 0 "$(attachment_records)"
+check "agent: no IPAM allocation left (state)" 0 "$(ipam_allocations)"
+check "libcni: no cached result of $CNI_NETWORK left" 0 "$(cni_cache_entries)"
+check "agent: TAP/TUN fds back to those it started with (the uplink's)" "$AGENT_TUN_FDS" "$(tun_fds "$AGENT")"
+check "agent: fds back to the baseline" "$BASE_FDS" "$(fd_count "$AGENT")"
+gr=$(goroutines)
+if [ "$gr" -le "$BASE_GR" ]; then pass "agent: goroutines back to the baseline ($gr <= $BASE_GR)"; else fail "agent: $gr goroutines, baseline $BASE_GR"; fi
+
+say "teardown"
+teardown_and_verify
+finish "tier 1 (containerd $(containerd --version | awk '{print $3}'), runc, shm-cni)"

@@ -1,0 +1,346 @@
+#!/usr/bin/env bash
+# Tier 3 of the runtime tests (make e2e-k8s): a one-node Kubernetes whose pod
+# network is shm-cni, installed the way users install it: the image from
+# `make image` (bin/shm-cni-image.tar, shm-cni:dev) imported into containerd
+# and deploy/shm-cni.yaml applied. etcd from Debian; kube-apiserver,
+# kube-controller-manager (allocating node pod CIDRs), kube-scheduler, kubelet
+# and kubectl built from k8s.io/kubernetes (hack/cri-deps.sh k8s, once:
+# about 15 minutes and 4 GB of build cache); containerd v2 with runsc when
+# tier 2's builds are in bin/cri, else Debian's containerd 1.6.
+#
+# The manifest is applied as shipped except where a test node on a shared
+# machine must differ, each replacement checked: its host paths (CNI bin and
+# conf dirs, /run/shm-cni, /var/lib/shm-cni) and the conflist's socket and log
+# paths point into the run's scratch directory, and the agent reaches the API
+# server at 127.0.0.1:6443 (this node runs no kube-proxy for the
+# kubernetes Service).
+#
+# Checks, each printed as PASS or FAIL:
+#   - the node is NotReady (no pod network) until the agent is ready, then
+#     Ready; the agent installed the CNI binary and conflist;
+#   - pods Running with addresses from the node's pod CIDR;
+#   - pod <-> pod and host <-> pod TCP (the server sees the client), pod ->
+#     outside masqueraded (the agent's cluster CIDRs from the ConfigMap);
+#   - with runsc: a RuntimeClass gvisor, its pod in gVisor talking to a runc
+#     pod and to the host;
+#   - deleting the pods and the DaemonSet leaves no attachment, and the
+#     agent's uplink goes with it.
+# Needs root. SHM_CNI_MANIFEST names another manifest than deploy/shm-cni.yaml.
+set -euo pipefail
+# shellcheck source=test/e2e/cri/lib.sh
+. "$(dirname "$0")/lib.sh"
+
+K8S_BIN=$CRI_BIN/k8s
+MANIFEST=${SHM_CNI_MANIFEST:-$REPO/deploy/shm-cni.yaml}
+IMAGE_ARCHIVE=$REPO/bin/shm-cni-image.tar
+CLUSTER_CIDR=10.244.0.0/16
+SERVICE_CIDR=10.96.0.0/16
+NODE=shm-cni-e2e
+HOST_PORT=18080
+RUNSC=no
+if [ -x "$CRI_BIN/runsc" ] && [ -x "$CRI_BIN/containerd2/containerd" ]; then RUNSC=yes; fi
+
+need_root
+[ -f "$MANIFEST" ] || die "deploy/shm-cni.yaml is missing"
+lock
+sweep_stale
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+say "deps (Kubernetes: built once)"
+"$REPO/hack/cri-deps.sh" k8s
+say "image (make image)"
+make -C "$REPO" --no-print-directory image >/dev/null || die "make image"
+[ -f "$IMAGE_ARCHIVE" ] || die "make image wrote no $IMAGE_ARCHIVE"
+setup_scratch
+[ -d /var/lib/kubelet ] || touch "$S/made-var-lib-kubelet"
+compgen -G '/sys/fs/cgroup/*/kubepods' >/dev/null || compgen -G /sys/fs/cgroup/kubepods.slice >/dev/null || touch "$S/made-kubepods"
+kube_chains() { iptables-save 2>/dev/null | grep -c '^:KUBE-' || true; }
+KUBE_CHAINS_BEFORE=$(kube_chains)
+say "build ($S)"
+build
+rm -f "$S/cni/bin/shm-cni" # the agent installs it
+# The outside namespace; making it also turns /run/netns into a shared
+# mount, which the manifest's HostToContainer mount of /var/run/netns needs.
+setup_outside
+mkdir -p "$S/run" "$S/k8s"/{pki,logs,kubelet,pod-logs} "$S/etcd"
+UPLINK=shm0 # the manifest's default
+
+# --- containerd --------------------------------------------------------------
+if [ "$RUNSC" = yes ]; then
+	CTRD=$CRI_BIN/containerd2/containerd CTRCLI=$CRI_BIN/containerd2/ctr
+	mkdir -p "$S/runsc/root" "$S/logs/runsc"
+	cat >"$S/runsc/runsc.toml" <<EOF
+binary_name = "$CRI_BIN/runsc"
+root = "$S/runsc/root"
+[runsc_config]
+  platform = "systrap"
+  network = "sandbox"
+EOF
+	cat >"$S/containerd/config.toml" <<EOF
+version = 3
+root = "$S/containerd/root"
+state = "$S/containerd/state"
+[grpc]
+  address = "$S/containerd/containerd.sock"
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "$IMAGE_PAUSE"
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+[plugins."io.containerd.cri.v1.runtime"]
+  enable_cdi = false
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        BinaryName = "$(command -v runc)"
+        Root = "$S/runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runsc]
+      runtime_type = "io.containerd.runsc.v1"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runsc.options]
+        TypeUrl = "io.containerd.runsc.v1.options"
+        ConfigPath = "$S/runsc/runsc.toml"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["$S/cni/bin"]
+    conf_dir = "$S/cni/net.d"
+    max_conf_num = 1
+EOF
+else
+	CTRD=$(command -v containerd) CTRCLI=$(command -v ctr)
+	cat >"$S/containerd/config.toml" <<EOF
+version = 2
+root = "$S/containerd/root"
+state = "$S/containerd/state"
+[grpc]
+  address = "$S/containerd/containerd.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$S/containerd/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$IMAGE_PAUSE"
+  enable_cdi = false
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "$S/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$S/cni/bin"
+    conf_dir = "$S/cni/net.d"
+    max_conf_num = 1
+EOF
+fi
+# Pod netns stay in /var/run/netns (not under containerd's state): the
+# manifest mounts that directory into the agent, which opens them.
+write_conflist 1.0.0
+rm -f "$S/cni/net.d/"* # the agent writes the conflist when it is ready
+say "containerd ($("$CTRD" --version | awk '{print $3}'), runsc: $RUNSC)"
+start_containerd "$CTRD" "$CTRCLI"
+"$CTRCLI" -a "$S/containerd/containerd.sock" -n k8s.io images import "$IMAGE_ARCHIVE" >/dev/null || die "import $IMAGE_ARCHIVE"
+
+# --- control plane -----------------------------------------------------------
+say "PKI, etcd, control plane"
+P=$S/k8s/pki
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$P/ca.key" -out "$P/ca.crt" -days 2 -subj /CN=shm-cni-e2e-ca 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n' >"$P/apiserver.ext"
+openssl req -newkey rsa:2048 -nodes -keyout "$P/apiserver.key" -out "$P/apiserver.csr" -subj /CN=kube-apiserver 2>/dev/null
+openssl x509 -req -in "$P/apiserver.csr" -CA "$P/ca.crt" -CAkey "$P/ca.key" -CAcreateserial -out "$P/apiserver.crt" -days 2 -extfile "$P/apiserver.ext" 2>/dev/null
+openssl genrsa -out "$P/sa.key" 2048 2>/dev/null
+openssl rsa -in "$P/sa.key" -pubout -out "$P/sa.pub" 2>/dev/null
+TOKEN=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+echo "$TOKEN,admin,admin,system:masters" >"$P/tokens.csv"
+KUBECONFIG=$S/k8s/kubeconfig
+cat >"$KUBECONFIG" <<EOF
+apiVersion: v1
+kind: Config
+clusters: [{name: e2e, cluster: {server: "https://127.0.0.1:6443", certificate-authority: $P/ca.crt}}]
+users: [{name: admin, user: {token: "$TOKEN"}}]
+contexts: [{name: e2e, context: {cluster: e2e, user: admin}}]
+current-context: e2e
+EOF
+kubectl_() { "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG" "$@"; }
+# pre_teardown (called by teardown): delete what was applied while the API
+# server runs, so the agent stops gracefully (its nftables table goes with
+# it); on failure, remove that table when the agent could not.
+pre_teardown() {
+	if ours "$(pid_of kube-apiserver)" && [ -f "$S/shm-cni.yaml" ]; then
+		[ -f "$S/pods.yaml" ] && kubectl_ delete -f "$S/pods.yaml" --wait --timeout=60s >/dev/null 2>&1
+		kubectl_ delete -f "$S/shm-cni.yaml" --wait --timeout=60s >/dev/null 2>&1
+	fi
+	for c in kubelet kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_pid "$(pid_of "$c")"; done
+	nft delete table inet shm-cni 2>/dev/null
+	return 0
+}
+
+start_bg etcd /usr/bin/etcd --name e2e --data-dir "$S/etcd" \
+	--listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+	--listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+	--initial-cluster e2e=http://127.0.0.1:2380 --listen-metrics-urls http://127.0.0.1:2381
+start_bg kube-apiserver "$K8S_BIN/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 \
+	--bind-address=127.0.0.1 --secure-port=6443 --advertise-address=127.0.0.1 --endpoint-reconciler-type=none \
+	--cert-dir="$S/k8s/apiserver-certs" --tls-cert-file="$P/apiserver.crt" --tls-private-key-file="$P/apiserver.key" \
+	--client-ca-file="$P/ca.crt" --token-auth-file="$P/tokens.csv" --authorization-mode=Node,RBAC --allow-privileged=true \
+	--service-account-issuer=https://kubernetes.default.svc.cluster.local --service-account-key-file="$P/sa.pub" \
+	--service-account-signing-key-file="$P/sa.key" --service-cluster-ip-range="$SERVICE_CIDR"
+for i in $(seq 240); do
+	kubectl_ get --raw /readyz >/dev/null 2>&1 && break
+	alive kube-apiserver || die "kube-apiserver exited: $(tail -5 "$S/logs/kube-apiserver.log")"
+	sleep 0.5
+done
+kubectl_ get --raw /readyz >/dev/null 2>&1 || die "kube-apiserver is not ready after 120 s"
+start_bg kube-controller-manager "$K8S_BIN/kube-controller-manager" --kubeconfig="$KUBECONFIG" --bind-address=127.0.0.1 \
+	--service-account-private-key-file="$P/sa.key" --root-ca-file="$P/ca.crt" --use-service-account-credentials=false \
+	--leader-elect=false --allocate-node-cidrs=true --cluster-cidr="$CLUSTER_CIDR" --node-cidr-mask-size=24 \
+	--service-cluster-ip-range="$SERVICE_CIDR" --controllers='*,-cloud-node-lifecycle'
+start_bg kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig="$KUBECONFIG" --bind-address=127.0.0.1 --leader-elect=false
+cat >"$S/k8s/kubelet.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: 127.0.0.1
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+authentication: {anonymous: {enabled: true}, webhook: {enabled: false}}
+authorization: {mode: AlwaysAllow}
+cgroupDriver: cgroupfs
+containerRuntimeEndpoint: unix://$S/containerd/containerd.sock
+failCgroupV1: false
+failSwapOn: false
+resolvConf: /etc/resolv.conf
+podLogsDir: $S/k8s/pod-logs
+clusterDomain: cluster.local
+clusterDNS: [10.96.0.10]
+evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+EOF
+say "kubelet"
+start_bg kubelet "$K8S_BIN/kubelet" --config="$S/k8s/kubelet.yaml" --kubeconfig="$KUBECONFIG" \
+	--root-dir="$S/k8s/kubelet" --cert-dir="$S/k8s/kubelet-pki" --hostname-override="$NODE"
+for i in $(seq 120); do
+	kubectl_ get node "$NODE" >/dev/null 2>&1 && break
+	alive kubelet || die "kubelet exited: $(tail -5 "$S/logs/kubelet.log")"
+	sleep 0.5
+done
+node_ready() { kubectl_ get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null; }
+for i in $(seq 120); do
+	[ -n "$(node_ready)" ] && break # the kubelet reported its first status
+	sleep 0.5
+done
+check "node NotReady before shm-cni is installed" False "$(node_ready)"
+
+# --- shm-cni -----------------------------------------------------------------
+say "deploy/shm-cni.yaml"
+sed -e "s#path: /opt/cni/bin#path: $S/cni/bin#" \
+	-e "s#path: /etc/cni/net.d#path: $S/cni/net.d#" \
+	-e "s#path: /run/shm-cni\$#path: $S/run#" \
+	-e "s#path: /var/lib/shm-cni#path: $S/state#" \
+	-e "s#\"agentSocket\": \"/run/shm-cni/agent.sock\"#\"agentSocket\": \"$S/run/agent.sock\"#" \
+	-e "s#\"logFile\": \"/var/log/shm-cni.log\"#\"logFile\": \"$S/logs/shm-cni.log\"#" \
+	-e "s#^\\( *\\)env:\$#&\\n\\1  - {name: KUBERNETES_SERVICE_HOST, value: \"127.0.0.1\"}\\n\\1  - {name: KUBERNETES_SERVICE_PORT, value: \"6443\"}#" \
+	"$MANIFEST" >"$S/shm-cni.yaml"
+# containerd 1.6's libcni reads CNI 1.0.0 at most.
+[ "$RUNSC" = yes ] || sed -i 's#"cniVersion": "1.1.0"#"cniVersion": "1.0.0"#' "$S/shm-cni.yaml"
+for want in "path: $S/cni/bin" "path: $S/cni/net.d" "path: $S/run" "path: $S/state" \
+	"\"agentSocket\": \"$S/run/agent.sock\"" "\"logFile\": \"$S/logs/shm-cni.log\"" "KUBERNETES_SERVICE_HOST"; do
+	grep -qF -- "$want" "$S/shm-cni.yaml" || die "the manifest changed: no place for $want (update tier3-k8s.sh)"
+done
+kubectl_ apply -f "$S/shm-cni.yaml" >/dev/null || die "apply the manifest"
+kubectl_ -n shm-cni rollout status ds/shm-agent --timeout=180s >/dev/null || die "the agent DaemonSet is not ready: $(kubectl_ -n shm-cni get pods -o wide)"
+AGENT_READY=$(http_get 127.0.0.1:9309 /readyz || true)
+for i in $(seq 120); do
+	[ "$(node_ready)" = True ] && break
+	sleep 0.5
+done
+check "agent ready (its /readyz)" ok "$AGENT_READY"
+check "node Ready once the agent is" True "$(node_ready)"
+check "the agent installed the CNI binary" yes "$([ -x "$S/cni/bin/shm-cni" ] && echo yes)"
+check "the agent wrote the conflist" yes "$([ -f "$S/cni/net.d/10-shm-cni.conflist" ] && echo yes)"
+NODE_CIDR=$(kubectl_ get node "$NODE" -o jsonpath='{.spec.podCIDR}')
+GATEWAY=$(ip -4 -o addr show dev "$UPLINK" | awk '{print $4}' | cut -d/ -f1)
+forward_on "$UPLINK" "$OUTSIDE_VETH" || fail "forwarding on $UPLINK, $OUTSIDE_VETH"
+say "node pod CIDR $NODE_CIDR, uplink $UPLINK $GATEWAY"
+
+# --- pods --------------------------------------------------------------------
+say "pods"
+{
+	for p in web1 web2; do
+		cat <<EOF
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: $p, namespace: default}
+spec:
+  automountServiceAccountToken: false
+  containers: [{name: serve, image: $IMAGE_BUSYBOX, imagePullPolicy: Never}]
+EOF
+	done
+	if [ "$RUNSC" = yes ]; then
+		cat <<EOF
+---
+apiVersion: node.k8s.io/v1
+kind: RuntimeClass
+metadata: {name: gvisor}
+handler: runsc
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: gvisor, namespace: default}
+spec:
+  runtimeClassName: gvisor
+  automountServiceAccountToken: false
+  containers: [{name: serve, image: $IMAGE_BUSYBOX, imagePullPolicy: Never}]
+EOF
+	fi
+} >"$S/pods.yaml"
+kubectl_ apply -f "$S/pods.yaml" >/dev/null || die "apply the pods"
+kubectl_ wait --for=condition=Ready pod --all -n default --timeout=180s >/dev/null || fail "pods Ready: $(kubectl_ get pods -o wide)"
+pods=(web1 web2)
+[ "$RUNSC" = yes ] && pods+=(gvisor)
+for p in "${pods[@]}"; do
+	IP[$p]=$(kubectl_ get pod "$p" -o jsonpath='{.status.podIP}')
+	CTR[$p]=$(crictl_ ps -q --name serve --label "io.kubernetes.pod.name=$p" | head -1)
+	check "pod $p Running" Running "$(kubectl_ get pod "$p" -o jsonpath='{.status.phase}')"
+	in_cidr=$(awk -v ip="${IP[$p]}" -v net="${NODE_CIDR%.*/*}." 'BEGIN {print (index(ip, net) == 1) ? "yes" : "no"}')
+	check "pod $p address ${IP[$p]} in the node's pod CIDR" yes "$in_cidr"
+	wait_serving "${CTR[$p]}"
+done
+check "web1 -> web2 TCP, web2 sees web1" "${IP[web1]}" "$(in_pod "${CTR[web1]}" "$(peer_cmd "${IP[web2]}" 8080)")"
+check "web2 -> web1 TCP, web1 sees web2" "${IP[web2]}" "$(in_pod "${CTR[web2]}" "$(peer_cmd "${IP[web1]}" 8080)")"
+check "host -> web1 TCP, web1 sees the host's uplink address" "$GATEWAY" "$(/bin/busybox sh -c "$(peer_cmd "${IP[web1]}" 8080)")"
+start_host_server host "" "$GATEWAY" "$HOST_PORT"
+check "web1 -> host TCP, the host sees web1" "${IP[web1]}" "$(in_pod "${CTR[web1]}" "$(peer_cmd "$GATEWAY" "$HOST_PORT")")"
+start_host_server outside "$OUTSIDE_NS" "$OUTSIDE_PEER" 8080
+check "web1 -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[web1]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
+if [ "$RUNSC" = yes ]; then
+	check "pod gvisor runs in gVisor" 1 "$(in_pod "${CTR[gvisor]}" dmesg | grep -c 'Starting gVisor')"
+	check "gvisor -> web1 TCP, web1 sees gvisor" "${IP[gvisor]}" "$(in_pod "${CTR[gvisor]}" "$(peer_cmd "${IP[web1]}" 8080)")"
+	check "web1 -> gvisor TCP, gvisor sees web1" "${IP[web1]}" "$(in_pod "${CTR[web1]}" "$(peer_cmd "${IP[gvisor]}" 8080)")"
+	check "host -> gvisor TCP" "$GATEWAY" "$(/bin/busybox sh -c "$(peer_cmd "${IP[gvisor]}" 8080)")"
+fi
+
+# --- removal -----------------------------------------------------------------
+say "delete the pods, then the DaemonSet"
+kubectl_ delete -f "$S/pods.yaml" --wait --timeout=120s >/dev/null || fail "delete the pods"
+check "agent: no attachment after the pods" 0 "$(http_get 127.0.0.1:9309 /attachments | grep -c '"containerID"')"
+kubectl_ delete -f "$S/shm-cni.yaml" --wait --timeout=120s >/dev/null || fail "delete the manifest"
+gone() { ! ip link show "$UPLINK" >/dev/null 2>&1; }
+settle gone || true
+check "the agent's uplink $UPLINK went with it" "" "$(ip -o link show "$UPLINK" 2>/dev/null)"
+
+check "the agent removed its nftables table" "" "$(nft list table inet shm-cni 2>/dev/null)"
+say "teardown"
+teardown_and_verify
+check "no iptables KUBE- chain added" "$KUBE_CHAINS_BEFORE" "$(kube_chains)"
+finish "tier 3 (Kubernetes $(cat "$K8S_BIN/kubelet.version"), containerd, runsc: $RUNSC, shm-cni)"
