@@ -1,6 +1,7 @@
 # shm-cni: build, test, fuzz, benchmark, demo.
 #
-#   make test    everything CI runs (needs root: network namespaces, TAP)
+#   make test    everything CI runs (needs root: network namespaces, TAP,
+#                containerd): lint, build, unit and e2e tests, tier 1 (e2e-cri)
 #   make demo    a node in a box with traffic (needs root)
 #   make bench   shm-cni beside a veth pair and the ptp/bridge plugins (needs root;
 #                BENCH_FLAGS=... for subsets, see go run ./test/bench -h)
@@ -62,7 +63,7 @@ test-full:
 	$(GO) test -count=1 -timeout 20m -run 'TwoProcess|Interop|Forwarding|TCPInProcess' ./pkg/endpoint
 	$(GO) test -count=1 -timeout 20m -run '^TestChurn$$' ./test/e2e
 
-test: deps lint build test-unit test-full
+test: deps lint build test-unit test-full e2e-cri
 
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
