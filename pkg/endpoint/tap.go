@@ -415,20 +415,25 @@ const readBufSize = virtioNetHdrLen + header.EthernetMinimumSize + header.IPv6Mi
 // Close) or the device goes away. It closes the fd unless only detached.
 func (e *TAPEndpoint) readLoop() {
 	defer e.wg.Done()
-	buf := make([]byte, readBufSize)
+	rd, err := newTAPReader(e.file)
+	if err != nil {
+		e.stopGone(err)
+		return
+	}
+	defer rd.release()
 	emit := e.deliver
 	errorsInRow := 0
 	for {
-		n, err := e.file.Read(buf)
+		b, err := rd.read()
 		if err == nil {
 			errorsInRow = 0
-			e.handleFrame(buf[:n], emit)
+			e.handleFrame(b, emit, rd)
 			continue
 		}
 		if !errors.Is(err, os.ErrDeadlineExceeded) && !isDeviceGone(err) {
 			// Go's poller may report a device that went away as "not
 			// pollable" (EPOLLERR) without reading: ask the kernel.
-			err = e.kernelReadErr(buf, err)
+			err = e.kernelReadErr(rd.big, err)
 		}
 		var gone error
 		switch {
@@ -515,8 +520,10 @@ func (e *TAPEndpoint) stopGone(err error) {
 
 // handleFrame splits one read into the frames to deliver and counts what
 // happened.
-func (e *TAPEndpoint) handleFrame(b []byte, emit func([]byte, bool)) {
-	if e.forwarding && e.vnetHdr && e.passGSO(b) {
+// A TCP super-packet a forwarding stack carries whole is taken from rd
+// (when it is in rd's pooled buffer) instead of copied; rd may be nil.
+func (e *TAPEndpoint) handleFrame(b []byte, emit func([]byte, bool), rd *tapReader) {
+	if e.forwarding && e.vnetHdr && e.passGSO(b, rd) {
 		return
 	}
 	kind, err := splitFrame(b, e.vnetHdr, e.ethernet, emit)
@@ -538,7 +545,7 @@ func (e *TAPEndpoint) handleFrame(b []byte, emit func([]byte, bool)) {
 
 // passGSO delivers b whole when it is a TCP super-packet a forwarding stack
 // can carry to its egress (see gso.go), and reports whether it did.
-func (e *TAPEndpoint) passGSO(b []byte) bool {
+func (e *TAPEndpoint) passGSO(b []byte, rd *tapReader) bool {
 	if len(b) < virtioNetHdrLen {
 		return false
 	}
@@ -557,7 +564,11 @@ func (e *TAPEndpoint) passGSO(b []byte) bool {
 		return false
 	}
 	e.offload.RxGSOPassed.Add(1)
-	e.deliverPacket(f.frame, true, h.gsoSize)
+	var v *buffer.View
+	if rd != nil {
+		v = rd.take(virtioNetHdrLen, len(f.frame))
+	}
+	e.deliverPacket(f.frame, v, true, h.gsoSize)
 	return true
 }
 
@@ -567,23 +578,30 @@ func (e *TAPEndpoint) deliver(frame []byte, validated bool) {
 	if validated {
 		e.offload.RxGSOSegments.Add(1)
 	}
-	e.deliverPacket(frame, validated, 0)
+	e.deliverPacket(frame, nil, validated, 0)
 }
 
-// deliverPacket hands one frame to the stack. A non-zero gsoMSS marks it as
-// a TCP super-packet with a partial checksum (markForwardGSO).
-func (e *TAPEndpoint) deliverPacket(frame []byte, validated bool, gsoMSS uint16) {
+// deliverPacket hands one frame to the stack: v, which it owns, when not
+// nil (v holds frame's bytes), or else a copy of frame. A non-zero gsoMSS
+// marks it as a TCP super-packet with a partial checksum (markForwardGSO).
+func (e *TAPEndpoint) deliverPacket(frame []byte, v *buffer.View, validated bool, gsoMSS uint16) {
+	drop := func() {
+		e.stats.RxDrops.Add(1)
+		if v != nil {
+			v.Release()
+		}
+	}
 	e.mu.Lock()
 	d := e.dispatcher
 	e.mu.Unlock()
 	if d == nil {
-		e.stats.RxDrops.Add(1)
+		drop()
 		return
 	}
 	var proto tcpip.NetworkProtocolNumber
 	if e.ethernet {
 		if len(frame) < header.EthernetMinimumSize {
-			e.stats.RxDrops.Add(1)
+			drop()
 			return
 		}
 		eth := header.Ethernet(frame)
@@ -591,7 +609,7 @@ func (e *TAPEndpoint) deliverPacket(frame []byte, validated bool, gsoMSS uint16)
 		// Unicast to us, or group (multicast, broadcast: low bit of the
 		// first octet, RFC 9542 section 2.1).
 		if string(dst) != string(*e.linkAddr.Load()) && dst[0]&1 == 0 {
-			e.stats.RxDrops.Add(1)
+			drop()
 			return
 		}
 		proto = eth.Type()
@@ -602,13 +620,17 @@ func (e *TAPEndpoint) deliverPacket(frame []byte, validated bool, gsoMSS uint16)
 		case header.IPv6Version:
 			proto = header.IPv6ProtocolNumber
 		default:
-			e.stats.RxDrops.Add(1)
+			drop()
 			return
 		}
 	}
-	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{
-		Payload: buffer.MakeWithData(frame),
-	})
+	var payload buffer.Buffer
+	if v != nil {
+		payload = buffer.MakeWithView(v)
+	} else {
+		payload = buffer.MakeWithData(frame)
+	}
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: payload})
 	defer pkt.DecRef()
 	if e.ethernet {
 		pkt.LinkHeader().Consume(header.EthernetMinimumSize)
