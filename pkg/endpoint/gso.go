@@ -135,6 +135,13 @@ func softwareGSO(frame []byte, ethernet bool, gso stack.GSO, mtu uint32, emit fu
 		return false
 	}
 	if len(f.frame)-f.l2 <= int(mtu) {
+		if !f.v6 {
+			// As segmentParsed does: every frame out has valid
+			// checksums whatever came in.
+			h := header.IPv4(f.frame[f.l2:])
+			h.SetChecksum(0)
+			h.SetChecksum(^h.CalculateChecksum())
+		}
 		if gso.NeedsCsum {
 			start := f.l2 + f.l3
 			t := header.TCP(f.frame[start:])
