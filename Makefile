@@ -25,6 +25,7 @@ FUZZ_TARGETS ?= \
 	./pkg/queue:FuzzServer \
 	./pkg/endpoint:FuzzHostileClient \
 	./pkg/endpoint:FuzzTAPFrame \
+	./pkg/endpoint:FuzzTAPPassGSO \
 	./pkg/endpoint:FuzzParseLinkConfig \
 	./pkg/ipam:FuzzParseState \
 	./pkg/agentapi:FuzzDecodeRequest \

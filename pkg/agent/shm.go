@@ -153,6 +153,8 @@ func (s *shmLink) serve(conn *net.UnixConn) {
 				MTU:         s.config.MTU,
 				LinkAddress: GatewayMAC,
 				PeerFD:      int(fd),
+				// The router forwards only: keep forwarded checksums.
+				Forwarding: true,
 				// OnClosed runs on the endpoint's goroutine and must
 				// not wait for it: end the session on our own.
 				OnClosed: func(reason error) {

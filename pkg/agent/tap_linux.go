@@ -52,14 +52,16 @@ func (a *Agent) attachTAP(rec *record, f *os.File) (*attachment, error) {
 			}
 			rec.PodMAC = mac.String()
 		}
-		// No GSOMaxSize: the router terminates no TCP, and forwarded
-		// packets never carry GSO metadata.
+		// No GSOMaxSize: the router terminates no TCP. Forwarding: the
+		// pod's TCP super-packets cross the router whole, and forwarded
+		// packets keep their checksums (endpoint.TAPOptions.Forwarding).
 		ep, opErr = endpoint.NewTAP(endpoint.TAPOptions{
 			FD:             int(fd),
 			MTU:            uint32(rec.MTU),
 			EthernetHeader: true,
 			LinkAddress:    GatewayMAC,
 			VnetHdr:        info.VnetHdr,
+			Forwarding:     true,
 			OnClosed:       func(err error) { a.tapGone(att, err) },
 			Logger:         att.log,
 		})

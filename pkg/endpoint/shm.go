@@ -63,6 +63,14 @@ type ShmOptions struct {
 	// goroutine: it may call Close or remove the NIC but must not call
 	// Wait.
 	OnClosed func(error)
+	// Forwarding says the endpoint is a link of a stack that only forwards
+	// (the node's router, server side): it then claims TX checksum
+	// offload, so that the stack does not recompute the transport checksum
+	// of every packet it forwards to the sandbox (they arrive with valid
+	// ones: the router rewrites no address, and TCP super-packets with
+	// partial checksums are completed when segmented, see gso.go). Not for
+	// a stack with transport endpoints of its own.
+	Forwarding bool
 	// Spin is how long to poll an empty ring before sleeping. Zero means
 	// DefaultSpin; negative means never poll.
 	Spin time.Duration
@@ -118,12 +126,13 @@ type ringWriter interface {
 // than Close, and exits. Wait waits for the supervisor. An endpoint never
 // attached releases in Close.
 type shmLink struct {
-	mtu      uint32            // immutable
-	addr     tcpip.LinkAddress // immutable
-	hdrSize  uint32            // immutable: Ethernet header or 0
-	spin     time.Duration     // immutable
-	onClosed func(error)       // immutable
-	log      *slog.Logger      // immutable
+	mtu      uint32                         // immutable
+	addr     tcpip.LinkAddress              // immutable
+	hdrSize  uint32                         // immutable: Ethernet header or 0
+	caps     stack.LinkEndpointCapabilities // immutable
+	spin     time.Duration                  // immutable
+	onClosed func(error)                    // immutable
+	log      *slog.Logger                   // immutable
 	stats    Stats
 
 	rx      ringReader   // owned by the receive loop once started
@@ -175,6 +184,10 @@ func newShmLink(o *ShmOptions, rx ringReader, tx ringWriter, rxEventFD, txEventF
 	}
 	if len(l.addr) != 0 {
 		l.hdrSize = header.EthernetMinimumSize
+		l.caps |= stack.CapabilityResolutionRequired
+	}
+	if o.Forwarding {
+		l.caps |= stack.CapabilityTXChecksumOffload
 	}
 	ok := false
 	defer func() {
@@ -228,12 +241,7 @@ func (l *shmLink) LinkAddress() tcpip.LinkAddress { return l.addr }
 func (l *shmLink) SetLinkAddress(tcpip.LinkAddress) {}
 
 // Capabilities implements stack.LinkEndpoint.Capabilities.
-func (l *shmLink) Capabilities() stack.LinkEndpointCapabilities {
-	if l.hdrSize != 0 {
-		return stack.CapabilityResolutionRequired
-	}
-	return 0
-}
+func (l *shmLink) Capabilities() stack.LinkEndpointCapabilities { return l.caps }
 
 // ARPHardwareType implements stack.LinkEndpoint.ARPHardwareType.
 func (l *shmLink) ARPHardwareType() header.ARPHardwareType {
@@ -528,41 +536,86 @@ func (l *shmLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	}
 	var waited time.Duration
 	for i, pkt := range all {
+		if isTCPGSO(pkt) {
+			// A TCP super-packet forwarded from a kernel pod (see
+			// gso.go): the peer takes no GSO, so it gets segments.
+			if violation = l.sendSoftwareGSOLocked(pkt, &waited); violation != nil {
+				l.stats.TxDrops.Add(uint64(len(all) - i - 1))
+				return len(all), nil
+			}
+			continue
+		}
 		parts, total := appendSlices(l.txParts[:0], pkt)
 		l.txParts = parts
-		if uint32(total) > l.maxFrame() {
-			l.stats.TxDrops.Add(1)
-			continue
-		}
-		ok, err := l.tx.Send(parts, total)
-		for !ok && err == nil && waited < l.txWait {
-			// The client's ring is full of frames the server has not
-			// completed yet: publish what we have and give the
-			// server a moment.
-			l.flushTxLocked()
-			start := time.Now()
-			runtime.Gosched()
-			waited += time.Since(start)
-			ok, err = l.tx.Send(parts, total)
-		}
-		if err != nil {
-			l.stats.Violations.Add(1)
-			l.stats.TxDrops.Add(uint64(len(all) - i))
-			l.tx.Close()
-			l.tx = nil
-			violation = err
+		if violation = l.sendLocked(parts, total, &waited); violation != nil {
+			l.stats.TxDrops.Add(uint64(len(all) - i - 1))
 			return len(all), nil
 		}
-		if !ok {
-			l.stats.TxDrops.Add(1)
-			continue
-		}
-		l.stats.TxPackets.Add(1)
-		l.stats.TxBytes.Add(uint64(total))
 	}
 	clear(l.txParts)
 	l.flushTxLocked()
 	return len(all), nil
+}
+
+// sendSoftwareGSOLocked sends a TCP GSO packet as the frames softwareGSO
+// makes of a private copy of it. It returns a protocol violation of the
+// peer, after which the link's tx is gone.
+//
+// +checklocks:l.txMu
+func (l *shmLink) sendSoftwareGSOLocked(pkt *stack.PacketBuffer, waited *time.Duration) error {
+	flat := pkt.ToView()
+	defer flat.Release()
+	var violation error
+	ok := softwareGSO(flat.AsSlice(), l.hdrSize != 0, pkt.GSOOptions, l.mtu, func(frame []byte, _ bool) {
+		if violation != nil || l.tx == nil {
+			l.stats.TxDrops.Add(1)
+			return
+		}
+		parts := append(l.txParts[:0], frame)
+		l.txParts = parts
+		violation = l.sendLocked(parts, len(frame), waited)
+	})
+	if !ok {
+		l.stats.TxDrops.Add(1)
+	}
+	return violation
+}
+
+// sendLocked puts one frame (parts, total bytes) on the TX ring, waiting
+// up to l.txWait in all for room, and counts it sent or dropped. It returns
+// a protocol violation of the peer, after which tx is closed and nil.
+//
+// +checklocks:l.txMu
+func (l *shmLink) sendLocked(parts [][]byte, total int, waited *time.Duration) error {
+	if uint32(total) > l.maxFrame() {
+		l.stats.TxDrops.Add(1)
+		return nil
+	}
+	ok, err := l.tx.Send(parts, total)
+	for !ok && err == nil && *waited < l.txWait {
+		// The client's ring is full of frames the server has not
+		// completed yet: publish what we have and give the server a
+		// moment.
+		l.flushTxLocked()
+		start := time.Now()
+		runtime.Gosched()
+		*waited += time.Since(start)
+		ok, err = l.tx.Send(parts, total)
+	}
+	if err != nil {
+		l.stats.Violations.Add(1)
+		l.stats.TxDrops.Add(1)
+		l.tx.Close()
+		l.tx = nil
+		return err
+	}
+	if !ok {
+		l.stats.TxDrops.Add(1)
+		return nil
+	}
+	l.stats.TxPackets.Add(1)
+	l.stats.TxBytes.Add(uint64(total))
+	return nil
 }
 
 // flushTxLocked publishes sent frames and wakes the peer if it sleeps.

@@ -42,6 +42,17 @@ type TAPOptions struct {
 	// stack's own TCP endpoints then send super-packets of up to this many
 	// bytes, which the kernel segments. Needs VnetHdr; at most 65535.
 	GSOMaxSize uint32
+	// Forwarding says the endpoint is a link of a stack that only forwards
+	// (the node's router: it terminates no TCP or UDP and rewrites no
+	// address). The endpoint then claims TX checksum offload, so that the
+	// stack does not recompute the transport checksum of every forwarded
+	// packet (they arrive with valid ones, or partial ones the kernel
+	// completes); and, with VnetHdr, it delivers the kernel's TCP
+	// super-packets whole, marked for RestoreForwardedGSO (gso.go), instead
+	// of segmenting them. Not for a stack with transport endpoints of its
+	// own: their checksums would be left to a device that does not compute
+	// them.
+	Forwarding bool
 	// OnClosed, if set, is called once, on the endpoint's goroutine, when
 	// the device goes away under the endpoint (it was deleted, or a read
 	// failed for good); the endpoint has then stopped and closed its fd.
@@ -70,6 +81,12 @@ type TAPOffloadStats struct {
 	// TxFlattened counts packets made of too many pieces to write in
 	// place, copied into one buffer first.
 	TxFlattened atomic.Uint64
+	// RxGSOPassed counts TCP super-packets delivered whole to a forwarding
+	// stack (TAPOptions.Forwarding).
+	RxGSOPassed atomic.Uint64
+	// TxSoftwareGSO counts GSO packets this endpoint could not hand to the
+	// kernel (no virtio-net header) and cut into segments itself.
+	TxSoftwareGSO atomic.Uint64
 }
 
 // TAPEndpoint is a stack.LinkEndpoint driving a TUN or TAP device through
@@ -98,6 +115,7 @@ type TAPEndpoint struct {
 	ethernet   bool
 	vnetHdr    bool
 	gsoMaxSize uint32
+	forwarding bool
 	onClosed   func(error)
 	log        *slog.Logger
 
@@ -191,6 +209,7 @@ func NewTAP(opts TAPOptions) (*TAPEndpoint, error) {
 		ethernet:   opts.EthernetHeader,
 		vnetHdr:    opts.VnetHdr,
 		gsoMaxSize: opts.GSOMaxSize,
+		forwarding: opts.Forwarding,
 		onClosed:   opts.OnClosed,
 		log:        log.With("link", info.Name),
 	}
@@ -262,11 +281,18 @@ func (e *TAPEndpoint) SetLinkAddress(addr tcpip.LinkAddress) { e.linkAddr.Store(
 // metadata), and RX checksums are verified by the stack, except on segments
 // this endpoint cut from a super-packet, whose checksums it computed itself
 // and marks as validated per packet.
+//
+// A Forwarding endpoint claims TX checksum offload (see
+// TAPOptions.Forwarding).
 func (e *TAPEndpoint) Capabilities() stack.LinkEndpointCapabilities {
+	c := stack.CapabilityNone
 	if e.ethernet {
-		return stack.CapabilityResolutionRequired
+		c |= stack.CapabilityResolutionRequired
 	}
-	return stack.CapabilityNone
+	if e.forwarding {
+		c |= stack.CapabilityTXChecksumOffload
+	}
+	return c
 }
 
 // GSOMaxSize implements stack.GSOEndpoint.GSOMaxSize.
@@ -389,20 +415,25 @@ const readBufSize = virtioNetHdrLen + header.EthernetMinimumSize + header.IPv6Mi
 // Close) or the device goes away. It closes the fd unless only detached.
 func (e *TAPEndpoint) readLoop() {
 	defer e.wg.Done()
-	buf := make([]byte, readBufSize)
+	rd, err := newTAPReader(e.file)
+	if err != nil {
+		e.stopGone(err)
+		return
+	}
+	defer rd.release()
 	emit := e.deliver
 	errorsInRow := 0
 	for {
-		n, err := e.file.Read(buf)
+		b, err := rd.read()
 		if err == nil {
 			errorsInRow = 0
-			e.handleFrame(buf[:n], emit)
+			e.handleFrame(b, emit, rd)
 			continue
 		}
 		if !errors.Is(err, os.ErrDeadlineExceeded) && !isDeviceGone(err) {
 			// Go's poller may report a device that went away as "not
 			// pollable" (EPOLLERR) without reading: ask the kernel.
-			err = e.kernelReadErr(buf, err)
+			err = e.kernelReadErr(rd.big, err)
 		}
 		var gone error
 		switch {
@@ -489,7 +520,12 @@ func (e *TAPEndpoint) stopGone(err error) {
 
 // handleFrame splits one read into the frames to deliver and counts what
 // happened.
-func (e *TAPEndpoint) handleFrame(b []byte, emit func([]byte, bool)) {
+// A TCP super-packet a forwarding stack carries whole is taken from rd
+// (when it is in rd's pooled buffer) instead of copied; rd may be nil.
+func (e *TAPEndpoint) handleFrame(b []byte, emit func([]byte, bool), rd *tapReader) {
+	if e.forwarding && e.vnetHdr && e.passGSO(b, rd) {
+		return
+	}
 	kind, err := splitFrame(b, e.vnetHdr, e.ethernet, emit)
 	if err != nil {
 		e.stats.RxDrops.Add(1)
@@ -507,23 +543,65 @@ func (e *TAPEndpoint) handleFrame(b []byte, emit func([]byte, bool)) {
 	}
 }
 
+// passGSO delivers b whole when it is a TCP super-packet a forwarding stack
+// can carry to its egress (see gso.go), and reports whether it did.
+func (e *TAPEndpoint) passGSO(b []byte, rd *tapReader) bool {
+	if len(b) < virtioNetHdrLen {
+		return false
+	}
+	var h virtioNetHdr
+	h.decode(b)
+	var v6 bool
+	switch h.gsoType &^ virtioNetHdrGSOECN {
+	case virtioNetHdrGSOTCPv4:
+	case virtioNetHdrGSOTCPv6:
+		v6 = true
+	default:
+		return false
+	}
+	f, ok := passGSOFrame(b[virtioNetHdrLen:], e.ethernet, v6, &h)
+	if !ok {
+		return false
+	}
+	e.offload.RxGSOPassed.Add(1)
+	var v *buffer.View
+	if rd != nil {
+		v = rd.take(virtioNetHdrLen, len(f.frame))
+	}
+	e.deliverPacket(f.frame, v, true, h.gsoSize)
+	return true
+}
+
 // deliver hands one frame to the stack. validated says its checksums were
 // computed by splitFrame.
 func (e *TAPEndpoint) deliver(frame []byte, validated bool) {
 	if validated {
 		e.offload.RxGSOSegments.Add(1)
 	}
+	e.deliverPacket(frame, nil, validated, 0)
+}
+
+// deliverPacket hands one frame to the stack: v, which it owns, when not
+// nil (v holds frame's bytes), or else a copy of frame. A non-zero gsoMSS
+// marks it as a TCP super-packet with a partial checksum (markForwardGSO).
+func (e *TAPEndpoint) deliverPacket(frame []byte, v *buffer.View, validated bool, gsoMSS uint16) {
+	drop := func() {
+		e.stats.RxDrops.Add(1)
+		if v != nil {
+			v.Release()
+		}
+	}
 	e.mu.Lock()
 	d := e.dispatcher
 	e.mu.Unlock()
 	if d == nil {
-		e.stats.RxDrops.Add(1)
+		drop()
 		return
 	}
 	var proto tcpip.NetworkProtocolNumber
 	if e.ethernet {
 		if len(frame) < header.EthernetMinimumSize {
-			e.stats.RxDrops.Add(1)
+			drop()
 			return
 		}
 		eth := header.Ethernet(frame)
@@ -531,7 +609,7 @@ func (e *TAPEndpoint) deliver(frame []byte, validated bool) {
 		// Unicast to us, or group (multicast, broadcast: low bit of the
 		// first octet, RFC 9542 section 2.1).
 		if string(dst) != string(*e.linkAddr.Load()) && dst[0]&1 == 0 {
-			e.stats.RxDrops.Add(1)
+			drop()
 			return
 		}
 		proto = eth.Type()
@@ -542,19 +620,26 @@ func (e *TAPEndpoint) deliver(frame []byte, validated bool) {
 		case header.IPv6Version:
 			proto = header.IPv6ProtocolNumber
 		default:
-			e.stats.RxDrops.Add(1)
+			drop()
 			return
 		}
 	}
-	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{
-		Payload: buffer.MakeWithData(frame),
-	})
+	var payload buffer.Buffer
+	if v != nil {
+		payload = buffer.MakeWithView(v)
+	} else {
+		payload = buffer.MakeWithData(frame)
+	}
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: payload})
 	defer pkt.DecRef()
 	if e.ethernet {
 		pkt.LinkHeader().Consume(header.EthernetMinimumSize)
 	}
 	pkt.NetworkProtocolNumber = proto
 	pkt.RXChecksumValidated = validated
+	if gsoMSS != 0 {
+		markForwardGSO(pkt, gsoMSS)
+	}
 	e.stats.RxPackets.Add(1)
 	e.stats.RxBytes.Add(uint64(len(frame)))
 	d.DeliverNetworkPacket(proto, pkt)
@@ -632,10 +717,15 @@ const txIovecs = 64
 
 // writePacketLocked writes pkt, prefixed by its virtio-net header, with one
 // writev. The header and the iovecs live on the stack: no allocation per
-// packet.
+// packet. A TCP GSO packet goes to the kernel whole when the device has a
+// virtio-net header, and is cut into segments here otherwise.
 //
 // +checklocksread:e.fdMu
 func (e *TAPEndpoint) writePacketLocked(pkt *stack.PacketBuffer) {
+	if !e.vnetHdr && isTCPGSO(pkt) {
+		e.writeSoftwareGSOLocked(pkt)
+		return
+	}
 	var vnetBuf [virtioNetHdrLen]byte
 	var iovArr [txIovecs]unix.Iovec
 	n := 0
@@ -676,33 +766,59 @@ func (e *TAPEndpoint) writePacketLocked(pkt *stack.PacketBuffer) {
 			size += len(s)
 		}
 	}
+	if e.writeIovecsLocked(iovArr[:n], size) && gso {
+		e.offload.TxGSOPackets.Add(1)
+	}
+}
+
+// writeSoftwareGSOLocked writes a TCP GSO packet to a device without a
+// virtio-net header: whole with its checksum completed when it fits the
+// MTU, otherwise as segments (softwareGSO).
+//
+// +checklocksread:e.fdMu
+func (e *TAPEndpoint) writeSoftwareGSOLocked(pkt *stack.PacketBuffer) {
+	flat := pkt.ToView()
+	defer flat.Release()
+	e.offload.TxSoftwareGSO.Add(1)
+	ok := softwareGSO(flat.AsSlice(), e.ethernet, pkt.GSOOptions, e.MTU(), func(frame []byte, _ bool) {
+		var iov [1]unix.Iovec
+		iov[0] = unix.Iovec{Base: &frame[0]}
+		iov[0].SetLen(len(frame))
+		e.writeIovecsLocked(iov[:], len(frame))
+	})
+	if !ok {
+		e.stats.TxDrops.Add(1)
+	}
+}
+
+// writeIovecsLocked writes one frame of size bytes and counts it, and
+// reports whether the device took it.
+//
+// +checklocksread:e.fdMu
+func (e *TAPEndpoint) writeIovecsLocked(iovs []unix.Iovec, size int) bool {
 	if size == 0 {
 		e.stats.TxDrops.Add(1)
-		return
+		return false
 	}
-	if errno := writeIovec(e.fd, iovArr[:n]); errno != 0 {
+	if errno := writeIovec(e.fd, iovs); errno != 0 {
 		e.stats.TxDrops.Add(1)
 		if errno != unix.EAGAIN && errno != unix.ENOBUFS {
 			e.log.Debug("tap write", "err", errno, "len", size)
 		}
-		return
-	}
-	if gso {
-		e.offload.TxGSOPackets.Add(1)
+		return false
 	}
 	e.stats.TxPackets.Add(1)
 	e.stats.TxBytes.Add(uint64(size))
+	return true
 }
 
 // txVnetHdr returns the virtio-net header for pkt: all zero for an ordinary
-// packet; for a TCP packet of the stack's own with GSO options, the
-// checksum the kernel must complete and, when it is larger than one
-// segment, how to segment it.
+// packet; for a TCP packet with GSO options (the stack's own, or a
+// forwarded super-packet, see RestoreForwardedGSO), the checksum the kernel
+// must complete and, when it is larger than one segment, how to segment it.
+// Segments are at most the MSS and at most what fits the link's MTU.
 func (e *TAPEndpoint) txVnetHdr(pkt *stack.PacketBuffer) virtioNetHdr {
 	var h virtioNetHdr
-	if e.gsoMaxSize == 0 {
-		return h
-	}
 	opts := pkt.GSOOptions
 	var typ uint8
 	switch opts.Type {
@@ -717,20 +833,46 @@ func (e *TAPEndpoint) txVnetHdr(pkt *stack.PacketBuffer) virtioNetHdr {
 	if e.ethernet {
 		l2 = header.EthernetMinimumSize
 	}
-	h.hdrLen = uint16(pkt.HeaderSize())
+	l3 := len(pkt.NetworkHeader().Slice())
+	t := tcpHeaderOf(pkt)
+	l4 := header.TCPMinimumSize
+	if t != nil {
+		l4 = int(t.DataOffset())
+	}
+	h.hdrLen = uint16(l2 + l3 + l4)
 	if opts.NeedsCsum {
-		// The stack left the pseudo-header sum in the TCP checksum field
-		// (CHECKSUM_PARTIAL).
+		// The sender left the pseudo-header sum in the TCP checksum
+		// field (CHECKSUM_PARTIAL).
 		h.flags = virtioNetHdrFNeedsCsum
-		h.csumStart = uint16(l2 + len(pkt.NetworkHeader().Slice()))
+		h.csumStart = uint16(l2 + l3)
 		h.csumOffset = opts.CsumOffset
 	}
-	if opts.MSS > 0 && pkt.Data().Size() > int(opts.MSS) {
+	mss := min(int(opts.MSS), int(e.MTU())-l3-l4)
+	if mss > 0 && pkt.Size()-int(h.hdrLen) > mss {
 		h.gsoType = typ
-		h.gsoSize = opts.MSS
-		if t := header.TCP(pkt.TransportHeader().Slice()); len(t) >= header.TCPMinimumSize && t.Flags()&header.TCPFlagCwr != 0 {
+		h.gsoSize = uint16(mss)
+		if t != nil && t.Flags()&header.TCPFlagCwr != 0 {
 			h.gsoType |= virtioNetHdrGSOECN
 		}
 	}
 	return h
+}
+
+// tcpHeaderOf returns pkt's TCP header: the parsed transport header of the
+// stack's own packets, or the first bytes after the network header of a
+// forwarded one (whose transport header the stack did not parse). It
+// returns nil when there is no well-formed one.
+func tcpHeaderOf(pkt *stack.PacketBuffer) header.TCP {
+	b := pkt.TransportHeader().Slice()
+	if len(b) < header.TCPMinimumSize {
+		var ok bool
+		if b, ok = pkt.Data().PullUp(header.TCPMinimumSize); !ok {
+			return nil
+		}
+	}
+	t := header.TCP(b)
+	if off := int(t.DataOffset()); off < header.TCPMinimumSize || off > header.TCPHeaderMaximumSize {
+		return nil
+	}
+	return t
 }

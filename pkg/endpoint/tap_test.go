@@ -129,9 +129,18 @@ func TestTAPTxVnetHdrRoundTrip(t *testing.T) {
 			wantSegs: 1,
 		},
 		{
-			name: "gso not advertised", ethernet: true, payload: 100, mss: 1000, gsoMaxSize: 0, noGSO: true,
-			flags: header.TCPFlagAck,
-			want:  virtioNetHdr{},
+			// A forwarded super-packet carries GSO options whether or not
+			// the egress advertises GSO to the stack (gso.go).
+			name: "gso not advertised: forwarded packet", ethernet: true, payload: 2500, mss: 1000, gsoMaxSize: 0,
+			flags:    header.TCPFlagAck,
+			want:     virtioNetHdr{flags: virtioNetHdrFNeedsCsum, gsoType: virtioNetHdrGSOTCPv4, hdrLen: 54, gsoSize: 1000, csumStart: 34, csumOffset: 16},
+			wantSegs: 3,
+		},
+		{
+			name: "segments capped by the link MTU", ethernet: true, payload: 4000, mss: 1800, gsoMaxSize: 65535,
+			flags:    header.TCPFlagAck,
+			want:     virtioNetHdr{flags: virtioNetHdrFNeedsCsum, gsoType: virtioNetHdrGSOTCPv4, hdrLen: 54, gsoSize: 1460, csumStart: 34, csumOffset: 16},
+			wantSegs: 3,
 		},
 		{
 			name: "packet without gso options", v6: true, payload: 100, mss: 1000, gsoMaxSize: 65535, noGSO: true,

@@ -165,23 +165,35 @@ func completeChecksum(frame []byte, start, offset int) error {
 	return nil
 }
 
-// segmentTCP cuts the TCP super-packet in frame into segments of gsoSize
-// payload bytes, fixes their headers and checksums and emits them.
-func segmentTCP(frame []byte, ethernet, v6 bool, gsoSize int, emit func([]byte, bool)) error {
-	if gsoSize <= 0 {
-		return errBadGSOFrame
-	}
+// parsedTCP is a frame holding one TCP packet whose headers parseTCPFrame
+// checked: frame[:l2] is the Ethernet header (l2 is 0 on a TUN device),
+// then l3 bytes of IP header, l4 bytes of TCP header and the payload up to
+// the IP packet's end.
+type parsedTCP struct {
+	frame      []byte
+	l2, l3, l4 int
+	v6         bool
+}
+
+// hdrLen is the length of the frame's headers.
+func (f *parsedTCP) hdrLen() int { return f.l2 + f.l3 + f.l4 }
+
+// parseTCPFrame checks that frame holds a TCP packet over IPv4 (v6 false)
+// or IPv6 without extension headers, unfragmented, and returns it trimmed to
+// the IP packet's length (link-layer padding removed). It never reads
+// outside frame.
+func parseTCPFrame(frame []byte, ethernet, v6 bool) (parsedTCP, error) {
 	l2 := 0
 	if ethernet {
 		if len(frame) < header.EthernetMinimumSize {
-			return errBadGSOFrame
+			return parsedTCP{}, errBadGSOFrame
 		}
 		want := header.IPv4ProtocolNumber
 		if v6 {
 			want = header.IPv6ProtocolNumber
 		}
 		if header.Ethernet(frame).Type() != want {
-			return errBadGSOFrame // VLAN tags included: not offered by OpenTAP
+			return parsedTCP{}, errBadGSOFrame // VLAN tags included: not offered by OpenTAP
 		}
 		l2 = header.EthernetMinimumSize
 	}
@@ -189,21 +201,21 @@ func segmentTCP(frame []byte, ethernet, v6 bool, gsoSize int, emit func([]byte, 
 	var l3 int
 	if v6 {
 		if len(ip) < header.IPv6MinimumSize || header.IPVersion(ip) != header.IPv6Version {
-			return errBadGSOFrame
+			return parsedTCP{}, errBadGSOFrame
 		}
 		h := header.IPv6(ip)
 		if h.NextHeader() != uint8(header.TCPProtocolNumber) {
-			return errBadGSOFrame // extension headers
+			return parsedTCP{}, errBadGSOFrame // extension headers
 		}
 		l3 = header.IPv6MinimumSize
 		total := l3 + int(h.PayloadLength())
 		if total > len(ip) {
-			return errBadGSOFrame
+			return parsedTCP{}, errBadGSOFrame
 		}
 		ip = ip[:total]
 	} else {
 		if len(ip) < header.IPv4MinimumSize || header.IPVersion(ip) != header.IPv4Version {
-			return errBadGSOFrame
+			return parsedTCP{}, errBadGSOFrame
 		}
 		h := header.IPv4(ip)
 		l3 = int(h.HeaderLength())
@@ -211,20 +223,38 @@ func segmentTCP(frame []byte, ethernet, v6 bool, gsoSize int, emit func([]byte, 
 		if l3 < header.IPv4MinimumSize || total < l3 || total > len(ip) ||
 			h.Protocol() != uint8(header.TCPProtocolNumber) ||
 			h.Flags()&header.IPv4FlagMoreFragments != 0 || h.FragmentOffset() != 0 {
-			return errBadGSOFrame
+			return parsedTCP{}, errBadGSOFrame
 		}
 		ip = ip[:total]
 	}
 	tcp := ip[l3:]
 	if len(tcp) < header.TCPMinimumSize {
-		return errBadGSOFrame
+		return parsedTCP{}, errBadGSOFrame
 	}
 	l4 := int(header.TCP(tcp).DataOffset())
 	if l4 < header.TCPMinimumSize || l4 > len(tcp) {
+		return parsedTCP{}, errBadGSOFrame
+	}
+	return parsedTCP{frame: frame[:l2+len(ip)], l2: l2, l3: l3, l4: l4, v6: v6}, nil
+}
+
+// segmentTCP cuts the TCP super-packet in frame into segments of gsoSize
+// payload bytes, fixes their headers and checksums and emits them.
+func segmentTCP(frame []byte, ethernet, v6 bool, gsoSize int, emit func([]byte, bool)) error {
+	if gsoSize <= 0 {
 		return errBadGSOFrame
 	}
-	hdrLen := l2 + l3 + l4
-	frame = frame[:l2+len(ip)]
+	f, err := parseTCPFrame(frame, ethernet, v6)
+	if err != nil {
+		return err
+	}
+	return segmentParsed(f, gsoSize, emit)
+}
+
+// segmentParsed is segmentTCP on a parsed frame. gsoSize must be positive.
+func segmentParsed(f parsedTCP, gsoSize int, emit func([]byte, bool)) error {
+	frame, l2, l3, l4, v6 := f.frame, f.l2, f.l3, f.l4, f.v6
+	hdrLen := f.hdrLen()
 	payloadLen := len(frame) - hdrLen
 
 	// The headers of the super-packet, copied before the segments overwrite

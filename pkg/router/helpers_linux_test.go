@@ -128,6 +128,7 @@ type kernelPod struct {
 	ns    ns.NetNS
 	id    string
 	fd    int
+	ep    *endpoint.TAPEndpoint
 	mac   tcpip.LinkAddress
 	addrs []netip.Addr
 }
@@ -137,13 +138,21 @@ type kernelPod struct {
 // id. The link is removed, and the TAP fd closed, when t ends.
 func newKernelPod(t testing.TB, r *Router, id string, addrs ...netip.Addr) *kernelPod {
 	t.Helper()
+	return newKernelPodWith(t, r, id, false, addrs...)
+}
+
+// newKernelPodWith is newKernelPod; with vnet the TAP device is set up as
+// the CNI plugin and the agent set it up: virtio-net header, the kernel's
+// offloads (TSO, partial checksums) and a Forwarding endpoint.
+func newKernelPodWith(t testing.TB, r *Router, id string, vnet bool, addrs ...netip.Addr) *kernelPod {
+	t.Helper()
 	p := &kernelPod{ns: newNS(t), id: id, addrs: addrs}
 	do(t, p.ns, func() error {
 		// The pod's link-local address must be usable at once for NDP.
 		if err := sysctl("net.ipv6.conf.default.accept_dad", "0"); err != nil {
 			return err
 		}
-		fd, err := openTunTap("eth0", unix.IFF_TAP)
+		fd, err := openPodTAP(vnet)
 		if err != nil {
 			return err
 		}
@@ -183,10 +192,12 @@ func newKernelPod(t testing.TB, r *Router, id string, addrs ...netip.Addr) *kern
 	})
 	t.Cleanup(func() { unix.Close(p.fd) })
 
-	ep, err := endpoint.NewTAP(endpoint.TAPOptions{FD: p.fd, MTU: 1500, EthernetHeader: true, LinkAddress: gatewayMAC})
+	ep, err := endpoint.NewTAP(endpoint.TAPOptions{FD: p.fd, MTU: 1500, EthernetHeader: true, LinkAddress: gatewayMAC,
+		VnetHdr: vnet, Forwarding: vnet})
 	if err != nil {
 		t.Fatalf("TAP endpoint: %v", err)
 	}
+	p.ep = ep
 	if err := r.AddLink(id, ep, Link{Addrs: addrs, PodMAC: p.mac, GatewayMAC: gatewayMAC}); err != nil {
 		t.Fatalf("add link: %v", err)
 	}
@@ -197,6 +208,28 @@ func newKernelPod(t testing.TB, r *Router, id string, addrs ...netip.Addr) *kern
 		}
 	})
 	return p
+}
+
+// openPodTAP opens eth0 as a plain TAP device, or with vnet as the CNI
+// plugin does.
+func openPodTAP(vnet bool) (int, error) {
+	if !vnet {
+		return openTunTap("eth0", unix.IFF_TAP)
+	}
+	f, err := endpoint.OpenTAP("eth0", endpoint.TAPDeviceOptions{VnetHdr: true, Offload: true})
+	if err != nil {
+		return -1, err
+	}
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	if err := rc.Control(func(u uintptr) { fd, err = unix.Dup(int(u)) }); err != nil {
+		return -1, err
+	}
+	return fd, err
 }
 
 // addr returns p's address of dst's family.

@@ -10,6 +10,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/google/nftables"
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -137,7 +138,8 @@ func New(cfg Config, log *slog.Logger) (*Router, error) {
 //     created later too): the stack is a router.
 //   - nftables hooks set to holds, which accepts every packet: the hook is
 //     where the router works around a use-after-free in gVisor's IPv4
-//     forwarding (see forwardhold.go).
+//     forwarding (see forwardhold.go), and where postrouting restores the
+//     GSO metadata of TCP super-packets forwarded whole (routerHooks).
 //
 // Defaults kept deliberately: HandleLocal off (nothing is delivered locally
 // but packets for the router's own addresses); IPv6 duplicate address
@@ -151,7 +153,7 @@ func newStack(holds *forwardHolds) *stack.Stack {
 			ipv6.NewProtocol,
 			arp.NewProtocol,
 		},
-		NFTables: holds,
+		NFTables: routerHooks{holds},
 	})
 	s.SetNFTablesConfigured(true)
 	for _, proto := range []tcpip.NetworkProtocolNumber{ipv4.ProtocolNumber, ipv6.ProtocolNumber} {
@@ -161,6 +163,25 @@ func newStack(holds *forwardHolds) *stack.Stack {
 		}
 	}
 	return s
+}
+
+// routerHooks are the stack's nftables hooks: forwardHolds', and at
+// postrouting endpoint.RestoreForwardedGSO. Pod TAP links and the uplink
+// deliver the kernel's TCP super-packets whole (endpoint.TAPOptions
+// .Forwarding); gVisor's forwarding copy drops their GSO metadata and would
+// then refuse them as larger than the egress MTU. Postrouting runs on that
+// copy before the MTU check, so restoring the metadata there carries them
+// to the egress link, which writes them whole to a kernel (one write for up
+// to 64 KiB instead of one per 1500 bytes) or segments them.
+type routerHooks struct {
+	*forwardHolds
+}
+
+// CheckPostrouting implements stack.NFTablesInterface.CheckPostrouting. It
+// accepts every packet.
+func (h routerHooks) CheckPostrouting(pkt *stack.PacketBuffer, r *stack.Route, af stack.AddressFamily) bool {
+	endpoint.RestoreForwardedGSO(pkt)
+	return h.forwardHolds.CheckPostrouting(pkt, r, af)
 }
 
 // addBlackhole creates the blackhole NIC and routes the pod CIDRs to it. Pod

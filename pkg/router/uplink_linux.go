@@ -49,16 +49,20 @@ func (u *uplink) readerStopped(log *slog.Logger, err error) {
 }
 
 // newUplinkEndpoint drives the uplink TUN fd (IP packets, no
-// packet-information header) with pkg/endpoint's TUN endpoint. Unlike
+// packet-information header, a virtio-net header with the kernel's
+// offloads) with pkg/endpoint's TUN endpoint, as a Forwarding link: TCP
+// super-packets cross between the host and pod TAP links whole. Unlike
 // gVisor's fdbased endpoint, whose Attach(nil) waits for its reader while
 // RemoveNIC holds the stack lock (a reader delivering a host packet needs that
 // lock: Close could hang), it only signals its reader there; Wait waits.
 // onStop is called once if the device goes away under the endpoint.
 func newUplinkEndpoint(fd int, mtu uint32, onStop func(error)) (stack.LinkEndpoint, error) {
 	ep, err := endpoint.NewTAP(endpoint.TAPOptions{
-		FD:       fd,
-		MTU:      mtu,
-		OnClosed: onStop,
+		FD:         fd,
+		MTU:        mtu,
+		VnetHdr:    true,
+		Forwarding: true,
+		OnClosed:   onStop,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("TUN endpoint on uplink fd %d: %w", fd, err)
@@ -67,13 +71,28 @@ func newUplinkEndpoint(fd int, mtu uint32, onStop func(error)) (stack.LinkEndpoi
 }
 
 // openUplink creates (or attaches to) the TUN device name in the host
-// namespace.
+// namespace, with a virtio-net header and the kernel's offloads (partial
+// checksums, TCP super-packets): the host hands the router whole
+// super-packets, as it would to a veth.
 func openUplink(hostNS ns.NetNS, name string) (int, error) {
 	fd := -1
 	err := hostNS.Do(func(ns.NetNS) error {
-		var err error
-		fd, err = openTunTap(name, unix.IFF_TUN)
-		return err
+		f, err := endpoint.OpenTAP(name, endpoint.TAPDeviceOptions{TUN: true, VnetHdr: true, Offload: true})
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		// A descriptor of our own, for the uplink to own; the device
+		// (not persistent) lives as long as it is open.
+		rc, err := f.SyscallConn()
+		if err != nil {
+			return err
+		}
+		var dupErr error
+		if err := rc.Control(func(u uintptr) { fd, dupErr = unix.FcntlInt(u, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+			return err
+		}
+		return dupErr
 	})
 	if err != nil {
 		return -1, fmt.Errorf("open uplink %s: %w", name, err)

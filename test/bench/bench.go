@@ -184,5 +184,6 @@ func (c config) describe() map[string]string {
 		"cni-pods":    fmt.Sprint(c.cniPods),
 		"idle-pods":   fmt.Sprint(c.idlePods),
 		"idle-window": c.idleWindow.String(),
+		"mtu":         fmt.Sprint(c.mtu),
 	}
 }

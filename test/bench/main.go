@@ -47,6 +47,7 @@ type config struct {
 	cniPods    int
 	idlePods   []int
 	idleWindow time.Duration
+	mtu        int
 	out        string
 	verbose    bool
 }
@@ -62,6 +63,7 @@ func parseFlags() (config, error) {
 	flag.IntVar(&c.cniPods, "cni-pods", 100, "pods added (then deleted) concurrently per CNI latency measurement")
 	idle := flag.String("idle-pods", "0,110,250", "attached idle tap pods at which the agent's RSS and CPU are measured")
 	flag.DurationVar(&c.idleWindow, "idle-window", 30*time.Second, "CPU measurement window per pod count (split into -reps parts)")
+	flag.IntVar(&c.mtu, "mtu", 1500, "MTU of shm-cni's pod links and uplink in the traffic cases (the veth, ptp and bridge references stay at 1500)")
 	flag.StringVar(&c.out, "out", "bin", "directory for bench.md and bench.json")
 	flag.BoolVar(&c.verbose, "v", false, "log the harness's progress in detail")
 	flag.Parse()
@@ -85,6 +87,9 @@ func parseFlags() (config, error) {
 	}
 	if c.reps < 3 {
 		return c, fmt.Errorf("-reps %d: want at least 3", c.reps)
+	}
+	if c.mtu < 1280 || c.mtu > 65535 {
+		return c, fmt.Errorf("-mtu %d: want 1280..65535", c.mtu)
 	}
 	if c.bytes <= 0 || c.rttCount <= 0 || c.cniPods <= 0 || c.idleWindow <= 0 || c.iperfTime < time.Second {
 		return c, fmt.Errorf("sizes must be positive (and -iperf-time at least 1s)")

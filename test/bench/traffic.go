@@ -59,7 +59,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	if err != nil {
 		return err
 	}
-	n, err := b.newNode(ctx, node.Options{})
+	n, err := b.newNode(ctx, node.Options{MTU: b.cfg.mtu})
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,174 @@
+package endpoint
+
+import (
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// TCP super-packets forwarded whole (GSO pass-through).
+//
+// A kernel pod's TCP sends super-packets of up to 64 KiB through its TAP
+// device (TSO). Cutting them into MTU-sized segments at the router's ingress
+// costs one stack traversal and one write syscall per 1500 bytes; a veth
+// pair carries them whole. With TAPOptions.Forwarding the TAP endpoint
+// delivers such a super-packet to the router's stack as one packet, and the
+// egress link writes it whole to a TAP or TUN device with a virtio-net
+// header (the receiving kernel takes it as a veth would), or cuts it into
+// segments in software when its link cannot take it (a sandbox link).
+//
+// gVisor's forwarding loses the packet's GSO metadata on the way:
+// PacketBuffer.DeepCopyForForwarding copies the bytes, Mark, InputNICID and
+// the conntrack tuple, not GSOOptions; and without GSOOptions a packet
+// larger than the egress MTU is refused (IPv4 DF: "fragmentation needed";
+// IPv6: "packet too big"). So the ingress records the metadata in
+// PacketBuffer.Mark, which the router does not otherwise use (it has no
+// iptables rules), and the router's postrouting hook, which runs on the
+// forwarded copy before the MTU check, turns it back into GSOOptions with
+// RestoreForwardedGSO.
+//
+// The mark says: the packet is a TCP packet whose checksum field holds the
+// pseudo-header sum (a partial checksum, VIRTIO_NET_HDR_F_NEEDS_CSUM, as
+// the sending kernel left it), to be cut into segments of at most the MSS
+// in its low 16 bits. Forwarding changes neither the addresses nor the
+// length, so the partial sum stays right.
+const (
+	gsoMarkFlag = 1 << 31
+	gsoMarkMSS  = 1<<16 - 1
+)
+
+// minSegmentMSS is the smallest segment payload software segmentation
+// produces, whatever MSS a super-packet asks for: 536 bytes is the MSS every
+// IPv4 host must accept (RFC 9293 section 3.7.1) and fits the IPv6 minimum
+// MTU. It bounds the work a pod can cause with a tiny gso_size.
+const minSegmentMSS = 536
+
+// markForwardGSO records on pkt, about to be delivered to a forwarding
+// stack, that it is a TCP super-packet with a partial checksum, to be
+// segmented at mss.
+func markForwardGSO(pkt *stack.PacketBuffer, mss uint16) {
+	pkt.Mark = gsoMarkFlag | uint32(mss)
+}
+
+// RestoreForwardedGSO turns the GSO mark a Forwarding TAP endpoint put on a
+// TCP super-packet back into pkt.GSOOptions, and reports whether it did. A
+// forwarding stack calls it from its postrouting hook (for example
+// stack.NFTablesInterface.CheckPostrouting), which sees the forwarded copy
+// before the stack checks it against the egress MTU. Every endpoint of this
+// package writes a packet with GSOOptions whole, or segments it.
+func RestoreForwardedGSO(pkt *stack.PacketBuffer) bool {
+	if pkt.Mark&gsoMarkFlag == 0 {
+		return false
+	}
+	mss := uint16(pkt.Mark & gsoMarkMSS)
+	pkt.Mark = 0
+	var typ stack.GSOType
+	switch pkt.NetworkProtocolNumber {
+	case header.IPv4ProtocolNumber:
+		typ = stack.GSOTCPv4
+	case header.IPv6ProtocolNumber:
+		typ = stack.GSOTCPv6
+	default:
+		return false
+	}
+	pkt.GSOOptions = stack.GSO{
+		Type:       typ,
+		NeedsCsum:  true,
+		CsumOffset: header.TCPChecksumOffset,
+		MSS:        mss,
+		L3HdrLen:   uint16(len(pkt.NetworkHeader().Slice())),
+	}
+	return true
+}
+
+// isTCPGSO reports whether pkt carries TCP GSO metadata: a super-packet to
+// segment, or at least a partial checksum to complete.
+func isTCPGSO(pkt *stack.PacketBuffer) bool {
+	t := pkt.GSOOptions.Type
+	return t == stack.GSOTCPv4 || t == stack.GSOTCPv6
+}
+
+// passGSOFrame checks a TCP GSO frame read from the device for delivery as
+// one packet: the headers parse, the kernel asked for the checksum to be
+// completed exactly in the TCP checksum field, and there is a segment size.
+// It returns the frame trimmed to its IP packet. Anything else goes through
+// splitFrame, which segments or drops it.
+func passGSOFrame(frame []byte, ethernet, v6 bool, h *virtioNetHdr) (parsedTCP, bool) {
+	if h.flags&virtioNetHdrFNeedsCsum == 0 || h.gsoSize == 0 {
+		return parsedTCP{}, false
+	}
+	f, err := parseTCPFrame(frame, ethernet, v6)
+	if err != nil {
+		return parsedTCP{}, false
+	}
+	if int(h.csumStart) != f.l2+f.l3 || h.csumOffset != header.TCPChecksumOffset {
+		return parsedTCP{}, false
+	}
+	return f, true
+}
+
+// gsoSegmentSize returns the payload size to cut a GSO packet into for a link
+// whose IP MTU is mtu: the packet's MSS, at most what fits the link and at
+// least minSegmentMSS (or what fits, if less).
+func gsoSegmentSize(mss uint16, mtu uint32, f *parsedTCP) int {
+	fit := int(mtu) - f.l3 - f.l4
+	s := int(mss)
+	if s > fit {
+		s = fit
+	}
+	if s < minSegmentMSS {
+		s = min(minSegmentMSS, fit)
+	}
+	return s
+}
+
+// softwareGSO calls emit with the frames a link that takes no GSO must send
+// for the TCP GSO packet in frame (a private, writable copy of the whole
+// frame, link header included): the frame itself with its checksum completed
+// when it fits the link's IP MTU, otherwise segments of it with full
+// checksums. It reports false for a frame whose headers do not parse, which
+// the caller drops.
+func softwareGSO(frame []byte, ethernet bool, gso stack.GSO, mtu uint32, emit func([]byte, bool)) bool {
+	f, err := parseTCPFrame(frame, ethernet, gso.Type == stack.GSOTCPv6)
+	if err != nil {
+		return false
+	}
+	if len(f.frame)-f.l2 <= int(mtu) {
+		if !f.v6 {
+			// As segmentParsed does: every frame out has valid
+			// checksums whatever came in.
+			h := header.IPv4(f.frame[f.l2:])
+			h.SetChecksum(0)
+			h.SetChecksum(^h.CalculateChecksum())
+		}
+		if gso.NeedsCsum {
+			start := f.l2 + f.l3
+			t := header.TCP(f.frame[start:])
+			t.SetChecksum(0)
+			xsum := pseudoHeaderSum(&f, len(f.frame)-start)
+			t.SetChecksum(^checksum.Checksum(f.frame[start:], xsum))
+		}
+		emit(f.frame, true)
+		return true
+	}
+	size := gsoSegmentSize(gso.MSS, mtu, &f)
+	if size <= 0 {
+		return false
+	}
+	return segmentParsed(f, size, emit) == nil
+}
+
+// pseudoHeaderSum is the TCP pseudo-header sum of f with a TCP length of n.
+func pseudoHeaderSum(f *parsedTCP, n int) uint16 {
+	ip := f.frame[f.l2:]
+	var src, dst tcpip.Address
+	if f.v6 {
+		h := header.IPv6(ip)
+		src, dst = h.SourceAddress(), h.DestinationAddress()
+	} else {
+		h := header.IPv4(ip)
+		src, dst = h.SourceAddress(), h.DestinationAddress()
+	}
+	return header.PseudoHeaderChecksum(header.TCPProtocolNumber, src, dst, uint16(n))
+}
