@@ -128,10 +128,12 @@ func New(ctx context.Context, opts Options) (n *Node, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("new node: %w", err)
 	}
-	n = &Node{opts: opts, log: opts.Logger, Dir: dir, Gateway4: gw4, Gateway6: gw6, pods: make(map[string]*Pod)}
+	made := &Node{opts: opts, log: opts.Logger, Dir: dir, Gateway4: gw4, Gateway6: gw6, pods: make(map[string]*Pod)}
+	n = made
 	defer func() {
+		// Every error return sets n to nil first: close what was made.
 		if err != nil {
-			n.Close()
+			made.Close()
 			n = nil
 		}
 	}()
