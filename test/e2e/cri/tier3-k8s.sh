@@ -202,7 +202,7 @@ kubectl_ get --raw /readyz >/dev/null 2>&1 || die "kube-apiserver is not ready a
 start_bg kube-controller-manager "$K8S_BIN/kube-controller-manager" --kubeconfig="$KUBECONFIG" --bind-address=127.0.0.1 \
 	--service-account-private-key-file="$P/sa.key" --root-ca-file="$P/ca.crt" --use-service-account-credentials=false \
 	--leader-elect=false --allocate-node-cidrs=true --cluster-cidr="$CLUSTER_CIDR" --node-cidr-mask-size=24 \
-	--service-cluster-ip-range="$SERVICE_CIDR" --controllers='*,-cloud-node-lifecycle'
+	--service-cluster-ip-range="$SERVICE_CIDR"
 start_bg kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig="$KUBECONFIG" --bind-address=127.0.0.1 --leader-elect=false
 cat >"$S/k8s/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -239,6 +239,10 @@ for i in $(seq 120); do
 	sleep 0.5
 done
 check "node NotReady before shm-cni is installed" False "$(node_ready)"
+
+for c in kube-controller-manager kube-scheduler kubelet; do
+	alive "$c" || die "$c exited: $(tail -3 "$S/logs/$c.log")"
+done
 
 # --- shm-cni -----------------------------------------------------------------
 say "deploy/shm-cni.yaml"
