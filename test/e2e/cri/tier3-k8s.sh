@@ -55,8 +55,9 @@ make -C "$REPO" --no-print-directory image >/dev/null || die "make image"
 setup_scratch
 [ -d /var/lib/kubelet ] || touch "$S/made-var-lib-kubelet"
 compgen -G '/sys/fs/cgroup/*/kubepods' >/dev/null || compgen -G /sys/fs/cgroup/kubepods.slice >/dev/null || touch "$S/made-kubepods"
-kube_chains() { iptables-save 2>/dev/null | grep -c '^:KUBE-' || true; }
+kube_chains() { { iptables-save; ip6tables-save; } 2>/dev/null | grep -c '^:KUBE-' || true; }
 KUBE_CHAINS_BEFORE=$(kube_chains)
+[ "$KUBE_CHAINS_BEFORE" -eq 0 ] && touch "$S/made-kube-chains"
 say "build ($S)"
 build
 rm -f "$S/cni/bin/shm-cni" # the agent installs it
@@ -180,6 +181,24 @@ pre_teardown() {
 	fi
 	for c in kubelet kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_pid "$(pid_of "$c")"; done
 	nft delete table inet shm-cni 2>/dev/null
+	# The kubelet's own iptables chains (makeIPTablesUtilChains is off, but
+	# its canary chains stay), when the machine had none before the run.
+	if [ -f "$S/made-kube-chains" ]; then
+		local ipt t ch
+		for ipt in iptables ip6tables; do
+			for t in filter nat mangle; do
+				"$ipt" -t "$t" -S 2>/dev/null | grep -E '^-A (INPUT|OUTPUT|FORWARD|PREROUTING|POSTROUTING) .*-j KUBE-' |
+					sed 's/^-A/-D/' | while read -r rule; do
+					# shellcheck disable=SC2086 # the rule's words
+					"$ipt" -t "$t" $rule 2>/dev/null
+				done
+				for ch in $("$ipt" -t "$t" -S 2>/dev/null | awk '/^-N KUBE-/ {print $2}'); do
+					"$ipt" -t "$t" -F "$ch" 2>/dev/null
+					"$ipt" -t "$t" -X "$ch" 2>/dev/null
+				done
+			done
+		done
+	fi
 	return 0
 }
 
@@ -224,6 +243,7 @@ clusterDNS: [10.96.0.10]
 evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
+makeIPTablesUtilChains: false
 EOF
 say "kubelet"
 start_bg kubelet "$K8S_BIN/kubelet" --config="$S/k8s/kubelet.yaml" --kubeconfig="$KUBECONFIG" \
