@@ -307,6 +307,7 @@ kind: Pod
 metadata: {name: $p, namespace: default}
 spec:
   automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1 # httpd as PID 1 ignores SIGTERM
   containers: [{name: serve, image: $IMAGE_BUSYBOX, imagePullPolicy: Never}]
 EOF
 	done
@@ -324,6 +325,7 @@ metadata: {name: gvisor, namespace: default}
 spec:
   runtimeClassName: gvisor
   automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1
   containers: [{name: serve, image: $IMAGE_BUSYBOX, imagePullPolicy: Never}]
 EOF
 	fi
