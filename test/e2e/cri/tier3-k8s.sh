@@ -37,8 +37,12 @@ CLUSTER_CIDR=10.244.0.0/16
 SERVICE_CIDR=10.96.0.0/16
 NODE=shm-cni-e2e
 HOST_PORT=18080
-RUNSC=no
-if [ -x "$CRI_BIN/runsc" ] && [ -x "$CRI_BIN/containerd2/containerd" ]; then RUNSC=yes; fi
+# RUNSC=no forces Debian's containerd 1.6 even when tier 2's builds exist.
+if [ "${RUNSC:-}" != no ] && [ -x "$CRI_BIN/runsc" ] && [ -x "$CRI_BIN/containerd2/containerd" ]; then
+	RUNSC=yes
+else
+	RUNSC=no
+fi
 
 need_root
 [ -f "$MANIFEST" ] || die "deploy/shm-cni.yaml is missing"
