@@ -151,8 +151,12 @@ done
 check "CRI: runsc pods ready" "$CHURN" "$(crictl_ pods -q --state ready | wc -l)"
 check "agent: attachments" "$CHURN" "$(attachments_count)"
 remove_pods
+# back_to_baseline keeps its last readings for the checks below: a reading
+# taken afterwards could catch a passing goroutine.
 back_to_baseline() {
-	no_attachments && [ "$(fd_count "$AGENT")" -le "$BASE_FDS" ] && [ "$(goroutines)" -le "$BASE_GR" ]
+	LAST_FDS=$(fd_count "$AGENT")
+	LAST_GR=$(goroutines)
+	no_attachments && [ "$LAST_FDS" -le "$BASE_FDS" ] && [ "$LAST_GR" -le "$BASE_GR" ]
 }
 settle back_to_baseline || true
 check "CRI: no pod left" 0 "$(crictl_ pods -q | wc -l)"
@@ -161,7 +165,7 @@ check "agent: no attachment left (/attachments)" 0 "$(attachments_count)"
 check "agent: no attachment record left (state)" 0 "$(attachment_records)"
 check "agent: no IPAM allocation left (state)" 0 "$(ipam_allocations)"
 check "agent: TAP/TUN fds back to those it started with (the uplink's)" "$AGENT_TUN_FDS" "$(tun_fds "$AGENT")"
-check "agent: fds back to the baseline" "$BASE_FDS" "$(fd_count "$AGENT")"
+check "agent: fds back to the baseline" "$BASE_FDS" "$LAST_FDS"
 # runsc keeps one "null-netns" mount in its root for all sandboxes.
 check "runsc: no sandbox left in its root" "" "$(find "$S/runsc/root" -mindepth 2 ! -name null-netns ! -name "*.lock" -printf "%f ")"
 

@@ -13,7 +13,10 @@
 # conf dirs, /run/shm-cni, /var/lib/shm-cni) and the conflist's socket and log
 # paths point into the run's scratch directory, and the agent reaches the API
 # server at 127.0.0.1:6443 (this node runs no kube-proxy for the
-# kubernetes Service).
+# kubernetes Service). The netns host path /var/run/netns becomes /run/netns,
+# the same directory: containerd 1.6 does not resolve the /var/run symlink
+# when it checks that a HostToContainer source is a shared or slave mount,
+# and fails where "/" is a private mount, as here (containerd 2 resolves it).
 #
 # Checks, each printed as PASS or FAIL:
 #   - the node is NotReady (no pod network) until the agent is ready, then
@@ -37,8 +40,12 @@ CLUSTER_CIDR=10.244.0.0/16
 SERVICE_CIDR=10.96.0.0/16
 NODE=shm-cni-e2e
 HOST_PORT=18080
-RUNSC=no
-if [ -x "$CRI_BIN/runsc" ] && [ -x "$CRI_BIN/containerd2/containerd" ]; then RUNSC=yes; fi
+# RUNSC=no forces Debian's containerd 1.6 even when tier 2's builds exist.
+if [ "${RUNSC:-}" != no ] && [ -x "$CRI_BIN/runsc" ] && [ -x "$CRI_BIN/containerd2/containerd" ]; then
+	RUNSC=yes
+else
+	RUNSC=no
+fi
 
 need_root
 [ -f "$MANIFEST" ] || die "deploy/shm-cni.yaml is missing"
@@ -55,8 +62,9 @@ make -C "$REPO" --no-print-directory image >/dev/null || die "make image"
 setup_scratch
 [ -d /var/lib/kubelet ] || touch "$S/made-var-lib-kubelet"
 compgen -G '/sys/fs/cgroup/*/kubepods' >/dev/null || compgen -G /sys/fs/cgroup/kubepods.slice >/dev/null || touch "$S/made-kubepods"
-kube_chains() { iptables-save 2>/dev/null | grep -c '^:KUBE-' || true; }
+kube_chains() { { iptables-save; ip6tables-save; } 2>/dev/null | grep -c '^:KUBE-' || true; }
 KUBE_CHAINS_BEFORE=$(kube_chains)
+[ "$KUBE_CHAINS_BEFORE" -eq 0 ] && touch "$S/made-kube-chains"
 say "build ($S)"
 build
 rm -f "$S/cni/bin/shm-cni" # the agent installs it
@@ -180,6 +188,24 @@ pre_teardown() {
 	fi
 	for c in kubelet kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_pid "$(pid_of "$c")"; done
 	nft delete table inet shm-cni 2>/dev/null
+	# The kubelet's own iptables chains (makeIPTablesUtilChains is off, but
+	# its canary chains stay), when the machine had none before the run.
+	if [ -f "$S/made-kube-chains" ]; then
+		local ipt t ch
+		for ipt in iptables ip6tables; do
+			for t in filter nat mangle; do
+				"$ipt" -t "$t" -S 2>/dev/null | grep -E '^-A (INPUT|OUTPUT|FORWARD|PREROUTING|POSTROUTING) .*-j KUBE-' |
+					sed 's/^-A/-D/' | while read -r rule; do
+					# shellcheck disable=SC2086 # the rule's words
+					"$ipt" -t "$t" $rule 2>/dev/null
+				done
+				for ch in $("$ipt" -t "$t" -S 2>/dev/null | awk '/^-N KUBE-/ {print $2}'); do
+					"$ipt" -t "$t" -F "$ch" 2>/dev/null
+					"$ipt" -t "$t" -X "$ch" 2>/dev/null
+				done
+			done
+		done
+	fi
 	return 0
 }
 
@@ -202,7 +228,7 @@ kubectl_ get --raw /readyz >/dev/null 2>&1 || die "kube-apiserver is not ready a
 start_bg kube-controller-manager "$K8S_BIN/kube-controller-manager" --kubeconfig="$KUBECONFIG" --bind-address=127.0.0.1 \
 	--service-account-private-key-file="$P/sa.key" --root-ca-file="$P/ca.crt" --use-service-account-credentials=false \
 	--leader-elect=false --allocate-node-cidrs=true --cluster-cidr="$CLUSTER_CIDR" --node-cidr-mask-size=24 \
-	--service-cluster-ip-range="$SERVICE_CIDR" --controllers='*,-cloud-node-lifecycle'
+	--service-cluster-ip-range="$SERVICE_CIDR"
 start_bg kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig="$KUBECONFIG" --bind-address=127.0.0.1 --leader-elect=false
 cat >"$S/k8s/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -224,6 +250,7 @@ clusterDNS: [10.96.0.10]
 evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
+makeIPTablesUtilChains: false
 EOF
 say "kubelet"
 start_bg kubelet "$K8S_BIN/kubelet" --config="$S/k8s/kubelet.yaml" --kubeconfig="$KUBECONFIG" \
@@ -240,19 +267,24 @@ for i in $(seq 120); do
 done
 check "node NotReady before shm-cni is installed" False "$(node_ready)"
 
+for c in kube-controller-manager kube-scheduler kubelet; do
+	alive "$c" || die "$c exited: $(tail -3 "$S/logs/$c.log")"
+done
+
 # --- shm-cni -----------------------------------------------------------------
 say "deploy/shm-cni.yaml"
 sed -e "s#path: /opt/cni/bin#path: $S/cni/bin#" \
 	-e "s#path: /etc/cni/net.d#path: $S/cni/net.d#" \
 	-e "s#path: /run/shm-cni\$#path: $S/run#" \
 	-e "s#path: /var/lib/shm-cni#path: $S/state#" \
+	-e "s#path: /var/run/netns\$#path: /run/netns#" \
 	-e "s#\"agentSocket\": \"/run/shm-cni/agent.sock\"#\"agentSocket\": \"$S/run/agent.sock\"#" \
 	-e "s#\"logFile\": \"/var/log/shm-cni.log\"#\"logFile\": \"$S/logs/shm-cni.log\"#" \
 	-e "s#^\\( *\\)env:\$#&\\n\\1  - {name: KUBERNETES_SERVICE_HOST, value: \"127.0.0.1\"}\\n\\1  - {name: KUBERNETES_SERVICE_PORT, value: \"6443\"}#" \
 	"$MANIFEST" >"$S/shm-cni.yaml"
 # containerd 1.6's libcni reads CNI 1.0.0 at most.
 [ "$RUNSC" = yes ] || sed -i 's#"cniVersion": "1.1.0"#"cniVersion": "1.0.0"#' "$S/shm-cni.yaml"
-for want in "path: $S/cni/bin" "path: $S/cni/net.d" "path: $S/run" "path: $S/state" \
+for want in "path: /run/netns" "path: $S/cni/bin" "path: $S/cni/net.d" "path: $S/run" "path: $S/state" \
 	"\"agentSocket\": \"$S/run/agent.sock\"" "\"logFile\": \"$S/logs/shm-cni.log\"" "KUBERNETES_SERVICE_HOST"; do
 	grep -qF -- "$want" "$S/shm-cni.yaml" || die "the manifest changed: no place for $want (update tier3-k8s.sh)"
 done
@@ -283,6 +315,7 @@ kind: Pod
 metadata: {name: $p, namespace: default}
 spec:
   automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1 # httpd as PID 1 ignores SIGTERM
   containers: [{name: serve, image: $IMAGE_BUSYBOX, imagePullPolicy: Never}]
 EOF
 	done
@@ -300,6 +333,7 @@ metadata: {name: gvisor, namespace: default}
 spec:
   runtimeClassName: gvisor
   automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1
   containers: [{name: serve, image: $IMAGE_BUSYBOX, imagePullPolicy: Never}]
 EOF
 	fi
