@@ -7,7 +7,6 @@ import (
 	"strings"
 	"testing"
 
-	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
@@ -57,12 +56,7 @@ func (c chanLink) inject(podMAC tcpip.LinkAddress, ip []byte) {
 	if header.IPVersion(ip) == header.IPv6Version {
 		proto = header.IPv6ProtocolNumber
 	}
-	frame := make([]byte, header.EthernetMinimumSize+len(ip))
-	header.Ethernet(frame).Encode(&header.EthernetFields{SrcAddr: podMAC, DstAddr: gwMAC, Type: proto})
-	copy(frame[header.EthernetMinimumSize:], ip)
-	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(frame)})
-	defer pkt.DecRef()
-	c.ch.InjectInbound(proto, pkt)
+	c.injectFrame(podMAC, proto, ip)
 }
 
 // read returns the next frame the router sent on the link, or nil.
