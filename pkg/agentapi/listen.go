@@ -12,12 +12,20 @@ import (
 
 // Listen opens the agent's SOCK_SEQPACKET socket at path: it creates the
 // parent directory (mode 0700) if missing, removes a stale socket left by an
-// agent that is gone, binds and chmods the socket to 0600. It refuses to
-// remove anything that is not a socket, or a socket another process still
-// accepts on. Closing the listener removes the socket file.
+// agent that is gone, binds and chmods the socket to 0600. It refuses a
+// parent directory others may write to (they could put their own socket
+// under the name), anything at path that is not a socket, and a socket
+// another process still accepts on. Closing the listener removes the socket
+// file.
 func Listen(path string) (*net.UnixListener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
+	if fi, err := os.Stat(dir); err != nil {
+		return nil, fmt.Errorf("listen %s: %w", path, err)
+	} else if fi.Mode().Perm()&0o022 != 0 {
+		return nil, fmt.Errorf("listen %s: directory %s is writable by group or others (mode %v); give the agent a directory of its own", path, dir, fi.Mode().Perm())
 	}
 	if err := removeStale(path); err != nil {
 		return nil, fmt.Errorf("listen %s: %w", path, err)

@@ -32,6 +32,30 @@ func TestListenCreatesPrivateSocket(t *testing.T) {
 	}
 }
 
+// TestListenRefusesSharedDirectory: a socket directory others may write to
+// is refused, and nothing is created in it.
+func TestListenRefusesSharedDirectory(t *testing.T) {
+	for _, mode := range []os.FileMode{0o777, 0o1777, 0o770, 0o722} {
+		dir := shortTempDir(t)
+		if err := os.Chmod(dir, mode); err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(dir, "agent.sock")
+		ln, err := Listen(path)
+		if err == nil {
+			ln.Close()
+			t.Errorf("mode %v: Listen succeeded", mode)
+			continue
+		}
+		if !strings.Contains(err.Error(), "writable by group or others") {
+			t.Errorf("mode %v: error %q does not say why", mode, err)
+		}
+		if _, err := os.Lstat(path); !os.IsNotExist(err) {
+			t.Errorf("mode %v: %s exists after the refusal (%v)", mode, path, err)
+		}
+	}
+}
+
 // TestListenExistingPath checks what Listen does with a file already at the
 // path: a stale socket is replaced, anything else is refused and left alone.
 func TestListenExistingPath(t *testing.T) {
