@@ -56,13 +56,14 @@ lint:
 
 # test-unit runs every test under the race detector (big transfers and the
 # churn are scaled down there); test-full runs the long real-traffic tests
-# and the churn of 1000 pods at full size.
+# and the churn of 1000 pods at full size, and the flood test where the
+# agent is fast enough to meet its link limit.
 test-unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
 
 test-full:
 	$(GO) test -count=1 -timeout 20m -run 'TwoProcess|Interop|Forwarding|TCPInProcess' ./pkg/endpoint
-	$(GO) test -count=1 -timeout 20m -run '^TestChurn$$' ./test/e2e
+	$(GO) test -count=1 -timeout 20m -run '^(TestChurn|TestHostileFlood)$$' ./test/e2e
 
 test: deps lint build test-unit test-full e2e-cri
 

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"net"
 	"net/netip"
@@ -308,4 +309,41 @@ func TestTapDeviceGone(t *testing.T) {
 	if got := r.ipam.List(); len(got) != 0 {
 		t.Errorf("IPAM allocations %v after detach", got)
 	}
+}
+
+// TestSandboxSessionsPaced: a sandbox connecting and hanging up as fast as
+// it can starts no more sessions than the pacing allows for the time that
+// passed (an upper bound: a slow machine only starts fewer), and a
+// well-behaved sandbox connects afterwards.
+func TestSandboxSessionsPaced(t *testing.T) {
+	e := newEnv(t)
+	r := e.start(t)
+	resp := r.attachShm(t, "sandbox-1")
+	start := time.Now()
+	for time.Since(start) < 2*time.Second {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		c, pair, _, err := endpoint.DialPair(ctx, resp.SocketPath)
+		cancel()
+		if err == nil {
+			c.Close()
+			pair.Close()
+		}
+	}
+	elapsed := time.Since(start)
+	r.mu.Lock()
+	att := r.attachments[key{"sandbox-1", "eth0"}]
+	r.mu.Unlock()
+	att.shm.mu.Lock()
+	sessions := att.shm.sessions
+	att.shm.mu.Unlock()
+	bound := uint64(sessionBurst + float64(sessionRate)*elapsed.Seconds() + 2)
+	t.Logf("%d sessions in %v (bound %d)", sessions, elapsed.Round(time.Millisecond), bound)
+	if sessions == 0 || sessions > bound {
+		t.Errorf("%d sessions in %v, want 1..%d", sessions, elapsed, bound)
+	}
+	sb, err := dialSandbox(t, resp.SocketPath)
+	if err != nil {
+		t.Fatalf("a well-behaved sandbox after the storm: %v", err)
+	}
+	sb.close()
 }

@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/kube"
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
@@ -25,6 +26,12 @@ const (
 	DefaultMetricsAddr = "127.0.0.1:9309"
 	DefaultCNIBinDir   = "/opt/cni/bin"
 	DefaultCNIConfDir  = "/etc/cni/net.d"
+	// DefaultLinkMaxPPS is the default of --link-max-pps: above what a
+	// sandbox's TCP sends at MTU 1500 (about 75,000 frames a second on the
+	// project's 2-core test machine), so that it costs well-behaved pods
+	// nothing, while a flooding pod can take no more than that much of the
+	// agent (about two thirds of a core there; make bench-hostile).
+	DefaultLinkMaxPPS = 100000
 )
 
 const (
@@ -71,6 +78,12 @@ type Config struct {
 	Pprof bool
 	// Masquerade enables SNAT of egress leaving the cluster (--masquerade).
 	Masquerade bool
+	// LinkRxLimit bounds what one pod can make the router receive on its
+	// link (--link-max-pps, --link-max-bytes): beyond it the agent stops
+	// reading that link for a while, so that a flooding pod spends its own
+	// CPU, not the agent's, and other pods keep theirs. See
+	// endpoint.RxLimit; DefaultLinkMaxPPS and zero bytes are the defaults.
+	LinkRxLimit endpoint.RxLimit
 	// LogLevel is the level of the agent's logs (--log-level); the caller
 	// builds the logger.
 	LogLevel slog.Level
@@ -111,6 +124,7 @@ func DefaultConfig() Config {
 		SandboxDir:  DefaultSandboxDir,
 		MetricsAddr: DefaultMetricsAddr,
 		Masquerade:  true,
+		LinkRxLimit: endpoint.RxLimit{PacketsPerSecond: DefaultLinkMaxPPS},
 		LogLevel:    slog.LevelInfo,
 		CNIBinDir:   DefaultCNIBinDir,
 		CNIConfDir:  DefaultCNIConfDir,
@@ -130,6 +144,10 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "host:port of the metrics and health endpoints; empty disables them")
 	fs.BoolVar(&c.Pprof, "pprof", c.Pprof, "serve Go's profiling endpoints under /debug/pprof/ on the metrics address")
 	fs.BoolVar(&c.Masquerade, "masquerade", c.Masquerade, "masquerade pod egress to destinations outside the cluster CIDRs")
+	fs.Float64Var(&c.LinkRxLimit.PacketsPerSecond, "link-max-pps", c.LinkRxLimit.PacketsPerSecond,
+		fmt.Sprintf("frames per second one pod may send into the router (a TCP super-packet is one); 0 is unlimited, else at least %d", endpoint.MinRxPacketsPerSecond))
+	fs.Float64Var(&c.LinkRxLimit.BytesPerSecond, "link-max-bytes", c.LinkRxLimit.BytesPerSecond,
+		fmt.Sprintf("bytes per second one pod may send into the router; 0 is unlimited, else at least %d", endpoint.MinRxBytesPerSecond))
 	fs.TextVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn, error")
 	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "Kubernetes node name: pod CIDRs from its Node (without --pod-cidr) and routes to the other nodes' pod CIDRs")
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", c.Kubeconfig, "kubeconfig file; empty means the in-cluster configuration")
@@ -187,6 +205,12 @@ func (c Config) Validate() error {
 		bad("socket", "%q is not an absolute path", c.SocketPath)
 	case len(c.SocketPath) > maxSocketPath:
 		bad("socket", "%q is longer than %d bytes", c.SocketPath, maxSocketPath)
+	}
+	if c.LinkRxLimit.PacketsPerSecond != 0 && !(c.LinkRxLimit.PacketsPerSecond >= endpoint.MinRxPacketsPerSecond) {
+		bad("link-max-pps", "%v: want 0 (unlimited) or at least %d", c.LinkRxLimit.PacketsPerSecond, endpoint.MinRxPacketsPerSecond)
+	}
+	if c.LinkRxLimit.BytesPerSecond != 0 && !(c.LinkRxLimit.BytesPerSecond >= endpoint.MinRxBytesPerSecond) {
+		bad("link-max-bytes", "%v: want 0 (unlimited) or at least %d", c.LinkRxLimit.BytesPerSecond, endpoint.MinRxBytesPerSecond)
 	}
 	if !filepath.IsAbs(c.StateDir) {
 		bad("state-dir", "%q is not an absolute path", c.StateDir)

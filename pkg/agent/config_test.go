@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
 )
 
 // TestConfigValidate: the defaults with a pod CIDR are valid; every bad
@@ -43,6 +45,10 @@ func TestConfigValidate(t *testing.T) {
 			c.SandboxDir = "/" + strings.Repeat("d", 40)
 			c.MetricsAddr = "nohostport"
 		}, []string{"--cluster-cidr", "--uplink", "--mtu", "--socket", "--state-dir", "--sandbox-dir", "--metrics-addr"}},
+		{"no link limit", func(c *Config) { c.LinkRxLimit = endpoint.RxLimit{} }, nil},
+		{"link limits", func(c *Config) {
+			c.LinkRxLimit = endpoint.RxLimit{PacketsPerSecond: 10, BytesPerSecond: -1}
+		}, []string{"--link-max-pps: 10: want 0 (unlimited) or at least 1000", "--link-max-bytes: -1"}},
 		{"v6 mtu", func(c *Config) {
 			c.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("2001:db8::/64")}
 			c.MTU = 1000
@@ -80,6 +86,7 @@ func TestConfigFlags(t *testing.T) {
 		"--pod-cidr", "10.244.1.0/24, 2001:db8::/64", "--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "10.96.0.0/12",
 		"--uplink", "up0", "--mtu", "9000", "--socket", "/run/x.sock", "--state-dir", "/var/lib/x", "--sandbox-dir", "/run/x",
 		"--metrics-addr", ":9999", "--masquerade=false", "--log-level", "debug",
+		"--link-max-pps", "20000", "--link-max-bytes", "1e8",
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -89,6 +96,7 @@ func TestConfigFlags(t *testing.T) {
 		ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.96.0.0/12")},
 		Uplink:       "up0", MTU: 9000, SocketPath: "/run/x.sock", StateDir: "/var/lib/x", SandboxDir: "/run/x",
 		MetricsAddr: ":9999", Masquerade: false, LogLevel: slog.LevelDebug,
+		LinkRxLimit: endpoint.RxLimit{PacketsPerSecond: 20000, BytesPerSecond: 1e8},
 	}
 	if got := c; !equalConfig(got, want) {
 		t.Errorf("got %+v, want %+v", got, want)
@@ -115,5 +123,6 @@ func equalConfig(a, b Config) bool {
 	}
 	return eq(a.PodCIDRs, b.PodCIDRs) && eq(a.ClusterCIDRs, b.ClusterCIDRs) && a.Uplink == b.Uplink && a.MTU == b.MTU &&
 		a.SocketPath == b.SocketPath && a.StateDir == b.StateDir && a.SandboxDir == b.SandboxDir &&
-		a.MetricsAddr == b.MetricsAddr && a.Masquerade == b.Masquerade && a.LogLevel == b.LogLevel
+		a.MetricsAddr == b.MetricsAddr && a.Masquerade == b.Masquerade && a.LogLevel == b.LogLevel &&
+		a.LinkRxLimit == b.LinkRxLimit
 }

@@ -196,7 +196,7 @@ func (a *Agent) attachShm(rec *record, files []*os.File, sockPath string) (*atta
 func (a *Agent) startShm(rec *record, pair *queue.Pair, sockPath string) (*attachment, error) {
 	id := linkIDOf(rec.key())
 	log := a.log.With("link", id)
-	s, err := newShmLink(sockPath, id, rec, pair, a.router, log)
+	s, err := newShmLink(sockPath, id, rec, pair, a.cfg.LinkRxLimit, a.router, log)
 	if err != nil {
 		return nil, err
 	}

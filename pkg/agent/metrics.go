@@ -34,6 +34,8 @@ var (
 		append(linkLabels[:len(linkLabels):len(linkLabels)], "reason"), nil)
 	descViolations = prometheus.NewDesc("shm_cni_link_protocol_violations_total",
 		"Shared-memory protocol violations by the sandbox; each cuts the sandbox off.", linkLabels, nil)
+	descThrottled = prometheus.NewDesc("shm_cni_link_receive_throttled_total",
+		"Pauses of the agent's reading from the pod's link because the pod sent more than its limit (--link-max-pps, --link-max-bytes).", linkLabels, nil)
 	descLinkUp = prometheus.NewDesc("shm_cni_link_up",
 		"1 when the link is attached to the router (a shm link: a sandbox is connected), else 0.", linkLabels, nil)
 	descAttachments = prometheus.NewDesc("shm_cni_attachments",
@@ -86,7 +88,7 @@ var _ prometheus.Collector = (*linkCollector)(nil)
 // Describe implements prometheus.Collector.Describe.
 func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRxPackets, descRxBytes, descTxPackets, descTxBytes,
-		descDrops, descFiltered, descEndpointDrops, descViolations, descLinkUp, descAttachments, descUnrouted} {
+		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descLinkUp, descAttachments, descUnrouted} {
 		ch <- d
 	}
 }
@@ -120,6 +122,7 @@ func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
 			counter(descEndpointDrops, e.RxDrops, "receive")
 			counter(descEndpointDrops, e.TxDrops, "transmit")
 			counter(descViolations, e.Violations)
+			counter(descThrottled, e.RxThrottled)
 		}
 	}
 	kinds := make([]string, 0, len(byKind))

@@ -7,6 +7,9 @@ import (
 	"net"
 	"path/filepath"
 	"sync"
+	"time"
+
+	"golang.org/x/time/rate"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
@@ -29,10 +32,15 @@ type shmLink struct {
 	link   router.Link         // the router link's addressing; immutable
 	config endpoint.LinkConfig // what each sandbox gets; immutable
 	sizes  queue.Sizes         // immutable
+	limit  endpoint.RxLimit    // each session's receive limit; immutable
 	path   string              // the socket's path; immutable
 	router *router.Router      // immutable
 	log    *slog.Logger        // immutable
 	ln     *net.UnixListener   // closed by stop; immutable
+	// sessionPace paces new sessions (see sessionRate); used by the
+	// accept loop only.
+	sessionPace *rate.Limiter
+	stopping    chan struct{} // closed by stop
 
 	// wg counts the accept loop and the session-end goroutines.
 	wg sync.WaitGroup
@@ -68,7 +76,7 @@ func sandboxSocketPath(dir string, k key) string {
 // newShmLink listens on path and starts accepting sandboxes. pair, if not
 // nil, is the first session's queue pair; the link owns it from the call
 // on, whether it succeeds or not.
-func newShmLink(path, linkID string, rec *record, pair *queue.Pair, r *router.Router, log *slog.Logger) (*shmLink, error) {
+func newShmLink(path, linkID string, rec *record, pair *queue.Pair, limit endpoint.RxLimit, r *router.Router, log *slog.Logger) (*shmLink, error) {
 	ln, err := agentapi.Listen(path)
 	if err != nil {
 		if pair != nil {
@@ -81,22 +89,46 @@ func newShmLink(path, linkID string, rec *record, pair *queue.Pair, r *router.Ro
 		link:   router.Link{Addrs: rec.Addrs, PodMAC: macOf(rec.PodMAC), GatewayMAC: GatewayMAC},
 		config: linkConfigFor(rec),
 		sizes:  *rec.Queue,
+		limit:  limit,
 		path:   path,
 		router: r,
 		log:    log,
 		ln:     ln,
 		pair:   pair,
+
+		sessionPace: rate.NewLimiter(sessionRate, sessionBurst),
+		stopping:    make(chan struct{}),
 	}
 	s.wg.Add(1)
 	go s.acceptLoop()
 	return s, nil
 }
 
+// A sandbox that connects and hangs up over and over makes the agent build
+// and tear down a queue pair and a router link each time. Sessions of one
+// link are paced: after a burst, at most sessionRate a second; further
+// connections wait in the socket's backlog. A sandbox reconnects when it
+// restarts, far less often.
+const (
+	sessionRate  = rate.Limit(20)
+	sessionBurst = 20
+)
+
 // acceptLoop serves connections one at a time until stop closes the
 // listener.
 func (s *shmLink) acceptLoop() {
 	defer s.wg.Done()
 	for {
+		if d := s.sessionPace.Reserve().Delay(); d > 0 {
+			s.log.Debug("sandbox sessions paced", "wait", d)
+			t := time.NewTimer(d)
+			select {
+			case <-t.C:
+			case <-s.stopping:
+				t.Stop()
+				return
+			}
+		}
 		conn, err := s.ln.AcceptUnix()
 		if err != nil {
 			s.mu.Lock()
@@ -155,6 +187,7 @@ func (s *shmLink) serve(conn *net.UnixConn) {
 				PeerFD:      int(fd),
 				// The router forwards only: keep forwarded checksums.
 				Forwarding: true,
+				RxLimit:    s.limit,
 				// OnClosed runs on the endpoint's goroutine and must
 				// not wait for it: end the session on our own.
 				OnClosed: func(reason error) {
@@ -238,6 +271,9 @@ func (s *shmLink) removeLinkLocked() {
 // link's goroutines and closes the prepared pair. It is idempotent.
 func (s *shmLink) stop() {
 	s.mu.Lock()
+	if !s.closed {
+		close(s.stopping)
+	}
 	s.closed = true
 	if s.server != nil {
 		s.endSessionLocked("link removed")
@@ -284,7 +320,8 @@ func addEndpointStats(a, b endpoint.StatsSnapshot) endpoint.StatsSnapshot {
 		RxPackets: a.RxPackets + b.RxPackets, RxBytes: a.RxBytes + b.RxBytes,
 		TxPackets: a.TxPackets + b.TxPackets, TxBytes: a.TxBytes + b.TxBytes,
 		RxDrops: a.RxDrops + b.RxDrops, TxDrops: a.TxDrops + b.TxDrops,
-		Violations: a.Violations + b.Violations,
+		Violations:  a.Violations + b.Violations,
+		RxThrottled: a.RxThrottled + b.RxThrottled,
 	}
 }
 

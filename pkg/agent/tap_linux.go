@@ -62,6 +62,7 @@ func (a *Agent) attachTAP(rec *record, f *os.File) (*attachment, error) {
 			LinkAddress:    GatewayMAC,
 			VnetHdr:        info.VnetHdr,
 			Forwarding:     true,
+			RxLimit:        a.cfg.LinkRxLimit,
 			OnClosed:       func(err error) { a.tapGone(att, err) },
 			Logger:         att.log,
 		})

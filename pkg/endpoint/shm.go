@@ -71,6 +71,9 @@ type ShmOptions struct {
 	// partial checksums are completed when segmented, see gso.go). Not for
 	// a stack with transport endpoints of its own.
 	Forwarding bool
+	// RxLimit bounds what the peer can make this endpoint receive (see
+	// RxLimit); the zero value limits nothing.
+	RxLimit RxLimit
 	// Spin is how long to poll an empty ring before sleeping. Zero means
 	// DefaultSpin; negative means never poll.
 	Spin time.Duration
@@ -85,6 +88,9 @@ func (o *ShmOptions) validate() error {
 	}
 	if l := len(o.LinkAddress); l != 0 && l != header.EthernetAddressSize {
 		errs = append(errs, fmt.Errorf("link address of %d bytes, want 0 or 6", l))
+	}
+	if err := o.RxLimit.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
@@ -133,6 +139,7 @@ type shmLink struct {
 	spin     time.Duration                  // immutable
 	onClosed func(error)                    // immutable
 	log      *slog.Logger                   // immutable
+	limit    *rxLimiter                     // owned by the receive loop
 	stats    Stats
 
 	rx      ringReader   // owned by the receive loop once started
@@ -189,6 +196,7 @@ func newShmLink(o *ShmOptions, rx ringReader, tx ringWriter, rxEventFD, txEventF
 	if o.Forwarding {
 		l.caps |= stack.CapabilityTXChecksumOffload
 	}
+	l.limit = newRxLimiter(o.RxLimit, rxBatch, l.maxFrame(), &l.stats)
 	ok := false
 	defer func() {
 		if !ok {
@@ -430,9 +438,14 @@ func (l *shmLink) receiveLoop(d stack.NetworkDispatcher, done chan<- struct{}) {
 		}
 		if n > 0 {
 			l.rx.Flush()
+			size := 0
 			for i := range n {
+				size += views[i].Size()
 				l.deliver(d, views[i])
 				views[i] = nil
+			}
+			if !l.limit.take(n, size, l.done) {
+				return
 			}
 		}
 		if err != nil {

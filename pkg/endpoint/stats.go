@@ -22,23 +22,28 @@ type Stats struct {
 	// ring headers that point outside the peer's own region or break the
 	// ring's rules. A violation cuts the peer off.
 	Violations atomic.Uint64
+	// RxThrottled counts the receiver's pauses for its RxLimit: the
+	// peer sent faster than its budget.
+	RxThrottled atomic.Uint64
 }
 
 // StatsSnapshot is a plain copy of Stats.
 type StatsSnapshot struct {
 	RxPackets, RxBytes, TxPackets, TxBytes uint64
 	RxDrops, TxDrops, Violations           uint64
+	RxThrottled                            uint64
 }
 
 // Snapshot returns a copy of the counters.
 func (s *Stats) Snapshot() StatsSnapshot {
 	return StatsSnapshot{
-		RxPackets:  s.RxPackets.Load(),
-		RxBytes:    s.RxBytes.Load(),
-		TxPackets:  s.TxPackets.Load(),
-		TxBytes:    s.TxBytes.Load(),
-		RxDrops:    s.RxDrops.Load(),
-		TxDrops:    s.TxDrops.Load(),
-		Violations: s.Violations.Load(),
+		RxPackets:   s.RxPackets.Load(),
+		RxBytes:     s.RxBytes.Load(),
+		TxPackets:   s.TxPackets.Load(),
+		TxBytes:     s.TxBytes.Load(),
+		RxDrops:     s.RxDrops.Load(),
+		TxDrops:     s.TxDrops.Load(),
+		Violations:  s.Violations.Load(),
+		RxThrottled: s.RxThrottled.Load(),
 	}
 }

@@ -53,6 +53,11 @@ type TAPOptions struct {
 	// own: their checksums would be left to a device that does not compute
 	// them.
 	Forwarding bool
+	// RxLimit bounds what the pod behind the device can make this endpoint
+	// read (see RxLimit; a super-packet is one frame); the zero value
+	// limits nothing. Beyond it the kernel's queue for the device fills
+	// and the kernel drops.
+	RxLimit RxLimit
 	// OnClosed, if set, is called once, on the endpoint's goroutine, when
 	// the device goes away under the endpoint (it was deleted, or a read
 	// failed for good); the endpoint has then stopped and closed its fd.
@@ -118,6 +123,7 @@ type TAPEndpoint struct {
 	forwarding bool
 	onClosed   func(error)
 	log        *slog.Logger
+	limit      *rxLimiter // used by the reader only
 
 	stats   Stats
 	offload TAPOffloadStats
@@ -213,6 +219,7 @@ func NewTAP(opts TAPOptions) (*TAPEndpoint, error) {
 		onClosed:   opts.OnClosed,
 		log:        log.With("link", info.Name),
 	}
+	e.limit = newRxLimiter(opts.RxLimit, 1, readBufSize, &e.stats)
 	e.mtu.Store(opts.MTU)
 	addr := opts.LinkAddress
 	e.linkAddr.Store(&addr)
@@ -235,6 +242,9 @@ func (o *TAPOptions) validate() error {
 	}
 	if o.GSOMaxSize > 0 && !o.VnetHdr {
 		errs = append(errs, errors.New("GSOMaxSize needs VnetHdr"))
+	}
+	if err := o.RxLimit.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if o.GSOMaxSize > maxIPPacket {
 		errs = append(errs, fmt.Errorf("GSOMaxSize %d above %d", o.GSOMaxSize, maxIPPacket))
@@ -427,7 +437,11 @@ func (e *TAPEndpoint) readLoop() {
 		b, err := rd.read()
 		if err == nil {
 			errorsInRow = 0
+			n := len(b)
 			e.handleFrame(b, emit, rd)
+			// One frame's wait is short (a frame at the limit's
+			// rates): a stop waits for it.
+			e.limit.take(1, n, nil)
 			continue
 		}
 		if !errors.Is(err, os.ErrDeadlineExceeded) && !isDeviceGone(err) {

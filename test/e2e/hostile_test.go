@@ -29,10 +29,16 @@ type hostileEnv struct {
 	n          *node.Node
 	k1, k2, s1 *node.Pod
 	h          *node.Pod
+	// cpuCap, if not nil, holds the hostile sandboxes keepHostile starts.
+	cpuCap *cpuCap
 }
 
 func newHostileEnv(t *testing.T, ctx context.Context) *hostileEnv {
-	n := newNode(t, node.Options{})
+	return newHostileEnvWith(t, ctx, node.Options{})
+}
+
+func newHostileEnvWith(t *testing.T, ctx context.Context, opts node.Options) *hostileEnv {
+	n := newNode(t, opts)
 	return &hostileEnv{
 		n:  n,
 		k1: addPod(t, ctx, n, "k1", node.KindTap),
@@ -143,15 +149,20 @@ func TestHostileGarbage(t *testing.T) {
 
 // TestHostileFlood: a sandbox sending as fast as it can (to a pod address
 // nobody has, so the router drops it) does not stop the other pods'
-// traffic; its frames are counted.
+// traffic; its frames are counted; and the agent's per-link limit
+// (--link-max-pps, low here) bounds what the router took from it: no more
+// than the token bucket allows for the time that passed (an upper bound: a
+// slow machine only takes fewer), with the link paused for it.
 func TestHostileFlood(t *testing.T) {
+	const pps = 5000
 	ctx := testContext(t)
-	e := newHostileEnv(t, ctx)
+	e := newHostileEnvWith(t, ctx, node.Options{ExtraAgentArgs: []string{fmt.Sprintf("--link-max-pps=%d", pps)}})
 	base, err := footprint(ctx, e.n)
 	if err != nil {
 		t.Fatal(err)
 	}
 	nobody := unassigned(t, e.n)
+	start := time.Now()
 	sb := e.startHostile(t, ctx, "--mode", "flood", "--to", netip.AddrPortFrom(nobody, 9).String(), "--duration", hostileDuration.String())
 	if err := e.wellBehavedTraffic(ctx); err != nil {
 		t.Errorf("well-behaved traffic: %v", err)
@@ -160,8 +171,21 @@ func TestHostileFlood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := e.metric(t, ctx, "shm_cni_link_receive_packets_total"); got == 0 {
-		t.Errorf("the router counted no packet from the flooding sandbox (%s)", l)
+	got := e.metric(t, ctx, "shm_cni_link_receive_packets_total")
+	elapsed := time.Since(start)
+	// A full bucket (20 ms of the rate, at least a batch of 64 frames) and
+	// one batch charged after its delivery; 1% for rounding.
+	bound := (pps*elapsed.Seconds() + max(pps*0.02, 64) + 64) * 1.01
+	throttled := e.metric(t, ctx, "shm_cni_link_receive_throttled_total")
+	t.Logf("the router took %.0f packets from the flooding sandbox in %v (bound %.0f; %s), paused its link %.0f times",
+		got, elapsed.Round(time.Millisecond), bound, l, throttled)
+	if got == 0 || got > bound {
+		t.Errorf("the router took %.0f packets from the flooding sandbox in %v, want 1..%.0f", got, elapsed, bound)
+	}
+	// A race-built agent may take fewer frames than the limit allows
+	// (about 2,000 a second here): then there is nothing to pause for.
+	if throttled == 0 && !raceTest {
+		t.Error("the agent never paused the flooding sandbox's link")
 	}
 	if got, err := e.n.Metric(ctx, "shm_cni_unrouted_drops_total", nil); err != nil || got == 0 {
 		t.Errorf("unrouted drops %v (%v), want the flood counted", got, err)

@@ -4,6 +4,8 @@
 //	hostile --socket S --mode garbage     scribble random bytes over its shared pages and rings
 //	hostile --socket S --mode flood --to A:P   send UDP frames as fast as it can
 //	hostile --socket S --mode stall       attach, then never consume what it is sent
+//	hostile --socket S --mode spin        attach, then burn one CPU without touching the link
+//	                                      (the CPU-hungry but harmless reference for flood)
 //	hostile --socket S --mode reconnect --count N   attach and hang up N times, some mid-exchange
 //	hostile --socket S --mode spoof --to A:P --as B --as-mac M
 //	                                      send frames spoofed as B (addresses and MAC), ARP and
@@ -13,7 +15,7 @@
 // It prints "attached" once it holds the link and "done <mode> <count>" at
 // the end (count: frames written, or attachments). garbage ends when the
 // agent hangs up ("cut off") or after --duration; flood and stall run for
-// --duration. The random bytes come from a fixed seed (--seed).
+// --duration, spin too. The random bytes come from a fixed seed (--seed).
 package main
 
 import (
@@ -58,7 +60,7 @@ func run() int {
 	var o options
 	var to, as, asMAC string
 	flag.StringVar(&o.socket, "socket", "", "the link's socket (socketPath of the CNI result)")
-	flag.StringVar(&o.mode, "mode", "", "garbage, flood, stall, reconnect or spoof")
+	flag.StringVar(&o.mode, "mode", "", "garbage, flood, stall, spin, reconnect or spoof")
 	flag.StringVar(&to, "to", "", "address:port frames go to (flood, spoof)")
 	flag.StringVar(&as, "as", "", "the address to impersonate (spoof)")
 	flag.StringVar(&asMAC, "as-mac", "02:00:00:00:00:99", "the MAC to impersonate (spoof)")
@@ -96,12 +98,14 @@ func run() int {
 		n, err = flood(ctx, o)
 	case "stall":
 		n, err = stall(ctx, o)
+	case "spin":
+		n, err = spin(ctx, o)
 	case "reconnect":
 		n, err = reconnect(ctx, o)
 	case "spoof":
 		n, err = spoof(ctx, o)
 	default:
-		err = fmt.Errorf("--mode %q: want garbage, flood, stall, reconnect or spoof", o.mode)
+		err = fmt.Errorf("--mode %q: want garbage, flood, stall, spin, reconnect or spoof", o.mode)
 	}
 	if err != nil {
 		return fail(err)
@@ -115,17 +119,27 @@ func fail(err error) int {
 	return 1
 }
 
+// attachRaw dials the link for its queue pair, without an endpoint, and
+// says "attached". The function it returns closes the connection and the
+// pair.
+func attachRaw(ctx context.Context, o options) (*net.UnixConn, queue.Pair, func(), error) {
+	conn, pair, _, err := endpoint.DialPair(ctx, o.socket)
+	if err != nil {
+		return nil, queue.Pair{}, nil, err
+	}
+	fmt.Println("attached")
+	return conn, pair, func() { conn.Close(); pair.Close() }, nil
+}
+
 // garbage attaches, maps its queues as the agent shares them and overwrites
 // the rings, the shared pages and the data regions with random bytes, waking
 // the agent after each round, until the agent hangs up or time is up.
 func garbage(ctx context.Context, o options) (int, error) {
-	conn, pair, _, err := endpoint.DialPair(ctx, o.socket)
+	conn, pair, hangUp, err := attachRaw(ctx, o)
 	if err != nil {
 		return 0, err
 	}
-	defer conn.Close()
-	defer pair.Close()
-	fmt.Println("attached")
+	defer hangUp()
 	rng := rand.New(rand.NewPCG(o.seed, 0))
 	var regions [][]byte
 	for _, q := range []queue.QueueFDs{pair.TX, pair.RX} {
@@ -232,18 +246,35 @@ func flood(ctx context.Context, o options) (int, error) {
 // stall attaches and consumes nothing for o.duration: frames for it fill its
 // receive queue, and the agent must drop them.
 func stall(ctx context.Context, o options) (int, error) {
-	conn, pair, _, err := endpoint.DialPair(ctx, o.socket)
+	_, _, hangUp, err := attachRaw(ctx, o)
 	if err != nil {
 		return 0, err
 	}
-	defer conn.Close()
-	defer pair.Close()
-	fmt.Println("attached")
+	defer hangUp()
 	select {
 	case <-time.After(o.duration):
 	case <-ctx.Done():
 	}
 	return 0, nil
+}
+
+// spin attaches and then spins on one CPU for o.duration, touching neither
+// the link nor the agent: what a flooding sandbox costs its node's CPU by
+// itself, without the agent's share.
+func spin(ctx context.Context, o options) (int, error) {
+	_, _, hangUp, err := attachRaw(ctx, o)
+	if err != nil {
+		return 0, err
+	}
+	defer hangUp()
+	deadline := time.Now().Add(o.duration)
+	n := 0
+	for ctx.Err() == nil && time.Now().Before(deadline) {
+		for range 1 << 16 {
+			n++
+		}
+	}
+	return n, nil
 }
 
 // reconnect attaches and hangs up o.count times; every third time it hangs
