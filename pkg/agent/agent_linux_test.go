@@ -347,3 +347,42 @@ func TestSandboxSessionsPaced(t *testing.T) {
 	}
 	sb.close()
 }
+
+// TestAttachCommitFailureUndone: when the record cannot be made durable
+// (a directory stands where its temporary file goes), the attach fails and
+// leaves nothing: no attachment, no addresses, no socket; once the disk is
+// fine again the same attach succeeds.
+func TestAttachCommitFailureUndone(t *testing.T) {
+	e := newEnv(t)
+	r := e.start(t)
+	k := key{"sandbox-1", "eth0"}
+	blocker := filepath.Join(r.cfg.StateDir, attachmentsDir, k.fileName()+tmpSuffix)
+	if err := os.Mkdir(blocker, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	_, err := r.tryAttachShm(t, k.ContainerID)
+	var ae *agentapi.Error
+	if !errors.As(err, &ae) || ae.Code != agentapi.CodeAttachFailed {
+		t.Fatalf("attach with the record unwritable: %v, want an error with code %d", err, agentapi.CodeAttachFailed)
+	}
+	r.mu.Lock()
+	n := len(r.attachments)
+	r.mu.Unlock()
+	if n != 0 {
+		t.Errorf("%d attachments after the failed attach", n)
+	}
+	if got := r.ipam.List(); len(got) != 0 {
+		t.Errorf("addresses kept after the failed attach: %v", got)
+	}
+	if _, err := os.Stat(sandboxSocketPath(r.cfg.SandboxDir, k)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("sandbox socket after the failed attach: %v", err)
+	}
+	// The failed write's cleanup may have removed the empty directory.
+	if err := os.Remove(blocker); err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	r.attachShm(t, k.ContainerID)
+	if got := r.ipam.List(); len(got) != 1 {
+		t.Errorf("allocations after the retried attach: %v, want one", got)
+	}
+}

@@ -44,28 +44,73 @@ func (a *Agent) ServeAgent(ctx context.Context, req *agentapi.Request, files []*
 }
 
 // attach creates the attachment of req, whose resources are files.
+//
+// It runs in two steps. Under the operation lock it checks, takes the
+// addresses (in memory), brings the link up and publishes the attachment.
+// Then, without the lock, it makes the addresses and the record durable:
+// concurrent attaches share those writes (one IPAM state write for all the
+// addresses taken meanwhile; the records' fsyncs in the same journal
+// commits) instead of queueing behind each other's. Until the reply, the
+// pod has no address to use; a crash before it leaves at most addresses or
+// a record that the runtime's DEL (or GC) releases. If the second step
+// fails, the attachment is undone.
 func (a *Agent) attach(req *agentapi.AttachRequest, files []*os.File) (*agentapi.Response, error) {
 	k := key{req.ContainerID, req.IfName}
-	fail := func(err error) (*agentapi.Response, error) {
-		var ae *agentapi.Error
-		if errors.As(err, &ae) {
-			return nil, fmt.Errorf("attach %s: %w", k, err)
-		}
-		if errors.Is(err, ipam.ErrExhausted) {
-			return nil, &agentapi.Error{Code: agentapi.CodeAddressExhausted, Msg: "no free pod address", Details: fmt.Sprintf("attach %s: %v", k, err)}
-		}
-		return nil, &agentapi.Error{Code: agentapi.CodeAttachFailed, Msg: "attach failed", Details: fmt.Sprintf("attach %s: %v", k, err)}
-	}
 	if !a.isReady() {
 		return nil, &agentapi.Error{Code: agentapi.CodeTryAgainLater, Msg: "agent is not ready"}
 	}
+	att, commit, err := a.attachLink(k, req, files)
+	if err != nil {
+		return nil, attachError(k, err)
+	}
+	if err := commit(); err != nil {
+		a.opMu.Lock()
+		a.abortAttach(k, att)
+		a.opMu.Unlock()
+		return nil, attachError(k, err)
+	}
+	rec := att.rec
+	ips, routes := ipConfigs(rec.Addrs)
+	resp := &agentapi.AttachResponse{
+		IPs:        ips,
+		Routes:     routes,
+		MTU:        rec.MTU,
+		GatewayMAC: net.HardwareAddr(GatewayMAC).String(),
+	}
+	if req.Kind == agentapi.KindShm {
+		resp.MAC = rec.PodMAC
+		resp.SocketPath = att.shm.path
+	} else {
+		resp.MAC = resp.GatewayMAC
+	}
+	att.log.Info("attached", "kind", rec.Kind, "addrs", rec.Addrs, "pod", rec.PodNS+"/"+rec.PodName,
+		"podMAC", rec.PodMAC, "mtu", rec.MTU, "socket", resp.SocketPath)
+	return &agentapi.Response{Attach: resp}, nil
+}
+
+// attachError is err as the agent answers a failed attach of k.
+func attachError(k key, err error) error {
+	var ae *agentapi.Error
+	if errors.As(err, &ae) {
+		return fmt.Errorf("attach %s: %w", k, err)
+	}
+	if errors.Is(err, ipam.ErrExhausted) {
+		return &agentapi.Error{Code: agentapi.CodeAddressExhausted, Msg: "no free pod address", Details: fmt.Sprintf("attach %s: %v", k, err)}
+	}
+	return &agentapi.Error{Code: agentapi.CodeAttachFailed, Msg: "attach failed", Details: fmt.Sprintf("attach %s: %v", k, err)}
+}
+
+// attachLink is attach's first step, under the operation lock: it takes
+// the addresses, brings the link up and publishes the attachment. commit,
+// run without the lock, makes the addresses and the record durable.
+func (a *Agent) attachLink(k key, req *agentapi.AttachRequest, files []*os.File) (att *attachment, commit func() error, err error) {
 	a.opMu.Lock()
 	defer a.opMu.Unlock()
 	a.mu.Lock()
 	_, exists := a.attachments[k]
 	a.mu.Unlock()
 	if exists {
-		return fail(fmt.Errorf("attachment exists (detach it first)"))
+		return nil, nil, fmt.Errorf("attachment exists (detach it first)")
 	}
 
 	rec := &record{
@@ -87,16 +132,17 @@ func (a *Agent) attach(req *agentapi.AttachRequest, files []*os.File) (*agentapi
 	if req.Kind == agentapi.KindShm {
 		sizes := queue.Sizes{DataSize: req.Queue.DataSize, PipeSize: req.Queue.PipeSize, BufferSize: req.Queue.BufferSize}
 		if err := sizes.Validate(); err != nil {
-			return fail(invalid("queue: %v", err))
+			return nil, nil, invalid("queue: %v", err)
 		}
 		rec.Queue = &sizes
 		sockPath = sandboxSocketPath(a.cfg.SandboxDir, k)
 		if other := a.socketUser(sockPath); other != nil {
-			return fail(fmt.Errorf("socket %s is used by attachment %s", sockPath, *other))
+			return nil, nil, fmt.Errorf("socket %s is used by attachment %s", sockPath, *other)
 		}
 	}
 
 	success := false
+	commitAddrs := func() error { return nil }
 	if len(req.IPs) > 0 {
 		for _, s := range req.IPs {
 			p, _ := netip.ParsePrefix(s) // checked by agentapi
@@ -104,22 +150,21 @@ func (a *Agent) attach(req *agentapi.AttachRequest, files []*os.File) (*agentapi
 		}
 		slices.SortStableFunc(rec.Addrs, func(x, y netip.Addr) int { return boolCmp(y.Is4(), x.Is4()) })
 	} else {
-		addrs, err := a.ipam.Allocate(ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName})
+		owner := ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName}
+		addrs, commit, err := a.ipam.Reserve(owner)
 		if err != nil {
-			return fail(err)
+			return nil, nil, err
 		}
-		rec.Addrs, rec.Allocated = addrs, true
+		rec.Addrs, rec.Allocated, commitAddrs = addrs, true, commit
 		defer func() {
 			if !success {
-				if err := a.ipam.Release(ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName}); err != nil {
+				if err := a.ipam.Release(owner); err != nil {
 					a.log.Error("release addresses of a failed attach", "attachment", k, "err", err)
 				}
 			}
 		}()
 	}
 
-	var att *attachment
-	var err error
 	switch req.Kind {
 	case agentapi.KindTap:
 		att, err = a.attachTAP(rec, files[0])
@@ -127,37 +172,41 @@ func (a *Agent) attach(req *agentapi.AttachRequest, files []*os.File) (*agentapi
 		att, err = a.attachShm(rec, files, sockPath)
 	}
 	if err != nil {
-		return fail(err)
+		return nil, nil, err
 	}
-	defer func() {
-		if !success {
-			att.stop()
-		}
-	}()
-	if err := a.store.put(rec); err != nil {
-		return fail(err)
+	// Encoded now: the record may change once published (a TAP device
+	// that goes away, say).
+	b, err := encodeRecord(rec)
+	if err != nil {
+		att.stop()
+		return nil, nil, err
 	}
 	a.mu.Lock()
 	a.attachments[k] = att
 	a.mu.Unlock()
 	success = true
+	return att, func() error {
+		if err := commitAddrs(); err != nil {
+			return err
+		}
+		return a.store.write(k, b)
+	}, nil
+}
 
-	ips, routes := ipConfigs(rec.Addrs)
-	resp := &agentapi.AttachResponse{
-		IPs:        ips,
-		Routes:     routes,
-		MTU:        rec.MTU,
-		GatewayMAC: net.HardwareAddr(GatewayMAC).String(),
-		SocketPath: sockPath,
+// abortAttach undoes the attachment att of k whose commit failed, unless
+// a DEL removed it meanwhile.
+//
+// +checklocks:a.opMu
+func (a *Agent) abortAttach(k key, att *attachment) {
+	a.mu.Lock()
+	cur := a.attachments[k]
+	a.mu.Unlock()
+	if cur != att {
+		return
 	}
-	if req.Kind == agentapi.KindShm {
-		resp.MAC = rec.PodMAC
-	} else {
-		resp.MAC = resp.GatewayMAC
+	if err := a.detachLocked(k); err != nil {
+		a.log.Error("undo a failed attach", "attachment", k, "err", err)
 	}
-	att.log.Info("attached", "kind", rec.Kind, "addrs", rec.Addrs, "pod", rec.PodNS+"/"+rec.PodName,
-		"podMAC", rec.PodMAC, "mtu", rec.MTU, "socket", sockPath)
-	return &agentapi.Response{Attach: resp}, nil
 }
 
 // attachShm checks the queue pair of files and starts serving rec's

@@ -104,7 +104,8 @@ func (r *record) validate() error {
 }
 
 // store keeps the attachment records of a state directory. Its methods are
-// not synchronised: the agent calls them under its operation lock.
+// not synchronised: the agent calls them under its operation lock, except
+// write, which an attach runs outside it (each record is its own file).
 type store struct {
 	dir string // <state-dir>/attachments; immutable
 }
@@ -134,22 +135,38 @@ func openStore(stateDir string) (*store, error) {
 // record, and the directory fsynced. A crash leaves the old record or the
 // new one.
 func (s *store) put(r *record) error {
+	b, err := encodeRecord(r)
+	if err != nil {
+		return err
+	}
+	return s.write(r.key(), b)
+}
+
+// encodeRecord returns r as put writes it.
+func encodeRecord(r *record) ([]byte, error) {
 	b, err := json.MarshalIndent(r, "", "\t")
 	if err != nil {
-		return fmt.Errorf("write attachment %s: %w", r.key(), err)
+		return nil, fmt.Errorf("write attachment %s: %w", r.key(), err)
 	}
-	name := filepath.Join(s.dir, r.key().fileName())
+	return b, nil
+}
+
+// write is put of a record encoded by encodeRecord. Writes of different
+// records may run at once: their fsyncs then share the file system's
+// journal commits.
+func (s *store) write(k key, b []byte) error {
+	name := filepath.Join(s.dir, k.fileName())
 	tmp := name + tmpSuffix
 	if err := writeSync(tmp, b); err != nil {
 		os.Remove(tmp)
-		return fmt.Errorf("write attachment %s: %w", r.key(), err)
+		return fmt.Errorf("write attachment %s: %w", k, err)
 	}
 	if err := os.Rename(tmp, name); err != nil {
 		os.Remove(tmp)
-		return fmt.Errorf("write attachment %s: %w", r.key(), err)
+		return fmt.Errorf("write attachment %s: %w", k, err)
 	}
 	if err := syncDir(s.dir); err != nil {
-		return fmt.Errorf("write attachment %s: %w", r.key(), err)
+		return fmt.Errorf("write attachment %s: %w", k, err)
 	}
 	return nil
 }

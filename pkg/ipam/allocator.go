@@ -62,9 +62,18 @@ type Allocator struct {
 	log    *slog.Logger // immutable
 
 	mu sync.Mutex
-	// st is the state last written to disk; replaced, never mutated.
+	// st is the current state; replaced, never mutated. It may be ahead
+	// of the disk: ver counts its versions and durable is the last one
+	// written. One write runs at a time, outside mu (writing); changes
+	// made meanwhile go to disk together in the next write (group
+	// commit), and written is signalled when a write ends.
 	// +checklocks:mu
 	st *state
+	// +checklocks:mu
+	ver, durable uint64
+	// +checklocks:mu
+	writing bool
+	written *sync.Cond // on mu; immutable
 	// lock holds the directory's flock; nil once closed.
 	// +checklocks:mu
 	lock *os.File
@@ -110,6 +119,7 @@ func Open(dir string, ranges []netip.Prefix, opts Options) (*Allocator, error) {
 		return nil, fmt.Errorf("open ipam %s: %w", dir, err)
 	}
 	a := &Allocator{dir: dir, ranges: rs, log: log, st: st, lock: lock}
+	a.written = sync.NewCond(&a.mu)
 	for _, al := range st.sortedAllocations() {
 		for _, ip := range al.Addrs {
 			if !a.usable(ip) {
@@ -134,36 +144,166 @@ func (a *Allocator) usable(ip netip.Addr) bool {
 
 // Allocate returns o's addresses, one per configured range, IPv4 first,
 // allocating them if o has none yet. Calling it again for the same owner
-// returns the same addresses. The allocation is on disk when it returns.
+// returns the same addresses. The allocation is on disk when it returns;
+// concurrent calls share their writes.
 func (a *Allocator) Allocate(o Owner) ([]netip.Addr, error) {
+	r, err := a.reserve(o)
+	if err != nil {
+		return nil, err
+	}
+	if err := r.commit(); err != nil {
+		a.undoReserve(o, r)
+		return nil, err
+	}
+	return r.addrs, nil
+}
+
+// Reserve is Allocate in two steps: it takes o's addresses in memory at
+// once (later calls see them taken), and commit returns once they are on
+// disk, written together with every other change made until the write
+// starts. Until commit succeeded the addresses must not be handed out:
+// after a crash they are free again. When commit fails, Release o (the
+// failed write's state may still reach the disk with a later one).
+func (a *Allocator) Reserve(o Owner) (addrs []netip.Addr, commit func() error, err error) {
+	r, err := a.reserve(o)
+	if err != nil {
+		return nil, nil, err
+	}
+	return r.addrs, r.commit, nil
+}
+
+// reservation is what reserve took.
+type reservation struct {
+	addrs  []netip.Addr
+	cursor map[netip.Prefix]netip.Addr // the cursors before, nil if none moved
+	commit func() error
+}
+
+func (a *Allocator) reserve(o Owner) (reservation, error) {
 	if err := o.validate(); err != nil {
-		return nil, fmt.Errorf("allocate %s: %w", o, err)
+		return reservation{}, fmt.Errorf("allocate %s: %w", o, err)
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.lock == nil {
-		return nil, fmt.Errorf("allocate %s: %w", o, ErrClosed)
+		return reservation{}, fmt.Errorf("allocate %s: %w", o, ErrClosed)
 	}
+	what := fmt.Sprintf("allocate %s", o)
 	if addrs, ok := a.st.allocs[o]; ok {
-		return slices.Clone(addrs), nil
+		// Perhaps reserved by a call whose commit has not finished:
+		// this caller too gets the addresses once they are on disk.
+		return reservation{addrs: slices.Clone(addrs), commit: a.committer(what, a.ver)}, nil
 	}
 	next := a.st.clone()
-	addrs := make([]netip.Addr, 0, len(a.ranges))
-	for _, r := range a.ranges {
-		ip, err := pick(next, r)
+	r := reservation{cursor: make(map[netip.Prefix]netip.Addr, len(a.ranges))}
+	for _, rg := range a.ranges {
+		ip, err := pick(next, rg)
 		if err != nil {
-			return nil, fmt.Errorf("allocate %s in %s: %w", o, r.prefix, err)
+			return reservation{}, fmt.Errorf("allocate %s in %s: %w", o, rg.prefix, err)
 		}
-		addrs = append(addrs, ip)
-		next.cursors[r.prefix] = ip
+		r.addrs = append(r.addrs, ip)
+		r.cursor[rg.prefix] = next.cursors[rg.prefix]
+		next.cursors[rg.prefix] = ip
 	}
+	next.add(o, slices.Clone(r.addrs))
+	a.setLocked(next)
+	a.log.Debug("ipam: allocated", "owner", o.String(), "addrs", r.addrs)
+	r.commit = a.committer(what, a.ver)
+	return r, nil
+}
+
+// undoReserve takes back r, a reservation of o whose commit failed, and
+// puts the cursors back where they were, unless o or the cursors moved on
+// meanwhile.
+func (a *Allocator) undoReserve(o Owner, r reservation) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	cur, ok := a.st.allocs[o]
+	if !ok || !slices.Equal(cur, r.addrs) || r.cursor == nil {
+		return
+	}
+	next := a.st.clone()
+	next.remove(o)
+	for i, rg := range a.ranges {
+		if next.cursors[rg.prefix] == r.addrs[i] {
+			if c, ok := r.cursor[rg.prefix]; ok && c.IsValid() {
+				next.cursors[rg.prefix] = c
+			} else {
+				delete(next.cursors, rg.prefix)
+			}
+		}
+	}
+	a.setLocked(next)
+}
+
+// retakeLocked gives o back addrs after a release that did not reach the
+// disk, so that memory agrees with the disk again; unless o holds
+// addresses again or one of addrs went to another owner meanwhile (then the
+// next write settles the disk on what memory says).
+//
+// +checklocks:a.mu
+func (a *Allocator) retakeLocked(o Owner, addrs []netip.Addr) {
+	if _, ok := a.st.allocs[o]; ok {
+		return
+	}
+	for _, ip := range addrs {
+		if _, taken := a.st.used[ip]; taken {
+			return
+		}
+	}
+	next := a.st.clone()
 	next.add(o, addrs)
-	if err := writeState(a.dir, next); err != nil {
-		return nil, fmt.Errorf("allocate %s: %w", o, err)
-	}
+	a.setLocked(next)
+}
+
+// setLocked makes next the current state, a new version.
+//
+// +checklocks:a.mu
+func (a *Allocator) setLocked(next *state) {
 	a.st = next
-	a.log.Debug("ipam: allocated", "owner", o.String(), "addrs", addrs)
-	return slices.Clone(addrs), nil
+	a.ver++
+}
+
+// committer returns a function that waits until version v is on disk.
+func (a *Allocator) committer(what string, v uint64) func() error {
+	return func() error {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		if err := a.commitLocked(v); err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		return nil
+	}
+}
+
+// commitLocked returns once version v of the state is on disk: it waits
+// for a write in progress, or writes the current state itself (which
+// includes v and whatever came after). A failed write is reported to the
+// caller that made it; a caller waiting for it tries again.
+//
+// +checklocks:a.mu
+func (a *Allocator) commitLocked(v uint64) error {
+	for a.durable < v {
+		if a.writing {
+			a.written.Wait()
+			continue
+		}
+		if a.lock == nil {
+			return ErrClosed
+		}
+		a.writing = true
+		snap, sv := a.st, a.ver
+		a.mu.Unlock()
+		err := writeState(a.dir, snap)
+		a.mu.Lock()
+		a.writing = false
+		a.written.Broadcast()
+		if err != nil {
+			return err
+		}
+		a.durable = max(a.durable, sv)
+	}
+	return nil
 }
 
 // pick returns the first free address of r after r's cursor in s.
@@ -201,10 +341,11 @@ func (a *Allocator) Release(o Owner) error {
 	}
 	next := a.st.clone()
 	addrs, _ := next.remove(o)
-	if err := writeState(a.dir, next); err != nil {
+	a.setLocked(next)
+	if err := a.commitLocked(a.ver); err != nil {
+		a.retakeLocked(o, addrs)
 		return fmt.Errorf("release %s: %w", o, err)
 	}
-	a.st = next
 	a.log.Debug("ipam: released", "owner", o.String(), "addrs", addrs)
 	return nil
 }
@@ -234,10 +375,13 @@ func (a *Allocator) ReleaseExcept(valid []Owner) ([]Allocation, error) {
 	for _, al := range released {
 		next.remove(al.Owner)
 	}
-	if err := writeState(a.dir, next); err != nil {
+	a.setLocked(next)
+	if err := a.commitLocked(a.ver); err != nil {
+		for _, al := range released {
+			a.retakeLocked(al.Owner, al.Addrs)
+		}
 		return nil, fmt.Errorf("release except %d owners: %w", len(valid), err)
 	}
-	a.st = next
 	for _, al := range released {
 		a.log.Info("ipam: garbage-collected", "owner", al.Owner.String(), "addrs", al.Addrs)
 	}
@@ -298,6 +442,9 @@ func (a *Allocator) Gateways() []netip.Addr {
 func (a *Allocator) Close() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	for a.writing {
+		a.written.Wait()
+	}
 	if a.lock == nil {
 		return nil
 	}

@@ -343,3 +343,91 @@ func equalAllocations(a, b []Allocation) bool {
 		return x.Owner == y.Owner && slices.Equal(x.Addrs, y.Addrs)
 	})
 }
+
+// TestReserveCommit checks Reserve's two steps: the addresses are taken at
+// once (Get, and the next Allocate picks others) but reach the disk only
+// with commit.
+func TestReserveCommit(t *testing.T) {
+	dir := t.TempDir()
+	a := openT(t, dir, "10.0.0.0/24")
+	got, commit, err := a.Reserve(owner("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := addrs("10.0.0.2"); !slices.Equal(got, want) {
+		t.Fatalf("Reserve = %v, want %v", got, want)
+	}
+	if al, ok := a.Get(owner("a")); !ok || !slices.Equal(al.Addrs, got) {
+		t.Errorf("Get after Reserve = %v, %t", al, ok)
+	}
+	onDisk, err := readState(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(onDisk.allocs) != 0 {
+		t.Errorf("on disk before commit: %v", onDisk.allocs)
+	}
+	// Another caller for the same owner gets the same addresses, on disk.
+	if again := mustAlloc(t, a, owner("a")); !slices.Equal(again, got) {
+		t.Errorf("Allocate of a reserved owner = %v, want %v", again, got)
+	}
+	if err := commit(); err != nil {
+		t.Fatal(err)
+	}
+	if b := mustAlloc(t, a, owner("b")); !slices.Equal(b, addrs("10.0.0.3")) {
+		t.Errorf("next Allocate = %v, want 10.0.0.3", b)
+	}
+	if onDisk, err = readState(dir); err != nil {
+		t.Fatal(err)
+	}
+	if len(onDisk.allocs) != 2 {
+		t.Errorf("on disk after commit: %v, want a and b", onDisk.allocs)
+	}
+}
+
+// TestGroupCommit checks that concurrent reservations share writes: 100 of
+// them committed at once take fewer writes than allocations, every address
+// is distinct, and all of them are on disk.
+func TestGroupCommit(t *testing.T) {
+	const n = 100
+	dir := t.TempDir()
+	a := openT(t, dir, "10.0.0.0/24")
+	commits := make([]func() error, n)
+	seen := map[netip.Addr]bool{}
+	for i := range n {
+		got, commit, err := a.Reserve(owner(fmt.Sprint("c", i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if seen[got[0]] {
+			t.Fatalf("%v reserved twice", got[0])
+		}
+		seen[got[0]] = true
+		commits[i] = commit
+	}
+	before := stateWrites.Load()
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for _, c := range commits {
+		wg.Go(func() { errs <- c() })
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	writes := stateWrites.Load() - before
+	t.Logf("%d commits, %d writes", n, writes)
+	if writes == 0 || writes >= n {
+		t.Errorf("%d commits took %d writes, want 1..%d", n, writes, n-1)
+	}
+	onDisk, err := readState(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(onDisk.allocs) != n {
+		t.Errorf("%d allocations on disk, want %d", len(onDisk.allocs), n)
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync/atomic"
 )
 
 // File names inside the state directory; see the package doc.
@@ -197,9 +198,13 @@ func readState(dir string) (*state, error) {
 	return s, nil
 }
 
+// stateWrites counts writeState calls, for the group commit's tests.
+var stateWrites atomic.Uint64
+
 // writeState makes s dir's state durably and atomically: temp file, fsync,
 // rename, fsync of the directory.
 func writeState(dir string, s *state) error {
+	stateWrites.Add(1)
 	b, err := marshalState(s)
 	if err != nil {
 		return err
