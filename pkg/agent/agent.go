@@ -100,6 +100,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Agent, error) {
 		UplinkName:   cfg.Uplink,
 		UplinkMTU:    cfg.MTU,
 		Masquerade:   cfg.Masquerade,
+		NoFastPath:   !cfg.FastPath,
 	}, log.With("component", "router"))
 	if err != nil {
 		hostNS.Close()

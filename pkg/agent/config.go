@@ -78,6 +78,9 @@ type Config struct {
 	Pprof bool
 	// Masquerade enables SNAT of egress leaving the cluster (--masquerade).
 	Masquerade bool
+	// FastPath forwards plain pod-to-pod packets without gVisor's
+	// forwarding (--fast-path; router.Config.NoFastPath). On by default.
+	FastPath bool
 	// LinkRxLimit bounds what one pod can make the router receive on its
 	// link (--link-max-pps, --link-max-bytes): beyond it the agent stops
 	// reading that link for a while, so that a flooding pod spends its own
@@ -124,6 +127,7 @@ func DefaultConfig() Config {
 		SandboxDir:  DefaultSandboxDir,
 		MetricsAddr: DefaultMetricsAddr,
 		Masquerade:  true,
+		FastPath:    true,
 		LinkRxLimit: endpoint.RxLimit{PacketsPerSecond: DefaultLinkMaxPPS},
 		LogLevel:    slog.LevelInfo,
 		CNIBinDir:   DefaultCNIBinDir,
@@ -144,6 +148,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "host:port of the metrics and health endpoints; empty disables them")
 	fs.BoolVar(&c.Pprof, "pprof", c.Pprof, "serve Go's profiling endpoints under /debug/pprof/ on the metrics address")
 	fs.BoolVar(&c.Masquerade, "masquerade", c.Masquerade, "masquerade pod egress to destinations outside the cluster CIDRs")
+	fs.BoolVar(&c.FastPath, "fast-path", c.FastPath, "forward plain pod-to-pod packets without the netstack's forwarding (false: everything through it)")
 	fs.Float64Var(&c.LinkRxLimit.PacketsPerSecond, "link-max-pps", c.LinkRxLimit.PacketsPerSecond,
 		fmt.Sprintf("frames per second one pod may send into the router (a TCP super-packet is one); 0 is unlimited, else at least %d", endpoint.MinRxPacketsPerSecond))
 	fs.Float64Var(&c.LinkRxLimit.BytesPerSecond, "link-max-bytes", c.LinkRxLimit.BytesPerSecond,

@@ -86,7 +86,7 @@ func TestConfigFlags(t *testing.T) {
 		"--pod-cidr", "10.244.1.0/24, 2001:db8::/64", "--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "10.96.0.0/12",
 		"--uplink", "up0", "--mtu", "9000", "--socket", "/run/x.sock", "--state-dir", "/var/lib/x", "--sandbox-dir", "/run/x",
 		"--metrics-addr", ":9999", "--masquerade=false", "--log-level", "debug",
-		"--link-max-pps", "20000", "--link-max-bytes", "1e8",
+		"--link-max-pps", "20000", "--link-max-bytes", "1e8", "--fast-path=false",
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -124,5 +124,5 @@ func equalConfig(a, b Config) bool {
 	return eq(a.PodCIDRs, b.PodCIDRs) && eq(a.ClusterCIDRs, b.ClusterCIDRs) && a.Uplink == b.Uplink && a.MTU == b.MTU &&
 		a.SocketPath == b.SocketPath && a.StateDir == b.StateDir && a.SandboxDir == b.SandboxDir &&
 		a.MetricsAddr == b.MetricsAddr && a.Masquerade == b.Masquerade && a.LogLevel == b.LogLevel &&
-		a.LinkRxLimit == b.LinkRxLimit
+		a.LinkRxLimit == b.LinkRxLimit && a.FastPath == b.FastPath
 }

@@ -34,6 +34,9 @@ var (
 		append(linkLabels[:len(linkLabels):len(linkLabels)], "reason"), nil)
 	descViolations = prometheus.NewDesc("shm_cni_link_protocol_violations_total",
 		"Shared-memory protocol violations by the sandbox; each cuts the sandbox off.", linkLabels, nil)
+	descFast = prometheus.NewDesc("shm_cni_link_fast_path_packets_total",
+		"Packets of the link's that the router forwarded pod to pod on its fast path (receive: from the pod; transmit: to it); part of the link's packets totals.",
+		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
 	descThrottled = prometheus.NewDesc("shm_cni_link_receive_throttled_total",
 		"Pauses of the agent's reading from the pod's link because the pod sent more than its limit (--link-max-pps, --link-max-bytes).", linkLabels, nil)
 	descLinkUp = prometheus.NewDesc("shm_cni_link_up",
@@ -88,7 +91,7 @@ var _ prometheus.Collector = (*linkCollector)(nil)
 // Describe implements prometheus.Collector.Describe.
 func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRxPackets, descRxBytes, descTxPackets, descTxBytes,
-		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descLinkUp, descAttachments, descUnrouted} {
+		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descFast, descLinkUp, descAttachments, descUnrouted} {
 		ch <- d
 	}
 }
@@ -114,6 +117,8 @@ func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
 			counter(descTxBytes, r.TxBytes)
 			counter(descDrops, r.RxDrops, "receive")
 			counter(descDrops, r.TxDrops, "transmit")
+			counter(descFast, r.FastRxPackets, "receive")
+			counter(descFast, r.FastTxPackets, "transmit")
 			for _, reason := range router.DropReasons() {
 				counter(descFiltered, r.Filtered[reason], reason.String())
 			}

@@ -330,6 +330,7 @@ func addRouterStats(a, b router.LinkStats) router.LinkStats {
 		RxPackets: a.RxPackets + b.RxPackets, RxBytes: a.RxBytes + b.RxBytes,
 		TxPackets: a.TxPackets + b.TxPackets, TxBytes: a.TxBytes + b.TxBytes,
 		RxDrops: a.RxDrops + b.RxDrops, TxDrops: a.TxDrops + b.TxDrops,
+		FastRxPackets: a.FastRxPackets + b.FastRxPackets, FastTxPackets: a.FastTxPackets + b.FastTxPackets,
 	}
 	for i := range out.Filtered {
 		out.Filtered[i] = a.Filtered[i] + b.Filtered[i]

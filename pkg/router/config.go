@@ -57,6 +57,11 @@ type Config struct {
 	// pod traffic to destinations outside PodCIDRs and ClusterCIDRs. The
 	// agent turns it on by default; the zero value leaves it off.
 	Masquerade bool
+
+	// NoFastPath sends pod-to-pod packets through gVisor's forwarding
+	// instead of the fast path (fastpath.go); for comparison and
+	// debugging.
+	NoFastPath bool
 }
 
 // withDefaults returns c with its zero fields set to their defaults.

@@ -138,6 +138,10 @@ type filterEndpoint struct {
 	nested.Endpoint
 	// id is the pod's identity. Immutable.
 	id podIdentity
+	// fast and counters are the router's fast path and this link's
+	// counters in it (fastpath.go). Immutable.
+	fast     *fastPath
+	counters *fastCounters
 	// drops are the counters, indexed by DropReason.
 	drops [numDropReasons]atomic.Uint64
 }
@@ -145,9 +149,11 @@ type filterEndpoint struct {
 var _ stack.LinkEndpoint = (*filterEndpoint)(nil)
 var _ stack.NetworkDispatcher = (*filterEndpoint)(nil)
 
-// newFilterEndpoint wraps ep for a pod with identity id.
-func newFilterEndpoint(ep stack.LinkEndpoint, id podIdentity) *filterEndpoint {
-	e := &filterEndpoint{id: id}
+// newFilterEndpoint wraps ep for a pod with identity id; what passes goes
+// to fast first, counted in counters, and to the stack when fast does not
+// take it.
+func newFilterEndpoint(ep stack.LinkEndpoint, id podIdentity, fast *fastPath, counters *fastCounters) *filterEndpoint {
+	e := &filterEndpoint{id: id, fast: fast, counters: counters}
 	e.Endpoint.Init(ep, e)
 	return e
 }
@@ -166,6 +172,9 @@ func (e *filterEndpoint) Drops() FilterDrops {
 func (e *filterEndpoint) DeliverNetworkPacket(protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
 	if reason, drop := e.id.check(protocol, pkt); drop {
 		e.drops[reason].Add(1)
+		return
+	}
+	if e.fast.forward(e.counters, protocol, pkt) {
 		return
 	}
 	e.Endpoint.DeliverNetworkPacket(protocol, pkt)

@@ -32,6 +32,8 @@ type link struct {
 	filter *filterEndpoint
 	nicID  tcpip.NICID
 	addrs  []netip.Addr
+	// fast is where the fast path writes to this link, and its counters.
+	fast *fastDst
 }
 
 // AddLink attaches ep as a new pod link named id: it creates a NIC, puts the
@@ -64,13 +66,18 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 	}
 
 	resolves := ep.Capabilities()&stack.CapabilityResolutionRequired != 0
-	filter := newFilterEndpoint(ep, newPodIdentity(l, resolves))
+	counters := &fastCounters{}
+	filter := newFilterEndpoint(ep, newPodIdentity(l, resolves), r.fast, counters)
 	wrapped := newHoldingEndpoint(filter, r.holds)
+	fast := &fastDst{ep: wrapped, mtu: ep.MTU(), gwMAC: ep.LinkAddress(), counters: counters}
+	if resolves {
+		fast.podMAC = l.PodMAC
+	}
 	nicID := r.stack.NextNICID()
 	if err := r.stack.CreateNICWithOptions(nicID, wrapped, stack.NICOptions{Name: podNICPrefix + id}); err != nil {
 		return fmt.Errorf("add link %s: create NIC: %s", id, err)
 	}
-	lk := &link{ep: wrapped, filter: filter, nicID: nicID, addrs: append([]netip.Addr(nil), l.Addrs...)}
+	lk := &link{ep: wrapped, filter: filter, nicID: nicID, addrs: append([]netip.Addr(nil), l.Addrs...), fast: fast}
 	success := false
 	defer func() {
 		if !success {
@@ -92,6 +99,7 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 		r.owners[a] = id
 	}
 	r.links[id] = lk
+	r.rebuildFastLocked()
 	success = true
 	r.log.Info("link added", "link", id, "nic", nicID, "addrs", l.Addrs, "podMAC", l.PodMAC.String())
 	return nil
@@ -166,6 +174,7 @@ func (r *Router) removeLinkLocked(id string) error {
 	for _, a := range lk.addrs {
 		delete(r.owners, a)
 	}
+	r.rebuildFastLocked()
 	r.removeNIC(lk)
 	r.log.Info("link removed", "link", id, "nic", lk.nicID)
 	return nil

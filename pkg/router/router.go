@@ -73,6 +73,9 @@ type Router struct {
 	// holds works around a gVisor IPv4 forwarding bug (forwardhold.go).
 	// Immutable.
 	holds *forwardHolds
+	// fast is the pod-to-pod fast path (fastpath.go); its table changes
+	// under mu. Immutable pointer.
+	fast *fastPath
 
 	// mu guards the fields below and serialises every change to the
 	// stack's NICs, addresses, routes and neighbors, and to the host.
@@ -117,6 +120,7 @@ func New(cfg Config, log *slog.Logger) (*Router, error) {
 		hostNS: hostNS,
 		hole:   &blackhole{},
 		holds:  holds,
+		fast:   &fastPath{},
 		links:  make(map[string]*link),
 		owners: make(map[netip.Addr]string),
 	}

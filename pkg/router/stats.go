@@ -9,11 +9,15 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
-// LinkStats are a link's counters, read from the stack's NIC statistics. Rx
-// is what the pod sent to the router, Tx what the router sent to the pod.
+// LinkStats are a link's counters, read from the stack's NIC statistics and
+// the fast path's. Rx is what the pod sent to the router, Tx what the
+// router sent to the pod.
 type LinkStats struct {
 	RxPackets, RxBytes uint64
 	TxPackets, TxBytes uint64
+	// FastRxPackets and FastTxPackets are the part of RxPackets and
+	// TxPackets the fast path forwarded (fastpath.go).
+	FastRxPackets, FastTxPackets uint64
 	// RxDrops counts received packets the stack dropped: arriving while
 	// the NIC was disabled, of an unknown network or transport protocol,
 	// with a malformed transport header, or impossible to forward
@@ -41,6 +45,12 @@ func (r *Router) LinkStats(id string) (LinkStats, error) {
 	}
 	st := nicStats(info)
 	st.Filtered = lk.filter.Drops()
+	c := lk.fast.counters
+	st.FastRxPackets, st.FastTxPackets = c.rxPackets.Load(), c.txPackets.Load()
+	st.RxPackets += st.FastRxPackets
+	st.RxBytes += c.rxBytes.Load()
+	st.TxPackets += st.FastTxPackets
+	st.TxBytes += c.txBytes.Load()
 	return st, nil
 }
 

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -83,6 +84,7 @@ func (b *bench) newNS() (ns.NetNS, error) {
 // newNode starts an shm-cni node close closes.
 func (b *bench) newNode(ctx context.Context, opts node.Options) (*node.Node, error) {
 	opts.Binaries = b.bins
+	opts.ExtraAgentArgs = append(opts.ExtraAgentArgs, b.cfg.agentArgs...)
 	if b.cfg.verbose {
 		opts.Logger = b.log
 	}
@@ -185,5 +187,6 @@ func (c config) describe() map[string]string {
 		"idle-pods":   fmt.Sprint(c.idlePods),
 		"idle-window": c.idleWindow.String(),
 		"mtu":         fmt.Sprint(c.mtu),
+		"agent-args":  strings.Join(c.agentArgs, " "),
 	}
 }

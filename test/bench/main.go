@@ -48,6 +48,7 @@ type config struct {
 	idlePods   []int
 	idleWindow time.Duration
 	mtu        int
+	agentArgs  []string
 	out        string
 	verbose    bool
 }
@@ -64,9 +65,11 @@ func parseFlags() (config, error) {
 	idle := flag.String("idle-pods", "0,110,250", "attached idle tap pods at which the agent's RSS and CPU are measured")
 	flag.DurationVar(&c.idleWindow, "idle-window", 30*time.Second, "CPU measurement window per pod count (split into -reps parts)")
 	flag.IntVar(&c.mtu, "mtu", 1500, "MTU of shm-cni's pod links and uplink in the traffic cases (the veth, ptp and bridge references stay at 1500)")
+	agentArgs := flag.String("agent-args", "", "extra flags for shm-agent, space-separated (e.g. --fast-path=false)")
 	flag.StringVar(&c.out, "out", "bin", "directory for bench.md and bench.json")
 	flag.BoolVar(&c.verbose, "v", false, "log the harness's progress in detail")
 	flag.Parse()
+	c.agentArgs = strings.Fields(*agentArgs)
 	c.cases = map[string]bool{}
 	for _, k := range strings.Split(*cases, ",") {
 		k = strings.TrimSpace(k)

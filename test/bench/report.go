@@ -233,6 +233,9 @@ func (r *report) markdown(b *strings.Builder) {
 	fmt.Fprintf(b, "# shm-cni benchmarks\n\n")
 	fmt.Fprintf(b, "Machine: %d CPUs, %s, kernel %s. Load average before %s, after %s. Started %s, took %.0f s. Medians of %d repetitions.\n\n",
 		r.Machine.NProc, r.Machine.CPU, r.Machine.Kernel, r.LoadBefore, r.LoadAfter, r.Started, r.Seconds, r.Reps)
+	if args := r.Config["agent-args"]; args != "" {
+		fmt.Fprintf(b, "shm-agent run with %s (-agent-args).\n\n", args)
+	}
 	if mtu := r.Config["mtu"]; mtu != "" && mtu != "1500" {
 		fmt.Fprintf(b, "shm-cni links at MTU %s (-mtu); the veth, ptp and bridge references at 1500.\n\n", mtu)
 	}

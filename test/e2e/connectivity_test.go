@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"fmt"
 	"testing"
 
 	"github.com/shm-cni/shm-cni/test/e2e/node"
@@ -102,5 +103,58 @@ func TestEgressWithoutMasquerade(t *testing.T) {
 				t.Errorf("%s -> outside: the outside saw %s, want the pod's own %s", src.Name, tr.From, src.Addr(v6))
 			}
 		}
+	}
+}
+
+// TestFastPath: verified transfers between pods take the router's fast path
+// (shm_cni_link_fast_path_packets_total): every packet from sandbox to
+// sandbox, and the acknowledgements of a kernel pod's stream (its data, the
+// kernel's TCP super-packets, cross through the netstack, see gso.go); with
+// --fast-path=false the same transfers pass and nothing takes it.
+func TestFastPath(t *testing.T) {
+	for _, fast := range []bool{true, false} {
+		t.Run(fmt.Sprintf("fast-path=%t", fast), func(t *testing.T) {
+			n := newNode(t, node.Options{ExtraAgentArgs: []string{fmt.Sprintf("--fast-path=%t", fast)}})
+			ctx := testContext(t)
+			k1, k2, s1, s2 := fourPods(t, ctx, n)
+			metric := func(p *node.Pod, name string, labels ...string) float64 {
+				t.Helper()
+				match := map[string]string{"container_id": p.RT.ContainerID}
+				for i := 0; i+1 < len(labels); i += 2 {
+					match[labels[i]] = labels[i+1]
+				}
+				v, err := n.Metric(ctx, name, match)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return v
+			}
+			for _, v6 := range []bool{false, true} {
+				for _, pair := range [][2]*node.Pod{{s1, s2}, {k1, k2}} {
+					if _, err := n.Transfer(ctx, n.PodPeer(pair[0]), n.PodPeer(pair[1]), v6, 4<<20); err != nil {
+						t.Fatalf("%s -> %s (IPv6 %t): %v", pair[0].Name, pair[1].Name, v6, err)
+					}
+				}
+			}
+			s1Rx := metric(s1, "shm_cni_link_receive_packets_total")
+			s1Fast := metric(s1, "shm_cni_link_fast_path_packets_total", "direction", "receive")
+			s2Fast := metric(s2, "shm_cni_link_fast_path_packets_total", "direction", "transmit")
+			k2Fast := metric(k2, "shm_cni_link_fast_path_packets_total", "direction", "receive")
+			t.Logf("s1 sent %.0f packets, %.0f on the fast path; s2 got %.0f on it; k2 sent %.0f on it", s1Rx, s1Fast, s2Fast, k2Fast)
+			if !fast {
+				if s1Fast+s2Fast+k2Fast != 0 {
+					t.Errorf("fast path off, yet it carried %.0f packets", s1Fast+s2Fast+k2Fast)
+				}
+				return
+			}
+			// s1's link carried only the transfers to s2 (and, maybe, a few
+			// neighbour messages).
+			if s1Fast < 0.95*s1Rx {
+				t.Errorf("s1 sent %.0f packets, only %.0f on the fast path", s1Rx, s1Fast)
+			}
+			if s2Fast == 0 || k2Fast == 0 {
+				t.Errorf("fast path: s2 received %.0f, k2 sent %.0f; want both > 0", s2Fast, k2Fast)
+			}
+		})
 	}
 }
