@@ -185,8 +185,9 @@ func TestDropReasonNames(t *testing.T) {
 }
 
 // FuzzFilter sends arbitrary frames from pod A: the router must not panic,
-// and every IP packet that reaches pod B must carry one of A's addresses as
-// its source.
+// and every IP packet that reaches pod B (by the fast path or gVisor's
+// forwarding) must carry one of A's addresses as its source and, for IPv4,
+// a valid header checksum.
 func FuzzFilter(f *testing.F) {
 	udp := make([]byte, header.UDPMinimumSize+8)
 	header.UDP(udp).Encode(&header.UDPFields{SrcPort: 1000, DstPort: 2000, Length: uint16(len(udp))})
@@ -224,6 +225,10 @@ func FuzzFilter(f *testing.F) {
 			src, _, _, _ := ipFields(ip)
 			if src != podA4 && src != podA6 {
 				t.Fatalf("pod B got a packet from %s (frame % x)", src, []byte(frame))
+			}
+			// Forwarded, by the fast path or gVisor: a valid IPv4 header.
+			if header.IPVersion(ip) == header.IPv4Version && (len(ip) < header.IPv4MinimumSize || !header.IPv4(ip).IsChecksumValid()) {
+				t.Fatalf("pod B got an IPv4 packet with a bad header (frame % x)", []byte(frame))
 			}
 		}
 	})
