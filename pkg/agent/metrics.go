@@ -35,7 +35,7 @@ var (
 	descViolations = prometheus.NewDesc("shm_cni_link_protocol_violations_total",
 		"Shared-memory protocol violations by the sandbox; each cuts the sandbox off.", linkLabels, nil)
 	descFast = prometheus.NewDesc("shm_cni_link_fast_path_packets_total",
-		"Packets of the link's that the router forwarded pod to pod on its fast path (receive: from the pod; transmit: to it); part of the link's packets totals.",
+		"Packets of the link's that the router's fast path handled (receive: from the pod, forwarded to another pod or dropped as unrouted; transmit: to the pod); part of the link's packet totals.",
 		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
 	descThrottled = prometheus.NewDesc("shm_cni_link_receive_throttled_total",
 		"Pauses of the agent's reading from the pod's link because the pod sent more than its limit (--link-max-pps, --link-max-bytes).", linkLabels, nil)

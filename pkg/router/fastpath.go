@@ -24,19 +24,44 @@ import (
 // destination link's endpoint with the pod's MAC, which the router knows
 // (the links' static neighbor entries).
 //
+// A packet for an address of the node's pod CIDRs that no link has (nor the
+// host: the node gateway) is dropped and counted as unrouted right there,
+// as the blackhole NIC would after gVisor's forwarding: a pod flooding
+// unassigned addresses costs the agent little.
+//
 // Only what needs nothing more takes it; everything else goes to gVisor as
-// before: packets for the router itself, the host, other nodes or
-// addresses without a link; TTL or hop limit at most 1 (ICMP time
+// before: packets for the router itself, the host, other nodes; TTL or hop limit at most 1 (ICMP time
 // exceeded; the pinned gVisor forwards IPv4 with TTL 1, as TTL 0), larger than the destination link's MTU (ICMP too big or
 // fragmentation), IPv4 with options or a bad header checksum, IPv6 with a
 // hop-by-hop header, lengths that disagree with the packet, and the kernel's
 // TCP super-packets (gso.go). The router rewrites no address, so transport
 // checksums stay valid, as on the slow path.
 
-// fastLinks maps pod addresses to their links' fast-path destinations. An
-// immutable snapshot, replaced under Router.mu whenever a link comes or
-// goes.
-type fastLinks map[netip.Addr]*fastDst
+// fastLinks is the fast path's view of the router: the pod links by
+// address, the node's pod CIDRs and their node gateways. An immutable
+// snapshot, replaced under Router.mu whenever a link comes or goes.
+type fastLinks struct {
+	dsts     map[netip.Addr]*fastDst
+	podCIDRs []netip.Prefix
+	nodeGWs  []netip.Addr
+	unrouted *atomic.Uint64 // the blackhole's counter
+}
+
+// unassigned reports whether a, not a link's address, is one of the node's
+// pod addresses without a link: gVisor would route it to the blackhole.
+func (t *fastLinks) unassigned(a netip.Addr) bool {
+	for _, gw := range t.nodeGWs {
+		if a == gw {
+			return false
+		}
+	}
+	for _, p := range t.podCIDRs {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
 
 // fastDst is where the fast path writes for one link. Immutable.
 type fastDst struct {
@@ -67,13 +92,17 @@ func (r *Router) rebuildFastLocked() {
 	if r.cfg.NoFastPath {
 		return
 	}
-	t := make(fastLinks, len(r.owners))
+	t := &fastLinks{dsts: make(map[netip.Addr]*fastDst, len(r.owners)), podCIDRs: r.cfg.PodCIDRs, unrouted: &r.hole.dropped}
+	for _, p := range r.cfg.PodCIDRs {
+		gw, _ := NodeGateway(p) // checked by Config.validate
+		t.nodeGWs = append(t.nodeGWs, gw)
+	}
 	for a, id := range r.owners {
 		if lk := r.links[id]; lk != nil {
-			t[a] = lk.fast
+			t.dsts[a] = lk.fast
 		}
 	}
-	r.fast.links.Store(&t)
+	r.fast.links.Store(t)
 }
 
 // forward sends pkt, which the link with counters self received and its
@@ -112,8 +141,17 @@ func (f *fastPath) forward(self *fastCounters, protocol tcpip.NetworkProtocolNum
 	default:
 		return false
 	}
-	d := (*links)[dst]
-	if d == nil || d.counters == self || uint32(size) > d.mtu {
+	d := links.dsts[dst]
+	if d == nil {
+		if links.unassigned(dst) {
+			self.rxPackets.Add(1)
+			self.rxBytes.Add(uint64(size))
+			links.unrouted.Add(1)
+			return true
+		}
+		return false
+	}
+	if d.counters == self || uint32(size) > d.mtu {
 		return false
 	}
 

@@ -180,3 +180,47 @@ func TestFastPathFollowsLinks(t *testing.T) {
 		t.Errorf("new link: %d fast packets, want 1", st.FastTxPackets)
 	}
 }
+
+// TestFastPathDropsUnassigned checks that a packet for one of the node's pod
+// addresses without a link is dropped and counted as unrouted on the fast
+// path, as the blackhole would, while one for the node gateway (the host)
+// is left to gVisor.
+func TestFastPathDropsUnassigned(t *testing.T) {
+	r, a, b := twoLinks(t, false)
+	small := udpDatagram(8)
+	nobody4 := netip.MustParseAddr("10.244.1.99")
+	nobody6 := netip.MustParseAddr("2001:db8:0:1::99")
+	for _, dst := range []netip.Addr{nobody4, nobody6} {
+		if !podCIDR4.Contains(dst) && !podCIDR6.Contains(dst) {
+			t.Fatalf("%s is not in the test's pod CIDRs", dst)
+		}
+		src := podA4
+		if dst.Is6() {
+			src = podA6
+		}
+		drops := r.UnroutedDrops()
+		before, _ := r.LinkStats("a")
+		a.inject(macA, ipPacket(src, dst, header.UDPProtocolNumber, small))
+		after, _ := r.LinkStats("a")
+		if got := r.UnroutedDrops(); got != drops+1 {
+			t.Errorf("%s: unrouted drops %d -> %d, want +1", dst, drops, got)
+		}
+		if after.FastRxPackets != before.FastRxPackets+1 {
+			t.Errorf("%s: not taken by the fast path", dst)
+		}
+		if a.read() != nil || b.read() != nil {
+			t.Errorf("%s: a frame came out", dst)
+		}
+	}
+	gw, err := NodeGateway(podCIDR4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, _ := r.LinkStats("a")
+	a.inject(macA, ipPacket(podA4, gw, header.UDPProtocolNumber, small))
+	if after, _ := r.LinkStats("a"); after.FastRxPackets != before.FastRxPackets {
+		t.Errorf("a packet for the node gateway %s took the fast path", gw)
+	}
+	for a.read() != nil {
+	}
+}

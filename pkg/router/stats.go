@@ -16,7 +16,8 @@ type LinkStats struct {
 	RxPackets, RxBytes uint64
 	TxPackets, TxBytes uint64
 	// FastRxPackets and FastTxPackets are the part of RxPackets and
-	// TxPackets the fast path forwarded (fastpath.go).
+	// TxPackets the fast path handled (fastpath.go): forwarded, or, for
+	// received packets, dropped as unrouted.
 	FastRxPackets, FastTxPackets uint64
 	// RxDrops counts received packets the stack dropped: arriving while
 	// the NIC was disabled, of an unknown network or transport protocol,
