@@ -247,11 +247,11 @@ func (s *shmLink) sessionLost(srv *endpoint.Server, reason error) {
 // +checklocks:s.mu
 func (s *shmLink) endSessionLocked(reason string) {
 	if ls, err := s.router.LinkStats(s.linkID); err == nil {
-		s.pastRouter = addRouterStats(s.pastRouter, ls)
+		s.pastRouter = s.pastRouter.Add(ls)
 	}
 	s.removeLinkLocked()
 	// Removed: the endpoint has stopped, its counters are final.
-	s.pastEndpoint = addEndpointStats(s.pastEndpoint, s.server.Stats().Snapshot())
+	s.pastEndpoint = s.pastEndpoint.Add(s.server.Stats().Snapshot())
 	s.conn.Close()
 	s.server, s.conn = nil, nil
 	s.log.Info("sandbox disconnected", "reason", reason)
@@ -300,7 +300,7 @@ func (s *shmLink) stats() (endpoint.StatsSnapshot, bool) {
 	if srv == nil {
 		return past, true
 	}
-	return addEndpointStats(past, srv.Stats().Snapshot()), true
+	return past.Add(srv.Stats().Snapshot()), true
 }
 
 // routerStats returns the link's router counters summed over every session,
@@ -312,28 +312,5 @@ func (s *shmLink) routerStats() (router.LinkStats, bool) {
 	if s.server == nil || err != nil {
 		return s.pastRouter, false
 	}
-	return addRouterStats(s.pastRouter, ls), true
-}
-
-func addEndpointStats(a, b endpoint.StatsSnapshot) endpoint.StatsSnapshot {
-	return endpoint.StatsSnapshot{
-		RxPackets: a.RxPackets + b.RxPackets, RxBytes: a.RxBytes + b.RxBytes,
-		TxPackets: a.TxPackets + b.TxPackets, TxBytes: a.TxBytes + b.TxBytes,
-		RxDrops: a.RxDrops + b.RxDrops, TxDrops: a.TxDrops + b.TxDrops,
-		Violations:  a.Violations + b.Violations,
-		RxThrottled: a.RxThrottled + b.RxThrottled,
-	}
-}
-
-func addRouterStats(a, b router.LinkStats) router.LinkStats {
-	out := router.LinkStats{
-		RxPackets: a.RxPackets + b.RxPackets, RxBytes: a.RxBytes + b.RxBytes,
-		TxPackets: a.TxPackets + b.TxPackets, TxBytes: a.TxBytes + b.TxBytes,
-		RxDrops: a.RxDrops + b.RxDrops, TxDrops: a.TxDrops + b.TxDrops,
-		FastRxPackets: a.FastRxPackets + b.FastRxPackets, FastTxPackets: a.FastTxPackets + b.FastTxPackets,
-	}
-	for i := range out.Filtered {
-		out.Filtered[i] = a.Filtered[i] + b.Filtered[i]
-	}
-	return out
+	return s.pastRouter.Add(ls), true
 }

@@ -47,3 +47,14 @@ func (s *Stats) Snapshot() StatsSnapshot {
 		RxThrottled: s.RxThrottled.Load(),
 	}
 }
+
+// Add returns the sums of s's and o's counters (a link's sessions, say).
+func (s StatsSnapshot) Add(o StatsSnapshot) StatsSnapshot {
+	return StatsSnapshot{
+		RxPackets: s.RxPackets + o.RxPackets, RxBytes: s.RxBytes + o.RxBytes,
+		TxPackets: s.TxPackets + o.TxPackets, TxBytes: s.TxBytes + o.TxBytes,
+		RxDrops: s.RxDrops + o.RxDrops, TxDrops: s.TxDrops + o.TxDrops,
+		Violations:  s.Violations + o.Violations,
+		RxThrottled: s.RxThrottled + o.RxThrottled,
+	}
+}

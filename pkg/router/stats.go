@@ -32,6 +32,20 @@ type LinkStats struct {
 	Filtered FilterDrops
 }
 
+// Add returns the sums of s's and o's counters (a link's sessions, say).
+func (s LinkStats) Add(o LinkStats) LinkStats {
+	out := LinkStats{
+		RxPackets: s.RxPackets + o.RxPackets, RxBytes: s.RxBytes + o.RxBytes,
+		TxPackets: s.TxPackets + o.TxPackets, TxBytes: s.TxBytes + o.TxBytes,
+		FastRxPackets: s.FastRxPackets + o.FastRxPackets, FastTxPackets: s.FastTxPackets + o.FastTxPackets,
+		RxDrops: s.RxDrops + o.RxDrops, TxDrops: s.TxDrops + o.TxDrops,
+	}
+	for i := range out.Filtered {
+		out.Filtered[i] = s.Filtered[i] + o.Filtered[i]
+	}
+	return out
+}
+
 // LinkStats returns the counters of link id.
 func (r *Router) LinkStats(id string) (LinkStats, error) {
 	r.mu.Lock()
