@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"github.com/containernetworking/cni/libcni"
 
@@ -116,8 +117,9 @@ func ParsePluginConfig(list *libcni.NetworkConfigList, i int) (*cni.Config, erro
 // no reload event for the runtime); changed reports whether dst was
 // written.
 func installFile(dst string, data []byte, perm os.FileMode) (changed bool, err error) {
-	if old, err := os.ReadFile(dst); err == nil && bytes.Equal(old, data) {
-		if fi, err := os.Stat(dst); err == nil && fi.Mode().Perm() == perm {
+	// Stat first: the binary is megabytes, read only when it may match.
+	if fi, err := os.Stat(dst); err == nil && fi.Mode().Perm() == perm && fi.Size() == int64(len(data)) {
+		if old, err := os.ReadFile(dst); err == nil && bytes.Equal(old, data) {
 			return false, nil
 		}
 	}
@@ -153,12 +155,10 @@ func installFile(dst string, data []byte, perm os.FileMode) (changed bool, err e
 	if err := os.Rename(tmp, dst); err != nil {
 		return false, err
 	}
-	if d, err := os.Open(dir); err == nil {
-		err = d.Sync() // the rename itself survives a crash
-		d.Close()
-		if err != nil && !errors.Is(err, os.ErrInvalid) {
-			return true, fmt.Errorf("sync %s: %w", dir, err)
-		}
+	// The rename itself survives a crash; a file system that cannot sync
+	// a directory says EINVAL.
+	if err := syncDir(dir); err != nil && !errors.Is(err, syscall.EINVAL) {
+		return true, err
 	}
 	return true, nil
 }

@@ -131,11 +131,16 @@ type running struct {
 // the end of t, which fails on a Run error.
 func (e *env) start(t *testing.T) *running {
 	t.Helper()
-	cfg := e.config()
+	return e.startWith(t, e.config())
+}
+
+// startWith is start with cfg and options.
+func (e *env) startWith(t *testing.T, cfg Config, opts ...Option) *running {
+	t.Helper()
 	var a *Agent
 	do(t, e.host, func() error {
 		var err error
-		a, err = New(cfg, testLogger(t))
+		a, err = New(cfg, testLogger(t), opts...)
 		return err
 	})
 	ctx, cancel := context.WithCancel(context.Background())

@@ -35,7 +35,8 @@ func TestListenCreatesPrivateSocket(t *testing.T) {
 // TestListenRefusesSharedDirectory: a socket directory others may write to
 // is refused, and nothing is created in it.
 func TestListenRefusesSharedDirectory(t *testing.T) {
-	for _, mode := range []os.FileMode{0o777, 0o1777, 0o770, 0o722} {
+	// os.ModeSticky, not 0o1000, sets the sticky bit (/tmp's mode).
+	for _, mode := range []os.FileMode{0o777, 0o777 | os.ModeSticky, 0o770, 0o722} {
 		dir := shortTempDir(t)
 		if err := os.Chmod(dir, mode); err != nil {
 			t.Fatal(err)

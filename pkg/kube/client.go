@@ -79,10 +79,12 @@ func WaitPodCIDRs(ctx context.Context, c kubernetes.Interface, node string, log 
 			if len(cidrs) > 0 || ctx.Err() != nil {
 				return cidrs, err
 			}
-			if err != nil {
-				log.Warn("watching the node", "node", node, "err", err)
+			if err == nil {
+				continue // the watch ended: get again
 			}
-			continue // the watch ended: get again
+			// A watch that fails (say, no watch permission) is retried
+			// after retryInterval like a failed get, not at once.
+			log.Warn("watching the node", "node", node, "err", err)
 		case apierrors.IsNotFound(err):
 			log.Info("waiting for the node to be registered", "node", node)
 		case ctx.Err() != nil:

@@ -141,3 +141,35 @@ func TestMergeRoutes(t *testing.T) {
 		t.Errorf("problems %v, want the overlapped 10.245.3.0/24", problems)
 	}
 }
+
+// TestRoutingChanged: a Node update triggers a route sync only when its pod
+// CIDRs or addresses changed, or on the informer's resync (same object).
+func TestRoutingChanged(t *testing.T) {
+	base := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: "n", ResourceVersion: "1"},
+		Spec:       corev1.NodeSpec{PodCIDR: "10.244.1.0/24", PodCIDRs: []string{"10.244.1.0/24"}},
+		Status:     corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.0.2.1"}}},
+	}
+	change := func(f func(n *corev1.Node)) *corev1.Node {
+		n := base.DeepCopy()
+		n.ResourceVersion = "2"
+		f(n)
+		return n
+	}
+	for _, tc := range []struct {
+		name string
+		cur  *corev1.Node
+		want bool
+	}{
+		{"resync", base.DeepCopy(), true},
+		{"heartbeat", change(func(n *corev1.Node) {
+			n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}
+		}), false},
+		{"pod CIDRs", change(func(n *corev1.Node) { n.Spec.PodCIDRs = append(n.Spec.PodCIDRs, "fd00::/64") }), true},
+		{"address", change(func(n *corev1.Node) { n.Status.Addresses[0].Address = "192.0.2.2" }), true},
+	} {
+		if got := routingChanged(base, tc.cur); got != tc.want {
+			t.Errorf("%s: routingChanged = %t, want %t", tc.name, got, tc.want)
+		}
+	}
+}

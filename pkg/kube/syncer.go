@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -61,9 +62,13 @@ func (s *RouteSyncer) Run(ctx context.Context) error {
 		resync = DefaultResync
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	factory := informers.NewSharedInformerFactory(s.Client, resync)
-	defer factory.Shutdown() // waits for the informer's goroutines
+	// Shutdown waits for the informer's goroutines, which end with ctx:
+	// cancel first, whatever the reason Run returns.
+	defer func() {
+		cancel()
+		factory.Shutdown()
+	}()
 	nodes := factory.Core().V1().Nodes()
 	// One pending sync at most: changes that arrive meanwhile are folded
 	// into it.
@@ -75,8 +80,12 @@ func (s *RouteSyncer) Run(ctx context.Context) error {
 		}
 	}
 	if _, err := nodes.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { trigger() },
-		UpdateFunc: func(any, any) { trigger() },
+		AddFunc: func(any) { trigger() },
+		UpdateFunc: func(old, cur any) {
+			if routingChanged(old, cur) {
+				trigger()
+			}
+		},
 		DeleteFunc: func(any) { trigger() },
 	}); err != nil {
 		return fmt.Errorf("route syncer: %w", err)
@@ -131,4 +140,18 @@ func (s *RouteSyncer) syncOnce(list []*corev1.Node) error {
 		s.OnSync(routes, err)
 	}
 	return err
+}
+
+// routingChanged reports whether a Node update matters to the routes: its
+// pod CIDRs or addresses changed, or it is the informer's periodic resync
+// (same object), which puts back routes someone removed. Status heartbeats
+// and other changes do not trigger a sync.
+func routingChanged(old, cur any) bool {
+	o, ok1 := old.(*corev1.Node)
+	n, ok2 := cur.(*corev1.Node)
+	if !ok1 || !ok2 || o.ResourceVersion == n.ResourceVersion {
+		return true
+	}
+	return o.Spec.PodCIDR != n.Spec.PodCIDR || !slices.Equal(o.Spec.PodCIDRs, n.Spec.PodCIDRs) ||
+		!slices.Equal(o.Status.Addresses, n.Status.Addresses)
 }

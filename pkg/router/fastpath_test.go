@@ -8,14 +8,19 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
-// twoLinks returns a router (fast path as cfg says) with pod links a and b.
+// twoLinks returns a router, with the fast path unless noFastPath, and pod
+// links a and b; the router is closed when t ends.
 func twoLinks(t *testing.T, noFastPath bool) (*Router, chanLink, chanLink) {
 	t.Helper()
 	r, err := New(Config{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}, NoFastPath: noFastPath}, testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { r.Close() })
+	t.Cleanup(func() {
+		if err := r.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
 	a, b := newChanLink(), newChanLink()
 	if err := r.AddLink("a", a.ep, Link{Addrs: []netip.Addr{podA4, podA6}, PodMAC: macA}); err != nil {
 		t.Fatal(err)
@@ -86,8 +91,8 @@ func TestFastPathForwards(t *testing.T) {
 // goes to gVisor, which answers or drops it as before: an exhausted TTL or
 // hop limit gets ICMP time exceeded, a packet larger than the destination's
 // MTU gets ICMP fragmentation needed or packet too big, a bad IPv4 header
-// checksum is dropped, IPv4 options and IPv6 hop-by-hop options are
-// forwarded by gVisor, packets for the gateway are answered.
+// checksum is dropped, IPv6 hop-by-hop options are forwarded by gVisor,
+// packets for the gateway are answered.
 func TestFastPathLeavesTheRest(t *testing.T) {
 	r, a, b := twoLinks(t, false)
 	small := udpDatagram(8)

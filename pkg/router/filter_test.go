@@ -184,10 +184,10 @@ func TestDropReasonNames(t *testing.T) {
 	}
 }
 
-// FuzzFilter sends arbitrary frames from pod A: the router must not panic,
-// and every IP packet that reaches pod B (by the fast path or gVisor's
-// forwarding) must carry one of A's addresses as its source and, for IPv4,
-// a valid header checksum.
+// FuzzFilter sends arbitrary frames from pod A: the router must not panic;
+// nothing sent with another pod's MAC reaches pod B; and what reaches pod B
+// (by the fast path or gVisor's forwarding) is a whole IP packet carrying one
+// of A's addresses as its source and, for IPv4, a valid header checksum.
 func FuzzFilter(f *testing.F) {
 	udp := make([]byte, header.UDPMinimumSize+8)
 	header.UDP(udp).Encode(&header.UDPFields{SrcPort: 1000, DstPort: 2000, Length: uint16(len(udp))})
@@ -218,16 +218,25 @@ func FuzzFilter(f *testing.F) {
 		for a.read() != nil {
 		}
 		for frame := b.read(); frame != nil; frame = b.read() {
+			if spoofMAC {
+				t.Fatalf("pod B got a frame from a pod with a spoofed MAC (frame % x)", []byte(frame))
+			}
+			if len(frame) < header.EthernetMinimumSize {
+				t.Fatalf("pod B got a short frame % x", []byte(frame))
+			}
 			ip := []byte(frame[header.EthernetMinimumSize:])
-			if len(ip) == 0 {
-				continue
+			switch typ := frame.Type(); {
+			case typ == header.IPv4ProtocolNumber && len(ip) >= header.IPv4MinimumSize:
+			case typ == header.IPv6ProtocolNumber && len(ip) >= header.IPv6MinimumSize:
+			default:
+				t.Fatalf("pod B got a frame that is no whole IP packet (frame % x)", []byte(frame))
 			}
 			src, _, _, _ := ipFields(ip)
 			if src != podA4 && src != podA6 {
 				t.Fatalf("pod B got a packet from %s (frame % x)", src, []byte(frame))
 			}
 			// Forwarded, by the fast path or gVisor: a valid IPv4 header.
-			if header.IPVersion(ip) == header.IPv4Version && (len(ip) < header.IPv4MinimumSize || !header.IPv4(ip).IsChecksumValid()) {
+			if header.IPVersion(ip) == header.IPv4Version && !header.IPv4(ip).IsChecksumValid() {
 				t.Fatalf("pod B got an IPv4 packet with a bad header (frame % x)", []byte(frame))
 			}
 		}

@@ -311,7 +311,13 @@ func TestAgentSocketBadInput(t *testing.T) {
 		{name: "tap with 2 fds", payload: tap("e2e-bad-2fd"), fds: func(t *testing.T, x, o ns.NetNS) []*os.File {
 			return append(tapIn(false, "bad1", endpoint.TAPDeviceOptions{VnetHdr: true})(t, x, o), tapIn(false, "bad2", endpoint.TAPDeviceOptions{VnetHdr: true})(t, x, o)...)
 		}, code: codeInvalidConfig, sub: []string{"needs 1 file descriptors, got 2"}},
-		{name: "shm with 9 fds", payload: shm("e2e-bad-9fd"), fds: func(t *testing.T, x, o ns.NetNS) []*os.File { return pairWith(badSizes, -1, nil)(t, x, o)[:9] }, code: codeInvalidConfig, sub: []string{`attach kind "shm" needs 10 file descriptors, got 9`}},
+		{name: "shm with 9 fds", payload: shm("e2e-bad-9fd"), fds: func(t *testing.T, x, o ns.NetNS) []*os.File {
+			fs := pairWith(badSizes, -1, nil)(t, x, o)
+			for _, f := range fs[9:] {
+				f.Close()
+			}
+			return fs[:9]
+		}, code: codeInvalidConfig, sub: []string{`attach kind "shm" needs 10 file descriptors, got 9`}},
 		{name: "shm with 11 fds", payload: shm("e2e-bad-11fd"), fds: func(t *testing.T, x, o ns.NetNS) []*os.File {
 			return append(pairWith(badSizes, -1, nil)(t, x, o), eventFD(t, x, o)...)
 		}, code: codeInvalidConfig, sub: []string{"needs 10 file descriptors, got 11"}},

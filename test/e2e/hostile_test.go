@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -67,7 +68,7 @@ func (e *hostileEnv) startHostile(t *testing.T, ctx context.Context, args ...str
 // pods (kernel to kernel, kernel to sandbox, sandbox to kernel) at the same
 // time and returns their errors joined.
 func (e *hostileEnv) wellBehavedTraffic(ctx context.Context) error {
-	pairs := [][2]*node.Pod{{e.k1, e.k2}, {e.k2, e.s1}}
+	pairs := [][2]*node.Pod{{e.k1, e.k2}, {e.k2, e.s1}, {e.s1, e.k2}}
 	errs := make([]error, len(pairs))
 	var wg sync.WaitGroup
 	for i, p := range pairs {
@@ -361,9 +362,10 @@ func udpFlood(x ns.NetNS, to netip.AddrPort, count int) error {
 	defer conn.Close()
 	b := make([]byte, 1400)
 	for i := 0; i < count; i++ {
-		if _, err := conn.Write(b); err != nil && !errors.Is(err, net.ErrClosed) {
-			// ICMP errors come back as ECONNREFUSED: keep sending.
-			continue
+		// ICMP errors come back as ECONNREFUSED on a later write: keep
+		// sending through them; anything else is an error.
+		if _, err := conn.Write(b); err != nil && !errors.Is(err, syscall.ECONNREFUSED) {
+			return fmt.Errorf("datagram %d to %s: %w", i, to, err)
 		}
 	}
 	return nil

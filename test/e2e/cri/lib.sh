@@ -442,6 +442,135 @@ teardown_and_verify() {
 	check "teardown: the outside veth and netns are gone" "" "$(ip -o link show "$OUTSIDE_VETH" 2>/dev/null)$(ls /run/netns/"$OUTSIDE_NS" 2>/dev/null)"
 }
 
+# write_runsc_config SHIM RUNSC: runsc's shim config for the tiers' runsc
+# runtime; SHIM adds lines to the shim's options, RUNSC to runsc's own.
+write_runsc_config() {
+	mkdir -p "$S/runsc/root" "$S/logs/runsc"
+	cat >"$S/runsc/runsc.toml" <<EOF
+binary_name = "$CRI_BIN/runsc"
+root = "$S/runsc/root"
+$1
+[runsc_config]
+  platform = "systrap"
+  network = "sandbox"
+$2
+EOF
+}
+
+# write_containerd_config VERSION UNDER_STATE: the tiers' containerd
+# config, for Debian's containerd 1.6 (VERSION 1: runc) or containerd v2
+# (2: runc, and runsc as write_runsc_config set it up). Pod netns go under
+# containerd's state directory when UNDER_STATE is true (tiers 1 and 2), or
+# stay in /var/run/netns (tier 3: the manifest mounts that directory into
+# the agent, which opens them).
+write_containerd_config() {
+	local netns=""
+	[ "$2" = true ] && netns="netns_mounts_under_state_dir = true"
+	if [ "$1" = 1 ]; then
+		cat >"$S/containerd/config.toml" <<EOF
+version = 2
+root = "$S/containerd/root"
+state = "$S/containerd/state"
+[grpc]
+  address = "$S/containerd/containerd.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$S/containerd/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$IMAGE_PAUSE"
+  enable_cdi = false
+  $netns
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "$S/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$S/cni/bin"
+    conf_dir = "$S/cni/net.d"
+    max_conf_num = 1
+EOF
+		return
+	fi
+	cat >"$S/containerd/config.toml" <<EOF
+version = 3
+root = "$S/containerd/root"
+state = "$S/containerd/state"
+[grpc]
+  address = "$S/containerd/containerd.sock"
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "$IMAGE_PAUSE"
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+[plugins."io.containerd.cri.v1.runtime"]
+  enable_cdi = false
+  $netns
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        BinaryName = "$(command -v runc)"
+        Root = "$S/runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runsc]
+      runtime_type = "io.containerd.runsc.v1"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runsc.options]
+        TypeUrl = "io.containerd.runsc.v1.options"
+        ConfigPath = "$S/runsc/runsc.toml"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["$S/cni/bin"]
+    conf_dir = "$S/cni/net.d"
+    max_conf_num = 1
+EOF
+}
+
+# agent_baseline WHAT: removes the pods, waits for the agent to release
+# their links, checks that it did, and reads the agent's fds and goroutines
+# into AGENT, BASE_FDS and BASE_GR.
+agent_baseline() {
+	remove_pods
+	AGENT=$(pid_of agent)
+	settle no_attachments || true
+	check "agent: no attachment after $1" 0 "$(attachments_count)"
+	BASE_FDS=$(fd_count "$AGENT")
+	BASE_GR=$(goroutines)
+	say "agent baseline: $BASE_FDS fds, $BASE_GR goroutines"
+}
+
+no_attachments() { [ "$(attachments_count)" -eq 0 ]; }
+
+# back_to_baseline keeps its last readings for the checks after it: a
+# reading taken afterwards could catch a passing goroutine.
+back_to_baseline() {
+	LAST_FDS=$(fd_count "$AGENT")
+	LAST_GR=$(goroutines)
+	no_attachments && [ "$LAST_FDS" -le "$BASE_FDS" ] && [ "$LAST_GR" -le "$BASE_GR" ]
+}
+
+# check_nothing_left: after remove_pods, nothing of the pods is left in the
+# runtime, the agent or its state, and the agent's fds are back to
+# agent_baseline's.
+check_nothing_left() {
+	settle back_to_baseline || true
+	check "CRI: no pod left" 0 "$(crictl_ pods -q | wc -l)"
+	check "no pod netns mount left" 0 "$(nsfs_mounts)"
+	check "agent: no attachment left (/attachments)" 0 "$(attachments_count)"
+	check "agent: no attachment record left (state)" 0 "$(attachment_records)"
+	check "agent: no IPAM allocation left (state)" 0 "$(ipam_allocations)"
+	check "agent: TAP/TUN fds back to those it started with (the uplink's)" "$AGENT_TUN_FDS" "$(tun_fds "$AGENT")"
+	check "agent: fds back to the baseline" "$BASE_FDS" "$LAST_FDS"
+}
+
 # settle FUNC: FUNC succeeds within 30 s (the agent releases links
 # asynchronously); the checks that follow read the values either way.
 settle() {

@@ -47,57 +47,10 @@ say "outside namespace, agent"
 setup_outside
 start_agent
 write_conflist 1.1.0
-mkdir -p "$S/runsc/root" "$S/logs/runsc"
-cat >"$S/runsc/runsc.toml" <<EOF
-binary_name = "$CRI_BIN/runsc"
-root = "$S/runsc/root"
-log_level = "debug"
-log_path = "$S/logs/runsc/shim-%ID%.log"
-[runsc_config]
-  platform = "systrap"
-  network = "sandbox"
-  net-raw = "true"
-  debug-log = "$S/logs/runsc/%ID%/"
-EOF
-cat >"$S/containerd/config.toml" <<EOF
-version = 3
-root = "$S/containerd/root"
-state = "$S/containerd/state"
-
-[grpc]
-  address = "$S/containerd/containerd.sock"
-
-[plugins."io.containerd.cri.v1.images"]
-  snapshotter = "overlayfs"
-  [plugins."io.containerd.cri.v1.images".pinned_images]
-    sandbox = "$IMAGE_PAUSE"
-
-[plugins."io.containerd.grpc.v1.cri"]
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-
-[plugins."io.containerd.cri.v1.runtime"]
-  enable_cdi = false
-  netns_mounts_under_state_dir = true
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.cri.v1.runtime".containerd]
-    default_runtime_name = "runc"
-    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-        BinaryName = "$(command -v runc)"
-        Root = "$S/runc"
-    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runsc]
-      runtime_type = "io.containerd.runsc.v1"
-      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runsc.options]
-        TypeUrl = "io.containerd.runsc.v1.options"
-        ConfigPath = "$S/runsc/runsc.toml"
-  [plugins."io.containerd.cri.v1.runtime".cni]
-    bin_dirs = ["$S/cni/bin"]
-    conf_dir = "$S/cni/net.d"
-    max_conf_num = 1
-EOF
+write_runsc_config "log_level = \"debug\"
+log_path = \"$S/logs/runsc/shim-%ID%.log\"" "  net-raw = \"true\"
+  debug-log = \"$S/logs/runsc/%ID%/\""
+write_containerd_config 2 true
 say "containerd $("$CTRD2/containerd" --version | awk '{print $3}'), runsc $(cat "$CRI_BIN/runsc.version")"
 start_containerd "$CTRD2/containerd" "$CTRD2/ctr"
 
@@ -134,14 +87,7 @@ start_host_server outside "$OUTSIDE_NS" "$OUTSIDE_PEER" 8080
 check "runsc g1 -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[g1]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
 
 say "remove the pods"
-remove_pods
-AGENT=$(pid_of agent)
-no_attachments() { [ "$(attachments_count)" -eq 0 ]; }
-settle no_attachments || true
-check "agent: no attachment after the pods" 0 "$(attachments_count)"
-BASE_FDS=$(fd_count "$AGENT")
-BASE_GR=$(goroutines)
-say "agent baseline: $BASE_FDS fds, $BASE_GR goroutines"
+agent_baseline "the pods"
 
 say "$CHURN runsc pods"
 for i in $(seq "$CHURN"); do
@@ -151,21 +97,7 @@ done
 check "CRI: runsc pods ready" "$CHURN" "$(crictl_ pods -q --state ready | wc -l)"
 check "agent: attachments" "$CHURN" "$(attachments_count)"
 remove_pods
-# back_to_baseline keeps its last readings for the checks below: a reading
-# taken afterwards could catch a passing goroutine.
-back_to_baseline() {
-	LAST_FDS=$(fd_count "$AGENT")
-	LAST_GR=$(goroutines)
-	no_attachments && [ "$LAST_FDS" -le "$BASE_FDS" ] && [ "$LAST_GR" -le "$BASE_GR" ]
-}
-settle back_to_baseline || true
-check "CRI: no pod left" 0 "$(crictl_ pods -q | wc -l)"
-check "no pod netns mount left" 0 "$(nsfs_mounts)"
-check "agent: no attachment left (/attachments)" 0 "$(attachments_count)"
-check "agent: no attachment record left (state)" 0 "$(attachment_records)"
-check "agent: no IPAM allocation left (state)" 0 "$(ipam_allocations)"
-check "agent: TAP/TUN fds back to those it started with (the uplink's)" "$AGENT_TUN_FDS" "$(tun_fds "$AGENT")"
-check "agent: fds back to the baseline" "$BASE_FDS" "$LAST_FDS"
+check_nothing_left
 # runsc keeps one "null-netns" mount in its root for all sandboxes.
 check "runsc: no sandbox left in its root" "" "$(find "$S/runsc/root" -mindepth 2 ! -name null-netns ! -name "*.lock" -printf "%f ")"
 

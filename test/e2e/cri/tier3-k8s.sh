@@ -77,77 +77,11 @@ UPLINK=shm0 # the manifest's default
 # --- containerd --------------------------------------------------------------
 if [ "$RUNSC" = yes ]; then
 	CTRD=$CRI_BIN/containerd2/containerd CTRCLI=$CRI_BIN/containerd2/ctr
-	mkdir -p "$S/runsc/root" "$S/logs/runsc"
-	cat >"$S/runsc/runsc.toml" <<EOF
-binary_name = "$CRI_BIN/runsc"
-root = "$S/runsc/root"
-[runsc_config]
-  platform = "systrap"
-  network = "sandbox"
-EOF
-	cat >"$S/containerd/config.toml" <<EOF
-version = 3
-root = "$S/containerd/root"
-state = "$S/containerd/state"
-[grpc]
-  address = "$S/containerd/containerd.sock"
-[plugins."io.containerd.cri.v1.images"]
-  snapshotter = "overlayfs"
-  [plugins."io.containerd.cri.v1.images".pinned_images]
-    sandbox = "$IMAGE_PAUSE"
-[plugins."io.containerd.grpc.v1.cri"]
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-[plugins."io.containerd.cri.v1.runtime"]
-  enable_cdi = false
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.cri.v1.runtime".containerd]
-    default_runtime_name = "runc"
-    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-        BinaryName = "$(command -v runc)"
-        Root = "$S/runc"
-    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runsc]
-      runtime_type = "io.containerd.runsc.v1"
-      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runsc.options]
-        TypeUrl = "io.containerd.runsc.v1.options"
-        ConfigPath = "$S/runsc/runsc.toml"
-  [plugins."io.containerd.cri.v1.runtime".cni]
-    bin_dirs = ["$S/cni/bin"]
-    conf_dir = "$S/cni/net.d"
-    max_conf_num = 1
-EOF
+	write_runsc_config "" ""
+	write_containerd_config 2 false
 else
 	CTRD=$(command -v containerd) CTRCLI=$(command -v ctr)
-	cat >"$S/containerd/config.toml" <<EOF
-version = 2
-root = "$S/containerd/root"
-state = "$S/containerd/state"
-[grpc]
-  address = "$S/containerd/containerd.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$S/containerd/opt"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "$IMAGE_PAUSE"
-  enable_cdi = false
-  restrict_oom_score_adj = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-        Root = "$S/runc"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "$S/cni/bin"
-    conf_dir = "$S/cni/net.d"
-    max_conf_num = 1
-EOF
+	write_containerd_config 1 false
 fi
 # Pod netns stay in /var/run/netns (not under containerd's state): the
 # manifest mounts that directory into the agent, which opens them.
