@@ -40,6 +40,7 @@ debian() {
 	[ -x /usr/lib/cni/loopback ] || pkgs+=(containernetworking-plugins)
 	[ -x /bin/busybox ] || pkgs+=(busybox-static)
 	command -v ip >/dev/null || pkgs+=(iproute2)
+	command -v iptables >/dev/null || pkgs+=(iptables) # HOST_FORWARD=drop
 	[ ${#pkgs[@]} -eq 0 ] && return
 	if [ "$(id -u)" -ne 0 ]; then
 		log "missing packages ${pkgs[*]}: run as root to install them"

@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 pkgs=()
 command -v ip >/dev/null || pkgs+=(iproute2)
+# The host-firewall tests (test/e2e/hostfw_test.go) drive both.
+command -v iptables >/dev/null || pkgs+=(iptables)
+command -v nft >/dev/null || pkgs+=(nftables)
 if [ ${#pkgs[@]} -gt 0 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "missing packages ${pkgs[*]}: run as root to install them" >&2

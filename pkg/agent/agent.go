@@ -95,12 +95,15 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Agent, error) {
 		return nil, fmt.Errorf("new agent: host netns: %w", err)
 	}
 	r, err := router.New(router.Config{
-		PodCIDRs:     cfg.PodCIDRs,
-		ClusterCIDRs: cfg.ClusterCIDRs,
-		UplinkName:   cfg.Uplink,
-		UplinkMTU:    cfg.MTU,
-		Masquerade:   cfg.Masquerade,
-		NoFastPath:   !cfg.FastPath,
+		PodCIDRs:          cfg.PodCIDRs,
+		ClusterCIDRs:      cfg.ClusterCIDRs,
+		UplinkName:        cfg.Uplink,
+		UplinkMTU:         cfg.MTU,
+		Masquerade:        cfg.Masquerade,
+		NoFastPath:        !cfg.FastPath,
+		ForwardAccept:     cfg.ForwardAccept,
+		IPForward:         cfg.IPForward,
+		HostCheckInterval: cfg.HostCheckInterval,
 	}, log.With("component", "router"))
 	if err != nil {
 		hostNS.Close()

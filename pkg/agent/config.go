@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
@@ -80,6 +81,16 @@ type Config struct {
 	Pprof bool
 	// Masquerade enables SNAT of egress leaving the cluster (--masquerade).
 	Masquerade bool
+	// ForwardAccept accepts the node's pod traffic in the host's forward
+	// path (--forward-accept; router.Config.ForwardAccept). On by default.
+	ForwardAccept bool
+	// IPForward turns the host's IP forwarding on at start (--ip-forward;
+	// router.Config.IPForward). Off by default: the agent then only says
+	// when forwarding is off.
+	IPForward bool
+	// HostCheckInterval is how often the agent checks its rules and the
+	// forwarding state on the host (--host-check-interval).
+	HostCheckInterval time.Duration
 	// FastPath forwards plain pod-to-pod packets without gVisor's
 	// forwarding (--fast-path; router.Config.NoFastPath). On by default.
 	FastPath bool
@@ -122,18 +133,20 @@ type Config struct {
 // DefaultConfig returns the defaults. PodCIDRs has none: it is required.
 func DefaultConfig() Config {
 	return Config{
-		Uplink:      DefaultUplink,
-		MTU:         DefaultMTU,
-		SocketPath:  agentapi.DefaultSocketPath,
-		StateDir:    DefaultStateDir,
-		SandboxDir:  DefaultSandboxDir,
-		MetricsAddr: DefaultMetricsAddr,
-		Masquerade:  true,
-		FastPath:    true,
-		LinkRxLimit: endpoint.RxLimit{PacketsPerSecond: DefaultLinkMaxPPS},
-		LogLevel:    slog.LevelInfo,
-		CNIBinDir:   DefaultCNIBinDir,
-		CNIConfDir:  DefaultCNIConfDir,
+		Uplink:            DefaultUplink,
+		MTU:               DefaultMTU,
+		SocketPath:        agentapi.DefaultSocketPath,
+		StateDir:          DefaultStateDir,
+		SandboxDir:        DefaultSandboxDir,
+		MetricsAddr:       DefaultMetricsAddr,
+		Masquerade:        true,
+		FastPath:          true,
+		ForwardAccept:     true,
+		HostCheckInterval: router.DefaultHostCheckInterval,
+		LinkRxLimit:       endpoint.RxLimit{PacketsPerSecond: DefaultLinkMaxPPS},
+		LogLevel:          slog.LevelInfo,
+		CNIBinDir:         DefaultCNIBinDir,
+		CNIConfDir:        DefaultCNIConfDir,
 	}
 }
 
@@ -150,6 +163,9 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "host:port of the metrics and health endpoints; empty disables them")
 	fs.BoolVar(&c.Pprof, "pprof", c.Pprof, "serve Go's profiling endpoints under /debug/pprof/ on the metrics address")
 	fs.BoolVar(&c.Masquerade, "masquerade", c.Masquerade, "masquerade pod egress to destinations outside the cluster CIDRs")
+	fs.BoolVar(&c.ForwardAccept, "forward-accept", c.ForwardAccept, "accept the node's pod traffic in the host's forward path (iptables FORWARD and DOCKER-USER, nftables forward chains) ahead of the host firewall's drops")
+	fs.BoolVar(&c.IPForward, "ip-forward", c.IPForward, "turn the host's IP forwarding on at start (net.ipv4.ip_forward, net.ipv6.conf.all.forwarding); without it the agent only says when it is off")
+	fs.DurationVar(&c.HostCheckInterval, "host-check-interval", c.HostCheckInterval, "how often to check the agent's rules and the forwarding state on the host, putting back what another program removed")
 	fs.BoolVar(&c.FastPath, "fast-path", c.FastPath, "forward plain pod-to-pod packets without the netstack's forwarding (false: everything through it)")
 	fs.Float64Var(&c.LinkRxLimit.PacketsPerSecond, "link-max-pps", c.LinkRxLimit.PacketsPerSecond,
 		fmt.Sprintf("frames per second one pod may send into the router (a TCP super-packet is one); 0 is unlimited, else at least %d", endpoint.MinRxPacketsPerSecond))
@@ -218,6 +234,9 @@ func (c Config) Validate() error {
 	}
 	if c.LinkRxLimit.BytesPerSecond != 0 && !(c.LinkRxLimit.BytesPerSecond >= endpoint.MinRxBytesPerSecond) {
 		bad("link-max-bytes", "%v: want 0 (unlimited) or at least %d", c.LinkRxLimit.BytesPerSecond, endpoint.MinRxBytesPerSecond)
+	}
+	if c.HostCheckInterval <= 0 {
+		bad("host-check-interval", "%s: want a positive duration", c.HostCheckInterval)
 	}
 	if !filepath.IsAbs(c.StateDir) {
 		bad("state-dir", "%q is not an absolute path", c.StateDir)

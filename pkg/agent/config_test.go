@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 )
@@ -49,6 +50,7 @@ func TestConfigValidate(t *testing.T) {
 		{"link limits", func(c *Config) {
 			c.LinkRxLimit = endpoint.RxLimit{PacketsPerSecond: 10, BytesPerSecond: -1}
 		}, []string{"--link-max-pps: 10: want 0 (unlimited) or at least 1000", "--link-max-bytes: -1"}},
+		{"host check interval", func(c *Config) { c.HostCheckInterval = 0 }, []string{"--host-check-interval: 0s: want a positive duration"}},
 		{"v6 mtu", func(c *Config) {
 			c.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("2001:db8::/64")}
 			c.MTU = 1000
@@ -87,6 +89,7 @@ func TestConfigFlags(t *testing.T) {
 		"--uplink", "up0", "--mtu", "9000", "--socket", "/run/x.sock", "--state-dir", "/var/lib/x", "--sandbox-dir", "/run/x",
 		"--metrics-addr", ":9999", "--masquerade=false", "--log-level", "debug",
 		"--link-max-pps", "20000", "--link-max-bytes", "1e8", "--fast-path=false",
+		"--forward-accept=false", "--ip-forward", "--host-check-interval", "5s",
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -96,7 +99,8 @@ func TestConfigFlags(t *testing.T) {
 		ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.96.0.0/12")},
 		Uplink:       "up0", MTU: 9000, SocketPath: "/run/x.sock", StateDir: "/var/lib/x", SandboxDir: "/run/x",
 		MetricsAddr: ":9999", Masquerade: false, LogLevel: slog.LevelDebug,
-		LinkRxLimit: endpoint.RxLimit{PacketsPerSecond: 20000, BytesPerSecond: 1e8},
+		LinkRxLimit:   endpoint.RxLimit{PacketsPerSecond: 20000, BytesPerSecond: 1e8},
+		ForwardAccept: false, IPForward: true, HostCheckInterval: 5 * time.Second,
 	}
 	if got := c; !equalConfig(got, want) {
 		t.Errorf("got %+v, want %+v", got, want)
@@ -124,5 +128,6 @@ func equalConfig(a, b Config) bool {
 	return eq(a.PodCIDRs, b.PodCIDRs) && eq(a.ClusterCIDRs, b.ClusterCIDRs) && a.Uplink == b.Uplink && a.MTU == b.MTU &&
 		a.SocketPath == b.SocketPath && a.StateDir == b.StateDir && a.SandboxDir == b.SandboxDir &&
 		a.MetricsAddr == b.MetricsAddr && a.Masquerade == b.Masquerade && a.LogLevel == b.LogLevel &&
-		a.LinkRxLimit == b.LinkRxLimit && a.FastPath == b.FastPath
+		a.LinkRxLimit == b.LinkRxLimit && a.FastPath == b.FastPath && a.ForwardAccept == b.ForwardAccept &&
+		a.IPForward == b.IPForward && a.HostCheckInterval == b.HostCheckInterval
 }

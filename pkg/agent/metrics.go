@@ -45,6 +45,11 @@ var (
 		"Attachments the agent holds.", []string{"kind"}, nil)
 	descUnrouted = prometheus.NewDesc("shm_cni_unrouted_drops_total",
 		"Packets for pod CIDR addresses without a link, dropped by the router.", nil, nil)
+	descHostForwarding = prometheus.NewDesc("shm_cni_host_forwarding",
+		"1 when the host forwards the family's pod traffic (IPv4: forwarding on the uplink; IPv6: net.ipv6.conf.all.forwarding), as last checked.",
+		[]string{"family"}, nil)
+	descHostRepairs = prometheus.NewDesc("shm_cni_host_repairs_total",
+		"The agent's rules on the host (forward-path accepts, masquerade table) that another program removed or moved and the agent put back.", nil, nil)
 )
 
 // metrics is the agent's Prometheus registry.
@@ -91,7 +96,7 @@ var _ prometheus.Collector = (*linkCollector)(nil)
 // Describe implements prometheus.Collector.Describe.
 func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRxPackets, descRxBytes, descTxPackets, descTxBytes,
-		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descFast, descLinkUp, descAttachments, descUnrouted} {
+		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descFast, descLinkUp, descAttachments, descUnrouted, descHostForwarding, descHostRepairs} {
 		ch <- d
 	}
 }
@@ -139,4 +144,16 @@ func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descAttachments, prometheus.GaugeValue, float64(byKind[k]), k)
 	}
 	ch <- prometheus.MustNewConstMetric(descUnrouted, prometheus.CounterValue, float64(c.a.router.UnroutedDrops()))
+	v4, v6 := c.a.router.HostForwarding()
+	for _, f := range []struct {
+		name string
+		on   bool
+	}{{"ipv4", v4}, {"ipv6", v6}} {
+		on := 0.0
+		if f.on {
+			on = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descHostForwarding, prometheus.GaugeValue, on, f.name)
+	}
+	ch <- prometheus.MustNewConstMetric(descHostRepairs, prometheus.CounterValue, float64(c.a.router.HostRepairs()))
 }

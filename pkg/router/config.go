@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+	"time"
 )
 
 // Defaults applied by New to zero fields of Config.
@@ -14,6 +15,12 @@ const (
 	// DefaultUplinkMTU is the uplink's MTU: the Ethernet MTU, so that no
 	// pod link (1500 by default) ever sees a larger packet from the host.
 	DefaultUplinkMTU = 1500
+	// DefaultHostCheckInterval is how often the router checks what it
+	// keeps on the host (hostcheck_linux.go). A check runs the iptables
+	// command a few times per family (a few milliseconds of CPU), so
+	// twice a minute keeps an idle agent idle while a flushed rule is
+	// back within half a minute.
+	DefaultHostCheckInterval = 30 * time.Second
 )
 
 const (
@@ -58,6 +65,22 @@ type Config struct {
 	// agent turns it on by default; the zero value leaves it off.
 	Masquerade bool
 
+	// ForwardAccept accepts the pod traffic in the host's forward path
+	// (iptables FORWARD and DOCKER-USER, nftables forward chains), so that
+	// a host firewall whose forward policy is drop does not drop it
+	// (hostfw_linux.go). The agent turns it on by default.
+	ForwardAccept bool
+
+	// IPForward turns the host's IP forwarding on at Start for the pod
+	// CIDRs' families (net.ipv4.ip_forward, net.ipv6.conf.all.forwarding).
+	// Off, the router only reads it and logs when it is off.
+	IPForward bool
+
+	// HostCheckInterval is how often the router checks its accepts, its
+	// masquerade table and the forwarding state on the host, putting back
+	// what another program removed. Zero means DefaultHostCheckInterval.
+	HostCheckInterval time.Duration
+
 	// NoFastPath sends pod-to-pod packets through gVisor's forwarding
 	// instead of the fast path (fastpath.go); for comparison and
 	// debugging.
@@ -71,6 +94,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.UplinkMTU == 0 {
 		c.UplinkMTU = DefaultUplinkMTU
+	}
+	if c.HostCheckInterval == 0 {
+		c.HostCheckInterval = DefaultHostCheckInterval
 	}
 	return c
 }
@@ -104,6 +130,9 @@ func (c Config) Validate() error {
 		if err := checkPrefix(p); err != nil {
 			errs = append(errs, fmt.Errorf("cluster CIDR %s: %w", p, err))
 		}
+	}
+	if c.HostCheckInterval < 0 {
+		errs = append(errs, fmt.Errorf("host check interval %s: want a positive duration", c.HostCheckInterval))
 	}
 	if err := checkIfName(c.UplinkName); err != nil {
 		errs = append(errs, fmt.Errorf("uplink name %q: %w", c.UplinkName, err))

@@ -13,9 +13,14 @@
 // that device and owns the node gateway addresses (the first usable address
 // of each pod CIDR, see [NodeGateway]). Egress that leaves the cluster is
 // masqueraded by an nftables table ("shm-cni", inet family) in the host
-// namespace. Traffic for a pod CIDR address that has no link is dropped and
-// counted by the router instead of being sent back to the host, which would
-// route it to the uplink again.
+// namespace. So that a host firewall whose forward policy is drop does not
+// drop the pod traffic crossing the host, the router accepts exactly that
+// traffic in the host's forward path (iptables FORWARD and DOCKER-USER,
+// nftables forward chains; hostfw_linux.go), checks it and its masquerade
+// table every Config.HostCheckInterval and puts back what another program
+// removed (hostcheck_linux.go). Traffic for a pod CIDR address that has no
+// link is dropped and counted by the router instead of being sent back to
+// the host, which would route it to the uplink again.
 //
 // # Use
 //

@@ -89,7 +89,8 @@ func masqRules(cfg Config) [][]expr.Any {
 }
 
 // matchPrefix matches packets of p's family whose source (src) or
-// destination address is in p.
+// destination address is in p: "meta nfproto" (two expressions, first),
+// then the address.
 func matchPrefix(p netip.Prefix, src bool) []expr.Any {
 	nfproto, offset := byte(unix.NFPROTO_IPV6), uint32(ipv6DstOffset)
 	switch {

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/google/nftables"
@@ -90,8 +91,26 @@ type Router struct {
 	up *uplink
 	// nl is a netlink handle in hostNS; nil until Start. Guarded by mu.
 	nl *netlink.Handle
-	// masq reports whether the nftables table is installed. Guarded by mu.
-	masq bool
+	// masqOn reports whether the masquerade table is installed; written
+	// under mu.
+	masqOn atomic.Bool
+
+	// fwMu serialises the router's work on the host's firewall and
+	// forwarding state: Start and stop (under mu) and the periodic check
+	// (hostcheck_linux.go, without mu).
+	fwMu sync.Mutex
+	// fw keeps the host's forward path open; nil without
+	// Config.ForwardAccept or before Start. Guarded by fwMu.
+	fw *hostFirewall
+	// host is the forwarding state last read. Guarded by fwMu.
+	host hostState
+	// stopCheck stops the periodic check; checkDone is closed when it
+	// returned. Nil before Start. Guarded by mu.
+	stopCheck, checkDone chan struct{}
+	// fwd4 and fwd6 are the forwarding state last read (HostForwarding).
+	fwd4, fwd6 atomic.Bool
+	// fwRepairs counts what the periodic check put back (HostRepairs).
+	fwRepairs atomic.Uint64
 }
 
 // New validates cfg, builds the router's netstack and records the calling
@@ -283,15 +302,70 @@ func (r *Router) Start() error {
 		r.stack.AddRoute(tcpip.Route{Destination: defaultSubnet(p.Addr()), NIC: id})
 	}
 	if r.cfg.Masquerade {
+		r.masqOn.Store(true) // before: a partial install is removed
 		if err := r.withNFT(func(c *nftables.Conn) error { return installMasquerade(c, r.cfg) }); err != nil {
 			return fmt.Errorf("start router: %w", err)
 		}
-		r.masq = true
+	}
+	if err := r.startHostLocked(); err != nil {
+		return fmt.Errorf("start router: %w", err)
 	}
 	r.state = stateStarted
 	success = true
 	r.log.Info("router started", "uplink", r.cfg.UplinkName, "podCIDRs", r.cfg.PodCIDRs,
-		"masquerade", r.cfg.Masquerade)
+		"masquerade", r.cfg.Masquerade, "forwardAccept", r.cfg.ForwardAccept)
+	return nil
+}
+
+// startHostLocked turns forwarding on (Config.IPForward), opens the host's
+// forward path for the pod traffic (Config.ForwardAccept), reads the
+// forwarding state and starts the periodic check.
+//
+// +checklocks:r.mu
+func (r *Router) startHostLocked() error {
+	if r.cfg.IPForward {
+		if err := r.enableForwarding(); err != nil {
+			return err
+		}
+	}
+	r.fwMu.Lock()
+	defer r.fwMu.Unlock()
+	if r.cfg.ForwardAccept {
+		r.fw = newHostFirewall(r.cfg, r.hostNS, r.log)
+		if _, err := r.fw.ensure(); err != nil {
+			return fmt.Errorf("accept pod traffic in the host's forward path: %w", err)
+		}
+	}
+	r.checkForwardingLocked()
+	stop, done := make(chan struct{}), make(chan struct{})
+	r.stopCheck, r.checkDone = stop, done
+	go func() {
+		defer close(done)
+		r.keepHost(stop, r.cfg.HostCheckInterval)
+	}()
+	return nil
+}
+
+// stopHostLocked stops the periodic check and removes the forward path's
+// accepts. Safe on a partial start.
+//
+// +checklocks:r.mu
+func (r *Router) stopHostLocked() error {
+	if r.stopCheck != nil {
+		close(r.stopCheck)
+		<-r.checkDone
+		r.stopCheck, r.checkDone = nil, nil
+	}
+	r.fwMu.Lock()
+	defer r.fwMu.Unlock()
+	if r.fw == nil {
+		return nil
+	}
+	err := r.fw.remove()
+	r.fw = nil
+	if err != nil {
+		return fmt.Errorf("remove the host forward path's accepts: %w", err)
+	}
 	return nil
 }
 
@@ -304,17 +378,21 @@ func (r *Router) withNFT(f func(*nftables.Conn) error) error {
 	return f(c)
 }
 
-// stopUplinkLocked undoes Start: the masquerade table, the uplink NIC and
+// stopUplinkLocked undoes Start: the periodic check, the forward path's
+// accepts, the masquerade table, the uplink NIC and
 // its routes, the TUN fd and device. Safe on a partial Start.
 //
 // +checklocks:r.mu
 func (r *Router) stopUplinkLocked() error {
 	var errs []error
-	if r.masq {
+	if err := r.stopHostLocked(); err != nil {
+		errs = append(errs, err)
+	}
+	if r.masqOn.Load() {
 		if err := r.withNFT(removeMasquerade); err != nil {
 			errs = append(errs, err)
 		}
-		r.masq = false
+		r.masqOn.Store(false)
 	}
 	if r.up == nil {
 		return errors.Join(errs...)

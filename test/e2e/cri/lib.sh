@@ -24,6 +24,13 @@ OUTSIDE_NS=shmcri-outside
 OUTSIDE_VETH=shmcri-out
 METRICS_ADDR=${METRICS_ADDR:-127.0.0.1:19309}
 CNI_NETWORK=shm-cri-e2e
+# HOST_FORWARD=drop (the default) sets the host's iptables FORWARD policy to
+# DROP for the run, as Docker and hardened hosts leave it, so that every
+# check passes through the agent's own accepts; teardown puts the policy back
+# and checks the host's firewall is as it was. HOST_FORWARD=keep leaves it.
+HOST_FORWARD=${HOST_FORWARD:-drop}
+# FW_CHAIN is the agent's iptables chain (pkg/router/hostfw_linux.go).
+FW_CHAIN=SHM-CNI-FORWARD
 IMAGE_PAUSE=shm-cni.test/pause:e2e
 IMAGE_BUSYBOX=shm-cni.test/busybox:e2e
 # The lock serialising runs, and the record of the running one's scratch
@@ -194,11 +201,64 @@ forward_on() {
 	done
 }
 
+# firewall_snapshot: the host's iptables and nftables rules, without counters.
+firewall_snapshot() {
+	{
+		iptables-save
+		ip6tables-save
+		nft list ruleset
+	} 2>/dev/null | sed -E '/^#/d; s/ \[[0-9]+:[0-9]+\]$//; s/counter packets [0-9]+ bytes [0-9]+/counter/'
+}
+
+# forward_drop: with HOST_FORWARD=drop, the host's FORWARD policy (IPv4 and
+# IPv6) DROP for the run; forward_restore puts back what it was, recorded
+# under $S (so that a killed run's sweep restores it too).
+forward_drop() {
+	[ "$HOST_FORWARD" = drop ] || return 0
+	command -v iptables >/dev/null || die "HOST_FORWARD=drop needs iptables (apt-get install iptables)"
+	firewall_snapshot >"$S/firewall.before"
+	local cmd fam
+	for cmd in iptables ip6tables; do
+		fam=ip
+		[ "$cmd" = ip6tables ] && fam=ip6
+		if "$cmd" -V | grep -q nf_tables && ! nft list table "$fam" filter >/dev/null 2>&1; then
+			echo none >"$S/forward-policy.$cmd" # no filter table yet
+		else
+			"$cmd-save" -t filter | awk '$1 == ":FORWARD" {print $2}' >"$S/forward-policy.$cmd"
+		fi
+		"$cmd" -P FORWARD DROP || die "$cmd -P FORWARD DROP"
+	done
+	say "host FORWARD policy DROP for the run (was $(cat "$S/forward-policy.iptables"), IPv6 $(cat "$S/forward-policy.ip6tables"))"
+}
+
+# forward_restore: the FORWARD policies forward_drop found; a filter table
+# the run made (iptables-nft) goes when nothing but its empty built-in chains
+# is left in it.
+forward_restore() {
+	local cmd was fam
+	for cmd in iptables ip6tables; do
+		[ -f "$S/forward-policy.$cmd" ] || continue
+		was=$(cat "$S/forward-policy.$cmd")
+		if [ "$was" != none ]; then
+			"$cmd" -P FORWARD "$was"
+		else
+			"$cmd" -P FORWARD ACCEPT
+			fam=ip
+			[ "$cmd" = ip6tables ] && fam=ip6
+			if "$cmd" -V | grep -q nf_tables && [ "$("$cmd" -S | grep -vc '^-P ')" = 0 ]; then
+				nft delete table "$fam" filter
+			fi
+		fi
+		rm -f "$S/forward-policy.$cmd"
+	done
+}
+
 # start_agent: the freshly built agent in the host namespace, ready.
 # Forwarding is enabled only on the uplink and the outside veth (IPv4
 # forwarding is per input interface): the machine's own interfaces and its
 # global sysctls stay as they were.
 start_agent() {
+	forward_drop
 	start_bg agent "$REPO/bin/shm-agent" --pod-cidr "$POD_CIDR" --cluster-cidr "$POD_CIDR" --uplink "$UPLINK" \
 		--socket "$S/agent.sock" --state-dir "$S/state" --sandbox-dir "$S/sb" --metrics-addr "$METRICS_ADDR" --log-level debug
 	local i
@@ -209,6 +269,12 @@ start_agent() {
 	done
 	[ "$(http_get "$METRICS_ADDR" /readyz)" = ok ] || die "the agent is not ready after 30 s"
 	forward_on "$UPLINK" "$OUTSIDE_VETH" || die "forwarding on $UPLINK, $OUTSIDE_VETH"
+	if [ "$HOST_FORWARD" = drop ]; then
+		check "host FORWARD policy DROP, the agent's accepts first (IPv4)" "DROP -j $FW_CHAIN" \
+			"$(iptables -S FORWARD | awk '$1 == "-P" {p = $3} $1 == "-A" && !n++ {j = $(NF-1) " " $NF} END {print p, j}')"
+		check "the agent's accepts of the pod CIDR, from and to the uplink" 2 \
+			"$(iptables -S "$FW_CHAIN" | grep -c -- "-[sd] $POD_CIDR .*-j ACCEPT")"
+	fi
 	GATEWAY=$(ip -4 -o addr show dev "$UPLINK" | awk '{print $4}' | cut -d/ -f1)
 	[ -n "$GATEWAY" ] || die "the uplink $UPLINK has no IPv4 address"
 	# The TUN/TAP fds of an agent without pods (its uplink's).
@@ -396,6 +462,8 @@ teardown() {
 	for p in $(our_pids); do
 		stop_pid "$p"
 	done
+	# After the agent: its accepts went with it.
+	forward_restore
 	[ -f "$S/netns" ] && ip netns del "$(cat "$S/netns")" 2>/dev/null
 	awk -v s="$S/" 'index($5, s) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
 		umount -l "$m" 2>/dev/null
@@ -434,12 +502,19 @@ sweep_stale() {
 # teardown_and_verify: teardown, then check the machine holds nothing of
 # the run: no process, mount, uplink, outside netns or veth.
 teardown_and_verify() {
-	local s=$S
+	local s=$S before=none
+	[ -f "$S/firewall.before" ] && before=$(cat "$S/firewall.before")
 	teardown
 	check "teardown: no process of the run left" "" "$(S=$s our_pids | tr '\n' ' ')"
 	check "teardown: no mount under the scratch directory left" 0 "$(awk -v s="$s/" 'index($5, s) == 1' /proc/self/mountinfo | wc -l)"
 	check "teardown: the uplink $UPLINK is gone" "" "$(ip -o link show "$UPLINK" 2>/dev/null)"
 	check "teardown: the outside veth and netns are gone" "" "$(ip -o link show "$OUTSIDE_VETH" 2>/dev/null)$(ls /run/netns/"$OUTSIDE_NS" 2>/dev/null)"
+	if [ "$before" != none ]; then
+		local after
+		after=$(firewall_snapshot)
+		check "teardown: the host's firewall (policies, iptables and nftables rules) as before the run" "" \
+			"$([ "$before" = "$after" ] || diff <(echo "$before") <(echo "$after"))"
+	fi
 }
 
 # write_runsc_config SHIM RUNSC: runsc's shim config for the tiers' runsc

@@ -89,6 +89,9 @@ func (n *Node) StartAgent(ctx context.Context) error {
 	defer logf.Close() // the child has its own
 	cmd := exec.Command(n.opts.Binaries.Agent, n.AgentArgs()...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	if len(n.opts.AgentEnv) > 0 {
+		cmd.Env = append(os.Environ(), n.opts.AgentEnv...)
+	}
 	p, err := startIn(n.Host, "shm-agent", cmd, false)
 	if err != nil {
 		return fmt.Errorf("start agent: %w", err)

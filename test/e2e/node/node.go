@@ -57,6 +57,8 @@ type Options struct {
 	AgentLogLevel string
 	// ExtraAgentArgs are appended to the agent's flags.
 	ExtraAgentArgs []string
+	// AgentEnv is added to the agent's environment (the test's).
+	AgentEnv []string
 	// DeferAgent leaves the agent to the caller's StartAgent, for setup
 	// the agent needs first (a link to another node).
 	DeferAgent bool

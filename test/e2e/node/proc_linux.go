@@ -2,6 +2,8 @@ package node
 
 import (
 	"bufio"
+	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -166,6 +168,21 @@ func MemfdMappings(pid int) (int, error) {
 var spawner struct {
 	once sync.Once
 	reqs chan spawnReq
+}
+
+// Run runs a command inside n (nil: the process's own netns) and returns
+// its combined output; the error names the command and carries the output.
+func Run(ctx context.Context, n ns.NetNS, name string, args ...string) (string, error) {
+	var out bytes.Buffer
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := spawn(n, cmd); err != nil {
+		return "", fmt.Errorf("%s %s: %w", name, strings.Join(args, " "), err)
+	}
+	if err := cmd.Wait(); err != nil {
+		return out.String(), fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(out.String()))
+	}
+	return out.String(), nil
 }
 
 // spawnReq asks the spawner to start cmd in ns (nil: home).
