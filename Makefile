@@ -13,6 +13,8 @@
 #   make e2e-cri    containerd + runc pods on shm-cni (needs root; test/e2e/cri)
 #   make e2e-runsc  gVisor runsc pods beside runc pods (needs root; builds ~10-40 min once)
 #   make e2e-k8s    a one-node Kubernetes on deploy/ and make image (needs root; builds ~15 min once)
+#   make bench-runsc  runsc and runc pods over shm-cni and the bridge plugin
+#                (needs root and tier 2's builds; test/e2e/cri/bench-runsc.sh)
 
 GO       ?= go
 BIN      ?= bin
@@ -100,7 +102,7 @@ image:
 	$(GO) run ./hack/image -o $(IMAGE_ARCHIVE) --tag $(IMAGE_TAG)
 
 # The container-runtime tiers (test/e2e/cri): real runtimes driving shm-cni.
-.PHONY: e2e-cri e2e-runsc e2e-k8s
+.PHONY: e2e-cri e2e-runsc e2e-k8s bench-runsc
 e2e-cri: deps
 	@test/e2e/cri/tier1.sh
 
@@ -110,6 +112,10 @@ e2e-runsc: deps
 # e2e-k8s needs deploy/shm-cni.yaml and the image target (make image).
 e2e-k8s: deps
 	@test/e2e/cri/tier3-k8s.sh
+
+# bench-runsc writes $(BIN)/bench-runsc.md; never part of test.
+bench-runsc: deps
+	@test/e2e/cri/bench-runsc.sh
 
 clean:
 	rm -rf $(BIN)
