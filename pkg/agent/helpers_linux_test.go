@@ -30,6 +30,7 @@ import (
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/queue"
+	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
 // Hang guards: they bound how long a broken test waits; no test passes or
@@ -214,7 +215,7 @@ func (p *pod) addr(v4 bool) netip.Addr {
 
 // tapOptions are the device options the tests create TAPs with, standing
 // in for the CNI binary.
-var tapOptions = endpoint.TAPDeviceOptions{VnetHdr: true, Offload: true, Persist: true}
+var tapOptions = tuntap.Options{VnetHdr: true, Offload: true, Persist: true}
 
 // newTapPod creates a pod namespace with a persistent TAP eth0, attaches it
 // (sending the pod MAC when sendMAC) and configures the namespace from the
@@ -230,7 +231,7 @@ func (r *running) newTapPod(t *testing.T, cid string, sendMAC bool) *pod {
 			return err
 		}
 		var err error
-		if f, err = endpoint.OpenTAP("eth0", tapOptions); err != nil {
+		if f, err = tuntap.Open("eth0", tapOptions); err != nil {
 			return err
 		}
 		l, err := netlink.LinkByName("eth0")
@@ -533,5 +534,5 @@ func unixUnmount(path string) error { return unix.Unmount(path, unix.MNT_DETACH)
 // openTestTAP creates a non-persistent TAP device in the current netns: it
 // goes away with the last fd.
 func openTestTAP(name string) (*os.File, error) {
-	return endpoint.OpenTAP(name, endpoint.TAPDeviceOptions{VnetHdr: true, Offload: true})
+	return tuntap.Open(name, tuntap.Options{VnetHdr: true, Offload: true})
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/router"
+	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
 // attachTAP drives the TAP device f is attached to as rec's link. It fills
@@ -30,7 +31,7 @@ func (a *Agent) attachTAP(rec *record, f *os.File) (*attachment, error) {
 	var opErr error
 	// Control, not Fd: Fd would make the file blocking.
 	if err := rc.Control(func(fd uintptr) {
-		info, err := endpoint.InspectTAP(int(fd))
+		info, err := tuntap.Inspect(int(fd))
 		if err != nil {
 			opErr = invalid("tap fd: %v", err)
 			return
@@ -112,7 +113,7 @@ func reopenTAP(rec *record) (*os.File, error) {
 	var f *os.File
 	err := ns.WithNetNSPath(rec.Netns, func(ns.NetNS) error {
 		var err error
-		f, err = endpoint.OpenTAP(rec.TAPName, endpoint.TAPDeviceOptions{
+		f, err = tuntap.Open(rec.TAPName, tuntap.Options{
 			VnetHdr: rec.VnetHdr,
 			// The endpoint segments what the kernel sends with
 			// offloads; a virtio-net header is all it needs.
@@ -139,7 +140,7 @@ var errGone = errors.New("gone")
 
 // tapMAC reads the MAC of the device name in the netns of the TAP fd.
 func tapMAC(fd int, name string) (net.HardwareAddr, error) {
-	nsf, err := endpoint.TAPNetNS(fd)
+	nsf, err := tuntap.NetNS(fd)
 	if err != nil {
 		return nil, err
 	}
@@ -166,7 +167,7 @@ func tapMAC(fd int, name string) (net.HardwareAddr, error) {
 // agent cannot stat is left to the caller (the agent may not see every
 // runtime's paths).
 func sameNetNS(fd int, netns string) error {
-	nsf, err := endpoint.TAPNetNS(fd)
+	nsf, err := tuntap.NetNS(fd)
 	if err != nil {
 		return err
 	}

@@ -14,7 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
 // fakeAgent stands in for the real shm-agent (pkg/agent), which the e2e
@@ -50,7 +50,7 @@ type fakeAttachment struct {
 	files []*os.File
 	// tap is what the TAP fd is attached to; tapNetnsMatches says whether
 	// the device lives in the request's netns.
-	tap             endpoint.TAPDeviceInfo
+	tap             tuntap.Info
 	tapNetnsMatches bool
 	// fdKinds describes each descriptor: "memfd sealed", "eventfd", or
 	// what else it was.
@@ -159,7 +159,7 @@ func (a *fakeAgent) attachLocked(req *agentapi.AttachRequest, files []*os.File) 
 		at.fdKinds = append(at.fdKinds, describeFD(f))
 	}
 	if req.Kind == agentapi.KindTap {
-		info, err := endpoint.InspectTAP(int(files[0].Fd()))
+		info, err := tuntap.Inspect(int(files[0].Fd()))
 		if err == nil {
 			at.tap = info
 			at.tapNetnsMatches = tapInNetns(int(files[0].Fd()), req.Netns)
@@ -291,7 +291,7 @@ func describeFD(f *os.File) string {
 // tapInNetns reports whether the device of TAP fd lives in the netns at
 // path.
 func tapInNetns(fd int, path string) bool {
-	nsf, err := endpoint.TAPNetNS(fd)
+	nsf, err := tuntap.NetNS(fd)
 	if err != nil {
 		return false
 	}

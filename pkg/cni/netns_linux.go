@@ -13,7 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
 // Link types as netlink reports them.
@@ -91,7 +91,7 @@ func createTAP(netns ns.NetNS, name string) (*os.File, net.HardwareAddr, error) 
 			return err
 		}
 		var err error
-		f, err = endpoint.OpenTAP(name, endpoint.TAPDeviceOptions{VnetHdr: true, Offload: true, Persist: true})
+		f, err = tuntap.Open(name, tuntap.Options{VnetHdr: true, Offload: true, Persist: true})
 		if err != nil {
 			return fmt.Errorf("create tap %s: %w", name, err)
 		}
@@ -153,7 +153,7 @@ func createPlaceholder(netns ns.NetNS, name string, mac net.HardwareAddr, mtu in
 // createTAPPlaceholder creates a persistent TAP device name in the calling
 // thread's netns with mac and mtu and closes its fd.
 func createTAPPlaceholder(name string, mac net.HardwareAddr, mtu int) error {
-	f, err := endpoint.OpenTAP(name, endpoint.TAPDeviceOptions{Persist: true})
+	f, err := tuntap.Open(name, tuntap.Options{Persist: true})
 	if err != nil {
 		return err
 	}

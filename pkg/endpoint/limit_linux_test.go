@@ -8,6 +8,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
 // TestRxLimitBoundsKernelPod floods a TAP endpoint with a receive limit
@@ -18,7 +20,7 @@ import (
 func TestRxLimitBoundsKernelPod(t *testing.T) {
 	requireRoot(t)
 	const pps = 2000
-	pod := newKernelPod(t, "eth0", TAPDeviceOptions{VnetHdr: true, Offload: true})
+	pod := newKernelPod(t, "eth0", tuntap.Options{VnetHdr: true, Offload: true})
 	ep, err := NewTAP(TAPOptions{FD: rawFD(t, pod.file), MTU: testMTU, EthernetHeader: true, LinkAddress: agentMAC, VnetHdr: true,
 		RxLimit: RxLimit{PacketsPerSecond: pps}})
 	if err != nil {

@@ -22,7 +22,7 @@ import (
 
 // TAPOptions configure NewTAP.
 type TAPOptions struct {
-	// FD is an fd attached to a TUN/TAP device (from OpenTAP, or received
+	// FD is an fd attached to a TUN/TAP device (from tuntap.Open, or received
 	// over SCM_RIGHTS). NewTAP duplicates it and owns the duplicate; the
 	// caller keeps FD and closes it when it likes. The duplicate shares
 	// FD's open file description, which NewTAP makes non-blocking.
@@ -36,7 +36,7 @@ type TAPOptions struct {
 	// to other unicast addresses are dropped. Empty for TUN.
 	LinkAddress tcpip.LinkAddress
 	// VnetHdr says the device was opened with IFF_VNET_HDR
-	// (TAPDeviceOptions.VnetHdr); NewTAP checks it against the device.
+	// (tuntap.Options.VnetHdr); NewTAP checks it against the device.
 	VnetHdr bool
 	// GSOMaxSize, when non-zero, advertises stack.HostGSOSupported: the
 	// stack's own TCP endpoints then send super-packets of up to this many
@@ -111,7 +111,7 @@ type TAPOffloadStats struct {
 // stops and closes the fd by itself and calls TAPOptions.OnClosed.
 //
 // A TAP fd keeps the network namespace it was opened in alive (see
-// OpenTAP), so removing a pod's namespace does not stop the endpoint:
+// tuntap.Open), so removing a pod's namespace does not stop the endpoint:
 // delete the device, or Close the endpoint.
 type TAPEndpoint struct {
 	// Immutable after NewTAP.

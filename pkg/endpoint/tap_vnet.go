@@ -6,6 +6,8 @@ import (
 
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
 // This file holds the virtio-net header (struct virtio_net_hdr in
@@ -16,10 +18,10 @@ import (
 // Everything here works on plain byte slices and touches no file descriptor,
 // so it is unit-tested and fuzzed without privileges.
 
-// virtioNetHdrLen is sizeof(struct virtio_net_hdr): flags(1) + gso_type(1) +
-// hdr_len(2) + gso_size(2) + csum_start(2) + csum_offset(2) = 10 bytes. The
-// 12-byte virtio_net_hdr_mrg_rxbuf variant is never configured.
-const virtioNetHdrLen = 10
+// virtioNetHdrLen is sizeof(struct virtio_net_hdr), the size the devices
+// are opened with (tuntap.VnetHdrLen). The 12-byte
+// virtio_net_hdr_mrg_rxbuf variant is never configured.
+const virtioNetHdrLen = tuntap.VnetHdrLen
 
 // Flags and GSO types of struct virtio_net_hdr (linux/virtio_net.h).
 const (
@@ -35,7 +37,7 @@ const (
 )
 
 // virtioNetHdr is a decoded struct virtio_net_hdr. On the wire every
-// multi-byte field is little endian (virtio 1.0; OpenTAP sets TUNSETVNETLE so
+// multi-byte field is little endian (virtio 1.0; tuntap.Open sets TUNSETVNETLE so
 // this holds on big-endian hosts too).
 type virtioNetHdr struct {
 	flags      uint8
@@ -141,7 +143,7 @@ func splitFrame(b []byte, vnetHdr, ethernet bool, emit func(frame []byte, valida
 	case virtioNetHdrGSOTCPv6:
 		return rxSegmented, segmentTCP(frame, ethernet, true, int(h.gsoSize), emit)
 	default:
-		// UFO, USO and anything newer: OpenTAP never advertises them, so
+		// UFO, USO and anything newer: tuntap.Open never advertises them, so
 		// the kernel does not send them.
 		return rxPlain, errUnsupportedGSO
 	}
@@ -193,7 +195,7 @@ func parseTCPFrame(frame []byte, ethernet, v6 bool) (parsedTCP, error) {
 			want = header.IPv6ProtocolNumber
 		}
 		if header.Ethernet(frame).Type() != want {
-			return parsedTCP{}, errBadGSOFrame // VLAN tags included: not offered by OpenTAP
+			return parsedTCP{}, errBadGSOFrame // VLAN tags included: not offered by tuntap.Open
 		}
 		l2 = header.EthernetMinimumSize
 	}

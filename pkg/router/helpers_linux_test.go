@@ -20,13 +20,15 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
+
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
 // Safety limits. They bound how long a broken test hangs; no test passes or
@@ -216,7 +218,7 @@ func openPodTAP(vnet bool) (int, error) {
 	if !vnet {
 		return openTunTap("eth0", unix.IFF_TAP)
 	}
-	f, err := endpoint.OpenTAP("eth0", endpoint.TAPDeviceOptions{VnetHdr: true, Offload: true})
+	f, err := tuntap.Open("eth0", tuntap.Options{VnetHdr: true, Offload: true})
 	if err != nil {
 		return -1, err
 	}

@@ -9,11 +9,13 @@ import (
 	"sync/atomic"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
 // uplink is the router's side of the uplink TUN device.
@@ -77,7 +79,7 @@ func newUplinkEndpoint(fd int, mtu uint32, onStop func(error)) (stack.LinkEndpoi
 func openUplink(hostNS ns.NetNS, name string) (int, error) {
 	fd := -1
 	err := hostNS.Do(func(ns.NetNS) error {
-		f, err := endpoint.OpenTAP(name, endpoint.TAPDeviceOptions{TUN: true, VnetHdr: true, Offload: true})
+		f, err := tuntap.Open(name, tuntap.Options{TUN: true, VnetHdr: true, Offload: true})
 		if err != nil {
 			return err
 		}

@@ -16,8 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/queue"
+	"github.com/shm-cni/shm-cni/pkg/tuntap"
 	"github.com/shm-cni/shm-cni/test/e2e/node"
 )
 
@@ -160,7 +160,7 @@ func memfd(t *testing.T, size int64, sealed bool) *os.File {
 
 // tapIn opens a TAP (or TUN) device called name in the pod netns, or with inOther in the other netns; the device goes
 // with the last descriptor.
-func tapIn(inOther bool, name string, opts endpoint.TAPDeviceOptions) fdMaker {
+func tapIn(inOther bool, name string, opts tuntap.Options) fdMaker {
 	return func(t *testing.T, x, other ns.NetNS) []*os.File {
 		t.Helper()
 		target := x
@@ -170,7 +170,7 @@ func tapIn(inOther bool, name string, opts endpoint.TAPDeviceOptions) fdMaker {
 		var f *os.File
 		if err := target.Do(func(ns.NetNS) error {
 			var err error
-			f, err = endpoint.OpenTAP(name, opts)
+			f, err = tuntap.Open(name, opts)
 			return err
 		}); err != nil {
 			t.Fatal(err)
@@ -292,7 +292,7 @@ func TestAgentSocketBadInput(t *testing.T) {
 		// The record.
 		{name: "empty record", payload: []byte{}, code: codeDecodingFailure, sub: []string{"cannot decode request"}},
 		{name: "truncated JSON", payload: status[:len(status)-5], code: codeDecodingFailure, sub: []string{"cannot decode request"}},
-		{name: "truncated attach", payload: tap("e2e-bad-trunc")[:60], fds: tapIn(false, "bad0", endpoint.TAPDeviceOptions{VnetHdr: true}), code: codeDecodingFailure, sub: []string{"cannot decode request"}},
+		{name: "truncated attach", payload: tap("e2e-bad-trunc")[:60], fds: tapIn(false, "bad0", tuntap.Options{VnetHdr: true}), code: codeDecodingFailure, sub: []string{"cannot decode request"}},
 		{name: "not JSON", payload: []byte("\x00\xffGET / HTTP/1.1\r\n"), code: codeDecodingFailure, sub: []string{"cannot decode request"}},
 		{name: "JSON array", payload: []byte(`[{"version":1,"op":"status"}]`), code: codeDecodingFailure, sub: []string{"cannot decode request"}},
 		{name: "trailing data", payload: append(append([]byte{}, status...), "{}"...), code: codeDecodingFailure, sub: []string{"after"}},
@@ -301,7 +301,7 @@ func TestAgentSocketBadInput(t *testing.T) {
 		{name: "unknown op", payload: []byte(`{"version":1,"op":"teleport"}`), code: codeInvalidConfig, sub: []string{`op: "teleport"`}},
 		{name: "unknown field", payload: []byte(`{"version":1,"op":"status","beam":true}`), code: codeUnsupportedField, sub: []string{`"beam"`}},
 		{name: "invalid attach fields", payload: []byte(`{"version":1,"op":"attach","attach":{"containerID":"../x","ifName":"a/b","netns":"rel","network":"pods","kind":"tap"}}`),
-			fds: tapIn(false, "bad0", endpoint.TAPDeviceOptions{VnetHdr: true}), code: codeInvalidConfig, sub: []string{"attach.containerID", "attach.ifName", "attach.netns"}},
+			fds: tapIn(false, "bad0", tuntap.Options{VnetHdr: true}), code: codeInvalidConfig, sub: []string{"attach.containerID", "attach.ifName", "attach.netns"}},
 		{name: "oversized", payload: pad(status, agentapi.MaxMessageSize+1), code: codeDecodingFailure, sub: []string{"65537 bytes", "limit of 65536"}},
 		{name: "oversized with fds", payload: pad(tap("e2e-bad-big"), 100<<10), fds: many(4, pipeEnd), code: codeDecodingFailure, sub: []string{"limit of 65536"}},
 		{name: "nothing sent", mode: sendNothing, code: codeDecodingFailure, sub: []string{"cannot decode request"}},
@@ -309,7 +309,7 @@ func TestAgentSocketBadInput(t *testing.T) {
 		// Descriptor counts.
 		{name: "tap without fd", payload: tap("e2e-bad-nofd"), code: codeInvalidConfig, sub: []string{`attach kind "tap" needs 1 file descriptors, got 0`}},
 		{name: "tap with 2 fds", payload: tap("e2e-bad-2fd"), fds: func(t *testing.T, x, o ns.NetNS) []*os.File {
-			return append(tapIn(false, "bad1", endpoint.TAPDeviceOptions{VnetHdr: true})(t, x, o), tapIn(false, "bad2", endpoint.TAPDeviceOptions{VnetHdr: true})(t, x, o)...)
+			return append(tapIn(false, "bad1", tuntap.Options{VnetHdr: true})(t, x, o), tapIn(false, "bad2", tuntap.Options{VnetHdr: true})(t, x, o)...)
 		}, code: codeInvalidConfig, sub: []string{"needs 1 file descriptors, got 2"}},
 		{name: "shm with 9 fds", payload: shm("e2e-bad-9fd"), fds: func(t *testing.T, x, o ns.NetNS) []*os.File {
 			fs := pairWith(badSizes, -1, nil)(t, x, o)
@@ -334,15 +334,15 @@ func TestAgentSocketBadInput(t *testing.T) {
 		{name: "tap: memfd", payload: tap("e2e-bad-tapmemfd"), fds: func(t *testing.T, _, _ ns.NetNS) []*os.File { return []*os.File{memfd(t, 4096, true)} }, code: codeInvalidConfig, sub: []string{"tap fd"}},
 		// A TAP device without virtio-net header is a variant the agent
 		// drives (it records the mode and re-opens the device so).
-		{name: "tap: no vnet header", payload: tap("e2e-bad-novnet"), fds: tapIn(false, "badtap2", endpoint.TAPDeviceOptions{}), accept: true},
-		{name: "tap: TUN device", payload: tap("e2e-bad-tun"), fds: tapIn(false, "badtun0", endpoint.TAPDeviceOptions{TUN: true, VnetHdr: true}), code: codeInvalidConfig, sub: []string{"tap fd", "TUN"}},
-		{name: "tap: device of another netns", payload: tap("e2e-bad-otherns"), fds: tapIn(true, "badtap0", endpoint.TAPDeviceOptions{VnetHdr: true}), code: codeInvalidConfig, sub: []string{"tap fd", "attach.netns"}},
+		{name: "tap: no vnet header", payload: tap("e2e-bad-novnet"), fds: tapIn(false, "badtap2", tuntap.Options{}), accept: true},
+		{name: "tap: TUN device", payload: tap("e2e-bad-tun"), fds: tapIn(false, "badtun0", tuntap.Options{TUN: true, VnetHdr: true}), code: codeInvalidConfig, sub: []string{"tap fd", "TUN"}},
+		{name: "tap: device of another netns", payload: tap("e2e-bad-otherns"), fds: tapIn(true, "badtap0", tuntap.Options{VnetHdr: true}), code: codeInvalidConfig, sub: []string{"tap fd", "attach.netns"}},
 
 		// Descriptors of the wrong kind for a shm link.
 		{name: "shm: regular file as data", payload: shm("e2e-bad-shmfile"), fds: pairWith(badSizes, txData, regularFile), code: codeInvalidConfig, sub: []string{"data region", "memfd"}},
 		{name: "shm: pipe as data", payload: shm("e2e-bad-shmpipe"), fds: pairWith(badSizes, txData, pipeEnd), code: codeInvalidConfig, sub: []string{"data region", "not a memory file"}},
 		{name: "shm: socket as txPipe", payload: shm("e2e-bad-shmsock"), fds: pairWith(badSizes, txPipe, socketFD), code: codeInvalidConfig, sub: []string{"txPipe region", "not a memory file"}},
-		{name: "shm: TAP fd as sharedData", payload: shm("e2e-bad-shmtap"), fds: pairWith(badSizes, rxShared, tapIn(false, "badtap1", endpoint.TAPDeviceOptions{})), code: codeInvalidConfig, sub: []string{"sharedData region", "not a memory file"}},
+		{name: "shm: TAP fd as sharedData", payload: shm("e2e-bad-shmtap"), fds: pairWith(badSizes, rxShared, tapIn(false, "badtap1", tuntap.Options{})), code: codeInvalidConfig, sub: []string{"sharedData region", "not a memory file"}},
 		{name: "shm: unsealed memfd", payload: shm("e2e-bad-unsealed"), fds: pairWith(badSizes, txData, func(t *testing.T, _, _ ns.NetNS) []*os.File {
 			return []*os.File{memfd(t, int64(badSizes.DataSize), false)}
 		}), code: codeInvalidConfig, sub: []string{"data region", "not sealed"}},
