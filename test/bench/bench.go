@@ -152,7 +152,7 @@ func (b *bench) close() error {
 func (b *bench) run(ctx context.Context) (*report, error) {
 	start := time.Now()
 	rep := &report{Machine: describeMachine(), LoadBefore: loadavg(), Started: start.UTC().Format(time.RFC3339),
-		Reps: b.cfg.reps, Config: b.cfg.describe()}
+		Commit: commit(ctx), Reps: b.cfg.reps, Config: b.cfg.describe()}
 	defer func() {
 		rep.LoadAfter = loadavg()
 		rep.Seconds = time.Since(start).Seconds()
@@ -174,6 +174,20 @@ func (b *bench) run(ctx context.Context) (*report, error) {
 		}
 	}
 	return rep, nil
+}
+
+// commit names the source measured: the commit, "+dirty" with local
+// changes, "unknown" outside a git checkout.
+func commit(ctx context.Context) string {
+	out, err := exec.CommandContext(ctx, "git", "rev-parse", "--short", "HEAD").Output()
+	if err != nil {
+		return "unknown"
+	}
+	c := strings.TrimSpace(string(out))
+	if st, err := exec.CommandContext(ctx, "git", "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(st) > 0 {
+		c += "+dirty"
+	}
+	return c
 }
 
 // describe lists the settings for the report.

@@ -15,6 +15,7 @@ type report struct {
 	LoadBefore string            `json:"loadavgBefore"`
 	LoadAfter  string            `json:"loadavgAfter"`
 	Started    string            `json:"started"`
+	Commit     string            `json:"commit"`
 	Seconds    float64           `json:"seconds"`
 	Reps       int               `json:"reps"`
 	Config     map[string]string `json:"config"`
@@ -35,7 +36,12 @@ type tputRow struct {
 	Gbps      []float64 `json:"gbps"`
 	Median    float64   `json:"medianGbps"`
 	Ratio     float64   `json:"ratioToVeth"`
-	Error     string    `json:"error,omitempty"`
+	// CPUPerGiB is the machine's busy CPU seconds per GiB moved, per run
+	// (everything running: agent, sandboxes, kernel, the tools).
+	CPUPerGiB       []float64 `json:"cpuSecondsPerGiB"`
+	MedianCPUPerGiB float64   `json:"medianCPUSecondsPerGiB"`
+	CPURatio        float64   `json:"cpuRatioToVeth"`
+	Error           string    `json:"error,omitempty"`
 }
 
 // rttRow is a latency case; ratios are to the veth pair's.
@@ -103,6 +109,7 @@ func (r *report) rateThroughput() {
 		t := &r.Throughput[i]
 		if v := r.tput("veth pair", t.Streams, "iperf3"); v != nil {
 			t.Ratio = ratio(t.Median, v.Median)
+			t.CPURatio = ratio(t.MedianCPUPerGiB, v.MedianCPUPerGiB)
 		}
 	}
 }
@@ -196,7 +203,8 @@ func ratioOf(r *rttRow) float64 {
 	return r.RatioP50
 }
 
-// write prints the Markdown to w and writes bench.md and bench.json to dir.
+// write prints the Markdown to w and writes bench.md, bench.json and the
+// plot bench.svg to dir.
 func (r *report) write(w io.Writer, dir string) error {
 	var b strings.Builder
 	r.markdown(&b)
@@ -216,6 +224,9 @@ func (r *report) write(w io.Writer, dir string) error {
 	if err := os.WriteFile(filepath.Join(dir, "bench.json"), append(j, '\n'), 0o644); err != nil {
 		return fmt.Errorf("write report: %w", err)
 	}
+	if err := os.WriteFile(filepath.Join(dir, "bench.svg"), []byte(r.svg()), 0o644); err != nil {
+		return fmt.Errorf("write report: %w", err)
+	}
 	return nil
 }
 
@@ -231,8 +242,8 @@ func errNote(e string) string {
 
 func (r *report) markdown(b *strings.Builder) {
 	fmt.Fprintf(b, "# shm-cni benchmarks\n\n")
-	fmt.Fprintf(b, "Machine: %d CPUs, %s, kernel %s. Load average before %s, after %s. Started %s, took %.0f s. Medians of %d repetitions.\n\n",
-		r.Machine.NProc, r.Machine.CPU, r.Machine.Kernel, r.LoadBefore, r.LoadAfter, r.Started, r.Seconds, r.Reps)
+	fmt.Fprintf(b, "Machine: %d CPUs, %s, kernel %s. Load average before %s, after %s. Started %s at commit %s, took %.0f s. Medians of %d repetitions.\n\n",
+		r.Machine.NProc, r.Machine.CPU, r.Machine.Kernel, r.LoadBefore, r.LoadAfter, r.Started, r.Commit, r.Seconds, r.Reps)
 	if args := r.Config["agent-args"]; args != "" {
 		fmt.Fprintf(b, "shm-agent run with %s (-agent-args).\n\n", args)
 	}
@@ -241,9 +252,11 @@ func (r *report) markdown(b *strings.Builder) {
 	}
 	if len(r.Throughput) > 0 {
 		fmt.Fprintf(b, "## TCP throughput (IPv4; ratio to the veth pair's iperf3 figure)\n\n")
-		fmt.Fprintf(b, "| case | tool | streams | median Gbit/s | vs veth | runs |\n|---|---|---:|---:|---:|---|\n")
+		fmt.Fprintf(b, "Sandbox ends and the Go transfer send zeros and count what arrives (the tests verify data). CPU is the whole machine's busy time per GiB moved (agent, sandboxes, kernel, the tools themselves), lower is better.\n\n")
+		fmt.Fprintf(b, "| case | tool | streams | median Gbit/s | vs veth | runs | CPU-s per GiB | vs veth |\n|---|---|---:|---:|---:|---|---:|---:|\n")
 		for _, t := range r.Throughput {
-			fmt.Fprintf(b, "| %s | %s | %d | %.2f | %.2fx | %s |%s\n", t.Case, t.Tool, t.Streams, t.Median, t.Ratio, fmtList(t.Gbps, "%.2f"), errNote(t.Error))
+			fmt.Fprintf(b, "| %s | %s | %d | %.2f | %.2fx | %s | %.2f | %.2fx |%s\n", t.Case, t.Tool, t.Streams, t.Median, t.Ratio,
+				fmtList(t.Gbps, "%.2f"), t.MedianCPUPerGiB, t.CPURatio, errNote(t.Error))
 		}
 		b.WriteString("\n")
 	}

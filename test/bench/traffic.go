@@ -14,12 +14,17 @@ import (
 // echoPort is where the sandbox echo server listens.
 const echoPort = 7001
 
-// tputCase measures throughput with a number of parallel streams, in
-// bit/s.
+// tputCase measures throughput with a number of parallel streams.
 type tputCase struct {
 	name, tool string
 	ref        bool
-	measure    func(ctx context.Context, streams int) (float64, error)
+	measure    func(ctx context.Context, streams int) (tputSample, error)
+}
+
+// tputSample is one throughput measurement: the rate and the bytes moved.
+type tputSample struct {
+	bitsPerSecond float64
+	bytes         float64
 }
 
 // rttCase measures 64-byte round trips.
@@ -59,7 +64,9 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	if err != nil {
 		return err
 	}
-	n, err := b.newNode(ctx, node.Options{MTU: b.cfg.mtu})
+	// The benchmark measures the path: the sandboxes count bytes and send
+	// zeros (the tests verify data).
+	n, err := b.newNode(ctx, node.Options{MTU: b.cfg.mtu, NoVerify: true})
 	if err != nil {
 		return err
 	}
@@ -114,13 +121,13 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 				return err
 			}
 		}
-		iperf := func(src, dst kend) func(context.Context, int) (float64, error) {
-			return func(ctx context.Context, streams int) (float64, error) {
+		iperf := func(src, dst kend) func(context.Context, int) (tputSample, error) {
+			return func(ctx context.Context, streams int) (tputSample, error) {
 				return b.iperfClient(ctx, src, dst, streams)
 			}
 		}
-		xfer := func(srcs []*node.Peer, dst *node.Peer) func(context.Context, int) (float64, error) {
-			return func(ctx context.Context, streams int) (float64, error) {
+		xfer := func(srcs []*node.Peer, dst *node.Peer) func(context.Context, int) (tputSample, error) {
+			return func(ctx context.Context, streams int) (tputSample, error) {
 				return transfers(ctx, n, srcs, dst, streams, b.cfg.bytes)
 			}
 		}
@@ -130,7 +137,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 		}
 		cases := []tputCase{
 			{"veth pair", "iperf3", true, iperf(va, vb)},
-			{"veth pair", "Go verified transfer", true, func(ctx context.Context, streams int) (float64, error) {
+			{"veth pair", "Go transfer", true, func(ctx context.Context, streams int) (tputSample, error) {
 				return kernelTransfers(ctx, va, vb, streams, b.cfg.bytes)
 			}},
 			{"ptp pod → pod", "iperf3", true, iperf(pa, pb)},
@@ -142,6 +149,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 			{"shm-cni sandbox → sandbox", "sandbox send/sink", false, xfer(sandboxPeers, n.PodPeer(s0))},
 		}
 		results := make([][]float64, len(cases)*len(b.cfg.streams))
+		cpus := make([][]float64, len(results))
 		errs := make([]string, len(results))
 		for r := range b.cfg.reps {
 			for i, c := range cases {
@@ -150,14 +158,22 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 						return ctx.Err()
 					}
 					k := i*len(b.cfg.streams) + j
+					cpu0, cerr0 := busyCPUSeconds()
 					v, err := c.measure(ctx, s)
+					cpu1, cerr1 := busyCPUSeconds()
 					if err != nil {
 						log.Warn("throughput", "case", c.name, "streams", s, "rep", r+1, "err", err)
 						errs[k] = err.Error()
 						continue
 					}
-					log.Info("throughput", "case", c.name, "tool", c.tool, "streams", s, "rep", r+1, "Gbit/s", fmt.Sprintf("%.2f", v/1e9))
-					results[k] = append(results[k], v/1e9)
+					results[k] = append(results[k], v.bitsPerSecond/1e9)
+					perGiB := 0.0
+					if cerr0 == nil && cerr1 == nil && v.bytes > 0 {
+						perGiB = (cpu1 - cpu0) / (v.bytes / (1 << 30))
+						cpus[k] = append(cpus[k], perGiB)
+					}
+					log.Info("throughput", "case", c.name, "tool", c.tool, "streams", s, "rep", r+1,
+						"Gbit/s", fmt.Sprintf("%.2f", v.bitsPerSecond/1e9), "CPU-s/GiB", fmt.Sprintf("%.2f", perGiB))
 				}
 			}
 		}
@@ -165,7 +181,8 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 			for j, s := range b.cfg.streams {
 				k := i*len(b.cfg.streams) + j
 				rep.Throughput = append(rep.Throughput, tputRow{Case: c.name, Tool: c.tool, Reference: c.ref,
-					Streams: s, Gbps: results[k], Median: median(results[k]), Error: errs[k]})
+					Streams: s, Gbps: results[k], Median: median(results[k]),
+					CPUPerGiB: cpus[k], MedianCPUPerGiB: median(cpus[k]), Error: errs[k]})
 			}
 		}
 		rep.rateThroughput()
@@ -218,10 +235,11 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	return b.closeNode(n)
 }
 
-// transfers runs streams verified transfers at once, from srcs[i] (the
-// first when there is one) to dst, and returns the aggregate bit/s: all
-// bytes over the longest sender-measured duration.
-func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.Peer, streams int, size int64) (float64, error) {
+// transfers runs streams transfers at once (the node counts bytes without
+// checking them: Options.NoVerify), from srcs[i] (the first when there is
+// one) to dst, and returns the aggregate rate: all bytes over the longest
+// sender-measured duration.
+func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.Peer, streams int, size int64) (tputSample, error) {
 	var (
 		wg    sync.WaitGroup
 		mu    sync.Mutex
@@ -245,7 +263,7 @@ func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.P
 	}
 	wg.Wait()
 	if len(errs) > 0 {
-		return 0, errs[0]
+		return tputSample{}, errs[0]
 	}
-	return float64(total) * 8 / long.Seconds(), nil
+	return tputSample{bitsPerSecond: float64(total) * 8 / long.Seconds(), bytes: float64(total)}, nil
 }

@@ -59,6 +59,10 @@ type Options struct {
 	ExtraAgentArgs []string
 	// AgentEnv is added to the agent's environment (the test's).
 	AgentEnv []string
+	// NoVerify makes Transfer count bytes instead of checking them, and
+	// send zeros instead of the pattern: for benchmarks, which measure the
+	// path, not the tool. Tests verify.
+	NoVerify bool
 	// DeferAgent leaves the agent to the caller's StartAgent, for setup
 	// the agent needs first (a link to another node).
 	DeferAgent bool

@@ -10,30 +10,32 @@ import (
 // parseSinkTests are sandbox sink reports, as the sandbox program prints
 // them, and what ParseSinkLine makes of them.
 var parseSinkTests = []struct {
-	line    string
-	n       int64
-	from    netip.Addr
-	wantErr bool
+	line     string
+	n        int64
+	from     netip.Addr
+	verified bool
+	wantErr  bool
 }{
-	{"sink: 1048576 bytes from 10.244.0.2:43210 in 12ms (699.1 Mbit/s) verified", 1 << 20, netip.MustParseAddr("10.244.0.2"), false},
-	{"sink: 5 bytes from [fd00:10:244::3]:7000 in 1.5s (0.0 Mbit/s) verified", 5, netip.MustParseAddr("fd00:10:244::3"), false},
-	{"sink: 100 bytes from 10.244.0.2:1 in 1ms (0.8 Mbit/s) BAD: byte 99: got 0x1, want 0x2", 100, netip.MustParseAddr("10.244.0.2"), true},
-	{"sink: x bytes from 10.244.0.2:1 in 1ms (0.8 Mbit/s) verified", 0, netip.Addr{}, true},
-	{"sink: 1 bytes from nowhere in 1ms (0.8 Mbit/s) verified", 0, netip.Addr{}, true},
-	{"ready", 0, netip.Addr{}, true},
-	{"", 0, netip.Addr{}, true},
+	{"sink: 1048576 bytes from 10.244.0.2:43210 in 12ms (699.1 Mbit/s) verified", 1 << 20, netip.MustParseAddr("10.244.0.2"), true, false},
+	{"sink: 5 bytes from [fd00:10:244::3]:7000 in 1.5s (0.0 Mbit/s) verified", 5, netip.MustParseAddr("fd00:10:244::3"), true, false},
+	{"sink: 7 bytes from 10.244.0.2:9 in 1ms (0.1 Mbit/s) counted", 7, netip.MustParseAddr("10.244.0.2"), false, false},
+	{"sink: 100 bytes from 10.244.0.2:1 in 1ms (0.8 Mbit/s) BAD: byte 99: got 0x1, want 0x2", 100, netip.MustParseAddr("10.244.0.2"), false, true},
+	{"sink: x bytes from 10.244.0.2:1 in 1ms (0.8 Mbit/s) verified", 0, netip.Addr{}, false, true},
+	{"sink: 1 bytes from nowhere in 1ms (0.8 Mbit/s) verified", 0, netip.Addr{}, false, true},
+	{"ready", 0, netip.Addr{}, false, true},
+	{"", 0, netip.Addr{}, false, true},
 }
 
 // TestParseSinkLine checks the sink report parser on good and bad lines.
 func TestParseSinkLine(t *testing.T) {
 	for _, tt := range parseSinkTests {
-		n, from, err := ParseSinkLine(tt.line)
+		n, from, verified, err := ParseSinkLine(tt.line)
 		if (err != nil) != tt.wantErr {
 			t.Errorf("ParseSinkLine(%q): err %v, want error %v", tt.line, err, tt.wantErr)
 			continue
 		}
-		if n != tt.n || from != tt.from {
-			t.Errorf("ParseSinkLine(%q) = %d, %v; want %d, %v", tt.line, n, from, tt.n, tt.from)
+		if n != tt.n || from != tt.from || verified != tt.verified {
+			t.Errorf("ParseSinkLine(%q) = %d, %v, %t; want %d, %v, %t", tt.line, n, from, verified, tt.n, tt.from, tt.verified)
 		}
 	}
 }
@@ -74,7 +76,7 @@ func FuzzParseSinkLine(f *testing.F) {
 		f.Add(tt.line)
 	}
 	f.Fuzz(func(t *testing.T, line string) {
-		n, from, err := ParseSinkLine(line)
+		n, from, _, err := ParseSinkLine(line)
 		if err == nil && (!from.IsValid() || n < 0) {
 			t.Errorf("ParseSinkLine(%q) = %d, %v without error", line, n, from)
 		}

@@ -131,7 +131,7 @@ func (p *Pod) ensureSink(ctx context.Context) (*Sandbox, error) {
 		}
 		p.server = nil
 	}
-	s, err := p.n.StartSandbox(p, "--mode", "sink", "--port", strconv.Itoa(SinkPort))
+	s, err := p.n.StartSandbox(p, "--mode", "sink", "--port", strconv.Itoa(SinkPort), "--verify="+strconv.FormatBool(!p.n.opts.NoVerify))
 	if err != nil {
 		return nil, err
 	}
@@ -160,24 +160,28 @@ func (p *Pod) stopServer() {
 var sinkLine = regexp.MustCompile(`^sink: (\d+) bytes from (\S+) in (\S+) \(\S+ Mbit/s\) (.*)$`)
 
 // ParseSinkLine parses a sandbox sink's report: bytes received, the
-// sender's address and whether every byte was the pattern's.
-func ParseSinkLine(l string) (n int64, from netip.Addr, err error) {
+// sender's address and whether every byte was the pattern's (verified) or
+// the sink only counted them (--verify=false); a bad byte is an error.
+func ParseSinkLine(l string) (n int64, from netip.Addr, verified bool, err error) {
 	m := sinkLine.FindStringSubmatch(l)
 	if m == nil {
-		return 0, netip.Addr{}, fmt.Errorf("not a sink report: %q", l)
+		return 0, netip.Addr{}, false, fmt.Errorf("not a sink report: %q", l)
 	}
 	n, err = strconv.ParseInt(m[1], 10, 64)
 	if err != nil {
-		return 0, netip.Addr{}, fmt.Errorf("sink report %q: %w", l, err)
+		return 0, netip.Addr{}, false, fmt.Errorf("sink report %q: %w", l, err)
 	}
 	ap, err := netip.ParseAddrPort(m[2])
 	if err != nil {
-		return 0, netip.Addr{}, fmt.Errorf("sink report %q: %w", l, err)
+		return 0, netip.Addr{}, false, fmt.Errorf("sink report %q: %w", l, err)
 	}
-	if m[4] != "verified" {
-		return n, ap.Addr().Unmap(), fmt.Errorf("sandbox sink: %s", m[4])
+	switch m[4] {
+	case "verified":
+		return n, ap.Addr().Unmap(), true, nil
+	case "counted":
+		return n, ap.Addr().Unmap(), false, nil
 	}
-	return n, ap.Addr().Unmap(), nil
+	return n, ap.Addr().Unmap(), false, fmt.Errorf("sandbox sink: %s", m[4])
 }
 
 // sentLine matches a sandbox sender's report:

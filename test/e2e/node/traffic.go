@@ -33,6 +33,21 @@ func SendPattern(w io.Writer, n int64) error {
 	return nil
 }
 
+// SendZeros writes n zero bytes to w: what a benchmark sends (Options.NoVerify).
+func SendZeros(w io.Writer, n int64) error {
+	// 64 KiB writes, as the pattern's.
+	_, err := io.CopyBuffer(w, io.LimitReader(zeros{}, n), make([]byte, 64<<10))
+	return err
+}
+
+// zeros reads as an endless run of zero bytes.
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
+}
+
 // CheckPattern reads r to its end and checks every byte against the
 // pattern; it returns how many bytes were right.
 func CheckPattern(r io.Reader) (int64, error) {
@@ -200,7 +215,11 @@ func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64
 			if err != nil {
 				return 0, netip.Addr{}, err
 			}
-			return ParseSinkLine(l)
+			got, from, verified, err := ParseSinkLine(l)
+			if err == nil && verified == n.opts.NoVerify {
+				err = fmt.Errorf("sandbox sink report %q: verified %t, want %t", l, verified, !n.opts.NoVerify)
+			}
+			return got, from, err
 		}
 	} else {
 		ln, err := ListenIn(dst.NS, netip.AddrPortFrom(dst.Addr(v6), 0))
@@ -209,7 +228,7 @@ func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64
 		}
 		defer ln.Close()
 		to = netip.AddrPortFrom(dst.Addr(v6), uint16(ln.Addr().(*net.TCPAddr).Port))
-		res := sinkOnce(ctx, ln)
+		res := sinkOnce(ctx, ln, !n.opts.NoVerify)
 		recv = func() (int64, netip.Addr, error) {
 			r := <-res
 			return r.n, r.from, r.err
@@ -222,7 +241,7 @@ func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64
 	if src.Kind == PeerSandbox {
 		d, err = n.sandboxSend(ctx, src.Pod, to, size)
 	} else {
-		d, err = SendFrom(ctx, src.NS, to, size)
+		d, err = sendFrom(ctx, src.NS, to, size, !n.opts.NoVerify)
 	}
 	if err != nil {
 		return Transfer{}, fmt.Errorf("send: %w", err)
@@ -233,7 +252,7 @@ func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64
 		return tr, fmt.Errorf("receive: %w", err)
 	}
 	if got != size {
-		return tr, fmt.Errorf("receiver verified %d bytes, want %d", got, size)
+		return tr, fmt.Errorf("receiver got %d bytes, want %d", got, size)
 	}
 	return tr, nil
 }
@@ -266,9 +285,10 @@ type sinkResult struct {
 	err  error
 }
 
-// sinkOnce accepts one connection on ln, checks the pattern to its end and
-// closes it. ctx's end (or closing ln) stops it.
-func sinkOnce(ctx context.Context, ln *net.TCPListener) <-chan sinkResult {
+// sinkOnce accepts one connection on ln, checks the pattern to its end (or,
+// without verify, counts the bytes) and closes it. ctx's end (or closing ln)
+// stops it.
+func sinkOnce(ctx context.Context, ln *net.TCPListener, verify bool) <-chan sinkResult {
 	ch := make(chan sinkResult, 1)
 	go func() {
 		stopAccept := context.AfterFunc(ctx, func() { ln.Close() })
@@ -281,7 +301,11 @@ func sinkOnce(ctx context.Context, ln *net.TCPListener) <-chan sinkResult {
 		defer c.Close()
 		stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
 		defer stop()
-		n, err := CheckPattern(c)
+		read := CheckPattern
+		if !verify {
+			read = func(r io.Reader) (int64, error) { return io.Copy(io.Discard, r) }
+		}
+		n, err := read(c)
 		ch <- sinkResult{n: n, from: c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap(), err: err}
 	}()
 	return ch
@@ -291,6 +315,17 @@ func sinkOnce(ctx context.Context, ln *net.TCPListener) <-chan sinkResult {
 // its side and waits for the receiver to close: everything arrived. It
 // returns the time from the connection to the receiver's close.
 func SendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64) (time.Duration, error) {
+	return sendFrom(ctx, n, to, size, true)
+}
+
+// SendZerosFrom is SendFrom with zeros for the pattern: for benchmarks.
+func SendZerosFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64) (time.Duration, error) {
+	return sendFrom(ctx, n, to, size, false)
+}
+
+// sendFrom is SendFrom, sending zeros instead of the pattern without
+// pattern.
+func sendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64, pattern bool) (time.Duration, error) {
 	var c net.Conn
 	err := n.Do(func(ns.NetNS) error {
 		var err error
@@ -304,7 +339,11 @@ func SendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64) (t
 	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
 	defer stop()
 	start := time.Now()
-	if err := SendPattern(c, size); err != nil {
+	send := SendPattern
+	if !pattern {
+		send = SendZeros
+	}
+	if err := send(c, size); err != nil {
 		return 0, err
 	}
 	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
@@ -320,7 +359,8 @@ func SendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64) (t
 // to, and returns the time it reports from connection to the receiver's
 // close.
 func (n *Node) sandboxSend(ctx context.Context, p *Pod, to netip.AddrPort, size int64) (time.Duration, error) {
-	args := []string{"--mode", "send", "--to", to.String(), "--bytes", strconv.FormatInt(size, 10)}
+	args := []string{"--mode", "send", "--to", to.String(), "--bytes", strconv.FormatInt(size, 10),
+		"--verify=" + strconv.FormatBool(!n.opts.NoVerify)}
 	if dl, ok := ctx.Deadline(); ok && time.Until(dl) > time.Second {
 		args = append(args, "--timeout", time.Until(dl).Round(time.Second).String())
 	}
