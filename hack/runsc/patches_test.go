@@ -85,6 +85,46 @@ func TestSeriesApplies(t *testing.T) {
 	}
 }
 
+// TestSeriesBuildsAndPasses applies the series to a whole copy of the
+// pinned gVisor, builds runsc and the shim, and runs the tests the series
+// adds. It takes a minute or more (a cold build much longer), so it runs
+// only with SHM_CNI_RUNSC_TESTS=1: when changing the series or bumping
+// gVisor.
+func TestSeriesBuildsAndPasses(t *testing.T) {
+	if os.Getenv("SHM_CNI_RUNSC_TESTS") != "1" {
+		t.Skip("set SHM_CNI_RUNSC_TESTS=1 to build the patched runsc and run the series' tests")
+	}
+	series := readSeries(t)
+	src, version := moduleDir(t)
+	dir := filepath.Join(t.TempDir(), "gvisor")
+	if out, err := exec.Command("cp", "-r", src, dir).CombinedOutput(); err != nil {
+		t.Fatalf("copy %s: %v\n%s", src, err, out)
+	}
+	if out, err := exec.Command("chmod", "-R", "u+w", dir).CombinedOutput(); err != nil {
+		t.Fatalf("chmod: %v\n%s", err, out)
+	}
+	git(t, dir, "init", "-q")
+	for _, p := range series {
+		if out, err := exec.Command("git", "-C", dir, "apply", p.path).CombinedOutput(); err != nil {
+			t.Fatalf("patch %s does not apply to %s@%s: %v\n%s", p.name, gvisorModule, version, err, out)
+		}
+	}
+	for _, args := range [][]string{
+		{"build", "-o", os.DevNull, "./runsc"},
+		{"build", "-o", os.DevNull, "./shim"},
+		{"test", "-count=1", "-run", "SharedMem", "./runsc/boot/", "./runsc/sandbox/"},
+	} {
+		cmd := exec.Command("go", args...)
+		cmd.Dir = dir
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("go %s in the patched %s@%s: %v\n%s", strings.Join(args, " "), gvisorModule, version, err, out)
+		}
+		t.Logf("go %s:\n%s", strings.Join(args, " "), out)
+	}
+}
+
 // TestSeriesShape checks that the series is numbered 0001, 0002, ... with
 // no gap, and that every patch is a commit (git format-patch): a From
 // line, a Subject and a message body before its diff.
