@@ -6,9 +6,10 @@
 #   hack/cri-deps.sh          tier 1: containerd 1.6, runc, the reference
 #                             loopback plugin and busybox-static (Debian);
 #                             crictl (sigs.k8s.io/cri-tools, module proxy)
-#   hack/cri-deps.sh runsc    tier 2 besides: runsc and a containerd-shim-runsc-v1
-#                             patched to tolerate EPERM on oom_score_adj
-#                             (gvisor.dev/gvisor), containerd v2 (module proxy)
+#   hack/cri-deps.sh runsc    tier 2 besides: runsc and containerd-shim-runsc-v1
+#                             built from gvisor.dev/gvisor with the patch
+#                             series hack/runsc/*.patch, containerd v2
+#                             (module proxy)
 #   hack/cri-deps.sh k8s      tier 3 besides: etcd, openssl, nftables (Debian),
 #                             kube-apiserver, kube-controller-manager,
 #                             kube-scheduler, kubelet, kubectl built from
@@ -16,7 +17,8 @@
 #
 # Versions: CRICTL_VERSION, GVISOR_VERSION (default: the gVisor of go.mod),
 # CONTAINERD2_VERSION, KUBE_VERSION. A binary is rebuilt when its version
-# stamp differs.
+# stamp differs (for runsc and its shim: the gVisor version and a hash of
+# the patch series).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,28 +63,33 @@ crictl() {
 	stamp crictl "$CRICTL_VERSION"
 }
 
-# gvisor builds runsc and the runsc shim in a scratch module. The shim is
-# patched: it lowers its own oom_score_adj, which needs CAP_SYS_RESOURCE,
-# and fails on EPERM where that capability is missing (containers,
-# restricted VMs); the patch ignores EPERM there.
+# gvisor builds runsc and the runsc shim in a scratch module, from a copy
+# of the pinned gVisor module source with the patch series hack/runsc/*.patch
+# applied in order (see hack/runsc/README.md): the shim tolerates EPERM on
+# oom_score_adj, and runsc --sharedmem-links drives shm-cni's shared-memory
+# links. A patch that does not apply stops the build.
 gvisor() {
-	if stamped runsc "$GVISOR_VERSION" && stamped containerd-shim-runsc-v1 "$GVISOR_VERSION+eperm"; then
+	local series=(hack/runsc/[0-9][0-9][0-9][0-9]-*.patch) version work src p
+	version="$GVISOR_VERSION+$(cat "${series[@]}" | sha256sum | cut -c1-16)"
+	if stamped runsc "$version" && stamped containerd-shim-runsc-v1 "$version"; then
 		return
 	fi
-	local work src
 	work=$(mktemp -d)
 	trap 'rm -rf "$work"' RETURN
-	log "building runsc and containerd-shim-runsc-v1 $GVISOR_VERSION (several minutes)"
+	log "building runsc and containerd-shim-runsc-v1 $version (several minutes)"
 	go mod download gvisor.dev/gvisor@"$GVISOR_VERSION"
 	src=$(go list -m -f '{{.Dir}}' gvisor.dev/gvisor@"$GVISOR_VERSION")
 	cp -r "$src" "$work/gvisor"
 	chmod -R u+w "$work/gvisor"
-	local f=$work/gvisor/pkg/shim/v1/manager.go
-	sed -i 's/if err := sys.SetOOMScore(cmd.Process.Pid, oomScoreMax); err != nil {/if err := sys.SetOOMScore(cmd.Process.Pid, oomScoreMax); err != nil \&\& !os.IsPermission(err) {/' "$f"
-	if ! grep -q 'IsPermission(err)' "$f"; then
-		log "the runsc shim patch no longer applies to $f"
-		exit 1
-	fi
+	# Its own repository, so that git apply resolves the patches' paths
+	# against the copy, wherever the scratch directory is.
+	git -C "$work/gvisor" init -q
+	for p in "${series[@]}"; do
+		if ! git -C "$work/gvisor" apply "$PWD/$p"; then
+			log "the patch $p does not apply to gvisor.dev/gvisor@$GVISOR_VERSION"
+			exit 1
+		fi
+	done
 	mkdir "$work/m"
 	(
 		cd "$work/m"
@@ -92,8 +99,8 @@ gvisor() {
 		CGO_ENABLED=0 go build -o "$OUT/runsc" gvisor.dev/gvisor/runsc
 		CGO_ENABLED=0 go build -o "$OUT/containerd-shim-runsc-v1" gvisor.dev/gvisor/shim
 	)
-	stamp runsc "$GVISOR_VERSION"
-	stamp containerd-shim-runsc-v1 "$GVISOR_VERSION+eperm"
+	stamp runsc "$version"
+	stamp containerd-shim-runsc-v1 "$version"
 }
 
 containerd2() {

@@ -173,7 +173,7 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 	case KindTap:
 		iface.Mac = tapMAC.String()
 	case KindShm:
-		mac, err := createPlaceholder(netns, args.IfName, at.MAC, at.MTU)
+		mac, err := createPlaceholder(netns, args.IfName, at.MAC, at.MTU, at.SocketPath)
 		if err != nil {
 			return nil, err
 		}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -220,7 +221,8 @@ func FuzzPrevResult(f *testing.F) {
 // link's configuration and the result. It must never panic; a refused
 // answer is CodeBadAgentAnswer (or the decoder's codes); an accepted one
 // gives the pod host addresses, a gateway of the right family for each,
-// routes, an MTU in range, and a result that prints.
+// routes, an MTU in range, a shm link an absolute attach socket path that
+// fits sun_path, and a result that prints.
 func FuzzAgentAnswer(f *testing.F) {
 	seeds := []string{
 		`{"version":1,"attach":{"ips":[{"address":"10.244.0.2/32","gateway":"169.254.1.1"},{"address":"fd00:10:244::2/128","gateway":"fe80::1"}],"routes":[{"dst":"0.0.0.0/0","gw":"169.254.1.1"},{"dst":"::/0","gw":"fe80::1"}],"mtu":1500,"mac":"0a:58:0a:f4:00:02","gatewayMAC":"ee:ee:ee:ee:ee:ee","socketPath":"/run/x.sock"}}`,
@@ -233,6 +235,8 @@ func FuzzAgentAnswer(f *testing.F) {
 		`{"version":1,"attach":{"ips":[{"address":"10.244.0.2/32"}],"mtu":70000}}`,
 		`{"version":1,"attach":{"ips":[{"address":"10.244.0.2/32"}],"mac":"01:00:5e:00:00:01"}}`,
 		`{"version":1,"attach":{"ips":[{"address":"::ffff:10.244.0.2/128"}]}}`,
+		`{"version":1,"attach":{"ips":[{"address":"10.244.0.2/32"}],"socketPath":"x.sock"}}`,
+		`{"version":1,"attach":{"ips":[{"address":"10.244.0.2/32"}],"socketPath":"/` + strings.Repeat("s", 107) + `"}}`,
 		`{"version":1,"error":{"code":103,"msg":"no address"}}`,
 		`{"version":1}`,
 	}
@@ -286,6 +290,9 @@ func FuzzAgentAnswer(f *testing.F) {
 			if r.GW.IsValid() && r.GW.Is4() != r.Dst.Addr().Is4() {
 				t.Fatalf("route %s via %s", r.Dst, r.GW)
 			}
+		}
+		if !tap && (!filepath.IsAbs(at.SocketPath) || len(at.SocketPath) > maxSocketPath) {
+			t.Fatalf("shm link with attach socket %q", at.SocketPath)
 		}
 		if tap && at.MAC != nil {
 			t.Fatalf("tap link with a pod MAC %s from the agent", at.MAC)

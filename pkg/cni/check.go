@@ -95,6 +95,9 @@ type wantLink struct {
 	MTU    int              // 0: not checked
 	Addrs  []netip.Prefix
 	Routes []podRoute
+	// Alias is a shm link's placeholder alias, from the result's
+	// socketPath; empty: not checked.
+	Alias string
 }
 
 // expectedLink finds ifName in netns among prev's interfaces and collects
@@ -112,6 +115,9 @@ func expectedLink(prev *types100.Result, ifName, netns string) (*wantLink, error
 	}
 	iface := prev.Interfaces[idx]
 	w := &wantLink{MTU: iface.Mtu}
+	if iface.SocketPath != "" {
+		w.Alias = AttachSocketAliasPrefix + iface.SocketPath
+	}
 	if iface.Mac != "" {
 		mac, err := net.ParseMAC(iface.Mac)
 		if err != nil {
@@ -166,6 +172,9 @@ func compareLink(kind string, want *wantLink, got *linkState) error {
 	}
 	if want.MAC != nil && !bytes.Equal(want.MAC, got.MAC) {
 		errs = append(errs, fmt.Errorf("mac is %s, want %s", got.MAC, want.MAC))
+	}
+	if want.Alias != "" && want.Alias != got.Alias {
+		errs = append(errs, fmt.Errorf("alias is %q, want %q", got.Alias, want.Alias))
 	}
 	if want.MTU != 0 && want.MTU != got.MTU {
 		errs = append(errs, fmt.Errorf("mtu is %d, want %d", got.MTU, want.MTU))

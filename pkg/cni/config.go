@@ -25,6 +25,12 @@ const (
 	KindShm = agentapi.KindShm
 )
 
+// AttachSocketAliasPrefix starts the interface alias of a shm link's
+// placeholder, followed by the link's attach socket (the result's
+// socketPath), so that a runtime reading the pod netns finds the socket:
+// runsc --sharedmem-links (with the patches in hack/runsc) dials it.
+const AttachSocketAliasPrefix = "sharedmem:"
+
 // Defaults of the Config fields.
 const (
 	DefaultKind     = KindTap

@@ -13,7 +13,9 @@
 //     queue pair whose 10 fds go to the agent, and a placeholder dummy
 //     interface in the pod netns carrying the same addresses, routes and
 //     MTU, for runtimes that read the netns. The result's interface has
-//     socketPath, the agent's per-attachment socket the sandbox dials.
+//     socketPath, the agent's per-attachment socket the sandbox dials; the
+//     placeholder's alias names it too ("sharedmem:<socketPath>", see
+//     AttachSocketAliasPrefix), for runtimes that find their link there.
 //
 // In both cases the pod gets its addresses as /32 and /128, an on-link
 // route to 169.254.1.1 and default routes via 169.254.1.1 and fe80::1 (or

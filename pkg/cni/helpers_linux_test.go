@@ -240,6 +240,7 @@ func cniCode(err error) uint {
 // the code under test.
 type podLink struct {
 	Type   string
+	Alias  string
 	MAC    string
 	MTU    int
 	Up     bool
@@ -263,7 +264,7 @@ func readPodLink(t *testing.T, netns ns.NetNS, name string) (podLink, bool) {
 		}
 		found = true
 		a := l.Attrs()
-		pl = podLink{Type: l.Type(), MAC: a.HardwareAddr.String(), MTU: a.MTU, Up: a.Flags&net.FlagUp != 0}
+		pl = podLink{Type: l.Type(), Alias: a.Alias, MAC: a.HardwareAddr.String(), MTU: a.MTU, Up: a.Flags&net.FlagUp != 0}
 		addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
 		if err != nil {
 			return err

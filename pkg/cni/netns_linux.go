@@ -117,12 +117,12 @@ func createTAP(netns ns.NetNS, name string) (*os.File, net.HardwareAddr, error) 
 }
 
 // createPlaceholder creates the placeholder interface of a shm link in
-// netns, with mac (nil: the kernel picks one) and mtu, and returns its MAC.
-// It is a dummy device, or, on kernels built without dummy support
-// (CONFIG_DUMMY), a persistent TAP device nobody attaches to: both only
-// carry the configuration for runtimes that read the netns. It fails if
-// name exists.
-func createPlaceholder(netns ns.NetNS, name string, mac net.HardwareAddr, mtu int) (net.HardwareAddr, error) {
+// netns, with mac (nil: the kernel picks one), mtu and the alias
+// AttachSocketAliasPrefix+socketPath, and returns its MAC. It is a dummy
+// device, or, on kernels built without dummy support (CONFIG_DUMMY), a
+// persistent TAP device nobody attaches to: both only carry the
+// configuration for runtimes that read the netns. It fails if name exists.
+func createPlaceholder(netns ns.NetNS, name string, mac net.HardwareAddr, mtu int, socketPath string) (net.HardwareAddr, error) {
 	var got net.HardwareAddr
 	err := netns.Do(func(ns.NetNS) error {
 		if err := ifNameFree(name); err != nil {
@@ -137,9 +137,18 @@ func createPlaceholder(netns ns.NetNS, name string, mac net.HardwareAddr, mtu in
 			return fmt.Errorf("create placeholder %s: %w", name, err)
 		}
 		l, err := netlinksafe.LinkByName(name)
+		if err == nil {
+			if err = netlink.LinkSetAlias(l, AttachSocketAliasPrefix+socketPath); err != nil {
+				err = fmt.Errorf("set alias: %w", err)
+			}
+		}
 		if err != nil {
-			netlink.LinkDel(d)
-			return fmt.Errorf("read placeholder %s: %w", name, err)
+			if l != nil {
+				netlink.LinkDel(l)
+			} else {
+				netlink.LinkDel(d)
+			}
+			return fmt.Errorf("placeholder %s: %w", name, err)
 		}
 		got = l.Attrs().HardwareAddr
 		return nil
@@ -293,6 +302,7 @@ func deleteLink(path, name string) (string, error) {
 // linkState is what CHECK reads back from the pod's interface.
 type linkState struct {
 	Type   string
+	Alias  string
 	MAC    net.HardwareAddr
 	MTU    int
 	Up     bool
@@ -311,7 +321,7 @@ func inspectLink(netns ns.NetNS, name string) (*linkState, error) {
 			return fmt.Errorf("look up %s: %w", name, err)
 		}
 		a := l.Attrs()
-		st = linkState{Type: l.Type(), MAC: a.HardwareAddr, MTU: a.MTU, Up: a.Flags&net.FlagUp != 0, Neigh: map[netip.Addr]net.HardwareAddr{}}
+		st = linkState{Type: l.Type(), Alias: a.Alias, MAC: a.HardwareAddr, MTU: a.MTU, Up: a.Flags&net.FlagUp != 0, Neigh: map[netip.Addr]net.HardwareAddr{}}
 		addrs, err := netlinksafe.AddrList(l, netlink.FAMILY_ALL)
 		if err != nil {
 			return fmt.Errorf("list addresses of %s: %w", name, err)

@@ -125,6 +125,9 @@ func TestTapAddCheckDelDel(t *testing.T) {
 		t.Errorf("result mac %s, agent was told %s", got, at.req.MAC)
 	}
 	wantNetns(t, netns, at, "tuntap", at.req.MAC, 1400)
+	if pl, _ := readPodLink(t, netns, "eth0"); pl.Alias != "" {
+		t.Errorf("tap alias = %q, want none (only a shm placeholder names an attach socket)", pl.Alias)
+	}
 
 	// A datagram from the pod to a far address goes out through the TAP
 	// to the gateway's MAC, without ARP.
@@ -212,8 +215,9 @@ func wantFrameOnTap(t *testing.T, netns ns.NetNS, at fakeAttachment) {
 // TestShmAddCheckDelDel runs ADD, CHECK, DEL, DEL of a shm link: the agent
 // gets the 10 queue fds (8 sealed memfds, 2 eventfds, in wire order) with
 // the configured sizes, the pod netns gets a placeholder dummy carrying the
-// agent's MAC and the same addresses, routes and MTU, and the result names
-// the sandbox socket.
+// agent's MAC and the same addresses, routes and MTU, and the alias naming
+// the sandbox socket that the result names too; CHECK notices a changed
+// alias.
 func TestShmAddCheckDelDel(t *testing.T) {
 	e := newPluginEnv(t)
 	netns := newPodNS(t)
@@ -242,6 +246,9 @@ func TestShmAddCheckDelDel(t *testing.T) {
 		t.Errorf("interface mac %s socketPath %q, want %s %q", iface.Mac, iface.SocketPath, at.resp.MAC, at.resp.SocketPath)
 	}
 	wantNetns(t, netns, at, placeholderType(t), at.resp.MAC, DefaultMTU)
+	if pl, _ := readPodLink(t, netns, "eth0"); pl.Alias != "sharedmem:"+at.resp.SocketPath {
+		t.Errorf("placeholder alias = %q, want %q", pl.Alias, "sharedmem:"+at.resp.SocketPath)
+	}
 
 	// The plugin closed its copies of the queue fds: only the agent's
 	// remain open in this process.
@@ -258,8 +265,29 @@ func TestShmAddCheckDelDel(t *testing.T) {
 		t.Errorf("%d memfds and %d eventfds more than before ADD, want the agent's 8 and 2", memfds, eventfds)
 	}
 
-	if err := e.run("CHECK", cmdArgs(netns, "shm-1", withPrevResult(t, conf, r))); err != nil {
+	check := cmdArgs(netns, "shm-1", withPrevResult(t, conf, r))
+	if err := e.run("CHECK", check); err != nil {
 		t.Fatalf("CHECK: %v", err)
+	}
+	setAlias := func(alias string) {
+		t.Helper()
+		if err := netns.Do(func(ns.NetNS) error {
+			l, err := netlink.LinkByName("eth0")
+			if err != nil {
+				return err
+			}
+			return netlink.LinkSetAlias(l, alias)
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setAlias("sharedmem:/elsewhere.sock")
+	if err := e.run("CHECK", check); cniCode(err) != CodeCheckFailed || !strings.Contains(err.Error(), `alias is "sharedmem:/elsewhere.sock"`) {
+		t.Errorf("CHECK with a changed alias = %v, want code %d naming the alias", err, CodeCheckFailed)
+	}
+	setAlias("sharedmem:" + at.resp.SocketPath)
+	if err := e.run("CHECK", check); err != nil {
+		t.Fatalf("CHECK after restoring the alias: %v", err)
 	}
 	for i := range 2 {
 		if err := e.run("DEL", cmdArgs(netns, "shm-1", conf)); err != nil {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"slices"
 
 	"github.com/containernetworking/cni/pkg/types"
@@ -127,6 +128,9 @@ func parseAttach(r *agentapi.AttachResponse, kind string, defaultMTU int) (*atta
 	if kind == KindTap {
 		// The MAC of a tap link's pod side is the TAP's own.
 		at.MAC = nil
+	}
+	if kind == KindShm && (!filepath.IsAbs(at.SocketPath) || len(at.SocketPath) > maxSocketPath) {
+		return nil, bad("socketPath: %s is not an absolute unix socket path", quote(at.SocketPath))
 	}
 	return at, nil
 }

@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # Tier 2 of the runtime tests (make e2e-runsc): gVisor. containerd v2 built
 # from the module proxy (Debian's 1.6 cannot drive the current runsc shim),
-# runsc and containerd-shim-runsc-v1 built from gvisor.dev/gvisor (the shim
-# patched to tolerate EPERM on oom_score_adj; hack/cri-deps.sh runsc), pods
-# with the runtime handler runsc beside runc pods, all on shm-cni TAP links
-# (kind tap) and the real shm-agent in the host network namespace.
+# runsc and containerd-shim-runsc-v1 built from gvisor.dev/gvisor with the
+# patch series hack/runsc/*.patch (hack/cri-deps.sh runsc), and the real
+# shm-agent in the host network namespace. Three runtime handlers:
 #
-# runsc runs with network=sandbox: at sandbox start it scrapes the pod
-# netns (the TAP device eth0, its address, routes and neighbours), removes
-# the address from the kernel's device, opens an AF_PACKET socket on it and
-# serves the pod's TCP/IP from gVisor's netstack inside the sandbox. Frames
-# then go sandbox netstack -> AF_PACKET -> TAP -> the agent's fd -> the
-# agent's router: the pod kernel's IP stack is never used.
+#   runc       runc pods, on shm-cni TAP links (kind tap, the conflist's);
+#   runsc      runsc pods on TAP links: runsc (network=sandbox) scrapes the
+#              pod netns (the TAP eth0, its address, routes, neighbours),
+#              removes the address from the kernel's device, opens an
+#              AF_PACKET socket on it and serves the pod's TCP/IP from
+#              gVisor's netstack in the sandbox: sandbox netstack ->
+#              AF_PACKET -> TAP -> the agent's fd -> the agent's router;
+#   runsc-shm  runsc pods on shared-memory links, set up as the README's
+#              recipe says: runsc with --sharedmem-links, and as the
+#              handler's own CNI config (cni_conf_dir) the same conflist
+#              with kind shm, so the pods need no annotation or CNI args.
+#              runsc finds the placeholder eth0 marked with its attach
+#              socket (alias sharedmem:<socket>), dials it and hands the
+#              queue pair to the Sentry, whose NIC is gVisor's sharedmem
+#              client: sandbox netstack -> shared memory -> the agent's
+#              router; no AF_PACKET socket, no device.
 #
 # Checks, each printed as PASS or FAIL:
 #   - the runsc pod runs in gVisor (its kernel log), sees eth0 with the
@@ -21,7 +30,18 @@
 #     sees the client's pod address) and 4 MiB transfers with matching MD5;
 #   - host -> runsc pod, runsc pod -> host, runsc pod -> outside
 #     (masqueraded to the host's address);
-#   - 10 runsc pods created and removed: nothing left (as in tier 1).
+#   - runsc-shm pods: in gVisor, eth0 with the CRI address; the pod netns
+#     holds the placeholder marked with the attach socket, without its
+#     address, and no AF_PACKET socket (the TAP pod's netns holds one); the
+#     Sentry maps the queue pair's 8 regions; the agent sees the sandboxes
+#     connected (shm_cni_link_up);
+#   - runsc-shm <-> runc, <-> runsc on TAP, <-> runsc-shm, <-> host TCP both
+#     ways (each server sees the client's pod address); 16 MiB both ways
+#     with runc, runsc on TAP and the host, with matching MD5; runsc-shm ->
+#     outside masqueraded; the agent's metrics count at least those bytes
+#     each way on the shm link, and no protocol violation;
+#   - 10 runsc pods and 10 runsc-shm pods created and removed: nothing left
+#     (as in tier 1).
 # The first run builds runsc, the shim and containerd (about 10 minutes on
 # two cores); later runs reuse bin/cri. Needs root.
 set -euo pipefail
@@ -31,6 +51,55 @@ set -euo pipefail
 CHURN=${CHURN:-10}
 HOST_PORT=18080
 CTRD2=$CRI_BIN/containerd2
+SHM_HANDLER=runsc-shm
+BIG=16777216 # bytes of the large transfers: 16 MiB
+
+# shm_handler adds the runtime handler runsc-shm (the README's recipe) to
+# what write_runsc_config and write_containerd_config wrote: runsc with
+# --sharedmem-links, and a CNI config directory of its own holding the
+# tier's conflist with kind shm.
+shm_handler() {
+	cp "$S/runsc/runsc.toml" "$S/runsc/runsc-shm.toml"
+	echo '  sharedmem-links = "true"' >>"$S/runsc/runsc-shm.toml"
+	mkdir -p "$S/cni/net.d-shm"
+	sed 's/"kind": "tap"/"kind": "shm"/' "$S/cni/net.d/10-shm-cni.conflist" >"$S/cni/net.d-shm/10-shm-cni.conflist"
+	grep -q '"kind": "shm"' "$S/cni/net.d-shm/10-shm-cni.conflist" || die "no kind in the tier's conflist"
+	cat >>"$S/containerd/config.toml" <<EOF
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.$SHM_HANDLER]
+      runtime_type = "io.containerd.runsc.v1"
+      cni_conf_dir = "$S/cni/net.d-shm"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.$SHM_HANDLER.options]
+        TypeUrl = "io.containerd.runsc.v1.options"
+        ConfigPath = "$S/runsc/runsc-shm.toml"
+EOF
+}
+
+# netns_of POD: the pod's netns path as CRI reports it.
+netns_of() { crictl_ inspectp "$1" | grep -m1 '"NetNSPath"' | cut -d'"' -f4; }
+# packet_sockets NETNS: the AF_PACKET sockets open in the netns.
+packet_sockets() { nsenter --net="$1" cat /proc/net/packet | tail -n +2 | wc -l; }
+# sentry_of NETNS: the PID of the runsc sandbox process (runsc boot: the
+# Sentry) in the netns; the platform's stub processes share the netns.
+sentry_of() {
+	local ino p
+	ino=$(stat -L -c %i "$1")
+	for p in /proc/[0-9]*; do
+		[ "$(stat -L -c %i "$p/ns/net" 2>/dev/null)" = "$ino" ] || continue
+		tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q ' boot ' && echo "${p#/proc/}"
+	done
+	return 0
+}
+# link_metric NAME POD: the agent's metric NAME for POD's link, summed over
+# its label sets.
+link_metric() {
+	http_get "$METRICS_ADDR" /metrics | awk -v n="$1{" -v p="pod=\"$2\"" \
+		'index($0, n) == 1 && index($0, p) {s += $NF} END {printf "%d", s}'
+}
+# big_cmd ADDR PORT: the MD5 of /big from ADDR:PORT, fetched with nc.
+big_cmd() { printf '%s' "printf 'GET /big HTTP/1.0\r\n\r\n' | nc -w 10 $1 $2 | sed '1,/^\r\$/d' | md5sum | cut -d' ' -f1"; }
+# make_big CTR: 16 MiB of random bytes as /big in the container's web root;
+# prints their MD5.
+make_big() { in_pod "$1" "head -c $BIG /dev/urandom >/www/big && md5sum /www/big | cut -d' ' -f1"; }
 
 need_root
 lock
@@ -51,15 +120,18 @@ write_runsc_config "log_level = \"debug\"
 log_path = \"$S/logs/runsc/shim-%ID%.log\"" "  net-raw = \"true\"
   debug-log = \"$S/logs/runsc/%ID%/\""
 write_containerd_config 2 true
+shm_handler
 say "containerd $("$CTRD2/containerd" --version | awk '{print $3}'), runsc $(cat "$CRI_BIN/runsc.version")"
 start_containerd "$CTRD2/containerd" "$CTRD2/ctr"
 
-say "a runc pod and two runsc pods"
+say "a runc pod, two runsc pods on TAP, two runsc pods on shared memory"
 run_server_pod k
 run_server_pod g1 runsc
 run_server_pod g2 runsc
-for p in k g1 g2; do wait_serving "${CTR[$p]}"; done
-say "runc pod k ${IP[k]}, runsc pods g1 ${IP[g1]}, g2 ${IP[g2]}, host $GATEWAY"
+run_server_pod s1 "$SHM_HANDLER"
+run_server_pod s2 "$SHM_HANDLER"
+for p in k g1 g2 s1 s2; do wait_serving "${CTR[$p]}"; done
+say "runc pod k ${IP[k]}, runsc pods g1 ${IP[g1]}, g2 ${IP[g2]}, runsc-shm pods s1 ${IP[s1]}, s2 ${IP[s2]}, host $GATEWAY"
 
 check "pod g1 runs in gVisor (its kernel log)" 1 "$(in_pod "${CTR[g1]}" 'dmesg' | grep -c 'Starting gVisor')"
 check "pod k runs on the host kernel" 0 "$(in_pod "${CTR[k]}" 'dmesg 2>/dev/null' 2>/dev/null | grep -c 'Starting gVisor')"
@@ -86,16 +158,69 @@ check "runsc g1 -> host TCP, the host sees g1's address" "${IP[g1]}" "$(in_pod "
 start_host_server outside "$OUTSIDE_NS" "$OUTSIDE_PEER" 8080
 check "runsc g1 -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[g1]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
 
+say "runsc pods on shared memory"
+check "pod s1 runs in gVisor (its kernel log)" 1 "$(in_pod "${CTR[s1]}" 'dmesg' | grep -c 'Starting gVisor')"
+check "pod s1: gVisor's eth0 carries the CRI address" "${IP[s1]}/32" "$(in_pod "${CTR[s1]}" "ip -4 -o addr show dev eth0 | awk '{print \$4}'")"
+snetns=$(netns_of "${POD[s1]}")
+gnetns=$(netns_of "${POD[g1]}")
+if [ -n "$snetns" ] && [ -e "$snetns" ] && [ -n "$gnetns" ] && [ -e "$gnetns" ]; then
+	check "pod s1: its netns' eth0 (the placeholder) is marked with the agent's attach socket" "alias sharedmem:$S/sb/${POD[s1]}-eth0.sock" \
+		"$(nsenter --net="$snetns" ip -o link show dev eth0 | grep -o 'alias .*')"
+	check "pod s1: runsc took the address off the placeholder" "" "$(nsenter --net="$snetns" ip -4 -o addr show dev eth0)"
+	check "pod s1: no AF_PACKET socket in its netns" 0 "$(packet_sockets "$snetns")"
+	check "pod g1 (TAP): its netns holds runsc's AF_PACKET socket, for contrast" 1 "$(packet_sockets "$gnetns")"
+	sentry=$(sentry_of "$snetns")
+	check "pod s1: one Sentry (runsc boot) in its netns" 1 "$(echo "$sentry" | grep -c .)"
+	check "pod s1: the Sentry maps the queue pair's 8 regions" 8 \
+		"$(grep -o 'memfd:shm-cni-[a-z]*-[a-z]*' "/proc/${sentry:-0}/maps" 2>/dev/null | sort -u | wc -l)"
+else
+	fail "pods s1, g1: no netns path from CRI (${snetns:-none}, ${gnetns:-none})"
+fi
+check "agent: s1's shm link is up (its sandbox connected)" 1 "$(link_metric shm_cni_link_up s1)"
+check "agent: s2's shm link is up" 1 "$(link_metric shm_cni_link_up s2)"
+
+check "runsc-shm s1 -> runc k TCP, k sees s1's address" "${IP[s1]}" "$(in_pod "${CTR[s1]}" "$(peer_cmd "${IP[k]}" 8080)")"
+check "runc k -> runsc-shm s1 TCP, s1 sees k's address" "${IP[k]}" "$(in_pod "${CTR[k]}" "$(peer_cmd "${IP[s1]}" 8080)")"
+check "runsc-shm s1 -> runsc g1 (TAP) TCP, g1 sees s1's address" "${IP[s1]}" "$(in_pod "${CTR[s1]}" "$(peer_cmd "${IP[g1]}" 8080)")"
+check "runsc g1 (TAP) -> runsc-shm s1 TCP, s1 sees g1's address" "${IP[g1]}" "$(in_pod "${CTR[g1]}" "$(peer_cmd "${IP[s1]}" 8080)")"
+check "runsc-shm s1 -> runsc-shm s2 TCP, s2 sees s1's address" "${IP[s1]}" "$(in_pod "${CTR[s1]}" "$(peer_cmd "${IP[s2]}" 8080)")"
+check "runsc-shm s2 <- runsc-shm s1 4 MiB, MD5" "$(in_pod "${CTR[s1]}" 'cat /www/blob.md5')" "$(in_pod "${CTR[s2]}" "$(blob_cmd "${IP[s1]}")")"
+check "host -> runsc-shm s1 TCP, s1 sees the host's uplink address" "$GATEWAY" "$(/bin/busybox sh -c "$(peer_cmd "${IP[s1]}" 8080)")"
+check "runsc-shm s1 -> host TCP, the host sees s1's address" "${IP[s1]}" "$(in_pod "${CTR[s1]}" "$(peer_cmd "$GATEWAY" "$HOST_PORT")")"
+check "runsc-shm s1 -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[s1]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
+
+rx0=$(link_metric shm_cni_link_receive_bytes_total s1)
+tx0=$(link_metric shm_cni_link_transmit_bytes_total s1)
+big_s1=$(make_big "${CTR[s1]}")
+for p in k g1; do
+	big=$(make_big "${CTR[$p]}")
+	check "runsc-shm s1 <- $p 16 MiB, MD5" "$big" "$(in_pod "${CTR[s1]}" "$(big_cmd "${IP[$p]}" 8080)")"
+	check "$p <- runsc-shm s1 16 MiB, MD5" "$big_s1" "$(in_pod "${CTR[$p]}" "$(big_cmd "${IP[s1]}" 8080)")"
+done
+check "host <- runsc-shm s1 16 MiB, MD5" "$big_s1" "$(/bin/busybox sh -c "$(big_cmd "${IP[s1]}" 8080)")"
+head -c "$BIG" /dev/urandom >"$S/www-host/big"
+check "runsc-shm s1 <- host 16 MiB, MD5" "$(md5sum <"$S/www-host/big" | cut -d' ' -f1)" "$(in_pod "${CTR[s1]}" "$(big_cmd "$GATEWAY" "$HOST_PORT")")"
+rx=$(($(link_metric shm_cni_link_receive_bytes_total s1) - rx0))
+tx=$(($(link_metric shm_cni_link_transmit_bytes_total s1) - tx0))
+say "s1's shm link during the 16 MiB transfers: the agent received $rx bytes, transmitted $tx"
+check "agent: s1's shm link received at least the 3 x 16 MiB s1 sent" 1 "$((rx >= 3 * BIG))"
+check "agent: s1's shm link transmitted at least the 3 x 16 MiB s1 got" 1 "$((tx >= 3 * BIG))"
+check "agent: no protocol violation on the shm links" 0 "$(($(link_metric shm_cni_link_protocol_violations_total s1) + $(link_metric shm_cni_link_protocol_violations_total s2)))"
+
 say "remove the pods"
 agent_baseline "the pods"
 
-say "$CHURN runsc pods"
+say "$CHURN runsc pods and $CHURN runsc-shm pods"
 for i in $(seq "$CHURN"); do
-	pod_json "churn-$i"
-	crictl_ runp --runtime runsc "$S/pods/churn-$i.json" >/dev/null 2>>"$S/logs/churn.log" || true
+	for h in runsc "$SHM_HANDLER"; do
+		pod_json "churn-$h-$i"
+		crictl_ runp --runtime "$h" "$S/pods/churn-$h-$i.json" >/dev/null 2>>"$S/logs/churn.log" || true
+	done
 done
-check "CRI: runsc pods ready" "$CHURN" "$(crictl_ pods -q --state ready | wc -l)"
-check "agent: attachments" "$CHURN" "$(attachments_count)"
+check "CRI: runsc and runsc-shm pods ready" "$((2 * CHURN))" "$(crictl_ pods -q --state ready | wc -l)"
+check "agent: attachments" "$((2 * CHURN))" "$(attachments_count)"
+check "agent: shm links up (their sandboxes connected)" "$CHURN" \
+	"$(http_get "$METRICS_ADDR" /metrics | awk 'index($0, "shm_cni_link_up{") == 1 && /kind="shm"/ {s += $NF} END {printf "%d", s}')"
 remove_pods
 check_nothing_left
 # runsc keeps one "null-netns" mount in its root for all sandboxes.
