@@ -8,9 +8,9 @@
 #   bridge  the reference bridge plugin (veth pairs on a Linux bridge):
 #           what runsc users run today, and runc on it is the kernel
 #           reference every row is compared with
-#   shm     shm-cni, runsc pods on shared-memory links (runc pods on TAP):
-#           needs a runsc that attaches them (NETWORKS="tap bridge shm",
-#           RUNSC_CONFIG for its runsc flags)
+#   shm     shm-cni, runsc pods on shared-memory links (the runtime handler
+#           runsc-shm: runsc with --sharedmem-links and a conflist of kind
+#           shm, the README's recipe), runc pods on TAP
 #
 # For each network and each pair (runsc -> runsc, runc -> runc, runsc ->
 # runc, runc -> runsc): TCP throughput with 1 and 4 streams, the machine's
@@ -27,11 +27,10 @@ set -euo pipefail
 # shellcheck source=test/e2e/cri/lib.sh
 . "$(dirname "$0")/lib.sh"
 
-NETWORKS=${NETWORKS:-tap bridge}
+NETWORKS=${NETWORKS:-shm tap bridge}
 REPS=${REPS:-3}
 TIME=${TIME:-3s}
 RTT_COUNT=${RTT_COUNT:-5000}
-RUNSC_CONFIG=${RUNSC_CONFIG:-}
 # The firewall is not what is measured.
 HOST_FORWARD=keep
 BRIDGE=cnibench0
@@ -68,9 +67,10 @@ ln -sf /usr/lib/cni/host-local "$S/cni/bin/host-local"
 routed "$BRIDGE_CIDR" && die "$BRIDGE_CIDR is routed on this machine already; set BRIDGE_CIDR"
 setup_outside
 start_agent
-write_conflist 1.1.0 # the crictl config
-write_runsc_config "" "$RUNSC_CONFIG"
+write_conflist 1.1.0 # the crictl config, and the runsc-shm handler's conflist
+write_runsc_config "" ""
 write_containerd_config 2 true
+shm_handler
 
 # conflist NETWORK: the network's conflist, alone in the CNI config dir.
 conflist() {
@@ -80,7 +80,6 @@ conflist() {
 		cat >"$S/cni/net.d/10-bench.conflist" <<EOF
 {"cniVersion": "1.1.0", "name": "$CNI_NETWORK", "plugins": [{
   "type": "shm-cni", "kind": "tap", "mtu": 1500, "agentSocket": "$S/agent.sock",
-  "capabilities": {"io.kubernetes.cri.pod-annotations": true},
   "logFile": "$S/logs/shm-cni.log", "logLevel": "info"}]}
 EOF
 		;;
@@ -97,14 +96,15 @@ EOF
 }
 
 # tool_pod NAME HANDLER NETWORK: a pod running nettool serve; on the shm
-# network a runsc pod asks for a shared-memory link (pod annotation).
+# network a runsc pod runs with the runsc-shm handler (a shared-memory
+# link).
 tool_pod() {
-	local name=$1 handler=$2 network=$3 ann="" p c
-	[ "$network" = shm ] && [ "$handler" = runsc ] && ann=', "annotations": {"shm-cni.io/kind": "shm"}'
+	local name=$1 handler=$2 network=$3 p c
+	[ "$network" = shm ] && [ "$handler" = runsc ] && handler=$SHM_HANDLER
 	mkdir -p "$S/logs/pods/$name"
 	cat >"$S/pods/$name.json" <<EOF
 {"metadata": {"name": "$name", "namespace": "shm-bench", "uid": "uid-$name", "attempt": 0},
- "log_directory": "$S/logs/pods/$name", "linux": {}$ann}
+ "log_directory": "$S/logs/pods/$name", "linux": {}}
 EOF
 	cat >"$S/pods/$name-ctr.json" <<EOF
 {"metadata": {"name": "nettool"}, "image": {"image": "$IMAGE_NETTOOL"}, "log_path": "nettool.log", "linux": {}}

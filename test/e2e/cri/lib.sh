@@ -24,6 +24,9 @@ OUTSIDE_NS=shmcri-outside
 OUTSIDE_VETH=shmcri-out
 METRICS_ADDR=${METRICS_ADDR:-127.0.0.1:19309}
 CNI_NETWORK=shm-cri-e2e
+# SHM_HANDLER is the runtime handler of runsc pods on shared-memory links
+# (shm_handler).
+SHM_HANDLER=runsc-shm
 # HOST_FORWARD=drop (the default) sets the host's iptables FORWARD policy to
 # DROP for the run, as Docker and hardened hosts leave it, so that every
 # check passes through the agent's own accepts; teardown puts the policy back
@@ -606,6 +609,29 @@ state = "$S/containerd/state"
     bin_dirs = ["$S/cni/bin"]
     conf_dir = "$S/cni/net.d"
     max_conf_num = 1
+EOF
+}
+
+# shm_handler adds the runtime handler runsc-shm ($SHM_HANDLER; the README's
+# recipe) to what write_runsc_config and write_containerd_config wrote:
+# runsc with --sharedmem-links, and a CNI config directory of its own
+# holding the shm-cni conflist of $S/cni/net.d with kind shm.
+shm_handler() {
+	cp "$S/runsc/runsc.toml" "$S/runsc/runsc-shm.toml"
+	echo '  sharedmem-links = "true"' >>"$S/runsc/runsc-shm.toml"
+	mkdir -p "$S/cni/net.d-shm"
+	local f
+	for f in "$S"/cni/net.d/*.conflist; do
+		sed 's/"kind": "tap"/"kind": "shm"/' "$f" >"$S/cni/net.d-shm/${f##*/}"
+		grep -q '"kind": "shm"' "$S/cni/net.d-shm/${f##*/}" || die "no kind in the conflist ${f##*/}"
+	done
+	cat >>"$S/containerd/config.toml" <<EOF
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.$SHM_HANDLER]
+      runtime_type = "io.containerd.runsc.v1"
+      cni_conf_dir = "$S/cni/net.d-shm"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.$SHM_HANDLER.options]
+        TypeUrl = "io.containerd.runsc.v1.options"
+        ConfigPath = "$S/runsc/runsc-shm.toml"
 EOF
 }
 

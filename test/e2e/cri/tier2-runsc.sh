@@ -51,28 +51,7 @@ set -euo pipefail
 CHURN=${CHURN:-10}
 HOST_PORT=18080
 CTRD2=$CRI_BIN/containerd2
-SHM_HANDLER=runsc-shm
 BIG=16777216 # bytes of the large transfers: 16 MiB
-
-# shm_handler adds the runtime handler runsc-shm (the README's recipe) to
-# what write_runsc_config and write_containerd_config wrote: runsc with
-# --sharedmem-links, and a CNI config directory of its own holding the
-# tier's conflist with kind shm.
-shm_handler() {
-	cp "$S/runsc/runsc.toml" "$S/runsc/runsc-shm.toml"
-	echo '  sharedmem-links = "true"' >>"$S/runsc/runsc-shm.toml"
-	mkdir -p "$S/cni/net.d-shm"
-	sed 's/"kind": "tap"/"kind": "shm"/' "$S/cni/net.d/10-shm-cni.conflist" >"$S/cni/net.d-shm/10-shm-cni.conflist"
-	grep -q '"kind": "shm"' "$S/cni/net.d-shm/10-shm-cni.conflist" || die "no kind in the tier's conflist"
-	cat >>"$S/containerd/config.toml" <<EOF
-    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.$SHM_HANDLER]
-      runtime_type = "io.containerd.runsc.v1"
-      cni_conf_dir = "$S/cni/net.d-shm"
-      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.$SHM_HANDLER.options]
-        TypeUrl = "io.containerd.runsc.v1.options"
-        ConfigPath = "$S/runsc/runsc-shm.toml"
-EOF
-}
 
 # netns_of POD: the pod's netns path as CRI reports it.
 netns_of() { crictl_ inspectp "$1" | grep -m1 '"NetNSPath"' | cut -d'"' -f4; }
