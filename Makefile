@@ -42,7 +42,7 @@ FUZZ_TARGETS ?= \
 	./test/e2e/node:FuzzParseSinkLine \
 	./test/e2e/node:FuzzParseSentLine
 
-.PHONY: all build deps test test-unit test-full lint fuzz bench bench-endpoint bench-hostile demo image clean
+.PHONY: all build deps test test-unit test-full lint fuzz bench bench-snapshot bench-endpoint bench-hostile demo image clean
 
 all: build
 
@@ -76,10 +76,17 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$name$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 2s -parallel 1 $$pkg; \
 	done
 
-# bench writes $(BIN)/bench.md and $(BIN)/bench.json; never part of test.
+# bench writes $(BIN)/bench.md, bench.json and bench.svg; never part of test.
+# bench-snapshot copies the latest results (make bench, make bench-runsc)
+# into docs/bench, the committed snapshot.
 bench: deps
 	@hack/bench-deps.sh
 	$(GO) run ./test/bench -out $(BIN) $(BENCH_FLAGS)
+
+bench-snapshot:
+	@test -f $(BIN)/bench.md || { echo "no $(BIN)/bench.md: run make bench first"; exit 1; }
+	cp $(BIN)/bench.md $(BIN)/bench.json $(BIN)/bench.svg docs/bench/
+	@if [ -f $(BIN)/bench-runsc.md ]; then cp $(BIN)/bench-runsc.md docs/bench/; fi
 
 bench-endpoint: deps
 	@mkdir -p $(BIN)
