@@ -467,6 +467,9 @@ teardown() {
 	done
 	# After the agent: its accepts went with it.
 	forward_restore
+	# libcni's cached results of pods that were never deleted through CRI
+	# (a run killed before its pods were removed).
+	grep -lF "\"netns\":\"$S/" /var/lib/cni/results/* 2>/dev/null | xargs -r rm -f
 	[ -f "$S/netns" ] && ip netns del "$(cat "$S/netns")" 2>/dev/null
 	awk -v s="$S/" 'index($5, s) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
 		umount -l "$m" 2>/dev/null
