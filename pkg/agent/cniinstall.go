@@ -29,8 +29,8 @@ const PluginType = "shm-cni"
 // with "try again" (code 11) and STATUS reports the agent not ready (code
 // 50) until the next agent serves. Uninstalling is removing both files.
 func (a *Agent) installCNI() error {
-	// The conflist is vetted before anything is installed.
-	var conf []byte
+	// The conflists are vetted before anything is installed.
+	var conf, shmConf []byte
 	if src := a.cfg.CNIConfSource; src != "" {
 		var err error
 		if conf, err = os.ReadFile(src); err != nil {
@@ -38,6 +38,14 @@ func (a *Agent) installCNI() error {
 		}
 		if err := a.checkConflist(conf); err != nil {
 			return fmt.Errorf("install CNI config: %s: %w", src, err)
+		}
+		if a.cfg.CNIShmConfDir != "" {
+			if shmConf, err = withKind(conf, cni.KindShm); err == nil {
+				err = a.checkConflist(shmConf)
+			}
+			if err != nil {
+				return fmt.Errorf("install CNI config for shared-memory sandboxes: %s: %w", src, err)
+			}
 		}
 	}
 	if src := a.cfg.CNIBinarySource; src != "" {
@@ -52,15 +60,44 @@ func (a *Agent) installCNI() error {
 		}
 		a.log.Info("CNI binary installed", "path", dst, "changed", changed)
 	}
-	if conf != nil {
-		dst := filepath.Join(a.cfg.CNIConfDir, filepath.Base(a.cfg.CNIConfSource))
-		changed, err := installFile(dst, conf, 0o644)
+	for _, c := range []struct {
+		dir  string
+		data []byte
+	}{{a.cfg.CNIConfDir, conf}, {a.cfg.CNIShmConfDir, shmConf}} {
+		if c.data == nil {
+			continue
+		}
+		dst := filepath.Join(c.dir, filepath.Base(a.cfg.CNIConfSource))
+		changed, err := installFile(dst, c.data, 0o644)
 		if err != nil {
 			return fmt.Errorf("install CNI config: %w", err)
 		}
 		a.log.Info("CNI config installed", "path", dst, "changed", changed)
 	}
 	return nil
+}
+
+// withKind returns the conflist data with the kind of every shm-cni plugin
+// set to kind: the conflist of the runtime handler whose sandboxes attach
+// shared-memory links (runsc with --sharedmem-links reads its own CNI
+// config directory, see --cni-shm-conf-dir), so that its pods get them
+// without annotations or CNI args.
+func withKind(data []byte, kind string) ([]byte, error) {
+	var list map[string]any
+	if err := json.Unmarshal(data, &list); err != nil {
+		return nil, err
+	}
+	plugins, _ := list["plugins"].([]any)
+	for _, p := range plugins {
+		if m, ok := p.(map[string]any); ok && m["type"] == PluginType {
+			m["kind"] = kind
+		}
+	}
+	out, err := json.MarshalIndent(list, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(out, '\n'), nil
 }
 
 // checkConflist refuses a conflist that a runtime or shm-cni would refuse:

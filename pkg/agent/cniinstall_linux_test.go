@@ -346,3 +346,44 @@ func TestCNIInstallRefusesBadConflist(t *testing.T) {
 		})
 	}
 }
+
+// TestCNIInstallShmConflist: with --cni-shm-conf-dir the real agent also
+// writes the conflist there with the shm-cni plugin's kind set to shm and
+// everything else as in the source (the CNI config of the runtime handler
+// whose sandboxes attach shared-memory links); the main conflist keeps its
+// kind. A kind libcni and shm-cni both accept, the pods of that handler get
+// shm links without annotations.
+func TestCNIInstallShmConflist(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "10-shm-cni.conflist")
+	conf := testConflist(t, e.config(), func(m map[string]any) { m["mtu"] = 1400 })
+	if err := os.WriteFile(src, conf, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	confDst, shmDst := filepath.Join(e.dir, "net.d"), filepath.Join(e.dir, "net.d-shm")
+	p := startAgentProc(t, e, "--cni-conf-source="+src, "--cni-conf-dir="+confDst, "--cni-shm-conf-dir="+shmDst)
+	shmPath := filepath.Join(shmDst, "10-shm-cni.conflist")
+	p.waitFor(t, "shm conflist", func() bool { _, err := os.Stat(shmPath); return err == nil })
+	if b, err := os.ReadFile(filepath.Join(confDst, "10-shm-cni.conflist")); err != nil || !bytes.Equal(b, conf) {
+		t.Errorf("main conflist: %s, %v; want the source's", b, err)
+	}
+	b, err := os.ReadFile(shmPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		CNIVersion string           `json:"cniVersion"`
+		Name       string           `json:"name"`
+		Plugins    []map[string]any `json:"plugins"`
+	}
+	if err := json.Unmarshal(b, &got); err != nil {
+		t.Fatalf("shm conflist %s: %v", b, err)
+	}
+	if got.CNIVersion != "1.1.0" || got.Name != "pods" || len(got.Plugins) != 1 ||
+		got.Plugins[0]["kind"] != "shm" || got.Plugins[0]["mtu"] != 1400.0 || got.Plugins[0]["agentSocket"] != e.config().SocketPath {
+		t.Errorf("shm conflist %s: want the source with kind shm", b)
+	}
+	if err := p.stop(t); err != nil {
+		t.Fatalf("agent exit: %v", err)
+	}
+}

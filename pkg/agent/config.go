@@ -128,6 +128,12 @@ type Config struct {
 	CNIConfSource string
 	// CNIConfDir is where the conflist goes (--cni-conf-dir).
 	CNIConfDir string
+	// CNIShmConfDir, when set with CNIConfSource, also receives the
+	// conflist with every shm-cni plugin's kind set to shm
+	// (--cni-shm-conf-dir): the CNI config directory of the runtime handler
+	// whose sandboxes attach shared-memory links (containerd's per-handler
+	// cni_conf_dir for runsc with --sharedmem-links).
+	CNIShmConfDir string
 }
 
 // DefaultConfig returns the defaults. PodCIDRs has none: it is required.
@@ -179,6 +185,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.CNIBinDir, "cni-bin-dir", c.CNIBinDir, "directory the CNI binary is installed into")
 	fs.StringVar(&c.CNIConfSource, "cni-conf-source", c.CNIConfSource, "conflist to write into --cni-conf-dir once ready; empty writes none")
 	fs.StringVar(&c.CNIConfDir, "cni-conf-dir", c.CNIConfDir, "directory the conflist is written into")
+	fs.StringVar(&c.CNIShmConfDir, "cni-shm-conf-dir", c.CNIShmConfDir, "also write the conflist with kind shm into this directory (the CNI config directory of the runtime handler for sandboxes on shared-memory links); empty writes none")
 }
 
 // Validate reports every problem of c at once, each naming its flag.
@@ -286,6 +293,13 @@ func (c Config) Validate() error {
 	if c.CNIConfSource != "" {
 		if !filepath.IsAbs(c.CNIConfDir) {
 			bad("cni-conf-dir", "%q is not an absolute path", c.CNIConfDir)
+		}
+		switch {
+		case c.CNIShmConfDir == "":
+		case !filepath.IsAbs(c.CNIShmConfDir):
+			bad("cni-shm-conf-dir", "%q is not an absolute path", c.CNIShmConfDir)
+		case filepath.Clean(c.CNIShmConfDir) == filepath.Clean(c.CNIConfDir):
+			bad("cni-shm-conf-dir", "%q is --cni-conf-dir: the shm conflist needs a directory of its own", c.CNIShmConfDir)
 		}
 		if !isConfName(filepath.Base(c.CNIConfSource)) {
 			bad("cni-conf-source", "%q: the file name must end in .conflist (runtimes load only .conf, .conflist and .json files)", c.CNIConfSource)

@@ -51,6 +51,12 @@ func TestConfigValidate(t *testing.T) {
 			c.LinkRxLimit = endpoint.RxLimit{PacketsPerSecond: 10, BytesPerSecond: -1}
 		}, []string{"--link-max-pps: 10: want 0 (unlimited) or at least 1000", "--link-max-bytes: -1"}},
 		{"host check interval", func(c *Config) { c.HostCheckInterval = 0 }, []string{"--host-check-interval: 0s: want a positive duration"}},
+		{"shm conf dir", func(c *Config) {
+			c.CNIConfSource, c.CNIConfDir, c.CNIShmConfDir = "/etc/shm-cni/10-shm-cni.conflist", "/etc/cni/net.d", "/etc/cni/net.d/"
+		}, []string{"--cni-shm-conf-dir: \"/etc/cni/net.d/\" is --cni-conf-dir"}},
+		{"relative shm conf dir", func(c *Config) {
+			c.CNIConfSource, c.CNIShmConfDir = "/etc/shm-cni/10-shm-cni.conflist", "net.d-shm"
+		}, []string{"--cni-shm-conf-dir: \"net.d-shm\" is not an absolute path"}},
 		{"v6 mtu", func(c *Config) {
 			c.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("2001:db8::/64")}
 			c.MTU = 1000

@@ -618,13 +618,15 @@ EOF
 # shm_handler adds the runtime handler runsc-shm ($SHM_HANDLER; the README's
 # recipe) to what write_runsc_config and write_containerd_config wrote:
 # runsc with --sharedmem-links, and a CNI config directory of its own
-# holding the shm-cni conflist of $S/cni/net.d with kind shm.
+# holding the shm-cni conflist of $S/cni/net.d with kind shm (none there:
+# the directory stays for the agent's --cni-shm-conf-dir to fill).
 shm_handler() {
 	cp "$S/runsc/runsc.toml" "$S/runsc/runsc-shm.toml"
 	echo '  sharedmem-links = "true"' >>"$S/runsc/runsc-shm.toml"
 	mkdir -p "$S/cni/net.d-shm"
 	local f
 	for f in "$S"/cni/net.d/*.conflist; do
+		[ -e "$f" ] || continue
 		sed 's/"kind": "tap"/"kind": "shm"/' "$f" >"$S/cni/net.d-shm/${f##*/}"
 		grep -q '"kind": "shm"' "$S/cni/net.d-shm/${f##*/}" || die "no kind in the conflist ${f##*/}"
 	done

@@ -24,8 +24,11 @@
 #   - pods Running with addresses from the node's pod CIDR;
 #   - pod <-> pod and host <-> pod TCP (the server sees the client), pod ->
 #     outside masqueraded (the agent's cluster CIDRs from the ConfigMap);
-#   - with runsc: a RuntimeClass gvisor, its pod in gVisor talking to a runc
-#     pod and to the host;
+#   - with runsc: a RuntimeClass gvisor whose handler is runsc-shm (the
+#     README's recipe: runsc with --sharedmem-links reading the conflist the
+#     agent writes with kind shm), its pod in gVisor on a shared-memory link
+#     (no AF_PACKET socket, the agent's link up) talking to a runc pod and to
+#     the host;
 #   - deleting the pods and the DaemonSet leaves no attachment, and the
 #     agent's uplink goes with it.
 # Needs root. SHM_CNI_MANIFEST names another manifest than deploy/shm-cni.yaml.
@@ -79,6 +82,10 @@ if [ "$RUNSC" = yes ]; then
 	CTRD=$CRI_BIN/containerd2/containerd CTRCLI=$CRI_BIN/containerd2/ctr
 	write_runsc_config "" ""
 	write_containerd_config 2 false
+	# The README's recipe for gVisor pods on shared-memory links: the
+	# handler runsc-shm reads the conflist the agent writes with kind shm
+	# (--cni-shm-conf-dir, host /etc/cni/net.d-shm in the manifest).
+	shm_handler
 else
 	CTRD=$(command -v containerd) CTRCLI=$(command -v ctr)
 	write_containerd_config 1 false
@@ -233,6 +240,8 @@ check "agent ready (its /readyz)" ok "$AGENT_READY"
 check "node Ready once the agent is" True "$(node_ready)"
 check "the agent installed the CNI binary" yes "$([ -x "$S/cni/bin/shm-cni" ] && echo yes)"
 check "the agent wrote the conflist" yes "$([ -f "$S/cni/net.d/10-shm-cni.conflist" ] && echo yes)"
+check "the agent wrote the conflist with kind shm for the runsc-shm handler" 1 \
+	"$(grep -c '"kind": "shm"' "$S/cni/net.d-shm/10-shm-cni.conflist" 2>/dev/null)"
 NODE_CIDR=$(kubectl_ get node "$NODE" -o jsonpath='{.spec.podCIDR}')
 GATEWAY=$(ip -4 -o addr show dev "$UPLINK" | awk '{print $4}' | cut -d/ -f1)
 forward_on "$UPLINK" "$OUTSIDE_VETH" || fail "forwarding on $UPLINK, $OUTSIDE_VETH"
@@ -259,7 +268,7 @@ EOF
 apiVersion: node.k8s.io/v1
 kind: RuntimeClass
 metadata: {name: gvisor}
-handler: runsc
+handler: $SHM_HANDLER
 ---
 apiVersion: v1
 kind: Pod
@@ -293,6 +302,9 @@ start_host_server outside "$OUTSIDE_NS" "$OUTSIDE_PEER" 8080
 check "web1 -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[web1]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
 if [ "$RUNSC" = yes ]; then
 	check "pod gvisor runs in gVisor" 1 "$(in_pod "${CTR[gvisor]}" dmesg | grep -c 'Starting gVisor')"
+	gns=$(crictl_ inspectp "$(crictl_ pods -q --name gvisor | head -1)" | grep -m1 '"NetNSPath"' | cut -d'"' -f4)
+	check "pod gvisor: on a shared-memory link, no AF_PACKET socket in its netns" 0 "$(nsenter --net="$gns" cat /proc/net/packet | tail -n +2 | wc -l)"
+	check "agent: pod gvisor's shm link is up" 1 "$(http_get 127.0.0.1:9309 /metrics | awk '/^shm_cni_link_up\{/ && /pod="gvisor"/ && /kind="shm"/ {print $NF}')"
 	check "gvisor -> web1 TCP, web1 sees gvisor" "${IP[gvisor]}" "$(in_pod "${CTR[gvisor]}" "$(peer_cmd "${IP[web1]}" 8080)")"
 	check "web1 -> gvisor TCP, gvisor sees web1" "${IP[web1]}" "$(in_pod "${CTR[web1]}" "$(peer_cmd "${IP[gvisor]}" 8080)")"
 	check "host -> gvisor TCP" "$GATEWAY" "$(/bin/busybox sh -c "$(peer_cmd "${IP[gvisor]}" 8080)")"

@@ -353,7 +353,7 @@ func TestDeployDaemonSet(t *testing.T) {
 			}
 		}
 	}
-	for _, hp := range []string{"/opt/cni/bin", "/etc/cni/net.d", "/run/shm-cni", "/var/lib/shm-cni", "/var/run/netns"} {
+	for _, hp := range []string{"/opt/cni/bin", "/etc/cni/net.d", "/etc/cni/net.d-shm", "/run/shm-cni", "/var/lib/shm-cni", "/var/run/netns"} {
 		if _, ok := mounts[hp]; !ok {
 			t.Errorf("host path %s not mounted", hp)
 		}
@@ -382,8 +382,11 @@ func TestDeployDaemonSet(t *testing.T) {
 	under("state-dir", cfg.StateDir, "/var/lib/shm-cni", false)
 	under("cni-bin-dir", cfg.CNIBinDir, "/opt/cni/bin", false)
 	under("cni-conf-dir", cfg.CNIConfDir, "/etc/cni/net.d", false)
-	if cfg.CNIBinDir != mounts["/opt/cni/bin"].MountPath || cfg.CNIConfDir != mounts["/etc/cni/net.d"].MountPath {
-		t.Errorf("--cni-bin-dir %s / --cni-conf-dir %s are not the host directories' mount paths", cfg.CNIBinDir, cfg.CNIConfDir)
+	under("cni-shm-conf-dir", cfg.CNIShmConfDir, "/etc/cni/net.d-shm", false)
+	if cfg.CNIBinDir != mounts["/opt/cni/bin"].MountPath || cfg.CNIConfDir != mounts["/etc/cni/net.d"].MountPath ||
+		cfg.CNIShmConfDir != mounts["/etc/cni/net.d-shm"].MountPath {
+		t.Errorf("--cni-bin-dir %s / --cni-conf-dir %s / --cni-shm-conf-dir %s are not the host directories' mount paths",
+			cfg.CNIBinDir, cfg.CNIConfDir, cfg.CNIShmConfDir)
 	}
 	if cfg.CNIBinarySource != "/usr/local/bin/shm-cni" {
 		t.Errorf("--cni-binary-source %q, want the image's /usr/local/bin/shm-cni", cfg.CNIBinarySource)
