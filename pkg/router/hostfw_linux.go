@@ -38,10 +38,15 @@ import (
 //     DOCKER-USER (where Docker's documentation has administrators drop
 //     traffic from outside, which would drop the pods' replies);
 //   - nftables: the same two rules at the head of every other base chain of
-//     the forward hook (type filter, families inet, ip and ip6), with the
-//     comment "shm-cni: ...". The iptables filter tables are left to the
-//     iptables command when it is there; without it (the agent's image has
-//     none) the rules go into iptables-nft's FORWARD chain natively.
+//     the forward hook whose policy is drop (type filter, families inet, ip
+//     and ip6), with the comment "shm-cni: ...". Chains whose policy is
+//     accept are other programs' rule sets (kube-proxy's nftables mode
+//     rejects traffic to services without endpoints there, for one): an
+//     accept at their head would skip their rules, so they are left alone.
+//     The iptables filter tables are left to the iptables command when it
+//     is there; without it (the agent's image has none) the rules go into
+//     iptables-nft's FORWARD chain natively when its policy is drop
+//     (Docker's).
 //
 // Nothing else is accepted: a packet from one outside address to another
 // still meets the host's policy. ensure checks the rules and puts back what
@@ -384,11 +389,12 @@ func (f *hostFirewall) nftFamilyRules(fam nftables.TableFamily) []fwRule {
 }
 
 // nftTarget reports whether the router keeps its accepts at the head of
-// chain c: a base chain of the forward hook of type filter, not in the
-// router's own table, and not an iptables filter table the iptables
-// command already serves.
+// chain c: a base chain of the forward hook of type filter whose policy is
+// drop, not in the router's own table, and not an iptables filter table the
+// iptables command already serves.
 func (f *hostFirewall) nftTarget(c *nftables.Chain) bool {
-	if c.Hooknum == nil || *c.Hooknum != *nftables.ChainHookForward || c.Type != nftables.ChainTypeFilter {
+	if c.Hooknum == nil || *c.Hooknum != *nftables.ChainHookForward || c.Type != nftables.ChainTypeFilter ||
+		c.Policy == nil || *c.Policy != nftables.ChainPolicyDrop {
 		return false
 	}
 	t := c.Table

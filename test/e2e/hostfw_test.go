@@ -33,6 +33,9 @@ type hostFirewall struct {
 	dump []string
 	// open lets forwarded traffic through again.
 	open []string
+	// untouched lists a chain whose policy accepts, where the agent must
+	// put nothing.
+	untouched string
 }
 
 // sh runs each shell line in x or fails t.
@@ -84,11 +87,17 @@ func TestForwardPolicyDrop(t *testing.T) {
 		dump: []string{"iptables-save", "ip6tables-save", "nft list ruleset"},
 		open: []string{"iptables -F DOCKER-USER", "iptables -P FORWARD ACCEPT", "ip6tables -P FORWARD ACCEPT"},
 	}, {
-		name:   "nftables",
-		setup:  []string{"nft add table inet hostfw", "nft 'add chain inet hostfw forward { type filter hook forward priority 0; policy drop; }'"},
-		remove: []string{"nft flush chain inet hostfw forward"},
-		dump:   []string{"nft list ruleset", "iptables-save", "ip6tables-save"},
-		open:   []string{"nft delete table inet hostfw"},
+		name: "nftables",
+		setup: []string{"nft add table inet hostfw", "nft 'add chain inet hostfw forward { type filter hook forward priority 0; policy drop; }'",
+			// Another program's rule set at the forward hook that
+			// accepts by default (kube-proxy's nftables mode): its
+			// rules must keep seeing pod traffic.
+			"nft add table ip other", "nft 'add chain ip other forward { type filter hook forward priority 10; policy accept; }'",
+			"nft add rule ip other forward counter"},
+		remove:    []string{"nft flush chain inet hostfw forward"},
+		dump:      []string{"nft list ruleset", "iptables-save", "ip6tables-save"},
+		open:      []string{"nft delete table inet hostfw"},
+		untouched: "nft list chain ip other forward",
 	}, {
 		name:     "iptables-nft without the command",
 		agentEnv: []string{"PATH=" + noIPTables},
@@ -159,6 +168,11 @@ func testForwardPolicyDrop(t *testing.T, fw hostFirewall) {
 	traffic(t)
 	if err := probe(ctx, other, a.Outside, node.Outside4.Addr()); err == nil {
 		t.Error("with the agent: outside to outside through the host passed; want it dropped (only pod traffic is accepted)")
+	}
+	if fw.untouched != "" {
+		if out := sh(t, ctx, a.Host, fw.untouched); strings.Contains(out, "shm-cni") {
+			t.Errorf("the agent put rules into a chain that accepts by default:\n%s", out)
+		}
 	}
 
 	// Another program removes the agent's rules: the agent puts them back.
