@@ -29,7 +29,10 @@ import (
 // the chains that may drop it, ahead of their rules, tagged as shm-cni's:
 //
 //   - iptables (legacy or nft backend), when the iptables / ip6tables command
-//     is on PATH: a chain SHM-CNI-FORWARD in the filter table,
+//     is on PATH and the family's FORWARD policy is DROP (as Docker sets it;
+//     with ACCEPT, FORWARD's rules belong to programs such as kube-proxy,
+//     whose rejects an accept ahead of them would skip): a chain
+//     SHM-CNI-FORWARD in the filter table,
 //
 //     -A SHM-CNI-FORWARD -i shm0 -s <pod CIDR> -j ACCEPT   (from pods)
 //     -A SHM-CNI-FORWARD -o shm0 -d <pod CIDR> -j ACCEPT   (to pods)
@@ -257,6 +260,14 @@ func iptFilterInUse(tables []*nftables.Table, v6 bool) bool {
 // every parent chain jumping to it.
 func (f *hostFirewall) ensureIPTables(ipt *iptables.IPTables, rules []fwRule) (repaired []string, err error) {
 	name := iptName(ipt)
+	fwd, err := ipt.List("filter", "FORWARD")
+	if err != nil {
+		return nil, fmt.Errorf("%s: list FORWARD: %w", name, err)
+	}
+	if !slices.Contains(fwd, "-P FORWARD DROP") {
+		// Not (or no longer) a host that drops by default.
+		return nil, f.removeIPTables(ipt)
+	}
 	chains, err := ipt.ListChains("filter")
 	if err != nil {
 		return nil, fmt.Errorf("%s: list chains: %w", name, err)
@@ -290,9 +301,11 @@ func (f *hostFirewall) ensureIPTables(ipt *iptables.IPTables, rules []fwRule) (r
 		if !slices.Contains(chains, parent) {
 			continue
 		}
-		lines, err := ipt.List("filter", parent)
-		if err != nil {
-			return repaired, fmt.Errorf("%s: list %s: %w", name, parent, err)
+		lines := fwd
+		if parent != "FORWARD" {
+			if lines, err = ipt.List("filter", parent); err != nil {
+				return repaired, fmt.Errorf("%s: list %s: %w", name, parent, err)
+			}
 		}
 		if first := firstAppend(lines); strings.HasSuffix(first, " -j "+fwChain) && strings.Contains(first, fwCommentPrefix) {
 			continue
@@ -316,16 +329,17 @@ func (f *hostFirewall) removeIPTables(ipt *iptables.IPTables) error {
 	if err != nil {
 		return fmt.Errorf("%s: list chains: %w", name, err)
 	}
+	if !slices.Contains(chains, fwChain) {
+		return nil // and no jump to it: iptables refuses one to a missing chain
+	}
 	var errs []error
 	for _, parent := range fwParents {
 		if slices.Contains(chains, parent) {
 			errs = append(errs, deleteAll(ipt, parent, jumpSpec))
 		}
 	}
-	if slices.Contains(chains, fwChain) {
-		if err := ipt.ClearAndDeleteChain("filter", fwChain); err != nil {
-			errs = append(errs, fmt.Errorf("%s: delete %s: %w", name, fwChain, err))
-		}
+	if err := ipt.ClearAndDeleteChain("filter", fwChain); err != nil {
+		errs = append(errs, fmt.Errorf("%s: delete %s: %w", name, fwChain, err))
 	}
 	return errors.Join(errs...)
 }

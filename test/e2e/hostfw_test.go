@@ -33,9 +33,9 @@ type hostFirewall struct {
 	dump []string
 	// open lets forwarded traffic through again.
 	open []string
-	// untouched lists a chain whose policy accepts, where the agent must
+	// untouched list chains whose policy accepts, where the agent must
 	// put nothing.
-	untouched string
+	untouched []string
 }
 
 // sh runs each shell line in x or fails t.
@@ -93,11 +93,14 @@ func TestForwardPolicyDrop(t *testing.T) {
 			// accepts by default (kube-proxy's nftables mode): its
 			// rules must keep seeing pod traffic.
 			"nft add table ip other", "nft 'add chain ip other forward { type filter hook forward priority 10; policy accept; }'",
-			"nft add rule ip other forward counter"},
+			"nft add rule ip other forward counter",
+			// kube-proxy's iptables mode: FORWARD accepts by default
+			// and holds another program's rules.
+			"iptables -N KUBE-FORWARD", "iptables -A FORWARD -j KUBE-FORWARD"},
 		remove:    []string{"nft flush chain inet hostfw forward"},
 		dump:      []string{"nft list ruleset", "iptables-save", "ip6tables-save"},
 		open:      []string{"nft delete table inet hostfw"},
-		untouched: "nft list chain ip other forward",
+		untouched: []string{"nft list chain ip other forward", "iptables -S"},
 	}, {
 		name:     "iptables-nft without the command",
 		agentEnv: []string{"PATH=" + noIPTables},
@@ -169,9 +172,9 @@ func testForwardPolicyDrop(t *testing.T, fw hostFirewall) {
 	if err := probe(ctx, other, a.Outside, node.Outside4.Addr()); err == nil {
 		t.Error("with the agent: outside to outside through the host passed; want it dropped (only pod traffic is accepted)")
 	}
-	if fw.untouched != "" {
-		if out := sh(t, ctx, a.Host, fw.untouched); strings.Contains(out, "shm-cni") {
-			t.Errorf("the agent put rules into a chain that accepts by default:\n%s", out)
+	for _, list := range fw.untouched {
+		if out := sh(t, ctx, a.Host, list); strings.Contains(strings.ToLower(out), "shm-cni") {
+			t.Errorf("the agent put rules into chains that accept by default (%s):\n%s", list, out)
 		}
 	}
 
@@ -181,6 +184,20 @@ func testForwardPolicyDrop(t *testing.T, fw hostFirewall) {
 		t.Fatalf("%v; firewall now:\n%s", err, sh(t, ctx, a.Host, fw.dump...))
 	}
 	traffic(t)
+
+	if fw.name == "iptables" {
+		// The policy back to ACCEPT: the agent takes its rules out of
+		// the way of FORWARD's own; back to DROP, they return.
+		gone := func() bool { return !strings.Contains(sh(t, ctx, a.Host, "ip6tables -S"), "SHM-CNI") }
+		sh(t, ctx, a.Host, "ip6tables -P FORWARD ACCEPT")
+		if err := waitFor(ctx, gone); err != nil {
+			t.Errorf("ip6tables FORWARD policy ACCEPT: the agent's rules are still there:\n%s", sh(t, ctx, a.Host, "ip6tables -S"))
+		}
+		sh(t, ctx, a.Host, "ip6tables -P FORWARD DROP")
+		if err := waitFor(ctx, func() bool { return !gone() }); err != nil {
+			t.Errorf("ip6tables FORWARD policy DROP again: the agent's rules did not come back:\n%s", sh(t, ctx, a.Host, "ip6tables -S"))
+		}
+	}
 
 	if fw.agentEnv != nil {
 		// Written natively into iptables-nft's chain, the rules must
@@ -268,6 +285,20 @@ func probe(ctx context.Context, from, to ns.NetNS, addr netip.Addr) error {
 		}
 		return c.Close()
 	})
+}
+
+// waitFor polls cond until it holds (an error after 20 s).
+func waitFor(ctx context.Context, cond func() bool) error {
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return nil
 }
 
 // waitMetric waits until the agent's metric reaches at least want.
