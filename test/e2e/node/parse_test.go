@@ -1,7 +1,6 @@
 package node
 
 import (
-	"bytes"
 	"net/netip"
 	"testing"
 	"time"
@@ -94,21 +93,4 @@ func FuzzParseSentLine(f *testing.F) {
 			t.Errorf("ParseSentLine(%q) = %d without error", line, n)
 		}
 	})
-}
-
-// TestPattern checks that CheckPattern accepts what SendPattern writes and
-// finds a flipped byte.
-func TestPattern(t *testing.T) {
-	const size = 200<<10 + 3
-	var b bytes.Buffer
-	if err := SendPattern(&b, size); err != nil {
-		t.Fatal(err)
-	}
-	if n, err := CheckPattern(bytes.NewReader(b.Bytes())); err != nil || n != size {
-		t.Errorf("CheckPattern = %d, %v; want %d, nil", n, err, int64(size))
-	}
-	b.Bytes()[777] ^= 1
-	if n, err := CheckPattern(&b); err == nil || n != 777 {
-		t.Errorf("CheckPattern of a corrupted stream = %d, %v; want 777 and an error", n, err)
-	}
 }

@@ -2,7 +2,6 @@ package node
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,64 +10,9 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/shm-cni/shm-cni/test/e2e/pattern"
 )
-
-// PatternByte is the transfer pattern's byte at offset off, the same as the
-// sandbox program's: byte((off * 0x9E3779B1) >> 24).
-func PatternByte(off int64) byte { return byte((uint64(off) * 0x9E3779B1) >> 24) }
-
-// SendPattern writes the first n bytes of the pattern to w.
-func SendPattern(w io.Writer, n int64) error {
-	buf := make([]byte, 64<<10)
-	for off := int64(0); off < n; {
-		c := min(int64(len(buf)), n-off)
-		for i := range c {
-			buf[i] = PatternByte(off + i)
-		}
-		if _, err := w.Write(buf[:c]); err != nil {
-			return fmt.Errorf("write at %d: %w", off, err)
-		}
-		off += c
-	}
-	return nil
-}
-
-// SendZeros writes n zero bytes to w: what a benchmark sends (Options.NoVerify).
-func SendZeros(w io.Writer, n int64) error {
-	// 64 KiB writes, as the pattern's.
-	_, err := io.CopyBuffer(w, io.LimitReader(zeros{}, n), make([]byte, 64<<10))
-	return err
-}
-
-// zeros reads as an endless run of zero bytes.
-type zeros struct{}
-
-func (zeros) Read(p []byte) (int, error) {
-	clear(p)
-	return len(p), nil
-}
-
-// CheckPattern reads r to its end and checks every byte against the
-// pattern; it returns how many bytes were right.
-func CheckPattern(r io.Reader) (int64, error) {
-	buf := make([]byte, 64<<10)
-	var off int64
-	for {
-		c, err := r.Read(buf)
-		for i := range c {
-			if buf[i] != PatternByte(off) {
-				return off, fmt.Errorf("byte %d: got %#x, want %#x", off, buf[i], PatternByte(off))
-			}
-			off++
-		}
-		if errors.Is(err, io.EOF) {
-			return off, nil
-		}
-		if err != nil {
-			return off, fmt.Errorf("read at %d: %w", off, err)
-		}
-	}
-}
 
 // PeerKind is what runs a peer's end of a transfer.
 type PeerKind int
@@ -301,9 +245,9 @@ func sinkOnce(ctx context.Context, ln *net.TCPListener, verify bool) <-chan sink
 		defer c.Close()
 		stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
 		defer stop()
-		read := CheckPattern
+		read := pattern.Check
 		if !verify {
-			read = func(r io.Reader) (int64, error) { return io.Copy(io.Discard, r) }
+			read = pattern.Count
 		}
 		n, err := read(c)
 		ch <- sinkResult{n: n, from: c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap(), err: err}
@@ -324,8 +268,8 @@ func SendZerosFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int6
 }
 
 // sendFrom is SendFrom, sending zeros instead of the pattern without
-// pattern.
-func sendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64, pattern bool) (time.Duration, error) {
+// verify.
+func sendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64, verify bool) (time.Duration, error) {
 	var c net.Conn
 	err := n.Do(func(ns.NetNS) error {
 		var err error
@@ -339,9 +283,9 @@ func sendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64, pa
 	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
 	defer stop()
 	start := time.Now()
-	send := SendPattern
-	if !pattern {
-		send = SendZeros
+	send := pattern.Send
+	if !verify {
+		send = pattern.SendZeros
 	}
 	if err := send(c, size); err != nil {
 		return 0, err

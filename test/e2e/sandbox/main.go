@@ -16,7 +16,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -39,6 +38,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/test/e2e/pattern"
 )
 
 const nicID = 1
@@ -174,9 +174,9 @@ func serveListener(ln net.Listener, mode string, verify bool) error {
 				return
 			}
 			start := time.Now()
-			read, status := checkPattern, "verified"
+			read, status := pattern.Check, "verified"
 			if !verify {
-				read, status = countBytes, "counted"
+				read, status = pattern.Count, "counted"
 			}
 			got, err := read(c)
 			d := time.Since(start)
@@ -212,9 +212,9 @@ func client(ctx context.Context, s *stack.Stack, mode, to string, n int64, verif
 		c.SetDeadline(dl)
 	}
 	start := time.Now()
-	send := sendPattern
+	send := pattern.Send
 	if !verify {
-		send = sendZeros
+		send = pattern.SendZeros
 	}
 	if err := send(c, n); err != nil {
 		return err
@@ -229,64 +229,4 @@ func client(ctx context.Context, s *stack.Stack, mode, to string, n int64, verif
 	d := time.Since(start)
 	fmt.Printf("sent %d bytes to %s in %v (%.1f Mbit/s)\n", n, to, d.Round(time.Millisecond), float64(n)*8/d.Seconds()/1e6)
 	return nil
-}
-
-// patternByte is the pattern's byte at off.
-func patternByte(off int64) byte { return byte((uint64(off) * 0x9E3779B1) >> 24) }
-
-func sendPattern(w io.Writer, n int64) error {
-	buf := make([]byte, 64<<10)
-	for off := int64(0); off < n; {
-		c := min(int64(len(buf)), n-off)
-		for i := range c {
-			buf[i] = patternByte(off + i)
-		}
-		if _, err := w.Write(buf[:c]); err != nil {
-			return fmt.Errorf("write at %d: %w", off, err)
-		}
-		off += c
-	}
-	return nil
-}
-
-// sendZeros writes n zero bytes: what a benchmark sends, without the cost
-// of making the pattern.
-func sendZeros(w io.Writer, n int64) error {
-	// 64 KiB writes, as the pattern's.
-	_, err := io.CopyBuffer(w, io.LimitReader(zeros{}, n), make([]byte, 64<<10))
-	return err
-}
-
-// zeros reads as an endless run of zero bytes.
-type zeros struct{}
-
-func (zeros) Read(p []byte) (int, error) {
-	clear(p)
-	return len(p), nil
-}
-
-// countBytes reads r to its end and counts the bytes.
-func countBytes(r io.Reader) (int64, error) {
-	return io.Copy(io.Discard, r)
-}
-
-// checkPattern reads r to its end and checks every byte.
-func checkPattern(r io.Reader) (int64, error) {
-	buf := make([]byte, 64<<10)
-	var off int64
-	for {
-		c, err := r.Read(buf)
-		for i := range c {
-			if buf[i] != patternByte(off) {
-				return off, fmt.Errorf("byte %d: got %#x, want %#x", off, buf[i], patternByte(off))
-			}
-			off++
-		}
-		if errors.Is(err, io.EOF) {
-			return off, nil
-		}
-		if err != nil {
-			return off, err
-		}
-	}
 }
