@@ -477,6 +477,7 @@ teardown() {
 	[ -f "$S/made-run-containerd" ] && rmdir /run/containerd/s /run/containerd 2>/dev/null
 	[ -f "$S/made-var-lib-cni" ] && rmdir /var/lib/cni/results /var/lib/cni 2>/dev/null
 	[ -f "$S/made-var-lib-kubelet" ] && rm -rf /var/lib/kubelet
+	[ -f "$S/made-run-shm-cni" ] && rm -rf /run/shm-cni
 	# The kubelet's QoS cgroups, when the run made them (empty by now).
 	[ -f "$S/made-kubepods" ] && find /sys/fs/cgroup -mindepth 1 -maxdepth 6 -depth -type d -path '*kubepods*' -exec rmdir {} + 2>/dev/null
 	rm -rf "$CRI_BIN/last-logs"

@@ -10,13 +10,17 @@
 #
 # The manifest is applied as shipped except where a test node on a shared
 # machine must differ, each replacement checked: its host paths (CNI bin and
-# conf dirs, /run/shm-cni, /var/lib/shm-cni) and the conflist's socket and log
-# paths point into the run's scratch directory, and the agent reaches the API
+# conf dirs, /var/lib/shm-cni) and the conflist's log path point into the
+# run's scratch directory, and the agent reaches the API
 # server at 127.0.0.1:6443 (this node runs no kube-proxy for the
 # kubernetes Service). The netns host path /var/run/netns becomes /run/netns,
 # the same directory: containerd 1.6 does not resolve the /var/run symlink
 # when it checks that a HostToContainer source is a shared or slave mount,
 # and fails where "/" is a private mount, as here (containerd 2 resolves it).
+# /run/shm-cni stays: a sandbox link's attach socket must have the same path
+# in the agent's container and on the host, where runsc dials it (the run
+# makes the directory, refuses to start where another agent has it, and
+# removes it).
 #
 # Checks, each printed as PASS or FAIL:
 #   - the node is NotReady (no pod network) until the agent is ready, then
@@ -74,7 +78,9 @@ rm -f "$S/cni/bin/shm-cni" # the agent installs it
 # The outside namespace; making it also turns /run/netns into a shared
 # mount, which the manifest's HostToContainer mount of /var/run/netns needs.
 setup_outside
-mkdir -p "$S/run" "$S/k8s"/{pki,logs,kubelet,pod-logs} "$S/etcd"
+[ -e /run/shm-cni ] && die "/run/shm-cni exists: another shm-cni agent runs on this machine"
+mkdir -p /run/shm-cni && touch "$S/made-run-shm-cni"
+mkdir -p "$S/k8s"/{pki,logs,kubelet,pod-logs} "$S/etcd"
 UPLINK=shm0 # the manifest's default
 
 # --- containerd --------------------------------------------------------------
@@ -216,17 +222,15 @@ done
 say "deploy/shm-cni.yaml"
 sed -e "s#path: /opt/cni/bin#path: $S/cni/bin#" \
 	-e "s#path: /etc/cni/net.d#path: $S/cni/net.d#" \
-	-e "s#path: /run/shm-cni\$#path: $S/run#" \
 	-e "s#path: /var/lib/shm-cni#path: $S/state#" \
 	-e "s#path: /var/run/netns\$#path: /run/netns#" \
-	-e "s#\"agentSocket\": \"/run/shm-cni/agent.sock\"#\"agentSocket\": \"$S/run/agent.sock\"#" \
 	-e "s#\"logFile\": \"/var/log/shm-cni.log\"#\"logFile\": \"$S/logs/shm-cni.log\"#" \
 	-e "s#^\\( *\\)env:\$#&\\n\\1  - {name: KUBERNETES_SERVICE_HOST, value: \"127.0.0.1\"}\\n\\1  - {name: KUBERNETES_SERVICE_PORT, value: \"6443\"}#" \
 	"$MANIFEST" >"$S/shm-cni.yaml"
 # containerd 1.6's libcni reads CNI 1.0.0 at most.
 [ "$RUNSC" = yes ] || sed -i 's#"cniVersion": "1.1.0"#"cniVersion": "1.0.0"#' "$S/shm-cni.yaml"
-for want in "path: /run/netns" "path: $S/cni/bin" "path: $S/cni/net.d" "path: $S/run" "path: $S/state" \
-	"\"agentSocket\": \"$S/run/agent.sock\"" "\"logFile\": \"$S/logs/shm-cni.log\"" "KUBERNETES_SERVICE_HOST"; do
+for want in "path: /run/netns" "path: $S/cni/bin" "path: $S/cni/net.d" "path: /run/shm-cni" "path: $S/state" \
+	"\"agentSocket\": \"/run/shm-cni/agent.sock\"" "\"logFile\": \"$S/logs/shm-cni.log\"" "KUBERNETES_SERVICE_HOST"; do
 	grep -qF -- "$want" "$S/shm-cni.yaml" || die "the manifest changed: no place for $want (update tier3-k8s.sh)"
 done
 kubectl_ apply -f "$S/shm-cni.yaml" >/dev/null || die "apply the manifest"
