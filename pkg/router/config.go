@@ -62,7 +62,9 @@ type Config struct {
 
 	// Masquerade enables source NAT (nftables masquerade in the host) of
 	// pod traffic to destinations outside PodCIDRs and ClusterCIDRs. The
-	// agent turns it on by default; the zero value leaves it off.
+	// agent turns it on by default; the zero value leaves it off. (Pod
+	// traffic the host sends back through the uplink, a same-node Service,
+	// is masqueraded either way: masq_linux.go.)
 	Masquerade bool
 
 	// ForwardAccept accepts the pod traffic in the host's forward path

@@ -301,11 +301,11 @@ func (r *Router) Start() error {
 		r.stack.AddRoute(tcpip.Route{Destination: toSubnet(netip.PrefixFrom(gw, gw.BitLen())), NIC: id})
 		r.stack.AddRoute(tcpip.Route{Destination: defaultSubnet(p.Addr()), NIC: id})
 	}
-	if r.cfg.Masquerade {
-		r.masqOn.Store(true) // before: a partial install is removed
-		if err := r.withNFT(func(c *nftables.Conn) error { return installMasquerade(c, r.cfg) }); err != nil {
-			return fmt.Errorf("start router: %w", err)
-		}
+	// The NAT table: hairpin masquerade always, egress masquerade with
+	// Config.Masquerade (masq_linux.go).
+	r.masqOn.Store(true) // before: a partial install is removed
+	if err := r.withNFT(func(c *nftables.Conn) error { return installMasquerade(c, r.cfg) }); err != nil {
+		return fmt.Errorf("start router: %w", err)
 	}
 	if err := r.startHostLocked(); err != nil {
 		return fmt.Errorf("start router: %w", err)

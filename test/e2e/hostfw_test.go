@@ -376,3 +376,41 @@ func TestHostForwardingOff(t *testing.T) {
 		})
 	}
 }
+
+// TestSameNodeService: a pod's connection to a Service whose endpoint is a
+// pod of the same node works, as kube-proxy makes it: a DNAT in the host
+// (here an nftables rule from a Service address to the endpoint). Kernel
+// pods and sandboxes as clients and as endpoints, IPv4 and IPv6; the
+// endpoint sees the node gateway (the router's hairpin masquerade), since
+// its reply must go back through the host that undoes the DNAT.
+func TestSameNodeService(t *testing.T) {
+	ctx := testContext(t)
+	n := newNode(t, node.Options{})
+	k1, k2 := addPod(t, ctx, n, "k1", node.KindTap), addPod(t, ctx, n, "k2", node.KindTap)
+	s1, s2 := addPod(t, ctx, n, "s1", node.KindShm), addPod(t, ctx, n, "s2", node.KindShm)
+	vip := map[*node.Pod][2]netip.Addr{
+		k2: {netip.MustParseAddr("10.96.0.10"), netip.MustParseAddr("fd00:96::10")},
+		s2: {netip.MustParseAddr("10.96.0.20"), netip.MustParseAddr("fd00:96::20")},
+	}
+	rules := []string{"nft add table inet svc", "nft 'add chain inet svc pre { type nat hook prerouting priority -100; }'"}
+	for p, a := range vip {
+		rules = append(rules,
+			"nft add rule inet svc pre ip daddr "+a[0].String()+" dnat ip to "+p.Addr4.String(),
+			"nft add rule inet svc pre ip6 daddr "+a[1].String()+" dnat ip6 to "+p.Addr6.String())
+	}
+	sh(t, ctx, n.Host, rules...)
+	for _, c := range []*node.Pod{k1, s1} {
+		for _, e := range []*node.Pod{k2, s2} {
+			for i, v6 := range []bool{false, true} {
+				tr, err := n.TransferVia(ctx, n.PodPeer(c), n.PodPeer(e), v6, 1<<20, vip[e][i])
+				if err != nil {
+					t.Errorf("%s -> Service %s (endpoint %s): %v", c.Name, vip[e][i], e.Name, err)
+					continue
+				}
+				if want := n.Gateway(v6); tr.From != want {
+					t.Errorf("%s -> Service %s: the endpoint saw %s, want the node gateway %s", c.Name, vip[e][i], tr.From, want)
+				}
+			}
+		}
+	}
+}

@@ -128,14 +128,21 @@ func (t Transfer) MiBps() float64 {
 // a sandbox receiver is started when none serves. It fails when fewer bytes
 // arrived or any was wrong; the caller checks Transfer.From.
 func (n *Node) Transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64) (Transfer, error) {
-	tr, err := n.transfer(ctx, src, dst, v6, size)
+	return n.TransferVia(ctx, src, dst, v6, size, netip.Addr{})
+}
+
+// TransferVia is Transfer with the sender connecting to via (the receiver's
+// port) instead of dst's address: an address the network translates to
+// dst's, such as a Service's. The zero via is dst's address.
+func (n *Node) TransferVia(ctx context.Context, src, dst *Peer, v6 bool, size int64, via netip.Addr) (Transfer, error) {
+	tr, err := n.transfer(ctx, src, dst, v6, size, via)
 	if err != nil {
 		return tr, fmt.Errorf("%s -> %s %s: %w", src.Name, dst.Name, family(v6), err)
 	}
 	return tr, nil
 }
 
-func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64) (Transfer, error) {
+func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64, via netip.Addr) (Transfer, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if src.Kind == PeerSandbox {
@@ -177,6 +184,10 @@ func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64
 			r := <-res
 			return r.n, r.from, r.err
 		}
+	}
+
+	if via.IsValid() {
+		to = netip.AddrPortFrom(via, to.Port())
 	}
 
 	// The sender.
