@@ -110,9 +110,10 @@ start_busy() {
 }
 # busy_lines CTR: echoes the busy client got back so far.
 busy_lines() { in_pod "$1" 'wc -l </tmp/busy.out 2>/dev/null || echo 0' | tr -d ' '; }
-# settle_lines CTR N: the busy client got N echoes within 150 s: longer
-# than TCP's longest retransmission backoff (gVisor's is 120 s), so that a
-# slow recovery shows as a long pause in the log rather than a failure.
+# settle_lines CTR N: the busy client got N echoes within 300 polls half a
+# second apart (150 s of sleeps, more with the execs): longer than TCP's
+# longest retransmission backoff (gVisor's is 120 s), so that a slow
+# recovery shows as a long pause in the log rather than a failure.
 settle_lines() {
 	local i
 	for i in $(seq 300); do
@@ -121,7 +122,7 @@ settle_lines() {
 	done
 	return 1
 }
-# settle_done CTR: the busy client got its "end" back within 150 s.
+# settle_done CTR: the busy client got its "end" back within 300 polls.
 settle_done() {
 	local i
 	for i in $(seq 300); do
