@@ -262,15 +262,7 @@ forward_restore() {
 # global sysctls stay as they were.
 start_agent() {
 	forward_drop
-	start_bg agent "$REPO/bin/shm-agent" --pod-cidr "$POD_CIDR" --cluster-cidr "$POD_CIDR" --uplink "$UPLINK" \
-		--socket "$S/agent.sock" --state-dir "$S/state" --sandbox-dir "$S/sb" --metrics-addr "$METRICS_ADDR" --log-level debug
-	local i
-	for i in $(seq 300); do
-		[ "$(http_get "$METRICS_ADDR" /readyz 2>/dev/null)" = ok ] && break
-		alive agent || die "the agent exited: $(tail -5 "$S/logs/agent.log")"
-		sleep 0.1
-	done
-	[ "$(http_get "$METRICS_ADDR" /readyz)" = ok ] || die "the agent is not ready after 30 s"
+	run_agent
 	forward_on "$UPLINK" "$OUTSIDE_VETH" || die "forwarding on $UPLINK, $OUTSIDE_VETH"
 	if [ "$HOST_FORWARD" = drop ]; then
 		check "host FORWARD policy DROP, the agent's accepts first (IPv4)" "DROP -j $FW_CHAIN" \
@@ -283,6 +275,38 @@ start_agent() {
 	# The TUN/TAP fds of an agent without pods (its uplink's).
 	# shellcheck disable=SC2034 # the tier scripts read it
 	AGENT_TUN_FDS=$(tun_fds "$(pid_of agent)")
+}
+
+# run_agent: starts the agent (its log in $S/logs/agent.log) and
+# waits until it is ready; start_agent's first step, and a restart's.
+run_agent() {
+	start_bg agent "$REPO/bin/shm-agent" --pod-cidr "$POD_CIDR" --cluster-cidr "$POD_CIDR" --uplink "$UPLINK" \
+		--socket "$S/agent.sock" --state-dir "$S/state" --sandbox-dir "$S/sb" --metrics-addr "$METRICS_ADDR" --log-level debug
+	local i
+	for i in $(seq 300); do
+		[ "$(http_get "$METRICS_ADDR" /readyz 2>/dev/null)" = ok ] && break
+		alive agent || die "the agent exited: $(tail -5 "$S/logs/agent.log")"
+		sleep 0.1
+	done
+	[ "$(http_get "$METRICS_ADDR" /readyz)" = ok ] || die "the agent is not ready after 30 s"
+}
+
+# restart_agent SIG: the agent killed with SIG (TERM or KILL), gone, and
+# started again on the same state directory (as its DaemonSet would); the
+# log of the agent that went is kept as agent-before-SIG.log.
+restart_agent() {
+	local pid i
+	pid=$(pid_of agent)
+	ours "$pid" || die "no agent of ours to restart"
+	kill -"$1" "$pid"
+	for i in $(seq 300); do
+		alive agent || break
+		sleep 0.1
+	done
+	alive agent && die "the agent still runs 30 s after SIG$1"
+	{ wait "$pid"; } 2>/dev/null || true
+	cp "$S/logs/agent.log" "$S/logs/agent-before-$1.log"
+	run_agent
 }
 
 # write_conflist CNIVERSION

@@ -40,8 +40,17 @@
 #     with runc, runsc on TAP and the host, with matching MD5; runsc-shm ->
 #     outside masqueraded; the agent's metrics count at least those bytes
 #     each way on the shm link, and no protocol violation;
+#   - agent restarts, SIGTERM then SIGKILL, the agent started again on its
+#     state directory, under two busy TCP connections (a numbered line every
+#     50 ms over one connection, echoed back: runsc-shm s1 -> runsc-shm s2,
+#     runc k -> runsc-shm s1): runsc left one link watcher per runsc-shm pod;
+#     after each restart both shm links are up again (the watcher reattached
+#     them), both connections carry on, new connections work; in the end
+#     every line came back in order, 4 MiB with MD5 after the restarts, no
+#     protocol violation. The longest pause of each connection around each
+#     restart is logged, not asserted;
 #   - 10 runsc pods and 10 runsc-shm pods created and removed: nothing left
-#     (as in tier 1).
+#     (as in tier 1), no link watcher left.
 # The first run builds runsc, the shim and containerd (about 10 minutes on
 # two cores); later runs reuse bin/cri. Needs root.
 set -euo pipefail
@@ -79,6 +88,58 @@ big_cmd() { printf '%s' "printf 'GET /big HTTP/1.0\r\n\r\n' | nc -w 10 $1 $2 | s
 # make_big CTR: 16 MiB of random bytes as /big in the container's web root;
 # prints their MD5.
 make_big() { in_pod "$1" "head -c $BIG /dev/urandom >/www/big && md5sum /www/big | cut -d' ' -f1"; }
+
+# watchers: the PIDs of our runsc shared memory link watchers.
+watchers() {
+	local p
+	for p in $(our_pids); do
+		tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q ' sharedmem-reattach --watch ' && printf '%s ' "$p"
+	done
+	return 0
+}
+no_watchers() { [ -z "$(watchers)" ]; }
+# start_echo CTR PORT: an echo server for one connection in the container.
+start_echo() { in_pod "$1" "setsid nc -l -p $2 -e cat </dev/null >/dev/null 2>&1 &"; }
+# start_busy CTR ADDR PORT: a client in the container sending a numbered
+# line every 50 ms over one connection to ADDR:PORT until /tmp/busy.stop
+# exists, then "end"; each echo is written to /tmp/busy.out with the
+# container's uptime (0.01 s) when it came back, the number of lines sent
+# to /tmp/busy.sent.
+start_busy() {
+	in_pod "$1" "rm -f /tmp/busy.*; setsid sh -c '(i=0; while [ ! -e /tmp/busy.stop ]; do echo \$i; i=\$((i + 1)); sleep 0.05; done; echo \$i >/tmp/busy.sent; echo end; sleep 30) | nc $2 $3 | while read -r l; do read -r up _ </proc/uptime; echo \"\$l \$up\"; [ \"\$l\" = end ] && break; done >/tmp/busy.out' </dev/null >/dev/null 2>&1 &"
+}
+# busy_lines CTR: echoes the busy client got back so far.
+busy_lines() { in_pod "$1" 'wc -l </tmp/busy.out 2>/dev/null || echo 0' | tr -d ' '; }
+# settle_lines CTR N: the busy client got N echoes within 300 polls half a
+# second apart (150 s of sleeps, more with the execs): longer than TCP's
+# longest retransmission backoff (gVisor's is 120 s), so that a slow
+# recovery shows as a long pause in the log rather than a failure.
+settle_lines() {
+	local i
+	for i in $(seq 300); do
+		[ "$(busy_lines "$1")" -ge "$2" ] && return 0
+		sleep 0.5
+	done
+	return 1
+}
+# settle_done CTR: the busy client got its "end" back within 300 polls.
+settle_done() {
+	local i
+	for i in $(seq 300); do
+		in_pod "$1" 'grep -q "^end " /tmp/busy.out' 2>/dev/null && return 0
+		sleep 0.5
+	done
+	return 1
+}
+# settle_link_up POD: the agent sees POD's shm link up within 30 s.
+settle_link_up() {
+	local i
+	for i in $(seq 300); do
+		[ "$(link_metric shm_cni_link_up "$1")" = 1 ] && return 0
+		sleep 0.1
+	done
+	return 1
+}
 
 need_root
 lock
@@ -186,8 +247,59 @@ check "agent: s1's shm link received at least the 3 x 16 MiB s1 sent" 1 "$((rx >
 check "agent: s1's shm link transmitted at least the 3 x 16 MiB s1 got" 1 "$((tx >= 3 * BIG))"
 check "agent: no protocol violation on the shm links" 0 "$(($(link_metric shm_cni_link_protocol_violations_total s1) + $(link_metric shm_cni_link_protocol_violations_total s2)))"
 
+say "agent restarts under live TCP (SIGTERM, then SIGKILL)"
+check "runsc: one shared memory link watcher per runsc-shm pod" 2 "$(watchers | wc -w)"
+# Busy connections: s1 -> s2 (both runsc-shm) and k (runc) -> s1, each a
+# loop of small request/responses over one connection, on through both
+# restarts.
+start_echo "${CTR[s2]}" 9001
+start_echo "${CTR[s1]}" 9002
+start_busy "${CTR[s1]}" "${IP[s2]}" 9001
+start_busy "${CTR[k]}" "${IP[s1]}" 9002
+for c in s1 k; do
+	settle_lines "${CTR[$c]}" 20 || fail "busy connection from $c: no echo before the restarts"
+done
+declare -A MARK
+for sig in TERM KILL; do
+	for c in s1 k; do MARK[$c-$sig]=$(busy_lines "${CTR[$c]}"); done
+	restart_agent "$sig"
+	say "agent restarted after SIG$sig (PID $(pid_of agent))"
+	for p in s1 s2; do
+		settle_link_up "$p" || true
+		check "after SIG$sig: $p's shm link up again (runsc reattached it)" 1 "$(link_metric shm_cni_link_up "$p")"
+	done
+	for c in s1 k; do
+		want=$((MARK[$c-$sig] + 40))
+		settle_lines "${CTR[$c]}" "$want" || true
+		check "after SIG$sig: the busy connection from $c carries on (40 more echoes)" 1 "$(($(busy_lines "${CTR[$c]}") >= want))"
+	done
+	check "after SIG$sig: runsc-shm s1 -> runsc-shm s2 new TCP, s2 sees s1's address" "${IP[s1]}" "$(in_pod "${CTR[s1]}" "$(peer_cmd "${IP[s2]}" 8080)")"
+	check "after SIG$sig: runc k -> runsc-shm s1 new TCP, s1 sees k's address" "${IP[k]}" "$(in_pod "${CTR[k]}" "$(peer_cmd "${IP[s1]}" 8080)")"
+	check "after SIG$sig: runsc-shm s1 -> runc k new TCP, k sees s1's address" "${IP[s1]}" "$(in_pod "${CTR[s1]}" "$(peer_cmd "${IP[k]}" 8080)")"
+done
+for c in s1 k; do in_pod "${CTR[$c]}" 'touch /tmp/busy.stop'; done
+for c in s1 k; do
+	settle_done "${CTR[$c]}" || true
+	out=$(in_pod "${CTR[$c]}" 'cat /tmp/busy.out')
+	sent=$(in_pod "${CTR[$c]}" 'cat /tmp/busy.sent')
+	# Every line back, in order, and the end.
+	check "busy connection from $c: every one of its $sent requests echoed, in order, through both restarts" "$sent end" \
+		"$(echo "$out" | awk '$1 == "end" {print n, "end"; exit} $1 != n {print "line", NR, "is", $1; exit} {n++}')"
+	for sig in TERM KILL; do
+		from=${MARK[$c-$sig]}
+		to=$(echo "$out" | wc -l)
+		[ "$sig" = TERM ] && to=${MARK[$c-KILL]}
+		say "busy connection from $c: longest pause around the SIG$sig restart: $(echo "$out" | awk -v a="$from" -v b="$to" \
+			'NR > a && NR <= b + 1 && NR > 1 && $2 - t > m {m = $2 - t} {t = $2} END {printf "%.2f s", m}')"
+	done
+done
+check "runsc-shm s2 <- runsc-shm s1 4 MiB after the restarts, MD5" "$(in_pod "${CTR[s1]}" 'cat /www/blob.md5')" "$(in_pod "${CTR[s2]}" "$(blob_cmd "${IP[s1]}")")"
+check "agent: no protocol violation on the shm links after the restarts" 0 "$(($(link_metric shm_cni_link_protocol_violations_total s1) + $(link_metric shm_cni_link_protocol_violations_total s2)))"
+
 say "remove the pods"
 agent_baseline "the pods"
+settle no_watchers || true
+check "runsc: no shared memory link watcher left" "" "$(watchers)"
 
 say "$CHURN runsc pods and $CHURN runsc-shm pods"
 for i in $(seq "$CHURN"); do
