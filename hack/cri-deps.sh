@@ -12,7 +12,7 @@
 #                             (module proxy)
 #   hack/cri-deps.sh k8s      tier 3 besides: etcd, openssl, nftables (Debian),
 #                             kube-apiserver, kube-controller-manager,
-#                             kube-scheduler, kubelet, kubectl built from
+#                             kube-scheduler, kubelet, kubectl, kube-proxy built from
 #                             k8s.io/kubernetes (module proxy) into bin/cri/k8s
 #
 # Versions: CRICTL_VERSION, GVISOR_VERSION (default: the gVisor of go.mod),
@@ -119,9 +119,10 @@ containerd2() {
 # k8s builds the Kubernetes binaries through a scratch module requiring
 # k8s.io/kubernetes: its go.mod pins the staging modules (k8s.io/api, ...)
 # at v0.0.0, so each is replaced by its published v0.MINOR.PATCH.
+K8S_CMDS="kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy"
 k8s() {
 	local c all=1
-	for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+	for c in $K8S_CMDS; do
 		stamped "k8s/$c" "$KUBE_VERSION" || all=0
 	done
 	[ "$all" = 1 ] && return
@@ -142,10 +143,9 @@ k8s() {
 	ldf+=" -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION"
 	(
 		cd "$work"
-		go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION" "k8s.io/kubernetes/cmd/kube-controller-manager@$KUBE_VERSION" \
-			"k8s.io/kubernetes/cmd/kube-scheduler@$KUBE_VERSION" "k8s.io/kubernetes/cmd/kubelet@$KUBE_VERSION" \
-			"k8s.io/kubernetes/cmd/kubectl@$KUBE_VERSION"
-		for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+		# shellcheck disable=SC2046 # one package per command
+		go get $(for c in $K8S_CMDS; do echo "k8s.io/kubernetes/cmd/$c@$KUBE_VERSION"; done)
+		for c in $K8S_CMDS; do
 			stamped "k8s/$c" "$KUBE_VERSION" && continue
 			log "building $c"
 			CGO_ENABLED=0 go build -ldflags "$ldf" -o "$OUT/k8s/$c" "k8s.io/kubernetes/cmd/$c"

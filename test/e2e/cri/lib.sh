@@ -408,7 +408,7 @@ wait_serving() {
 peer_req="printf 'GET /cgi-bin/peer HTTP/1.0\r\n\r\n' | nc -w 10"
 blob_req="printf 'GET /blob HTTP/1.0\r\n\r\n' | nc -w 10"
 peer_cmd() { printf '%s' "$peer_req $1 $2 | grep -o 'peer=.*' | cut -d= -f2"; }
-blob_cmd() { printf '%s' "$blob_req $1 8080 | sed '1,/^\r\$/d' | md5sum | cut -d' ' -f1"; }
+blob_cmd() { printf '%s' "$blob_req $1 ${2:-8080} | sed '1,/^\r\$/d' | md5sum | cut -d' ' -f1"; }
 
 # start_host_server NAME NETNS ADDR PORT: the image's server run by the
 # host's busybox (inside NETNS unless empty), bound to ADDR:PORT.

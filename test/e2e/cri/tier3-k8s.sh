@@ -3,17 +3,18 @@
 # network is shm-cni, installed the way users install it: the image from
 # `make image` (bin/shm-cni-image.tar, shm-cni:dev) imported into containerd
 # and deploy/shm-cni.yaml applied. etcd from Debian; kube-apiserver,
-# kube-controller-manager (allocating node pod CIDRs), kube-scheduler, kubelet
-# and kubectl built from k8s.io/kubernetes (hack/cri-deps.sh k8s, once:
-# about 15 minutes and 4 GB of build cache); containerd v2 with runsc when
-# tier 2's builds are in bin/cri, else Debian's containerd 1.6.
+# kube-controller-manager (allocating node pod CIDRs), kube-scheduler,
+# kubelet, kube-proxy (nftables mode) and kubectl built from
+# k8s.io/kubernetes (hack/cri-deps.sh k8s, once: about 15 minutes and 4 GB
+# of build cache); containerd v2 with runsc when tier 2's builds are in
+# bin/cri, else Debian's containerd 1.6.
 #
 # The manifest is applied as shipped except where a test node on a shared
 # machine must differ, each replacement checked: its host paths (CNI bin and
 # conf dirs, /var/lib/shm-cni) and the conflist's log path point into the
 # run's scratch directory, and the agent reaches the API
-# server at 127.0.0.1:6443 (this node runs no kube-proxy for the
-# kubernetes Service). The netns host path /var/run/netns becomes /run/netns,
+# server at 127.0.0.1:6443 (the API server listens on loopback only, and
+# the kubernetes Service has no endpoint). The netns host path /var/run/netns becomes /run/netns,
 # the same directory: containerd 1.6 does not resolve the /var/run symlink
 # when it checks that a HostToContainer source is a shared or slave mount,
 # and fails where "/" is a private mount, as here (containerd 2 resolves it).
@@ -33,8 +34,12 @@
 #     agent writes with kind shm), its pod in gVisor on a shared-memory link
 #     (no AF_PACKET socket, the agent's link up) talking to a runc pod and to
 #     the host;
+#   - ClusterIP Services through kube-proxy: a runc pod and the gvisor pod
+#     reach one backed by a runc pod (4 MiB transfers, MD5), a runc pod one
+#     backed by the gvisor pod;
 #   - deleting the pods and the DaemonSet leaves no attachment, and the
-#     agent's uplink goes with it.
+#     agent's uplink goes with it; after the run the host's firewall is as
+#     before it (kube-proxy's tables removed with kube-proxy --cleanup).
 # Needs root. SHM_CNI_MANIFEST names another manifest than deploy/shm-cni.yaml.
 set -euo pipefail
 # shellcheck source=test/e2e/cri/lib.sh
@@ -72,6 +77,9 @@ compgen -G '/sys/fs/cgroup/*/kubepods' >/dev/null || compgen -G /sys/fs/cgroup/k
 kube_chains() { { iptables-save; ip6tables-save; } 2>/dev/null | grep -c '^:KUBE-' || true; }
 KUBE_CHAINS_BEFORE=$(kube_chains)
 [ "$KUBE_CHAINS_BEFORE" -eq 0 ] && touch "$S/made-kube-chains"
+# kube-proxy's and the kubelet's rules, and the agent's, must all go again:
+# teardown_and_verify compares the host's firewall with this.
+firewall_snapshot >"$S/firewall.before"
 say "build ($S)"
 build
 rm -f "$S/cni/bin/shm-cni" # the agent installs it
@@ -133,7 +141,9 @@ pre_teardown() {
 		[ -f "$S/pods.yaml" ] && kubectl_ delete -f "$S/pods.yaml" --wait --timeout=60s >/dev/null 2>&1
 		kubectl_ delete -f "$S/shm-cni.yaml" --wait --timeout=60s >/dev/null 2>&1
 	fi
-	for c in kubelet kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_pid "$(pid_of "$c")"; done
+	for c in kube-proxy kubelet kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_pid "$(pid_of "$c")"; done
+	# kube-proxy leaves its rules when it stops; --cleanup removes them.
+	[ -f "$S/k8s/kube-proxy.yaml" ] && "$K8S_BIN/kube-proxy" --config="$S/k8s/kube-proxy.yaml" --cleanup >"$S/logs/kube-proxy-cleanup.log" 2>&1
 	nft delete table inet shm-cni 2>/dev/null
 	# The kubelet's own iptables chains (makeIPTablesUtilChains is off, but
 	# its canary chains stay), when the machine had none before the run.
@@ -214,7 +224,23 @@ for i in $(seq 120); do
 done
 check "node NotReady before shm-cni is installed" False "$(node_ready)"
 
-for c in kube-controller-manager kube-scheduler kubelet; do
+# kube-proxy in its nftables mode (tables ip and ip6 kube-proxy), for the
+# ClusterIP Services below. Conntrack limits 0: it leaves the host's
+# conntrack sysctls as they are.
+cat >"$S/k8s/kube-proxy.yaml" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: nftables
+clientConnection: {kubeconfig: $KUBECONFIG}
+hostnameOverride: $NODE
+clusterCIDR: $CLUSTER_CIDR
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+EOF
+say "kube-proxy (nftables)"
+start_bg kube-proxy "$K8S_BIN/kube-proxy" --config="$S/k8s/kube-proxy.yaml"
+for c in kube-controller-manager kube-scheduler kubelet kube-proxy; do
 	alive "$c" || die "$c exited: $(tail -3 "$S/logs/$c.log")"
 done
 
@@ -259,7 +285,7 @@ say "pods"
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: $p, namespace: default}
+metadata: {name: $p, namespace: default, labels: {app: $p}}
 spec:
   automountServiceAccountToken: false
   terminationGracePeriodSeconds: 1 # httpd as PID 1 ignores SIGTERM
@@ -276,7 +302,7 @@ handler: $SHM_HANDLER
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: gvisor, namespace: default}
+metadata: {name: gvisor, namespace: default, labels: {app: gvisor}}
 spec:
   runtimeClassName: gvisor
   automountServiceAccountToken: false
@@ -284,6 +310,18 @@ spec:
   containers: [{name: serve, image: $IMAGE_BUSYBOX, imagePullPolicy: Never}]
 EOF
 	fi
+	# ClusterIP Services, port 80 to the pods' 8080.
+	for p in web2 $([ "$RUNSC" = yes ] && echo gvisor); do
+		cat <<EOF
+---
+apiVersion: v1
+kind: Service
+metadata: {name: $p, namespace: default}
+spec:
+  selector: {app: $p}
+  ports: [{port: 80, targetPort: 8080}]
+EOF
+	done
 } >"$S/pods.yaml"
 kubectl_ apply -f "$S/pods.yaml" >/dev/null || die "apply the pods"
 kubectl_ wait --for=condition=Ready pod --all -n default --timeout=180s >/dev/null || fail "pods Ready: $(kubectl_ get pods -o wide)"
@@ -312,6 +350,37 @@ if [ "$RUNSC" = yes ]; then
 	check "gvisor -> web1 TCP, web1 sees gvisor" "${IP[gvisor]}" "$(in_pod "${CTR[gvisor]}" "$(peer_cmd "${IP[web1]}" 8080)")"
 	check "web1 -> gvisor TCP, gvisor sees web1" "${IP[web1]}" "$(in_pod "${CTR[web1]}" "$(peer_cmd "${IP[gvisor]}" 8080)")"
 	check "host -> gvisor TCP" "$GATEWAY" "$(/bin/busybox sh -c "$(peer_cmd "${IP[gvisor]}" 8080)")"
+fi
+
+# --- ClusterIP Services through kube-proxy --------------------------------------
+# kube-proxy DNATs in the host; the endpoint's reply must go back through
+# the host to be un-DNATed, so it sees the node gateway (the agent's
+# hairpin masquerade), as for every same-node Service.
+svc_ip() { kubectl_ get svc "$1" -o jsonpath='{.spec.clusterIP}'; }
+# in_pod_retry CTR CMD: CMD's output once it prints something (kube-proxy
+# programs a new Service within a second or so).
+in_pod_retry() {
+	local out i
+	for i in $(seq 40); do
+		out=$(in_pod "$1" "$2" 2>/dev/null) && [ -n "$out" ] && break
+		sleep 0.5
+	done
+	printf '%s' "$out"
+}
+check "kube-proxy programmed its nftables table" 1 "$(nft list tables | grep -c '^table ip kube-proxy$')"
+SVC_WEB2=$(svc_ip web2)
+check "web1 -> Service web2 ($SVC_WEB2:80), web2 sees the node gateway" "$GATEWAY" \
+	"$(in_pod_retry "${CTR[web1]}" "$(peer_cmd "$SVC_WEB2" 80)")"
+check "web1 <- Service web2 4 MiB, MD5" "$(in_pod "${CTR[web2]}" 'cat /www/blob.md5')" \
+	"$(in_pod "${CTR[web1]}" "$(blob_cmd "$SVC_WEB2" 80)")"
+if [ "$RUNSC" = yes ]; then
+	check "gvisor -> Service web2 (runc pod behind it), web2 sees the node gateway" "$GATEWAY" \
+		"$(in_pod_retry "${CTR[gvisor]}" "$(peer_cmd "$SVC_WEB2" 80)")"
+	check "gvisor <- Service web2 4 MiB, MD5" "$(in_pod "${CTR[web2]}" 'cat /www/blob.md5')" \
+		"$(in_pod "${CTR[gvisor]}" "$(blob_cmd "$SVC_WEB2" 80)")"
+	SVC_GVISOR=$(svc_ip gvisor)
+	check "web1 -> Service gvisor ($SVC_GVISOR:80), gvisor sees the node gateway" "$GATEWAY" \
+		"$(in_pod_retry "${CTR[web1]}" "$(peer_cmd "$SVC_GVISOR" 80)")"
 fi
 
 # --- removal -----------------------------------------------------------------
