@@ -17,6 +17,8 @@ CRI_BIN=$REPO/bin/cri
 # The node's addressing and names. The pod CIDR and the outside link must
 # not overlap anything routed on the machine (checked).
 POD_CIDR=${POD_CIDR:-10.213.0.0/24}
+# POD_CIDR6, when a tier sets it, makes the node dual-stack.
+POD_CIDR6=${POD_CIDR6:-}
 OUTSIDE_HOST=${OUTSIDE_HOST:-198.51.100.1}
 OUTSIDE_PEER=${OUTSIDE_PEER:-198.51.100.2}
 UPLINK=shmcri0
@@ -179,12 +181,13 @@ build() {
 }
 
 # routed CIDR: the machine has a route (other than a default) into CIDR.
-routed() { ip -4 route show to match "$1" | grep -qv '^default'; }
+routed() { ip route show to match "$1" | grep -qv '^default'; }
 
 # setup_outside: the "outside" namespace beyond the host, on a veth from the
 # host namespace. It has no route to the pods: only masquerade reaches it.
 setup_outside() {
 	routed "$POD_CIDR" && die "the pod CIDR $POD_CIDR is routed on this machine already; set POD_CIDR"
+	[ -n "$POD_CIDR6" ] && routed "$POD_CIDR6" && die "the pod CIDR $POD_CIDR6 is routed on this machine already; set POD_CIDR6"
 	routed "${OUTSIDE_HOST%.*}.0/24" && die "$OUTSIDE_HOST/24 is routed on this machine already; set OUTSIDE_HOST, OUTSIDE_PEER"
 	ip netns add "$OUTSIDE_NS" || die "netns $OUTSIDE_NS"
 	echo "$OUTSIDE_NS" >"$S/netns"
@@ -280,7 +283,8 @@ start_agent() {
 # run_agent: starts the agent (its log in $S/logs/agent.log) and
 # waits until it is ready; start_agent's first step, and a restart's.
 run_agent() {
-	start_bg agent "$REPO/bin/shm-agent" --pod-cidr "$POD_CIDR" --cluster-cidr "$POD_CIDR" --uplink "$UPLINK" \
+	local cidrs=$POD_CIDR${POD_CIDR6:+,$POD_CIDR6}
+	start_bg agent "$REPO/bin/shm-agent" --pod-cidr "$cidrs" --cluster-cidr "$cidrs" --uplink "$UPLINK" \
 		--socket "$S/agent.sock" --state-dir "$S/state" --sandbox-dir "$S/sb" --metrics-addr "$METRICS_ADDR" --log-level debug
 	local i
 	for i in $(seq 300); do
@@ -366,11 +370,12 @@ ctr_json() {
 EOF
 }
 
-# Pods run by run_server_pod, by name: sandbox ID, container ID, address.
-declare -A POD CTR IP
+# Pods run by run_server_pod, by name: sandbox ID, container ID, address,
+# IPv6 address (dual-stack nodes).
+declare -A POD CTR IP IP6
 
 # run_server_pod NAME [HANDLER]: a pod with the server container; sets
-# POD[NAME], CTR[NAME] and IP[NAME] (as CRI reports it).
+# POD[NAME], CTR[NAME], IP[NAME] and IP6[NAME] (as CRI reports them).
 # shellcheck disable=SC2034 # the tier scripts read them
 run_server_pod() {
 	local name=$1 handler=${2:-} rt=() p c ip
@@ -384,6 +389,7 @@ run_server_pod() {
 	POD[$name]=$p
 	CTR[$name]=$c
 	IP[$name]=$ip
+	IP6[$name]=$(crictl_ inspectp -o go-template --template '{{range .status.network.additionalIps}}{{.ip}} {{end}}' "$p" | awk '{print $1}')
 }
 
 # in_pod CTR CMD: CMD in the container through CRI exec.

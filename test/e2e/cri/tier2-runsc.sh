@@ -40,6 +40,11 @@
 #     with runc, runsc on TAP and the host, with matching MD5; runsc-shm ->
 #     outside masqueraded; the agent's metrics count at least those bytes
 #     each way on the shm link, and no protocol violation;
+#   - IPv6 (the node is dual-stack, POD_CIDR6): every pod has an address
+#     from the IPv6 pod CIDR, gVisor's eth0 of a runsc-shm pod carries it;
+#     runsc-shm <-> runsc-shm, <-> runc, runsc on TAP -> runsc-shm TCP (each
+#     server sees the client's IPv6 address), 4 MiB with MD5 from a runsc-shm
+#     pod to a runsc-shm pod, a runc pod and the host;
 #   - agent restarts, SIGTERM then SIGKILL, the agent started again on its
 #     state directory, under two busy TCP connections (a numbered line every
 #     50 ms over one connection, echoed back: runsc-shm s1 -> runsc-shm s2,
@@ -48,7 +53,8 @@
 #     them), both connections carry on, new connections work; in the end
 #     every line came back in order, 4 MiB with MD5 after the restarts, no
 #     protocol violation. The longest pause of each connection around each
-#     restart is logged, not asserted;
+#     restart is logged, not asserted (the echoes with their times are kept
+#     in the logs, busy-*.out);
 #   - 10 runsc pods and 10 runsc-shm pods created and removed: nothing left
 #     (as in tier 1), no link watcher left.
 # The first run builds runsc, the shim and containerd (about 10 minutes on
@@ -58,6 +64,8 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 CHURN=${CHURN:-10}
+# A dual-stack node: the IPv6 checks of the runsc-shm pods.
+POD_CIDR6=${POD_CIDR6:-fd00:213::/64}
 HOST_PORT=18080
 CTRD2=$CRI_BIN/containerd2
 BIG=16777216 # bytes of the large transfers: 16 MiB
@@ -229,6 +237,22 @@ check "host -> runsc-shm s1 TCP, s1 sees the host's uplink address" "$GATEWAY" "
 check "runsc-shm s1 -> host TCP, the host sees s1's address" "${IP[s1]}" "$(in_pod "${CTR[s1]}" "$(peer_cmd "$GATEWAY" "$HOST_PORT")")"
 check "runsc-shm s1 -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[s1]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
 
+say "IPv6: runsc-shm s1 ${IP6[s1]}, s2 ${IP6[s2]}, runc k ${IP6[k]}, runsc g1 ${IP6[g1]}"
+for p in k g1 s1 s2; do
+	in_cidr6=$(awk -v ip="${IP6[$p]}" -v net="${POD_CIDR6%%::*}:" 'BEGIN {print (ip != "" && index(ip, net) == 1) ? "yes" : "no"}')
+	check "pod $p: an IPv6 address from $POD_CIDR6 (CRI: ${IP6[$p]:-none})" yes "$in_cidr6"
+done
+check "pod s1: gVisor's eth0 carries the CRI IPv6 address" "${IP6[s1]}/128" \
+	"$(in_pod "${CTR[s1]}" "ip -6 -o addr show dev eth0 scope global | awk '{print \$4}'")"
+check "IPv6 runsc-shm s1 -> runsc-shm s2 TCP, s2 sees s1's address" "${IP6[s1]}" "$(in_pod "${CTR[s1]}" "$(peer_cmd "${IP6[s2]}" 8080)")"
+check "IPv6 runsc-shm s2 -> runsc-shm s1 TCP, s1 sees s2's address" "${IP6[s2]}" "$(in_pod "${CTR[s2]}" "$(peer_cmd "${IP6[s1]}" 8080)")"
+check "IPv6 runsc-shm s1 -> runc k TCP, k sees s1's address" "${IP6[s1]}" "$(in_pod "${CTR[s1]}" "$(peer_cmd "${IP6[k]}" 8080)")"
+check "IPv6 runc k -> runsc-shm s1 TCP, s1 sees k's address" "${IP6[k]}" "$(in_pod "${CTR[k]}" "$(peer_cmd "${IP6[s1]}" 8080)")"
+check "IPv6 runsc g1 (TAP) -> runsc-shm s1 TCP, s1 sees g1's address" "${IP6[g1]}" "$(in_pod "${CTR[g1]}" "$(peer_cmd "${IP6[s1]}" 8080)")"
+check "IPv6 runsc-shm s2 <- runsc-shm s1 4 MiB, MD5" "$(in_pod "${CTR[s1]}" 'cat /www/blob.md5')" "$(in_pod "${CTR[s2]}" "$(blob_cmd "${IP6[s1]}")")"
+check "IPv6 runc k <- runsc-shm s1 4 MiB, MD5" "$(in_pod "${CTR[s1]}" 'cat /www/blob.md5')" "$(in_pod "${CTR[k]}" "$(blob_cmd "${IP6[s1]}")")"
+check "IPv6 host <- runsc-shm s1 4 MiB, MD5" "$(in_pod "${CTR[s1]}" 'cat /www/blob.md5')" "$(/bin/busybox sh -c "$(blob_cmd "${IP6[s1]}")")"
+
 rx0=$(link_metric shm_cni_link_receive_bytes_total s1)
 tx0=$(link_metric shm_cni_link_transmit_bytes_total s1)
 big_s1=$(make_big "${CTR[s1]}")
@@ -281,6 +305,7 @@ for c in s1 k; do in_pod "${CTR[$c]}" 'touch /tmp/busy.stop'; done
 for c in s1 k; do
 	settle_done "${CTR[$c]}" || true
 	out=$(in_pod "${CTR[$c]}" 'cat /tmp/busy.out')
+	echo "$out" >"$S/logs/busy-$c.out" # each echo with the pod's uptime
 	sent=$(in_pod "${CTR[$c]}" 'cat /tmp/busy.sent')
 	# Every line back, in order, and the end.
 	check "busy connection from $c: every one of its $sent requests echoed, in order, through both restarts" "$sent end" \
