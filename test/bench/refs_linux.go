@@ -24,16 +24,19 @@ import (
 const refPlugins = "github.com/containernetworking/plugins"
 
 // buildRefPlugins builds ptp, bridge and host-local into dir, inside the
-// plugins' own module (its go.sum, not ours) from the module cache.
+// plugins' own module (its go.sum, not ours) from the module cache, static
+// as the plugins' releases are and with the flags shm-cni's own binaries
+// get (node.ReleaseFlags): the CNI rows compare like with like.
 func buildRefPlugins(ctx context.Context, dir string) error {
 	src, err := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}", refPlugins).Output()
 	if err != nil {
 		return fmt.Errorf("build reference plugins: locate %s: %w", refPlugins, err)
 	}
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+string(filepath.Separator),
-		"./plugins/main/ptp", "./plugins/main/bridge", "./plugins/ipam/host-local")
+	args := append([]string{"build", "-o", dir + string(filepath.Separator)}, node.ReleaseFlags...)
+	cmd := exec.CommandContext(ctx, "go", append(args,
+		"./plugins/main/ptp", "./plugins/main/bridge", "./plugins/ipam/host-local")...)
 	cmd.Dir = strings.TrimSpace(string(src))
-	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
+	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod", "CGO_ENABLED=0")
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {

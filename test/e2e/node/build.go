@@ -84,14 +84,25 @@ func moduleRoot(ctx context.Context, goBin string) (string, error) {
 	return filepath.Dir(gomod), nil
 }
 
+// ReleaseFlags are go build's flags for the binaries as shipped: the
+// image's (hack/image builds them so, with CGO_ENABLED=0), static.
+var ReleaseFlags = []string{"-trimpath", "-buildvcs=false", "-ldflags=-s"}
+
+// goBuild builds pkgs into outDir as shipped (ReleaseFlags, without cgo),
+// or with the race detector, which needs cgo.
 func goBuild(ctx context.Context, goBin, root, outDir string, race bool, pkgs ...string) error {
 	args := []string{"build", "-o", outDir + string(filepath.Separator)}
+	cgo := "0"
 	if race {
 		args = append(args, "-race")
+		cgo = "1"
+	} else {
+		args = append(args, ReleaseFlags...)
 	}
 	args = append(args, pkgs...)
 	cmd := exec.CommandContext(ctx, goBin, args...)
 	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED="+cgo)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
