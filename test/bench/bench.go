@@ -112,9 +112,14 @@ func (b *bench) closeNode(n *node.Node) error {
 }
 
 // startProc starts cmd (SIGKILLed if the bench dies) and has close kill it.
-func (b *bench) startProc(cmd *exec.Cmd) error {
+func (b *bench) startProc(cmd *exec.Cmd) error { return b.startProcIn(nil, cmd) }
+
+// startProcIn is startProc inside n (nil: the bench's own namespace).
+func (b *bench) startProcIn(n ns.NetNS, cmd *exec.Cmd) error {
 	cmd.SysProcAttr = procAttr()
-	if err := cmd.Start(); err != nil {
+	// From the harness's spawner thread: the helper's parent-death signal
+	// must not fire when some other thread of the bench ends.
+	if err := node.Spawn(n, cmd); err != nil {
 		return fmt.Errorf("start %s: %w", cmd.Path, err)
 	}
 	b.mu.Lock()

@@ -118,9 +118,10 @@ type refNet struct {
 	list *libcni.NetworkConfigList
 }
 
-// refConflist returns a 1.0.0 conflist for plugin "ptp" or "bridge" with
-// host-local IPAM keeping its state in dataDir.
-func refConflist(plugin, subnet, dataDir string) ([]byte, error) {
+// refConflist returns a 1.0.0 conflist for plugin "ptp" or "bridge" (on
+// the Linux bridge bridge) with host-local IPAM keeping its state in
+// dataDir.
+func refConflist(name, plugin, bridge, subnet, dataDir string) ([]byte, error) {
 	p := map[string]any{
 		"type":   plugin,
 		"ipMasq": false,
@@ -132,24 +133,31 @@ func refConflist(plugin, subnet, dataDir string) ([]byte, error) {
 		},
 	}
 	if plugin == "bridge" {
-		p["bridge"] = "cnibench0"
+		p["bridge"] = bridge
 		p["isGateway"] = true
 	}
-	return json.Marshal(map[string]any{"cniVersion": "1.0.0", "name": "bench-" + plugin, "plugins": []any{p}})
+	return json.Marshal(map[string]any{"cniVersion": "1.0.0", "name": "bench-" + name, "plugins": []any{p}})
 }
 
-// newRefNet loads plugin's conflist; its plugins run in host.
+// newRefNet loads plugin's conflist (bridge: on the Linux bridge
+// cnibench0); its plugins run in host.
 func (b *bench) newRefNet(plugin, subnet string, host ns.NetNS) (*refNet, error) {
-	conf, err := refConflist(plugin, subnet, filepath.Join(b.tmp, "ipam-"+plugin))
+	return b.newNamedRefNet(plugin, plugin, "cnibench0", subnet, host)
+}
+
+// newNamedRefNet is newRefNet for a network called name, whose bridge
+// plugin makes the Linux bridge bridge.
+func (b *bench) newNamedRefNet(name, plugin, bridge, subnet string, host ns.NetNS) (*refNet, error) {
+	conf, err := refConflist(name, plugin, bridge, subnet, filepath.Join(b.tmp, "ipam-"+name))
 	if err != nil {
 		return nil, err
 	}
 	l, err := libcni.ConfListFromBytes(conf)
 	if err != nil {
-		return nil, fmt.Errorf("conflist %s: %w", plugin, err)
+		return nil, fmt.Errorf("conflist %s: %w", name, err)
 	}
-	return &refNet{name: plugin, host: host, list: l,
-		cni: libcni.NewCNIConfigWithCacheDir([]string{b.refBin}, filepath.Join(b.tmp, "cache-"+plugin), nil)}, nil
+	return &refNet{name: name, host: host, list: l,
+		cni: libcni.NewCNIConfigWithCacheDir([]string{b.refBin}, filepath.Join(b.tmp, "cache-"+name), nil)}, nil
 }
 
 // add runs ADD for a pod in netns x and returns its IPv4 address.

@@ -110,6 +110,16 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	if _, err := echo.WaitLine(ctx, "ready"); err != nil {
 		return err
 	}
+	// The reference a sandbox has without shm-cni, on the bridge plugin's
+	// pods: without and with GSO.
+	var pkts []*packetRef
+	for _, gso := range []bool{false, true} {
+		pk, err := b.newPacketRef(ctx, refHost, gso, maxStreams)
+		if err != nil {
+			return err
+		}
+		pkts = append(pkts, pk)
+	}
 	host := kend{"host", n.Host, n.Gateway4}
 	kk1 := kend{"k1", k1.NS, k1.Addr4}
 	kk2 := kend{"k2", k2.NS, k2.Addr4}
@@ -147,6 +157,12 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 			{"shm-cni tap pod → sandbox", "sandbox sink", false, xfer([]*node.Peer{n.PodPeer(k1)}, n.PodPeer(s0))},
 			{"shm-cni sandbox → tap pod", "sandbox send", false, xfer(sandboxPeers, n.PodPeer(k2))},
 			{"shm-cni sandbox → sandbox", "sandbox send/sink", false, xfer(sandboxPeers, n.PodPeer(s0))},
+		}
+		for _, pk := range pkts {
+			cases = append(cases, tputCase{pk.name("sandbox → sandbox (bridge)"), "sandbox send/sink", true,
+				func(ctx context.Context, streams int) (tputSample, error) {
+					return pk.transfer(ctx, streams, b.cfg.bytes)
+				}})
 		}
 		results := make([][]float64, len(cases)*len(b.cfg.streams))
 		cpus := make([][]float64, len(results))
@@ -206,6 +222,15 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 			{"shm-cni sandbox → sandbox", "netstack client, sandbox echo", false, func(ctx context.Context) ([]time.Duration, error) {
 				return netstackRTT(ctx, c0.SocketPath, e0Addr, b.cfg.rttCount)
 			}},
+		}
+		for _, pk := range pkts {
+			cases = append(cases,
+				rttCase{pk.name("bridge pod → sandbox"), "sandbox echo", true, func(ctx context.Context) ([]time.Duration, error) {
+					return dialRTT(ctx, pk.kernel, netip.AddrPortFrom(pk.echo.addr, packetEchoPort), b.cfg.rttCount)
+				}},
+				rttCase{pk.name("sandbox → sandbox (bridge)"), "netstack client, sandbox echo", true, func(ctx context.Context) ([]time.Duration, error) {
+					return pk.rtt(ctx, b.cfg.rttCount)
+				}})
 		}
 		p50s := make([][]float64, len(cases))
 		p99s := make([][]float64, len(cases))

@@ -185,6 +185,13 @@ func Run(ctx context.Context, n ns.NetNS, name string, args ...string) (string, 
 	return out.String(), nil
 }
 
+// Spawn starts cmd inside n (nil: this process's own network namespace)
+// from a thread that never exits: a child's parent-death signal
+// (SysProcAttr.Pdeathsig) follows the thread that forked it, not the
+// process, and Go ends threads (those a goroutine left locked), which
+// would kill the child long before this process ends.
+func Spawn(n ns.NetNS, cmd *exec.Cmd) error { return spawn(n, cmd) }
+
 // spawnReq asks the spawner to start cmd in ns (nil: home).
 type spawnReq struct {
 	ns   ns.NetNS

@@ -9,6 +9,9 @@
 //	sandbox --socket S --mode http --port 8080      a tiny HTTP server
 //	sandbox --socket S --mode send --to A:P --bytes N   send N pattern bytes
 //	sandbox --socket S --mode connect --to A:P      one TCP connection, then exit
+//	sandbox --packet eth0 [--packet-gso] --mode ...  the same netstack on a kernel
+//	                                                 interface through AF_PACKET
+//	                                                 (the benchmark's reference)
 //
 // Servers print "ready" on stdout once they listen and run until SIGTERM or
 // SIGINT. The pattern byte at offset i is byte((i * 0x9E3779B1) >> 24).
@@ -38,6 +41,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/test/e2e/packetlink"
 	"github.com/shm-cni/shm-cni/test/e2e/pattern"
 )
 
@@ -53,15 +57,39 @@ func run() int {
 	n := flag.Int64("bytes", 1<<20, "bytes to send (send)")
 	timeout := flag.Duration("timeout", 2*time.Minute, "bound of dialing the link and of client modes")
 	verify := flag.Bool("verify", true, "sink: check every byte against the pattern (false: count only); send: send the pattern (false: zeros). Benchmarks measure the path with false; tests verify")
+	packet := flag.String("packet", "", "instead of --socket: run on this kernel interface of the current network namespace through an AF_PACKET socket, as runsc's network=sandbox does (the benchmark's reference for a sandbox without shm-cni); the interface's addresses are the netstack's until the program exits")
+	packetGSO := flag.Bool("packet-gso", false, "with --packet: virtio-net headers, and TCP segments as large as the device takes (runsc's host GSO)")
 	flag.Parse()
-	if *socket == "" {
-		fmt.Fprintln(os.Stderr, "sandbox: --socket is required")
+	if (*socket == "") == (*packet == "") {
+		fmt.Fprintln(os.Stderr, "sandbox: one of --socket and --packet is required")
 		return 2
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	s, ep, cfg, err := up(ctx, *socket, *timeout)
+	var (
+		s   *stack.Stack
+		ep  stack.LinkEndpoint
+		cfg endpoint.LinkConfig
+		err error
+	)
+	if *socket != "" {
+		s, ep, cfg, err = up(ctx, *socket, *timeout)
+	} else {
+		s = newStack()
+		var l *packetlink.Link
+		if l, err = packetlink.Attach(s, nicID, *packet, *packetGSO, func(err error) { fmt.Fprintln(os.Stderr, "sandbox: link closed:", err) }); err != nil {
+			s.Close()
+		} else {
+			ep, cfg = l.Endpoint, l.Config
+			// After the NIC went (the deferred removal below runs first).
+			defer func() {
+				if err := l.Restore(); err != nil {
+					fmt.Fprintln(os.Stderr, "sandbox: give the kernel its addresses back:", err)
+				}
+			}()
+		}
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "sandbox:", err)
 		return 1
@@ -91,8 +119,20 @@ func run() int {
 	return 0
 }
 
+// newStack returns the sandbox's netstack, without NIC.
+func newStack() *stack.Stack {
+	s := stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol, arp.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
+	})
+	// SACK recovers a burst lost to a full queue without a timeout.
+	sack := tcpip.TCPSACKEnabled(true)
+	s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack)
+	return s
+}
+
 // up dials the link and brings up a netstack on it.
-func up(ctx context.Context, socket string, timeout time.Duration) (*stack.Stack, *endpoint.Client, endpoint.LinkConfig, error) {
+func up(ctx context.Context, socket string, timeout time.Duration) (*stack.Stack, stack.LinkEndpoint, endpoint.LinkConfig, error) {
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	ep, cfg, err := endpoint.Dial(dctx, socket, endpoint.DialOptions{
@@ -101,13 +141,7 @@ func up(ctx context.Context, socket string, timeout time.Duration) (*stack.Stack
 	if err != nil {
 		return nil, nil, cfg, err
 	}
-	s := stack.New(stack.Options{
-		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol, arp.NewProtocol},
-		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
-	})
-	// SACK recovers a burst lost to a full queue without a timeout.
-	sack := tcpip.TCPSACKEnabled(true)
-	s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack)
+	s := newStack()
 	if err := s.CreateNIC(nicID, ep); err != nil {
 		ep.Close()
 		ep.Wait()
