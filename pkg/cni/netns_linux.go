@@ -67,7 +67,28 @@ func openNetNS(path string) (ns.NetNS, error) {
 // ifNameFree fails with CodeInterfaceExists when name exists in the
 // calling thread's netns.
 func ifNameFree(name string) error {
-	_, err := netlinksafe.LinkByName(name)
+	h, err := newHandle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	return ifNameFreeH(h, name)
+}
+
+// newHandle returns a netlink handle in the calling thread's netns: one
+// socket for all of an operation's requests, where the package-level
+// functions open one per request.
+func newHandle() (netlinksafe.Handle, error) {
+	h, err := netlinksafe.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return h, fmt.Errorf("netlink socket: %w", err)
+	}
+	return h, nil
+}
+
+// ifNameFreeH is ifNameFree through h.
+func ifNameFreeH(h netlinksafe.Handle, name string) error {
+	_, err := h.LinkByName(name)
 	var nf netlink.LinkNotFoundError
 	switch {
 	case errors.As(err, &nf):
@@ -87,21 +108,25 @@ func createTAP(netns ns.NetNS, name string) (*os.File, net.HardwareAddr, error) 
 		mac net.HardwareAddr
 	)
 	err := netns.Do(func(ns.NetNS) error {
-		if err := ifNameFree(name); err != nil {
+		h, err := newHandle()
+		if err != nil {
 			return err
 		}
-		var err error
+		defer h.Close()
+		if err := ifNameFreeH(h, name); err != nil {
+			return err
+		}
 		f, err = tuntap.Open(name, tuntap.Options{VnetHdr: true, Offload: true, Persist: true})
 		if err != nil {
 			return fmt.Errorf("create tap %s: %w", name, err)
 		}
-		l, err := netlinksafe.LinkByName(name)
+		l, err := h.LinkByName(name)
 		if err == nil && len(l.Attrs().HardwareAddr) != 6 {
 			err = fmt.Errorf("device has MAC %q, not an Ethernet address", l.Attrs().HardwareAddr)
 		}
 		if err != nil {
 			if l != nil {
-				netlink.LinkDel(l)
+				h.LinkDel(l)
 			}
 			f.Close()
 			f = nil
@@ -125,28 +150,33 @@ func createTAP(netns ns.NetNS, name string) (*os.File, net.HardwareAddr, error) 
 func createPlaceholder(netns ns.NetNS, name string, mac net.HardwareAddr, mtu int, socketPath string) (net.HardwareAddr, error) {
 	var got net.HardwareAddr
 	err := netns.Do(func(ns.NetNS) error {
-		if err := ifNameFree(name); err != nil {
+		h, err := newHandle()
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		if err := ifNameFreeH(h, name); err != nil {
 			return err
 		}
 		d := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu, HardwareAddr: mac}}
-		err := netlink.LinkAdd(d)
+		err = h.LinkAdd(d)
 		if errors.Is(err, unix.EOPNOTSUPP) {
 			err = createTAPPlaceholder(name, mac, mtu)
 		}
 		if err != nil {
 			return fmt.Errorf("create placeholder %s: %w", name, err)
 		}
-		l, err := netlinksafe.LinkByName(name)
+		l, err := h.LinkByName(name)
 		if err == nil {
-			if err = netlink.LinkSetAlias(l, AttachSocketAliasPrefix+socketPath); err != nil {
+			if err = h.LinkSetAlias(l, AttachSocketAliasPrefix+socketPath); err != nil {
 				err = fmt.Errorf("set alias: %w", err)
 			}
 		}
 		if err != nil {
 			if l != nil {
-				netlink.LinkDel(l)
+				h.LinkDel(l)
 			} else {
-				netlink.LinkDel(d)
+				h.LinkDel(d)
 			}
 			return fmt.Errorf("placeholder %s: %w", name, err)
 		}
@@ -185,15 +215,23 @@ func createTAPPlaceholder(name string, mac net.HardwareAddr, mtu int) error {
 
 // configureLink applies lc to the interface name in netns: MTU, addresses,
 // link up, an on-link route to every IPv4 gateway, the routes, and
-// permanent neighbour entries for the gateways.
+// permanent neighbour entries for the gateways, all through one netlink
+// socket.
 func configureLink(netns ns.NetNS, name string, lc linkConfig) error {
 	err := netns.Do(func(ns.NetNS) error {
-		l, err := netlinksafe.LinkByName(name)
+		h, err := newHandle()
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		l, err := h.LinkByName(name)
 		if err != nil {
 			return fmt.Errorf("look up %s: %w", name, err)
 		}
-		if err := netlink.LinkSetMTU(l, lc.MTU); err != nil {
-			return fmt.Errorf("set %s mtu %d: %w", name, lc.MTU, err)
+		if l.Attrs().MTU != lc.MTU {
+			if err := h.LinkSetMTU(l, lc.MTU); err != nil {
+				return fmt.Errorf("set %s mtu %d: %w", name, lc.MTU, err)
+			}
 		}
 		for _, a := range lc.Addrs {
 			addr := &netlink.Addr{IPNet: ipNet(a)}
@@ -202,11 +240,11 @@ func configureLink(netns ns.NetNS, name string, lc linkConfig) error {
 				// detection would only hold the address tentative.
 				addr.Flags = unix.IFA_F_NODAD
 			}
-			if err := netlink.AddrAdd(l, addr); err != nil {
+			if err := h.AddrAdd(l, addr); err != nil {
 				return fmt.Errorf("add address %s to %s: %w", a, name, err)
 			}
 		}
-		if err := netlink.LinkSetUp(l); err != nil {
+		if err := h.LinkSetUp(l); err != nil {
 			return fmt.Errorf("set %s up: %w", name, err)
 		}
 		idx := l.Attrs().Index
@@ -219,7 +257,7 @@ func configureLink(netns ns.NetNS, name string, lc linkConfig) error {
 			// 169.254.1.1 dev eth0 scope link: the gateway is on the link
 			// although no address prefix covers it.
 			gw := &netlink.Route{LinkIndex: idx, Dst: ipNet(netip.PrefixFrom(r.GW, 32)), Scope: netlink.SCOPE_LINK}
-			if err := netlink.RouteReplace(gw); err != nil {
+			if err := h.RouteReplace(gw); err != nil {
 				return fmt.Errorf("add route %s dev %s scope link: %w", r.GW, name, err)
 			}
 		}
@@ -236,7 +274,7 @@ func configureLink(netns ns.NetNS, name string, lc linkConfig) error {
 			default:
 				nr.Gw = net.IP(r.GW.AsSlice())
 			}
-			if err := netlink.RouteReplace(nr); err != nil {
+			if err := h.RouteReplace(nr); err != nil {
 				return fmt.Errorf("add route %s via %s dev %s: %w", r.Dst, r.GW, name, err)
 			}
 		}
@@ -249,7 +287,7 @@ func configureLink(netns ns.NetNS, name string, lc linkConfig) error {
 				fam = unix.AF_INET6
 			}
 			n := &netlink.Neigh{LinkIndex: idx, Family: fam, State: netlink.NUD_PERMANENT, IP: net.IP(gw.AsSlice()), HardwareAddr: lc.GatewayMAC}
-			if err := netlink.NeighSet(n); err != nil {
+			if err := h.NeighSet(n); err != nil {
 				return fmt.Errorf("add neighbour %s lladdr %s dev %s: %w", gw, lc.GatewayMAC, name, err)
 			}
 		}
