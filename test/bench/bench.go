@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -202,5 +203,14 @@ func (c config) describe() map[string]string {
 		"idle-window": c.idleWindow.String(),
 		"mtu":         fmt.Sprint(c.mtu),
 		"agent-args":  strings.Join(c.agentArgs, " "),
+		"only":        fmtOnly(c.only),
 	}
+}
+
+// fmtOnly is -only as given, or empty.
+func fmtOnly(re *regexp.Regexp) string {
+	if re == nil {
+		return ""
+	}
+	return re.String()
 }

@@ -28,6 +28,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -49,8 +50,11 @@ type config struct {
 	idleWindow time.Duration
 	mtu        int
 	agentArgs  []string
-	out        string
-	verbose    bool
+	// only, when set, keeps the traffic cases whose name it matches
+	// (the references always run: ratios need them).
+	only    *regexp.Regexp
+	out     string
+	verbose bool
 }
 
 func parseFlags() (config, error) {
@@ -66,10 +70,18 @@ func parseFlags() (config, error) {
 	flag.DurationVar(&c.idleWindow, "idle-window", 30*time.Second, "CPU measurement window per pod count (split into -reps parts)")
 	flag.IntVar(&c.mtu, "mtu", 1500, "MTU of shm-cni's pod links and uplink in the traffic cases (the veth, ptp and bridge references stay at 1500)")
 	agentArgs := flag.String("agent-args", "", "extra flags for shm-agent, space-separated (e.g. --fast-path=false)")
+	only := flag.String("only", "", "regular expression: run only the traffic cases whose name matches (e.g. 'sandbox → sandbox'); the kernel references always run")
 	flag.StringVar(&c.out, "out", "bin", "directory for bench.md and bench.json")
 	flag.BoolVar(&c.verbose, "v", false, "log the harness's progress in detail")
 	flag.Parse()
 	c.agentArgs = strings.Fields(*agentArgs)
+	if *only != "" {
+		re, err := regexp.Compile(*only)
+		if err != nil {
+			return c, fmt.Errorf("-only: %w", err)
+		}
+		c.only = re
+	}
 	c.cases = map[string]bool{}
 	for _, k := range strings.Split(*cases, ",") {
 		k = strings.TrimSpace(k)

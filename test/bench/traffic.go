@@ -148,6 +148,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 			{"shm-cni sandbox → tap pod", "sandbox send", false, xfer(sandboxPeers, n.PodPeer(k2))},
 			{"shm-cni sandbox → sandbox", "sandbox send/sink", false, xfer(sandboxPeers, n.PodPeer(s0))},
 		}
+		cases = selected(b, cases, func(c tputCase) (string, bool) { return c.name, c.ref })
 		results := make([][]float64, len(cases)*len(b.cfg.streams))
 		cpus := make([][]float64, len(results))
 		errs := make([]string, len(results))
@@ -207,6 +208,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 				return netstackRTT(ctx, c0.SocketPath, e0Addr, b.cfg.rttCount)
 			}},
 		}
+		cases = selected(b, cases, func(c rttCase) (string, bool) { return c.name, c.ref })
 		p50s := make([][]float64, len(cases))
 		p99s := make([][]float64, len(cases))
 		errs := make([]string, len(cases))
@@ -233,6 +235,21 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 		rep.rateLatency()
 	}
 	return b.closeNode(n)
+}
+
+// selected returns the cases -only keeps: the references and those whose
+// name matches.
+func selected[C any](b *bench, cases []C, id func(C) (name string, ref bool)) []C {
+	if b.cfg.only == nil {
+		return cases
+	}
+	var out []C
+	for _, c := range cases {
+		if name, ref := id(c); ref || b.cfg.only.MatchString(name) {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // transfers runs streams transfers at once (the node counts bytes without
