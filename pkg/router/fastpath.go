@@ -20,9 +20,9 @@ import (
 // at MTU 1500. The fast path does what is left of it once the anti-spoofing
 // filter has passed the packet: it looks the destination up among the pod
 // links (a map read through an atomic pointer, no lock), decrements the TTL
-// or hop limit, copies the packet into a fresh buffer and hands it to the
-// destination link's endpoint with the pod's MAC, which the router knows
-// (the links' static neighbor entries).
+// or hop limit in a copy of the IP header (the payload is shared, not
+// copied) and hands the packet to the destination link's endpoint with the
+// pod's MAC, which the router knows (the links' static neighbor entries).
 //
 // A packet for an address of the node's pod CIDRs that no link has (nor the
 // host: the node gateway) is dropped and counted as unrouted right there,
@@ -85,10 +85,18 @@ type fastPath struct {
 	links atomic.Pointer[fastLinks] // nil when disabled
 }
 
-// rebuildFastLocked publishes the fast-path table of the current links.
+// rebuildFastLocked publishes the fast-path table of the current links, and
+// their MTUs for the router's path MTU answers (pmtu.go).
 //
 // +checklocks:r.mu
 func (r *Router) rebuildFastLocked() {
+	mtus := make(map[netip.Addr]uint32, len(r.owners))
+	for a, id := range r.owners {
+		if lk := r.links[id]; lk != nil {
+			mtus[a] = lk.fast.mtu
+		}
+	}
+	r.mtus.pods.Store(&mtus)
 	if r.cfg.NoFastPath {
 		return
 	}
@@ -155,22 +163,34 @@ func (f *fastPath) forward(self *fastCounters, protocol tcpip.NetworkProtocolNum
 		return false
 	}
 
-	// A private copy: the received buffer may be the link reader's, and the
-	// destination's writer may take its time.
-	v := pkt.Data().AsRange().ToView()
-	b := v.AsSlice()
+	// The IP header is copied and rewritten in a view of its own; the rest
+	// of the packet is shared with pkt (reference counted, never written
+	// by anyone: our endpoints hand every received frame to the stack in a
+	// buffer of its own). A 64 KiB packet from a sandbox link then costs
+	// its 20 or 40 header bytes here, not a copy of itself; the destination
+	// endpoint copies it once, into its queue or the kernel.
+	hdrLen := header.IPv4MinimumSize
+	if protocol == header.IPv6ProtocolNumber {
+		hdrLen = header.IPv6MinimumSize
+	}
+	hb, _ := pkt.Data().PullUp(hdrLen) // pulled up above
+	hv := buffer.NewViewWithData(hb)
 	if protocol == header.IPv4ProtocolNumber {
-		h := header.IPv4(b)
+		h := header.IPv4(hv.AsSlice())
 		h.SetTTL(h.TTL() - 1)
 		h.SetChecksum(0)
 		h.SetChecksum(^h.CalculateChecksum())
 	} else {
-		h := header.IPv6(b)
+		h := header.IPv6(hv.AsSlice())
 		h.SetHopLimit(h.HopLimit() - 1)
 	}
+	payload := buffer.MakeWithView(hv)
+	rest := pkt.Data().ToBuffer()
+	rest.TrimFront(int64(hdrLen))
+	payload.Merge(&rest)
 	out := stack.NewPacketBuffer(stack.PacketBufferOptions{
 		ReserveHeaderBytes: int(d.ep.MaxHeaderLength()),
-		Payload:            buffer.MakeWithView(v),
+		Payload:            payload,
 	})
 	defer out.DecRef()
 	out.NetworkProtocolNumber = protocol
