@@ -202,6 +202,7 @@ func (c config) describe() map[string]string {
 		"idle-pods":   fmt.Sprint(c.idlePods),
 		"idle-window": c.idleWindow.String(),
 		"mtu":         fmt.Sprint(c.mtu),
+		"shm-mtu":     shmMTUString(c.shmMTU),
 		"agent-args":  strings.Join(c.agentArgs, " "),
 		"only":        fmtOnly(c.only),
 	}
@@ -213,4 +214,12 @@ func fmtOnly(re *regexp.Regexp) string {
 		return ""
 	}
 	return re.String()
+}
+
+// shmMTUString is -shm-mtu for the report.
+func shmMTUString(mtu int) string {
+	if mtu == 0 {
+		return "agent default"
+	}
+	return fmt.Sprint(mtu)
 }

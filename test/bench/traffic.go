@@ -66,7 +66,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	}
 	// The benchmark measures the path: the sandboxes count bytes and send
 	// zeros (the tests verify data).
-	n, err := b.newNode(ctx, node.Options{MTU: b.cfg.mtu, NoVerify: true})
+	n, err := b.newNode(ctx, node.Options{MTU: b.cfg.mtu, ShmMTU: b.cfg.shmMTU, NoVerify: true})
 	if err != nil {
 		return err
 	}

@@ -49,8 +49,12 @@ type Options struct {
 	// PodCIDRs are the node's pod CIDRs, one IPv4 and one IPv6 prefix,
 	// in that order; nil means PodCIDR4 and PodCIDR6.
 	PodCIDRs []netip.Prefix
-	// MTU is the agent's and the pods' MTU; 0 means 1500.
+	// MTU is the agent's --mtu and the conflist's mtu: kernel pods' links
+	// and the uplink; 0 means 1500.
 	MTU int
+	// ShmMTU is the agent's --shm-mtu, the MTU of sandbox links; 0 leaves
+	// the agent's default.
+	ShmMTU int
 	// NoMasquerade runs the agent with --masquerade=false.
 	NoMasquerade bool
 	// AgentLogLevel is the agent's --log-level; empty means info.
