@@ -34,8 +34,9 @@ var (
 const (
 	// Uplink is the agent's TUN device in the host namespace.
 	Uplink = "shm0"
-	// hostVeth is the host's end of the veth to the outside.
-	hostVeth = "out0"
+	// HostOutsideVeth is the host's end of the veth to the outside.
+	HostOutsideVeth = "out0"
+	hostVeth        = HostOutsideVeth
 	// outsideVeth is the outside's end.
 	outsideVeth = "eth0"
 )
