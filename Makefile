@@ -39,6 +39,7 @@ FUZZ_TARGETS ?= \
 	./pkg/cni:FuzzAgentAnswer \
 	./pkg/agent:FuzzParseRecord \
 	./pkg/router:FuzzFilter \
+	./pkg/router:FuzzClampMSS \
 	./test/e2e/node:FuzzParseSinkLine \
 	./test/e2e/node:FuzzParseSentLine
 

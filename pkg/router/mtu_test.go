@@ -7,10 +7,13 @@ import (
 	"net/netip"
 	"testing"
 
+	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 	"gvisor.dev/gvisor/pkg/tcpip/link/ethernet"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
 // Links of different MTUs: sandbox links carry large packets (64 KiB TCP
@@ -246,4 +249,165 @@ func BenchmarkFastPath(b *testing.B) {
 			}
 		})
 	}
+}
+
+// tcpSYN is a TCP segment from port 1000 to 2000 with flags, whose options
+// are opts (a multiple of 4 bytes), and a valid checksum for src -> dst.
+func tcpSYN(src, dst netip.Addr, flags header.TCPFlags, opts []byte) []byte {
+	t := header.TCP(make([]byte, header.TCPMinimumSize+len(opts)))
+	t.Encode(&header.TCPFields{SrcPort: 1000, DstPort: 2000, SeqNum: 1, DataOffset: uint8(len(t)), Flags: flags, WindowSize: 65535})
+	copy(t[header.TCPMinimumSize:], opts)
+	xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, toAddr(src), toAddr(dst), uint16(len(t)))
+	t.SetChecksum(^checksum.Checksum(t, xsum))
+	return t
+}
+
+// tcpChecksumValid reports whether the TCP segment of IP packet ip has a
+// valid checksum.
+func tcpChecksumValid(ip []byte) bool {
+	src, dst, _, seg := ipFields(ip)
+	xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, toAddr(src), toAddr(dst), uint16(len(seg)))
+	return checksum.Checksum(seg, xsum) == 0xffff
+}
+
+// TestClampMSS: the MSS option of a TCP SYN or SYN-ACK the router forwards
+// to or from the uplink is lowered to what the uplink carries (its MTU less
+// the IP and TCP headers), wherever the option sits among the others, with
+// the checksum updated (a bad one stays bad); SYNs between pod links,
+// smaller MSSes, segments without SYN and packets without the option are
+// left alone.
+func TestClampMSS(t *testing.T) {
+	const uplink, pod = tcpip.NICID(1), tcpip.NICID(2)
+	m := &linkMTUs{uplink: 1500}
+	m.uplinkNIC.Store(uint32(uplink))
+	mss := func(v uint16) []byte { return []byte{header.TCPOptionMSS, 4, byte(v >> 8), byte(v)} }
+	far4, far6 := netip.MustParseAddr("192.0.2.7"), netip.MustParseAddr("2001:db8:2::7")
+	for _, tc := range []struct {
+		name     string
+		src, dst netip.Addr
+		in, out  tcpip.NICID
+		flags    header.TCPFlags
+		opts     []byte
+		want     uint16 // the MSS after; 0: the packet is unchanged
+		badSum   bool   // the segment comes with a bad checksum
+		parsed   bool   // the stack parsed the TCP header (transport header)
+	}{
+		{"syn to the uplink", podA4, far4, pod, uplink, header.TCPFlagSyn, mss(64960), 1460, false, false},
+		{"syn-ack from the uplink", far4, podA4, uplink, pod, header.TCPFlagSyn | header.TCPFlagAck, mss(8960), 1460, false, true},
+		{"ipv6 syn to the uplink", podA6, far6, pod, uplink, header.TCPFlagSyn, mss(64940), 1440, false, false},
+		{"ipv6 syn-ack from the uplink", far6, podA6, uplink, pod, header.TCPFlagSyn | header.TCPFlagAck, mss(8940), 1440, false, true},
+		{"mss at an odd offset", podA4, far4, pod, uplink, header.TCPFlagSyn, append(append([]byte{1}, mss(9000)...), 1, 1, 1), 1460, false, false},
+		{"mss after window scale", podA4, far4, pod, uplink, header.TCPFlagSyn, append([]byte{3, 3, 7, 1}, mss(9000)...), 1460, false, true},
+		{"bad checksum stays bad", podA4, far4, pod, uplink, header.TCPFlagSyn, mss(9000), 1460, true, false},
+		{"between pods", podA4, podB4, pod, pod + 1, header.TCPFlagSyn, mss(64960), 0, false, false},
+		{"smaller mss", podA4, far4, pod, uplink, header.TCPFlagSyn, mss(1400), 0, false, false},
+		{"no syn", podA4, far4, pod, uplink, header.TCPFlagAck, mss(9000), 0, false, false},
+		{"no mss option", podA4, far4, pod, uplink, header.TCPFlagSyn, []byte{1, 1, 1, 0}, 0, false, false},
+		{"truncated option", podA4, far4, pod, uplink, header.TCPFlagSyn, []byte{1, 1, 2, 4}, 0, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			seg := tcpSYN(tc.src, tc.dst, tc.flags, tc.opts)
+			if tc.badSum {
+				header.TCP(seg).SetChecksum(header.TCP(seg).Checksum() + 1)
+			}
+			sent := ipPacket(tc.src, tc.dst, header.TCPProtocolNumber, seg)
+			pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(sent)})
+			defer pkt.DecRef()
+			pkt.NetworkProtocolNumber = header.IPv4ProtocolNumber
+			ipLen := header.IPv4MinimumSize
+			if tc.src.Is6() {
+				pkt.NetworkProtocolNumber, ipLen = header.IPv6ProtocolNumber, header.IPv6MinimumSize
+			}
+			pkt.NetworkHeader().Consume(ipLen)
+			if tc.parsed {
+				pkt.TransportHeader().Consume(len(seg))
+				pkt.TransportProtocolNumber = header.TCPProtocolNumber
+			}
+			pkt.InputNICID = tc.in
+			clamped := m.clampMSS(pkt, tc.out)
+			got := pkt.ToView().AsSlice()
+			if clamped != (tc.want != 0) {
+				t.Fatalf("clampMSS = %t, want %t", clamped, tc.want != 0)
+			}
+			if tc.want == 0 {
+				if !bytes.Equal(got, sent) {
+					t.Error("the packet changed")
+				}
+				return
+			}
+			_, _, _, gotSeg := ipFields(got)
+			opts := header.TCP(gotSeg).Options()
+			i := mssOptionOffset(opts)
+			if i < 0 || binary.BigEndian.Uint16(opts[i+2:]) != tc.want {
+				t.Errorf("options % x, want the MSS %d", opts, tc.want)
+			}
+			if tcpChecksumValid(got) == tc.badSum {
+				t.Errorf("checksum valid %t, want %t", tc.badSum, !tc.badSum)
+			}
+		})
+	}
+}
+
+// FuzzClampMSS feeds clampMSS TCP segments of any bytes (what a pod or the
+// world wrote) crossing the uplink: it must not panic, and what it changes
+// must be an MSS option's value, lowered to the uplink's limit, and the
+// checksum, whose validity stays as it came.
+func FuzzClampMSS(f *testing.F) {
+	mss := []byte{header.TCPOptionMSS, 4, 0xfd, 0xc0}
+	f.Add(false, false, []byte(tcpSYN(podA4, podB4, header.TCPFlagSyn, mss)))
+	f.Add(true, true, []byte(tcpSYN(podA6, podB6, header.TCPFlagSyn|header.TCPFlagAck, append([]byte{1}, append(mss, 1, 1, 1)...))))
+	f.Add(false, true, []byte(tcpSYN(podA4, podB4, header.TCPFlagSyn, []byte{1, 1, 2, 4})))
+	const uplink, pod = tcpip.NICID(1), tcpip.NICID(2)
+	m := &linkMTUs{uplink: 1500}
+	m.uplinkNIC.Store(uint32(uplink))
+	f.Fuzz(func(t *testing.T, v6, parsed bool, seg []byte) {
+		src, dst := podA4, netip.MustParseAddr("192.0.2.7")
+		proto, ipLen := header.IPv4ProtocolNumber, header.IPv4MinimumSize
+		if v6 {
+			src, dst = podA6, netip.MustParseAddr("2001:db8:2::7")
+			proto, ipLen = header.IPv6ProtocolNumber, header.IPv6MinimumSize
+		}
+		if len(seg) > 1<<12 {
+			seg = seg[:1<<12]
+		}
+		sent := ipPacket(src, dst, header.TCPProtocolNumber, seg)
+		pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(sent)})
+		defer pkt.DecRef()
+		pkt.NetworkProtocolNumber = proto
+		pkt.NetworkHeader().Consume(ipLen)
+		if parsed && len(seg) >= header.TCPMinimumSize {
+			if n := int(header.TCP(seg).DataOffset()); n >= header.TCPMinimumSize && n <= len(seg) {
+				pkt.TransportHeader().Consume(n)
+			}
+		}
+		pkt.InputNICID = pod
+		wasValid := tcpChecksumValid(sent)
+		clamped := m.clampMSS(pkt, uplink)
+		got := pkt.ToView().AsSlice()
+		if len(got) != len(sent) {
+			t.Fatalf("length %d, was %d", len(got), len(sent))
+		}
+		if !clamped {
+			if !bytes.Equal(got, sent) {
+				t.Fatal("changed without clamping")
+			}
+			return
+		}
+		_, _, _, gotSeg := ipFields(got)
+		opts := header.TCP(gotSeg).Options()
+		i := mssOptionOffset(opts)
+		if i < 0 || binary.BigEndian.Uint16(opts[i+2:]) != uint16(1500-ipLen-header.TCPMinimumSize) {
+			t.Fatalf("clamped, but options % x", opts)
+		}
+		for j := range got {
+			k := j - ipLen // offset in the segment
+			if got[j] != sent[j] && k != header.TCPChecksumOffset && k != header.TCPChecksumOffset+1 &&
+				k != header.TCPMinimumSize+i+2 && k != header.TCPMinimumSize+i+3 {
+				t.Fatalf("byte %d of the segment changed", k)
+			}
+		}
+		if tcpChecksumValid(got) != wasValid {
+			t.Fatalf("checksum valid %t, was %t", !wasValid, wasValid)
+		}
+	})
 }

@@ -1,9 +1,13 @@
 package router
 
 import (
+	"encoding/binary"
+	"math/bits"
 	"net/netip"
 	"sync/atomic"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
@@ -31,6 +35,8 @@ import (
 type linkMTUs struct {
 	pods   atomic.Pointer[map[netip.Addr]uint32]
 	uplink uint32 // immutable
+	// uplinkNIC is the uplink's NIC while the router runs, else 0.
+	uplinkNIC atomic.Uint32
 }
 
 // mtuTo returns the MTU of the link the router sends packets for dst to.
@@ -71,4 +77,114 @@ func (m *linkMTUs) fillPacketTooBig(pkt *stack.PacketBuffer) bool {
 		PayloadLen:  pkt.Data().Size(),
 	}))
 	return true
+}
+
+// TCP MSS clamping at the uplink.
+//
+// A pod's TCP announces the MSS of its own link in its SYN, and learns its
+// peer's from the peer's: between pods of this node every link's MTU is
+// known to both ends. Beyond the uplink it is not: a peer out there
+// announces what its own network carries (9000-byte jumbo frames, say),
+// while the uplink carries --mtu (1500); and a sandbox announces its link's
+// 65000 to a peer whose path back crosses the uplink. The first segments
+// of such a connection are then too big for the uplink and cost a round of
+// ICMP errors and retransmissions (gVisor's TCP in a sandbox took about a
+// second and a half to recover in TestPathMTU's narrowed path). So, as
+// routers do at a narrower link (Linux: iptables TCPMSS
+// --clamp-mss-to-pmtu), the router lowers the MSS option of every TCP SYN
+// it forwards to or from the uplink to what the uplink carries.
+
+// clampMSS lowers the MSS option of pkt, a forwarded packet at postrouting
+// leaving through NIC out, to what the uplink carries when pkt is a TCP SYN
+// (or SYN-ACK) entering or leaving through the uplink, and reports whether
+// it did. The TCP checksum is updated incrementally (RFC 1624), so a packet
+// that came with a bad one keeps it bad.
+func (m *linkMTUs) clampMSS(pkt *stack.PacketBuffer, out tcpip.NICID) bool {
+	up := tcpip.NICID(m.uplinkNIC.Load())
+	if up == 0 || (out != up && pkt.InputNICID != up) {
+		return false
+	}
+	ip := pkt.NetworkHeader().Slice()
+	var ipHdr int // the IP header counted against the MTU
+	switch pkt.NetworkProtocolNumber {
+	case header.IPv4ProtocolNumber:
+		h := header.IPv4(ip)
+		if len(ip) < header.IPv4MinimumSize || h.Protocol() != uint8(header.TCPProtocolNumber) || h.FragmentOffset() != 0 || h.More() {
+			return false
+		}
+		ipHdr = header.IPv4MinimumSize
+	case header.IPv6ProtocolNumber:
+		if len(ip) < header.IPv6MinimumSize || header.IPv6(ip).NextHeader() != uint8(header.TCPProtocolNumber) {
+			return false
+		}
+		ipHdr = header.IPv6MinimumSize
+	default:
+		return false
+	}
+	// The TCP header is the transport header when the stack parsed it, or
+	// the start of the data; either way a slice of pkt's own (forwarded,
+	// private) buffer.
+	tcp := pkt.TransportHeader().Slice()
+	if len(tcp) == 0 {
+		b, ok := pkt.Data().PullUp(header.TCPMinimumSize)
+		if !ok {
+			return false
+		}
+		if tcp, ok = pkt.Data().PullUp(int(header.TCP(b).DataOffset())); !ok {
+			return false
+		}
+	}
+	t := header.TCP(tcp)
+	if len(t) < header.TCPMinimumSize || t.Flags()&header.TCPFlagSyn == 0 ||
+		int(t.DataOffset()) < header.TCPMinimumSize || int(t.DataOffset()) > len(t) {
+		return false
+	}
+	opts := t[header.TCPMinimumSize:t.DataOffset()]
+	i := mssOptionOffset(opts)
+	if i < 0 {
+		return false
+	}
+	limit := m.uplink - uint32(ipHdr) - header.TCPMinimumSize
+	old := binary.BigEndian.Uint16(opts[i+2:])
+	if uint32(old) <= limit {
+		return false
+	}
+	mss := uint16(limit)
+	binary.BigEndian.PutUint16(opts[i+2:], mss)
+	// The checksum sums 16-bit words from the segment's start: a value at
+	// an odd offset adds in byte-swapped.
+	if (header.TCPMinimumSize+i+2)%2 != 0 {
+		old, mss = bits.ReverseBytes16(old), bits.ReverseBytes16(mss)
+	}
+	t.SetChecksum(^checksum.Combine(checksum.Combine(^t.Checksum(), ^old), mss))
+	return true
+}
+
+// mssOptionOffset returns the offset in opts, a TCP header's options, of a
+// well-formed MSS option (kind 2, length 4), or -1.
+func mssOptionOffset(opts []byte) int {
+	for i := 0; i < len(opts); {
+		switch opts[i] {
+		case header.TCPOptionEOL:
+			return -1
+		case header.TCPOptionNOP:
+			i++
+			continue
+		}
+		if i+1 >= len(opts) {
+			return -1
+		}
+		l := int(opts[i+1])
+		if l < 2 || i+l > len(opts) {
+			return -1
+		}
+		if opts[i] == header.TCPOptionMSS {
+			if l != header.TCPOptionMSSLength {
+				return -1
+			}
+			return i
+		}
+		i += l
+	}
+	return -1
 }

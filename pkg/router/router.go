@@ -203,7 +203,8 @@ func newStack(holds *forwardHolds, mtus *linkMTUs) *stack.Stack {
 // to the egress link, which writes them whole to a kernel (one write for up
 // to 64 KiB instead of one per 1500 bytes) or segments them. Postrouting
 // also sees the stack's own ICMP errors: the MTU its packet too big lacks
-// goes in there (pmtu.go).
+// goes in there; and the TCP SYNs crossing the uplink, whose MSS it clamps
+// to the uplink's MTU (pmtu.go).
 type routerHooks struct {
 	*forwardHolds
 	mtus *linkMTUs
@@ -212,8 +213,8 @@ type routerHooks struct {
 // CheckPostrouting implements stack.NFTablesInterface.CheckPostrouting. It
 // accepts every packet.
 func (h routerHooks) CheckPostrouting(pkt *stack.PacketBuffer, r *stack.Route, af stack.AddressFamily) bool {
-	if !endpoint.RestoreForwardedGSO(pkt) {
-		h.mtus.fillPacketTooBig(pkt)
+	if !endpoint.RestoreForwardedGSO(pkt) && !h.mtus.fillPacketTooBig(pkt) && r != nil {
+		h.mtus.clampMSS(pkt, r.NICID())
 	}
 	return h.forwardHolds.CheckPostrouting(pkt, r, af)
 }
@@ -300,6 +301,7 @@ func (r *Router) Start() error {
 		return fmt.Errorf("start router: create uplink NIC: %s", err)
 	}
 	r.up.nicID = id
+	r.mtus.uplinkNIC.Store(uint32(id))
 	// The uplink needs a source address of each family for the stack
 	// to forward to it (see addBlackhole) and for ICMP errors to the host.
 	if err := addGatewayAddrs(r.stack, id); err != nil {
@@ -409,6 +411,7 @@ func (r *Router) stopUplinkLocked() error {
 		return errors.Join(errs...)
 	}
 	r.up.stopping.Store(true)
+	r.mtus.uplinkNIC.Store(0)
 	if r.up.nicID != 0 {
 		// Removes the NIC's routes; detaches and closes the endpoint.
 		if err := r.stack.RemoveNIC(r.up.nicID); err != nil {
