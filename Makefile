@@ -40,6 +40,7 @@ FUZZ_TARGETS ?= \
 	./pkg/agent:FuzzParseRecord \
 	./pkg/router:FuzzFilter \
 	./pkg/router:FuzzClampMSS \
+	./pkg/router:FuzzLargeLinks \
 	./test/e2e/node:FuzzParseSinkLine \
 	./test/e2e/node:FuzzParseSentLine
 
