@@ -456,3 +456,25 @@ func FuzzLargeLinks(f *testing.F) {
 		}
 	})
 }
+
+// TestFillPacketTooBigOwnOnly: the router fills in the MTU of its own packet
+// too big, never of one it forwards (a pod's, whatever it says).
+func TestFillPacketTooBigOwnOnly(t *testing.T) {
+	m := &linkMTUs{uplink: 1500}
+	quoted := ipPacket(podA6, podC6, header.UDPProtocolNumber, patterned(100))
+	for _, forwarded := range []bool{false, true} {
+		icmp := header.ICMPv6(make([]byte, header.ICMPv6PacketTooBigMinimumSize))
+		icmp.SetType(header.ICMPv6PacketTooBig)
+		sent := ipPacket(GatewayV6, podA6, header.ICMPv6ProtocolNumber, append(icmp, quoted...))
+		pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(sent), IsForwardedPacket: forwarded})
+		pkt.NetworkProtocolNumber, pkt.TransportProtocolNumber = header.IPv6ProtocolNumber, header.ICMPv6ProtocolNumber
+		pkt.NetworkHeader().Consume(header.IPv6MinimumSize)
+		pkt.TransportHeader().Consume(header.ICMPv6PacketTooBigMinimumSize)
+		filled := m.fillPacketTooBig(pkt)
+		_, _, _, got := ipFields(pkt.ToView().AsSlice())
+		pkt.DecRef()
+		if filled == forwarded || (header.ICMPv6(got).MTU() == 1500) == forwarded {
+			t.Errorf("forwarded %t: filled %t, MTU %d", forwarded, filled, header.ICMPv6(got).MTU())
+		}
+	}
+}

@@ -50,11 +50,14 @@ func (m *linkMTUs) mtuTo(dst netip.Addr) uint32 {
 }
 
 // fillPacketTooBig puts the next-hop MTU into an ICMPv6 packet too big the
-// stack is sending without one, and reports whether it did. pkt is the
+// stack itself is sending without one, and reports whether it did. pkt is the
 // stack's own packet at postrouting: its network header is pushed, its
 // transport header is the ICMPv6 header, its data the quoted packet.
 func (m *linkMTUs) fillPacketTooBig(pkt *stack.PacketBuffer) bool {
-	if pkt.NetworkProtocolNumber != header.IPv6ProtocolNumber || pkt.TransportProtocolNumber != header.ICMPv6ProtocolNumber {
+	// Only the stack's own: a packet too big a pod sends through the
+	// router is forwarded as it is.
+	if pkt.NetworkPacketInfo.IsForwardedPacket ||
+		pkt.NetworkProtocolNumber != header.IPv6ProtocolNumber || pkt.TransportProtocolNumber != header.ICMPv6ProtocolNumber {
 		return false
 	}
 	icmp := header.ICMPv6(pkt.TransportHeader().Slice())
