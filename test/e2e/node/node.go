@@ -56,6 +56,9 @@ type Options struct {
 	// ShmMTU is the agent's --shm-mtu, the MTU of sandbox links; 0 leaves
 	// the agent's default.
 	ShmMTU int
+	// PodMTU is the conflist's mtu, the MTU of kernel pods' links, when
+	// it differs from MTU (the uplink's); 0 means MTU.
+	PodMTU int
 	// NoMasquerade runs the agent with --masquerade=false.
 	NoMasquerade bool
 	// AgentLogLevel is the agent's --log-level; empty means info.
