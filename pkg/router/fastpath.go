@@ -69,8 +69,12 @@ func (t *fastLinks) unassigned(a netip.Addr) bool {
 
 // fastDst is where the fast path writes for one link. Immutable.
 type fastDst struct {
-	ep       stack.LinkEndpoint // the link's endpoint as the NIC has it
-	mtu      uint32
+	ep  stack.LinkEndpoint // the link's endpoint as the NIC has it
+	mtu uint32
+	// tcpGSO says the endpoint writes TCP super-packets whole to a kernel
+	// that segments them (a TAP device with a virtio-net header): see
+	// gsoSegment.
+	tcpGSO   bool
 	gwMAC    tcpip.LinkAddress // the router's MAC on the link
 	podMAC   tcpip.LinkAddress // empty on links without Ethernet headers
 	counters *fastCounters     // the destination link's
@@ -121,7 +125,8 @@ func (r *Router) rebuildFastLocked() {
 // filter passed, straight to its destination pod link, and reports whether
 // it did; false leaves pkt to the stack. The caller keeps its reference to
 // pkt either way.
-func (f *fastPath) forward(self *fastCounters, protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) bool {
+func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) bool {
+	self := src.counters
 	links := f.links.Load()
 	if links == nil || pkt.Mark != 0 || pkt.GSOOptions.Type != stack.GSONone {
 		return false
@@ -163,8 +168,17 @@ func (f *fastPath) forward(self *fastCounters, protocol tcpip.NetworkProtocolNum
 		}
 		return false
 	}
-	if d.counters == self || uint32(size) > d.mtu {
+	if d.counters == self {
 		return false
+	}
+	var tcp *tcpSegment
+	if uint32(size) > d.mtu {
+		// Too big for the destination: a TCP segment is handed to a
+		// link that takes TCP GSO as a super-packet; anything else goes
+		// to gVisor (ICMP, fragments).
+		if tcp = parseTCPSegment(protocol, pkt, size); tcp == nil || !d.tcpGSO || size > maxMTU {
+			return false
+		}
 	}
 
 	// Small packets are copied whole into a fresh buffer (one view). A
@@ -187,6 +201,10 @@ func (f *fastPath) forward(self *fastCounters, protocol tcpip.NetworkProtocolNum
 		if protocol == header.IPv6ProtocolNumber {
 			hdrLen = header.IPv6MinimumSize
 		}
+		if tcp != nil {
+			// The TCP header too: its checksum changes (gsoSegment).
+			hdrLen = tcp.l3 + tcp.l4
+		}
 		h, _ := pkt.Data().PullUp(hdrLen) // pulled up above
 		hv := buffer.NewViewWithData(h)
 		hb = hv.AsSlice()
@@ -204,12 +222,22 @@ func (f *fastPath) forward(self *fastCounters, protocol tcpip.NetworkProtocolNum
 		h := header.IPv6(hb)
 		h.SetHopLimit(h.HopLimit() - 1)
 	}
+	if tcp == nil && src.tcpGSO && d.mtu > src.mtu && size <= fastCopyMax {
+		// A SYN from a kernel pod to a link of a larger MTU (a sandbox):
+		// raise its MSS so that the sandbox sends segments as large as
+		// its link carries, which come back here as super-packets for
+		// the kernel pod (gsoSegment).
+		raiseSynMSS(protocol, hb, d.mtu)
+	}
 	out := stack.NewPacketBuffer(stack.PacketBufferOptions{
 		ReserveHeaderBytes: int(d.ep.MaxHeaderLength()),
 		Payload:            payload,
 	})
 	defer out.DecRef()
 	out.NetworkProtocolNumber = protocol
+	if tcp != nil {
+		tcp.toGSO(out, d.mtu)
+	}
 	out.EgressRoute.NetProto = protocol
 	out.EgressRoute.LocalLinkAddress = d.gwMAC
 	out.EgressRoute.RemoteLinkAddress = d.podMAC

@@ -148,11 +148,18 @@ func (m *linkMTUs) clampMSS(pkt *stack.PacketBuffer, out tcpip.NICID) bool {
 		return false
 	}
 	limit := m.uplink - uint32(ipHdr) - header.TCPMinimumSize
+	return setMSS(t, i, func(old uint16) bool { return uint32(old) > limit }, uint16(limit))
+}
+
+// setMSS sets the MSS option at offset i of t's options to mss when want
+// says so of its value, updating the checksum incrementally (RFC 1624: a
+// bad one stays bad), and reports whether it did.
+func setMSS(t header.TCP, i int, want func(old uint16) bool, mss uint16) bool {
+	opts := t[header.TCPMinimumSize:t.DataOffset()]
 	old := binary.BigEndian.Uint16(opts[i+2:])
-	if uint32(old) <= limit {
+	if !want(old) {
 		return false
 	}
-	mss := uint16(limit)
 	binary.BigEndian.PutUint16(opts[i+2:], mss)
 	// The checksum sums 16-bit words from the segment's start: a value at
 	// an odd offset adds in byte-swapped.
