@@ -424,12 +424,28 @@ func FuzzLargeLinks(f *testing.F) {
 	f.Add(uint16(header.IPv6ProtocolNumber), ipPacket(podA6, podC6, header.UDPProtocolNumber, big))
 	f.Add(uint16(header.IPv4ProtocolNumber), ipPacket(podA4, podC4, header.UDPProtocolNumber, big))
 	f.Add(uint16(header.IPv6ProtocolNumber), ipPacket(podA6, podC6, header.TCPProtocolNumber, tcpSYN(podA6, podC6, header.TCPFlagSyn, []byte{2, 4, 0xfd, 0xc0})))
-	_, a, b, c := mtuLinks(f)
+	seg := append(tcpSYN(podA4, podK4, header.TCPFlagAck, nil), big...)
+	f.Add(uint16(header.IPv4ProtocolNumber), ipPacket(podA4, podK4, header.TCPProtocolNumber, seg))
+	r, a, b, c := mtuLinks(f)
+	k := kernelLink(f, r)
 	f.Fuzz(func(t *testing.T, proto uint16, pkt []byte) {
 		if len(pkt) > largeMTU {
 			pkt = pkt[:largeMTU]
 		}
 		a.injectFrame(macA, tcpip.NetworkProtocolNumber(proto), pkt)
+		// The kernel pod's link takes TCP super-packets: each must fit
+		// the largest IP packet and be cut at most to the link's MTU.
+		for p := k.ch.Read(); p != nil; p = k.ch.Read() {
+			n := p.Size() - header.EthernetMinimumSize
+			g := p.GSOOptions
+			p.DecRef()
+			if g.Type == stack.GSONone && n > smallMTU || n > maxMTU {
+				t.Fatalf("%d bytes (GSO %v) sent on a link of MTU %d", n, g.Type, smallMTU)
+			}
+			if g.Type != stack.GSONone && (g.MSS == 0 || int(g.L3HdrLen)+int(g.MSS) > smallMTU) {
+				t.Fatalf("super-packet cut at MSS %d for a link of MTU %d", g.MSS, smallMTU)
+			}
+		}
 		for _, l := range []struct {
 			cl  chanLink
 			mtu int
