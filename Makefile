@@ -39,6 +39,8 @@ FUZZ_TARGETS ?= \
 	./pkg/cni:FuzzAgentAnswer \
 	./pkg/agent:FuzzParseRecord \
 	./pkg/router:FuzzFilter \
+	./pkg/router:FuzzClampMSS \
+	./pkg/router:FuzzLargeLinks \
 	./test/e2e/node:FuzzParseSinkLine \
 	./test/e2e/node:FuzzParseSentLine
 

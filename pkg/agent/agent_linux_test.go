@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -18,6 +19,7 @@ import (
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/ipam"
+	"github.com/shm-cni/shm-cni/pkg/queue"
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
 
@@ -82,6 +84,11 @@ func TestSandboxTraffic(t *testing.T) {
 	if sb.cfg.MAC != resp.MAC || sb.cfg.GatewayMAC != resp.GatewayMAC {
 		t.Errorf("link config MACs %s/%s, attach answered %s/%s", sb.cfg.MAC, sb.cfg.GatewayMAC, resp.MAC, resp.GatewayMAC)
 	}
+	// The sandbox link's large MTU (the tap pod's is 1500): TCP's MSS keeps
+	// the transfers below to what each link carries.
+	if resp.MTU != DefaultShmMTU || sb.cfg.MTU != DefaultShmMTU || sb.ep.MTU() != DefaultShmMTU {
+		t.Errorf("MTU: attach answered %d, link config %d, endpoint %d; want %d", resp.MTU, sb.cfg.MTU, sb.ep.MTU(), DefaultShmMTU)
+	}
 
 	// Sandbox to pod, 10 MiB over IPv4, 1 MiB over IPv6.
 	for _, tc := range []struct {
@@ -101,6 +108,50 @@ func TestSandboxTraffic(t *testing.T) {
 		t.Errorf("sandbox saw client %s, want the pod's %s", got, p.addr(true))
 	}
 	transfer(t, sln, func() (net.Conn, error) { return dialFrom(e.host, sdst) }, 1<<20)
+}
+
+// TestShmMTU: a sandbox link's MTU is the attach's, else --shm-mtu bounded
+// by what the link's queue carries; an MTU the queue cannot carry is
+// refused naming the field.
+func TestShmMTU(t *testing.T) {
+	e := newEnv(t)
+	r := e.start(t)
+	small := queue.Sizes{DataSize: 1 << 20, PipeSize: 128 << 10, BufferSize: 512} // frames of at most 64 x 512 bytes
+	for _, tc := range []struct {
+		name string
+		sz   queue.Sizes
+		mtu  int
+		want int // 0: refused
+	}{
+		{"agent's choice", queue.DefaultSizes(), 0, DefaultShmMTU},
+		{"asked for", queue.DefaultSizes(), 9000, 9000},
+		{"largest", queue.DefaultSizes(), 65535, 65535},
+		{"agent's choice bounded by the queue", small, 0, 64*512 - 14},
+		{"beyond the queue", small, 32755, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cid := fmt.Sprintf("mtu-%d-%d", tc.mtu, tc.sz.BufferSize)
+			resp, err := r.tryAttachShmWith(t, cid, tc.sz, tc.mtu)
+			if tc.want == 0 {
+				var ae *agentapi.Error
+				if !errors.As(err, &ae) || ae.Code != agentapi.CodeInvalidConfig || !strings.Contains(err.Error(), "mtu: MTU 32755 does not fit") {
+					t.Fatalf("attach = %v, want an invalid-config error naming the mtu", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("attach: %v", err)
+			}
+			sb, err := dialSandbox(t, resp.SocketPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sb.close()
+			if resp.MTU != tc.want || int(sb.cfg.MTU) != tc.want {
+				t.Errorf("MTU: attach answered %d, link config %d; want %d", resp.MTU, sb.cfg.MTU, tc.want)
+			}
+		})
+	}
 }
 
 // TestSandboxReconnect: one sandbox at a time; after it hangs up, another

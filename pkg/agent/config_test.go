@@ -57,6 +57,8 @@ func TestConfigValidate(t *testing.T) {
 		{"relative shm conf dir", func(c *Config) {
 			c.CNIConfSource, c.CNIShmConfDir = "/etc/shm-cni/10-shm-cni.conflist", "net.d-shm"
 		}, []string{"--cni-shm-conf-dir: \"net.d-shm\" is not an absolute path"}},
+		{"shm mtu", func(c *Config) { c.ShmMTU = 1279 }, []string{"--shm-mtu: 1279 outside 1280..65535"}},
+		{"shm mtu too large", func(c *Config) { c.ShmMTU = 65536 }, []string{"--shm-mtu: 65536 outside"}},
 		{"v6 mtu", func(c *Config) {
 			c.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("2001:db8::/64")}
 			c.MTU = 1000
@@ -92,7 +94,7 @@ func TestConfigFlags(t *testing.T) {
 	c.RegisterFlags(fs)
 	err := fs.Parse([]string{
 		"--pod-cidr", "10.244.1.0/24, 2001:db8::/64", "--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "10.96.0.0/12",
-		"--uplink", "up0", "--mtu", "9000", "--socket", "/run/x.sock", "--state-dir", "/var/lib/x", "--sandbox-dir", "/run/x",
+		"--uplink", "up0", "--mtu", "9000", "--shm-mtu", "16000", "--socket", "/run/x.sock", "--state-dir", "/var/lib/x", "--sandbox-dir", "/run/x",
 		"--metrics-addr", ":9999", "--masquerade=false", "--log-level", "debug",
 		"--link-max-pps", "20000", "--link-max-bytes", "1e8", "--fast-path=false",
 		"--forward-accept=false", "--ip-forward", "--host-check-interval", "5s",
@@ -103,7 +105,7 @@ func TestConfigFlags(t *testing.T) {
 	want := Config{
 		PodCIDRs:     []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("2001:db8::/64")},
 		ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.96.0.0/12")},
-		Uplink:       "up0", MTU: 9000, SocketPath: "/run/x.sock", StateDir: "/var/lib/x", SandboxDir: "/run/x",
+		Uplink:       "up0", MTU: 9000, ShmMTU: 16000, SocketPath: "/run/x.sock", StateDir: "/var/lib/x", SandboxDir: "/run/x",
 		MetricsAddr: ":9999", Masquerade: false, LogLevel: slog.LevelDebug,
 		LinkRxLimit:   endpoint.RxLimit{PacketsPerSecond: 20000, BytesPerSecond: 1e8},
 		ForwardAccept: false, IPForward: true, HostCheckInterval: 5 * time.Second,
@@ -131,7 +133,7 @@ func equalConfig(a, b Config) bool {
 		}
 		return true
 	}
-	return eq(a.PodCIDRs, b.PodCIDRs) && eq(a.ClusterCIDRs, b.ClusterCIDRs) && a.Uplink == b.Uplink && a.MTU == b.MTU &&
+	return eq(a.PodCIDRs, b.PodCIDRs) && eq(a.ClusterCIDRs, b.ClusterCIDRs) && a.Uplink == b.Uplink && a.MTU == b.MTU && a.ShmMTU == b.ShmMTU &&
 		a.SocketPath == b.SocketPath && a.StateDir == b.StateDir && a.SandboxDir == b.SandboxDir &&
 		a.MetricsAddr == b.MetricsAddr && a.Masquerade == b.Masquerade && a.LogLevel == b.LogLevel &&
 		a.LinkRxLimit == b.LinkRxLimit && a.FastPath == b.FastPath && a.ForwardAccept == b.ForwardAccept &&

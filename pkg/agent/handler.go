@@ -125,7 +125,7 @@ func (a *Agent) attachLink(k key, req *agentapi.AttachRequest, files []*os.File)
 		MTU:         req.MTU,
 		PodMAC:      req.MAC,
 	}
-	if rec.MTU == 0 {
+	if rec.MTU == 0 && req.Kind != agentapi.KindShm {
 		rec.MTU = a.cfg.MTU
 	}
 	var sockPath string
@@ -133,6 +133,12 @@ func (a *Agent) attachLink(k key, req *agentapi.AttachRequest, files []*os.File)
 		sizes := queue.Sizes{DataSize: req.Queue.DataSize, PipeSize: req.Queue.PipeSize, BufferSize: req.Queue.BufferSize}
 		if err := sizes.Validate(); err != nil {
 			return nil, nil, invalid("queue: %v", err)
+		}
+		if rec.MTU == 0 {
+			rec.MTU = min(a.cfg.ShmMTU, int(sizes.MaxMTU()))
+		}
+		if err := sizes.CheckMTU(uint32(rec.MTU)); err != nil {
+			return nil, nil, invalid("mtu: %v", err)
 		}
 		rec.Queue = &sizes
 		sockPath = sandboxSocketPath(a.cfg.SandboxDir, k)

@@ -308,13 +308,19 @@ func (r *running) attachShm(t *testing.T, cid string) *agentapi.AttachResponse {
 }
 
 func (r *running) tryAttachShm(t *testing.T, cid string) (*agentapi.AttachResponse, error) {
-	pair, err := queue.NewPair(queue.DefaultSizes())
+	return r.tryAttachShmWith(t, cid, queue.DefaultSizes(), 0)
+}
+
+// tryAttachShmWith attaches a shm link with a fresh queue pair of sizes sz,
+// asking for MTU mtu (0: the agent's choice).
+func (r *running) tryAttachShmWith(t *testing.T, cid string, sz queue.Sizes, mtu int) (*agentapi.AttachResponse, error) {
+	pair, err := queue.NewPair(sz)
 	if err != nil {
 		return nil, err
 	}
 	defer pair.Close()
-	sz := queue.DefaultSizes()
 	resp, err := r.call(t, &agentapi.Request{Op: agentapi.OpAttach, Attach: &agentapi.AttachRequest{
+		MTU: mtu,
 		// The agent only checks that a shm pod's netns exists (its
 		// sandbox lives there): any netns path does.
 		ContainerID: cid, IfName: "eth0", Netns: "/proc/self/ns/net", Network: "shm-test", Kind: agentapi.KindShm,

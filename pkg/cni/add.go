@@ -97,7 +97,7 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 		Netns:        args.Netns,
 		Network:      conf.Name,
 		Kind:         kind,
-		MTU:          conf.MTU,
+		MTU:          conf.linkMTU(kind),
 		IPs:          ipamIPs,
 		PodNamespace: string(podArgs.K8S_POD_NAMESPACE),
 		PodName:      string(podArgs.K8S_POD_NAME),

@@ -66,9 +66,17 @@ type Config struct {
 	// Kind is the default link kind, KindTap or KindShm. Pods may
 	// override it (see Config.PodKind).
 	Kind string `json:"kind,omitempty"`
-	// MTU is the pod link's IP MTU, 68..65535, unless the agent answers
-	// with another.
+	// MTU is the IP MTU of a kernel-stack pod's link (kind tap),
+	// 68..65535, unless the agent answers with another.
 	MTU int `json:"mtu,omitempty"`
+	// ShmMTU is the IP MTU of a sandbox's link (kind shm), 1280..65535
+	// and at most what the queue's sizes carry (queue.Sizes.MaxMTU); 0,
+	// the default, lets the agent choose (its --shm-mtu, bounded by the
+	// queue). A sandbox's userspace stack sends TCP segments of up to
+	// the MTU over its queue pair; the router carries them whole to other
+	// sandbox links and cuts or refuses them (ICMP) where a link's MTU is
+	// smaller.
+	ShmMTU int `json:"shmMtu,omitempty"`
 	// AgentSocket is the agent's unix socket.
 	AgentSocket string `json:"agentSocket,omitempty"`
 	// Queue are the queue sizes of a shm link; keys left out keep
@@ -186,6 +194,15 @@ func (c *Config) Validate() error {
 	if c.MTU < 68 || c.MTU > 65535 {
 		add("mtu", "%d is not in 68..65535", c.MTU)
 	}
+	// 1280 is IPv6's minimum link MTU (RFC 8200 section 5): a sandbox's
+	// stack speaks both families.
+	if c.ShmMTU != 0 && (c.ShmMTU < 1280 || c.ShmMTU > 65535) {
+		add("shmMtu", "%d is not 0 (the agent's choice) or 1280..65535", c.ShmMTU)
+	} else if c.ShmMTU != 0 && c.Queue.Validate() == nil {
+		if err := c.Queue.CheckMTU(uint32(c.ShmMTU)); err != nil {
+			add("shmMtu", "%v (queue.bufferSize, queue.dataSize)", err)
+		}
+	}
 	switch {
 	case c.AgentSocket == "":
 		add("agentSocket", "required")
@@ -209,6 +226,15 @@ func (c *Config) Validate() error {
 		add("ipam.type", "%s is not a plugin name", quote(c.IPAM.Type))
 	}
 	return errors.Join(errs...)
+}
+
+// linkMTU is the MTU an attach of kind asks the agent for: mtu for a tap
+// link, shmMtu (0: the agent's choice) for a shm link.
+func (c *Config) linkMTU(kind string) int {
+	if kind == KindShm {
+		return c.ShmMTU
+	}
+	return c.MTU
 }
 
 // DelegatesIPAM reports whether the config names an IPAM plugin; otherwise

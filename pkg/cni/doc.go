@@ -25,11 +25,15 @@
 //
 //	{
 //	  "cniVersion": "1.1.0", "name": "pods", "type": "shm-cni",
-//	  "kind": "tap", "mtu": 1500, "agentSocket": "/run/shm-cni/agent.sock",
+//	  "kind": "tap", "mtu": 1500, "shmMtu": 65000,
+//	  "agentSocket": "/run/shm-cni/agent.sock",
 //	  "queue": {"dataSize": 1048576, "pipeSize": 65536, "bufferSize": 2048},
 //	  "ipam": {"type": "host-local", ...},
 //	  "logFile": "/var/log/shm-cni.log", "logLevel": "info"
 //	}
+//
+// "mtu" is the MTU of tap links; "shmMtu" the one of shm links, which the
+// agent chooses when it is left out (its --shm-mtu).
 //
 // Without "ipam" the agent allocates the addresses; with it, the named IPAM
 // plugin does and the agent gets them. A pod picks its kind with CNI_ARGS

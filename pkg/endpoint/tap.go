@@ -308,6 +308,13 @@ func (e *TAPEndpoint) Capabilities() stack.LinkEndpointCapabilities {
 // GSOMaxSize implements stack.GSOEndpoint.GSOMaxSize.
 func (e *TAPEndpoint) GSOMaxSize() uint32 { return e.gsoMaxSize }
 
+// WritesTCPGSO reports whether the endpoint writes a TCP packet carrying
+// GSO options (stack.GSOTCPv4, GSOTCPv6) to its device whole, as a
+// super-packet the kernel segments or takes as one: true with a virtio-net
+// header, whatever GSOMaxSize tells the endpoint's own stack. A forwarding
+// stack may hand it super-packets of up to the largest IP packet.
+func (e *TAPEndpoint) WritesTCPGSO() bool { return e.vnetHdr }
+
 // SupportedGSO implements stack.GSOEndpoint.SupportedGSO.
 func (e *TAPEndpoint) SupportedGSO() stack.SupportedGSO {
 	if e.vnetHdr && e.gsoMaxSize > 0 {

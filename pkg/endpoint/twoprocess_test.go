@@ -36,6 +36,13 @@ func TestInteropGVisorClient(t *testing.T) {
 	runExchange(t, ours, gvisor, 1500, queue.DefaultSizes(), scaled(64<<20))
 }
 
+// TestInteropGVisorClientLargeMTU is TestInteropGVisorClient at the agent's
+// default MTU of sandbox links (65000, frames of 32 buffers each way), as
+// runsc's Sentry drives its link with gVisor's client.
+func TestInteropGVisorClientLargeMTU(t *testing.T) {
+	runExchange(t, ours, gvisor, 65000, queue.DefaultSizes(), scaled(64<<20))
+}
+
 // TestInteropGVisorServer runs our client in the child against gVisor's own
 // sharedmem server (sharedmem.NewServerEndpoint).
 func TestInteropGVisorServer(t *testing.T) {

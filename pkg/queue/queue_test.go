@@ -172,6 +172,71 @@ func TestSizesValidate(t *testing.T) {
 	}
 }
 
+// TestMaxMTU checks the largest MTU queue sizes carry: bounded by the
+// buffers a frame may span, by the data region and by the largest IP packet.
+func TestMaxMTU(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		s    Sizes
+		want uint32
+	}{
+		{"default", DefaultSizes(), 65535},
+		{"512-byte buffers", Sizes{DataSize: 1 << 20, PipeSize: 128 << 10, BufferSize: 512}, 64*512 - 14},
+		{"small data region", Sizes{DataSize: 8192, PipeSize: 4096, BufferSize: 2048}, 8192 - 14},
+		{"minimal buffers", Sizes{DataSize: 4096, PipeSize: 4096, BufferSize: 64}, 4096 - 14},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := tc.s.Validate(); err != nil {
+				t.Fatalf("sizes invalid: %v", err)
+			}
+			if got := tc.s.MaxMTU(); got != tc.want {
+				t.Errorf("MaxMTU() = %d, want %d", got, tc.want)
+			}
+			if err := tc.s.CheckMTU(tc.want); err != nil {
+				t.Errorf("CheckMTU(%d) = %v, want nil", tc.want, err)
+			}
+			if tc.want < 65535 {
+				if err := tc.s.CheckMTU(tc.want + 1); err == nil {
+					t.Errorf("CheckMTU(%d) = nil, want an error", tc.want+1)
+				}
+			}
+		})
+	}
+}
+
+// TestLargestFrameBothDirections sends frames of exactly MaxFrame bytes of
+// the default sizes (a 64 KiB IP packet with its Ethernet header spans 33
+// buffers) both ways, byte for byte.
+func TestLargestFrameBothDirections(t *testing.T) {
+	s := DefaultSizes()
+	n := int(s.MaxMTU()) + EthernetHeaderSize
+	snd, rcv, fil, pst := newTestPair(t, s, uint32(n))
+	rng := rand.New(rand.NewSource(2))
+	for i := range 200 {
+		frame := make([]byte, n)
+		rng.Read(frame)
+		parts := [][]byte{frame[:EthernetHeaderSize], frame[EthernetHeaderSize:]}
+		if ok, err := snd.Send(parts, n); !ok || err != nil {
+			t.Fatalf("frame %d: Send = %v, %v", i, ok, err)
+		}
+		snd.Flush()
+		got, err := rcv.Recv(alloc)
+		rcv.Flush()
+		if err != nil || !bytes.Equal(got, frame) {
+			t.Fatalf("frame %d: client->server: %d bytes, err %v; want %d equal bytes", i, len(got), err, n)
+		}
+		if ok, err := fil.Send(parts, n); !ok || err != nil {
+			t.Fatalf("frame %d: Filler.Send = %v, %v", i, ok, err)
+		}
+		fil.Flush()
+		got, err = pst.Recv(alloc)
+		pst.Flush()
+		if err != nil || !bytes.Equal(got, frame) {
+			t.Fatalf("frame %d: server->client: %d bytes, err %v; want %d equal bytes", i, len(got), err, n)
+		}
+	}
+}
+
 // TestFDOrder checks the wire order and its inverse.
 func TestFDOrder(t *testing.T) {
 	p := Pair{TX: QueueFDs{1, 2, 3, 4, 5}, RX: QueueFDs{6, 7, 8, 9, 10}}

@@ -60,6 +60,41 @@ func DefaultSizes() Sizes {
 // Buffers returns the number of buffers in the data region.
 func (s Sizes) Buffers() uint64 { return s.DataSize / uint64(s.BufferSize) }
 
+// EthernetHeaderSize is the link header in front of every IP packet on a
+// shared-memory link (a 14-byte Ethernet header: destination, source,
+// EtherType).
+const EthernetHeaderSize = 14
+
+// MaxFrame returns the largest frame a queue of valid sizes s carries: a
+// frame spans at most MaxBuffersPerFrame buffers and must fit the data
+// region.
+func (s Sizes) MaxFrame() uint64 {
+	return min(MaxBuffersPerFrame*uint64(s.BufferSize), s.DataSize)
+}
+
+// MaxMTU returns the largest IP MTU of a link over queues of valid sizes s,
+// at most 65535 (the largest IP packet): MaxFrame less the Ethernet
+// header. With the default 2 KiB buffers that is 65535 (64 x 2048 - 14 =
+// 131058 bytes would fit); 512-byte buffers carry at most
+// 64 x 512 - 14 = 32754.
+func (s Sizes) MaxMTU() uint32 {
+	f := s.MaxFrame()
+	if f <= EthernetHeaderSize {
+		return 0
+	}
+	return uint32(min(f-EthernetHeaderSize, 1<<16-1))
+}
+
+// CheckMTU reports whether a link of IP MTU mtu fits queues of valid
+// sizes s, with an error saying what does.
+func (s Sizes) CheckMTU(mtu uint32) error {
+	if m := s.MaxMTU(); mtu > m {
+		return fmt.Errorf("MTU %d does not fit the queue: a frame spans at most %d buffers of %d bytes within a %d-byte data region, so the MTU is at most %d",
+			mtu, MaxBuffersPerFrame, s.BufferSize, s.DataSize, m)
+	}
+	return nil
+}
+
 // Validate reports every problem with s at once.
 func (s Sizes) Validate() error {
 	var errs []error

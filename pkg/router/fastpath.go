@@ -20,9 +20,9 @@ import (
 // at MTU 1500. The fast path does what is left of it once the anti-spoofing
 // filter has passed the packet: it looks the destination up among the pod
 // links (a map read through an atomic pointer, no lock), decrements the TTL
-// or hop limit, copies the packet into a fresh buffer and hands it to the
-// destination link's endpoint with the pod's MAC, which the router knows
-// (the links' static neighbor entries).
+// or hop limit in a copy of the packet (of its IP header alone for large
+// packets, whose payload is shared) and hands the packet to the destination link's endpoint with the
+// pod's MAC, which the router knows (the links' static neighbor entries).
 //
 // A packet for an address of the node's pod CIDRs that no link has (nor the
 // host: the node gateway) is dropped and counted as unrouted right there,
@@ -36,6 +36,10 @@ import (
 // hop-by-hop header, lengths that disagree with the packet, and the kernel's
 // TCP super-packets (gso.go). The router rewrites no address, so transport
 // checksums stay valid, as on the slow path.
+
+// fastCopyMax is the largest packet the fast path copies whole; larger
+// ones share their payload with the received packet (see forward).
+const fastCopyMax = 2048
 
 // fastLinks is the fast path's view of the router: the pod links by
 // address, the node's pod CIDRs and their node gateways. An immutable
@@ -65,8 +69,12 @@ func (t *fastLinks) unassigned(a netip.Addr) bool {
 
 // fastDst is where the fast path writes for one link. Immutable.
 type fastDst struct {
-	ep       stack.LinkEndpoint // the link's endpoint as the NIC has it
-	mtu      uint32
+	ep  stack.LinkEndpoint // the link's endpoint as the NIC has it
+	mtu uint32
+	// tcpGSO says the endpoint writes TCP super-packets whole to a kernel
+	// that segments them (a TAP device with a virtio-net header): see
+	// gsoSegment.
+	tcpGSO   bool
 	gwMAC    tcpip.LinkAddress // the router's MAC on the link
 	podMAC   tcpip.LinkAddress // empty on links without Ethernet headers
 	counters *fastCounters     // the destination link's
@@ -85,10 +93,18 @@ type fastPath struct {
 	links atomic.Pointer[fastLinks] // nil when disabled
 }
 
-// rebuildFastLocked publishes the fast-path table of the current links.
+// rebuildFastLocked publishes the fast-path table of the current links, and
+// their MTUs for the router's path MTU answers (pmtu.go).
 //
 // +checklocks:r.mu
 func (r *Router) rebuildFastLocked() {
+	mtus := make(map[netip.Addr]uint32, len(r.owners))
+	for a, id := range r.owners {
+		if lk := r.links[id]; lk != nil {
+			mtus[a] = lk.fast.mtu
+		}
+	}
+	r.mtus.pods.Store(&mtus)
 	if r.cfg.NoFastPath {
 		return
 	}
@@ -109,7 +125,8 @@ func (r *Router) rebuildFastLocked() {
 // filter passed, straight to its destination pod link, and reports whether
 // it did; false leaves pkt to the stack. The caller keeps its reference to
 // pkt either way.
-func (f *fastPath) forward(self *fastCounters, protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) bool {
+func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) bool {
+	self := src.counters
 	links := f.links.Load()
 	if links == nil || pkt.Mark != 0 || pkt.GSOOptions.Type != stack.GSONone {
 		return false
@@ -151,29 +168,76 @@ func (f *fastPath) forward(self *fastCounters, protocol tcpip.NetworkProtocolNum
 		}
 		return false
 	}
-	if d.counters == self || uint32(size) > d.mtu {
+	if d.counters == self {
 		return false
 	}
+	var tcp *tcpSegment
+	if uint32(size) > d.mtu {
+		// Too big for the destination: a TCP segment is handed to a
+		// link that takes TCP GSO as a super-packet; anything else goes
+		// to gVisor (ICMP, fragments).
+		if tcp = parseTCPSegment(protocol, pkt, size); tcp == nil || !d.tcpGSO || size > maxMTU {
+			return false
+		}
+	}
 
-	// A private copy: the received buffer may be the link reader's, and the
-	// destination's writer may take its time.
-	v := pkt.Data().AsRange().ToView()
-	b := v.AsSlice()
+	// Small packets are copied whole into a fresh buffer (one view). A
+	// larger one gets only its IP header copied, into a view of its own;
+	// the rest is shared with pkt (reference counted, never written by
+	// anyone: our endpoints hand every received frame to the stack in a
+	// buffer of its own). A 64 KiB packet from a sandbox link then costs
+	// its 20 or 40 header bytes here, not a copy of itself (35% less time
+	// per packet in BenchmarkFastPath; for 1500-byte packets the whole
+	// copy is 5% faster); the destination endpoint copies it once, into
+	// its queue or the kernel.
+	var payload buffer.Buffer
+	var hb []byte
+	if size <= fastCopyMax {
+		v := pkt.Data().AsRange().ToView()
+		hb = v.AsSlice()
+		payload = buffer.MakeWithView(v)
+	} else {
+		hdrLen := header.IPv4MinimumSize
+		if protocol == header.IPv6ProtocolNumber {
+			hdrLen = header.IPv6MinimumSize
+		}
+		if tcp != nil {
+			// The TCP header too: its checksum changes (gsoSegment).
+			hdrLen = tcp.l3 + tcp.l4
+		}
+		h, _ := pkt.Data().PullUp(hdrLen) // pulled up above
+		hv := buffer.NewViewWithData(h)
+		hb = hv.AsSlice()
+		payload = buffer.MakeWithView(hv)
+		rest := pkt.Data().ToBuffer()
+		rest.TrimFront(int64(hdrLen))
+		payload.Merge(&rest)
+	}
 	if protocol == header.IPv4ProtocolNumber {
-		h := header.IPv4(b)
+		h := header.IPv4(hb)
 		h.SetTTL(h.TTL() - 1)
 		h.SetChecksum(0)
 		h.SetChecksum(^h.CalculateChecksum())
 	} else {
-		h := header.IPv6(b)
+		h := header.IPv6(hb)
 		h.SetHopLimit(h.HopLimit() - 1)
+	}
+	if tcp == nil && src.tcpGSO && d.mtu > src.mtu && size <= fastCopyMax {
+		// A SYN from a kernel pod to a link of a larger MTU (a sandbox):
+		// raise its MSS so that the sandbox sends segments as large as
+		// its link carries, which come back here as super-packets for
+		// the kernel pod (gsoSegment).
+		raiseSynMSS(protocol, hb, d.mtu)
 	}
 	out := stack.NewPacketBuffer(stack.PacketBufferOptions{
 		ReserveHeaderBytes: int(d.ep.MaxHeaderLength()),
-		Payload:            buffer.MakeWithView(v),
+		Payload:            payload,
 	})
 	defer out.DecRef()
 	out.NetworkProtocolNumber = protocol
+	if tcp != nil {
+		tcp.toGSO(out, d.mtu)
+	}
 	out.EgressRoute.NetProto = protocol
 	out.EgressRoute.LocalLinkAddress = d.gwMAC
 	out.EgressRoute.RemoteLinkAddress = d.podMAC

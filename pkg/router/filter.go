@@ -142,6 +142,10 @@ type filterEndpoint struct {
 	// counters in it (fastpath.go). Immutable.
 	fast     *fastPath
 	counters *fastCounters
+	// self is this link as the fast path writes to it (its MTU and
+	// whether it takes TCP GSO). Set by AddLink before the link's NIC
+	// exists, immutable from then on.
+	self *fastDst
 	// drops are the counters, indexed by DropReason.
 	drops [numDropReasons]atomic.Uint64
 }
@@ -174,7 +178,7 @@ func (e *filterEndpoint) DeliverNetworkPacket(protocol tcpip.NetworkProtocolNumb
 		e.drops[reason].Add(1)
 		return
 	}
-	if e.fast.forward(e.counters, protocol, pkt) {
+	if e.fast.forward(e.self, protocol, pkt) {
 		return
 	}
 	e.Endpoint.DeliverNetworkPacket(protocol, pkt)

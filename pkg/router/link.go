@@ -69,10 +69,11 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 	counters := &fastCounters{}
 	filter := newFilterEndpoint(ep, newPodIdentity(l, resolves), r.fast, counters)
 	wrapped := newHoldingEndpoint(filter, r.holds)
-	fast := &fastDst{ep: wrapped, mtu: ep.MTU(), gwMAC: ep.LinkAddress(), counters: counters}
+	fast := &fastDst{ep: wrapped, mtu: ep.MTU(), gwMAC: ep.LinkAddress(), counters: counters, tcpGSO: takesTCPGSO(ep)}
 	if resolves {
 		fast.podMAC = l.PodMAC
 	}
+	filter.self = fast
 	nicID := r.stack.NextNICID()
 	if err := r.stack.CreateNICWithOptions(nicID, wrapped, stack.NICOptions{Name: podNICPrefix + id}); err != nil {
 		return fmt.Errorf("add link %s: create NIC: %s", id, err)

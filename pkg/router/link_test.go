@@ -25,7 +25,7 @@ var (
 )
 
 // newUnstartedRouter returns a dual-stack router that is closed when t ends.
-func newUnstartedRouter(t *testing.T) *Router {
+func newUnstartedRouter(t testing.TB) *Router {
 	t.Helper()
 	r, err := New(Config{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}}, testLogger(t))
 	if err != nil {

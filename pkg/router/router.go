@@ -77,6 +77,9 @@ type Router struct {
 	// fast is the pod-to-pod fast path (fastpath.go); its table changes
 	// under mu. Immutable pointer.
 	fast *fastPath
+	// mtus are the links' MTUs for the router's path MTU answers
+	// (pmtu.go); the pod links' change under mu. Immutable pointer.
+	mtus *linkMTUs
 
 	// mu guards the fields below and serialises every change to the
 	// stack's NICs, addresses, routes and neighbors, and to the host.
@@ -132,10 +135,12 @@ func New(cfg Config, log *slog.Logger) (*Router, error) {
 		return nil, fmt.Errorf("new router: host netns: %w", err)
 	}
 	holds := newForwardHolds()
+	mtus := &linkMTUs{uplink: uint32(cfg.UplinkMTU)}
 	r := &Router{
 		cfg:    cfg,
 		log:    log,
-		stack:  newStack(holds),
+		mtus:   mtus,
+		stack:  newStack(holds, mtus),
 		hostNS: hostNS,
 		hole:   &blackhole{},
 		holds:  holds,
@@ -162,21 +167,22 @@ func New(cfg Config, log *slog.Logger) (*Router, error) {
 //   - nftables hooks set to holds, which accepts every packet: the hook is
 //     where the router works around a use-after-free in gVisor's IPv4
 //     forwarding (see forwardhold.go), and where postrouting restores the
-//     GSO metadata of TCP super-packets forwarded whole (routerHooks).
+//     GSO metadata of TCP super-packets forwarded whole and fills in the
+//     MTU of gVisor's ICMPv6 packet too big (routerHooks, pmtu.go).
 //
 // Defaults kept deliberately: HandleLocal off (nothing is delivered locally
 // but packets for the router's own addresses); IPv6 duplicate address
 // detection off (ipv6.Options.DADConfigs zero), so fe80::1 is usable on a
 // new link at once, and only the router owns it on each link; no SLAAC, no
 // auto-generated link-local addresses, no router solicitations.
-func newStack(holds *forwardHolds) *stack.Stack {
+func newStack(holds *forwardHolds, mtus *linkMTUs) *stack.Stack {
 	s := stack.New(stack.Options{
 		NetworkProtocols: []stack.NetworkProtocolFactory{
 			ipv4.NewProtocol,
 			ipv6.NewProtocol,
 			arp.NewProtocol,
 		},
-		NFTables: routerHooks{holds},
+		NFTables: routerHooks{holds, mtus},
 	})
 	s.SetNFTablesConfigured(true)
 	for _, proto := range []tcpip.NetworkProtocolNumber{ipv4.ProtocolNumber, ipv6.ProtocolNumber} {
@@ -195,15 +201,21 @@ func newStack(holds *forwardHolds) *stack.Stack {
 // then refuse them as larger than the egress MTU. Postrouting runs on that
 // copy before the MTU check, so restoring the metadata there carries them
 // to the egress link, which writes them whole to a kernel (one write for up
-// to 64 KiB instead of one per 1500 bytes) or segments them.
+// to 64 KiB instead of one per 1500 bytes) or segments them. Postrouting
+// also sees the stack's own ICMP errors: the MTU its packet too big lacks
+// goes in there; and the TCP SYNs crossing the uplink, whose MSS it clamps
+// to the uplink's MTU (pmtu.go).
 type routerHooks struct {
 	*forwardHolds
+	mtus *linkMTUs
 }
 
 // CheckPostrouting implements stack.NFTablesInterface.CheckPostrouting. It
 // accepts every packet.
 func (h routerHooks) CheckPostrouting(pkt *stack.PacketBuffer, r *stack.Route, af stack.AddressFamily) bool {
-	endpoint.RestoreForwardedGSO(pkt)
+	if !endpoint.RestoreForwardedGSO(pkt) && !h.mtus.fillPacketTooBig(pkt) && r != nil {
+		h.mtus.clampMSS(pkt, r.NICID())
+	}
 	return h.forwardHolds.CheckPostrouting(pkt, r, af)
 }
 
@@ -289,6 +301,7 @@ func (r *Router) Start() error {
 		return fmt.Errorf("start router: create uplink NIC: %s", err)
 	}
 	r.up.nicID = id
+	r.mtus.uplinkNIC.Store(uint32(id))
 	// The uplink needs a source address of each family for the stack
 	// to forward to it (see addBlackhole) and for ICMP errors to the host.
 	if err := addGatewayAddrs(r.stack, id); err != nil {
@@ -398,6 +411,7 @@ func (r *Router) stopUplinkLocked() error {
 		return errors.Join(errs...)
 	}
 	r.up.stopping.Store(true)
+	r.mtus.uplinkNIC.Store(0)
 	if r.up.nicID != 0 {
 		// Removes the NIC's routes; detaches and closes the endpoint.
 		if err := r.stack.RemoveNIC(r.up.nicID); err != nil {

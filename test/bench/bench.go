@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -206,6 +207,24 @@ func (c config) describe() map[string]string {
 		"idle-pods":   fmt.Sprint(c.idlePods),
 		"idle-window": c.idleWindow.String(),
 		"mtu":         fmt.Sprint(c.mtu),
+		"shm-mtu":     shmMTUString(c.shmMTU),
 		"agent-args":  strings.Join(c.agentArgs, " "),
+		"only":        fmtOnly(c.only),
 	}
+}
+
+// fmtOnly is -only as given, or empty.
+func fmtOnly(re *regexp.Regexp) string {
+	if re == nil {
+		return ""
+	}
+	return re.String()
+}
+
+// shmMTUString is -shm-mtu for the report.
+func shmMTUString(mtu int) string {
+	if mtu == 0 {
+		return "agent default"
+	}
+	return fmt.Sprint(mtu)
 }

@@ -28,6 +28,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -48,9 +49,13 @@ type config struct {
 	idlePods   []int
 	idleWindow time.Duration
 	mtu        int
+	shmMTU     int
 	agentArgs  []string
-	out        string
-	verbose    bool
+	// only, when set, keeps the traffic cases whose name it matches
+	// (the references always run: ratios need them).
+	only    *regexp.Regexp
+	out     string
+	verbose bool
 }
 
 func parseFlags() (config, error) {
@@ -64,12 +69,21 @@ func parseFlags() (config, error) {
 	flag.IntVar(&c.cniPods, "cni-pods", 100, "pods added (then deleted) concurrently per CNI latency measurement")
 	idle := flag.String("idle-pods", "0,110,250", "attached idle tap pods at which the agent's RSS and CPU are measured")
 	flag.DurationVar(&c.idleWindow, "idle-window", 30*time.Second, "CPU measurement window per pod count (split into -reps parts)")
-	flag.IntVar(&c.mtu, "mtu", 1500, "MTU of shm-cni's pod links and uplink in the traffic cases (the veth, ptp and bridge references stay at 1500)")
+	flag.IntVar(&c.mtu, "mtu", 1500, "MTU of shm-cni's kernel pods' links and uplink in the traffic cases (the veth, ptp and bridge references stay at 1500)")
+	flag.IntVar(&c.shmMTU, "shm-mtu", 0, "MTU of shm-cni's sandbox links (the agent's --shm-mtu); 0 leaves the agent's default")
 	agentArgs := flag.String("agent-args", "", "extra flags for shm-agent, space-separated (e.g. --fast-path=false)")
+	only := flag.String("only", "", "regular expression: run only the traffic cases whose name matches (e.g. 'sandbox → sandbox'); the kernel references always run")
 	flag.StringVar(&c.out, "out", "bin", "directory for bench.md and bench.json")
 	flag.BoolVar(&c.verbose, "v", false, "log the harness's progress in detail")
 	flag.Parse()
 	c.agentArgs = strings.Fields(*agentArgs)
+	if *only != "" {
+		re, err := regexp.Compile(*only)
+		if err != nil {
+			return c, fmt.Errorf("-only: %w", err)
+		}
+		c.only = re
+	}
 	c.cases = map[string]bool{}
 	for _, k := range strings.Split(*cases, ",") {
 		k = strings.TrimSpace(k)
@@ -93,6 +107,9 @@ func parseFlags() (config, error) {
 	}
 	if c.mtu < 1280 || c.mtu > 65535 {
 		return c, fmt.Errorf("-mtu %d: want 1280..65535", c.mtu)
+	}
+	if c.shmMTU != 0 && (c.shmMTU < 1280 || c.shmMTU > 65535) {
+		return c, fmt.Errorf("-shm-mtu %d: want 0 (the agent's default) or 1280..65535", c.shmMTU)
 	}
 	if c.bytes <= 0 || c.rttCount <= 0 || c.cniPods <= 0 || c.idleWindow <= 0 || c.iperfTime < time.Second {
 		return c, fmt.Errorf("sizes must be positive (and -iperf-time at least 1s)")

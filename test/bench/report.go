@@ -273,7 +273,13 @@ func (r *report) markdown(b *strings.Builder) {
 		fmt.Fprintf(b, "shm-agent run with %s (-agent-args).\n\n", args)
 	}
 	if mtu := r.Config["mtu"]; mtu != "" && mtu != "1500" {
-		fmt.Fprintf(b, "shm-cni links at MTU %s (-mtu); the veth, ptp and bridge references at 1500.\n\n", mtu)
+		fmt.Fprintf(b, "shm-cni's kernel pod links and uplink at MTU %s (-mtu); the veth, ptp and bridge references at 1500.\n\n", mtu)
+	}
+	if mtu := r.Config["shm-mtu"]; mtu != "" {
+		fmt.Fprintf(b, "shm-cni's sandbox links at MTU %s (-shm-mtu).\n\n", mtu)
+	}
+	if only := r.Config["only"]; only != "" {
+		fmt.Fprintf(b, "Traffic cases matching %q only (-only), beside the references.\n\n", only)
 	}
 	if len(r.Throughput) > 0 {
 		fmt.Fprintf(b, "## TCP throughput (IPv4; ratio to the veth pair's iperf3 figure)\n\n")

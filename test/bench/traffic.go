@@ -66,7 +66,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	}
 	// The benchmark measures the path: the sandboxes count bytes and send
 	// zeros (the tests verify data).
-	n, err := b.newNode(ctx, node.Options{MTU: b.cfg.mtu, NoVerify: true})
+	n, err := b.newNode(ctx, node.Options{MTU: b.cfg.mtu, ShmMTU: b.cfg.shmMTU, NoVerify: true})
 	if err != nil {
 		return err
 	}
@@ -164,6 +164,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 					return pk.transfer(ctx, streams, b.cfg.bytes)
 				}})
 		}
+		cases = selected(b, cases, func(c tputCase) (string, bool) { return c.name, c.ref })
 		results := make([][]float64, len(cases)*len(b.cfg.streams))
 		cpus := make([][]float64, len(results))
 		errs := make([]string, len(results))
@@ -232,6 +233,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 					return pk.rtt(ctx, b.cfg.rttCount)
 				}})
 		}
+		cases = selected(b, cases, func(c rttCase) (string, bool) { return c.name, c.ref })
 		p50s := make([][]float64, len(cases))
 		p99s := make([][]float64, len(cases))
 		errs := make([]string, len(cases))
@@ -258,6 +260,21 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 		rep.rateLatency()
 	}
 	return b.closeNode(n)
+}
+
+// selected returns the cases -only keeps: the references and those whose
+// name matches.
+func selected[C any](b *bench, cases []C, id func(C) (name string, ref bool)) []C {
+	if b.cfg.only == nil {
+		return cases
+	}
+	var out []C
+	for _, c := range cases {
+		if name, ref := id(c); ref || b.cfg.only.MatchString(name) {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // transfers runs streams transfers at once (the node counts bytes without

@@ -55,7 +55,11 @@ func (n *Node) AgentArgs() []string {
 	if level == "" {
 		level = "info"
 	}
-	return append([]string{
+	var shm []string
+	if n.opts.ShmMTU != 0 {
+		shm = []string{"--shm-mtu=" + strconv.Itoa(n.opts.ShmMTU)}
+	}
+	return append(append([]string{
 		"--pod-cidr=" + n.opts.PodCIDRs[0].String() + "," + n.opts.PodCIDRs[1].String(),
 		"--uplink=" + Uplink,
 		"--mtu=" + strconv.Itoa(n.opts.MTU),
@@ -66,7 +70,7 @@ func (n *Node) AgentArgs() []string {
 		"--pprof", // the tests read heap profiles (GC)
 		"--masquerade=" + strconv.FormatBool(!n.opts.NoMasquerade),
 		"--log-level=" + level,
-	}, n.opts.ExtraAgentArgs...)
+	}, shm...), n.opts.ExtraAgentArgs...)
 }
 
 // StartAgent starts the agent in the host namespace and waits until it

@@ -34,13 +34,17 @@ const (
 )
 
 // PluginConfig returns the node's shm-cni plugin entry: kind tap by default,
-// the node's MTU and agent socket, debug logs to LogDir()/cni.log. Tests
+// the node's MTU (PodMTU, else MTU) and agent socket, debug logs to LogDir()/cni.log. Tests
 // edit a copy to make bad configs.
 func (n *Node) PluginConfig() map[string]any {
+	mtu := n.opts.MTU
+	if n.opts.PodMTU != 0 {
+		mtu = n.opts.PodMTU
+	}
 	return map[string]any{
 		"type":        "shm-cni",
 		"kind":        KindTap,
-		"mtu":         n.opts.MTU,
+		"mtu":         mtu,
 		"agentSocket": n.SocketPath(),
 		"logFile":     filepath.Join(n.LogDir(), "cni.log"),
 		"logLevel":    "debug",

@@ -34,8 +34,9 @@ var (
 const (
 	// Uplink is the agent's TUN device in the host namespace.
 	Uplink = "shm0"
-	// hostVeth is the host's end of the veth to the outside.
-	hostVeth = "out0"
+	// HostOutsideVeth is the host's end of the veth to the outside.
+	HostOutsideVeth = "out0"
+	hostVeth        = HostOutsideVeth
 	// outsideVeth is the outside's end.
 	outsideVeth = "eth0"
 )
@@ -49,8 +50,15 @@ type Options struct {
 	// PodCIDRs are the node's pod CIDRs, one IPv4 and one IPv6 prefix,
 	// in that order; nil means PodCIDR4 and PodCIDR6.
 	PodCIDRs []netip.Prefix
-	// MTU is the agent's and the pods' MTU; 0 means 1500.
+	// MTU is the agent's --mtu and the conflist's mtu: kernel pods' links
+	// and the uplink; 0 means 1500.
 	MTU int
+	// ShmMTU is the agent's --shm-mtu, the MTU of sandbox links; 0 leaves
+	// the agent's default.
+	ShmMTU int
+	// PodMTU is the conflist's mtu, the MTU of kernel pods' links, when
+	// it differs from MTU (the uplink's); 0 means MTU.
+	PodMTU int
 	// NoMasquerade runs the agent with --masquerade=false.
 	NoMasquerade bool
 	// AgentLogLevel is the agent's --log-level; empty means info.

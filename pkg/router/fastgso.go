@@ -1,0 +1,134 @@
+package router
+
+import (
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// Large segments from a sandbox to a kernel pod.
+//
+// A kernel pod's link is a TAP device with a virtio-net header: the kernel
+// takes TCP super-packets written to it whole (GSO), as a veth pair
+// carries them, and its TCP receives them as one. A sandbox's TCP sends
+// segments of up to its own link's MTU (64 KiB) but no larger than its
+// peer's MSS, which a kernel pod derives from its own link (1460 bytes at
+// MTU 1500). So the fast path, which already forwards SYNs between the
+// two, raises the MSS a kernel pod announces to a sandbox to what the
+// sandbox's link carries, and hands the sandbox's large segments to the
+// kernel pod's link as super-packets: TCP GSO with the kernel pod's MSS,
+// the checksum left partial for the kernel (CHECKSUM_PARTIAL, as a kernel's
+// own TSO leaves it). The kernel pod's TCP then sees its usual super-packets;
+// only the router knows they were one segment.
+//
+// The sandbox's own checksum is replaced by the partial one: a sandbox that
+// sends a bad checksum gets its own data through unchecked, which is all a
+// checksum could protect here (the memory in between does not flip bits).
+
+// tcpGSOWriter is a link endpoint that may write TCP super-packets whole to
+// a kernel that takes them (endpoint.TAPEndpoint).
+type tcpGSOWriter interface {
+	WritesTCPGSO() bool
+}
+
+// takesTCPGSO reports whether ep writes TCP super-packets whole to a
+// kernel that takes them (a TAP device with a virtio-net header).
+func takesTCPGSO(ep stack.LinkEndpoint) bool {
+	w, ok := ep.(tcpGSOWriter)
+	return ok && w.WritesTCPGSO()
+}
+
+// tcpSegment is a TCP segment the fast path hands to a link as a
+// super-packet: its IP and TCP header lengths and addresses.
+type tcpSegment struct {
+	l3, l4   int
+	v6       bool
+	src, dst tcpip.Address
+}
+
+// parseTCPSegment returns pkt (size bytes, its IP header checked by the
+// fast path: IPv4 without options or IPv6 without hop-by-hop options) as a
+// TCP segment with data, or nil: not TCP, an IPv4 fragment, a TCP header
+// that does not parse, or no data past it.
+func parseTCPSegment(protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer, size int) *tcpSegment {
+	s := &tcpSegment{}
+	switch protocol {
+	case header.IPv4ProtocolNumber:
+		b, _ := pkt.Data().PullUp(header.IPv4MinimumSize) // checked by forward
+		h := header.IPv4(b)
+		if h.Protocol() != uint8(header.TCPProtocolNumber) || h.More() || h.FragmentOffset() != 0 {
+			return nil
+		}
+		s.l3, s.src, s.dst = header.IPv4MinimumSize, h.SourceAddress(), h.DestinationAddress()
+	case header.IPv6ProtocolNumber:
+		b, _ := pkt.Data().PullUp(header.IPv6MinimumSize) // checked by forward
+		h := header.IPv6(b)
+		if h.NextHeader() != uint8(header.TCPProtocolNumber) {
+			return nil
+		}
+		s.l3, s.v6, s.src, s.dst = header.IPv6MinimumSize, true, h.SourceAddress(), h.DestinationAddress()
+	default:
+		return nil
+	}
+	b, ok := pkt.Data().PullUp(s.l3 + header.TCPMinimumSize)
+	if !ok {
+		return nil
+	}
+	s.l4 = int(header.TCP(b[s.l3:]).DataOffset())
+	if s.l4 < header.TCPMinimumSize || s.l3+s.l4 >= size {
+		return nil
+	}
+	return s
+}
+
+// toGSO makes out, a private copy of the segment's headers in front of its
+// data (network protocol set), a TCP super-packet for a link of IP MTU mtu:
+// the headers consumed as the link endpoint expects, the TCP checksum
+// replaced by the pseudo-header sum of the whole segment, GSO options with
+// the MSS that fits the link.
+func (s *tcpSegment) toGSO(out *stack.PacketBuffer, mtu uint32) {
+	out.NetworkHeader().Consume(s.l3)
+	th, _ := out.TransportHeader().Consume(s.l4)
+	tcp := header.TCP(th)
+	tcp.SetChecksum(header.PseudoHeaderChecksum(header.TCPProtocolNumber, s.src, s.dst, uint16(out.Data().Size()+s.l4)))
+	out.TransportProtocolNumber = header.TCPProtocolNumber
+	typ := stack.GSOTCPv4
+	if s.v6 {
+		typ = stack.GSOTCPv6
+	}
+	out.GSOOptions = stack.GSO{
+		Type:       typ,
+		NeedsCsum:  true,
+		CsumOffset: header.TCPChecksumOffset,
+		MSS:        uint16(int(mtu) - s.l3 - s.l4),
+		L3HdrLen:   uint16(s.l3),
+	}
+}
+
+// raiseSynMSS raises the MSS option of ip, a private copy of an IPv4 (no
+// options) or IPv6 packet, when it is a TCP SYN whose MSS is smaller than
+// what a link of IP MTU mtu carries, to that.
+func raiseSynMSS(protocol tcpip.NetworkProtocolNumber, ip []byte, mtu uint32) {
+	l3 := header.IPv4MinimumSize
+	if protocol == header.IPv6ProtocolNumber {
+		if header.IPv6(ip).NextHeader() != uint8(header.TCPProtocolNumber) {
+			return
+		}
+		l3 = header.IPv6MinimumSize
+	} else if h := header.IPv4(ip); h.Protocol() != uint8(header.TCPProtocolNumber) || h.More() || h.FragmentOffset() != 0 {
+		return
+	}
+	if len(ip) < l3+header.TCPMinimumSize {
+		return
+	}
+	t := header.TCP(ip[l3:])
+	if t.Flags()&header.TCPFlagSyn == 0 || int(t.DataOffset()) < header.TCPMinimumSize || int(t.DataOffset()) > len(t) {
+		return
+	}
+	i := mssOptionOffset(t[header.TCPMinimumSize:t.DataOffset()])
+	if i < 0 {
+		return
+	}
+	mss := uint16(min(int(mtu), maxMTU) - l3 - header.TCPMinimumSize)
+	setMSS(t, i, func(old uint16) bool { return old < mss }, mss)
+}

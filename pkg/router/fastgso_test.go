@@ -1,0 +1,137 @@
+package router
+
+import (
+	"bytes"
+	"encoding/binary"
+	"net/netip"
+	"testing"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// gsoEndpoint makes a test link take TCP GSO as a kernel pod's TAP does.
+type gsoEndpoint struct{ stack.LinkEndpoint }
+
+func (gsoEndpoint) WritesTCPGSO() bool { return true }
+
+var (
+	macK  = tcpip.LinkAddress("\x02\x00\x00\x00\x00\x0d")
+	podK4 = netip.MustParseAddr("10.244.1.40")
+	podK6 = netip.MustParseAddr("2001:db8:0:1::40")
+)
+
+// kernelLink adds to r a link of smallMTU that takes TCP GSO, as a kernel
+// pod's, for podK4 and podK6.
+func kernelLink(t testing.TB, r *Router) chanLink {
+	t.Helper()
+	k := newChanLinkMTU(smallMTU)
+	k.ep = gsoEndpoint{k.ep}
+	if err := r.AddLink("k", k.ep, Link{Addrs: []netip.Addr{podK4, podK6}, PodMAC: macK}); err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// TestLargeSegmentsToKernelPod: a sandbox's TCP segment larger than a
+// kernel pod's MTU reaches the kernel pod's link through the fast path as
+// one super-packet: GSO with the MSS of the kernel pod's link, the checksum
+// left partial (the pseudo-header sum of the whole segment), the bytes as
+// sent. Other protocols still get ICMP.
+func TestLargeSegmentsToKernelPod(t *testing.T) {
+	r, a, _, _ := mtuLinks(t)
+	k := kernelLink(t, r)
+	for _, tc := range []struct{ src, dst netip.Addr }{{podA4, podK4}, {podA6, podK6}} {
+		opts := []byte{1, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8} // timestamps
+		seg := tcpSYN(tc.src, tc.dst, header.TCPFlagAck|header.TCPFlagPsh, opts)
+		seg = append(seg, patterned(30000)...)
+		t4 := header.TCP(seg)
+		t4.SetChecksum(0)
+		xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, toAddr(tc.src), toAddr(tc.dst), uint16(len(seg)))
+		t4.SetChecksum(^checksumOf(seg, xsum))
+		sent := ipPacket(tc.src, tc.dst, header.TCPProtocolNumber, seg)
+		before, _ := r.LinkStats("a")
+		a.inject(macA, sent)
+		if a.read() != nil {
+			t.Errorf("%s: the sender got a reply", tc.src)
+		}
+		pkt := k.ch.Read()
+		if pkt == nil {
+			t.Fatalf("%s -> %s: nothing on the kernel pod's link", tc.src, tc.dst)
+		}
+		g := pkt.GSOOptions
+		got := pkt.ToView().AsSlice()[header.EthernetMinimumSize:]
+		pkt.DecRef()
+		l3 := header.IPv4MinimumSize
+		wantType := stack.GSOTCPv4
+		if tc.src.Is6() {
+			l3, wantType = header.IPv6MinimumSize, stack.GSOTCPv6
+		}
+		l4 := header.TCPMinimumSize + len(opts)
+		if g.Type != wantType || !g.NeedsCsum || g.CsumOffset != header.TCPChecksumOffset || int(g.MSS) != smallMTU-l3-l4 || int(g.L3HdrLen) != l3 {
+			t.Errorf("%s: GSO options %+v, want %v, partial checksum, MSS %d", tc.src, g, wantType, smallMTU-l3-l4)
+		}
+		if len(got) != len(sent) || !bytes.Equal(got[l3+header.TCPChecksumOffset+2:], sent[l3+header.TCPChecksumOffset+2:]) {
+			t.Fatalf("%s: %d bytes on the kernel pod's link, want the %d sent", tc.src, len(got), len(sent))
+		}
+		if sum := binary.BigEndian.Uint16(got[l3+header.TCPChecksumOffset:]); sum != xsum {
+			t.Errorf("%s: TCP checksum field %#04x, want the pseudo-header sum %#04x", tc.src, sum, xsum)
+		}
+		if after, _ := r.LinkStats("a"); after.FastRxPackets != before.FastRxPackets+1 {
+			t.Errorf("%s: did not take the fast path", tc.src)
+		}
+	}
+	// UDP is not segmented: ICMP as before.
+	a.inject(macA, ipPacket(podA6, podK6, header.UDPProtocolNumber, patterned(4000)))
+	if k.read() != nil {
+		t.Error("a large UDP datagram reached the kernel pod's link")
+	}
+	if a.read() == nil {
+		t.Error("no ICMP error for a large UDP datagram")
+	}
+}
+
+// TestKernelPodSynMSSRaised: a kernel pod's SYN (and SYN-ACK) to a link of
+// a larger MTU gets its MSS raised to what that link carries, with a valid
+// checksum; toward a link of its own MTU, and from a link without GSO, it
+// stays.
+func TestKernelPodSynMSSRaised(t *testing.T) {
+	r, a, _, c := mtuLinks(t)
+	k := kernelLink(t, r)
+	mss := func(v uint16) []byte { return []byte{header.TCPOptionMSS, 4, byte(v >> 8), byte(v)} }
+	for _, tc := range []struct {
+		name      string
+		from      chanLink
+		mac       tcpip.LinkAddress
+		src, dst  netip.Addr
+		to        chanLink
+		flags     header.TCPFlags
+		mss, want uint16
+	}{
+		{"syn to a sandbox", k, macK, podK4, podA4, a, header.TCPFlagSyn, 1460, largeMTU - 40},
+		{"syn-ack to a sandbox, ipv6", k, macK, podK6, podA6, a, header.TCPFlagSyn | header.TCPFlagAck, 1440, largeMTU - 60},
+		{"syn to a link of its MTU", k, macK, podK4, podC4, c, header.TCPFlagSyn, 1460, 1460},
+		{"syn from a link without gso", c, macC, podC4, podA4, a, header.TCPFlagSyn, 1460, 1460},
+	} {
+		seg := tcpSYN(tc.src, tc.dst, tc.flags, mss(tc.mss))
+		tc.from.inject(tc.mac, ipPacket(tc.src, tc.dst, header.TCPProtocolNumber, seg))
+		frame := tc.to.read()
+		if frame == nil {
+			t.Fatalf("%s: not forwarded", tc.name)
+		}
+		ip := frame[header.EthernetMinimumSize:]
+		_, _, _, got := ipFields(ip)
+		opts := header.TCP(got).Options()
+		i := mssOptionOffset(opts)
+		if i < 0 || binary.BigEndian.Uint16(opts[i+2:]) != tc.want {
+			t.Errorf("%s: options % x, want MSS %d", tc.name, opts, tc.want)
+		}
+		if !tcpChecksumValid(ip) {
+			t.Errorf("%s: TCP checksum invalid", tc.name)
+		}
+	}
+}
+
+func checksumOf(b []byte, initial uint16) uint16 { return checksum.Checksum(b, initial) }
