@@ -17,9 +17,9 @@
 #     agnhost's curl, dig and nc), preloaded into the node's containerd
 #     under the exact names kubeadm and e2e.test ask for.
 #
-# The result is a root filesystem tarball, bin/kind/node-<key>.tar, for
-# `docker import` (test/e2e/kind/run.sh does it), and bin/kind/node-image,
-# the name the tier gives it (shm-cni.test/kind-node:<key>). The key hashes
+# The result is a docker-archive, bin/kind/node-<key>.tar, for `docker
+# load` (test/e2e/kind/run.sh does it), and bin/kind/node-image, the image's
+# name (shm-cni.test/kind-node:<key>). The key hashes
 # every input, so a second run with the same inputs does nothing; the
 # Debian root filesystems are cached by their package lists.
 #
@@ -122,7 +122,9 @@ cleanup() {
 	rm -rf "$W"
 }
 trap cleanup EXIT
-(cd "$REPO" && CGO_ENABLED=0 go build -o "$W/" ./test/e2e/kind/mkimages ./test/e2e/cri/pause)
+# The tools in a fixed place: the spec names them, and the key hashes the spec.
+mkdir -p "$OUT/bin"
+(cd "$REPO" && CGO_ENABLED=0 go build -trimpath -o "$OUT/bin/" ./test/e2e/kind/mkimages ./test/e2e/cri/pause)
 busybox_links=()
 for a in $(/bin/busybox --list); do
 	[ "$a" = busybox ] || busybox_links+=("\"/bin/$a=busybox\"")
@@ -145,7 +147,7 @@ bin_image() { # bin_image TAG BINARY: a static binary under /usr/local/bin
 {"tags": ["registry.k8s.io/coredns/coredns:$COREDNS_TAG"],
  "layers": [{"files": ["$K8S/coredns:/coredns"], "dirs": ["/tmp", "/etc"]}], "entrypoint": ["/coredns"]},
 {"tags": ["registry.k8s.io/pause:$PAUSE_VERSION", "$KIND_PAUSE"],
- "layers": [{"files": ["$W/pause:/pause"]}], "entrypoint": ["/pause"], "user": "65535:65535"},
+ "layers": [{"files": ["$OUT/bin/pause:/pause"]}], "entrypoint": ["/pause"], "user": "65535:65535"},
 {"tags": ["$AGNHOST", "$AGNHOST_PREV"],
  "layers": [{"tar": "$TOOLS_ROOTFS"},
             {"files": ["$K8S/agnhost:/agnhost", "$A/porter/localhost.crt:/localhost.crt:0644", "$A/porter/localhost.key:/localhost.key:0644"],
@@ -186,7 +188,7 @@ if [ -f "$OUT/node-$KEY.tar" ]; then
 fi
 
 log "images (mkimages)"
-"$W/mkimages" -spec "$W/images.json" -o "$W/images.tar"
+"$OUT/bin/mkimages" -spec "$W/images.json" -o "$W/images.tar"
 
 log "node root filesystem"
 R=$W/rootfs
@@ -201,6 +203,12 @@ install -m 0755 "$F"/kind/bin/* "$R/kind/bin/"
 install -m 0644 "$F"/LICENSES/* "$R/LICENSES/"
 install -m 0644 "$F/etc/crictl.yaml" "$R/etc/"
 install -m 0644 "$F"/etc/containerd/* "$R/etc/containerd/"
+# Where the machine withholds CAP_SYS_RESOURCE (ocicaps drops it from the
+# nodes), runc cannot lower a pod's oom_score_adj below the node's and fails
+# every sandbox ("can't get final child's PID from pipe"): containerd
+# clamps the value instead, as for rootless nodes.
+sed -i 's/^\( *restrict_oom_score_adj = \)false/\1true/' "$R/etc/containerd/config.toml"
+grep -q '^ *restrict_oom_score_adj = true' "$R/etc/containerd/config.toml" || die "kind's containerd config has no restrict_oom_score_adj"
 install -m 0644 "$F"/etc/default/* "$R/etc/default/"
 install -m 0644 "$F"/etc/sysctl.d/* "$R/etc/sysctl.d/"
 find "$F/etc/systemd/system" -maxdepth 1 -type f -exec install -m 0644 -t "$R/etc/systemd/system/" {} +
@@ -264,7 +272,15 @@ for want in "registry.k8s.io/pause:$PAUSE_VERSION" "registry.k8s.io/etcd:$ETCD_T
 done
 
 log "writing $OUT/node-$KEY.tar"
-tar --numeric-owner --xattrs --xattrs-include='*' -C "$R" -cf "$OUT/node-$KEY.tar.tmp" .
+tar --numeric-owner --xattrs --xattrs-include='*' -C "$R" -cf "$W/rootfs.tar" .
+rm -rf "$R"
+# kind's node image config (images/base/Dockerfile): systemd as init, told
+# to stop by SIGRTMIN+3.
+cat >"$W/node.json" <<EOF
+[{"tags": ["$NAME"], "layers": [{"tar": "$W/rootfs.tar", "stored": true}],
+  "entrypoint": ["/usr/local/bin/entrypoint", "/sbin/init"], "env": ["container=docker"], "stopsignal": "SIGRTMIN+3"}]
+EOF
+"$OUT/bin/mkimages" -spec "$W/node.json" -o "$OUT/node-$KEY.tar.tmp"
 mv "$OUT/node-$KEY.tar.tmp" "$OUT/node-$KEY.tar"
 # Older node images go: each is a gigabyte or more.
 find "$OUT" -maxdepth 1 -name 'node-*.tar' ! -name "node-$KEY.tar" -delete
