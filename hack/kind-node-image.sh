@@ -10,7 +10,11 @@
 #     module: entrypoint, containerd config, kubelet units, sysctl.d) and
 #     the steps of its Dockerfile (units enabled and masked, cri-base.json);
 #   - containerd v2, ctr, crictl and kubeadm, kubelet, kubectl built by
-#     hack/cri-deps.sh kind;
+#     hack/cri-deps.sh kind; and, when tier 2's builds are there
+#     (hack/cri-deps.sh runsc), runsc and its shim with the patch series
+#     hack/runsc, as the containerd runtime handler runsc-shm: the README's
+#     recipe for gVisor pods on shared-memory links (runsc
+#     --sharedmem-links, the conflist the agent writes with kind shm);
 #   - the images kubeadm and the tests need, made by test/e2e/kind/mkimages
 #     from binaries built here (and a second, smaller Debian root filesystem
 #     for the images that need tools: kube-proxy's iptables and nft,
@@ -41,9 +45,12 @@ NODE_PKGS=(systemd conntrack iptables nftables iproute2 ethtool util-linux mount
 	e2fsprogs bash ca-certificates curl jq procps runc containernetworking-plugins)
 # What agnhost's image installs (alpine's bind-tools curl netcat-openbsd
 # iproute2 iperf bash util-linux-misc socat), and kube-proxy's iptables, nft
-# and conntrack.
+# and conntrack; with CoreDNS it is also glibc-dns-testing (Debian's
+# dnsutils and CoreDNS).
 TOOLS_PKGS=(bind9-dnsutils curl netcat-openbsd iproute2 iperf bash util-linux socat procps
 	iptables nftables conntrack ca-certificates)
+# The e2e nginx image: Debian's nginx.
+NGINX_PKGS=(nginx-light)
 KUBE_VERSION=$(cat "$K8S/kubeadm.version")
 
 log() { echo "kind-node-image: $*" >&2; }
@@ -85,6 +92,7 @@ rootfs() {
 
 NODE_ROOTFS=$(rootfs node "${NODE_PKGS[@]}")
 TOOLS_ROOTFS=$(rootfs tools "${TOOLS_PKGS[@]}")
+NGINX_ROOTFS=$(rootfs nginx "${NGINX_PKGS[@]}")
 for b in containerd2/containerd containerd2/ctr containerd2/containerd-shim-runc-v2 crictl \
 	k8s/kubeadm k8s/kubelet k8s/kubectl k8s/kube-apiserver k8s/kube-controller-manager k8s/kube-scheduler \
 	k8s/kube-proxy k8s/etcd k8s/coredns k8s/agnhost; do
@@ -106,6 +114,9 @@ e2e_tag() { sed -n "s#.*configs\[$1\] = Config{list\.[A-Za-z0-9]*, \"\([^\"]*\)\
 AGNHOST=registry.k8s.io/e2e-test-images/$(e2e_tag Agnhost)
 AGNHOST_PREV=registry.k8s.io/e2e-test-images/$(e2e_tag AgnhostPrev)
 BUSYBOX=registry.k8s.io/e2e-test-images/$(e2e_tag BusyBox)
+GLIBC_DNS=registry.k8s.io/e2e-test-images/$(e2e_tag GlibcDnsTesting)
+NGINX=registry.k8s.io/e2e-test-images/$(e2e_tag Nginx)
+NGINX_NEW=registry.k8s.io/e2e-test-images/$(e2e_tag NginxNew)
 if [ "$AGNHOST" = registry.k8s.io/e2e-test-images/ ] || [ "$BUSYBOX" = registry.k8s.io/e2e-test-images/ ]; then
 	die "no agnhost or busybox in the e2e image manifest"
 fi
@@ -150,9 +161,13 @@ bin_image() { # bin_image TAG BINARY: a static binary under /usr/local/bin
  "layers": [{"files": ["$OUT/bin/pause:/pause"]}], "entrypoint": ["/pause"], "user": "65535:65535"},
 {"tags": ["$AGNHOST", "$AGNHOST_PREV"],
  "layers": [{"tar": "$TOOLS_ROOTFS"},
-            {"files": ["$K8S/agnhost:/agnhost", "$A/porter/localhost.crt:/localhost.crt:0644", "$A/porter/localhost.key:/localhost.key:0644"],
+            {"files": ["$K8S/agnhost:/agnhost", "$K8S/coredns:/coredns", "$A/porter/localhost.crt:/localhost.crt:0644", "$A/porter/localhost.key:/localhost.key:0644"],
              "symlinks": ["/agnhost-2=agnhost"], "dirs": ["/uploads"]}],
  "entrypoint": ["/agnhost"], "cmd": ["pause"]},
+{"tags": ["$GLIBC_DNS"],
+ "layers": [{"tar": "$TOOLS_ROOTFS"}, {"files": ["$K8S/coredns:/coredns"]}]},
+{"tags": ["$NGINX", "$NGINX_NEW"],
+ "layers": [{"tar": "$NGINX_ROOTFS"}], "cmd": ["nginx", "-g", "daemon off;"]},
 {"tags": ["$BUSYBOX"],
  "layers": [{"files": ["/bin/busybox:/bin/busybox"], "dirs": ["/tmp", "/etc", "/root"],
              "symlinks": [$(IFS=,; echo "${busybox_links[*]}")]}],
@@ -164,10 +179,11 @@ EOF
 # The key: every input's content.
 KEY=$(
 	{
-		sha256sum "$0" "$W/images.json" "$NODE_ROOTFS" "$TOOLS_ROOTFS" /bin/busybox \
+		sha256sum "$0" "$W/images.json" "$NODE_ROOTFS" "$TOOLS_ROOTFS" "$NGINX_ROOTFS" /bin/busybox \
 			"$CRI"/containerd2/{containerd,ctr,containerd-shim-runc-v2} "$CRI/crictl" "$K8S"/{kubeadm,kubelet,kubectl} \
 			"$K8S"/{kube-apiserver,kube-controller-manager,kube-scheduler,kube-proxy,etcd,coredns,agnhost} \
 			"$REPO"/test/e2e/kind/mkimages/*.go "$REPO"/test/e2e/cri/pause/*.go | cut -d' ' -f1
+		cat "$CRI"/runsc.version "$CRI"/containerd-shim-runsc-v1.version 2>/dev/null
 		(cd "$KIND_SRC/images/base/files" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
 	} | sha256sum | cut -c1-12
 )
@@ -234,6 +250,29 @@ mkdir -p "$R/opt/cni/bin"
 for p in loopback host-local portmap; do
 	cp "$R/usr/lib/cni/$p" "$R/opt/cni/bin/$p"
 done
+# gVisor: the runtime handler runsc-shm (kind's containerd config is in
+# the version 2 format, which containerd v2 migrates).
+if [ -x "$CRI/runsc" ] && [ -x "$CRI/containerd-shim-runsc-v1" ]; then
+	install -m 0755 "$CRI/runsc" "$CRI/containerd-shim-runsc-v1" "$R/usr/local/bin/"
+	cat >>"$R/etc/containerd/config.toml" <<EOF
+
+# shm-cni: gVisor pods on shared-memory links (the README's recipe).
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runsc-shm]
+  runtime_type = "io.containerd.runsc.v1"
+  cni_conf_dir = "/etc/cni/net.d-shm"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runsc-shm.options]
+    TypeUrl = "io.containerd.runsc.v1.options"
+    ConfigPath = "/etc/containerd/runsc-shm.toml"
+EOF
+	cat >"$R/etc/containerd/runsc-shm.toml" <<EOF
+[runsc_config]
+  platform = "systrap"
+  network = "sandbox"
+  systemd-cgroup = "true"
+  sharedmem-links = "true"
+EOF
+	echo runsc-shm >"$R/kind/shm-cni-runtimes"
+fi
 # kind build node-image: the Kubernetes binaries and version.
 install -m 0755 "$K8S"/{kubeadm,kubelet,kubectl} "$R/usr/bin/"
 echo "$KUBE_VERSION" >"$R/kind/version"
@@ -267,7 +306,7 @@ kill "$(cat "$W/containerd.pid")"
 while kill -0 "$(cat "$W/containerd.pid")" 2>/dev/null; do sleep 0.1; done
 rm -f "$W/containerd.pid"
 log "preloaded: $(tr '\n' ' ' <"$W/images.list")"
-for want in "registry.k8s.io/pause:$PAUSE_VERSION" "registry.k8s.io/etcd:$ETCD_TAG" "$AGNHOST" "$BUSYBOX"; do
+for want in "registry.k8s.io/pause:$PAUSE_VERSION" "registry.k8s.io/etcd:$ETCD_TAG" "$AGNHOST" "$BUSYBOX" "$GLIBC_DNS" "$NGINX"; do
 	grep -qxF "$want" "$W/images.list" || die "$want was not preloaded"
 done
 

@@ -95,6 +95,7 @@ on_exit_kind() {
 	local rc=$?
 	trap - EXIT INT TERM
 	if [ "${KEEP:-0}" = 1 ]; then
+		[ "$FAILS" -eq 0 ] || rc=1
 		# A process inheriting the lock's fd holds it while the cluster is up.
 		sleep 86400 >/dev/null 2>&1 &
 		echo $! >"$ENGINE_STATE/lock-holder.pid"
@@ -196,14 +197,17 @@ done
 # --- pods --------------------------------------------------------------------
 say "test pods: a and b on $W1, c on $W2"
 kubectl_ create namespace "$NS" >/dev/null
-pod() { # pod NAME NODE: agnhost netexec on 8080, a 4 MiB blob served on 9000, a stream on 9001
+# pod NAME NODE [RUNTIMECLASS]: agnhost netexec on 8080, a 4 MiB blob
+# served on 9000, a stream on 9001; label app=web without a runtime class.
+pod() {
 	cat <<EOF
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: $1, namespace: $NS, labels: {app: web}}
+metadata: {name: $1, namespace: $NS, labels: {app: ${3:-web}}}
 spec:
   nodeName: $2
+  runtimeClassName: ${3:-null}
   terminationGracePeriodSeconds: 1
   containers:
     - name: web
@@ -303,7 +307,14 @@ check "pod a -> outside ($OUT_IP) masqueraded to its node's address" "${NODEIP[$
 check "pod c -> outside ($OUT_IP) masqueraded to its node's address" "${NODEIP[$W2]}" "$(in_pod c "socat -u TCP:$OUT_IP:8080,connect-timeout=5 STDOUT")"
 
 # --- resources ---------------------------------------------------------------
-say "resources of the three nodes (docker stats), pods and agents running"
+say "resources of the three nodes, test pods and agents running: memory (docker stats), CPU over 30 s idle (cgroup cpuacct)"
+cpu_ns() { cat "/sys/fs/cgroup/cpuacct/docker/$(docker inspect -f '{{.Id}}' "$1")/cpuacct.usage" 2>/dev/null || echo 0; }
+declare -A CPU0
+for n in $NODES; do CPU0[$n]=$(cpu_ns "$n"); done
+sleep 30
+for n in $NODES; do
+	echo "  $n: $(awk -v a="${CPU0[$n]}" -v b="$(cpu_ns "$n")" 'BEGIN {printf "%.1f%% of a core", (b - a) / 30e9 * 100}')"
+done
 # shellcheck disable=SC2086 # the node names
 docker stats --no-stream --format '  {{.Name}}: {{.MemUsage}} memory, {{.CPUPerc}} CPU' $NODES
 for n in $NODES; do
@@ -367,6 +378,37 @@ for n in "$W1" "$W2"; do
 	read -r att alloc pods <<<"$(leaks "$n")"
 	check "node $n after the rollout: attachments, allocations = pods off the host network" "$pods $pods" "$att $alloc"
 done
+
+# --- gVisor pods on shared-memory links (when the node image has runsc) --------
+if [ "$(docker exec "$W1" cat /kind/shm-cni-runtimes 2>/dev/null)" = runsc-shm ]; then
+	say "gVisor pods on shared-memory links: g1 on $W1, g2 on $W2 (RuntimeClass gvisor, handler runsc-shm)"
+	{
+		printf -- '---\napiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: gvisor}\nhandler: runsc-shm\n'
+		pod g1 "$W1" gvisor
+		pod g2 "$W2" gvisor
+	} >"$ENGINE_STATE/gvisor.yaml"
+	kubectl_ apply -f "$ENGINE_STATE/gvisor.yaml" >/dev/null
+	if kubectl_ -n "$NS" wait --for=condition=Ready pod/g1 pod/g2 --timeout="$TIMEOUT" >/dev/null; then
+		for p in g1 g2; do IP[$p]=$(kubectl_ -n "$NS" get pod "$p" -o jsonpath='{.status.podIP}'); done
+		for p in g1:"$W1" g2:"$W2"; do
+			n=${p#*:} p=${p%%:*}
+			check "pod $p runs in gVisor" yes "$(in_pod "$p" dmesg | grep -q 'Starting gVisor' && echo yes)"
+			check "agent on $n: pod $p's shared-memory link is up" 1 \
+				"$(docker exec "$n" curl -fsS --max-time 5 http://127.0.0.1:9309/metrics | awk -v p="pod=\"$p\"" '/^shm_cni_link_up\{/ && index($0, p) && /kind="shm"/ {print $NF}')"
+		done
+		for pair in g1:g2 g2:g1 g1:a c:g1; do
+			from=${pair%:*} to=${pair#*:}
+			check "gVisor: pod $from -> pod $to, $to sees $from's own address" "${IP[$from]}" "$(clientip "$from" "${IP[$to]}")"
+		done
+		for pair in g2:g1 g1:g2 a:g2; do
+			from=${pair%:*} to=${pair#*:}
+			check "gVisor: pod $from fetches 4 MiB from pod $to, MD5 as at $to" "$(md5_of "$to")" "$(fetch_md5 "$from" "${IP[$to]}")"
+		done
+	else
+		fail "gVisor pods Ready: $(kubectl_ -n "$NS" get pods g1 g2 -o wide 2>&1 | tail -2 | tr '\n' ' ')"
+	fi
+	kubectl_ delete -f "$ENGINE_STATE/gvisor.yaml" --wait --timeout=120s >/dev/null || fail "delete the gVisor pods"
+fi
 
 # --- Kubernetes' own network conformance tests ---------------------------------
 if [ "${E2E:-0}" = 1 ]; then
