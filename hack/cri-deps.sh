@@ -19,8 +19,10 @@
 #                             binaries and kubeadm, kube-proxy, agnhost and
 #                             etcd (its server at the version k8s.io/kubernetes
 #                             pins) built from the same source, CoreDNS
-#                             (github.com/coredns/coredns) and kind
-#                             (sigs.k8s.io/kind at the version of go.mod)
+#                             (github.com/coredns/coredns), kind
+#                             (sigs.k8s.io/kind at the version of go.mod) and
+#                             the reference plugins loopback, host-local and
+#                             portmap (containernetworking/plugins, go.mod's)
 #   hack/cri-deps.sh e2e      e2e.test, Kubernetes' end-to-end test binary,
 #                             built from the same k8s.io/kubernetes
 #
@@ -203,6 +205,22 @@ coredns() {
 	stamp k8s/coredns "$COREDNS_VERSION"
 }
 
+# cni_plugins builds the reference plugins a kind node carries (loopback,
+# host-local, portmap) at the version of go.mod: Debian's speak CNI 1.0.0 at
+# most, and containerd asks a 1.1.0 conflist's every plugin for STATUS.
+cni_plugins() {
+	local v p
+	v=$(go list -m -f '{{.Version}}' github.com/containernetworking/plugins)
+	for p in main/loopback ipam/host-local meta/portmap; do
+		stamped "cni/${p##*/}" "$v" && continue
+		log "building the CNI plugin ${p##*/} $v"
+		mkdir -p "$OUT/cni"
+		GOBIN=$OUT/cni CGO_ENABLED=0 GOFLAGS=-buildvcs=false go install -trimpath -ldflags "-s -w" \
+			"github.com/containernetworking/plugins/plugins/$p@$v"
+		stamp "cni/${p##*/}" "$v"
+	done
+}
+
 kind_() {
 	stamped kind "$KIND_VERSION" && return
 	log "building kind $KIND_VERSION"
@@ -237,6 +255,7 @@ kind)
 	debian "${pkgs[@]}"
 	containerd2
 	kind_
+	cni_plugins
 	k8s "${K8S_TIER3[@]}" "${K8S_KIND[@]}"
 	coredns
 	;;

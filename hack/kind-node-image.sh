@@ -39,10 +39,9 @@ K8S=$CRI/k8s
 SUITE=${DEBIAN_SUITE:-bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # The packages of kind's base image (less nfs, iscsi and fuse-overlayfs,
-# which this tier does not use), runc, and the reference loopback plugin
-# containerd runs for a pod's lo.
+# which this tier does not use) and runc.
 NODE_PKGS=(systemd conntrack iptables nftables iproute2 ethtool util-linux mount kmod libseccomp2 pigz
-	e2fsprogs bash ca-certificates curl jq procps runc containernetworking-plugins)
+	e2fsprogs bash ca-certificates curl jq procps runc)
 # What agnhost's image installs (alpine's bind-tools curl netcat-openbsd
 # iproute2 iperf bash util-linux-misc socat), and kube-proxy's iptables, nft
 # and conntrack; with CoreDNS it is also glibc-dns-testing (Debian's
@@ -95,7 +94,7 @@ TOOLS_ROOTFS=$(rootfs tools "${TOOLS_PKGS[@]}")
 NGINX_ROOTFS=$(rootfs nginx "${NGINX_PKGS[@]}")
 for b in containerd2/containerd containerd2/ctr containerd2/containerd-shim-runc-v2 crictl \
 	k8s/kubeadm k8s/kubelet k8s/kubectl k8s/kube-apiserver k8s/kube-controller-manager k8s/kube-scheduler \
-	k8s/kube-proxy k8s/etcd k8s/coredns k8s/agnhost; do
+	k8s/kube-proxy k8s/etcd k8s/coredns k8s/agnhost cni/loopback cni/host-local cni/portmap; do
 	[ -x "$CRI/$b" ] || die "no $CRI/$b: run hack/cri-deps.sh kind"
 done
 KIND_SRC=$(go list -m -f '{{.Dir}}' sigs.k8s.io/kind)
@@ -181,7 +180,7 @@ KEY=$(
 	{
 		sha256sum "$0" "$W/images.json" "$NODE_ROOTFS" "$TOOLS_ROOTFS" "$NGINX_ROOTFS" /bin/busybox \
 			"$CRI"/containerd2/{containerd,ctr,containerd-shim-runc-v2} "$CRI/crictl" "$K8S"/{kubeadm,kubelet,kubectl} \
-			"$K8S"/{kube-apiserver,kube-controller-manager,kube-scheduler,kube-proxy,etcd,coredns,agnhost} \
+			"$K8S"/{kube-apiserver,kube-controller-manager,kube-scheduler,kube-proxy,etcd,coredns,agnhost} "$CRI"/cni/* \
 			"$REPO"/test/e2e/kind/mkimages/*.go "$REPO"/test/e2e/cri/pause/*.go | cut -d' ' -f1
 		cat "$CRI"/runsc.version "$CRI"/containerd-shim-runsc-v1.version 2>/dev/null
 		(cd "$KIND_SRC/images/base/files" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
@@ -246,10 +245,11 @@ install -m 0755 "$CRI"/containerd2/{containerd,ctr,containerd-shim-runc-v2} "$CR
 "$CRI/containerd2/ctr" oci spec |
 	chroot "$R" jq '.hooks.createContainer[.hooks.createContainer| length] |= . + {"path": "/kind/bin/mount-product-files.sh"}' |
 	chroot "$R" jq 'del(.process.rlimits)' >"$R/etc/containerd/cri-base.json"
+# The reference plugins kind's base image carries, built from the module
+# proxy (hack/cri-deps.sh kind): loopback for a pod's lo, portmap for
+# hostPort when a conflist chains it.
 mkdir -p "$R/opt/cni/bin"
-for p in loopback host-local portmap; do
-	cp "$R/usr/lib/cni/$p" "$R/opt/cni/bin/$p"
-done
+install -m 0755 "$CRI"/cni/{loopback,host-local,portmap} "$R/opt/cni/bin/"
 # gVisor: the runtime handler runsc-shm (kind's containerd config is in
 # the version 2 format, which containerd v2 migrates).
 if [ -x "$CRI/runsc" ] && [ -x "$CRI/containerd-shim-runsc-v1" ]; then
