@@ -264,11 +264,16 @@ if [ -x "$CRI/runsc" ] && [ -x "$CRI/containerd-shim-runsc-v1" ]; then
     TypeUrl = "io.containerd.runsc.v1.options"
     ConfigPath = "/etc/containerd/runsc-shm.toml"
 EOF
+	# ignore-cgroups: on a cgroup v1 host kind's entrypoint mounts the
+	# kubelet's cgroup as each hierarchy's root, where runsc cannot place
+	# itself (patch 0008 of hack/runsc extends the flag to subcontainers);
+	# a runsc pod's resources are then not enforced by cgroups.
 	cat >"$R/etc/containerd/runsc-shm.toml" <<EOF
 [runsc_config]
   platform = "systrap"
   network = "sandbox"
   systemd-cgroup = "true"
+  ignore-cgroups = "true"
   sharedmem-links = "true"
 EOF
 	echo runsc-shm >"$R/kind/shm-cni-runtimes"
