@@ -155,6 +155,13 @@ engine_start() {
 	OWN_ENGINE=yes
 	mkdir -p "$DOCKER_ROOT" "$ENGINE_STATE"
 	CGO_ENABLED=0 go build -o "$ENGINE_STATE/ocicaps" "$REPO/test/e2e/kind/ocicaps" || die "build ocicaps"
+	# What dockerd makes outside its roots, whatever its flags: its trust key
+	# /etc/docker/key.json, /run/docker/plugins, and containerd 1.6's shim
+	# socket directory /run/containerd/s; ours go at the end (the
+	# directories only when empty: another runtime may use them by then).
+	[ -e /etc/docker/key.json ] || touch "$ENGINE_STATE/made-docker-key"
+	[ -e /run/docker ] || touch "$ENGINE_STATE/made-run-docker"
+	[ -e /run/containerd ] || touch "$ENGINE_STATE/made-run-containerd"
 	# Debian's docker CLI, whatever else is first in PATH.
 	mkdir -p "$ENGINE_STATE/bin"
 	ln -sf "$(command -v -p docker || echo /usr/bin/docker)" "$ENGINE_STATE/bin/docker"
@@ -180,7 +187,7 @@ engine_stop() {
 		local ids
 		ids=$(docker ps -aq 2>/dev/null)
 		# shellcheck disable=SC2086 # the IDs
-		[ -n "$ids" ] && docker rm -f -v $ids >/dev/null 2>&1
+		[ -z "$ids" ] || docker rm -f -v $ids >/dev/null 2>&1 || true
 		docker network prune -f >/dev/null 2>&1
 		kill -TERM "$p"
 		for _ in $(seq 300); do
@@ -193,4 +200,16 @@ engine_stop() {
 	awk -v a="$DOCKER_EXEC/" -v b="$DOCKER_ROOT/" 'index($5, a) == 1 || index($5, b) == 1 {print $5}' /proc/self/mountinfo |
 		sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
 	rm -rf "$DOCKER_EXEC" "$DOCKER_SOCK" "$DOCKER_PIDFILE" "${ENGINE_STATE:?}/bin" "$ENGINE_STATE/ocicaps"
+	if [ -f "$ENGINE_STATE/made-docker-key" ]; then
+		rm -f /etc/docker/key.json "$ENGINE_STATE/made-docker-key"
+	fi
+	if [ -f "$ENGINE_STATE/made-run-docker" ]; then
+		rmdir /run/docker/plugins /run/docker 2>/dev/null || true
+		rm -f "$ENGINE_STATE/made-run-docker"
+	fi
+	if [ -f "$ENGINE_STATE/made-run-containerd" ]; then
+		rmdir /run/containerd/s /run/containerd 2>/dev/null || true
+		rm -f "$ENGINE_STATE/made-run-containerd"
+	fi
+	return 0
 }

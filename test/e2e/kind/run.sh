@@ -46,6 +46,8 @@ TIMEOUT=${TIMEOUT:-300s}
 BLOB=4194304 # bytes each transfer carries (4 MiB)
 STREAM_SECONDS=${STREAM_SECONDS:-120}
 export KUBECONFIG=$ENGINE_STATE/kubeconfig
+# kubectl's discovery and HTTP caches: the run's, not ~/.kube/cache.
+export KUBECACHEDIR=$ENGINE_STATE/kube-cache
 
 need_root
 cd "$REPO"
