@@ -84,7 +84,7 @@ rootfs() {
 		tar --numeric-owner --xattrs --xattrs-include='*' -C "$dir" -cf "$tarf.tmp" .
 		mv "$tarf.tmp" "$tarf"
 		rm -rf "$dir"
-		rm -f "$OUT"/rootfs-"$name"-*.tar.tmp
+		find "$OUT" -maxdepth 1 -name "rootfs-$name-*.tar*" ! -name "${tarf##*/}" -delete
 	fi
 	echo "$tarf"
 }

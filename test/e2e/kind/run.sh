@@ -144,6 +144,9 @@ if ! docker image inspect "$NODE_IMAGE" >/dev/null 2>&1; then
 	t=$(date +%s%N)
 	docker load -i "$NODE_TAR" >/dev/null || die "docker load $NODE_TAR"
 	say "loaded $NODE_IMAGE in $(since "$t") s"
+	# Older node images in the data root go (2 GB each).
+	docker images --format '{{.Repository}}:{{.Tag}}' "${NODE_IMAGE%:*}" | grep -vxF "$NODE_IMAGE" |
+		xargs -r docker rmi >/dev/null 2>&1 || true
 fi
 t=$(date +%s%N)
 retain=()
