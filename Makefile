@@ -15,6 +15,11 @@
 #   make e2e-k8s    a one-node Kubernetes on deploy/ and make image (needs root; builds ~15 min once)
 #   make bench-runsc  runsc and runc pods over shm-cni and the bridge plugin
 #                (needs root and tier 2's builds; test/e2e/cri/bench-runsc.sh)
+#   make kind-node-image  a kind node image without a registry (needs root;
+#                hack/kind-node-image.sh, after hack/cri-deps.sh kind)
+#   make e2e-kind  three-node kind cluster on shm-cni (needs root; starts and
+#                stops its own Docker engine; E2E=1 adds Kubernetes'
+#                [sig-network] [Conformance] tests; test/e2e/kind/run.sh)
 
 GO       ?= go
 BIN      ?= bin
@@ -121,6 +126,14 @@ e2e-runsc: deps
 # e2e-k8s needs deploy/shm-cni.yaml and the image target (make image).
 e2e-k8s: deps
 	@test/e2e/cri/tier3-k8s.sh
+
+.PHONY: kind-node-image e2e-kind
+kind-node-image: deps
+	@hack/cri-deps.sh kind
+	@hack/kind-node-image.sh
+
+e2e-kind: deps
+	@test/e2e/kind/run.sh
 
 # bench-runsc writes $(BIN)/bench-runsc.md; never part of test.
 bench-runsc: deps

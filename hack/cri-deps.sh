@@ -14,9 +14,21 @@
 #                             kube-apiserver, kube-controller-manager,
 #                             kube-scheduler, kubelet, kubectl, kube-proxy built from
 #                             k8s.io/kubernetes (module proxy) into bin/cri/k8s
+#   hack/cri-deps.sh kind     the kind tier (test/e2e/kind): docker.io and
+#                             debootstrap (Debian), containerd v2, the tier 3
+#                             binaries and kubeadm, agnhost and
+#                             etcd (its server at the version k8s.io/kubernetes
+#                             pins) built from the same source, CoreDNS
+#                             (github.com/coredns/coredns), kind
+#                             (sigs.k8s.io/kind at the version of go.mod) and
+#                             the reference plugins loopback, host-local and
+#                             portmap (containernetworking/plugins, go.mod's)
+#   hack/cri-deps.sh e2e      e2e.test, Kubernetes' end-to-end test binary,
+#                             built from the same k8s.io/kubernetes
 #
 # Versions: CRICTL_VERSION, GVISOR_VERSION (default: the gVisor of go.mod),
-# CONTAINERD2_VERSION, KUBE_VERSION. A binary is rebuilt when its version
+# CONTAINERD2_VERSION, KUBE_VERSION, COREDNS_VERSION (default: the one
+# kubeadm deploys), KIND_VERSION (default: go.mod's). A binary is rebuilt when its version
 # stamp differs (for runsc and its shim: the gVisor version and a hash of
 # the patch series).
 set -euo pipefail
@@ -25,6 +37,8 @@ cd "$(dirname "$0")/.."
 CRICTL_VERSION=${CRICTL_VERSION:-v1.34.0}
 CONTAINERD2_VERSION=${CONTAINERD2_VERSION:-v2.4.2}
 KUBE_VERSION=${KUBE_VERSION:-v1.37.2}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.14.6}
+KIND_VERSION=${KIND_VERSION:-$(go list -m -f '{{.Version}}' sigs.k8s.io/kind)}
 GVISOR_VERSION=${GVISOR_VERSION:-$(go list -m -f '{{.Version}}' gvisor.dev/gvisor)}
 OUT=$PWD/bin/cri
 mkdir -p "$OUT"
@@ -116,20 +130,27 @@ containerd2() {
 	stamp containerd2/containerd "$CONTAINERD2_VERSION"
 }
 
-# k8s builds the Kubernetes binaries through a scratch module requiring
+# K8S_TIER3 are the Kubernetes commands tier 3 runs; K8S_KIND those a kind
+# node image adds. Each is a package of k8s.io/kubernetes, built to
+# bin/cri/k8s/<base name>; etcd is the scratch module's own main package
+# (etcd's server, at the version k8s.io/kubernetes pins, as kubeadm expects).
+K8S_TIER3=(cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet cmd/kubectl cmd/kube-proxy)
+K8S_KIND=(cmd/kubeadm test/images/agnhost etcd)
+
+# k8s PKG... builds Kubernetes commands through a scratch module requiring
 # k8s.io/kubernetes: its go.mod pins the staging modules (k8s.io/api, ...)
-# at v0.0.0, so each is replaced by its published v0.MINOR.PATCH.
-K8S_CMDS="kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy"
+# at v0.0.0, so each is replaced by its published v0.MINOR.PATCH. The
+# pseudo-package e2e.test is the end-to-end test binary (go test -c).
 k8s() {
 	local c all=1
-	for c in $K8S_CMDS; do
-		stamped "k8s/$c" "$KUBE_VERSION" || all=0
+	for c in "$@"; do
+		stamped "k8s/${c##*/}" "$KUBE_VERSION" || all=0
 	done
 	[ "$all" = 1 ] && return
-	local work kmod ldf
+	local work kmod ldf pkgs=()
 	work=$(mktemp -d)
 	trap 'rm -rf "$work"' RETURN
-	log "building Kubernetes $KUBE_VERSION (about 15 minutes on two cores, 4 GB of build cache)"
+	log "building Kubernetes $KUBE_VERSION: $* (about 15 minutes on two cores for tier 3's, 4 GB of build cache)"
 	mkdir -p "$OUT/k8s"
 	kmod=$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
 	{
@@ -138,20 +159,73 @@ k8s() {
 		printf ')\n'
 	} >"$work/go.mod"
 	printf 'package main\n\nfunc main() {}\n' >"$work/main.go"
+	mkdir "$work/etcd"
+	printf 'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\nfunc main() { etcdmain.Main(os.Args) }\n' >"$work/etcd/main.go"
 	ldf="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1"
 	ldf+=" -X k8s.io/component-base/version.gitMinor=$(echo "$KUBE_VERSION" | cut -d. -f2) -X k8s.io/component-base/version.gitTreeState=clean"
 	ldf+=" -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION"
+	for c in "$@"; do
+		case $c in
+		etcd) pkgs+=("go.etcd.io/etcd/server/v3/etcdmain@$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2}' "$kmod")") ;;
+		e2e.test) pkgs+=(-t "k8s.io/kubernetes/test/e2e@$KUBE_VERSION") ;;
+		*) pkgs+=("k8s.io/kubernetes/$c@$KUBE_VERSION") ;;
+		esac
+	done
 	(
 		cd "$work"
-		# shellcheck disable=SC2046 # one package per command
-		go get $(for c in $K8S_CMDS; do echo "k8s.io/kubernetes/cmd/$c@$KUBE_VERSION"; done)
-		for c in $K8S_CMDS; do
-			stamped "k8s/$c" "$KUBE_VERSION" && continue
-			log "building $c"
-			CGO_ENABLED=0 go build -ldflags "$ldf" -o "$OUT/k8s/$c" "k8s.io/kubernetes/cmd/$c"
-			stamp "k8s/$c" "$KUBE_VERSION"
+		go get "${pkgs[@]}"
+		for c in "$@"; do
+			stamped "k8s/${c##*/}" "$KUBE_VERSION" && continue
+			log "building ${c##*/}"
+			case $c in
+			etcd) CGO_ENABLED=0 go build -ldflags "-s -w" -o "$OUT/k8s/etcd" ./etcd ;;
+			e2e.test) CGO_ENABLED=0 go test -c -ldflags "$ldf" -o "$OUT/k8s/e2e.test" k8s.io/kubernetes/test/e2e ;;
+			*) CGO_ENABLED=0 go build -ldflags "$ldf" -o "$OUT/k8s/${c##*/}" "k8s.io/kubernetes/$c" ;;
+			esac
+			stamp "k8s/${c##*/}" "$KUBE_VERSION"
 		done
 	)
+}
+
+# coredns builds CoreDNS (its own main: coremain with every plugin) in a
+# scratch module.
+coredns() {
+	stamped k8s/coredns "$COREDNS_VERSION" && return
+	local work
+	work=$(mktemp -d)
+	trap 'rm -rf "$work"' RETURN
+	log "building CoreDNS $COREDNS_VERSION"
+	printf 'module shmcni.test/corednsbuild\n\ngo 1.26\n\nrequire github.com/coredns/coredns %s\n' "$COREDNS_VERSION" >"$work/go.mod"
+	printf 'package main\n\nimport (\n\t_ "github.com/coredns/coredns/core/plugin"\n\t"github.com/coredns/coredns/coremain"\n)\n\nfunc main() { coremain.Run() }\n' >"$work/main.go"
+	(
+		cd "$work"
+		go mod tidy >/dev/null
+		CGO_ENABLED=0 go build -ldflags "-s -w" -o "$OUT/k8s/coredns" .
+	)
+	stamp k8s/coredns "$COREDNS_VERSION"
+}
+
+# cni_plugins builds the reference plugins a kind node carries (loopback,
+# host-local, portmap) at the version of go.mod: Debian's speak CNI 1.0.0 at
+# most, and containerd asks a 1.1.0 conflist's every plugin for STATUS.
+cni_plugins() {
+	local v p
+	v=$(go list -m -f '{{.Version}}' github.com/containernetworking/plugins)
+	for p in main/loopback ipam/host-local meta/portmap; do
+		stamped "cni/${p##*/}" "$v" && continue
+		log "building the CNI plugin ${p##*/} $v"
+		mkdir -p "$OUT/cni"
+		GOBIN=$OUT/cni CGO_ENABLED=0 GOFLAGS=-buildvcs=false go install -trimpath -ldflags "-s -w" \
+			"github.com/containernetworking/plugins/plugins/$p@$v"
+		stamp "cni/${p##*/}" "$v"
+	done
+}
+
+kind_() {
+	stamped kind "$KIND_VERSION" && return
+	log "building kind $KIND_VERSION"
+	GOBIN=$OUT CGO_ENABLED=0 go install "sigs.k8s.io/kind@$KIND_VERSION"
+	stamp kind "$KIND_VERSION"
 }
 
 case "${1:-}" in
@@ -172,10 +246,24 @@ k8s)
 	command -v nft >/dev/null || pkgs+=(nftables)
 	debian "${pkgs[@]}"
 	crictl
-	k8s
+	k8s "${K8S_TIER3[@]}"
+	;;
+kind)
+	pkgs=()
+	command -v dockerd >/dev/null || pkgs+=(docker.io)
+	command -v debootstrap >/dev/null || pkgs+=(debootstrap)
+	debian "${pkgs[@]}"
+	containerd2
+	kind_
+	cni_plugins
+	k8s "${K8S_TIER3[@]}" "${K8S_KIND[@]}"
+	coredns
+	;;
+e2e)
+	k8s e2e.test
 	;;
 *)
-	log "unknown tier ${1}: want nothing, runsc or k8s"
+	log "unknown tier ${1}: want nothing, runsc, k8s, kind or e2e"
 	exit 2
 	;;
 esac

@@ -552,25 +552,28 @@ func TestKindCluster(t *testing.T) {
 	}
 }
 
-// TestRunScript: run.sh is executable and parses; shellcheck, when
-// installed, finds nothing.
+// TestRunScript: the tier's scripts are executable (engine.sh is sourced)
+// and parse; shellcheck, when installed, finds nothing.
 func TestRunScript(t *testing.T) {
-	fi, err := os.Stat("run.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if fi.Mode().Perm()&0o111 == 0 {
-		t.Error("run.sh is not executable")
-	}
-	if out, err := exec.Command("bash", "-n", "run.sh").CombinedOutput(); err != nil {
-		t.Errorf("bash -n run.sh: %v\n%s", err, out)
+	scripts := []string{"run.sh", "conformance.sh", "engine.sh", filepath.Join(root, "hack", "kind-node-image.sh")}
+	for _, s := range scripts {
+		fi, err := os.Stat(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s != "engine.sh" && fi.Mode().Perm()&0o111 == 0 {
+			t.Errorf("%s is not executable", s)
+		}
+		if out, err := exec.Command("bash", "-n", s).CombinedOutput(); err != nil {
+			t.Errorf("bash -n %s: %v\n%s", s, err, out)
+		}
 	}
 	sc, err := exec.LookPath("shellcheck")
 	if err != nil {
 		t.Log("shellcheck not installed: not run")
 		return
 	}
-	if out, err := exec.Command(sc, "run.sh").CombinedOutput(); err != nil {
-		t.Errorf("shellcheck run.sh: %v\n%s", err, out)
+	if out, err := exec.Command(sc, append([]string{"-x"}, scripts...)...).CombinedOutput(); err != nil {
+		t.Errorf("shellcheck: %v\n%s", err, out)
 	}
 }
