@@ -21,7 +21,21 @@ func (c *LinkConfig) Configure(s *stack.Stack, nic tcpip.NICID) error {
 		return fmt.Errorf("configure NIC %d: %w", nic, err)
 	}
 	gwMAC, _ := net.ParseMAC(c.GatewayMAC) // checked by Validate
-	for _, p := range c.Addresses {
+	if err := AddAddresses(s, nic, c.Addresses); err != nil {
+		return err
+	}
+	for _, gw := range c.Gateways {
+		if err := s.AddStaticNeighbor(nic, protocolOf(gw), tcpip.AddrFromSlice(gw.AsSlice()), tcpip.LinkAddress(gwMAC)); err != nil {
+			return fmt.Errorf("configure NIC %d: neighbor %s -> %s: %s", nic, gw, c.GatewayMAC, err)
+		}
+	}
+	AddRoutes(s, nic, c.Routes)
+	return nil
+}
+
+// AddAddresses adds addrs (IPv4 or IPv6 prefixes) to NIC nic of s.
+func AddAddresses(s *stack.Stack, nic tcpip.NICID, addrs []netip.Prefix) error {
+	for _, p := range addrs {
 		pa := tcpip.ProtocolAddress{
 			Protocol:          protocolOf(p.Addr()),
 			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(p.Addr().AsSlice()), PrefixLen: p.Bits()},
@@ -30,12 +44,12 @@ func (c *LinkConfig) Configure(s *stack.Stack, nic tcpip.NICID) error {
 			return fmt.Errorf("configure NIC %d: add address %s: %s", nic, p, err)
 		}
 	}
-	for _, gw := range c.Gateways {
-		if err := s.AddStaticNeighbor(nic, protocolOf(gw), tcpip.AddrFromSlice(gw.AsSlice()), tcpip.LinkAddress(gwMAC)); err != nil {
-			return fmt.Errorf("configure NIC %d: neighbor %s -> %s: %s", nic, gw, c.GatewayMAC, err)
-		}
-	}
-	for _, r := range c.Routes {
+	return nil
+}
+
+// AddRoutes adds routes through NIC nic to s.
+func AddRoutes(s *stack.Stack, nic tcpip.NICID, routes []LinkRoute) {
+	for _, r := range routes {
 		rt := tcpip.Route{
 			Destination: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(r.Dst.Addr().AsSlice()), PrefixLen: r.Dst.Bits()}.Subnet(),
 			NIC:         nic,
@@ -45,7 +59,6 @@ func (c *LinkConfig) Configure(s *stack.Stack, nic tcpip.NICID) error {
 		}
 		s.AddRoute(rt)
 	}
-	return nil
 }
 
 func protocolOf(a netip.Addr) tcpip.NetworkProtocolNumber {

@@ -16,8 +16,6 @@ import (
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
@@ -200,26 +198,11 @@ func configure(s *stack.Stack, nic tcpip.NICID, ep stack.LinkEndpoint, c *endpoi
 	if err := s.CreateNIC(nic, ep); err != nil {
 		return fmt.Errorf("create NIC: %s", err)
 	}
-	for _, p := range c.Addresses {
-		pa := tcpip.ProtocolAddress{
-			Protocol:          protocolOf(p.Addr()),
-			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(p.Addr().AsSlice()), PrefixLen: p.Bits()},
-		}
-		if err := s.AddProtocolAddress(nic, pa, stack.AddressProperties{}); err != nil {
-			s.RemoveNIC(nic)
-			return fmt.Errorf("add address %s: %s", p, err)
-		}
+	if err := endpoint.AddAddresses(s, nic, c.Addresses); err != nil {
+		s.RemoveNIC(nic)
+		return err
 	}
-	for _, r := range c.Routes {
-		rt := tcpip.Route{
-			Destination: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(r.Dst.Addr().AsSlice()), PrefixLen: r.Dst.Bits()}.Subnet(),
-			NIC:         nic,
-		}
-		if r.GW.IsValid() {
-			rt.Gateway = tcpip.AddrFromSlice(r.GW.AsSlice())
-		}
-		s.AddRoute(rt)
-	}
+	endpoint.AddRoutes(s, nic, c.Routes)
 	return nil
 }
 
@@ -267,11 +250,4 @@ func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
 	}
 	ones, _ := n.Mask.Size()
 	return netip.PrefixFrom(a.Unmap(), ones), true
-}
-
-func protocolOf(a netip.Addr) tcpip.NetworkProtocolNumber {
-	if a.Is4() {
-		return ipv4.ProtocolNumber
-	}
-	return ipv6.ProtocolNumber
 }
