@@ -209,6 +209,8 @@ check "runsc g1 -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOS
 say "runsc pods on shared memory"
 check "pod s1 runs in gVisor (its kernel log)" 1 "$(in_pod "${CTR[s1]}" 'dmesg' | grep -c 'Starting gVisor')"
 check "pod s1: gVisor's eth0 carries the CRI address" "${IP[s1]}/32" "$(in_pod "${CTR[s1]}" "ip -4 -o addr show dev eth0 | awk '{print \$4}'")"
+check "pod s1: gVisor's eth0 at the sandbox links' MTU (the agent's --shm-mtu default)" 65000 \
+	"$(in_pod "${CTR[s1]}" "ip -o link show dev eth0 | grep -o 'mtu [0-9]*' | cut -d' ' -f2")"
 snetns=$(netns_of "${POD[s1]}")
 gnetns=$(netns_of "${POD[g1]}")
 if [ -n "$snetns" ] && [ -e "$snetns" ] && [ -n "$gnetns" ] && [ -e "$gnetns" ]; then
