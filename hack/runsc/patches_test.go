@@ -113,6 +113,7 @@ func TestSeriesBuildsAndPasses(t *testing.T) {
 		{"build", "-o", os.DevNull, "./runsc"},
 		{"build", "-o", os.DevNull, "./shim"},
 		{"test", "-count=1", "-run", "SharedMem", "./runsc/boot/", "./runsc/sandbox/"},
+		{"test", "-count=1", "-run", "TailLossProbe", "./pkg/tcpip/transport/tcp/"},
 	} {
 		cmd := exec.Command("go", args...)
 		cmd.Dir = dir
