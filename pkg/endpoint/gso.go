@@ -44,11 +44,22 @@ const (
 // MTU. It bounds the work a pod can cause with a tiny gso_size.
 const minSegmentMSS = 536
 
-// markForwardGSO records on pkt, about to be delivered to a forwarding
+// MarkForwardedGSO records on pkt, about to be delivered to a forwarding
 // stack, that it is a TCP super-packet with a partial checksum, to be
-// segmented at mss.
-func markForwardGSO(pkt *stack.PacketBuffer, mss uint16) {
+// segmented at mss. A Forwarding TAP endpoint marks what it delivers so.
+func MarkForwardedGSO(pkt *stack.PacketBuffer, mss uint16) {
 	pkt.Mark = gsoMarkFlag | uint32(mss)
+}
+
+// ForwardedGSO reports whether pkt carries the GSO mark of a Forwarding
+// endpoint (a TCP super-packet from a kernel, its checksum partial) and the
+// MSS to cut it at. It leaves the mark: for a router that forwards the packet
+// itself instead of through its stack.
+func ForwardedGSO(pkt *stack.PacketBuffer) (mss uint16, ok bool) {
+	if pkt.Mark&gsoMarkFlag == 0 {
+		return 0, false
+	}
+	return uint16(pkt.Mark & gsoMarkMSS), true
 }
 
 // RestoreForwardedGSO turns the GSO mark a Forwarding TAP endpoint put on a

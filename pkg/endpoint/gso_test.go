@@ -18,7 +18,7 @@ func TestRestoreForwardedGSO(t *testing.T) {
 		name    string
 		proto   tcpip.NetworkProtocolNumber
 		mark    uint32
-		mss     uint16 // markForwardGSO's argument when mark is 0
+		mss     uint16 // MarkForwardedGSO's argument when mark is 0
 		want    bool
 		wantGSO stack.GSO
 	}{
@@ -43,7 +43,7 @@ func TestRestoreForwardedGSO(t *testing.T) {
 			if tc.mark != 0 {
 				pkt.Mark = tc.mark
 			} else {
-				markForwardGSO(pkt, tc.mss)
+				MarkForwardedGSO(pkt, tc.mss)
 			}
 			if got := RestoreForwardedGSO(pkt); got != tc.want {
 				t.Fatalf("RestoreForwardedGSO = %t, want %t", got, tc.want)

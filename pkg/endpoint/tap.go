@@ -616,7 +616,7 @@ func (e *TAPEndpoint) deliver(frame []byte, validated bool) {
 
 // deliverPacket hands one frame to the stack: v, which it owns, when not
 // nil (v holds frame's bytes), or else a copy of frame. A non-zero gsoMSS
-// marks it as a TCP super-packet with a partial checksum (markForwardGSO).
+// marks it as a TCP super-packet with a partial checksum (MarkForwardedGSO).
 func (e *TAPEndpoint) deliverPacket(frame []byte, v *buffer.View, validated bool, gsoMSS uint16) {
 	drop := func() {
 		e.stats.RxDrops.Add(1)
@@ -671,7 +671,7 @@ func (e *TAPEndpoint) deliverPacket(frame []byte, v *buffer.View, validated bool
 	pkt.NetworkProtocolNumber = proto
 	pkt.RXChecksumValidated = validated
 	if gsoMSS != 0 {
-		markForwardGSO(pkt, gsoMSS)
+		MarkForwardedGSO(pkt, gsoMSS)
 	}
 	e.stats.RxPackets.Add(1)
 	e.stats.RxBytes.Add(uint64(len(frame)))

@@ -1,7 +1,9 @@
 package router
 
 import (
+	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
@@ -20,6 +22,18 @@ import (
 // the checksum left partial for the kernel (CHECKSUM_PARTIAL, as a kernel's
 // own TSO leaves it). The kernel pod's TCP then sees its usual super-packets;
 // only the router knows they were one segment.
+//
+// The other way, a kernel pod's TCP sends super-packets (TSO) through its
+// TAP device, which delivers each whole, its checksum partial and marked
+// with the kernel's MSS (endpoint.ForwardedGSO). The fast path takes them
+// too: to another kernel pod's link as they are (GSO at the kernel's MSS, or
+// what fits that link), to a link that takes no GSO but fits them (a
+// sandbox's, at MTU 65000) whole with the checksum completed, a plain
+// segment the sandbox's TCP receives as one. gVisor's forwarding would copy
+// each (64 KiB) and, for a sandbox, the link would copy it again to flatten
+// it; the fast path copies the headers and the link copies the segment into
+// its queue. Only a super-packet for a link that takes no GSO and that it
+// does not fit still goes through gVisor, whose link cuts it into segments.
 //
 // The sandbox's own checksum is replaced by the partial one: a sandbox that
 // sends a bad checksum gets its own data through unchecked, which is all a
@@ -81,12 +95,41 @@ func parseTCPSegment(protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuff
 	return s
 }
 
+// mssFor returns the MSS to cut the segment at for a link of IP MTU mtu:
+// what fits the link; for a kernel's super-packet (super), the kernel's own
+// MSS if smaller, but not below minSegmentMSS (or what fits, if less), which
+// bounds the work a pod's tiny segment size can cause at the receiver, as
+// software segmentation does.
+func (s *tcpSegment) mssFor(mtu uint32, kernelMSS uint16, super bool) uint16 {
+	fit := int(mtu) - s.l3 - s.l4
+	if !super {
+		return uint16(fit)
+	}
+	return uint16(min(max(int(kernelMSS), min(minSegmentMSS, fit)), fit))
+}
+
+// minSegmentMSS is the smallest MSS a kernel's super-packet is cut at
+// (endpoint's software segmentation has the same floor): 536 bytes, the MSS
+// every IPv4 host must accept (RFC 9293 section 3.7.1).
+const minSegmentMSS = 536
+
+// completeChecksum turns the partial TCP checksum of a kernel's super-packet
+// (the pseudo-header sum, left for the device) into the full one, in hdr,
+// the private copy of the packet's IP and TCP headers at the front of
+// payload (the whole packet).
+func (s *tcpSegment) completeChecksum(hdr []byte, payload *buffer.Buffer) {
+	th := header.TCP(hdr[s.l3:])
+	th.SetChecksum(0)
+	n := int(payload.Size()) - s.l3
+	xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, s.src, s.dst, uint16(n))
+	th.SetChecksum(^checksum.Combine(xsum, payload.Checksum(s.l3)))
+}
+
 // toGSO makes out, a private copy of the segment's headers in front of its
-// data (network protocol set), a TCP super-packet for a link of IP MTU mtu:
-// the headers consumed as the link endpoint expects, the TCP checksum
-// replaced by the pseudo-header sum of the whole segment, GSO options with
-// the MSS that fits the link.
-func (s *tcpSegment) toGSO(out *stack.PacketBuffer, mtu uint32) {
+// data (network protocol set), a TCP super-packet to be cut at mss: the
+// headers consumed as the link endpoint expects, the TCP checksum replaced
+// by the pseudo-header sum of the whole segment, GSO options.
+func (s *tcpSegment) toGSO(out *stack.PacketBuffer, mss uint16) {
 	out.NetworkHeader().Consume(s.l3)
 	th, _ := out.TransportHeader().Consume(s.l4)
 	tcp := header.TCP(th)
@@ -100,7 +143,7 @@ func (s *tcpSegment) toGSO(out *stack.PacketBuffer, mtu uint32) {
 		Type:       typ,
 		NeedsCsum:  true,
 		CsumOffset: header.TCPChecksumOffset,
-		MSS:        uint16(int(mtu) - s.l3 - s.l4),
+		MSS:        mss,
 		L3HdrLen:   uint16(s.l3),
 	}
 }

@@ -6,10 +6,13 @@ import (
 	"net/netip"
 	"testing"
 
+	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
 )
 
 // gsoEndpoint makes a test link take TCP GSO as a kernel pod's TAP does.
@@ -135,3 +138,110 @@ func TestKernelPodSynMSSRaised(t *testing.T) {
 }
 
 func checksumOf(b []byte, initial uint16) uint16 { return checksum.Checksum(b, initial) }
+
+// injectSuper delivers, from link c (source MAC mac), a kernel pod's TCP
+// super-packet as a Forwarding TAP endpoint does: the IP packet of a
+// segment with data bytes of payload, its checksum partial (the
+// pseudo-header sum of the whole segment), marked with the kernel's MSS.
+// It returns the packet.
+func (c chanLink) injectSuper(mac tcpip.LinkAddress, src, dst netip.Addr, data int, kernelMSS uint16) []byte {
+	opts := []byte{1, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8} // timestamps
+	seg := tcpSYN(src, dst, header.TCPFlagAck|header.TCPFlagPsh, opts)
+	seg = append(seg, patterned(data)...)
+	header.TCP(seg).SetChecksum(header.PseudoHeaderChecksum(header.TCPProtocolNumber, toAddr(src), toAddr(dst), uint16(len(seg))))
+	ip := ipPacket(src, dst, header.TCPProtocolNumber, seg)
+	proto := header.IPv4ProtocolNumber
+	if src.Is6() {
+		proto = header.IPv6ProtocolNumber
+	}
+	frame := make([]byte, header.EthernetMinimumSize+len(ip))
+	header.Ethernet(frame).Encode(&header.EthernetFields{SrcAddr: mac, DstAddr: gwMAC, Type: proto})
+	copy(frame[header.EthernetMinimumSize:], ip)
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(frame)})
+	defer pkt.DecRef()
+	endpoint.MarkForwardedGSO(pkt, kernelMSS)
+	c.ch.InjectInbound(proto, pkt)
+	return ip
+}
+
+// TestKernelSuperPacketsFastPath: a kernel pod's TCP super-packet (as its
+// TAP link delivers it: checksum partial, marked with the kernel's MSS)
+// takes the fast path. To a link without GSO whose MTU it fits (a
+// sandbox's) it goes whole, as a plain segment with its checksum completed;
+// to another kernel pod's link it stays a super-packet, cut at the kernel's
+// MSS (at least 536 bytes, at most what fits the link), its checksum partial;
+// to a link without GSO that it does not fit, gVisor's path segments it.
+func TestKernelSuperPacketsFastPath(t *testing.T) {
+	r, a, _, c := mtuLinks(t)
+	k := kernelLink(t, r)
+	k2 := newChanLinkMTU(smallMTU)
+	k2.ep = gsoEndpoint{k2.ep}
+	macK2 := tcpip.LinkAddress("\x02\x00\x00\x00\x00\x0e")
+	podK24, podK26 := netip.MustParseAddr("10.244.1.41"), netip.MustParseAddr("2001:db8:0:1::41")
+	if err := r.AddLink("k2", k2.ep, Link{Addrs: []netip.Addr{podK24, podK26}, PodMAC: macK2}); err != nil {
+		t.Fatal(err)
+	}
+	fast := func() uint64 { s, _ := r.LinkStats("k"); return s.FastRxPackets }
+	for _, v6 := range []bool{false, true} {
+		src, sandbox, kernel, small := podK4, podA4, podK24, podC4
+		l3, typ := header.IPv4MinimumSize, stack.GSOTCPv4
+		if v6 {
+			src, sandbox, kernel, small = podK6, podA6, podK26, podC6
+			l3, typ = header.IPv6MinimumSize, stack.GSOTCPv6
+		}
+		const l4 = header.TCPMinimumSize + 12
+
+		// To a sandbox: whole, checksum complete, hop limit one less.
+		before := fast()
+		sent := k.injectSuper(macK, src, sandbox, 30001, 1448)
+		frame := a.read()
+		if frame == nil {
+			t.Fatalf("v6=%v: nothing on the sandbox's link", v6)
+		}
+		got := []byte(frame[header.EthernetMinimumSize:])
+		if len(got) != len(sent) || !bytes.Equal(got[l3+header.TCPChecksumOffset+2:], sent[l3+header.TCPChecksumOffset+2:]) {
+			t.Errorf("v6=%v: %d bytes on the sandbox's link, want the %d sent", v6, len(got), len(sent))
+		}
+		if !tcpChecksumValid(got) {
+			t.Errorf("v6=%v: TCP checksum of the super-packet to the sandbox not completed", v6)
+		}
+		if _, _, hops, _ := ipFields(got); hops != 63 {
+			t.Errorf("v6=%v: hop limit %d, want 63", v6, hops)
+		}
+		if fast() != before+1 {
+			t.Errorf("v6=%v: super-packet to the sandbox did not take the fast path", v6)
+		}
+
+		// To a kernel pod: a super-packet, at the kernel's MSS, or
+		// what fits, or 536.
+		for _, tc := range []struct{ kernelMSS, want uint16 }{{1000, 1000}, {9000, uint16(smallMTU - l3 - l4)}, {100, 536}} {
+			before := fast()
+			sent := k.injectSuper(macK, src, kernel, 30000, tc.kernelMSS)
+			pkt := k2.ch.Read()
+			if pkt == nil {
+				t.Fatalf("v6=%v MSS %d: nothing on the kernel pod's link", v6, tc.kernelMSS)
+			}
+			g := pkt.GSOOptions
+			got := pkt.ToView().AsSlice()[header.EthernetMinimumSize:]
+			pkt.DecRef()
+			if g.Type != typ || !g.NeedsCsum || g.CsumOffset != header.TCPChecksumOffset || g.MSS != tc.want || int(g.L3HdrLen) != l3 {
+				t.Errorf("v6=%v MSS %d: GSO options %+v, want %v, partial checksum, MSS %d", v6, tc.kernelMSS, g, typ, tc.want)
+			}
+			if len(got) != len(sent) || !bytes.Equal(got[l3+header.TCPChecksumOffset:], sent[l3+header.TCPChecksumOffset:]) {
+				t.Errorf("v6=%v MSS %d: the segment (partial checksum included) changed on the way", v6, tc.kernelMSS)
+			}
+			if fast() != before+1 {
+				t.Errorf("v6=%v MSS %d: did not take the fast path", v6, tc.kernelMSS)
+			}
+		}
+
+		// To a link without GSO that it does not fit: gVisor's path.
+		before = fast()
+		k.injectSuper(macK, src, small, 30000, 1448)
+		for c.read() != nil {
+		}
+		if fast() != before {
+			t.Errorf("v6=%v: a super-packet too big for a link without GSO took the fast path", v6)
+		}
+	}
+}

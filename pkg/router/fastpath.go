@@ -8,6 +8,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
 )
 
 // The pod-to-pod fast path.
@@ -33,9 +35,10 @@ import (
 // before: packets for the router itself, the host, other nodes; TTL or hop limit at most 1 (ICMP time
 // exceeded; the pinned gVisor forwards IPv4 with TTL 1, as TTL 0), larger than the destination link's MTU (ICMP too big or
 // fragmentation), IPv4 with options or a bad header checksum, IPv6 with a
-// hop-by-hop header, lengths that disagree with the packet, and the kernel's
-// TCP super-packets (gso.go). The router rewrites no address, so transport
-// checksums stay valid, as on the slow path.
+// hop-by-hop header, lengths that disagree with the packet, and a kernel's
+// TCP super-packet for a link that takes no GSO and that it does not fit
+// (fastgso.go). The router rewrites no address, so transport checksums stay
+// valid, as on the slow path.
 
 // fastCopyMax is the largest packet the fast path copies whole; larger
 // ones share their payload with the received packet (see forward).
@@ -128,7 +131,13 @@ func (r *Router) rebuildFastLocked() {
 func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) bool {
 	self := src.counters
 	links := f.links.Load()
-	if links == nil || pkt.Mark != 0 || pkt.GSOOptions.Type != stack.GSONone {
+	if links == nil || pkt.GSOOptions.Type != stack.GSONone {
+		return false
+	}
+	// A kernel pod's TCP super-packet, its checksum partial (gso.go in
+	// package endpoint): see superPacket.
+	gsoMSS, super := endpoint.ForwardedGSO(pkt)
+	if pkt.Mark != 0 && !super {
 		return false
 	}
 	size := pkt.Data().Size()
@@ -172,7 +181,15 @@ func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, p
 		return false
 	}
 	var tcp *tcpSegment
-	if uint32(size) > d.mtu {
+	switch {
+	case super:
+		// Whole to a link that takes TCP GSO, or whole with its
+		// checksum completed to one whose MTU it fits; anything else
+		// goes to gVisor, and the link cuts it into segments.
+		if tcp = parseTCPSegment(protocol, pkt, size); tcp == nil || size > maxMTU || (!d.tcpGSO && uint32(size) > d.mtu) {
+			return false
+		}
+	case uint32(size) > d.mtu:
 		// Too big for the destination: a TCP segment is handed to a
 		// link that takes TCP GSO as a super-packet; anything else goes
 		// to gVisor (ICMP, fragments).
@@ -229,6 +246,16 @@ func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, p
 		// the kernel pod (gsoSegment).
 		raiseSynMSS(protocol, hb, d.mtu)
 	}
+	mss := uint16(0)
+	if tcp != nil {
+		mss = tcp.mssFor(d.mtu, gsoMSS, super)
+		if super && !d.tcpGSO {
+			// A link without GSO, which the super-packet fits whole
+			// (a sandbox's): it gets a plain segment.
+			tcp.completeChecksum(hb, &payload)
+			tcp = nil
+		}
+	}
 	out := stack.NewPacketBuffer(stack.PacketBufferOptions{
 		ReserveHeaderBytes: int(d.ep.MaxHeaderLength()),
 		Payload:            payload,
@@ -236,7 +263,7 @@ func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, p
 	defer out.DecRef()
 	out.NetworkProtocolNumber = protocol
 	if tcp != nil {
-		tcp.toGSO(out, d.mtu)
+		tcp.toGSO(out, mss)
 	}
 	out.EgressRoute.NetProto = protocol
 	out.EgressRoute.LocalLinkAddress = d.gwMAC
