@@ -125,16 +125,37 @@ start_bg() {
 	# hold the lock the next run needs to sweep it.
 	"$@" >"$S/logs/$name.log" 2>&1 {LOCK_FD}>&- &
 	echo $! >"$S/pids/$name"
+	started_at $! >"$S/pids/$name.start"
 }
 
 pid_of() { cat "$S/pids/$1" 2>/dev/null; }
 
+# stat_fields PID: the fields of /proc/PID/stat after the command name
+# (which may hold spaces): the state first, the start time (clock ticks
+# since boot) 20th; empty when there is no such process.
+stat_fields() {
+	local stat
+	read -r stat 2>/dev/null <"/proc/$1/stat" || return 0
+	echo "${stat##*) }"
+}
+
+# started_at PID: the process's start time, empty without the process.
+started_at() {
+	# shellcheck disable=SC2046 # the fields, split
+	set -- $(stat_fields "$1")
+	echo "${20:-}"
+}
+
 # alive NAME: the process start_bg started as NAME runs (not yet exec'd
-# counts: ours would not know it yet).
+# counts: ours would not know it yet). Its start time tells it from a
+# process that got its PID after it ended: on a busy machine PIDs wrap
+# around within minutes.
 alive() {
 	local p
 	p=$(pid_of "$1") || return 1
-	[ -r "/proc/$p/stat" ] && [ "$(cut -d' ' -f3 "/proc/$p/stat" 2>/dev/null)" != Z ]
+	# shellcheck disable=SC2046 # the fields, split
+	set -- "$1" $(stat_fields "$p")
+	[ -n "${2:-}" ] && [ "$2" != Z ] && [ "${21:-}" = "$(cat "$S/pids/$1.start" 2>/dev/null)" ]
 }
 
 # http_get HOST:PORT PATH: the body of a GET (bash's /dev/tcp, no client
@@ -283,9 +304,7 @@ start_agent() {
 # run_agent: starts the agent (its log in $S/logs/agent.log) and
 # waits until it is ready; start_agent's first step, and a restart's.
 run_agent() {
-	local cidrs=$POD_CIDR${POD_CIDR6:+,$POD_CIDR6}
-	start_bg agent "$REPO/bin/shm-agent" --pod-cidr "$cidrs" --cluster-cidr "$cidrs" --uplink "$UPLINK" \
-		--socket "$S/agent.sock" --state-dir "$S/state" --sandbox-dir "$S/sb" --metrics-addr "$METRICS_ADDR" --log-level debug
+	start_agent_bg agent
 	local i
 	for i in $(seq 300); do
 		[ "$(http_get "$METRICS_ADDR" /readyz 2>/dev/null)" = ok ] && break
@@ -293,6 +312,32 @@ run_agent() {
 		sleep 0.1
 	done
 	[ "$(http_get "$METRICS_ADDR" /readyz)" = ok ] || die "the agent is not ready after 30 s"
+}
+
+# start_agent_bg NAME: the agent on the run's state, started as NAME.
+start_agent_bg() {
+	local cidrs=$POD_CIDR${POD_CIDR6:+,$POD_CIDR6}
+	start_bg "$1" "$REPO/bin/shm-agent" --pod-cidr "$cidrs" --cluster-cidr "$cidrs" --uplink "$UPLINK" \
+		--socket "$S/agent.sock" --state-dir "$S/state" --sandbox-dir "$S/sb" --metrics-addr "$METRICS_ADDR" --log-level debug
+}
+
+# clean_after_killed_agent: an agent killed (restart_agent KILL) and not
+# started again, because the run failed in between, leaves the firewall
+# rules it removes itself on SIGTERM. With none of our processes left,
+# start it once more on its state and stop it, so that it removes them as
+# it does after every run.
+clean_after_killed_agent() {
+	iptables -S "$FW_CHAIN" 2>/dev/null | grep -q -- "-i $UPLINK " || return 0
+	[ -x "$REPO/bin/shm-agent" ] || return 0
+	say "the agent was killed and left its firewall rules: starting it once more to remove them"
+	start_agent_bg agent-cleanup
+	local i
+	for i in $(seq 100); do
+		[ "$(http_get "$METRICS_ADDR" /readyz 2>/dev/null)" = ok ] && break
+		alive agent-cleanup || break
+		sleep 0.1
+	done
+	stop_pid "$(pid_of agent-cleanup)"
 }
 
 # restart_agent SIG: the agent killed with SIG (TERM or KILL), gone, and
@@ -307,7 +352,7 @@ restart_agent() {
 		alive agent || break
 		sleep 0.1
 	done
-	alive agent && die "the agent still runs 30 s after SIG$1"
+	[ "$i" -lt 300 ] || die "the agent still runs 30 s after SIG$1"
 	{ wait "$pid"; } 2>/dev/null || true
 	cp "$S/logs/agent.log" "$S/logs/agent-before-$1.log"
 	run_agent
@@ -495,6 +540,7 @@ teardown() {
 	for p in $(our_pids); do
 		stop_pid "$p"
 	done
+	clean_after_killed_agent
 	# After the agent: its accepts went with it.
 	forward_restore
 	# libcni's cached results of pods that were never deleted through CRI
