@@ -62,7 +62,8 @@ if [ "${CLEANUP:-0}" != 1 ]; then
 	say "image (make image)"
 	make --no-print-directory image >/dev/null || die "make image"
 	# The next image: the same sources, another build ID, so another digest.
-	CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags='-s -buildid=kind-next' -o bin/kind/next/ ./cmd/shm-agent ./cmd/shm-cni ||
+	CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags='-s -buildid=kind-next' -o bin/kind/next/ \
+		./cmd/shm-agent ./cmd/shm-cni github.com/containernetworking/plugins/plugins/meta/portmap ||
 		die "build the next image's binaries"
 	go run ./hack/image -bin bin/kind/next -o "$REPO/bin/shm-cni-image-next.tar" --tag "$NEXT_TAG" 2>/dev/null || die "the next image"
 fi
