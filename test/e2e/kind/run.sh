@@ -331,7 +331,7 @@ HOSTPORT=28080
 for n in $NODES; do
 	agent=$(kubectl_ -n shm-cni get pods -l app.kubernetes.io/name=shm-agent --field-selector "spec.nodeName=$n" -o jsonpath='{.items[0].metadata.name}')
 	check "node $n: the agent installed portmap beside shm-cni; the conflist and the shm conflist chain it" "yes 1 1" \
-		"$(kubectl_ -n shm-cni logs "$agent" | grep -qF '"msg":"CNI binary installed","path":"/host/opt/cni/bin/portmap"' && echo yes) $(docker exec "$n" \
+		"$([ "$(kubectl_ -n shm-cni logs "$agent" | grep -cF '"msg":"CNI binary installed","path":"/host/opt/cni/bin/portmap"')" -gt 0 ] && echo yes) $(docker exec "$n" \
 			grep -c '"type": "portmap"' /etc/cni/net.d/10-shm-cni.conflist) $(docker exec "$n" grep -c '"type": "portmap"' /etc/cni/net.d-shm/10-shm-cni.conflist)"
 done
 say "hostPort: pod hp on $W2, container port 8080 at $W2's port $HOSTPORT"
