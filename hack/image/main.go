@@ -1,5 +1,5 @@
 // Command image builds the shm-cni container image without a Docker engine:
-// the same image the Dockerfile describes (two static binaries under
+// the same image the Dockerfile describes (static binaries under
 // /usr/local/bin on an empty base, the agent as entrypoint, the same labels),
 // written as a docker-archive tarball that `ctr images import`,
 // `docker load` and `kind load image-archive` accept, and optionally as an
@@ -46,8 +46,12 @@ import (
 var spec = struct {
 	// BinDir is where the binaries go.
 	BinDir string
-	// Binaries are the commands built, by package, in the image as
-	// BinDir/<base name of the package>.
+	// Packages are the commands built, in the image as
+	// BinDir/<base name of the package>: the agent, the CNI plugin it
+	// installs, and the reference portmap plugin (hostPort) it installs
+	// beside it, which deploy/'s conflist chains after shm-cni; portmap at
+	// the version go.mod pins (a tool directive, so go.sum covers it),
+	// built with our flags.
 	Packages []string
 	// Entrypoint is the config's entrypoint.
 	Entrypoint []string
@@ -61,7 +65,7 @@ var spec = struct {
 	CGOEnabled string
 }{
 	BinDir:     "/usr/local/bin",
-	Packages:   []string{"./cmd/shm-agent", "./cmd/shm-cni"},
+	Packages:   []string{"./cmd/shm-agent", "./cmd/shm-cni", "github.com/containernetworking/plugins/plugins/meta/portmap"},
 	Entrypoint: []string{"/usr/local/bin/shm-agent"},
 	Labels: map[string]string{
 		"org.opencontainers.image.title":       "shm-cni",
@@ -92,7 +96,7 @@ func run() int {
 	out := flag.String("o", "bin/shm-cni-image.tar", "docker-archive tarball to write")
 	tag := flag.String("tag", "shm-cni:dev", "the image's tag")
 	ociDir := flag.String("oci-layout", "", "also write an OCI image layout to this directory")
-	binDir := flag.String("bin", "", "directory holding static shm-agent and shm-cni already built; empty builds them")
+	binDir := flag.String("bin", "", "directory holding the static binaries already built (shm-agent, shm-cni, portmap); empty builds them")
 	arch := flag.String("arch", runtime.GOARCH, "target architecture (GOARCH)")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))

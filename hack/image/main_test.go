@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path"
 	"path/filepath"
 	"reflect"
@@ -115,7 +116,8 @@ func imageFiles(t *testing.T, img v1.Image) map[string]layerFile {
 }
 
 // TestArchive: the docker archive `make image` writes carries the tag,
-// both static executables at /usr/local/bin with mode 0755 owned by root,
+// the static executables (the agent, shm-cni, portmap) at /usr/local/bin
+// with mode 0755 owned by root,
 // and a config with the agent as entrypoint, the labels and linux/GOARCH;
 // the OCI layout holds the same image.
 func TestArchive(t *testing.T) {
@@ -180,7 +182,11 @@ func TestArchive(t *testing.T) {
 	}
 
 	files := imageFiles(t, img)
-	for _, b := range []string{"usr/local/bin/shm-agent", "usr/local/bin/shm-cni"} {
+	var bins []string
+	for _, b := range []string{"shm-agent", "shm-cni", "portmap"} {
+		bins = append(bins, "usr/local/bin/"+b)
+	}
+	for _, b := range bins {
 		lf, ok := files[b]
 		switch {
 		case !ok:
@@ -201,8 +207,8 @@ func TestArchive(t *testing.T) {
 			t.Errorf("directory %s missing or not 0755 (%v)", d, ok)
 		}
 	}
-	if len(files) != 5 {
-		t.Errorf("the image holds %v, want the two binaries and their directories only", keys(files))
+	if len(files) != len(bins)+3 {
+		t.Errorf("the image holds %v, want the binaries %v and their directories only", keys(files), bins)
 	}
 
 	// The OCI layout holds the same image, named by the tag.
@@ -263,6 +269,35 @@ func TestCheckStatic(t *testing.T) {
 	}
 	if err := checkStatic("garbage", []byte("#!/bin/sh\n")); err == nil {
 		t.Error("checkStatic accepted a script")
+	}
+}
+
+// TestPluginsSpeakCNI110: every CNI plugin of the image (shm-cni and
+// portmap) answers VERSION with 1.1.0 among its versions. deploy/'s
+// conflist is 1.1.0, and containerd asks each plugin of a 1.1.0 conflist
+// for STATUS: a plugin that speaks less (Debian's portmap, 1.0.0 at most)
+// keeps the node NotReady.
+func TestPluginsSpeakCNI110(t *testing.T) {
+	builtArchive(t)
+	for _, b := range []string{"shm-cni", "portmap"} {
+		t.Run(b, func(t *testing.T) {
+			cmd := exec.Command(filepath.Join(archiveDir, "bin", b))
+			cmd.Env = []string{"CNI_COMMAND=VERSION"}
+			cmd.Stdin = strings.NewReader(`{"cniVersion":"1.1.0"}`)
+			out, err := cmd.Output()
+			if err != nil {
+				t.Fatalf("VERSION: %v", err)
+			}
+			var got struct {
+				SupportedVersions []string `json:"supportedVersions"`
+			}
+			if err := json.Unmarshal(out, &got); err != nil {
+				t.Fatalf("VERSION answered %q: %v", out, err)
+			}
+			if !slices.Contains(got.SupportedVersions, "1.1.0") {
+				t.Errorf("supported versions %v, want 1.1.0 among them", got.SupportedVersions)
+			}
+		})
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 
 	"github.com/containernetworking/cni/libcni"
@@ -18,12 +19,13 @@ import (
 // the CNI binary directory.
 const PluginType = "shm-cni"
 
-// installCNI installs the CNI binary, then the conflist, as the
-// configuration asks: called once the agent serves, so that a runtime
-// never finds a conflist whose plugin cannot reach a ready agent. The
-// binary goes first: a runtime that sees the conflist finds the plugin.
+// installCNI installs the CNI binaries (shm-cni, then the chained plugins
+// such as portmap), then the conflist, as the configuration asks: called
+// once the agent serves, so that a runtime never finds a conflist whose
+// plugin cannot reach a ready agent. The binaries go first: a runtime that
+// sees the conflist finds every plugin it names.
 //
-// Both stay when the agent stops. A runtime without the conflist could
+// All stay when the agent stops. A runtime without the conflist could
 // not run DEL for the pods torn down while the agent restarts (a rolling
 // update, a crash), and they would hang in Terminating; with it, ADD fails
 // with "try again" (code 11) and STATUS reports the agent not ready (code
@@ -48,12 +50,12 @@ func (a *Agent) installCNI() error {
 			}
 		}
 	}
-	if src := a.cfg.CNIBinarySource; src != "" {
-		bin, err := os.ReadFile(src)
+	for _, b := range a.binaries() {
+		bin, err := os.ReadFile(b.src)
 		if err != nil {
 			return fmt.Errorf("install CNI binary: %w", err)
 		}
-		dst := filepath.Join(a.cfg.CNIBinDir, PluginType)
+		dst := filepath.Join(a.cfg.CNIBinDir, b.name)
 		changed, err := installFile(dst, bin, 0o755)
 		if err != nil {
 			return fmt.Errorf("install CNI binary: %w", err)
@@ -75,6 +77,24 @@ func (a *Agent) installCNI() error {
 		a.log.Info("CNI config installed", "path", dst, "changed", changed)
 	}
 	return nil
+}
+
+// cniBinary is a CNI plugin binary the agent installs: src, the file in
+// the agent's image, as CNIBinDir/name.
+type cniBinary struct{ src, name string }
+
+// binaries returns the CNI binaries the agent installs, in order: shm-cni
+// (CNIBinarySource, as PluginType), then the chained plugins
+// (CNIChainedBinaries, under their own names).
+func (a *Agent) binaries() []cniBinary {
+	var out []cniBinary
+	if a.cfg.CNIBinarySource != "" {
+		out = append(out, cniBinary{a.cfg.CNIBinarySource, PluginType})
+	}
+	for _, src := range a.cfg.CNIChainedBinaries {
+		out = append(out, cniBinary{src, filepath.Base(src)})
+	}
+	return out
 }
 
 // withKind returns the conflist data with the kind of every shm-cni plugin
@@ -102,9 +122,12 @@ func withKind(data []byte, kind string) ([]byte, error) {
 
 // checkConflist refuses a conflist that a runtime or shm-cni would refuse:
 // it must parse as libcni does, have a shm-cni plugin, and every shm-cni
-// entry must pass shm-cni's own config parser. An agentSocket other than
-// the agent's is only logged: the conflist names the path the runtime
-// sees, which a container may mount elsewhere.
+// entry must pass shm-cni's own config parser. Where the agent installs
+// CNI binaries, every plugin the conflist names must be one it installs
+// or already be in CNIBinDir: a runtime would fail every pod's ADD (and a
+// CNI 1.1.0 runtime's STATUS, keeping the node NotReady) for a missing
+// one. An agentSocket other than the agent's is only logged: the conflist
+// names the path the runtime sees, which a container may mount elsewhere.
 func (a *Agent) checkConflist(data []byte) error {
 	list, err := libcni.ConfListFromBytes(data)
 	if err != nil {
@@ -126,6 +149,31 @@ func (a *Agent) checkConflist(data []byte) error {
 	}
 	if !found {
 		return fmt.Errorf("no plugin of type %s in the conflist", PluginType)
+	}
+	return a.checkPluginsPresent(list)
+}
+
+// checkPluginsPresent reports the first plugin of list that is neither
+// among the binaries the agent installs nor a file in CNIBinDir. Without
+// binaries to install the agent does not manage CNIBinDir, and checks
+// nothing.
+func (a *Agent) checkPluginsPresent(list *libcni.NetworkConfigList) error {
+	bins := a.binaries()
+	if len(bins) == 0 {
+		return nil
+	}
+	for i, p := range list.Plugins {
+		typ := p.Network.Type
+		if slices.ContainsFunc(bins, func(b cniBinary) bool { return b.name == typ }) {
+			continue
+		}
+		// A type is a file name in the CNI binary directory, never a path.
+		if typ == "" || typ != filepath.Base(typ) {
+			return fmt.Errorf("plugin %d: type %q is not a file name", i, typ)
+		}
+		if fi, err := os.Stat(filepath.Join(a.cfg.CNIBinDir, typ)); err != nil || !fi.Mode().IsRegular() {
+			return fmt.Errorf("plugin %d: no %s in %s, and the agent installs none (--cni-chained-binaries): the runtime could run no pod", i, typ, a.cfg.CNIBinDir)
+		}
 	}
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -200,14 +201,18 @@ func (p *agentProc) waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 // testConflist is a conflist for the agent of cfg, with a plugin entry
-// changed by edit.
-func testConflist(t *testing.T, cfg Config, edit func(map[string]any)) []byte {
+// changed by edit, and then the chained plugins of the given types.
+func testConflist(t *testing.T, cfg Config, edit func(map[string]any), chained ...string) []byte {
 	t.Helper()
 	plugin := map[string]any{"type": "shm-cni", "kind": "tap", "mtu": 1500, "agentSocket": cfg.SocketPath}
 	if edit != nil {
 		edit(plugin)
 	}
-	b, err := json.Marshal(map[string]any{"cniVersion": "1.1.0", "name": "pods", "plugins": []any{plugin}})
+	plugins := []any{plugin}
+	for _, typ := range chained {
+		plugins = append(plugins, map[string]any{"type": typ, "capabilities": map[string]bool{"portMappings": true}})
+	}
+	b, err := json.Marshal(map[string]any{"cniVersion": "1.1.0", "name": "pods", "plugins": plugins})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,11 +220,12 @@ func testConflist(t *testing.T, cfg Config, edit func(map[string]any)) []byte {
 }
 
 // TestCNIInstallRealAgent: the real agent binary, in a fresh host netns,
-// installs the CNI binary (0755, the source's bytes) and then the conflist
-// (0644) once it serves: when the conflist appears the binary is already
-// there and the agent answers STATUS ready; no temporary file stays. Both
-// stay after SIGTERM; a restarted agent leaves identical files alone (same
-// inodes).
+// installs the CNI binaries (shm-cni, then the chained portmap under its
+// own name; 0755, the sources' bytes) and then the conflist chaining
+// portmap (0644) once it serves: when the conflist appears both binaries
+// are already there and the agent answers STATUS ready; no temporary file
+// stays. All stay after SIGTERM; a restarted agent leaves identical files
+// alone (same inodes).
 func TestCNIInstallRealAgent(t *testing.T) {
 	e := newEnv(t)
 	bins := builtBinaries(t)
@@ -228,12 +234,19 @@ func TestCNIInstallRealAgent(t *testing.T) {
 	if err := os.Mkdir(src, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	conf := testConflist(t, e.config(), nil)
+	conf := testConflist(t, e.config(), nil, "portmap")
 	if err := os.WriteFile(filepath.Join(src, "10-shm-cni.conflist"), conf, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The chained plugin's content does not matter here: the agent copies
+	// it, never runs it.
+	wantPortmap := []byte("\x7fELF a stand-in for portmap")
+	if err := os.WriteFile(filepath.Join(src, "portmap"), wantPortmap, 0o700); err != nil {
 		t.Fatal(err)
 	}
 	flags := []string{
 		"--cni-binary-source=" + filepath.Join(bins, "shm-cni"),
+		"--cni-chained-binaries=" + filepath.Join(src, "portmap"),
 		"--cni-bin-dir=" + binDst,
 		"--cni-conf-source=" + filepath.Join(src, "10-shm-cni.conflist"),
 		"--cni-conf-dir=" + confDst,
@@ -243,12 +256,20 @@ func TestCNIInstallRealAgent(t *testing.T) {
 		t.Fatal(err)
 	}
 	binPath, confPath := filepath.Join(binDst, "shm-cni"), filepath.Join(confDst, "10-shm-cni.conflist")
+	portmapPath := filepath.Join(binDst, "portmap")
+	files := []struct {
+		path string
+		want []byte
+		perm os.FileMode
+	}{{binPath, wantBin, 0o755}, {portmapPath, wantPortmap, 0o755}, {confPath, conf, 0o644}}
 
 	p := startAgentProc(t, e, flags...)
 	p.waitFor(t, "conflist", func() bool { _, err := os.Stat(confPath); return err == nil })
-	// The binary was there first, whole.
-	if b, err := os.ReadFile(binPath); err != nil || !bytes.Equal(b, wantBin) {
-		t.Errorf("CNI binary when the conflist appeared: %d bytes, %v; want the source's %d", len(b), err, len(wantBin))
+	// The binaries were there first, whole.
+	for _, f := range files[:2] {
+		if b, err := os.ReadFile(f.path); err != nil || !bytes.Equal(b, f.want) {
+			t.Errorf("%s when the conflist appeared: %d bytes, %v; want the source's %d", f.path, len(b), err, len(f.want))
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
 	defer cancel()
@@ -256,13 +277,11 @@ func TestCNIInstallRealAgent(t *testing.T) {
 	if err != nil || resp.Status == nil || !resp.Status.Ready {
 		t.Errorf("STATUS once the conflist exists: %+v, %v; want ready", resp, err)
 	}
-	check := func(t *testing.T) (binIno, confIno uint64) {
+	// check returns the files' inodes, in the order of files.
+	check := func(t *testing.T) []uint64 {
 		t.Helper()
-		for _, f := range []struct {
-			path string
-			want []byte
-			perm os.FileMode
-		}{{binPath, wantBin, 0o755}, {confPath, conf, 0o644}} {
+		var inodes []uint64
+		for _, f := range files {
 			fi, err := os.Stat(f.path)
 			if err != nil {
 				t.Fatal(err)
@@ -273,16 +292,16 @@ func TestCNIInstallRealAgent(t *testing.T) {
 			if b, _ := os.ReadFile(f.path); !bytes.Equal(b, f.want) {
 				t.Errorf("%s: content differs from its source", f.path)
 			}
-			ents, _ := os.ReadDir(filepath.Dir(f.path))
-			if len(ents) != 1 {
-				t.Errorf("%s holds %d files, want 1 (a temporary file left?)", filepath.Dir(f.path), len(ents))
+			inodes = append(inodes, inode(fi))
+		}
+		for dir, want := range map[string]int{binDst: 2, confDst: 1} {
+			if ents, _ := os.ReadDir(dir); len(ents) != want {
+				t.Errorf("%s holds %d files, want %d (a temporary file left?)", dir, len(ents), want)
 			}
 		}
-		bi, _ := os.Stat(binPath)
-		ci, _ := os.Stat(confPath)
-		return inode(bi), inode(ci)
+		return inodes
 	}
-	binIno, confIno := check(t)
+	inodes := check(t)
 	if err := p.stop(t); err != nil {
 		t.Fatalf("agent exit: %v", err)
 	}
@@ -290,9 +309,8 @@ func TestCNIInstallRealAgent(t *testing.T) {
 
 	p2 := startAgentProc(t, e, flags...)
 	p2.waitFor(t, "second install", func() bool { return strings.Contains(p2.logs(), `"msg":"CNI config installed"`) })
-	b2, c2 := check(t)
-	if b2 != binIno || c2 != confIno {
-		t.Errorf("identical files rewritten by the restarted agent (inodes %d/%d, were %d/%d)", b2, c2, binIno, confIno)
+	if got := check(t); !slices.Equal(got, inodes) {
+		t.Errorf("identical files rewritten by the restarted agent (inodes %v, were %v)", got, inodes)
 	}
 	if err := p2.stop(t); err != nil {
 		t.Fatalf("second agent exit: %v", err)
@@ -300,9 +318,10 @@ func TestCNIInstallRealAgent(t *testing.T) {
 }
 
 // TestCNIInstallRefusesBadConflist: a conflist shm-cni would refuse (an
-// unknown kind), one without a shm-cni plugin, or one that is not JSON
-// stops the real agent with an error naming the problem, and nothing is
-// installed: neither the conflist nor the binary.
+// unknown kind), one without a shm-cni plugin, one that is not JSON, or
+// one chaining a plugin that is neither installed by the agent nor in the
+// CNI binary directory stops the real agent with an error naming the
+// problem, and nothing is installed: neither the conflist nor the binary.
 func TestCNIInstallRefusesBadConflist(t *testing.T) {
 	for _, tc := range []struct {
 		name, conf, want string
@@ -310,13 +329,17 @@ func TestCNIInstallRefusesBadConflist(t *testing.T) {
 		{"unknown kind", "", "kind"},
 		{"no shm-cni plugin", `{"cniVersion":"1.1.0","name":"pods","plugins":[{"type":"bridge"}]}`, "no plugin of type shm-cni"},
 		{"not JSON", `{"cniVersion":`, "install CNI config"},
+		{"chained plugin missing", "bandwidth", "plugin 1: no bandwidth in"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t)
 			bins := builtBinaries(t)
 			conf := []byte(tc.conf)
-			if tc.conf == "" {
+			switch tc.conf {
+			case "":
 				conf = testConflist(t, e.config(), func(m map[string]any) { m["kind"] = "bogus" })
+			case "bandwidth":
+				conf = testConflist(t, e.config(), nil, "bandwidth")
 			}
 			srcPath := filepath.Join(e.dir, "10-shm-cni.conflist")
 			if err := os.WriteFile(srcPath, conf, 0o600); err != nil {
@@ -349,14 +372,14 @@ func TestCNIInstallRefusesBadConflist(t *testing.T) {
 
 // TestCNIInstallShmConflist: with --cni-shm-conf-dir the real agent also
 // writes the conflist there with the shm-cni plugin's kind set to shm and
-// everything else as in the source (the CNI config of the runtime handler
-// whose sandboxes attach shared-memory links); the main conflist keeps its
-// kind. A kind libcni and shm-cni both accept, the pods of that handler get
-// shm links without annotations.
+// everything else as in the source, the chained portmap too (the CNI
+// config of the runtime handler whose sandboxes attach shared-memory
+// links); the main conflist keeps its kind. A kind libcni and shm-cni
+// both accept, the pods of that handler get shm links without annotations.
 func TestCNIInstallShmConflist(t *testing.T) {
 	e := newEnv(t)
 	src := filepath.Join(e.dir, "10-shm-cni.conflist")
-	conf := testConflist(t, e.config(), func(m map[string]any) { m["mtu"] = 1400 })
+	conf := testConflist(t, e.config(), func(m map[string]any) { m["mtu"] = 1400 }, "portmap")
 	if err := os.WriteFile(src, conf, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -379,9 +402,10 @@ func TestCNIInstallShmConflist(t *testing.T) {
 	if err := json.Unmarshal(b, &got); err != nil {
 		t.Fatalf("shm conflist %s: %v", b, err)
 	}
-	if got.CNIVersion != "1.1.0" || got.Name != "pods" || len(got.Plugins) != 1 ||
-		got.Plugins[0]["kind"] != "shm" || got.Plugins[0]["mtu"] != 1400.0 || got.Plugins[0]["agentSocket"] != e.config().SocketPath {
-		t.Errorf("shm conflist %s: want the source with kind shm", b)
+	if got.CNIVersion != "1.1.0" || got.Name != "pods" || len(got.Plugins) != 2 ||
+		got.Plugins[0]["kind"] != "shm" || got.Plugins[0]["mtu"] != 1400.0 || got.Plugins[0]["agentSocket"] != e.config().SocketPath ||
+		got.Plugins[1]["type"] != "portmap" || got.Plugins[1]["kind"] != nil {
+		t.Errorf("shm conflist %s: want the source with kind shm, portmap chained as it was", b)
 	}
 	if err := p.stop(t); err != nil {
 		t.Fatalf("agent exit: %v", err)

@@ -136,7 +136,12 @@ type Config struct {
 	// CNIBinarySource, when set, is the shm-cni binary the agent installs
 	// as CNIBinDir/shm-cni once it is ready (--cni-binary-source).
 	CNIBinarySource string
-	// CNIBinDir is where the CNI binary goes (--cni-bin-dir).
+	// CNIChainedBinaries are the binaries of plugins the conflist chains
+	// after shm-cni (the image's portmap), which the agent installs into
+	// CNIBinDir under their own file names, after the shm-cni binary and
+	// before the conflist (--cni-chained-binaries).
+	CNIChainedBinaries []string
+	// CNIBinDir is where the CNI binaries go (--cni-bin-dir).
 	CNIBinDir string
 	// CNIConfSource, when set, is a conflist the agent validates and
 	// writes into CNIConfDir, under its own file name, once it is ready
@@ -200,7 +205,8 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", c.Kubeconfig, "kubeconfig file; empty means the in-cluster configuration")
 	fs.Var(&c.PeerRoutes, "peer-routes", "static routes to other nodes' pod CIDRs, CIDR=GATEWAY; repeatable, comma-separated")
 	fs.StringVar(&c.CNIBinarySource, "cni-binary-source", c.CNIBinarySource, "shm-cni binary to install into --cni-bin-dir once ready; empty installs none")
-	fs.StringVar(&c.CNIBinDir, "cni-bin-dir", c.CNIBinDir, "directory the CNI binary is installed into")
+	fs.Var((*pathList)(&c.CNIChainedBinaries), "cni-chained-binaries", "binaries of the plugins the conflist chains after shm-cni (portmap), installed into --cni-bin-dir under their own names before the conflist; repeatable, comma-separated")
+	fs.StringVar(&c.CNIBinDir, "cni-bin-dir", c.CNIBinDir, "directory the CNI binaries are installed into")
 	fs.StringVar(&c.CNIConfSource, "cni-conf-source", c.CNIConfSource, "conflist to write into --cni-conf-dir once ready; empty writes none")
 	fs.StringVar(&c.CNIConfDir, "cni-conf-dir", c.CNIConfDir, "directory the conflist is written into")
 	fs.StringVar(&c.CNIShmConfDir, "cni-shm-conf-dir", c.CNIShmConfDir, "also write the conflist with kind shm into this directory (the CNI config directory of the runtime handler for sandboxes on shared-memory links); empty writes none")
@@ -309,7 +315,18 @@ func (c Config) Validate() error {
 			bad(f.flag, "%q is not an absolute path", f.path)
 		}
 	}
-	if c.CNIBinarySource != "" && !filepath.IsAbs(c.CNIBinDir) {
+	names := map[string]bool{PluginType: true}
+	for _, b := range c.CNIChainedBinaries {
+		switch name := filepath.Base(b); {
+		case !filepath.IsAbs(b):
+			bad("cni-chained-binaries", "%q is not an absolute path", b)
+		case names[name]:
+			bad("cni-chained-binaries", "%q: a second binary named %s in --cni-bin-dir", b, name)
+		default:
+			names[name] = true
+		}
+	}
+	if (c.CNIBinarySource != "" || len(c.CNIChainedBinaries) > 0) && !filepath.IsAbs(c.CNIBinDir) {
 		bad("cni-bin-dir", "%q is not an absolute path", c.CNIBinDir)
 	}
 	if c.CNIConfSource != "" {
@@ -363,6 +380,29 @@ func (l *prefixList) Set(v string) error {
 			return fmt.Errorf("%q is not a CIDR", f)
 		}
 		*l = append(*l, p)
+	}
+	return nil
+}
+
+// pathList is a repeatable, comma-separated list of file paths flag.
+type pathList []string
+
+var _ flag.Value = (*pathList)(nil)
+
+// String implements flag.Value.String.
+func (l *pathList) String() string {
+	if l == nil {
+		return ""
+	}
+	return strings.Join(*l, ",")
+}
+
+// Set implements flag.Value.Set: it appends every comma-separated path.
+func (l *pathList) Set(v string) error {
+	for _, f := range strings.Split(v, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			*l = append(*l, f)
+		}
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"flag"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -57,6 +58,18 @@ func TestConfigValidate(t *testing.T) {
 		{"relative shm conf dir", func(c *Config) {
 			c.CNIConfSource, c.CNIShmConfDir = "/etc/shm-cni/10-shm-cni.conflist", "net.d-shm"
 		}, []string{"--cni-shm-conf-dir: \"net.d-shm\" is not an absolute path"}},
+		{"chained binaries", func(c *Config) {
+			c.CNIBinarySource, c.CNIChainedBinaries = "/usr/local/bin/shm-cni", []string{"/usr/local/bin/portmap", "/usr/local/bin/bandwidth"}
+		}, nil},
+		{"bad chained binaries", func(c *Config) {
+			c.CNIChainedBinaries = []string{"portmap", "/a/bandwidth", "/b/bandwidth", "/usr/local/bin/shm-cni"}
+			c.CNIBinDir = "opt/cni/bin"
+		}, []string{
+			`--cni-chained-binaries: "portmap" is not an absolute path`,
+			`--cni-chained-binaries: "/b/bandwidth": a second binary named bandwidth`,
+			`--cni-chained-binaries: "/usr/local/bin/shm-cni": a second binary named shm-cni`,
+			`--cni-bin-dir: "opt/cni/bin" is not an absolute path`,
+		}},
 		{"shm mtu", func(c *Config) { c.ShmMTU = 1279 }, []string{"--shm-mtu: 1279 outside 1280..65535"}},
 		{"shm mtu too large", func(c *Config) { c.ShmMTU = 65536 }, []string{"--shm-mtu: 65536 outside"}},
 		{"v6 mtu", func(c *Config) {
@@ -98,6 +111,7 @@ func TestConfigFlags(t *testing.T) {
 		"--metrics-addr", ":9999", "--masquerade=false", "--log-level", "debug",
 		"--link-max-pps", "20000", "--link-max-bytes", "1e8", "--fast-path=false",
 		"--forward-accept=false", "--ip-forward", "--host-check-interval", "5s",
+		"--cni-chained-binaries", "/usr/local/bin/portmap, /usr/local/bin/tuning", "--cni-chained-binaries", "/usr/local/bin/bandwidth",
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -109,6 +123,7 @@ func TestConfigFlags(t *testing.T) {
 		MetricsAddr: ":9999", Masquerade: false, LogLevel: slog.LevelDebug,
 		LinkRxLimit:   endpoint.RxLimit{PacketsPerSecond: 20000, BytesPerSecond: 1e8},
 		ForwardAccept: false, IPForward: true, HostCheckInterval: 5 * time.Second,
+		CNIChainedBinaries: []string{"/usr/local/bin/portmap", "/usr/local/bin/tuning", "/usr/local/bin/bandwidth"},
 	}
 	if got := c; !equalConfig(got, want) {
 		t.Errorf("got %+v, want %+v", got, want)
@@ -137,5 +152,6 @@ func equalConfig(a, b Config) bool {
 		a.SocketPath == b.SocketPath && a.StateDir == b.StateDir && a.SandboxDir == b.SandboxDir &&
 		a.MetricsAddr == b.MetricsAddr && a.Masquerade == b.Masquerade && a.LogLevel == b.LogLevel &&
 		a.LinkRxLimit == b.LinkRxLimit && a.FastPath == b.FastPath && a.ForwardAccept == b.ForwardAccept &&
-		a.IPForward == b.IPForward && a.HostCheckInterval == b.HostCheckInterval
+		a.IPForward == b.IPForward && a.HostCheckInterval == b.HostCheckInterval &&
+		slices.Equal(a.CNIChainedBinaries, b.CNIChainedBinaries)
 }

@@ -25,7 +25,9 @@
 #
 # Checks, each printed as PASS or FAIL:
 #   - the node is NotReady (no pod network) until the agent is ready, then
-#     Ready; the agent installed the CNI binary and conflist;
+#     Ready; the agent installed the CNI binaries (shm-cni, and portmap,
+#     which the conflist chains: its pods have no hostPort, so it changes
+#     nothing on this machine) and conflist;
 #   - pods Running with addresses from the node's pod CIDR;
 #   - pod <-> pod and host <-> pod TCP (the server sees the client), pod ->
 #     outside masqueraded (the agent's cluster CIDRs from the ConfigMap);
@@ -82,7 +84,7 @@ KUBE_CHAINS_BEFORE=$(kube_chains)
 firewall_snapshot >"$S/firewall.before"
 say "build ($S)"
 build
-rm -f "$S/cni/bin/shm-cni" # the agent installs it
+rm -f "$S/cni/bin/shm-cni" "$S/cni/bin/portmap" # the agent installs them
 # The outside namespace; making it also turns /run/netns into a shared
 # mount, which the manifest's HostToContainer mount of /var/run/netns needs.
 setup_outside
@@ -268,7 +270,7 @@ for i in $(seq 120); do
 done
 check "agent ready (its /readyz)" ok "$AGENT_READY"
 check "node Ready once the agent is" True "$(node_ready)"
-check "the agent installed the CNI binary" yes "$([ -x "$S/cni/bin/shm-cni" ] && echo yes)"
+check "the agent installed the CNI binaries (shm-cni, portmap)" "yes yes" "$([ -x "$S/cni/bin/shm-cni" ] && echo yes) $([ -x "$S/cni/bin/portmap" ] && echo yes)"
 check "the agent wrote the conflist" yes "$([ -f "$S/cni/net.d/10-shm-cni.conflist" ] && echo yes)"
 check "the agent wrote the conflist with kind shm for the runsc-shm handler" 1 \
 	"$(grep -c '"kind": "shm"' "$S/cni/net.d-shm/10-shm-cni.conflist" 2>/dev/null)"

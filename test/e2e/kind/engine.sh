@@ -64,18 +64,31 @@ host_snapshot() {
 # tables FILE: the table names of an iptables-save dump.
 tables() { sed -n 's/^\*//p' "$1"; }
 
-# restore_xtables CMD FAMILY BEFORE: each table of CMD's (iptables or
+# nft_chains FILE FAMILY TABLE: the chains of table FAMILY TABLE in an
+# `nft list ruleset` dump.
+nft_chains() {
+	awk -v h="table $2 $3 {" '$0 == h {on = 1; next} on && /^}/ {on = 0} on && $1 == "chain" {print $2}' "$1"
+}
+
+# restore_xtables CMD FAMILY BEFORE NFT: each table of CMD's (iptables or
 # ip6tables) as in BEFORE: a table BEFORE holds goes back to its saved rules
 # and policies; a table the run added is emptied and, with the nf_tables
-# backend, deleted.
+# backend, deleted. With that backend, CMD-restore also makes every built-in
+# chain the dump names (CMD-save names them all, made or not): those NFT,
+# the nft dump before, did not have go again (nft deletes only empty ones).
 restore_xtables() {
-	local cmd=$1 fam=$2 before=$3 now t ch
+	local cmd=$1 fam=$2 before=$3 nft_before=$4 now t ch
 	now=$(mktemp)
 	"$cmd-save" 2>/dev/null >"$now"
 	for t in $(tables "$now"); do
 		if tables "$before" | grep -qx "$t"; then
 			awk -v t="$t" '/^\*/ {on = ($0 == "*" t)} on' "$before" | sed '$a COMMIT' | awk '!(/^COMMIT$/ && seen++)' |
 				"$cmd-restore" || say "restore $cmd table $t failed"
+			if "$cmd" -V | grep -q nf_tables && nft list table "$fam" "$t" >"$now.nft" 2>/dev/null; then
+				for ch in $(comm -23 <(nft_chains "$now.nft" "$fam" "$t" | sort) <(nft_chains "$nft_before" "$fam" "$t" | sort)); do
+					nft delete chain "$fam" "$t" "$ch" 2>/dev/null || say "$fam $t chain $ch: not there before the run, not empty now"
+				done
+			fi
 		else
 			"$cmd" -t "$t" -F
 			for ch in $("$cmd" -t "$t" -S | awk '$1 == "-N" {print $2}'); do
@@ -89,7 +102,7 @@ restore_xtables() {
 			fi
 		fi
 	done
-	rm -f "$now"
+	rm -f "$now" "$now.nft"
 }
 
 # host_restore: what the record says, put back.
@@ -105,8 +118,8 @@ host_restore() {
 		docker0 | br-* | veth* | kind*) ip link del "$l" 2>/dev/null ;;
 		esac
 	done
-	restore_xtables iptables ip "$b/iptables"
-	restore_xtables ip6tables ip6 "$b/ip6tables"
+	restore_xtables iptables ip "$b/iptables" "$b/nft"
+	restore_xtables ip6tables ip6 "$b/ip6tables" "$b/nft"
 	# Sysctls whose value differs: the value before.
 	join -t $'\x01' <(sed 's/ = /\x01/' "$b/sysctl" | sort -t $'\x01' -k1,1) \
 		<(sysctl -a 2>/dev/null | sed 's/ = /\x01/' | sort -t $'\x01' -k1,1) |
@@ -123,7 +136,7 @@ host_compare() {
 	[ -f "$b/done" ] || return 0
 	snapshot "$ENGINE_STATE/after"
 	for f in iptables ip6tables nft links addrs routes sysctl; do
-		d=$(diff "$b/$f" "$ENGINE_STATE/after/$f")
+		d=$(diff "$b/$f" "$ENGINE_STATE/after/$f" || true) # differences are the report, not an error
 		if [ -n "$d" ]; then
 			bad=1
 			fail "host $f not as before the run:"

@@ -391,6 +391,15 @@ func TestDeployDaemonSet(t *testing.T) {
 	if cfg.CNIBinarySource != "/usr/local/bin/shm-cni" {
 		t.Errorf("--cni-binary-source %q, want the image's /usr/local/bin/shm-cni", cfg.CNIBinarySource)
 	}
+	if want := []string{"/usr/local/bin/portmap"}; !slices.Equal(cfg.CNIChainedBinaries, want) {
+		t.Errorf("--cni-chained-binaries %q, want %q", cfg.CNIChainedBinaries, want)
+	}
+	inImage := imageFiles(t)
+	for _, b := range append([]string{cfg.CNIBinarySource}, cfg.CNIChainedBinaries...) {
+		if !slices.Contains(inImage, b) {
+			t.Errorf("%s is not in the image, which holds %q (the Dockerfile's COPY)", b, inImage)
+		}
+	}
 
 	// The conflist comes from the ConfigMap volume.
 	var cmVol *corev1.Volume
@@ -420,6 +429,34 @@ func TestDeployDaemonSet(t *testing.T) {
 	if _, ok := d.cm.Data[key]; !ok {
 		t.Errorf("ConfigMap has no key %s", key)
 	}
+}
+
+// imageFiles returns the files the Dockerfile copies into the image (its
+// final COPY; hack/image's tests hold make image's image to the same).
+func imageFiles(t *testing.T) []string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(root, "Dockerfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var files []string
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 3 || f[0] != "COPY" || !slices.Contains(f, "--from=build") {
+			continue
+		}
+		files = nil
+		dst := f[len(f)-1]
+		for _, src := range f[1 : len(f)-1] {
+			if !strings.HasPrefix(src, "--") {
+				files = append(files, filepath.Join(dst, filepath.Base(src)))
+			}
+		}
+	}
+	if len(files) == 0 {
+		t.Fatal("the Dockerfile has no COPY --from=build")
+	}
+	return files
 }
 
 func findEnv(c corev1.Container, name string) *corev1.EnvVar {
@@ -462,10 +499,10 @@ func makeVar(t *testing.T, name string) string {
 	return string(m[1])
 }
 
-// TestDeployConflist: the ConfigMap's conflist is what the agent installs:
-// it loads as runtimes load it (libcni), is cniVersion 1.1.0, its shm-cni
-// entry passes shm-cni's own parser and calls the agent's --socket.
-func TestDeployConflist(t *testing.T) {
+// deployConflist returns the ConfigMap's conflist, as libcni loads it, and
+// the agent's configuration.
+func deployConflist(t *testing.T) (*libcni.NetworkConfigList, agent.Config) {
+	t.Helper()
 	d := loadDeployment(t)
 	cfg := agentConfig(t, d.ds.Spec.Template.Spec.Containers[0], d.cm)
 	name := filepath.Base(cfg.CNIConfSource)
@@ -485,6 +522,35 @@ func TestDeployConflist(t *testing.T) {
 	if err != nil {
 		t.Fatalf("libcni: %v", err)
 	}
+	return list, cfg
+}
+
+// portmapBackend returns the backend of the conflist's portmap plugin.
+func portmapBackend(t *testing.T, list *libcni.NetworkConfigList) string {
+	t.Helper()
+	for _, p := range list.Plugins {
+		if p.Network.Type != "portmap" {
+			continue
+		}
+		var c struct {
+			Backend string `json:"backend"`
+		}
+		if err := yaml.Unmarshal(p.Bytes, &c); err != nil { // JSON is YAML
+			t.Fatalf("portmap plugin: %v", err)
+		}
+		return c.Backend
+	}
+	t.Fatal("no portmap plugin in the conflist")
+	return ""
+}
+
+// TestDeployConflist: the ConfigMap's conflist is what the agent installs:
+// it loads as runtimes load it (libcni), is cniVersion 1.1.0, its shm-cni
+// entry passes shm-cni's own parser and calls the agent's --socket; then
+// portmap, asking for the pods' port mappings (hostPort), on a backend it
+// has. Every plugin it names is one the agent installs: no node lacks one.
+func TestDeployConflist(t *testing.T) {
+	list, cfg := deployConflist(t)
 	if list.CNIVersion != "1.1.0" {
 		t.Errorf("cniVersion %q, want 1.1.0", list.CNIVersion)
 	}
@@ -509,12 +575,35 @@ func TestDeployConflist(t *testing.T) {
 	if found != 1 {
 		t.Errorf("%d shm-cni plugins in the conflist, want 1", found)
 	}
+	var types []string
+	for _, p := range list.Plugins {
+		types = append(types, p.Network.Type)
+	}
+	if want := []string{agent.PluginType, "portmap"}; !slices.Equal(types, want) {
+		t.Errorf("plugins %q, want %q: shm-cni, then portmap for hostPorts", types, want)
+	}
+	if pm := list.Plugins[len(list.Plugins)-1]; pm.Network.Type == "portmap" && !pm.Network.Capabilities["portMappings"] {
+		t.Errorf("portmap capabilities %v: without portMappings the runtime passes no hostPorts", pm.Network.Capabilities)
+	}
+	if b := portmapBackend(t, list); b != "iptables" && b != "nftables" {
+		t.Errorf("portmap backend %q, want iptables or nftables", b)
+	}
+	installed := []string{agent.PluginType}
+	for _, b := range cfg.CNIChainedBinaries {
+		installed = append(installed, filepath.Base(b))
+	}
+	for _, typ := range types {
+		if !slices.Contains(installed, typ) {
+			t.Errorf("plugin %s: the agent installs %q only (--cni-binary-source, --cni-chained-binaries)", typ, installed)
+		}
+	}
 }
 
 // TestKindCluster: the kind cluster config decodes strictly into kind's
 // v1alpha4 types and says what run.sh needs: no default CNI, one control
 // plane and two workers, pod and service subnets inside the cluster CIDRs
-// the DaemonSet gives the agent (never masqueraded).
+// the DaemonSet gives the agent (never masqueraded), kube-proxy in the
+// mode of the conflist's portmap backend.
 func TestKindCluster(t *testing.T) {
 	b, err := os.ReadFile("cluster.yaml")
 	if err != nil {
@@ -538,8 +627,10 @@ func TestKindCluster(t *testing.T) {
 	if roles[kindv1alpha4.ControlPlaneRole] != 1 || roles[kindv1alpha4.WorkerRole] != 2 || len(c.Nodes) != 3 {
 		t.Errorf("nodes %v, want one control plane and two workers", roles)
 	}
-	d := loadDeployment(t)
-	cfg := agentConfig(t, d.ds.Spec.Template.Spec.Containers[0], d.cm)
+	list, cfg := deployConflist(t)
+	if b := portmapBackend(t, list); b != string(c.Networking.KubeProxyMode) {
+		t.Errorf("the conflist's portmap backend is %s, kube-proxy's mode %s: hostPorts and Services want their NAT in one place", b, c.Networking.KubeProxyMode)
+	}
 	for _, s := range []struct{ name, cidr string }{{"podSubnet", c.Networking.PodSubnet}, {"serviceSubnet", c.Networking.ServiceSubnet}} {
 		p, err := netip.ParsePrefix(s.cidr)
 		if err != nil {

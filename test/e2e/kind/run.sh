@@ -23,10 +23,15 @@
 #     whose MD5 matches; a ClusterIP Service and a NodePort (kube-proxy);
 #     DNS through CoreDNS; node <-> pod; pod -> outside (a container of the
 #     run on kind's network) masqueraded to the node's address;
+#   - a hostPort (portmap, which the agents installed and chained): reached
+#     at the node's address from a pod on the other node, a pod on the same
+#     node, the machine and the node itself; nothing of it left after the
+#     pod's deletion;
 #   - a worker restarted (docker restart): its pods run again with working
 #     networking, and its agent holds exactly their links and addresses;
 #   - the DaemonSet rolled to a new image under a busy pod <-> pod
-#     connection across nodes, which carries every byte;
+#     connection across nodes, which carries every byte; the new agents
+#     installed the new image's shm-cni and portmap;
 #   - memory and CPU of the three nodes (docker stats), reported;
 #   - after the engine stopped: the host's firewall, links, addresses,
 #     routes and sysctls as before the run.
@@ -62,7 +67,8 @@ if [ "${CLEANUP:-0}" != 1 ]; then
 	say "image (make image)"
 	make --no-print-directory image >/dev/null || die "make image"
 	# The next image: the same sources, another build ID, so another digest.
-	CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags='-s -buildid=kind-next' -o bin/kind/next/ ./cmd/shm-agent ./cmd/shm-cni ||
+	CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags='-s -buildid=kind-next' -o bin/kind/next/ \
+		./cmd/shm-agent ./cmd/shm-cni github.com/containernetworking/plugins/plugins/meta/portmap ||
 		die "build the next image's binaries"
 	go run ./hack/image -bin bin/kind/next -o "$REPO/bin/shm-cni-image-next.tar" --tag "$NEXT_TAG" 2>/dev/null || die "the next image"
 fi
@@ -311,6 +317,71 @@ sleep 1
 check "pod a -> outside ($OUT_IP) masqueraded to its node's address" "${NODEIP[$W1]}" "$(in_pod a "socat -u TCP:$OUT_IP:8080,connect-timeout=5 STDOUT")"
 check "pod c -> outside ($OUT_IP) masqueraded to its node's address" "${NODEIP[$W2]}" "$(in_pod c "socat -u TCP:$OUT_IP:8080,connect-timeout=5 STDOUT")"
 
+# --- hostPort (portmap, chained after shm-cni) --------------------------------
+# Each agent installed the image's portmap beside shm-cni (the node image has
+# a portmap of its own, which the agent replaces), and both conflists chain
+# it. Pod hp on $W2 has a hostPort, reached at $W2's address from a pod on
+# the other node (masqueraded to its node's address on the way out, as to
+# any address outside the cluster CIDRs), from the machine (its own
+# address), from a pod on $W2 (the agent's hairpin masquerade: the uplink's
+# address), and from $W2 itself at its address and at 127.0.0.1 (portmap's
+# masquerade). Deleting hp removes its rules: portmap's own chains
+# (CNI-HOSTPORT-*) stay, as portmap leaves them, with nothing of hp.
+HOSTPORT=28080
+for n in $NODES; do
+	agent=$(kubectl_ -n shm-cni get pods -l app.kubernetes.io/name=shm-agent --field-selector "spec.nodeName=$n" -o jsonpath='{.items[0].metadata.name}')
+	check "node $n: the agent installed portmap beside shm-cni; the conflist and the shm conflist chain it" "yes 1 1" \
+		"$([ "$(kubectl_ -n shm-cni logs "$agent" | grep -cF '"msg":"CNI binary installed","path":"/host/opt/cni/bin/portmap"')" -gt 0 ] && echo yes) $(docker exec "$n" \
+			grep -c '"type": "portmap"' /etc/cni/net.d/10-shm-cni.conflist) $(docker exec "$n" grep -c '"type": "portmap"' /etc/cni/net.d-shm/10-shm-cni.conflist)"
+done
+say "hostPort: pod hp on $W2, container port 8080 at $W2's port $HOSTPORT"
+cat >"$ENGINE_STATE/hostport.yaml" <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: hp, namespace: $NS}
+spec:
+  nodeName: $W2
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: web
+      image: $AGNHOST
+      args: [netexec, --http-port=8080]
+      ports: [{containerPort: 8080, hostPort: $HOSTPORT, protocol: TCP}]
+      readinessProbe: {httpGet: {path: /hostname, port: 8080}, periodSeconds: 2}
+EOF
+kubectl_ apply -f "$ENGINE_STATE/hostport.yaml" >/dev/null
+if kubectl_ -n "$NS" wait --for=condition=Ready pod/hp --timeout="$TIMEOUT" >/dev/null; then
+	HP=${NODEIP[$W2]}:$HOSTPORT
+	seen() { cut -d: -f1 <<<"$1"; } # the client's address in netexec's /clientip
+	check "hostPort: pod a on $W1 -> $HP reaches hp, which sees $W1's address (pod a masqueraded)" "hp ${NODEIP[$W1]}" \
+		"$(in_pod a "curl -fsS --max-time 5 http://$HP/hostname") $(seen "$(in_pod a "curl -fsS --max-time 5 http://$HP/clientip")")"
+	me=$(ip -4 -o route get "${NODEIP[$W2]}" | sed -n 's/.* src \([0-9.]*\).*/\1/p')
+	check "hostPort: the machine -> $HP reaches hp, which sees the machine's address $me" "hp $me" \
+		"$(curl -fsS --max-time 5 "http://$HP/hostname") $(seen "$(curl -fsS --max-time 5 "http://$HP/clientip")")"
+	uplink=$(docker exec "$W2" ip -4 -o addr show dev shm0 | awk '{print $4}' | cut -d/ -f1)
+	check "hostPort: pod c on $W2 -> $HP reaches hp, which sees $W2's uplink address $uplink (hairpin)" "hp $uplink" \
+		"$(in_pod c "curl -fsS --max-time 5 http://$HP/hostname") $(seen "$(in_pod c "curl -fsS --max-time 5 http://$HP/clientip")")"
+	check "hostPort: node $W2 -> $HP and 127.0.0.1:$HOSTPORT reach hp" "hp hp" \
+		"$(docker exec "$W2" curl -fsS --max-time 5 "http://$HP/hostname") $(docker exec "$W2" curl -fsS --max-time 5 "http://127.0.0.1:$HOSTPORT/hostname")"
+	sandbox=$(docker exec "$W2" crictl pods --name hp --namespace "$NS" -q)
+	# portmap's rules of hp: those naming its sandbox, its chain, its port.
+	portmap_rules() { docker exec "$W2" iptables-save -t nat | grep -cE -- "${sandbox:-no sandbox}|^:CNI-DN-|dports? $HOSTPORT( |$)" || true; }
+	rules=$(portmap_rules)
+	check "hostPort: portmap's NAT rules for hp on $W2 (sandbox ${sandbox:0:12})" yes "$([ -n "$sandbox" ] && [ "$rules" -gt 0 ] && echo yes)"
+	kubectl_ -n "$NS" delete pod hp --wait --timeout=120s >/dev/null || fail "delete pod hp"
+	for _ in $(seq 15); do
+		left=$(portmap_rules)
+		[ "$left" = 0 ] && break
+		sleep 1
+	done
+	check "hostPort: after hp's deletion no rule of portmap's for it on $W2 (were $rules)" 0 "$left"
+	check "hostPort: after hp's deletion $HP answers nothing" refused \
+		"$(curl -fsS --max-time 5 "http://$HP/hostname" >/dev/null 2>&1 && echo answered || echo refused)"
+else
+	fail "pod hp Ready: $(kubectl_ -n "$NS" get pod hp -o wide 2>&1 | tail -1)"
+	kubectl_ -n "$NS" delete pod hp --wait --timeout=120s >/dev/null 2>&1 || true
+fi
+
 # --- resources ---------------------------------------------------------------
 say "resources of the three nodes, test pods and agents running: memory (docker stats), CPU over 30 s idle (cgroup cpuacct)"
 cpu_ns() { cat "/sys/fs/cgroup/cpuacct/docker/$(docker inspect -f '{{.Id}}' "$1")/cpuacct.usage" 2>/dev/null || echo 0; }
@@ -379,6 +450,17 @@ wait "$stream" || true
 check "the stream across nodes carried on through the rollout: every byte" $((STREAM_SECONDS * 1048576)) "$(tr -d ' ' <"$ENGINE_STATE/stream.count")"
 say "stream done $(since "$t") s after it started"
 connectivity "after the rollout"
+# The new agents installed the new image's CNI binaries (another build ID:
+# other bytes), each once it was ready.
+want_bins=$(sha256sum bin/kind/next/shm-cni bin/kind/next/portmap | cut -d' ' -f1 | tr '\n' ' ')
+for n in $NODES; do
+	for _ in $(seq 20); do
+		got_bins=$(docker exec "$n" sha256sum /opt/cni/bin/shm-cni /opt/cni/bin/portmap | cut -d' ' -f1 | tr '\n' ' ')
+		[ "$got_bins" = "$want_bins" ] && break
+		sleep 1
+	done
+	check "node $n after the rollout: shm-cni and portmap are the new image's (SHA-256)" "$want_bins" "$got_bins"
+done
 for n in "$W1" "$W2"; do
 	read -r att alloc pods <<<"$(leaks "$n")"
 	check "node $n after the rollout: attachments, allocations = pods off the host network" "$pods $pods" "$att $alloc"
