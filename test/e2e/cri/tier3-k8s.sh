@@ -70,6 +70,9 @@ trap 'exit 130' INT TERM
 
 say "deps (Kubernetes: built once)"
 "$REPO/hack/cri-deps.sh" k8s
+# Tier 2's builds, rebuilt when stale (a changed hack/runsc series): the
+# gvisor pod must run the runsc the tree describes.
+[ "$RUNSC" = no ] || "$REPO/hack/cri-deps.sh" runsc
 say "image (make image)"
 make -C "$REPO" --no-print-directory image >/dev/null || die "make image"
 [ -f "$IMAGE_ARCHIVE" ] || die "make image wrote no $IMAGE_ARCHIVE"
