@@ -6,25 +6,37 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 )
 
-// Error codes carried in Error.Code. The first group are the CNI
-// specification's well-known codes; shm-cni's own codes start at 100 as the
-// specification reserves lower ones.
+// Error codes: every CNI error code shm-cni reports, from the agent (in
+// Error.Code) or from the CNI plugin itself. The first group are the CNI
+// specification's well-known codes; shm-cni's own start at 100 as the
+// specification reserves lower ones: the agent's at 100, the plugin's at
+// 120.
 const (
-	// CodeUnsupportedField: the request has a field this agent does not know.
+	// CodeIncompatibleVersion: the config's cniVersion is not supported
+	// (reported by the CNI library's skel before the plugin runs).
+	CodeIncompatibleVersion uint = types.ErrIncompatibleCNIVersion // 1
+	// CodeUnsupportedField: a key or value that is not supported: a
+	// request field this agent does not know, an unknown key inside the
+	// config's "queue".
 	CodeUnsupportedField uint = types.ErrUnsupportedField // 2
-	// CodeInvalidEnvironment: the CNI_* environment is invalid.
+	// CodeInvalidEnvironment: a CNI_* variable is missing or invalid
+	// (CNI_NETNS that is no network namespace, a malformed CNI_ARGS).
 	CodeInvalidEnvironment uint = types.ErrInvalidEnvironmentVariables // 4
-	// CodeDecodingFailure: a message is not valid JSON or is truncated.
+	// CodeDecodingFailure: a message, the config or its prevResult is not
+	// valid JSON or is truncated.
 	CodeDecodingFailure uint = types.ErrDecodingFailure // 6
-	// CodeInvalidConfig: a request field or the FD count is invalid.
+	// CodeInvalidConfig: a request field, the FD count, a config field or
+	// a per-pod override has an invalid value.
 	CodeInvalidConfig uint = types.ErrInvalidNetworkConfig // 7
+	// CodeInvalidNetNS: CNI_NETNS is the plugin's own network namespace.
+	CodeInvalidNetNS uint = types.ErrInvalidNetNS // 8
 	// CodeTryAgainLater: the agent is not running or did not answer.
 	CodeTryAgainLater uint = types.ErrTryAgainLater // 11
-	// CodeNotAvailable: the agent is not ready (STATUS).
+	// CodeNotAvailable: the agent is unreachable or not ready (STATUS).
 	CodeNotAvailable uint = types.ErrPluginNotAvailable // 50
 
-	// CodeInternal: an internal error in the agent (a handler failure
-	// without a more specific code, a handler panic).
+	// CodeInternal: a failure without a more specific code (in the agent,
+	// also a handler panic).
 	CodeInternal uint = 100
 	// CodeAttachFailed: the agent could not attach the link.
 	CodeAttachFailed uint = 101
@@ -36,6 +48,19 @@ const (
 	CodeVersionMismatch uint = 104
 	// CodePermissionDenied: the peer's uid may not use the agent socket.
 	CodePermissionDenied uint = 105
+
+	// CodeLinkSetup: the plugin could not create or configure the pod's
+	// interface in its network namespace.
+	CodeLinkSetup uint = 120
+	// CodeInterfaceExists: ADD found CNI_IFNAME already present in the
+	// pod's network namespace (the specification requires ADD to fail).
+	CodeInterfaceExists uint = 121
+	// CodeCheckFailed: CHECK found the interface, its addresses or routes
+	// not as the previous result says.
+	CodeCheckFailed uint = 122
+	// CodeBadAgentAnswer: the agent's attach answer is unusable (an
+	// address or MAC that does not parse).
+	CodeBadAgentAnswer uint = 123
 )
 
 // Error is an error with a CNI error code. It travels in Response.Error and

@@ -55,7 +55,7 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 		return nil, err
 	}
 	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
-		return nil, newError(CodeDecodingFailure, "prevResult: %v", err)
+		return nil, newError(agentapi.CodeDecodingFailure, "prevResult: %v", err)
 	}
 	netns, err := openNetNS(args.Netns)
 	if err != nil {

@@ -20,9 +20,9 @@ import (
 // FuzzPodKind feeds arbitrary CNI_ARGS and per-pod kind sources (the
 // config's kind, args.cni.kind, the pod annotation shm-cni.io/kind in
 // runtimeConfig) to ParsePodArgs and Config.PodKind. It must never panic;
-// CNI_ARGS errors are CodeInvalidEnvironment; the kind chosen is the first
+// CNI_ARGS errors are agentapi.CodeInvalidEnvironment; the kind chosen is the first
 // source that is set, in the documented order, and an unknown value there is
-// CodeInvalidConfig naming that source.
+// agentapi.CodeInvalidConfig naming that source.
 func FuzzPodKind(f *testing.F) {
 	f.Add("", "", "", "", false, false)
 	f.Add("IgnoreUnknown=1;K8S_POD_NAME=p;SHM_CNI_KIND=shm", "", "", "", false, false)
@@ -55,15 +55,15 @@ func FuzzPodKind(f *testing.F) {
 		}
 		c, err := ParseConfig(data)
 		if err != nil {
-			if codeOf(err) != CodeInvalidConfig || !strings.Contains(err.Error(), "kind") {
+			if codeOf(err) != agentapi.CodeInvalidConfig || !strings.Contains(err.Error(), "kind") {
 				t.Fatalf("config kind %q: code %d: %v", confKind, codeOf(err), err)
 			}
 			return
 		}
 		a, err := ParsePodArgs(cniArgs)
 		if err != nil {
-			if got := codeOf(err); got != CodeInvalidEnvironment || !strings.Contains(err.Error(), "CNI_ARGS") {
-				t.Fatalf("CNI_ARGS %q: code %d, want %d naming CNI_ARGS: %v", cniArgs, got, CodeInvalidEnvironment, err)
+			if got := codeOf(err); got != agentapi.CodeInvalidEnvironment || !strings.Contains(err.Error(), "CNI_ARGS") {
+				t.Fatalf("CNI_ARGS %q: code %d, want %d naming CNI_ARGS: %v", cniArgs, got, agentapi.CodeInvalidEnvironment, err)
 			}
 			return
 		}
@@ -96,8 +96,8 @@ func FuzzPodKind(f *testing.F) {
 		}
 		kind, err := c.PodKind(a)
 		if want.value != KindTap && want.value != KindShm {
-			if err == nil || codeOf(err) != CodeInvalidConfig || !strings.Contains(err.Error(), want.name) {
-				t.Fatalf("kind %q from %s: got %q, %v; want code %d naming %s", want.value, want.name, kind, err, CodeInvalidConfig, want.name)
+			if err == nil || codeOf(err) != agentapi.CodeInvalidConfig || !strings.Contains(err.Error(), want.name) {
+				t.Fatalf("kind %q from %s: got %q, %v; want code %d naming %s", want.value, want.name, kind, err, agentapi.CodeInvalidConfig, want.name)
 			}
 			return
 		}
@@ -155,7 +155,7 @@ func FuzzPrevResult(f *testing.F) {
 		}
 		conf, err := ParseConfig(data)
 		if err != nil {
-			wantCodes("ParseConfig", err, CodeDecodingFailure, CodeInvalidConfig, CodeUnsupportedField)
+			wantCodes("ParseConfig", err, agentapi.CodeDecodingFailure, agentapi.CodeInvalidConfig, agentapi.CodeUnsupportedField)
 			return
 		}
 		// GC: the valid attachments become the agent's request, which
@@ -165,10 +165,10 @@ func FuzzPrevResult(f *testing.F) {
 			valid = append(valid, agentapi.Attachment{ContainerID: a.ContainerID, IfName: a.IfName})
 		}
 		gc := &agentapi.Request{Version: agentapi.Version, Op: agentapi.OpGC, GC: &agentapi.GCRequest{Valid: valid}}
-		if err := gc.Validate(); err != nil && (codeOf(err) != CodeInvalidConfig || !strings.Contains(err.Error(), "gc.valid[")) {
-			t.Fatalf("GC request: code %d, want %d naming gc.valid: %v", codeOf(err), CodeInvalidConfig, err)
+		if err := gc.Validate(); err != nil && (codeOf(err) != agentapi.CodeInvalidConfig || !strings.Contains(err.Error(), "gc.valid[")) {
+			t.Fatalf("GC request: code %d, want %d naming gc.valid: %v", codeOf(err), agentapi.CodeInvalidConfig, err)
 		}
-		// ADD and CHECK map this error to CodeDecodingFailure.
+		// ADD and CHECK map this error to agentapi.CodeDecodingFailure.
 		if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
 			return
 		}
@@ -176,11 +176,11 @@ func FuzzPrevResult(f *testing.F) {
 		if conf.PrevResult != nil {
 			r, err := types100.NewResultFromResult(conf.PrevResult)
 			if err != nil {
-				return // CHECK: CodeDecodingFailure
+				return // CHECK: agentapi.CodeDecodingFailure
 			}
 			prevRes = r
 			if _, err := expectedLink(r, "eth0", "/var/run/netns/p"); err != nil {
-				wantCodes("expectedLink", err, CodeCheckFailed, CodeDecodingFailure)
+				wantCodes("expectedLink", err, agentapi.CodeCheckFailed, agentapi.CodeDecodingFailure)
 			}
 			if addrs, err := ipamAddresses(conf.PrevResult); err == nil && len(addrs) != len(r.IPs) {
 				t.Fatalf("ipam addresses %v of %d IPs", addrs, len(r.IPs))
@@ -193,7 +193,7 @@ func FuzzPrevResult(f *testing.F) {
 		iface := &types100.Interface{Name: "eth0", Sandbox: "/var/run/netns/p", Mtu: 1500, Mac: "0a:58:0a:f4:00:09"}
 		res, err := buildResult(conf.CNIVersion, conf.PrevResult, iface, at)
 		if err != nil {
-			wantCodes("buildResult", err, CodeDecodingFailure)
+			wantCodes("buildResult", err, agentapi.CodeDecodingFailure)
 			return
 		}
 		if len(res.Interfaces) != n+1 || res.Interfaces[n] != iface {
@@ -219,7 +219,7 @@ func FuzzPrevResult(f *testing.F) {
 // FuzzAgentAnswer feeds arbitrary attach answers through what the CNI
 // binary does with them: agentapi.DecodeResponse, parseAttach, the pod
 // link's configuration and the result. It must never panic; a refused
-// answer is CodeBadAgentAnswer (or the decoder's codes); an accepted one
+// answer is agentapi.CodeBadAgentAnswer (or the decoder's codes); an accepted one
 // gives the pod host addresses, a gateway of the right family for each,
 // routes, an MTU in range, a shm link an absolute attach socket path that
 // fits sun_path, and a result that prints.
@@ -254,7 +254,7 @@ func FuzzAgentAnswer(f *testing.F) {
 		}
 		resp, err := agentapi.DecodeResponse(data, agentapi.OpAttach)
 		if err != nil {
-			if c := codeOf(err); c != CodeDecodingFailure && c != agentapi.CodeVersionMismatch {
+			if c := codeOf(err); c != agentapi.CodeDecodingFailure && c != agentapi.CodeVersionMismatch {
 				t.Fatalf("decode: code %d: %v", c, err)
 			}
 			return
@@ -264,7 +264,7 @@ func FuzzAgentAnswer(f *testing.F) {
 		}
 		at, err := parseAttach(resp.Attach, kind, mtu)
 		if err != nil {
-			if c := codeOf(err); c != CodeBadAgentAnswer {
+			if c := codeOf(err); c != agentapi.CodeBadAgentAnswer {
 				t.Fatalf("parseAttach: code %d: %v", c, err)
 			}
 			return

@@ -14,6 +14,8 @@ import (
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
+
+	"github.com/shm-cni/shm-cni/pkg/agentapi"
 )
 
 // TestBinaryThroughLibcni drives the built shm-cni binary the way container
@@ -115,30 +117,30 @@ func TestBinaryErrors(t *testing.T) {
 		code  uint
 		names string // the message must contain this
 	}{
-		{"no CNI_NETNS for ADD", map[string]string{"CNI_NETNS": ""}, conf(""), CodeInvalidEnvironment, "CNI_NETNS"},
-		{"no CNI_PATH", map[string]string{"CNI_PATH": ""}, conf(""), CodeInvalidEnvironment, "CNI_PATH"},
-		{"no CNI_CONTAINERID", map[string]string{"CNI_CONTAINERID": ""}, conf(""), CodeInvalidEnvironment, "CNI_CONTAINERID"},
-		{"bad CNI_IFNAME", map[string]string{"CNI_IFNAME": "a/b"}, conf(""), CodeInvalidEnvironment, "interface name"},
-		{"unknown CNI_COMMAND", map[string]string{"CNI_COMMAND": "FROB"}, conf(""), CodeInvalidEnvironment, "FROB"},
-		{"CNI_NETNS not a netns", map[string]string{"CNI_NETNS": "/proc/self/status"}, conf(""), CodeInvalidEnvironment, "CNI_NETNS"},
-		{"CNI_NETNS missing", map[string]string{"CNI_NETNS": "/run/netns/shm-cni-no-such-netns"}, conf(""), CodeInvalidEnvironment, "CNI_NETNS"},
-		{"CNI_NETNS is the plugin's", map[string]string{"CNI_NETNS": fmt.Sprintf("/proc/%d/ns/net", os.Getpid())}, conf(""), CodeInvalidNetNS, "CNI_NETNS"},
-		{"malformed CNI_ARGS", map[string]string{"CNI_ARGS": "SHM_CNI_KIND"}, conf(""), CodeInvalidEnvironment, "CNI_ARGS"},
-		{"unknown CNI_ARGS key", map[string]string{"CNI_ARGS": "FOO=bar"}, conf(""), CodeInvalidEnvironment, "CNI_ARGS"},
-		{"unknown kind in CNI_ARGS", map[string]string{"CNI_ARGS": "IgnoreUnknown=1;SHM_CNI_KIND=vhost"}, conf(""), CodeInvalidConfig, `"vhost"`},
-		{"not JSON", nil, `{"name":"testnet",`, CodeDecodingFailure, "unmarshal"},
-		{"old cniVersion", nil, `{"cniVersion":"0.3.1","name":"testnet","type":"shm-cni"}`, CodeIncompatibleVersion, "incompatible"},
-		{"STATUS with a 1.0.0 config", map[string]string{"CNI_COMMAND": "STATUS"}, `{"cniVersion":"1.0.0","name":"testnet","type":"shm-cni"}`, CodeIncompatibleVersion, "STATUS"},
-		{"no name", nil, `{"cniVersion":"1.1.0","type":"shm-cni"}`, CodeInvalidConfig, "name"},
-		{"unknown kind", nil, conf(`,"kind":"vhost"`), CodeInvalidConfig, `kind: unknown link kind "vhost"`},
-		{"bad mtu", nil, conf(`,"mtu":20`), CodeInvalidConfig, "mtu: 20"},
-		{"mtu not a number", nil, conf(`,"mtu":"big"`), CodeInvalidConfig, "mtu"},
-		{"unknown queue key", nil, conf(`,"queue":{"bufsize":1}`), CodeUnsupportedField, "queue.bufsize"},
-		{"bad bufferSize", nil, conf(`,"queue":{"bufferSize":7}`), CodeInvalidConfig, "queue.bufferSize"},
-		{"relative agentSocket", nil, `{"cniVersion":"1.1.0","name":"testnet","agentSocket":"a.sock"}`, CodeInvalidConfig, "agentSocket"},
-		{"ADD with the agent down", nil, `{"cniVersion":"1.1.0","name":"testnet","agentSocket":` + jsonString(down) + `}`, CodeTryAgainLater, "not running"},
-		{"STATUS with the agent down", map[string]string{"CNI_COMMAND": "STATUS"}, `{"cniVersion":"1.1.0","name":"testnet","agentSocket":` + jsonString(down) + `}`, CodeNotAvailable, "not available"},
-		{"IPAM plugin missing", nil, conf(`,"ipam":{"type":"no-such-ipam"}`), CodeInternal, "no-such-ipam"},
+		{"no CNI_NETNS for ADD", map[string]string{"CNI_NETNS": ""}, conf(""), agentapi.CodeInvalidEnvironment, "CNI_NETNS"},
+		{"no CNI_PATH", map[string]string{"CNI_PATH": ""}, conf(""), agentapi.CodeInvalidEnvironment, "CNI_PATH"},
+		{"no CNI_CONTAINERID", map[string]string{"CNI_CONTAINERID": ""}, conf(""), agentapi.CodeInvalidEnvironment, "CNI_CONTAINERID"},
+		{"bad CNI_IFNAME", map[string]string{"CNI_IFNAME": "a/b"}, conf(""), agentapi.CodeInvalidEnvironment, "interface name"},
+		{"unknown CNI_COMMAND", map[string]string{"CNI_COMMAND": "FROB"}, conf(""), agentapi.CodeInvalidEnvironment, "FROB"},
+		{"CNI_NETNS not a netns", map[string]string{"CNI_NETNS": "/proc/self/status"}, conf(""), agentapi.CodeInvalidEnvironment, "CNI_NETNS"},
+		{"CNI_NETNS missing", map[string]string{"CNI_NETNS": "/run/netns/shm-cni-no-such-netns"}, conf(""), agentapi.CodeInvalidEnvironment, "CNI_NETNS"},
+		{"CNI_NETNS is the plugin's", map[string]string{"CNI_NETNS": fmt.Sprintf("/proc/%d/ns/net", os.Getpid())}, conf(""), agentapi.CodeInvalidNetNS, "CNI_NETNS"},
+		{"malformed CNI_ARGS", map[string]string{"CNI_ARGS": "SHM_CNI_KIND"}, conf(""), agentapi.CodeInvalidEnvironment, "CNI_ARGS"},
+		{"unknown CNI_ARGS key", map[string]string{"CNI_ARGS": "FOO=bar"}, conf(""), agentapi.CodeInvalidEnvironment, "CNI_ARGS"},
+		{"unknown kind in CNI_ARGS", map[string]string{"CNI_ARGS": "IgnoreUnknown=1;SHM_CNI_KIND=vhost"}, conf(""), agentapi.CodeInvalidConfig, `"vhost"`},
+		{"not JSON", nil, `{"name":"testnet",`, agentapi.CodeDecodingFailure, "unmarshal"},
+		{"old cniVersion", nil, `{"cniVersion":"0.3.1","name":"testnet","type":"shm-cni"}`, agentapi.CodeIncompatibleVersion, "incompatible"},
+		{"STATUS with a 1.0.0 config", map[string]string{"CNI_COMMAND": "STATUS"}, `{"cniVersion":"1.0.0","name":"testnet","type":"shm-cni"}`, agentapi.CodeIncompatibleVersion, "STATUS"},
+		{"no name", nil, `{"cniVersion":"1.1.0","type":"shm-cni"}`, agentapi.CodeInvalidConfig, "name"},
+		{"unknown kind", nil, conf(`,"kind":"vhost"`), agentapi.CodeInvalidConfig, `kind: unknown link kind "vhost"`},
+		{"bad mtu", nil, conf(`,"mtu":20`), agentapi.CodeInvalidConfig, "mtu: 20"},
+		{"mtu not a number", nil, conf(`,"mtu":"big"`), agentapi.CodeInvalidConfig, "mtu"},
+		{"unknown queue key", nil, conf(`,"queue":{"bufsize":1}`), agentapi.CodeUnsupportedField, "queue.bufsize"},
+		{"bad bufferSize", nil, conf(`,"queue":{"bufferSize":7}`), agentapi.CodeInvalidConfig, "queue.bufferSize"},
+		{"relative agentSocket", nil, `{"cniVersion":"1.1.0","name":"testnet","agentSocket":"a.sock"}`, agentapi.CodeInvalidConfig, "agentSocket"},
+		{"ADD with the agent down", nil, `{"cniVersion":"1.1.0","name":"testnet","agentSocket":` + jsonString(down) + `}`, agentapi.CodeTryAgainLater, "not running"},
+		{"STATUS with the agent down", map[string]string{"CNI_COMMAND": "STATUS"}, `{"cniVersion":"1.1.0","name":"testnet","agentSocket":` + jsonString(down) + `}`, agentapi.CodeNotAvailable, "not available"},
+		{"IPAM plugin missing", nil, conf(`,"ipam":{"type":"no-such-ipam"}`), agentapi.CodeInternal, "no-such-ipam"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env := []string{"PATH=" + os.Getenv("PATH")}

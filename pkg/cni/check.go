@@ -42,14 +42,14 @@ func (c *call) check(args *skel.CmdArgs) error {
 		return err
 	}
 	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
-		return newError(CodeDecodingFailure, "prevResult: %v", err)
+		return newError(agentapi.CodeDecodingFailure, "prevResult: %v", err)
 	}
 	if conf.PrevResult == nil {
-		return newError(CodeInvalidConfig, "invalid shm-cni config: prevResult: required for CHECK")
+		return newError(agentapi.CodeInvalidConfig, "invalid shm-cni config: prevResult: required for CHECK")
 	}
 	prev, err := types100.NewResultFromResult(conf.PrevResult)
 	if err != nil {
-		return newError(CodeDecodingFailure, "prevResult: %v", err)
+		return newError(agentapi.CodeDecodingFailure, "prevResult: %v", err)
 	}
 	want, err := expectedLink(prev, args.IfName, args.Netns)
 	if err != nil {
@@ -111,7 +111,7 @@ func expectedLink(prev *types100.Result, ifName, netns string) (*wantLink, error
 		}
 	}
 	if idx < 0 {
-		return nil, newError(CodeCheckFailed, "CHECK: prevResult has no interface %s in sandbox %s", quote(ifName), quote(netns))
+		return nil, newError(agentapi.CodeCheckFailed, "CHECK: prevResult has no interface %s in sandbox %s", quote(ifName), quote(netns))
 	}
 	iface := prev.Interfaces[idx]
 	w := &wantLink{MTU: iface.Mtu}
@@ -121,21 +121,21 @@ func expectedLink(prev *types100.Result, ifName, netns string) (*wantLink, error
 	if iface.Mac != "" {
 		mac, err := net.ParseMAC(iface.Mac)
 		if err != nil {
-			return nil, newError(CodeDecodingFailure, "prevResult: interfaces[%d].mac: %s is not a MAC address", idx, quote(iface.Mac))
+			return nil, newError(agentapi.CodeDecodingFailure, "prevResult: interfaces[%d].mac: %s is not a MAC address", idx, quote(iface.Mac))
 		}
 		w.MAC = mac
 	}
 	var gws []netip.Addr
 	for i, ip := range prev.IPs {
 		if ip == nil {
-			return nil, newError(CodeDecodingFailure, "prevResult: ips[%d]: null", i)
+			return nil, newError(agentapi.CodeDecodingFailure, "prevResult: ips[%d]: null", i)
 		}
 		if ip.Interface == nil || *ip.Interface != idx {
 			continue
 		}
 		p, ok := prefixOf(&ip.Address)
 		if !ok {
-			return nil, newError(CodeDecodingFailure, "prevResult: ips[%d].address: not a CIDR", i)
+			return nil, newError(agentapi.CodeDecodingFailure, "prevResult: ips[%d].address: not a CIDR", i)
 		}
 		w.Addrs = append(w.Addrs, p)
 		if gw, ok := netip.AddrFromSlice(ip.Gateway); ok {
@@ -143,15 +143,15 @@ func expectedLink(prev *types100.Result, ifName, netns string) (*wantLink, error
 		}
 	}
 	if len(w.Addrs) == 0 {
-		return nil, newError(CodeCheckFailed, "CHECK: prevResult has no address for interface %s", quote(ifName))
+		return nil, newError(agentapi.CodeCheckFailed, "CHECK: prevResult has no address for interface %s", quote(ifName))
 	}
 	for i, r := range prev.Routes {
 		if r == nil {
-			return nil, newError(CodeDecodingFailure, "prevResult: routes[%d]: null", i)
+			return nil, newError(agentapi.CodeDecodingFailure, "prevResult: routes[%d]: null", i)
 		}
 		dst, ok := prefixOf(&r.Dst)
 		if !ok {
-			return nil, newError(CodeDecodingFailure, "prevResult: routes[%d].dst: not a CIDR", i)
+			return nil, newError(agentapi.CodeDecodingFailure, "prevResult: routes[%d].dst: not a CIDR", i)
 		}
 		gw, _ := netip.AddrFromSlice(r.GW)
 		gw = gw.Unmap()
@@ -202,5 +202,5 @@ func compareLink(kind string, want *wantLink, got *linkState) error {
 		}
 		b.WriteString(e.Error())
 	}
-	return newError(CodeCheckFailed, "CHECK: interface not as in prevResult: %s", b.String())
+	return newError(agentapi.CodeCheckFailed, "CHECK: interface not as in prevResult: %s", b.String())
 }

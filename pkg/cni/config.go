@@ -125,24 +125,24 @@ func DefaultConfig() Config {
 // DefaultConfig and validates it. Keys outside shm-cni's own objects are
 // ignored, since runtimes add their own; inside "queue" an unknown key is
 // refused. Every error is a *types.Error:
-//   - CodeDecodingFailure when data is not one JSON object;
-//   - CodeUnsupportedField for an unknown key in "queue";
-//   - CodeInvalidConfig for a value of the wrong JSON type or one Validate
+//   - agentapi.CodeDecodingFailure when data is not one JSON object;
+//   - agentapi.CodeUnsupportedField for an unknown key in "queue";
+//   - agentapi.CodeInvalidConfig for a value of the wrong JSON type or one Validate
 //     refuses, naming the field.
 func ParseConfig(data []byte) (*Config, error) {
 	c := DefaultConfig()
 	if err := json.Unmarshal(data, &c); err != nil {
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) && te.Field != "" {
-			return nil, newError(CodeInvalidConfig, "invalid shm-cni config: %s: got a JSON %s, want %s", te.Field, te.Value, te.Type)
+			return nil, newError(agentapi.CodeInvalidConfig, "invalid shm-cni config: %s: got a JSON %s, want %s", te.Field, te.Value, te.Type)
 		}
-		return nil, newError(CodeDecodingFailure, "cannot decode shm-cni config: %v", err)
+		return nil, newError(agentapi.CodeDecodingFailure, "cannot decode shm-cni config: %v", err)
 	}
 	if err := checkObjects(data); err != nil {
 		return nil, err
 	}
 	if err := c.Validate(); err != nil {
-		return nil, types.NewError(CodeInvalidConfig, "invalid shm-cni config", joinDetails(err))
+		return nil, types.NewError(agentapi.CodeInvalidConfig, "invalid shm-cni config", joinDetails(err))
 	}
 	return &c, nil
 }
@@ -155,7 +155,7 @@ func checkObjects(data []byte) error {
 		IPAM  map[string]json.RawMessage `json:"ipam"`
 	}
 	if err := json.Unmarshal(data, &probe); err != nil {
-		return newError(CodeDecodingFailure, "cannot decode shm-cni config: %v", err)
+		return newError(agentapi.CodeDecodingFailure, "cannot decode shm-cni config: %v", err)
 	}
 	if len(probe.Queue) > 0 && !bytes.Equal(probe.Queue, []byte("null")) {
 		dec := json.NewDecoder(bytes.NewReader(probe.Queue))
@@ -163,14 +163,14 @@ func checkObjects(data []byte) error {
 		var s queue.Sizes
 		if err := dec.Decode(&s); err != nil {
 			if key, ok := strings.CutPrefix(err.Error(), "json: unknown field "); ok {
-				return newError(CodeUnsupportedField, "unsupported field in shm-cni config: queue.%s (known: dataSize, pipeSize, bufferSize)", strings.Trim(key, `"`))
+				return newError(agentapi.CodeUnsupportedField, "unsupported field in shm-cni config: queue.%s (known: dataSize, pipeSize, bufferSize)", strings.Trim(key, `"`))
 			}
-			return newError(CodeInvalidConfig, "invalid shm-cni config: queue: %v", err)
+			return newError(agentapi.CodeInvalidConfig, "invalid shm-cni config: queue: %v", err)
 		}
 	}
 	if len(probe.IPAM) > 0 {
 		if _, ok := probe.IPAM["type"]; !ok {
-			return newError(CodeInvalidConfig, "invalid shm-cni config: ipam.type: required when ipam has other keys (leave ipam out to let the agent allocate)")
+			return newError(agentapi.CodeInvalidConfig, "invalid shm-cni config: ipam.type: required when ipam has other keys (leave ipam out to let the agent allocate)")
 		}
 	}
 	return nil
@@ -254,11 +254,11 @@ type PodArgs struct {
 
 // ParsePodArgs parses CNI_ARGS ("K=V;K2=V2"). Unknown keys are refused
 // unless IgnoreUnknown is set, as the CNI conventions say; errors are
-// *types.Error with CodeInvalidEnvironment naming CNI_ARGS.
+// *types.Error with agentapi.CodeInvalidEnvironment naming CNI_ARGS.
 func ParsePodArgs(cniArgs string) (*PodArgs, error) {
 	var a PodArgs
 	if err := types.LoadArgs(cniArgs, &a); err != nil {
-		return nil, newError(CodeInvalidEnvironment, "invalid CNI_ARGS: %v", err)
+		return nil, newError(agentapi.CodeInvalidEnvironment, "invalid CNI_ARGS: %v", err)
 	}
 	return &a, nil
 }
@@ -267,7 +267,7 @@ func ParsePodArgs(cniArgs string) (*PodArgs, error) {
 // SHM_CNI_KIND, the config's args.cni.kind, the pod annotation
 // shm-cni.io/kind (runtimeConfig io.kubernetes.cri.pod-annotations) that is
 // set, else c.Kind. An unknown kind is a *types.Error with
-// CodeInvalidConfig naming its source and value.
+// agentapi.CodeInvalidConfig naming its source and value.
 func (c *Config) PodKind(a *PodArgs) (string, error) {
 	type source struct{ name, value string }
 	var srcs []source
@@ -286,7 +286,7 @@ func (c *Config) PodKind(a *PodArgs) (string, error) {
 			continue
 		}
 		if err := validKind(s.value); err != nil {
-			return "", newError(CodeInvalidConfig, "invalid shm-cni config: %s: %v", s.name, err)
+			return "", newError(agentapi.CodeInvalidConfig, "invalid shm-cni config: %s: %v", s.name, err)
 		}
 		return s.value, nil
 	}

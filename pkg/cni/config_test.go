@@ -7,6 +7,7 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
+	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -27,31 +28,31 @@ var configCases = []struct {
 	{"queue null keeps defaults", `{"name":"pods","queue":null}`, 0, nil},
 	{"empty ipam: agent allocates", `{"name":"pods","ipam":{}}`, 0, nil},
 
-	{"not json", `{"name":`, CodeDecodingFailure, []string{"decode"}},
-	{"not an object", `[1,2]`, CodeDecodingFailure, []string{"decode"}},
-	{"mtu wrong type", `{"name":"pods","mtu":"1500"}`, CodeInvalidConfig, []string{"mtu"}},
-	{"queue wrong type", `{"name":"pods","queue":{"dataSize":-1}}`, CodeInvalidConfig, []string{"queue.dataSize"}},
-	{"mtu too small", `{"name":"pods","mtu":67}`, CodeInvalidConfig, []string{"mtu: 67"}},
-	{"mtu too large", `{"name":"pods","mtu":65536}`, CodeInvalidConfig, []string{"mtu: 65536"}},
+	{"not json", `{"name":`, agentapi.CodeDecodingFailure, []string{"decode"}},
+	{"not an object", `[1,2]`, agentapi.CodeDecodingFailure, []string{"decode"}},
+	{"mtu wrong type", `{"name":"pods","mtu":"1500"}`, agentapi.CodeInvalidConfig, []string{"mtu"}},
+	{"queue wrong type", `{"name":"pods","queue":{"dataSize":-1}}`, agentapi.CodeInvalidConfig, []string{"queue.dataSize"}},
+	{"mtu too small", `{"name":"pods","mtu":67}`, agentapi.CodeInvalidConfig, []string{"mtu: 67"}},
+	{"mtu too large", `{"name":"pods","mtu":65536}`, agentapi.CodeInvalidConfig, []string{"mtu: 65536"}},
 	{"shmMtu largest", `{"name":"pods","shmMtu":65535}`, 0, nil},
-	{"shmMtu below IPv6's minimum", `{"name":"pods","shmMtu":1279}`, CodeInvalidConfig, []string{"shmMtu: 1279"}},
-	{"shmMtu too large", `{"name":"pods","shmMtu":65536}`, CodeInvalidConfig, []string{"shmMtu: 65536"}},
-	{"shmMtu wrong type", `{"name":"pods","shmMtu":"9000"}`, CodeInvalidConfig, []string{"shmMtu"}},
-	{"shmMtu beyond the queue", `{"name":"pods","shmMtu":65000,"queue":{"dataSize":1048576,"pipeSize":131072,"bufferSize":512}}`, CodeInvalidConfig,
+	{"shmMtu below IPv6's minimum", `{"name":"pods","shmMtu":1279}`, agentapi.CodeInvalidConfig, []string{"shmMtu: 1279"}},
+	{"shmMtu too large", `{"name":"pods","shmMtu":65536}`, agentapi.CodeInvalidConfig, []string{"shmMtu: 65536"}},
+	{"shmMtu wrong type", `{"name":"pods","shmMtu":"9000"}`, agentapi.CodeInvalidConfig, []string{"shmMtu"}},
+	{"shmMtu beyond the queue", `{"name":"pods","shmMtu":65000,"queue":{"dataSize":1048576,"pipeSize":131072,"bufferSize":512}}`, agentapi.CodeInvalidConfig,
 		[]string{"shmMtu: MTU 65000 does not fit the queue", "at most 32754"}},
-	{"unknown kind", `{"name":"pods","kind":"vhost"}`, CodeInvalidConfig, []string{"kind:", `"vhost"`}},
-	{"unknown queue key", `{"name":"pods","queue":{"dataSze":4096}}`, CodeUnsupportedField, []string{"queue.dataSze"}},
-	{"bad bufferSize", `{"name":"pods","queue":{"bufferSize":100}}`, CodeInvalidConfig, []string{"queue.bufferSize"}},
-	{"bad dataSize", `{"name":"pods","queue":{"dataSize":5000}}`, CodeInvalidConfig, []string{"queue.dataSize"}},
-	{"pipe too small", `{"name":"pods","queue":{"pipeSize":4096}}`, CodeInvalidConfig, []string{"queue.pipeSize"}},
-	{"relative agentSocket", `{"name":"pods","agentSocket":"agent.sock"}`, CodeInvalidConfig, []string{"agentSocket"}},
-	{"long agentSocket", `{"name":"pods","agentSocket":"/` + strings.Repeat("a", 120) + `"}`, CodeInvalidConfig, []string{"agentSocket"}},
-	{"bad logLevel", `{"name":"pods","logLevel":"verbose"}`, CodeInvalidConfig, []string{"logLevel", `"verbose"`}},
-	{"relative logFile", `{"name":"pods","logFile":"shm.log"}`, CodeInvalidConfig, []string{"logFile"}},
-	{"ipam without type", `{"name":"pods","ipam":{"subnet":"10.0.0.0/8"}}`, CodeInvalidConfig, []string{"ipam.type"}},
-	{"ipam type is a path", `{"name":"pods","ipam":{"type":"../host-local"}}`, CodeInvalidConfig, []string{"ipam.type"}},
-	{"no name", `{"cniVersion":"1.1.0"}`, CodeInvalidConfig, []string{"name: required"}},
-	{"every problem named", `{"name":"pods","kind":"x","mtu":1,"logLevel":"y","queue":{"bufferSize":7}}`, CodeInvalidConfig,
+	{"unknown kind", `{"name":"pods","kind":"vhost"}`, agentapi.CodeInvalidConfig, []string{"kind:", `"vhost"`}},
+	{"unknown queue key", `{"name":"pods","queue":{"dataSze":4096}}`, agentapi.CodeUnsupportedField, []string{"queue.dataSze"}},
+	{"bad bufferSize", `{"name":"pods","queue":{"bufferSize":100}}`, agentapi.CodeInvalidConfig, []string{"queue.bufferSize"}},
+	{"bad dataSize", `{"name":"pods","queue":{"dataSize":5000}}`, agentapi.CodeInvalidConfig, []string{"queue.dataSize"}},
+	{"pipe too small", `{"name":"pods","queue":{"pipeSize":4096}}`, agentapi.CodeInvalidConfig, []string{"queue.pipeSize"}},
+	{"relative agentSocket", `{"name":"pods","agentSocket":"agent.sock"}`, agentapi.CodeInvalidConfig, []string{"agentSocket"}},
+	{"long agentSocket", `{"name":"pods","agentSocket":"/` + strings.Repeat("a", 120) + `"}`, agentapi.CodeInvalidConfig, []string{"agentSocket"}},
+	{"bad logLevel", `{"name":"pods","logLevel":"verbose"}`, agentapi.CodeInvalidConfig, []string{"logLevel", `"verbose"`}},
+	{"relative logFile", `{"name":"pods","logFile":"shm.log"}`, agentapi.CodeInvalidConfig, []string{"logFile"}},
+	{"ipam without type", `{"name":"pods","ipam":{"subnet":"10.0.0.0/8"}}`, agentapi.CodeInvalidConfig, []string{"ipam.type"}},
+	{"ipam type is a path", `{"name":"pods","ipam":{"type":"../host-local"}}`, agentapi.CodeInvalidConfig, []string{"ipam.type"}},
+	{"no name", `{"cniVersion":"1.1.0"}`, agentapi.CodeInvalidConfig, []string{"name: required"}},
+	{"every problem named", `{"name":"pods","kind":"x","mtu":1,"logLevel":"y","queue":{"bufferSize":7}}`, agentapi.CodeInvalidConfig,
 		[]string{"kind:", "mtu:", "logLevel:", "queue.bufferSize:"}},
 }
 
@@ -123,11 +124,11 @@ func TestPodKind(t *testing.T) {
 		{"cni args beat args and annotation", base + `,"kind":"shm","args":{"cni":{"kind":"shm"}},"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"shm-cni.io/kind":"shm"}}}`,
 			"SHM_CNI_KIND=tap", KindTap, 0, ""},
 		{"args beat annotation", base + `,"args":{"cni":{"kind":"tap"}},"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"shm-cni.io/kind":"shm"}}}`, "", KindTap, 0, ""},
-		{"unknown cni args kind", base + `}`, "SHM_CNI_KIND=vhost", "", CodeInvalidConfig, `SHM_CNI_KIND: unknown link kind "vhost"`},
-		{"unknown args kind", base + `,"args":{"cni":{"kind":"vhost"}}}`, "", "", CodeInvalidConfig, `args.cni.kind: unknown link kind "vhost"`},
-		{"unknown annotation kind", base + `,"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"shm-cni.io/kind":"vhost"}}}`, "", "", CodeInvalidConfig, `shm-cni.io/kind: unknown link kind "vhost"`},
-		{"unknown cni arg", base + `}`, "FOO=bar", "", CodeInvalidEnvironment, "CNI_ARGS"},
-		{"malformed cni args", base + `}`, "SHM_CNI_KIND", "", CodeInvalidEnvironment, "CNI_ARGS"},
+		{"unknown cni args kind", base + `}`, "SHM_CNI_KIND=vhost", "", agentapi.CodeInvalidConfig, `SHM_CNI_KIND: unknown link kind "vhost"`},
+		{"unknown args kind", base + `,"args":{"cni":{"kind":"vhost"}}}`, "", "", agentapi.CodeInvalidConfig, `args.cni.kind: unknown link kind "vhost"`},
+		{"unknown annotation kind", base + `,"runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"shm-cni.io/kind":"vhost"}}}`, "", "", agentapi.CodeInvalidConfig, `shm-cni.io/kind: unknown link kind "vhost"`},
+		{"unknown cni arg", base + `}`, "FOO=bar", "", agentapi.CodeInvalidEnvironment, "CNI_ARGS"},
+		{"malformed cni args", base + `}`, "SHM_CNI_KIND", "", agentapi.CodeInvalidEnvironment, "CNI_ARGS"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := ParseConfig([]byte(tc.conf))

@@ -5,6 +5,8 @@ import (
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/plugins/pkg/ipam"
+
+	"github.com/shm-cni/shm-cni/pkg/agentapi"
 )
 
 // Del implements CNI DEL.
@@ -15,7 +17,7 @@ import (
 // not an error. In order:
 //
 //  1. the agent detaches the link (detaching an unknown attachment
-//     succeeds). When the agent is unreachable (CodeTryAgainLater) DEL goes
+//     succeeds). When the agent is unreachable (agentapi.CodeTryAgainLater) DEL goes
 //     on and succeeds: the agent's state is reconciled later by CNI GC and
 //     by the agent's own re-adoption at start, which drops attachments
 //     whose interface is gone. Any other agent error fails DEL after the
@@ -41,7 +43,7 @@ func (c *call) del(args *skel.CmdArgs) error {
 	agentErr := detach(c.ctx, conf.AgentSocket, args.ContainerID, args.IfName)
 	switch {
 	case agentErr == nil:
-	case codeOf(agentErr) == CodeTryAgainLater:
+	case codeOf(agentErr) == agentapi.CodeTryAgainLater:
 		log.Warn("agent unreachable; DEL goes on, the agent reconciles its attachments later (GC, restart)", "err", agentErr)
 		agentErr = nil
 	default:

@@ -45,6 +45,6 @@
 //
 // Tests and other programs can run the commands in-process through Plugin,
 // whose methods have the skel.CNIFuncs signatures. Errors carry CNI codes
-// (the Code constants); the result goes to stdout, logs to stderr or the
-// config's logFile.
+// (agentapi's Code constants, the one block of them); the result goes to
+// stdout, logs to stderr or the config's logFile.
 package cni

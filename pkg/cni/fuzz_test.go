@@ -5,6 +5,8 @@ import (
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/shm-cni/shm-cni/pkg/agentapi"
 )
 
 // FuzzParseConfig feeds arbitrary bytes (the plugin's stdin, written by
@@ -26,7 +28,7 @@ func FuzzParseConfig(f *testing.F) {
 				t.Fatalf("error %v is a %T, not a *types.Error", err, err)
 			}
 			switch te.Code {
-			case CodeDecodingFailure, CodeInvalidConfig, CodeUnsupportedField:
+			case agentapi.CodeDecodingFailure, agentapi.CodeInvalidConfig, agentapi.CodeUnsupportedField:
 			default:
 				t.Fatalf("code %d for %q: %v", te.Code, data, err)
 			}
@@ -40,14 +42,14 @@ func FuzzParseConfig(f *testing.F) {
 		}
 		a, err := ParsePodArgs(cniArgs)
 		if err != nil {
-			if codeOf(err) != CodeInvalidEnvironment {
+			if codeOf(err) != agentapi.CodeInvalidEnvironment {
 				t.Fatalf("CNI_ARGS %q: code %d: %v", cniArgs, codeOf(err), err)
 			}
 			return
 		}
 		kind, err := c.PodKind(a)
 		if err != nil {
-			if codeOf(err) != CodeInvalidConfig {
+			if codeOf(err) != agentapi.CodeInvalidConfig {
 				t.Fatalf("kind: code %d: %v", codeOf(err), err)
 			}
 			return

@@ -13,6 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
@@ -47,24 +48,24 @@ type podRoute struct {
 func openNetNS(path string) (ns.NetNS, error) {
 	netns, err := ns.GetNS(path)
 	if err != nil {
-		return nil, newError(CodeInvalidEnvironment, "CNI_NETNS %s: not a network namespace: %v", quote(path), err)
+		return nil, newError(agentapi.CodeInvalidEnvironment, "CNI_NETNS %s: not a network namespace: %v", quote(path), err)
 	}
 	// GetNS accepts any file on procfs; make sure this one is a netns.
 	if t, err := unix.IoctlRetInt(int(netns.Fd()), unix.NS_GET_NSTYPE); err != nil || t != unix.CLONE_NEWNET {
 		netns.Close()
-		return nil, newError(CodeInvalidEnvironment, "CNI_NETNS %s: not a network namespace", quote(path))
+		return nil, newError(agentapi.CodeInvalidEnvironment, "CNI_NETNS %s: not a network namespace", quote(path))
 	}
 	var own, pod unix.Stat_t
 	if err := unix.Stat("/proc/thread-self/ns/net", &own); err == nil {
 		if err := unix.Fstat(int(netns.Fd()), &pod); err == nil && own.Dev == pod.Dev && own.Ino == pod.Ino {
 			netns.Close()
-			return nil, newError(CodeInvalidNetNS, "CNI_NETNS %s is the plugin's own network namespace", quote(path))
+			return nil, newError(agentapi.CodeInvalidNetNS, "CNI_NETNS %s is the plugin's own network namespace", quote(path))
 		}
 	}
 	return netns, nil
 }
 
-// ifNameFree fails with CodeInterfaceExists when name exists in the
+// ifNameFree fails with agentapi.CodeInterfaceExists when name exists in the
 // calling thread's netns.
 func ifNameFree(name string) error {
 	h, err := newHandle()
@@ -96,7 +97,7 @@ func ifNameFreeH(h netlinksafe.Handle, name string) error {
 	case err != nil:
 		return fmt.Errorf("look up interface %s: %w", name, err)
 	}
-	return newError(CodeInterfaceExists, "CNI_IFNAME %s already exists in the pod's network namespace", quote(name))
+	return newError(agentapi.CodeInterfaceExists, "CNI_IFNAME %s already exists in the pod's network namespace", quote(name))
 }
 
 // createTAP creates the persistent TAP device name in netns, with a
@@ -398,13 +399,13 @@ func inspectLink(netns ns.NetNS, name string) (*linkState, error) {
 	return &st, nil
 }
 
-// linkErr gives an error from the netns side CodeLinkSetup unless it has a
+// linkErr gives an error from the netns side agentapi.CodeLinkSetup unless it has a
 // code already.
 func linkErr(err error) error {
-	if err == nil || codeOf(err) != CodeInternal {
+	if err == nil || codeOf(err) != agentapi.CodeInternal {
 		return err
 	}
-	return types.NewError(CodeLinkSetup, err.Error(), "")
+	return types.NewError(agentapi.CodeLinkSetup, err.Error(), "")
 }
 
 // ipNet converts a prefix to the netlink form.

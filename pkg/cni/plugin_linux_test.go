@@ -149,8 +149,8 @@ func TestTapAddCheckDelDel(t *testing.T) {
 	if _, ok := readPodLink(t, netns, "eth0"); ok {
 		t.Error("eth0 still in the pod netns after DEL")
 	}
-	if err := e.run("CHECK", check); cniCode(err) != CodeLinkSetup {
-		t.Errorf("CHECK after DEL = %v, want code %d (interface gone)", err, CodeLinkSetup)
+	if err := e.run("CHECK", check); cniCode(err) != agentapi.CodeLinkSetup {
+		t.Errorf("CHECK after DEL = %v, want code %d (interface gone)", err, agentapi.CodeLinkSetup)
 	}
 }
 
@@ -282,8 +282,8 @@ func TestShmAddCheckDelDel(t *testing.T) {
 		}
 	}
 	setAlias("sharedmem:/elsewhere.sock")
-	if err := e.run("CHECK", check); cniCode(err) != CodeCheckFailed || !strings.Contains(err.Error(), `alias is "sharedmem:/elsewhere.sock"`) {
-		t.Errorf("CHECK with a changed alias = %v, want code %d naming the alias", err, CodeCheckFailed)
+	if err := e.run("CHECK", check); cniCode(err) != agentapi.CodeCheckFailed || !strings.Contains(err.Error(), `alias is "sharedmem:/elsewhere.sock"`) {
+		t.Errorf("CHECK with a changed alias = %v, want code %d naming the alias", err, agentapi.CodeCheckFailed)
 	}
 	setAlias("sharedmem:" + at.resp.SocketPath)
 	if err := e.run("CHECK", check); err != nil {
@@ -341,8 +341,8 @@ func TestCheckDetectsDrift(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := e.run("CHECK", check); cniCode(err) != CodeCheckFailed || !strings.Contains(err.Error(), "mtu is 1280, want 1500") {
-		t.Errorf("CHECK with a changed MTU = %v, want code %d naming the mtu", err, CodeCheckFailed)
+	if err := e.run("CHECK", check); cniCode(err) != agentapi.CodeCheckFailed || !strings.Contains(err.Error(), "mtu is 1280, want 1500") {
+		t.Errorf("CHECK with a changed MTU = %v, want code %d naming the mtu", err, agentapi.CodeCheckFailed)
 	}
 	netns.Do(func(ns.NetNS) error {
 		l, _ := netlink.LinkByName("eth0")
@@ -355,8 +355,8 @@ func TestCheckDetectsDrift(t *testing.T) {
 	if err := e.run("CHECK", check); cniCode(err) != agentapi.CodeNoSuchAttachment {
 		t.Errorf("CHECK without the agent's attachment = %v, want code %d", err, agentapi.CodeNoSuchAttachment)
 	}
-	if err := e.run("CHECK", cmdArgs(netns, "drift", conf)); cniCode(err) != CodeInvalidConfig || !strings.Contains(err.Error(), "prevResult") {
-		t.Errorf("CHECK without prevResult = %v, want code %d naming prevResult", err, CodeInvalidConfig)
+	if err := e.run("CHECK", cmdArgs(netns, "drift", conf)); cniCode(err) != agentapi.CodeInvalidConfig || !strings.Contains(err.Error(), "prevResult") {
+		t.Errorf("CHECK without prevResult = %v, want code %d naming prevResult", err, agentapi.CodeInvalidConfig)
 	}
 }
 
@@ -398,8 +398,8 @@ func TestNoAgent(t *testing.T) {
 	e.mustAdd(args)
 	e.agent.stop()
 
-	if err := e.run("STATUS", &skel.CmdArgs{StdinData: conf}); cniCode(err) != CodeNotAvailable {
-		t.Errorf("STATUS with the agent down = %v, want code %d", err, CodeNotAvailable)
+	if err := e.run("STATUS", &skel.CmdArgs{StdinData: conf}); cniCode(err) != agentapi.CodeNotAvailable {
+		t.Errorf("STATUS with the agent down = %v, want code %d", err, agentapi.CodeNotAvailable)
 	}
 	if err := e.run("DEL", args); err != nil {
 		t.Fatalf("DEL with the agent down: %v", err)
@@ -409,8 +409,8 @@ func TestNoAgent(t *testing.T) {
 	}
 	for _, kind := range []string{KindTap, KindShm} {
 		_, err := e.add(cmdArgs(netns, "down-"+kind, e.conf(`"kind":"`+kind+`"`)))
-		if cniCode(err) != CodeTryAgainLater {
-			t.Errorf("%s ADD with the agent down = %v, want code %d", kind, err, CodeTryAgainLater)
+		if cniCode(err) != agentapi.CodeTryAgainLater {
+			t.Errorf("%s ADD with the agent down = %v, want code %d", kind, err, agentapi.CodeTryAgainLater)
 		}
 		if names := linkNames(t, netns); !slices.Equal(names, []string{"lo"}) {
 			t.Errorf("%s ADD with the agent down left interfaces %v", kind, names)
@@ -426,8 +426,8 @@ func TestStatus(t *testing.T) {
 		t.Fatalf("STATUS, agent ready: %v", err)
 	}
 	e.agent.setNotReady("uplink shm0 missing")
-	if err := e.run("STATUS", args); cniCode(err) != CodeNotAvailable || !strings.Contains(err.Error(), "uplink shm0 missing") {
-		t.Errorf("STATUS, agent not ready = %v, want code %d with the agent's reason", err, CodeNotAvailable)
+	if err := e.run("STATUS", args); cniCode(err) != agentapi.CodeNotAvailable || !strings.Contains(err.Error(), "uplink shm0 missing") {
+		t.Errorf("STATUS, agent not ready = %v, want code %d with the agent's reason", err, agentapi.CodeNotAvailable)
 	}
 }
 
@@ -449,8 +449,8 @@ func TestRollback(t *testing.T) {
 	}{
 		{"tap agent error", KindTap, agentapi.NewError(agentapi.CodeAttachFailed, "attach failed", "test"), false, agentapi.CodeAttachFailed},
 		{"shm agent error", KindShm, agentapi.NewError(agentapi.CodeAttachFailed, "attach failed", "test"), false, agentapi.CodeAttachFailed},
-		{"tap bad answer", KindTap, nil, true, CodeBadAgentAnswer},
-		{"shm bad answer", KindShm, nil, true, CodeBadAgentAnswer},
+		{"tap bad answer", KindTap, nil, true, agentapi.CodeBadAgentAnswer},
+		{"shm bad answer", KindShm, nil, true, agentapi.CodeBadAgentAnswer},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			netns := newPodNS(t)
@@ -550,8 +550,8 @@ func TestAddInterfaceExists(t *testing.T) {
 	}
 	for _, kind := range []string{KindTap, KindShm} {
 		_, err := e.add(cmdArgs(netns, "exists", e.conf(`"kind":"`+kind+`"`)))
-		if cniCode(err) != CodeInterfaceExists || !strings.Contains(err.Error(), "CNI_IFNAME") {
-			t.Errorf("%s ADD over an existing eth0 = %v, want code %d naming CNI_IFNAME", kind, err, CodeInterfaceExists)
+		if cniCode(err) != agentapi.CodeInterfaceExists || !strings.Contains(err.Error(), "CNI_IFNAME") {
+			t.Errorf("%s ADD over an existing eth0 = %v, want code %d naming CNI_IFNAME", kind, err, agentapi.CodeInterfaceExists)
 		}
 		if pl, ok := readPodLink(t, netns, "eth0"); !ok || pl.MTU != 1234 {
 			t.Errorf("existing eth0 changed: %+v %t", pl, ok)
@@ -613,8 +613,8 @@ func TestGC(t *testing.T) {
 		t.Error("GC kept an attachment not in the valid list")
 	}
 	e.agent.stop()
-	if err := e.run("GC", &skel.CmdArgs{StdinData: gc}); cniCode(err) != CodeTryAgainLater {
-		t.Errorf("GC with the agent down = %v, want code %d", err, CodeTryAgainLater)
+	if err := e.run("GC", &skel.CmdArgs{StdinData: gc}); cniCode(err) != agentapi.CodeTryAgainLater {
+		t.Errorf("GC with the agent down = %v, want code %d", err, agentapi.CodeTryAgainLater)
 	}
 }
 

@@ -41,10 +41,10 @@ type attachment struct {
 // parseAttach checks the agent's answer. Addresses are reported and
 // configured as host prefixes whatever prefix length the answer gives: the
 // pod reaches everything, its own subnet included, through the gateway.
-// Errors have CodeBadAgentAnswer.
+// Errors have agentapi.CodeBadAgentAnswer.
 func parseAttach(r *agentapi.AttachResponse, kind string, defaultMTU int) (*attachment, error) {
 	bad := func(format string, args ...any) error {
-		return newError(CodeBadAgentAnswer, "unusable agent answer: "+format, args...)
+		return newError(agentapi.CodeBadAgentAnswer, "unusable agent answer: "+format, args...)
 	}
 	if len(r.IPs) == 0 {
 		return nil, bad("no addresses")
@@ -158,7 +158,7 @@ func buildResult(cniVersion string, prev types.Result, iface *types100.Interface
 	if prev != nil {
 		r, err := types100.NewResultFromResult(prev)
 		if err != nil {
-			return nil, newError(CodeDecodingFailure, "prevResult: cannot convert to %s: %v", cniVersion, err)
+			return nil, newError(agentapi.CodeDecodingFailure, "prevResult: cannot convert to %s: %v", cniVersion, err)
 		}
 		// The result goes to the runtime with prev's entries: each must
 		// print as something the runtime can parse again.
@@ -167,7 +167,7 @@ func buildResult(cniVersion string, prev types.Result, iface *types100.Interface
 				continue
 			}
 			if _, ok := prefixOf(&ip.Address); !ok {
-				return nil, newError(CodeDecodingFailure, "prevResult: ips[%d].address: not a CIDR", i)
+				return nil, newError(agentapi.CodeDecodingFailure, "prevResult: ips[%d].address: not a CIDR", i)
 			}
 		}
 		for i, rt := range r.Routes {
@@ -175,7 +175,7 @@ func buildResult(cniVersion string, prev types.Result, iface *types100.Interface
 				continue
 			}
 			if _, ok := prefixOf(&rt.Dst); !ok {
-				return nil, newError(CodeDecodingFailure, "prevResult: routes[%d].dst: not a CIDR", i)
+				return nil, newError(agentapi.CodeDecodingFailure, "prevResult: routes[%d].dst: not a CIDR", i)
 			}
 		}
 		res = r

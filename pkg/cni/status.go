@@ -13,7 +13,7 @@ import (
 
 // Status implements CNI STATUS: it succeeds when the agent answers that it
 // is ready (and a delegated IPAM plugin's STATUS succeeds); an unreachable
-// or unready agent is CodeNotAvailable (50).
+// or unready agent is agentapi.CodeNotAvailable (50).
 func (p *Plugin) Status(args *skel.CmdArgs) error {
 	c, err := p.begin("STATUS", args)
 	if err != nil {
@@ -30,10 +30,10 @@ func (c *call) status(args *skel.CmdArgs) error {
 	conf := c.conf
 	resp, err := agentapi.Call(c.ctx, conf.AgentSocket, &agentapi.Request{Op: agentapi.OpStatus}, nil)
 	if err != nil {
-		return newError(CodeNotAvailable, "shm-agent not available: %v", err)
+		return newError(agentapi.CodeNotAvailable, "shm-agent not available: %v", err)
 	}
 	if !resp.Status.Ready {
-		return newError(CodeNotAvailable, "shm-agent not ready: %s", resp.Status.Reason)
+		return newError(agentapi.CodeNotAvailable, "shm-agent not ready: %s", resp.Status.Reason)
 	}
 	if conf.DelegatesIPAM() {
 		if err := ipam.ExecStatus(conf.IPAM.Type, args.StdinData); err != nil {
