@@ -15,6 +15,7 @@ import (
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/kube"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
 
@@ -50,12 +51,6 @@ const (
 )
 
 const (
-	// minMTU4 is the smallest MTU every IPv4 host must accept (RFC 791).
-	minMTU4 = 576
-	// minMTU6 is IPv6's minimum link MTU (RFC 8200 section 5).
-	minMTU6 = 1280
-	// maxMTU is the largest IP packet, 2^16-1 bytes.
-	maxMTU = 65535
 	// maxSocketPath is the longest unix socket path: sun_path is 108
 	// bytes with the terminating NUL.
 	maxSocketPath = 107
@@ -244,19 +239,14 @@ func (c Config) Validate() error {
 			bad("cluster-cidr", "%s: not a masked IPv4 or IPv6 prefix", p)
 		}
 	}
-	if c.Uplink == "" || len(c.Uplink) > 15 || strings.ContainsAny(c.Uplink, "/: \t\n") || c.Uplink == "." || c.Uplink == ".." {
-		bad("uplink", "%q is not a valid interface name (1..15 bytes, no '/', ':' or space)", c.Uplink)
+	if err := linkspec.CheckIfName(c.Uplink); err != nil {
+		bad("uplink", "%q is not a valid interface name: %v", c.Uplink, err)
 	}
-	minMTU := minMTU4
-	if has6 {
-		minMTU = minMTU6
+	if err := linkspec.CheckMTU(c.MTU, linkspec.MinNodeMTU(has6)); err != nil {
+		bad("mtu", "%v", err)
 	}
-	if c.MTU < minMTU || c.MTU > maxMTU {
-		bad("mtu", "%d outside %d..%d", c.MTU, minMTU, maxMTU)
-	}
-	// A sandbox's stack speaks both families whatever the node's CIDRs.
-	if c.ShmMTU < minMTU6 || c.ShmMTU > maxMTU {
-		bad("shm-mtu", "%d outside %d..%d", c.ShmMTU, minMTU6, maxMTU)
+	if err := linkspec.CheckMTU(c.ShmMTU, linkspec.MinShmMTU); err != nil {
+		bad("shm-mtu", "%v", err)
 	}
 	switch {
 	case !filepath.IsAbs(c.SocketPath):

@@ -70,12 +70,12 @@ func TestConfigValidate(t *testing.T) {
 			`--cni-chained-binaries: "/usr/local/bin/shm-cni": a second binary named shm-cni`,
 			`--cni-bin-dir: "opt/cni/bin" is not an absolute path`,
 		}},
-		{"shm mtu", func(c *Config) { c.ShmMTU = 1279 }, []string{"--shm-mtu: 1279 outside 1280..65535"}},
-		{"shm mtu too large", func(c *Config) { c.ShmMTU = 65536 }, []string{"--shm-mtu: 65536 outside"}},
+		{"shm mtu", func(c *Config) { c.ShmMTU = 1279 }, []string{"--shm-mtu: 1279 is not in 1280..65535"}},
+		{"shm mtu too large", func(c *Config) { c.ShmMTU = 65536 }, []string{"--shm-mtu: 65536 is not in"}},
 		{"v6 mtu", func(c *Config) {
 			c.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("2001:db8::/64")}
 			c.MTU = 1000
-		}, []string{"--mtu: 1000 outside 1280"}},
+		}, []string{"--mtu: 1000 is not in 1280"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := valid()

@@ -9,11 +9,9 @@ import (
 	"strconv"
 	"strings"
 	"unicode"
-)
 
-// maxIfNameLen is the longest interface name Linux accepts: IFNAMSIZ (16)
-// minus the terminating NUL.
-const maxIfNameLen = 15
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
+)
 
 // maxNameLen bounds free-form names (pod name, namespace): a Kubernetes
 // DNS-1123 subdomain is at most 253 bytes.
@@ -170,10 +168,8 @@ func (a *AttachRequest) validate(p *problems) {
 	default:
 		p.add("attach.kind", "%s is not one of %s, %s", quote(a.Kind), KindShm, KindTap)
 	}
-	// 68 is the smallest MTU IPv4 allows (RFC 791); 65535 the largest an IP
-	// packet can use.
-	if a.MTU != 0 && (a.MTU < 68 || a.MTU > 65535) {
-		p.add("attach.mtu", "%d is not 0 (default) or 68..65535", a.MTU)
+	if err := linkspec.CheckMTU(a.MTU, linkspec.MinMTU); a.MTU != 0 && err != nil {
+		p.add("attach.mtu", "%v (or 0, the default)", err)
 	}
 	validateIPs(p, "attach.ips", a.IPs)
 	validateName(p, "attach.podNamespace", a.PodNamespace)
@@ -200,21 +196,9 @@ func validateID(p *problems, prefix, containerID, ifName string) {
 	case !cniName.MatchString(containerID):
 		p.add(prefix+".containerID", "%s must match %s", quote(containerID), cniName)
 	}
-	if !validIfName(ifName) {
-		p.add(prefix+".ifName", "%s must be 1..%d bytes, no '/', ':' or whitespace, not \".\" or \"..\"", quote(ifName), maxIfNameLen)
+	if linkspec.CheckIfName(ifName) != nil {
+		p.add(prefix+".ifName", "%s must be 1..%d bytes, no '/', ':' or whitespace, not \".\" or \"..\"", quote(ifName), linkspec.MaxIfNameLen)
 	}
-}
-
-func validIfName(s string) bool {
-	if len(s) == 0 || len(s) > maxIfNameLen || s == "." || s == ".." {
-		return false
-	}
-	for _, r := range s {
-		if r == '/' || r == ':' || r == 0 || unicode.IsSpace(r) {
-			return false
-		}
-	}
-	return true
 }
 
 // validateIPs checks that every entry is a CIDR ("10.1.2.3/24") and that no

@@ -13,6 +13,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -189,15 +190,11 @@ func (c *Config) Validate() error {
 	if err := validKind(c.Kind); err != nil {
 		add("kind", "%v", err)
 	}
-	// 68 is the smallest MTU IPv4 allows (RFC 791); 65535 the largest an
-	// IP packet can use.
-	if c.MTU < 68 || c.MTU > 65535 {
-		add("mtu", "%d is not in 68..65535", c.MTU)
+	if err := linkspec.CheckMTU(c.MTU, linkspec.MinMTU); err != nil {
+		add("mtu", "%v", err)
 	}
-	// 1280 is IPv6's minimum link MTU (RFC 8200 section 5): a sandbox's
-	// stack speaks both families.
-	if c.ShmMTU != 0 && (c.ShmMTU < 1280 || c.ShmMTU > 65535) {
-		add("shmMtu", "%d is not 0 (the agent's choice) or 1280..65535", c.ShmMTU)
+	if err := linkspec.CheckMTU(c.ShmMTU, linkspec.MinShmMTU); c.ShmMTU != 0 && err != nil {
+		add("shmMtu", "%v (or 0, the agent's choice)", err)
 	} else if c.ShmMTU != 0 && c.Queue.Validate() == nil {
 		if err := c.Queue.CheckMTU(uint32(c.ShmMTU)); err != nil {
 			add("shmMtu", "%v (queue.bufferSize, queue.dataSize)", err)

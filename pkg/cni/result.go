@@ -11,6 +11,7 @@ import (
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
 // The link-local gateways the agent answers on every pod link, used when
@@ -53,8 +54,8 @@ func parseAttach(r *agentapi.AttachResponse, kind string, defaultMTU int) (*atta
 	if at.MTU == 0 {
 		at.MTU = defaultMTU
 	}
-	if at.MTU < 68 || at.MTU > 65535 {
-		return nil, bad("mtu %d is not in 68..65535", at.MTU)
+	if err := linkspec.CheckMTU(at.MTU, linkspec.MinMTU); err != nil {
+		return nil, bad("mtu %v", err)
 	}
 	firstGW := map[bool]netip.Addr{} // by Is4
 	for i, ipc := range r.IPs {

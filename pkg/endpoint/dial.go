@@ -11,6 +11,7 @@ import (
 
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -109,8 +110,8 @@ func (c *LinkConfig) Validate() error {
 	if err := checkUnicastMAC(c.GatewayMAC); err != nil {
 		add("gatewayMac: %w", err)
 	}
-	if c.MTU < header.IPv4MinimumSize || c.MTU > maxMTU {
-		add("mtu: %d outside [%d, %d]", c.MTU, header.IPv4MinimumSize, maxMTU)
+	if err := linkspec.CheckMTU(int(c.MTU), linkspec.MinMTU); err != nil {
+		add("mtu: %w", err)
 	}
 	if c.BufferSize < queue.MinBufferSize || c.BufferSize > queue.MaxBufferSize {
 		add("bufferSize: %d outside [%d, %d]", c.BufferSize, queue.MinBufferSize, queue.MaxBufferSize)

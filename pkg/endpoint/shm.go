@@ -17,6 +17,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -32,7 +33,7 @@ const DefaultSpin = 50 * time.Microsecond
 const rxBatch = 64
 
 // maxMTU is the largest MTU a link can have: the largest IP packet.
-const maxMTU = 1<<16 - 1
+const maxMTU = linkspec.MaxMTU
 
 // ErrPeerClosed is the reason given to OnClosed when the peer closed its end
 // of the peer socket (normally: the peer process died).
@@ -83,8 +84,8 @@ type ShmOptions struct {
 
 func (o *ShmOptions) validate() error {
 	var errs []error
-	if o.MTU < header.IPv4MinimumSize || o.MTU > maxMTU {
-		errs = append(errs, fmt.Errorf("MTU %d outside [%d, %d]", o.MTU, header.IPv4MinimumSize, maxMTU))
+	if err := linkspec.CheckMTU(int(o.MTU), linkspec.MinMTU); err != nil {
+		errs = append(errs, fmt.Errorf("MTU %w", err))
 	}
 	if l := len(o.LinkAddress); l != 0 && l != header.EthernetAddressSize {
 		errs = append(errs, fmt.Errorf("link address of %d bytes, want 0 or 6", l))

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -18,6 +17,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
 // TAPOptions configure NewTAP.
@@ -168,7 +169,7 @@ var (
 )
 
 // maxIPPacket is the largest IPv4 packet: its total length is 16 bits.
-const maxIPPacket = math.MaxUint16
+const maxIPPacket = linkspec.MaxMTU
 
 // maxConsecutiveReadErrors is how many unexpected read errors in a row the
 // reader tolerates before it treats the device as gone.
@@ -231,8 +232,8 @@ func (o *TAPOptions) validate() error {
 	if o.FD < 0 {
 		errs = append(errs, fmt.Errorf("FD %d is negative", o.FD))
 	}
-	if o.MTU < header.IPv4MinimumMTU || o.MTU > maxIPPacket {
-		errs = append(errs, fmt.Errorf("MTU %d outside [%d, %d]", o.MTU, header.IPv4MinimumMTU, maxIPPacket))
+	if err := linkspec.CheckMTU(int(o.MTU), linkspec.MinMTU); err != nil {
+		errs = append(errs, fmt.Errorf("MTU %w", err))
 	}
 	if o.EthernetHeader && len(o.LinkAddress) != header.EthernetAddressSize {
 		errs = append(errs, fmt.Errorf("LinkAddress %q is not a MAC address", o.LinkAddress))

@@ -4,8 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"strings"
 	"time"
+
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
 // Defaults applied by New to zero fields of Config.
@@ -24,14 +25,8 @@ const (
 )
 
 const (
-	// maxIfNameLen is IFNAMSIZ (16) less the terminating NUL.
-	maxIfNameLen = 15
-	// minMTUv4 is the smallest MTU every IPv4 host must accept (RFC 791).
-	minMTUv4 = 576
-	// minMTUv6 is IPv6's minimum link MTU (RFC 8200 section 5).
-	minMTUv6 = 1280
 	// maxMTU is the largest IP packet, 2^16-1 bytes.
-	maxMTU = 65535
+	maxMTU = linkspec.MaxMTU
 	// maxPodPrefixBits4 leaves room for network, gateway, one pod and
 	// broadcast: a /30 has 2^(32-30) = 4 addresses.
 	maxPodPrefixBits4 = 30
@@ -136,15 +131,11 @@ func (c Config) Validate() error {
 	if c.HostCheckInterval < 0 {
 		errs = append(errs, fmt.Errorf("host check interval %s: want a positive duration", c.HostCheckInterval))
 	}
-	if err := checkIfName(c.UplinkName); err != nil {
+	if err := linkspec.CheckIfName(c.UplinkName); err != nil {
 		errs = append(errs, fmt.Errorf("uplink name %q: %w", c.UplinkName, err))
 	}
-	minMTU := minMTUv4
-	if has6 {
-		minMTU = minMTUv6
-	}
-	if c.UplinkMTU < minMTU || c.UplinkMTU > maxMTU {
-		errs = append(errs, fmt.Errorf("uplink MTU %d: want %d..%d", c.UplinkMTU, minMTU, maxMTU))
+	if err := linkspec.CheckMTU(c.UplinkMTU, linkspec.MinNodeMTU(has6)); err != nil {
+		errs = append(errs, fmt.Errorf("uplink MTU %w", err))
 	}
 	return errors.Join(errs...)
 }
@@ -178,21 +169,6 @@ func checkPrefix(p netip.Prefix) error {
 		return errors.New("prefix has a zone")
 	case p != p.Masked():
 		return fmt.Errorf("host bits set (want %s)", p.Masked())
-	}
-	return nil
-}
-
-// checkIfName accepts what the kernel's dev_valid_name accepts.
-func checkIfName(name string) error {
-	switch {
-	case name == "":
-		return errors.New("empty")
-	case len(name) > maxIfNameLen:
-		return fmt.Errorf("longer than %d bytes", maxIfNameLen)
-	case name == "." || name == "..":
-		return errors.New("reserved name")
-	case strings.ContainsAny(name, "/: \t\n\v\f\r"):
-		return errors.New("contains '/', ':' or white space")
 	}
 	return nil
 }

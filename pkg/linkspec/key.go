@@ -1,0 +1,12 @@
+package linkspec
+
+// Key names one pod link: one interface of one container, as CNI names it
+// (CNI_CONTAINERID, CNI_IFNAME). It is the agent's attachment key, the IPAM
+// allocator's owner and the wire protocol's attachment.
+type Key struct {
+	ContainerID string `json:"containerID"`
+	IfName      string `json:"ifName"`
+}
+
+// String returns "containerID/ifName".
+func (k Key) String() string { return k.ContainerID + "/" + k.IfName }

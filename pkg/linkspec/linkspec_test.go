@@ -1,0 +1,68 @@
+package linkspec
+
+import (
+	"strings"
+	"testing"
+)
+
+// TestCheckIfName: the names the kernel's dev_valid_name takes pass, the
+// others fail.
+func TestCheckIfName(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ok   bool
+	}{
+		{"eth0", true},
+		{"a", true},
+		{"123456789012345", true},
+		{"1234567890123456", false},
+		{"", false},
+		{".", false},
+		{"..", false},
+		{"...", true},
+		{"eth/0", false},
+		{"eth:0", false},
+		{"eth 0", false},
+		{"eth\t0", false},
+		{"eth\v0", false},
+		{"eth\x000", false},
+		{"eth\u00a00", false},
+	} {
+		err := CheckIfName(tc.name)
+		if got := err == nil; got != tc.ok {
+			t.Errorf("CheckIfName(%q) = %v, want ok %t", tc.name, err, tc.ok)
+		}
+	}
+}
+
+// TestCheckMTU: the bounds are inclusive and the error names them.
+func TestCheckMTU(t *testing.T) {
+	for _, tc := range []struct {
+		mtu, min int
+		want     string
+	}{
+		{MinMTU, MinMTU, ""},
+		{MaxMTU, MinMTU, ""},
+		{MinMTU - 1, MinMTU, "67 is not in 68..65535"},
+		{MaxMTU + 1, MinMTU, "65536 is not in 68..65535"},
+		{1279, MinShmMTU, "1279 is not in 1280..65535"},
+		{1000, MinNodeMTU(false), ""},
+		{1000, MinNodeMTU(true), "1000 is not in 1280..65535"},
+		{575, MinNodeMTU(false), "575 is not in 576..65535"},
+	} {
+		err := CheckMTU(tc.mtu, tc.min)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("CheckMTU(%d, %d) = %v, want nil", tc.mtu, tc.min, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("CheckMTU(%d, %d) = %v, want %q", tc.mtu, tc.min, err, tc.want)
+		}
+	}
+}
+
+// TestKeyString: a key prints as containerID/ifName.
+func TestKeyString(t *testing.T) {
+	if got, want := (Key{"abc", "eth0"}).String(), "abc/eth0"; got != want {
+		t.Errorf("String() = %q, want %q", got, want)
+	}
+}
