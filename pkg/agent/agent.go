@@ -19,6 +19,7 @@ import (
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/ipam"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
 
@@ -58,7 +59,7 @@ type Agent struct {
 	// mu guards the fields below.
 	mu sync.Mutex
 	// +checklocks:mu
-	attachments map[key]*attachment
+	attachments map[linkspec.Key]*attachment
 	// ready is set while the router runs and the agent socket serves.
 	// +checklocks:mu
 	ready bool
@@ -114,7 +115,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Agent, error) {
 		log:         log,
 		router:      r,
 		hostNS:      hostNS,
-		attachments: make(map[key]*attachment),
+		attachments: make(map[linkspec.Key]*attachment),
 		readyCh:     make(chan struct{}),
 	}
 	for _, o := range opts {
@@ -281,7 +282,7 @@ func (a *Agent) stopAll() {
 	for _, att := range a.attachments {
 		atts = append(atts, att)
 	}
-	a.attachments = make(map[key]*attachment)
+	a.attachments = make(map[linkspec.Key]*attachment)
 	a.mu.Unlock()
 	for _, att := range atts {
 		att.stop()

@@ -18,7 +18,7 @@ import (
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
-	"github.com/shm-cni/shm-cni/pkg/ipam"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
@@ -205,13 +205,13 @@ func TestDetachReleases(t *testing.T) {
 	if got := tunFDs(t); got != tunBefore+1 {
 		t.Errorf("%d TAP fds open with a tap attachment, want %d", got, tunBefore+1)
 	}
-	for _, k := range []key{{"pod-a", "eth0"}, {"sandbox-1", "eth0"}} {
+	for _, k := range []linkspec.Key{{ContainerID: "pod-a", IfName: "eth0"}, {ContainerID: "sandbox-1", IfName: "eth0"}} {
 		r.detach(t, k.ContainerID, k.IfName)
 		r.detach(t, k.ContainerID, k.IfName) // DEL is idempotent
-		if _, ok := r.ipam.Get(ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName}); ok {
+		if _, ok := r.ipam.Get(k); ok {
 			t.Errorf("%s: IPAM allocation left after detach", k)
 		}
-		if _, err := os.Stat(filepath.Join(r.cfg.StateDir, attachmentsDir, k.fileName())); !os.IsNotExist(err) {
+		if _, err := os.Stat(filepath.Join(r.cfg.StateDir, attachmentsDir, recordFile(k))); !os.IsNotExist(err) {
 			t.Errorf("%s: record left after detach (%v)", k, err)
 		}
 		_, err := r.call(t, &agentapi.Request{Op: agentapi.OpCheck, Check: &agentapi.CheckRequest{ContainerID: k.ContainerID, IfName: k.IfName}}, nil)
@@ -382,7 +382,7 @@ func TestSandboxSessionsPaced(t *testing.T) {
 	}
 	elapsed := time.Since(start)
 	r.mu.Lock()
-	att := r.attachments[key{"sandbox-1", "eth0"}]
+	att := r.attachments[linkspec.Key{ContainerID: "sandbox-1", IfName: "eth0"}]
 	r.mu.Unlock()
 	att.shm.mu.Lock()
 	sessions := att.shm.sessions
@@ -406,8 +406,8 @@ func TestSandboxSessionsPaced(t *testing.T) {
 func TestAttachCommitFailureUndone(t *testing.T) {
 	e := newEnv(t)
 	r := e.start(t)
-	k := key{"sandbox-1", "eth0"}
-	blocker := filepath.Join(r.cfg.StateDir, attachmentsDir, k.fileName()+tmpSuffix)
+	k := linkspec.Key{ContainerID: "sandbox-1", IfName: "eth0"}
+	blocker := filepath.Join(r.cfg.StateDir, attachmentsDir, recordFile(k)+tmpSuffix)
 	if err := os.Mkdir(blocker, 0o700); err != nil {
 		t.Fatal(err)
 	}

@@ -32,9 +32,6 @@ type attachment struct {
 	stopped atomic.Bool
 }
 
-// linkIDOf names the router link of k.
-func linkIDOf(k key) string { return k.ContainerID + "/" + k.IfName }
-
 // stop removes the link from the router and releases the attachment's
 // descriptors and socket. It keeps the record and the addresses. It must be
 // called with the agent's opMu held (or by the only owner of att).

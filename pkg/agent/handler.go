@@ -14,6 +14,7 @@ import (
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/ipam"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -32,7 +33,7 @@ func (a *Agent) ServeAgent(ctx context.Context, req *agentapi.Request, files []*
 		a.metrics.observeAttach(req.Attach.Kind, err, time.Since(start))
 		return resp, err
 	case agentapi.OpDetach:
-		return nil, a.detach(key{req.Detach.ContainerID, req.Detach.IfName})
+		return nil, a.detach(req.Detach.Key())
 	case agentapi.OpCheck:
 		return nil, a.check(req.Check)
 	case agentapi.OpStatus:
@@ -55,7 +56,7 @@ func (a *Agent) ServeAgent(ctx context.Context, req *agentapi.Request, files []*
 // a record that the runtime's DEL (or GC) releases. If the second step
 // fails, the attachment is undone.
 func (a *Agent) attach(req *agentapi.AttachRequest, files []*os.File) (*agentapi.Response, error) {
-	k := key{req.ContainerID, req.IfName}
+	k := req.Key()
 	if !a.isReady() {
 		return nil, &agentapi.Error{Code: agentapi.CodeTryAgainLater, Msg: "agent is not ready"}
 	}
@@ -89,7 +90,7 @@ func (a *Agent) attach(req *agentapi.AttachRequest, files []*os.File) (*agentapi
 }
 
 // attachError is err as the agent answers a failed attach of k.
-func attachError(k key, err error) error {
+func attachError(k linkspec.Key, err error) error {
 	var ae *agentapi.Error
 	if errors.As(err, &ae) {
 		return fmt.Errorf("attach %s: %w", k, err)
@@ -103,7 +104,7 @@ func attachError(k key, err error) error {
 // attachLink is attach's first step, under the operation lock: it takes
 // the addresses, brings the link up and publishes the attachment. commit,
 // run without the lock, makes the addresses and the record durable.
-func (a *Agent) attachLink(k key, req *agentapi.AttachRequest, files []*os.File) (att *attachment, commit func() error, err error) {
+func (a *Agent) attachLink(k linkspec.Key, req *agentapi.AttachRequest, files []*os.File) (att *attachment, commit func() error, err error) {
 	a.opMu.Lock()
 	defer a.opMu.Unlock()
 	a.mu.Lock()
@@ -156,15 +157,14 @@ func (a *Agent) attachLink(k key, req *agentapi.AttachRequest, files []*os.File)
 		}
 		slices.SortStableFunc(rec.Addrs, func(x, y netip.Addr) int { return boolCmp(y.Is4(), x.Is4()) })
 	} else {
-		owner := ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName}
-		addrs, commit, err := a.ipam.Reserve(owner)
+		addrs, commit, err := a.ipam.Reserve(k)
 		if err != nil {
 			return nil, nil, err
 		}
 		rec.Addrs, rec.Allocated, commitAddrs = addrs, true, commit
 		defer func() {
 			if !success {
-				if err := a.ipam.Release(owner); err != nil {
+				if err := a.ipam.Release(k); err != nil {
 					a.log.Error("release addresses of a failed attach", "attachment", k, "err", err)
 				}
 			}
@@ -203,7 +203,7 @@ func (a *Agent) attachLink(k key, req *agentapi.AttachRequest, files []*os.File)
 // a DEL removed it meanwhile.
 //
 // +checklocks:a.opMu
-func (a *Agent) abortAttach(k key, att *attachment) {
+func (a *Agent) abortAttach(k linkspec.Key, att *attachment) {
 	a.mu.Lock()
 	cur := a.attachments[k]
 	a.mu.Unlock()
@@ -249,7 +249,7 @@ func (a *Agent) attachShm(rec *record, files []*os.File, sockPath string) (*atta
 // startShm serves rec's sandbox socket; pair (owned from the call on) is
 // the first session's, or nil.
 func (a *Agent) startShm(rec *record, pair *queue.Pair, sockPath string) (*attachment, error) {
-	id := linkIDOf(rec.key())
+	id := rec.key().String()
 	log := a.log.With("link", id)
 	s, err := newShmLink(sockPath, id, rec, pair, a.cfg.LinkRxLimit, a.router, log)
 	if err != nil {
@@ -259,7 +259,7 @@ func (a *Agent) startShm(rec *record, pair *queue.Pair, sockPath string) (*attac
 }
 
 // socketUser returns the attachment whose sandbox socket is path, if any.
-func (a *Agent) socketUser(path string) *key {
+func (a *Agent) socketUser(path string) *linkspec.Key {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for k, att := range a.attachments {
@@ -273,21 +273,20 @@ func (a *Agent) socketUser(path string) *key {
 // detach removes k's attachment: link, descriptors, socket, addresses (when
 // the agent allocated them) and record. An unknown attachment is a success:
 // DEL may be called several times.
-func (a *Agent) detach(k key) error {
+func (a *Agent) detach(k linkspec.Key) error {
 	a.opMu.Lock()
 	defer a.opMu.Unlock()
 	return a.detachLocked(k)
 }
 
 // +checklocks:a.opMu
-func (a *Agent) detachLocked(k key) error {
+func (a *Agent) detachLocked(k linkspec.Key) error {
 	a.mu.Lock()
 	att := a.attachments[k]
 	a.mu.Unlock()
-	owner := ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName}
 	if att == nil {
 		// Addresses a crash left between allocation and record.
-		if err := a.ipam.Release(owner); err != nil {
+		if err := a.ipam.Release(k); err != nil {
 			return fmt.Errorf("detach %s: %w", k, err)
 		}
 		return a.store.remove(k)
@@ -295,7 +294,7 @@ func (a *Agent) detachLocked(k key) error {
 	att.stop()
 	if att.rec.Allocated {
 		// On failure the attachment stays, stopped, for a retried DEL.
-		if err := a.ipam.Release(owner); err != nil {
+		if err := a.ipam.Release(k); err != nil {
 			return fmt.Errorf("detach %s: %w", k, err)
 		}
 	}
@@ -312,7 +311,7 @@ func (a *Agent) detachLocked(k key) error {
 // check verifies that the attachment exists, holds the IPs given and, for a
 // tap link, still has its device.
 func (a *Agent) check(req *agentapi.CheckRequest) error {
-	k := key{req.ContainerID, req.IfName}
+	k := req.Key()
 	a.mu.Lock()
 	att := a.attachments[k]
 	a.mu.Unlock()
@@ -369,26 +368,26 @@ func (a *Agent) status() *agentapi.Response {
 // gc detaches every attachment not in req.Valid and releases every address
 // allocation not in it.
 func (a *Agent) gc(req *agentapi.GCRequest) (*agentapi.Response, error) {
-	valid := make(map[key]bool, len(req.Valid))
+	valid := make(map[linkspec.Key]bool, len(req.Valid))
 	owners := make([]ipam.Owner, 0, len(req.Valid))
 	for _, v := range req.Valid {
-		valid[key{v.ContainerID, v.IfName}] = true
-		owners = append(owners, ipam.Owner{ContainerID: v.ContainerID, IfName: v.IfName})
+		valid[v] = true
+		owners = append(owners, v)
 	}
 	a.opMu.Lock()
 	defer a.opMu.Unlock()
 	a.mu.Lock()
-	var stale []key
+	var stale []linkspec.Key
 	for k := range a.attachments {
 		if !valid[k] {
 			stale = append(stale, k)
 		}
 	}
 	a.mu.Unlock()
-	slices.SortFunc(stale, func(x, y key) int { return strings.Compare(x.String(), y.String()) })
+	slices.SortFunc(stale, func(x, y linkspec.Key) int { return strings.Compare(x.String(), y.String()) })
 
 	resp := &agentapi.GCResponse{Released: []agentapi.Attachment{}}
-	released := make(map[key]bool)
+	released := make(map[linkspec.Key]bool)
 	var errs []error
 	for _, k := range stale {
 		if err := a.detachLocked(k); err != nil {
@@ -396,12 +395,12 @@ func (a *Agent) gc(req *agentapi.GCRequest) (*agentapi.Response, error) {
 			continue
 		}
 		released[k] = true
-		resp.Released = append(resp.Released, agentapi.Attachment{ContainerID: k.ContainerID, IfName: k.IfName})
+		resp.Released = append(resp.Released, k)
 	}
 	// Keep the allocations of attachments whose detach failed.
 	for _, k := range stale {
 		if !released[k] {
-			owners = append(owners, ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName})
+			owners = append(owners, k)
 		}
 	}
 	freed, err := a.ipam.ReleaseExcept(owners)
@@ -409,9 +408,9 @@ func (a *Agent) gc(req *agentapi.GCRequest) (*agentapi.Response, error) {
 		errs = append(errs, err)
 	}
 	for _, al := range freed {
-		k := key{al.Owner.ContainerID, al.Owner.IfName}
+		k := al.Owner
 		if !released[k] {
-			resp.Released = append(resp.Released, agentapi.Attachment{ContainerID: k.ContainerID, IfName: k.IfName})
+			resp.Released = append(resp.Released, k)
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

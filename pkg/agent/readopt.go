@@ -29,24 +29,24 @@ func (a *Agent) readopt() error {
 	var keep []ipam.Owner
 	for _, rec := range recs {
 		k := rec.key()
-		log := a.log.With("link", linkIDOf(k))
+		log := a.log.With("link", k.String())
 		att, err := a.readoptOne(rec)
 		switch {
 		case errors.Is(err, errGone):
 			log.Info("attachment gone while the agent was down; releasing it", "reason", err)
 			if err := a.releaseRecord(rec); err != nil {
 				log.Error("release gone attachment", "err", err)
-				keep = append(keep, ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName})
+				keep = append(keep, k)
 			}
 			continue
 		case err != nil:
 			log.Error("cannot re-adopt attachment; keeping it without a link until DEL or GC", "err", err)
-			att = &attachment{rec: rec, linkID: linkIDOf(k), router: a.router, log: log}
+			att = &attachment{rec: rec, linkID: k.String(), router: a.router, log: log}
 			att.stopped.Store(true)
 		default:
 			log.Info("attachment re-adopted", "kind", rec.Kind, "addrs", rec.Addrs)
 		}
-		keep = append(keep, ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName})
+		keep = append(keep, k)
 		a.mu.Lock()
 		a.attachments[k] = att
 		a.mu.Unlock()
@@ -86,7 +86,7 @@ func (a *Agent) readoptOne(rec *record) (*attachment, error) {
 func (a *Agent) releaseRecord(rec *record) error {
 	k := rec.key()
 	if rec.Allocated {
-		if err := a.ipam.Release(ipam.Owner{ContainerID: k.ContainerID, IfName: k.IfName}); err != nil {
+		if err := a.ipam.Release(k); err != nil {
 			return err
 		}
 	}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
@@ -69,7 +70,7 @@ type shmLink struct {
 }
 
 // sandboxSocketPath is the per-link socket of k under dir.
-func sandboxSocketPath(dir string, k key) string {
+func sandboxSocketPath(dir string, k linkspec.Key) string {
 	return filepath.Join(dir, k.ContainerID+"-"+k.IfName+".sock")
 }
 

@@ -13,6 +13,7 @@ import (
 	"strings"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -55,19 +56,14 @@ type record struct {
 	VnetHdr bool   `json:"vnetHdr,omitempty"`
 }
 
-// key identifies an attachment.
-type key struct {
-	ContainerID string
-	IfName      string
+func (r *record) key() linkspec.Key {
+	return linkspec.Key{ContainerID: r.ContainerID, IfName: r.IfName}
 }
 
-func (k key) String() string { return k.ContainerID + "/" + k.IfName }
-
-func (r *record) key() key { return key{r.ContainerID, r.IfName} }
-
-// fileName is k's record file name. ':' appears in neither a container ID
-// nor an interface name (agentapi validates both), so names never collide.
-func (k key) fileName() string { return k.ContainerID + ":" + k.IfName + recordSuffix }
+// recordFile is k's record file name. ':' appears in neither a container
+// ID nor an interface name (agentapi validates both), so names never
+// collide.
+func recordFile(k linkspec.Key) string { return k.ContainerID + ":" + k.IfName + recordSuffix }
 
 // validate checks a record read from disk.
 func (r *record) validate() error {
@@ -154,8 +150,8 @@ func encodeRecord(r *record) ([]byte, error) {
 // write is put of a record encoded by encodeRecord. Writes of different
 // records may run at once: their fsyncs then share the file system's
 // journal commits.
-func (s *store) write(k key, b []byte) error {
-	name := filepath.Join(s.dir, k.fileName())
+func (s *store) write(k linkspec.Key, b []byte) error {
+	name := filepath.Join(s.dir, recordFile(k))
 	tmp := name + tmpSuffix
 	if err := writeSync(tmp, b); err != nil {
 		os.Remove(tmp)
@@ -172,8 +168,8 @@ func (s *store) write(k key, b []byte) error {
 }
 
 // remove deletes k's record; a missing record is not an error.
-func (s *store) remove(k key) error {
-	if err := os.Remove(filepath.Join(s.dir, k.fileName())); err != nil && !errors.Is(err, fs.ErrNotExist) {
+func (s *store) remove(k linkspec.Key) error {
+	if err := os.Remove(filepath.Join(s.dir, recordFile(k))); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove attachment %s: %w", k, err)
 	}
 	if err := syncDir(s.dir); err != nil {
@@ -200,7 +196,7 @@ func (s *store) load() (recs []*record, bad []error, err error) {
 			continue
 		}
 		r, err := parseRecord(b)
-		if err == nil && r.key().fileName() != e.Name() {
+		if err == nil && recordFile(r.key()) != e.Name() {
 			err = fmt.Errorf("holds attachment %s", r.key())
 		}
 		if err != nil {

@@ -22,7 +22,7 @@ import (
 // in rec's device fields (and PodMAC when empty, from the device). f stays
 // the caller's: the endpoint keeps a duplicate.
 func (a *Agent) attachTAP(rec *record, f *os.File) (*attachment, error) {
-	att := &attachment{rec: rec, linkID: linkIDOf(rec.key()), router: a.router, log: a.log.With("link", linkIDOf(rec.key()))}
+	att := &attachment{rec: rec, linkID: rec.key().String(), router: a.router, log: a.log.With("link", rec.key().String())}
 	rc, err := f.SyscallConn()
 	if err != nil {
 		return nil, invalid("tap fd: %v", err)

@@ -202,7 +202,7 @@ func TestJSONKeys(t *testing.T) {
 	got = string(mustJSON(t, &Response{Version: 1, Error: NewError(7, "m", "d"), Attach: &AttachResponse{
 		IPs: []IPConfig{{Address: "10.0.0.2/32", Gateway: "169.254.1.1"}}, Routes: []Route{{Dst: "0.0.0.0/0", GW: "169.254.1.1", MTU: 1400}},
 		MTU: 1500, MAC: "m1", GatewayMAC: "m2", SocketPath: "/run/x.sock",
-	}, Status: &StatusResponse{Ready: true, Reason: "r", Attachments: 3}, GC: &GCResponse{Released: []Attachment{{"c", "eth0"}}}}))
+	}, Status: &StatusResponse{Ready: true, Reason: "r", Attachments: 3}, GC: &GCResponse{Released: []Attachment{{ContainerID: "c", IfName: "eth0"}}}}))
 	want = `{"version":1,"error":{"code":7,"msg":"m","details":"d"},"attach":{"ips":[{"address":"10.0.0.2/32","gateway":"169.254.1.1"}],"routes":[{"dst":"0.0.0.0/0","gw":"169.254.1.1","mtu":1400}],"mtu":1500,"mac":"m1","gatewayMAC":"m2","socketPath":"/run/x.sock"},"status":{"ready":true,"reason":"r","attachments":3},"gc":{"released":[{"containerID":"c","ifName":"eth0"}]}}`
 	if got != want {
 		t.Errorf("got  %s\nwant %s", got, want)

@@ -1,5 +1,7 @@
 package agentapi
 
+import "github.com/shm-cni/shm-cni/pkg/linkspec"
+
 // Version is the protocol version this package speaks. Every Request and
 // Response carries it; a peer speaking another version is refused with
 // CodeVersionMismatch.
@@ -114,9 +116,21 @@ type GCRequest struct {
 }
 
 // Attachment names one pod link.
-type Attachment struct {
-	ContainerID string `json:"containerID"`
-	IfName      string `json:"ifName"`
+type Attachment = linkspec.Key
+
+// Key returns the attachment r is about.
+func (r *AttachRequest) Key() Attachment {
+	return Attachment{ContainerID: r.ContainerID, IfName: r.IfName}
+}
+
+// Key returns the attachment r is about.
+func (r *DetachRequest) Key() Attachment {
+	return Attachment{ContainerID: r.ContainerID, IfName: r.IfName}
+}
+
+// Key returns the attachment r is about.
+func (r *CheckRequest) Key() Attachment {
+	return Attachment{ContainerID: r.ContainerID, IfName: r.IfName}
 }
 
 // Response is the agent's one answer. Error is set on failure; otherwise the

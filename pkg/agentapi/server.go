@@ -359,13 +359,16 @@ func (s *Server) writeResponse(conn *net.UnixConn, log *slog.Logger, resp *Respo
 
 // id returns the attachment a request is about, or nil.
 func (r *Request) id() *Attachment {
+	var k Attachment
 	switch {
 	case r.Attach != nil:
-		return &Attachment{ContainerID: r.Attach.ContainerID, IfName: r.Attach.IfName}
+		k = r.Attach.Key()
 	case r.Detach != nil:
-		return &Attachment{ContainerID: r.Detach.ContainerID, IfName: r.Detach.IfName}
+		k = r.Detach.Key()
 	case r.Check != nil:
-		return &Attachment{ContainerID: r.Check.ContainerID, IfName: r.Check.IfName}
+		k = r.Check.Key()
+	default:
+		return nil
 	}
-	return nil
+	return &k
 }

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
 var (
@@ -26,16 +28,11 @@ var (
 )
 
 // Owner identifies an allocation: one interface of one container, as CNI
-// names it.
-type Owner struct {
-	ContainerID string
-	IfName      string
-}
+// names it. It is the key of the pod link the addresses are for.
+type Owner = linkspec.Key
 
-// String returns "containerID/ifName".
-func (o Owner) String() string { return o.ContainerID + "/" + o.IfName }
-
-func (o Owner) validate() error {
+// validateOwner checks that o names a container and an interface.
+func validateOwner(o Owner) error {
 	if o.ContainerID == "" || o.IfName == "" {
 		return fmt.Errorf("owner %q: container ID and interface name must not be empty", o.String())
 	}
@@ -180,7 +177,7 @@ type reservation struct {
 }
 
 func (a *Allocator) reserve(o Owner) (reservation, error) {
-	if err := o.validate(); err != nil {
+	if err := validateOwner(o); err != nil {
 		return reservation{}, fmt.Errorf("allocate %s: %w", o, err)
 	}
 	a.mu.Lock()

@@ -2,7 +2,6 @@ package ipam
 
 import (
 	"bytes"
-	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -87,7 +86,7 @@ func (s *state) sortedAllocations() []Allocation {
 	for o, addrs := range s.allocs {
 		out = append(out, Allocation{Owner: o, Addrs: slices.Clone(addrs)})
 	}
-	slices.SortFunc(out, func(a, b Allocation) int { return a.Owner.compare(b.Owner) })
+	slices.SortFunc(out, func(a, b Allocation) int { return a.Owner.Compare(b.Owner) })
 	return out
 }
 
@@ -145,7 +144,7 @@ func parseState(b []byte) (*state, error) {
 	}
 	for i, fa := range f.Allocations {
 		o := Owner{ContainerID: fa.ContainerID, IfName: fa.IfName}
-		if err := o.validate(); err != nil {
+		if err := validateOwner(o); err != nil {
 			return nil, fmt.Errorf("allocation %d: %w", i, err)
 		}
 		if _, dup := s.allocs[o]; dup {
@@ -244,9 +243,4 @@ func syncDir(dir string) error {
 		return fmt.Errorf("sync ipam state dir %s: %w", dir, err)
 	}
 	return nil
-}
-
-// compare orders owners by container ID, then interface name.
-func (o Owner) compare(p Owner) int {
-	return cmp.Or(cmp.Compare(o.ContainerID, p.ContainerID), cmp.Compare(o.IfName, p.IfName))
 }

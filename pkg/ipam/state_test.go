@@ -127,7 +127,7 @@ func FuzzParseState(f *testing.F) {
 		}
 		n := 0
 		for o, addrs := range s.allocs {
-			if o.validate() != nil || checkAddrs(addrs) != nil {
+			if validateOwner(o) != nil || checkAddrs(addrs) != nil {
 				t.Fatalf("accepted invalid allocation %s %v", o, addrs)
 			}
 			for _, a := range addrs {
