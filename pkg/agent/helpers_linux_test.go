@@ -27,6 +27,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/queue"
@@ -387,17 +388,10 @@ func (sb *sandbox) addr(v4 bool) netip.Addr {
 	panic("no address of that family")
 }
 
-func protoOf(a netip.Addr) tcpip.NetworkProtocolNumber {
-	if a.Is4() {
-		return ipv4.ProtocolNumber
-	}
-	return ipv6.ProtocolNumber
-}
-
 // listen listens on a TCP port of addr inside the sandbox.
 func (sb *sandbox) listen(t *testing.T, addr netip.Addr, port uint16) net.Listener {
 	t.Helper()
-	ln, err := gonet.ListenTCP(sb.s, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(addr.AsSlice()), Port: port}, protoOf(addr))
+	ln, err := gonet.ListenTCP(sb.s, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(addr.AsSlice()), Port: port}, tcpipx.ProtocolOf(addr))
 	if err != nil {
 		t.Fatalf("sandbox listen %s: %v", addr, err)
 	}
@@ -409,7 +403,7 @@ func (sb *sandbox) listen(t *testing.T, addr netip.Addr, port uint16) net.Listen
 func (sb *sandbox) dial(dst netip.AddrPort) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), ioTimeout)
 	defer cancel()
-	return gonet.DialContextTCP(ctx, sb.s, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(dst.Addr().AsSlice()), Port: dst.Port()}, protoOf(dst.Addr()))
+	return gonet.DialContextTCP(ctx, sb.s, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(dst.Addr().AsSlice()), Port: dst.Port()}, tcpipx.ProtocolOf(dst.Addr()))
 }
 
 // listenIn listens on a kernel TCP port of addr inside n.

@@ -6,10 +6,10 @@ import (
 	"net/netip"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"unicode"
 
+	"github.com/shm-cni/shm-cni/internal/untrusted"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
@@ -25,16 +25,6 @@ type problems []string
 
 func (p *problems) add(field, format string, args ...any) {
 	*p = append(*p, field+": "+fmt.Sprintf(format, args...))
-}
-
-// quote quotes a peer-supplied value for an error message, cut to 64 bytes
-// so a hostile value cannot blow up logs.
-func quote(s string) string {
-	const max = 64
-	if len(s) > max {
-		return strconv.Quote(s[:max]) + "..."
-	}
-	return strconv.Quote(s)
 }
 
 // Validate checks r's fields and returns nil or an *Error with
@@ -84,11 +74,11 @@ func (r *Request) Validate() error {
 	case "":
 		p.add("op", "required")
 	default:
-		p.add("op", "%s is not one of %s, %s, %s, %s, %s", quote(r.Op), OpAttach, OpDetach, OpCheck, OpStatus, OpGC)
+		p.add("op", "%s is not one of %s, %s, %s, %s, %s", untrusted.Quote(r.Op), OpAttach, OpDetach, OpCheck, OpStatus, OpGC)
 	}
 	for _, b := range bodies {
 		if b.set && b.op != r.Op {
-			p.add(b.op, "not allowed for op %s", quote(r.Op))
+			p.add(b.op, "not allowed for op %s", untrusted.Quote(r.Op))
 		}
 	}
 	if len(p) == 0 {
@@ -115,10 +105,10 @@ func (a *AttachRequest) WantFDs() int {
 // have passed Validate.
 func (r *Request) ValidateFDs(n int) error {
 	want := 0
-	what := "op " + quote(r.Op)
+	what := "op " + untrusted.Quote(r.Op)
 	if r.Op == OpAttach && r.Attach != nil {
 		want = r.Attach.WantFDs()
-		what = "attach kind " + quote(r.Attach.Kind)
+		what = "attach kind " + untrusted.Quote(r.Attach.Kind)
 	}
 	if n == want {
 		return nil
@@ -136,13 +126,13 @@ func (a *AttachRequest) validate(p *problems) {
 	case a.Netns == "":
 		p.add("attach.netns", "required")
 	case !filepath.IsAbs(a.Netns) || strings.ContainsRune(a.Netns, 0):
-		p.add("attach.netns", "%s is not an absolute path", quote(a.Netns))
+		p.add("attach.netns", "%s is not an absolute path", untrusted.Quote(a.Netns))
 	}
 	switch {
 	case a.Network == "":
 		p.add("attach.network", "required")
 	case !cniName.MatchString(a.Network):
-		p.add("attach.network", "%s must match %s", quote(a.Network), cniName)
+		p.add("attach.network", "%s must match %s", untrusted.Quote(a.Network), cniName)
 	}
 	switch a.Kind {
 	case KindShm:
@@ -166,7 +156,7 @@ func (a *AttachRequest) validate(p *problems) {
 	case "":
 		p.add("attach.kind", "required")
 	default:
-		p.add("attach.kind", "%s is not one of %s, %s", quote(a.Kind), KindShm, KindTap)
+		p.add("attach.kind", "%s is not one of %s, %s", untrusted.Quote(a.Kind), KindShm, KindTap)
 	}
 	if err := linkspec.CheckMTU(a.MTU, linkspec.MinMTU); a.MTU != 0 && err != nil {
 		p.add("attach.mtu", "%v (or 0, the default)", err)
@@ -178,11 +168,11 @@ func (a *AttachRequest) validate(p *problems) {
 		hw, err := net.ParseMAC(a.MAC)
 		switch {
 		case err != nil || len(hw) != 6:
-			p.add("attach.mac", "%s is not a 6-byte MAC address", quote(a.MAC))
+			p.add("attach.mac", "%s is not a 6-byte MAC address", untrusted.Quote(a.MAC))
 		case hw[0]&1 != 0:
-			p.add("attach.mac", "%s is a multicast address", quote(a.MAC))
+			p.add("attach.mac", "%s is a multicast address", untrusted.Quote(a.MAC))
 		case string(hw) == "\x00\x00\x00\x00\x00\x00":
-			p.add("attach.mac", "%s is all zeroes", quote(a.MAC))
+			p.add("attach.mac", "%s is all zeroes", untrusted.Quote(a.MAC))
 		}
 	}
 }
@@ -194,10 +184,10 @@ func validateID(p *problems, prefix, containerID, ifName string) {
 	case containerID == "":
 		p.add(prefix+".containerID", "required")
 	case !cniName.MatchString(containerID):
-		p.add(prefix+".containerID", "%s must match %s", quote(containerID), cniName)
+		p.add(prefix+".containerID", "%s must match %s", untrusted.Quote(containerID), cniName)
 	}
 	if linkspec.CheckIfName(ifName) != nil {
-		p.add(prefix+".ifName", "%s must be 1..%d bytes, no '/', ':' or whitespace, not \".\" or \"..\"", quote(ifName), linkspec.MaxIfNameLen)
+		p.add(prefix+".ifName", "%s must be 1..%d bytes, no '/', ':' or whitespace, not \".\" or \"..\"", untrusted.Quote(ifName), linkspec.MaxIfNameLen)
 	}
 }
 
@@ -209,11 +199,11 @@ func validateIPs(p *problems, field string, ips []string) {
 		f := fmt.Sprintf("%s[%d]", field, i)
 		pfx, err := netip.ParsePrefix(s)
 		if err != nil {
-			p.add(f, "%s is not a CIDR", quote(s))
+			p.add(f, "%s is not a CIDR", untrusted.Quote(s))
 			continue
 		}
 		if j, dup := seen[pfx.Addr()]; dup {
-			p.add(f, "%s repeats the address of %s[%d]", quote(s), field, j)
+			p.add(f, "%s repeats the address of %s[%d]", untrusted.Quote(s), field, j)
 			continue
 		}
 		seen[pfx.Addr()] = i
@@ -228,7 +218,7 @@ func validateName(p *problems, field, s string) {
 	}
 	for _, r := range s {
 		if r == '/' || !unicode.IsPrint(r) || unicode.IsSpace(r) {
-			p.add(field, "%s has a '/', space or unprintable character", quote(s))
+			p.add(field, "%s has a '/', space or unprintable character", untrusted.Quote(s))
 			return
 		}
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 	"github.com/containernetworking/plugins/pkg/ipam"
 
+	"github.com/shm-cni/shm-cni/internal/untrusted"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 )
 
@@ -111,7 +112,7 @@ func expectedLink(prev *types100.Result, ifName, netns string) (*wantLink, error
 		}
 	}
 	if idx < 0 {
-		return nil, newError(agentapi.CodeCheckFailed, "CHECK: prevResult has no interface %s in sandbox %s", quote(ifName), quote(netns))
+		return nil, newError(agentapi.CodeCheckFailed, "CHECK: prevResult has no interface %s in sandbox %s", untrusted.Quote(ifName), untrusted.Quote(netns))
 	}
 	iface := prev.Interfaces[idx]
 	w := &wantLink{MTU: iface.Mtu}
@@ -121,7 +122,7 @@ func expectedLink(prev *types100.Result, ifName, netns string) (*wantLink, error
 	if iface.Mac != "" {
 		mac, err := net.ParseMAC(iface.Mac)
 		if err != nil {
-			return nil, newError(agentapi.CodeDecodingFailure, "prevResult: interfaces[%d].mac: %s is not a MAC address", idx, quote(iface.Mac))
+			return nil, newError(agentapi.CodeDecodingFailure, "prevResult: interfaces[%d].mac: %s is not a MAC address", idx, untrusted.Quote(iface.Mac))
 		}
 		w.MAC = mac
 	}
@@ -143,7 +144,7 @@ func expectedLink(prev *types100.Result, ifName, netns string) (*wantLink, error
 		}
 	}
 	if len(w.Addrs) == 0 {
-		return nil, newError(agentapi.CodeCheckFailed, "CHECK: prevResult has no address for interface %s", quote(ifName))
+		return nil, newError(agentapi.CodeCheckFailed, "CHECK: prevResult has no address for interface %s", untrusted.Quote(ifName))
 	}
 	for i, r := range prev.Routes {
 		if r == nil {

@@ -7,11 +7,11 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
-	"strconv"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
 
+	"github.com/shm-cni/shm-cni/internal/untrusted"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
@@ -204,7 +204,7 @@ func (c *Config) Validate() error {
 	case c.AgentSocket == "":
 		add("agentSocket", "required")
 	case !filepath.IsAbs(c.AgentSocket) || strings.ContainsRune(c.AgentSocket, 0):
-		add("agentSocket", "%s is not an absolute path", quote(c.AgentSocket))
+		add("agentSocket", "%s is not an absolute path", untrusted.Quote(c.AgentSocket))
 	case len(c.AgentSocket) > maxSocketPath:
 		add("agentSocket", "%d bytes, longer than a unix socket path may be (%d)", len(c.AgentSocket), maxSocketPath)
 	}
@@ -214,13 +214,13 @@ func (c *Config) Validate() error {
 		}
 	}
 	if c.LogFile != "" && (!filepath.IsAbs(c.LogFile) || strings.ContainsRune(c.LogFile, 0)) {
-		add("logFile", "%s is not an absolute path", quote(c.LogFile))
+		add("logFile", "%s is not an absolute path", untrusted.Quote(c.LogFile))
 	}
 	if _, err := parseLevel(c.LogLevel); err != nil {
 		add("logLevel", "%v", err)
 	}
 	if c.IPAM.Type != "" && (strings.ContainsAny(c.IPAM.Type, `/\`) || c.IPAM.Type == "." || c.IPAM.Type == "..") {
-		add("ipam.type", "%s is not a plugin name", quote(c.IPAM.Type))
+		add("ipam.type", "%s is not a plugin name", untrusted.Quote(c.IPAM.Type))
 	}
 	return errors.Join(errs...)
 }
@@ -295,7 +295,7 @@ func validKind(k string) error {
 	case KindTap, KindShm:
 		return nil
 	}
-	return fmt.Errorf("unknown link kind %s (want %s or %s)", quote(k), KindTap, KindShm)
+	return fmt.Errorf("unknown link kind %s (want %s or %s)", untrusted.Quote(k), KindTap, KindShm)
 }
 
 // parseLevel parses a logLevel value.
@@ -310,7 +310,7 @@ func parseLevel(s string) (slog.Level, error) {
 	case "error":
 		return slog.LevelError, nil
 	}
-	return 0, fmt.Errorf("%s is not one of debug, info, warn, error", quote(s))
+	return 0, fmt.Errorf("%s is not one of debug, info, warn, error", untrusted.Quote(s))
 }
 
 // unjoin returns the errors an errors.Join joined, or err alone.
@@ -329,14 +329,4 @@ func joinDetails(err error) string {
 		parts = append(parts, e.Error())
 	}
 	return strings.Join(parts, "; ")
-}
-
-// quote quotes a value for an error message, cut to 64 bytes so a hostile
-// config cannot blow up logs.
-func quote(s string) string {
-	const max = 64
-	if len(s) > max {
-		return strconv.Quote(s[:max]) + "..."
-	}
-	return strconv.Quote(s)
 }

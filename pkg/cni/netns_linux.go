@@ -13,6 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/shm-cni/shm-cni/internal/untrusted"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
@@ -48,18 +49,18 @@ type podRoute struct {
 func openNetNS(path string) (ns.NetNS, error) {
 	netns, err := ns.GetNS(path)
 	if err != nil {
-		return nil, newError(agentapi.CodeInvalidEnvironment, "CNI_NETNS %s: not a network namespace: %v", quote(path), err)
+		return nil, newError(agentapi.CodeInvalidEnvironment, "CNI_NETNS %s: not a network namespace: %v", untrusted.Quote(path), err)
 	}
 	// GetNS accepts any file on procfs; make sure this one is a netns.
 	if t, err := unix.IoctlRetInt(int(netns.Fd()), unix.NS_GET_NSTYPE); err != nil || t != unix.CLONE_NEWNET {
 		netns.Close()
-		return nil, newError(agentapi.CodeInvalidEnvironment, "CNI_NETNS %s: not a network namespace", quote(path))
+		return nil, newError(agentapi.CodeInvalidEnvironment, "CNI_NETNS %s: not a network namespace", untrusted.Quote(path))
 	}
 	var own, pod unix.Stat_t
 	if err := unix.Stat("/proc/thread-self/ns/net", &own); err == nil {
 		if err := unix.Fstat(int(netns.Fd()), &pod); err == nil && own.Dev == pod.Dev && own.Ino == pod.Ino {
 			netns.Close()
-			return nil, newError(agentapi.CodeInvalidNetNS, "CNI_NETNS %s is the plugin's own network namespace", quote(path))
+			return nil, newError(agentapi.CodeInvalidNetNS, "CNI_NETNS %s is the plugin's own network namespace", untrusted.Quote(path))
 		}
 	}
 	return netns, nil
@@ -97,7 +98,7 @@ func ifNameFreeH(h netlinksafe.Handle, name string) error {
 	case err != nil:
 		return fmt.Errorf("look up interface %s: %w", name, err)
 	}
-	return newError(agentapi.CodeInterfaceExists, "CNI_IFNAME %s already exists in the pod's network namespace", quote(name))
+	return newError(agentapi.CodeInterfaceExists, "CNI_IFNAME %s already exists in the pod's network namespace", untrusted.Quote(name))
 }
 
 // createTAP creates the persistent TAP device name in netns, with a

@@ -10,6 +10,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 
+	"github.com/shm-cni/shm-cni/internal/untrusted"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
@@ -72,7 +73,7 @@ func parseAttach(r *agentapi.AttachResponse, kind string, defaultMTU int) (*atta
 		}
 		if ipc.Gateway != "" {
 			if gw, err = netip.ParseAddr(ipc.Gateway); err != nil || gw.Is4() != addr.Is4() || gw.Zone() != "" {
-				return nil, bad("ips[%d].gateway: %s is not an address of the family of %s", i, quote(ipc.Gateway), addr)
+				return nil, bad("ips[%d].gateway: %s is not an address of the family of %s", i, untrusted.Quote(ipc.Gateway), addr)
 			}
 		}
 		at.Addrs = append(at.Addrs, netip.PrefixFrom(addr, addr.BitLen()))
@@ -84,12 +85,12 @@ func parseAttach(r *agentapi.AttachResponse, kind string, defaultMTU int) (*atta
 	for i, rt := range r.Routes {
 		dst, err := netip.ParsePrefix(rt.Dst)
 		if err != nil || dst.Addr().Zone() != "" {
-			return nil, bad("routes[%d].dst: %s is not a CIDR", i, quote(rt.Dst))
+			return nil, bad("routes[%d].dst: %s is not a CIDR", i, untrusted.Quote(rt.Dst))
 		}
 		pr := podRoute{Dst: dst.Masked(), MTU: rt.MTU}
 		if rt.GW != "" {
 			if pr.GW, err = netip.ParseAddr(rt.GW); err != nil || pr.GW.Is4() != dst.Addr().Is4() || pr.GW.Zone() != "" {
-				return nil, bad("routes[%d].gw: %s is not an address of the family of %s", i, quote(rt.GW), dst)
+				return nil, bad("routes[%d].gw: %s is not an address of the family of %s", i, untrusted.Quote(rt.GW), dst)
 			}
 		}
 		if rt.MTU < 0 || rt.MTU > 65535 {
@@ -131,7 +132,7 @@ func parseAttach(r *agentapi.AttachResponse, kind string, defaultMTU int) (*atta
 		at.MAC = nil
 	}
 	if kind == KindShm && (!filepath.IsAbs(at.SocketPath) || len(at.SocketPath) > maxSocketPath) {
-		return nil, bad("socketPath: %s is not an absolute unix socket path", quote(at.SocketPath))
+		return nil, bad("socketPath: %s is not an absolute unix socket path", untrusted.Quote(at.SocketPath))
 	}
 	return at, nil
 }
@@ -210,7 +211,7 @@ func parseAddr(s string) (netip.Addr, error) {
 	}
 	a, err := netip.ParseAddr(s)
 	if err != nil || a.Zone() != "" || a.Is4In6() || !a.IsGlobalUnicast() {
-		return netip.Addr{}, fmt.Errorf("%s is not a unicast address", quote(s))
+		return netip.Addr{}, fmt.Errorf("%s is not a unicast address", untrusted.Quote(s))
 	}
 	return a, nil
 }
@@ -220,11 +221,11 @@ func parseMAC(s string) (net.HardwareAddr, error) {
 	hw, err := net.ParseMAC(s)
 	switch {
 	case err != nil || len(hw) != 6:
-		return nil, fmt.Errorf("%s is not a 6-byte MAC address", quote(s))
+		return nil, fmt.Errorf("%s is not a 6-byte MAC address", untrusted.Quote(s))
 	case hw[0]&1 != 0:
-		return nil, fmt.Errorf("%s is a multicast address", quote(s))
+		return nil, fmt.Errorf("%s is a multicast address", untrusted.Quote(s))
 	case string(hw) == "\x00\x00\x00\x00\x00\x00":
-		return nil, fmt.Errorf("%s is all zeroes", quote(s))
+		return nil, fmt.Errorf("%s is all zeroes", untrusted.Quote(s))
 	}
 	return hw, nil
 }

@@ -6,9 +6,9 @@ import (
 	"net/netip"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 )
 
 // Configure applies c to NIC nic of a sandbox's netstack s (the NIC of the
@@ -25,7 +25,7 @@ func (c *LinkConfig) Configure(s *stack.Stack, nic tcpip.NICID) error {
 		return err
 	}
 	for _, gw := range c.Gateways {
-		if err := s.AddStaticNeighbor(nic, protocolOf(gw), tcpip.AddrFromSlice(gw.AsSlice()), tcpip.LinkAddress(gwMAC)); err != nil {
+		if err := s.AddStaticNeighbor(nic, tcpipx.ProtocolOf(gw), tcpip.AddrFromSlice(gw.AsSlice()), tcpip.LinkAddress(gwMAC)); err != nil {
 			return fmt.Errorf("configure NIC %d: neighbor %s -> %s: %s", nic, gw, c.GatewayMAC, err)
 		}
 	}
@@ -37,7 +37,7 @@ func (c *LinkConfig) Configure(s *stack.Stack, nic tcpip.NICID) error {
 func AddAddresses(s *stack.Stack, nic tcpip.NICID, addrs []netip.Prefix) error {
 	for _, p := range addrs {
 		pa := tcpip.ProtocolAddress{
-			Protocol:          protocolOf(p.Addr()),
+			Protocol:          tcpipx.ProtocolOf(p.Addr()),
 			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(p.Addr().AsSlice()), PrefixLen: p.Bits()},
 		}
 		if err := s.AddProtocolAddress(nic, pa, stack.AddressProperties{}); err != nil {
@@ -59,11 +59,4 @@ func AddRoutes(s *stack.Stack, nic tcpip.NICID, routes []LinkRoute) {
 		}
 		s.AddRoute(rt)
 	}
-}
-
-func protocolOf(a netip.Addr) tcpip.NetworkProtocolNumber {
-	if a.Is4() {
-		return ipv4.ProtocolNumber
-	}
-	return ipv6.ProtocolNumber
 }

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"math"
 	"net/netip"
+
+	"github.com/shm-cni/shm-cni/internal/netipx"
 )
 
 // Family is an address family.
@@ -79,23 +81,13 @@ func newRange(p netip.Prefix) (*addrRange, error) {
 		network: p.Addr(),
 		gateway: p.Addr().Next(),
 		first:   p.Addr().Next().Next(),
-		last:    lastAddr(p),
+		last:    netipx.LastAddr(p),
 		usable:  usable,
 	}
 	if p.Addr().Is4() {
 		r.last = r.last.Prev() // the broadcast address
 	}
 	return r, nil
-}
-
-// lastAddr returns the highest address in p.
-func lastAddr(p netip.Prefix) netip.Addr {
-	b := p.Addr().AsSlice()
-	for i := p.Bits(); i < len(b)*8; i++ {
-		b[i/8] |= 0x80 >> (i % 8)
-	}
-	a, _ := netip.AddrFromSlice(b)
-	return a
 }
 
 func (r *addrRange) family() Family { return familyOf(r.network) }

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/shm-cni/shm-cni/internal/netipx"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
@@ -189,20 +190,10 @@ func (c Config) podAddrError(addr netip.Addr) error {
 			return fmt.Errorf("pod address %s: network address of %s", addr, p)
 		case addr == gw:
 			return fmt.Errorf("pod address %s: node gateway of %s", addr, p)
-		case addr.Is4() && addr == lastAddr(p):
+		case addr.Is4() && addr == netipx.LastAddr(p):
 			return fmt.Errorf("pod address %s: broadcast address of %s", addr, p)
 		}
 		return nil
 	}
 	return fmt.Errorf("pod address %s: outside the pod CIDRs %v", addr, c.PodCIDRs)
-}
-
-// lastAddr returns the last address of p.
-func lastAddr(p netip.Prefix) netip.Addr {
-	b := p.Addr().AsSlice()
-	for i := p.Bits(); i < len(b)*8; i++ {
-		b[i/8] |= 0x80 >> (i % 8)
-	}
-	a, _ := netip.AddrFromSlice(b)
-	return a
 }

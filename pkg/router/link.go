@@ -8,6 +8,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 )
 
 // Link describes a pod link's addressing.
@@ -90,7 +92,7 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 	}
 	for _, a := range l.Addrs {
 		if resolves {
-			if err := r.stack.AddStaticNeighbor(nicID, protoOf(a), toAddr(a), l.PodMAC); err != nil {
+			if err := r.stack.AddStaticNeighbor(nicID, tcpipx.ProtocolOf(a), toAddr(a), l.PodMAC); err != nil {
 				return fmt.Errorf("add link %s: neighbor %s -> %s: %s", id, a, l.PodMAC, err)
 			}
 		}

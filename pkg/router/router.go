@@ -19,6 +19,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 )
 
 // The link-local gateway every pod routes to. The router owns both on every
@@ -241,7 +243,7 @@ func (r *Router) addBlackhole() error {
 func addGatewayAddrs(s *stack.Stack, id tcpip.NICID) error {
 	for _, a := range []netip.Addr{GatewayV4, GatewayV6} {
 		pa := tcpip.ProtocolAddress{
-			Protocol:          protoOf(a),
+			Protocol:          tcpipx.ProtocolOf(a),
 			AddressWithPrefix: tcpip.AddressWithPrefix{Address: toAddr(a), PrefixLen: a.BitLen()},
 		}
 		if err := s.AddProtocolAddress(id, pa, stack.AddressProperties{}); err != nil {
@@ -496,14 +498,6 @@ func (r *Router) UnroutedDrops() uint64 {
 // toAddr converts a to a tcpip.Address.
 func toAddr(a netip.Addr) tcpip.Address {
 	return tcpip.AddrFromSlice(a.AsSlice())
-}
-
-// protoOf returns a's network protocol.
-func protoOf(a netip.Addr) tcpip.NetworkProtocolNumber {
-	if a.Is4() {
-		return ipv4.ProtocolNumber
-	}
-	return ipv6.ProtocolNumber
 }
 
 // toSubnet converts a valid, masked prefix to a tcpip.Subnet.
