@@ -50,9 +50,11 @@ type shmLink struct {
 	mu sync.Mutex
 	// pastEndpoint and pastRouter sum the counters of ended sessions, so
 	// that a link's counters (a cut-off sandbox's violations above all)
-	// outlive the session. Guarded by mu.
+	// outlive the session.
+	// +checklocks:mu
 	pastEndpoint endpoint.StatsSnapshot
-	pastRouter   router.LinkStats
+	// +checklocks:mu
+	pastRouter router.LinkStats
 	// pair is the queue pair the next session uses, the agent's copy; nil
 	// when none is prepared (one is made at the next connection).
 	// +checklocks:mu
@@ -178,11 +180,12 @@ func (s *shmLink) serve(conn *net.UnixConn) {
 	}
 	var srv *endpoint.Server
 	var serr error
+	pair := *s.pair
 	rc, err := conn.SyscallConn()
 	if err == nil {
 		err = rc.Control(func(fd uintptr) {
 			srv, serr = endpoint.NewServer(endpoint.ShmOptions{
-				Pair:        *s.pair,
+				Pair:        pair,
 				MTU:         s.config.MTU,
 				LinkAddress: GatewayMAC,
 				PeerFD:      int(fd),

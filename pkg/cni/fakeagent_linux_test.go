@@ -149,6 +149,7 @@ func (a *fakeAgent) serve(_ context.Context, req *agentapi.Request, files []*os.
 	return nil, fmt.Errorf("fake agent: op %s not handled", req.Op)
 }
 
+// +checklocks:a.mu
 func (a *fakeAgent) attachLocked(req *agentapi.AttachRequest, files []*os.File) (*agentapi.Response, error) {
 	if a.failAttach != nil {
 		closeAll(files)

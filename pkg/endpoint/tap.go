@@ -496,8 +496,6 @@ func (e *TAPEndpoint) readLoop() {
 	}
 }
 
-// readerShouldStop decides, after a read deadline expired, whether the
-// reader exits (closing the fd if the endpoint is closing) or goes on.
 // kernelReadErr reads the device once directly, without the poller, and
 // returns the kernel's error for it, or orig when the read succeeds or would
 // block (the packet read, if any, is dropped: this runs only on the error
@@ -517,6 +515,8 @@ func (e *TAPEndpoint) kernelReadErr(buf []byte, orig error) error {
 	return rerr
 }
 
+// readerShouldStop decides, after a read deadline expired, whether the
+// reader exits (closing the fd if the endpoint is closing) or goes on.
 func (e *TAPEndpoint) readerShouldStop() bool {
 	e.mu.Lock()
 	closing := e.closing
@@ -818,7 +818,9 @@ func (e *TAPEndpoint) writeSoftwareGSOLocked(pkt *stack.PacketBuffer) {
 		var iov [1]unix.Iovec
 		iov[0] = unix.Iovec{Base: &frame[0]}
 		iov[0].SetLen(len(frame))
-		e.writeIovecsLocked(iov[:], len(frame))
+		// softwareGSO calls back before it returns, with e.fdMu held (the
+		// analyzer cannot see that: this line is exempt).
+		e.writeIovecsLocked(iov[:], len(frame)) // +checklocksignore
 	})
 	if !ok {
 		e.stats.TxDrops.Add(1)
