@@ -59,9 +59,15 @@ deps:
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 
+# lint also runs gVisor's checklocks analyzer (hack/checklocks, a module of
+# its own pinned to the product's gVisor) over every +checklocks annotation.
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	@want=$$(grep -h '^\s*gvisor.dev/gvisor ' go.mod); got=$$(grep -h '^\s*gvisor.dev/gvisor ' hack/checklocks/go.mod); \
+	if [ -z "$$want" ] || [ "$$want" != "$$got" ]; then echo "hack/checklocks/go.mod pins$$got, go.mod$$want: make them agree"; exit 1; fi
+	cd hack/checklocks && $(GO) build -o $(CURDIR)/$(BIN)/checklocks .
+	$(GO) vet -vettool=$(CURDIR)/$(BIN)/checklocks -inferred=false -wrappers=false ./...
 
 # test-unit runs every test under the race detector (big transfers and the
 # churn are scaled down there); test-full runs the long real-traffic tests

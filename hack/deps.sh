@@ -18,3 +18,5 @@ if [ ${#pkgs[@]} -gt 0 ]; then
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}"
 fi
 go mod download
+# make lint's checklocks analyzer, a module of its own.
+(cd hack/checklocks && go mod download)
