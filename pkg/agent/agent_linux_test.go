@@ -16,6 +16,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
@@ -336,7 +337,7 @@ func TestTapDeviceGone(t *testing.T) {
 	e := newEnv(t)
 	r := e.start(t)
 	p := r.newTapPod(t, "pod-a", true)
-	do(t, p.ns, func() error {
+	testutil.Do(t, p.ns, func() error {
 		l, err := netlink.LinkByName("eth0")
 		if err != nil {
 			return err

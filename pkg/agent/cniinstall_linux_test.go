@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 )
 
@@ -156,7 +157,7 @@ func startAgentProc(t *testing.T, e *env, extra ...string) *agentProc {
 	p.cmd.Stdout = lockedBuffer{p.logMu, p.log}
 	p.cmd.Stderr = lockedBuffer{p.logMu, p.log}
 	// Started from a thread in the host netns: the child is born there.
-	do(t, e.host, func() error { return p.cmd.Start() })
+	testutil.Do(t, e.host, func() error { return p.cmd.Start() })
 	go func() { p.exited <- p.cmd.Wait() }()
 	t.Cleanup(func() {
 		if p.cmd.ProcessState == nil {

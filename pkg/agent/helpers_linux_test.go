@@ -5,17 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -28,6 +25,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
 	"github.com/shm-cni/shm-cni/internal/tcpipx"
+	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/queue"
@@ -46,46 +44,6 @@ var (
 	podCIDR4 = netip.MustParsePrefix("10.244.1.0/24")
 	podCIDR6 = netip.MustParsePrefix("2001:db8:0:1::/64")
 )
-
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: needs root (network namespaces, TUN/TAP, nftables)")
-	}
-}
-
-func testLogger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
-}
-
-// newNS creates a fresh network namespace, removed when t ends.
-func newNS(t *testing.T) ns.NetNS {
-	t.Helper()
-	n, err := testutils.NewNS()
-	if err != nil {
-		t.Fatalf("new netns: %v", err)
-	}
-	t.Cleanup(func() {
-		n.Close()
-		testutils.UnmountNS(n)
-	})
-	return n
-}
-
-func do(t *testing.T, n ns.NetNS, f func() error) {
-	t.Helper()
-	if err := n.Do(func(ns.NetNS) error { return f() }); err != nil {
-		t.Fatal(err)
-	}
-}
 
 // shortTempDir is a temporary directory with a short path, so that the
 // per-link sockets under it fit sun_path. Removed when t ends.
@@ -107,8 +65,8 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	requireRoot(t)
-	return &env{host: newNS(t), dir: shortTempDir(t)}
+	testutil.RequireRoot(t)
+	return &env{host: testutil.NewNS(t), dir: shortTempDir(t)}
 }
 
 func (e *env) config() Config {
@@ -140,9 +98,9 @@ func (e *env) start(t *testing.T) *running {
 func (e *env) startWith(t *testing.T, cfg Config, opts ...Option) *running {
 	t.Helper()
 	var a *Agent
-	do(t, e.host, func() error {
+	testutil.Do(t, e.host, func() error {
 		var err error
-		a, err = New(cfg, testLogger(t), opts...)
+		a, err = New(cfg, testutil.Logger(t), opts...)
 		return err
 	})
 	ctx, cancel := context.WithCancel(context.Background())
@@ -224,10 +182,10 @@ var tapOptions = tuntap.Options{VnetHdr: true, Offload: true, Persist: true}
 // the attach.
 func (r *running) newTapPod(t *testing.T, cid string, sendMAC bool) *pod {
 	t.Helper()
-	p := &pod{ns: newNS(t), cid: cid}
+	p := &pod{ns: testutil.NewNS(t), cid: cid}
 	var f *os.File
 	var mac net.HardwareAddr
-	do(t, p.ns, func() error {
+	testutil.Do(t, p.ns, func() error {
 		if err := os.WriteFile("/proc/sys/net/ipv6/conf/default/accept_dad", []byte("0"), 0o644); err != nil {
 			return err
 		}
@@ -256,7 +214,7 @@ func (r *running) newTapPod(t *testing.T, cid string, sendMAC bool) *pod {
 		pfx := netip.MustParsePrefix(ip.Address)
 		p.addrs = append(p.addrs, pfx.Addr())
 	}
-	do(t, p.ns, func() error { return configurePod(resp.Attach) })
+	testutil.Do(t, p.ns, func() error { return configurePod(resp.Attach) })
 	return p
 }
 
@@ -347,7 +305,7 @@ func dialSandbox(t *testing.T, socketPath string) (*sandbox, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
 	defer cancel()
-	ep, cfg, err := endpoint.Dial(ctx, socketPath, endpoint.DialOptions{Logger: testLogger(t)})
+	ep, cfg, err := endpoint.Dial(ctx, socketPath, endpoint.DialOptions{Logger: testutil.Logger(t)})
 	if err != nil {
 		return nil, err
 	}
@@ -410,7 +368,7 @@ func (sb *sandbox) dial(dst netip.AddrPort) (net.Conn, error) {
 func listenIn(t *testing.T, n ns.NetNS, addr netip.Addr) net.Listener {
 	t.Helper()
 	var ln net.Listener
-	do(t, n, func() error {
+	testutil.Do(t, n, func() error {
 		var err error
 		ln, err = net.Listen("tcp", netip.AddrPortFrom(addr, 0).String())
 		return err

@@ -12,6 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
 
+	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/kube"
 )
 
@@ -75,7 +76,7 @@ func TestConnectKubeWithoutAPI(t *testing.T) {
 	// Not in a cluster: rest.InClusterConfig needs these.
 	t.Setenv("KUBERNETES_SERVICE_HOST", "")
 	t.Setenv("KUBERNETES_SERVICE_PORT", "")
-	log := testLogger(t)
+	log := testutil.Logger(t)
 	base := (&env{dir: "/tmp/x"}).config()
 
 	c := base
@@ -104,7 +105,7 @@ func TestConnectKubeWithoutAPI(t *testing.T) {
 // peers0 with 192.0.2.1/24, so that 192.0.2.x gateways are on link.
 func peerLink(t *testing.T, e *env) {
 	t.Helper()
-	do(t, e.host, func() error {
+	testutil.Do(t, e.host, func() error {
 		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "peers0"}, PeerName: "peers1"}); err != nil {
 			return err
 		}
@@ -133,7 +134,7 @@ func peerLink(t *testing.T, e *env) {
 func ourRoutes(t *testing.T, e *env) string {
 	t.Helper()
 	var out []string
-	do(t, e.host, func() error {
+	testutil.Do(t, e.host, func() error {
 		rs, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Protocol: kube.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
 		for _, r := range rs {
 			out = append(out, r.Dst.String()+"="+r.Gw.String())
@@ -150,7 +151,7 @@ func ourRoutes(t *testing.T, e *env) string {
 func TestStaticPeerRoutes(t *testing.T) {
 	e := newEnv(t)
 	peerLink(t, e)
-	do(t, e.host, func() error {
+	testutil.Do(t, e.host, func() error {
 		return netlink.RouteAdd(&netlink.Route{
 			Dst: &net.IPNet{IP: net.IPv4(10, 246, 0, 0), Mask: net.CIDRMask(24, 32)}, Gw: net.IPv4(192, 0, 2, 9), Protocol: kube.RouteProtocol,
 		})
@@ -171,9 +172,9 @@ func TestStaticPeerRoutes(t *testing.T) {
 
 	cfg.PeerRoutes = routes(t, "10.245.3.0/24=198.51.100.1")
 	var a *Agent
-	do(t, e.host, func() error {
+	testutil.Do(t, e.host, func() error {
 		var err error
-		a, err = New(cfg, testLogger(t))
+		a, err = New(cfg, testutil.Logger(t))
 		return err
 	})
 	// Should the agent accept the route after all, Run would serve until

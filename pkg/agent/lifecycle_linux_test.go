@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/common/model"
 	"github.com/vishvananda/netlink"
 
+	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/ipam"
 )
@@ -191,11 +192,11 @@ func TestNoLeakAfterCycles(t *testing.T) {
 	e := newEnv(t)
 	r := e.start(t)
 	// A pod namespace the TAP devices are created in, one at a time.
-	podNS := newNS(t)
+	podNS := testutil.NewNS(t)
 	cycle := func(i int) {
 		if i%2 == 0 {
 			var f *os.File
-			do(t, podNS, func() error {
+			testutil.Do(t, podNS, func() error {
 				var err error
 				f, err = openTestTAP("eth0")
 				return err
@@ -248,7 +249,7 @@ func TestNoLeakAfterCycles(t *testing.T) {
 	if ents, _ := os.ReadDir(filepath.Join(r.cfg.StateDir, attachmentsDir)); len(ents) != 0 {
 		t.Errorf("%d records left", len(ents))
 	}
-	do(t, podNS, func() error {
+	testutil.Do(t, podNS, func() error {
 		if _, err := netlink.LinkByName("eth0"); err == nil {
 			return fmt.Errorf("TAP device eth0 left in the pod netns")
 		}
@@ -280,7 +281,7 @@ func TestSandboxProgram(t *testing.T) {
 	}
 
 	cmd := exec.Command(bin, "--socket", resp.SocketPath, "--mode", "echo", "--port", "7000")
-	cmd.Stderr = testWriter{t}
+	cmd.Stderr = testutil.LogWriter(t)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

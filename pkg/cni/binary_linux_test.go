@@ -15,6 +15,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 
+	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 )
 
@@ -22,7 +23,7 @@ import (
 // runtimes do, through libcni with a 1.1.0 conflist: STATUS, ADD, CHECK,
 // GC, DEL, DEL, for both kinds.
 func TestBinaryThroughLibcni(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	dir := shmCNI(t)
 	agent := startFakeAgent(t)
 	confDir := t.TempDir()
@@ -44,7 +45,7 @@ func TestBinaryThroughLibcni(t *testing.T) {
 	}
 	for _, kind := range []string{KindTap, KindShm} {
 		t.Run(kind, func(t *testing.T) {
-			netns := newPodNS(t)
+			netns := testutil.NewNS(t)
 			rt := &libcni.RuntimeConf{
 				ContainerID: "libcni-" + kind,
 				NetNS:       netns.Path(),
@@ -94,11 +95,11 @@ func TestBinaryThroughLibcni(t *testing.T) {
 // environments and checks the exit status, the error code in the JSON on
 // stdout, and that the message names the field or variable.
 func TestBinaryErrors(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	dir := shmCNI(t)
 	bin := filepath.Join(dir, "shm-cni")
 	agent := startFakeAgent(t)
-	netns := newPodNS(t)
+	netns := testutil.NewNS(t)
 	conf := func(extra string) string {
 		return `{"cniVersion":"1.1.0","name":"testnet","type":"shm-cni","agentSocket":` + jsonString(agent.path) + extra + `}`
 	}

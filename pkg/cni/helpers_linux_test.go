@@ -17,8 +17,9 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
+
+	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
 // binDir holds the binaries the tests build (host-local, shm-cni); TestMain
@@ -35,14 +36,6 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
-}
-
-// requireRoot skips tests that need root (network namespaces, TAP devices).
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces and TAP devices")
-	}
 }
 
 // builds holds one *buildState per binary name.
@@ -97,20 +90,6 @@ func shmCNI(t *testing.T) string {
 	return binDir
 }
 
-// newPodNS returns a fresh network namespace, removed at cleanup.
-func newPodNS(t *testing.T) ns.NetNS {
-	t.Helper()
-	n, err := testutils.NewNS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		n.Close()
-		testutils.UnmountNS(n)
-	})
-	return n
-}
-
 // pluginEnv runs the plugin's commands in-process as a runtime would: it
 // sets the CNI_* environment (which delegated IPAM plugins inherit) and
 // captures the result. Tests using it must not run in parallel.
@@ -121,7 +100,7 @@ type pluginEnv struct {
 }
 
 func newPluginEnv(t *testing.T) *pluginEnv {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	return &pluginEnv{t: t, agent: startFakeAgent(t), cniPath: binDir}
 }
 

@@ -19,6 +19,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
@@ -104,7 +105,7 @@ func wantNetns(t *testing.T, netns ns.NetNS, at fakeAttachment, typ, mac string,
 // addressed to the gateway MAC, and DEL removes everything, twice.
 func TestTapAddCheckDelDel(t *testing.T) {
 	e := newPluginEnv(t)
-	netns := newPodNS(t)
+	netns := testutil.NewNS(t)
 	conf := e.conf(`"mtu":1400`)
 	args := cmdArgs(netns, "tap-1", conf)
 	args.Args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web"
@@ -220,7 +221,7 @@ func wantFrameOnTap(t *testing.T, netns ns.NetNS, at fakeAttachment) {
 // alias.
 func TestShmAddCheckDelDel(t *testing.T) {
 	e := newPluginEnv(t)
-	netns := newPodNS(t)
+	netns := testutil.NewNS(t)
 	conf := e.conf(`"kind":"shm"`, `"queue":{"dataSize":2097152,"bufferSize":4096}`)
 	fdsBefore := openFDs(t)
 
@@ -306,7 +307,7 @@ func TestShmAddCheckDelDel(t *testing.T) {
 // or tuntap on kernels without dummy devices.
 func placeholderType(t *testing.T) string {
 	t.Helper()
-	netns := newPodNS(t)
+	netns := testutil.NewNS(t)
 	err := netns.Do(func(ns.NetNS) error {
 		return netlink.LinkAdd(&netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}})
 	})
@@ -325,7 +326,7 @@ func placeholderType(t *testing.T) string {
 // lost the attachment.
 func TestCheckDetectsDrift(t *testing.T) {
 	e := newPluginEnv(t)
-	netns := newPodNS(t)
+	netns := testutil.NewNS(t)
 	conf := e.conf()
 	r := e.mustAdd(cmdArgs(netns, "drift", conf))
 	t.Cleanup(func() { e.run("DEL", cmdArgs(netns, "drift", conf)) })
@@ -364,7 +365,7 @@ func TestCheckDetectsDrift(t *testing.T) {
 // netns no longer exists, and when CNI_NETNS is empty.
 func TestDelNetnsGone(t *testing.T) {
 	e := newPluginEnv(t)
-	netns := newPodNS(t)
+	netns := testutil.NewNS(t)
 	conf := e.conf()
 	args := cmdArgs(netns, "gone", conf)
 	e.mustAdd(args)
@@ -392,7 +393,7 @@ func TestDelNetnsGone(t *testing.T) {
 // netns and succeeds.
 func TestNoAgent(t *testing.T) {
 	e := newPluginEnv(t)
-	netns := newPodNS(t)
+	netns := testutil.NewNS(t)
 	conf := e.conf()
 	args := cmdArgs(netns, "down", conf)
 	e.mustAdd(args)
@@ -453,7 +454,7 @@ func TestRollback(t *testing.T) {
 		{"shm bad answer", KindShm, nil, true, agentapi.CodeBadAgentAnswer},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			netns := newPodNS(t)
+			netns := testutil.NewNS(t)
 			dataDir := t.TempDir()
 			conf := e.conf(`"kind":"`+tc.kind+`"`, `"ipam":{"type":"host-local","dataDir":`+jsonString(dataDir)+`,"ranges":[[{"subnet":"10.77.0.0/24"}]]}`)
 			fdsBefore := openFDs(t)
@@ -508,7 +509,7 @@ func sameFDs(a, b map[string]int, ignoreSockets bool) bool {
 func TestIPAMDelegation(t *testing.T) {
 	e := newPluginEnv(t)
 	e.cniPath = hostLocal(t)
-	netns := newPodNS(t)
+	netns := testutil.NewNS(t)
 	dataDir := t.TempDir()
 	conf := e.conf(`"ipam":{"type":"host-local","dataDir":` + jsonString(dataDir) + `,"ranges":[[{"subnet":"10.77.0.0/24"}]]}`)
 	r := e.mustAdd(cmdArgs(netns, "ipam-1", conf))
@@ -539,7 +540,7 @@ func TestIPAMDelegation(t *testing.T) {
 // is not of a kind shm-cni creates.
 func TestAddInterfaceExists(t *testing.T) {
 	e := newPluginEnv(t)
-	netns := newPodNS(t)
+	netns := testutil.NewNS(t)
 	err := netns.Do(func(ns.NetNS) error {
 		// A bridge: not a kind shm-cni creates, and present in every
 		// kernel a container host runs.
@@ -572,7 +573,7 @@ func TestAddInterfaceExists(t *testing.T) {
 // adds its interface after it.
 func TestChained(t *testing.T) {
 	e := newPluginEnv(t)
-	netns := newPodNS(t)
+	netns := testutil.NewNS(t)
 	prev := &types100.Result{
 		CNIVersion: "1.1.0",
 		Interfaces: []*types100.Interface{{Name: "other0", Sandbox: netns.Path()}},
@@ -595,7 +596,7 @@ func TestChained(t *testing.T) {
 func TestGC(t *testing.T) {
 	e := newPluginEnv(t)
 	conf := e.conf()
-	keep, drop := newPodNS(t), newPodNS(t)
+	keep, drop := testutil.NewNS(t), testutil.NewNS(t)
 	e.mustAdd(cmdArgs(keep, "keep", conf))
 	e.mustAdd(cmdArgs(drop, "drop", conf))
 	t.Cleanup(func() {
@@ -622,7 +623,7 @@ func TestGC(t *testing.T) {
 // and checks that no descriptor, interface or attachment is left.
 func TestAddDelLoopNoLeak(t *testing.T) {
 	e := newPluginEnv(t)
-	netns := newPodNS(t)
+	netns := testutil.NewNS(t)
 	confs := map[string][]byte{KindTap: e.conf(), KindShm: e.conf(`"kind":"shm"`)}
 	cycle := func(i int) {
 		kind := KindTap

@@ -9,6 +9,7 @@ import (
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
+	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
@@ -18,7 +19,7 @@ import (
 // more than the token bucket allows, paused for it, and the kernel dropped
 // the rest at the device's queue.
 func TestRxLimitBoundsKernelPod(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	const pps = 2000
 	pod := newKernelPod(t, "eth0", tuntap.Options{VnetHdr: true, Offload: true})
 	ep, err := NewTAP(TAPOptions{FD: rawFD(t, pod.file), MTU: testMTU, EthernetHeader: true, LinkAddress: agentMAC, VnetHdr: true,

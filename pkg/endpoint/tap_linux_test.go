@@ -34,6 +34,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
+	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
@@ -49,27 +50,6 @@ var (
 
 const testMTU = 1500
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: needs root to create network namespaces and TUN/TAP devices")
-	}
-}
-
-// newNetNS returns a fresh network namespace, removed at cleanup.
-func newNetNS(t *testing.T) ns.NetNS {
-	t.Helper()
-	netns, err := testutils.NewNS()
-	if err != nil {
-		t.Fatalf("new netns: %v", err)
-	}
-	t.Cleanup(func() {
-		netns.Close()
-		testutils.UnmountNS(netns)
-	})
-	return netns
-}
-
 // kernelPod is a network namespace with a TUN/TAP device made by tuntap.Open,
 // addressed and up: the kernel-stack pod.
 type kernelPod struct {
@@ -80,7 +60,7 @@ type kernelPod struct {
 
 func newKernelPod(t *testing.T, name string, opts tuntap.Options) *kernelPod {
 	t.Helper()
-	netns := newNetNS(t)
+	netns := testutil.NewNS(t)
 	var f *os.File
 	err := netns.Do(func(ns.NetNS) error {
 		var err error
@@ -466,7 +446,7 @@ func transferSize() int {
 // endpoint segments; the stack sends super-packets the kernel segments) and
 // with no virtio-net header at all.
 func TestTAPTraffic(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	tests := []struct {
 		name    string
 		offload bool
@@ -533,7 +513,7 @@ func TestTAPTraffic(t *testing.T) {
 // with offload on: no Ethernet header, no link resolution, super-packets in
 // both directions.
 func TestTUNTraffic(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	pod := newKernelPod(t, "tun0", tuntap.Options{TUN: true, VnetHdr: true, Offload: true})
 	ep, err := NewTAP(TAPOptions{FD: rawFD(t, pod.file), MTU: testMTU, VnetHdr: true, GSOMaxSize: 65535})
 	if err != nil {
@@ -612,7 +592,7 @@ func writeOne(t *testing.T, ep *TAPEndpoint) {
 // endpoint calls OnClosed once, stops the endpoint and closes its fd, and
 // that later writes are dropped and counted.
 func TestTAPDeviceDeleted(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	pod := newKernelPod(t, "eth0", tuntap.Options{VnetHdr: true, Offload: true, Persist: true})
 	rec := newCloseRecorder()
 	ep, err := NewTAP(TAPOptions{FD: rawFD(t, pod.file), MTU: testMTU, EthernetHeader: true, LinkAddress: agentMAC, VnetHdr: true, OnClosed: rec.onClosed})
@@ -651,7 +631,7 @@ func TestTAPDeviceDeleted(t *testing.T) {
 // fd keeps the namespace and the device alive, and tuntap.NetNS reaches the
 // namespace to delete the device, which OnClosed then reports.
 func TestTAPNetNSRemoved(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	netns, err := testutils.NewNS()
 	if err != nil {
 		t.Fatal(err)
@@ -714,8 +694,8 @@ func TestTAPNetNSRemoved(t *testing.T) {
 // options (a TAP without the virtio-net header given as one with it, and an
 // Ethernet link given as plain IP).
 func TestNewTAPMismatch(t *testing.T) {
-	requireRoot(t)
-	netns := newNetNS(t)
+	testutil.RequireRoot(t)
+	netns := testutil.NewNS(t)
 	err := netns.Do(func(ns.NetNS) error {
 		f, err := tuntap.Open("ptap0", tuntap.Options{})
 		if err != nil {
@@ -757,7 +737,7 @@ func resourceCounts(t *testing.T) (goroutines, fds, threads int) {
 // on the runtime poller instead of pinning a thread, and Close+Wait end it
 // and close the endpoint's fd.
 func TestTAPNoLeak(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	pod := newKernelPod(t, "eth0", tuntap.Options{VnetHdr: true, Offload: true})
 	fd := rawFD(t, pod.file)
 	cycle := func() {
@@ -799,7 +779,7 @@ func TestTAPNoLeak(t *testing.T) {
 // Wait returns before Close (the order of the stack's Wait and Destroy),
 // that the fd stays usable for a new Attach, and that Close then closes it.
 func TestTAPDetachStopsReader(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	pod := newKernelPod(t, "eth0", tuntap.Options{})
 	ep, err := NewTAP(TAPOptions{FD: rawFD(t, pod.file), MTU: testMTU, EthernetHeader: true, LinkAddress: agentMAC})
 	if err != nil {
@@ -862,7 +842,7 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 // place) or in more pieces than the endpoint keeps iovecs for (copied
 // flat), and that the in-place write allocates nothing.
 func TestTAPWriteFrames(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	pod := newKernelPod(t, "eth0", tuntap.Options{VnetHdr: true, Offload: true})
 	ep, err := NewTAP(TAPOptions{FD: rawFD(t, pod.file), MTU: testMTU, EthernetHeader: true, LinkAddress: agentMAC, VnetHdr: true})
 	if err != nil {
@@ -939,7 +919,7 @@ func TestTAPWriteFrames(t *testing.T) {
 // its link down: EIO) are dropped and counted without an error reaching the
 // stack, and that the endpoint carries on when the link comes back.
 func TestTAPWriteToDownLink(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	pod := newKernelPod(t, "eth0", tuntap.Options{VnetHdr: true, Offload: true})
 	rec := newCloseRecorder()
 	ep, err := NewTAP(TAPOptions{FD: rawFD(t, pod.file), MTU: testMTU, EthernetHeader: true, LinkAddress: agentMAC, VnetHdr: true, OnClosed: rec.onClosed})

@@ -1,38 +1,17 @@
 package kube
 
 import (
-	"log/slog"
 	"net"
 	"net/netip"
-	"os"
-	"strings"
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/shm-cni/shm-cni/internal/testutil"
 )
-
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: needs root (network namespaces, routes)")
-	}
-}
-
-func testLogger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
-}
 
 // hostNS is a fresh network namespace standing in for a node's host: a
 // veth pair "peers0"/"peers1" up, peers0 with 192.0.2.1/24 and
@@ -45,15 +24,8 @@ type hostNS struct {
 
 func newHostNS(t *testing.T) *hostNS {
 	t.Helper()
-	requireRoot(t)
-	n, err := testutils.NewNS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		n.Close()
-		testutils.UnmountNS(n)
-	})
+	testutil.RequireRoot(t)
+	n := testutil.NewNS(t)
 	nl, err := netlink.NewHandleAt(netns.NsHandle(n.Fd()))
 	if err != nil {
 		t.Fatal(err)

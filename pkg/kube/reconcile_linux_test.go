@@ -8,6 +8,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
 // TestReconcilerSync: in a fresh netns, each Sync leaves exactly its routes
@@ -20,7 +22,7 @@ func TestReconcilerSync(t *testing.T) {
 	// A stale route of an earlier agent and an administrator's route.
 	h.addRoute(t, "10.98.0.0/24", "192.0.2.51", RouteProtocol)
 	h.addRoute(t, "10.99.0.0/24", "192.0.2.50", unix.RTPROT_STATIC)
-	r, err := NewReconciler(h.nl, testLogger(t))
+	r, err := NewReconciler(h.nl, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
 // hangGuard bounds how long a broken test waits; no test passes or fails on
@@ -33,7 +35,7 @@ type syncResult struct {
 func TestRouteSyncer(t *testing.T) {
 	h := newHostNS(t)
 	h.addRoute(t, "10.244.9.0/24", "192.0.2.99", RouteProtocol) // stale
-	rec, err := NewReconciler(h.nl, testLogger(t))
+	rec, err := NewReconciler(h.nl, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +49,7 @@ func TestRouteSyncer(t *testing.T) {
 		NodeName: "a",
 		Static:   routes("10.250.0.0/24=192.0.2.250"),
 		Sink:     rec,
-		Log:      testLogger(t),
+		Log:      testutil.Logger(t),
 		OnSync:   func(r []Route, err error) { results <- syncResult{r, err} },
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -132,7 +134,7 @@ func TestRouteSyncer(t *testing.T) {
 // when set, after an update when not yet, and the context's error when
 // they never come. (The API server is client-go's fake clientset.)
 func TestWaitPodCIDRs(t *testing.T) {
-	log := testLogger(t)
+	log := testutil.Logger(t)
 	want := []netip.Prefix{netip.MustParsePrefix("10.244.3.0/24"), netip.MustParsePrefix("fd00:10:244:3::/64")}
 
 	t.Run("allocated", func(t *testing.T) {

@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
 // BenchmarkForwardKernelPods streams TCP from one kernel pod to another
@@ -29,7 +31,7 @@ func BenchmarkForwardKernelPods(b *testing.B) {
 			var e struct{ a, b *kernelPod }
 			_, e.a, e.b = newPodPair(b, fam.vnet, fam.vnet)
 			var ln net.Listener
-			do(b, e.b.ns, func() error {
+			testutil.Do(b, e.b.ns, func() error {
 				var err error
 				ln, err = net.Listen("tcp", netip.AddrPortFrom(fam.dst, 0).String())
 				return err
@@ -47,7 +49,7 @@ func BenchmarkForwardKernelPods(b *testing.B) {
 				done <- n
 			}()
 			var c net.Conn
-			do(b, e.a.ns, func() error {
+			testutil.Do(b, e.a.ns, func() error {
 				var err error
 				c, err = (&net.Dialer{Timeout: ioDeadline}).Dial("tcp", ln.Addr().String())
 				return err

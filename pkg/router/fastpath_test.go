@@ -6,13 +6,15 @@ import (
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
 // twoLinks returns a router, with the fast path unless noFastPath, and pod
 // links a and b; the router is closed when t ends.
 func twoLinks(t *testing.T, noFastPath bool) (*Router, chanLink, chanLink) {
 	t.Helper()
-	r, err := New(Config{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}, NoFastPath: noFastPath}, testLogger(t))
+	r, err := New(Config{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}, NoFastPath: noFastPath}, testutil.Logger(t))
 	if err != nil {
 		t.Fatal(err)
 	}

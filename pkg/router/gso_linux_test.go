@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/netip"
 	"testing"
+
+	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
 // newPodPair starts a router in a fresh host namespace with two kernel pods,
@@ -18,8 +20,8 @@ import (
 // for streamTCP.
 func newPodPair(t testing.TB, vnetA, vnetB bool) (host, a, b *kernelPod) {
 	t.Helper()
-	requireRoot(t)
-	host = &kernelPod{ns: newNS(t), id: "host"}
+	testutil.RequireRoot(t)
+	host = &kernelPod{ns: testutil.NewNS(t), id: "host"}
 	r := newHostRouter(t, host.ns, dualStackConfig(false))
 	for _, p := range dualStackConfig(false).PodCIDRs {
 		gw, _ := NodeGateway(p)
@@ -35,7 +37,7 @@ func newPodPair(t testing.TB, vnetA, vnetB bool) (host, a, b *kernelPod) {
 func streamTCP(t testing.TB, src, dst *kernelPod, family netip.Addr, data []byte) []byte {
 	t.Helper()
 	var ln net.Listener
-	do(t, dst.ns, func() error {
+	testutil.Do(t, dst.ns, func() error {
 		var err error
 		ln, err = net.Listen("tcp", netip.AddrPortFrom(dst.addr(family), 0).String())
 		return err
@@ -55,7 +57,7 @@ func streamTCP(t testing.TB, src, dst *kernelPod, family netip.Addr, data []byte
 		got <- buf.Bytes()
 	}()
 	var c net.Conn
-	do(t, src.ns, func() error {
+	testutil.Do(t, src.ns, func() error {
 		var err error
 		c, err = (&net.Dialer{Timeout: ioDeadline}).Dial("tcp", ln.Addr().String())
 		return err

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"math/rand"
 	"net"
 	"net/netip"
@@ -19,7 +18,6 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
@@ -27,6 +25,7 @@ import (
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 
+	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
@@ -47,51 +46,6 @@ const (
 // gatewayMAC is the router's MAC on every test pod link.
 var gatewayMAC = tcpip.LinkAddress("\xee\xee\xee\xee\xee\xee")
 
-// testLogger logs to the test.
-func testLogger(t testing.TB) *slog.Logger {
-	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct{ t testing.TB }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
-}
-
-// requireRoot skips t unless it runs as root.
-func requireRoot(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: needs root (network namespaces, TUN/TAP, nftables)")
-	}
-}
-
-// newNS creates a fresh network namespace, removed when t ends.
-func newNS(t testing.TB) ns.NetNS {
-	t.Helper()
-	n, err := testutils.NewNS()
-	if err != nil {
-		t.Fatalf("new netns: %v", err)
-	}
-	t.Cleanup(func() {
-		n.Close()
-		if err := testutils.UnmountNS(n); err != nil {
-			t.Errorf("unmount netns: %v", err)
-		}
-	})
-	return n
-}
-
-// do runs f inside n, failing t on error.
-func do(t testing.TB, n ns.NetNS, f func() error) {
-	t.Helper()
-	if err := n.Do(func(ns.NetNS) error { return f() }); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // sysctl writes a value under /proc/sys/net; call it inside the namespace.
 func sysctl(key, value string) error {
 	p := filepath.Join("/proc/sys", strings.ReplaceAll(key, ".", "/"))
@@ -106,9 +60,9 @@ func sysctl(key, value string) error {
 func newHostRouter(t testing.TB, host ns.NetNS, cfg Config) *Router {
 	t.Helper()
 	var r *Router
-	do(t, host, func() error {
+	testutil.Do(t, host, func() error {
 		var err error
-		if r, err = New(cfg, testLogger(t)); err != nil {
+		if r, err = New(cfg, testutil.Logger(t)); err != nil {
 			return err
 		}
 		return nil
@@ -148,8 +102,8 @@ func newKernelPod(t testing.TB, r *Router, id string, addrs ...netip.Addr) *kern
 // offloads (TSO, partial checksums) and a Forwarding endpoint.
 func newKernelPodWith(t testing.TB, r *Router, id string, vnet bool, addrs ...netip.Addr) *kernelPod {
 	t.Helper()
-	p := &kernelPod{ns: newNS(t), id: id, addrs: addrs}
-	do(t, p.ns, func() error {
+	p := &kernelPod{ns: testutil.NewNS(t), id: id, addrs: addrs}
+	testutil.Do(t, p.ns, func() error {
 		// The pod's link-local address must be usable at once for NDP.
 		if err := sysctl("net.ipv6.conf.default.accept_dad", "0"); err != nil {
 			return err
@@ -350,7 +304,7 @@ type transferResult struct {
 func tcpTransfer(t testing.TB, clientNS, serverNS ns.NetNS, dst netip.Addr) netip.Addr {
 	t.Helper()
 	var ln net.Listener
-	do(t, serverNS, func() error {
+	testutil.Do(t, serverNS, func() error {
 		var err error
 		ln, err = net.Listen("tcp", netip.AddrPortFrom(dst, 0).String())
 		return err
@@ -377,7 +331,7 @@ func tcpTransfer(t testing.TB, clientNS, serverNS ns.NetNS, dst netip.Addr) neti
 	rand.New(rand.NewSource(1)).Read(data)
 	want := sha256.Sum256(data)
 	var c net.Conn
-	do(t, clientNS, func() error {
+	testutil.Do(t, clientNS, func() error {
 		var err error
 		c, err = (&net.Dialer{Timeout: ioDeadline}).Dial("tcp", ln.Addr().String())
 		return err

@@ -12,6 +12,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 	"gvisor.dev/gvisor/pkg/tcpip/link/ethernet"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
 // These tests drive a router that was never started (no uplink, no root
@@ -27,7 +29,7 @@ var (
 // newUnstartedRouter returns a dual-stack router that is closed when t ends.
 func newUnstartedRouter(t testing.TB) *Router {
 	t.Helper()
-	r, err := New(Config{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}}, testLogger(t))
+	r, err := New(Config{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}}, testutil.Logger(t))
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}

@@ -8,9 +8,11 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/google/nftables"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/shm-cni/shm-cni/internal/testutil"
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
 )
 
 // The test topology. Everything lives in namespaces the test creates.
@@ -61,8 +63,8 @@ func dualStackConfig(masquerade bool) Config {
 // newEnv builds the dual-stack test topology.
 func newEnv(t testing.TB, cfg Config) *env {
 	t.Helper()
-	requireRoot(t)
-	e := &env{host: newNS(t), outside: newNS(t)}
+	testutil.RequireRoot(t)
+	e := &env{host: testutil.NewNS(t), outside: testutil.NewNS(t)}
 	e.r = newHostRouter(t, e.host, cfg)
 	e.a = newKernelPod(t, e.r, "pod-a", podA4, podA6)
 	e.b = newKernelPod(t, e.r, "pod-b", podB4, podB6)
@@ -74,7 +76,7 @@ func newEnv(t testing.TB, cfg Config) *env {
 // forward (in the host namespace only).
 func connectOutside(t testing.TB, host, outside ns.NetNS) {
 	t.Helper()
-	do(t, host, func() error {
+	testutil.Do(t, host, func() error {
 		for _, kv := range [][2]string{{"net.ipv4.ip_forward", "1"}, {"net.ipv6.conf.all.forwarding", "1"}} {
 			if err := sysctl(kv[0], kv[1]); err != nil {
 				return err
@@ -93,7 +95,7 @@ func connectOutside(t testing.TB, host, outside ns.NetNS) {
 		}
 		return upWithAddrs("veth-out", hostOut4, hostOut6, hostNode4, hostNode6)
 	})
-	do(t, outside, func() error {
+	testutil.Do(t, outside, func() error {
 		if err := upWithAddrs("veth-peer", outside4, outside6, otherNode4, otherNode6); err != nil {
 			return err
 		}
@@ -243,8 +245,8 @@ func listMasqTable(t *testing.T, host ns.NetNS) []string {
 // TestStartReplacesTable proves that Start replaces a left-over shm-cni
 // table rather than failing or merging into it.
 func TestStartReplacesTable(t *testing.T) {
-	requireRoot(t)
-	host := newNS(t)
+	testutil.RequireRoot(t)
+	host := testutil.NewNS(t)
 	c, err := nftables.New(nftables.WithNetNSFd(int(host.Fd())))
 	if err != nil {
 		t.Fatal(err)
@@ -324,7 +326,7 @@ func TestRemoveLink(t *testing.T) {
 // table and every endpoint reader goroutine, and that the router refuses
 // work afterwards.
 func TestClose(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	readers := goroutinesIn(dispatchLoop)
 	e := newEnv(t, dualStackConfig(true))
 	if err := ping(e.a.ns, podB4); err != nil {
@@ -339,7 +341,7 @@ func TestClose(t *testing.T) {
 	if got := goroutinesIn(dispatchLoop); got != readers {
 		t.Errorf("endpoint readers after Close = %d, want %d", got, readers)
 	}
-	do(t, e.host, func() error {
+	testutil.Do(t, e.host, func() error {
 		if _, err := netlink.LinkByName(DefaultUplinkName); err == nil {
 			t.Errorf("uplink %s still exists after Close", DefaultUplinkName)
 		}
@@ -377,8 +379,8 @@ func TestSingleStack(t *testing.T) {
 		{"IPv6", podCIDR6, podA6, podB6, nodeGW6},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			requireRoot(t)
-			host := newNS(t)
+			testutil.RequireRoot(t)
+			host := testutil.NewNS(t)
 			r := newHostRouter(t, host, Config{PodCIDRs: []netip.Prefix{tc.cidr}, Masquerade: true})
 			a := newKernelPod(t, r, "a", tc.a)
 			newKernelPod(t, r, "b", tc.b)

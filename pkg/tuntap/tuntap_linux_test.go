@@ -8,22 +8,17 @@ import (
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
 // TestOpen checks creating, re-opening and inspecting devices.
 func TestOpen(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (network namespaces, TUN/TAP)")
-	}
-	netns, err := testutils.NewNS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { netns.Close(); testutils.UnmountNS(netns) })
-	err = netns.Do(func(ns.NetNS) error {
+	testutil.RequireRoot(t)
+	netns := testutil.NewNS(t)
+	err := netns.Do(func(ns.NetNS) error {
 		exists := func(name string) bool {
 			_, err := net.InterfaceByName(name)
 			return err == nil

@@ -14,6 +14,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/test/e2e/node"
 )
 
@@ -63,7 +64,7 @@ func sh(t *testing.T, ctx context.Context, x ns.NetNS, lines ...string) string {
 // program removes are put back; once the agent stopped, none of its rules
 // is left and the host's own are untouched.
 func TestForwardPolicyDrop(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	for _, c := range []string{"iptables", "ip6tables", "iptables-save", "nft"} {
 		if _, err := exec.LookPath(c); err != nil {
 			t.Skipf("no %s command (hack/deps.sh installs iptables and nftables)", c)

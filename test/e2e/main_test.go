@@ -3,14 +3,13 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/test/e2e/node"
 )
 
@@ -56,13 +55,6 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: end-to-end tests need root (network namespaces, TUN/TAP, nftables)")
-	}
-}
-
 // binaries returns the plain or the race-built set, building it on first
 // use.
 func binaries(t *testing.T, race bool) node.Binaries {
@@ -93,19 +85,6 @@ func binaries(t *testing.T, race bool) node.Binaries {
 	return binSets[i]
 }
 
-// testLogger logs to t.
-func testLogger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
-}
-
 // newNode builds a node for t running the agent raceAgent says, closed when
 // t ends. Then the agent must stop cleanly on SIGTERM (exit status 0), must
 // not have died on its own before (a crash, a race report) and must have
@@ -118,10 +97,10 @@ func newNode(t *testing.T, opts node.Options) *node.Node {
 // newNodeWith is newNode with the plain (race false) or race-built agent.
 func newNodeWith(t *testing.T, opts node.Options, race bool) *node.Node {
 	t.Helper()
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	opts.Binaries = binaries(t, race)
 	if opts.Logger == nil {
-		opts.Logger = testLogger(t)
+		opts.Logger = testutil.Logger(t)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), setupTimeout)
 	defer cancel()

@@ -21,7 +21,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
-	"github.com/shm-cni/shm-cni/test/e2e/node"
+	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
 // TestAttach: a netstack takes over one end of a veth pair, a kernel
@@ -38,7 +38,7 @@ func TestAttach(t *testing.T) {
 }
 
 func testAttach(t *testing.T, gso bool) {
-	sbx, kern := newNS(t), newNS(t)
+	sbx, kern := testutil.NewNS(t), testutil.NewNS(t)
 	sbxAddr := netip.MustParsePrefix("10.79.0.2/24")
 	kernAddr := netip.MustParsePrefix("10.79.0.1/24")
 	err := sbx.Do(func(ns.NetNS) error {
@@ -133,16 +133,6 @@ func testAttach(t *testing.T, gso bool) {
 	if got := kernelAddrs(t, sbx); len(got) != 1 || got[0] != sbxAddr {
 		t.Errorf("the kernel's eth0 has %v after Restore, want [%v]", got, sbxAddr)
 	}
-}
-
-func newNS(t *testing.T) ns.NetNS {
-	t.Helper()
-	n, err := node.NewNetNS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { node.DeleteNetNS(n) })
-	return n
 }
 
 func up(name string, p netip.Prefix) error {
