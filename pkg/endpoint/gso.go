@@ -121,7 +121,12 @@ func passGSOFrame(frame []byte, ethernet, v6 bool, h *virtioNetHdr) (parsedTCP, 
 
 // gsoSegmentSize returns the payload size to cut a GSO packet into for a link
 // whose IP MTU is mtu: the packet's MSS, at most what fits the link and at
-// least minSegmentMSS (or what fits, if less).
+// least minSegmentMSS (or what fits, if less); on a link that fits several
+// of them (a sandbox's, at MTU 65000), as many whole MSS-sized pieces as
+// fit, as a receiver's GRO would join them. A kernel's 64 KiB super-packet
+// of 1448-byte segments is 65212 bytes of IP: two segments for a sandbox,
+// not 45. The receiver's TCP takes any segment within its own MSS, which
+// its link's MTU bounds.
 func gsoSegmentSize(mss uint16, mtu uint32, f *parsedTCP) int {
 	fit := int(mtu) - f.l3 - f.l4
 	s := int(mss)
@@ -130,6 +135,9 @@ func gsoSegmentSize(mss uint16, mtu uint32, f *parsedTCP) int {
 	}
 	if s < minSegmentMSS {
 		s = min(minSegmentMSS, fit)
+	}
+	if s > 0 {
+		s *= fit / s
 	}
 	return s
 }

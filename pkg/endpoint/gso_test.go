@@ -109,8 +109,8 @@ func TestPassGSOFrame(t *testing.T) {
 // TestSoftwareGSO checks the frames an egress without GSO makes of a
 // forwarded super-packet: segments with valid checksums and contiguous
 // sequence numbers carrying the whole payload, at most the link MTU and at
-// least minSegmentMSS; or the packet whole, checksum completed, when it
-// fits.
+// least minSegmentMSS, as many whole MSS-sized pieces as fit; or the packet
+// whole, checksum completed, when it fits.
 func TestSoftwareGSO(t *testing.T) {
 	tests := []struct {
 		name     string
@@ -123,7 +123,8 @@ func TestSoftwareGSO(t *testing.T) {
 		{name: "v4 tap", frame: tcpFrame{ethernet: true, flags: header.TCPFlagAck | header.TCPFlagPsh, payload: testPayload(5000)}, mss: 1460, mtu: 1500, wantSegs: 4, wantSize: 1460},
 		{name: "v6 tun", frame: tcpFrame{v6: true, flags: header.TCPFlagAck, payload: testPayload(5000)}, mss: 1440, mtu: 1500, wantSegs: 4, wantSize: 1440},
 		{name: "capped by mtu", frame: tcpFrame{ethernet: true, flags: header.TCPFlagAck, payload: testPayload(5000)}, mss: 4000, mtu: 1500, wantSegs: 4, wantSize: 1460},
-		{name: "tiny mss raised", frame: tcpFrame{flags: header.TCPFlagAck, payload: testPayload(5000)}, mss: 1, mtu: 1500, wantSegs: 10, wantSize: minSegmentMSS},
+		{name: "tiny mss raised, joined up to the mtu", frame: tcpFrame{flags: header.TCPFlagAck, payload: testPayload(5000)}, mss: 1, mtu: 1500, wantSegs: 5, wantSize: 2 * minSegmentMSS},
+		{name: "joined for a large link", frame: tcpFrame{ethernet: true, flags: header.TCPFlagAck, payload: testPayload(20000)}, mss: 1448, mtu: 9000, wantSegs: 3, wantSize: 6 * 1448},
 		{name: "fits whole", frame: tcpFrame{ethernet: true, flags: header.TCPFlagAck, payload: testPayload(5000)}, mss: 1460, mtu: 9000, wantSegs: 1, wantSize: 5000},
 	}
 	for _, tc := range tests {
