@@ -135,7 +135,7 @@ func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, p
 		return false
 	}
 	// A kernel pod's TCP super-packet, its checksum partial (gso.go in
-	// package endpoint): see superPacket.
+	// package endpoint): see fastgso.go.
 	gsoMSS, super := endpoint.ForwardedGSO(pkt)
 	if pkt.Mark != 0 && !super {
 		return false
