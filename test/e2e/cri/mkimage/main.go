@@ -22,9 +22,10 @@ import (
 	"path"
 	"runtime"
 	"sort"
-	"strconv"
 	"strings"
 	"time"
+
+	"github.com/shm-cni/shm-cni/test/e2e/imagefile"
 )
 
 func main() { os.Exit(run()) }
@@ -96,26 +97,18 @@ func buildLayer(files, links []string) ([]byte, error) {
 		}
 	}
 	for _, a := range files {
-		f := strings.Split(a, ":")
-		if len(f) < 2 || len(f) > 3 || !path.IsAbs(f[1]) {
-			return nil, fmt.Errorf("file %q: want HOSTPATH:/IMAGEPATH[:MODE]", a)
+		f, err := imagefile.Parse(a)
+		if err != nil {
+			return nil, err
 		}
-		mode := int64(0o755)
-		if len(f) == 3 {
-			m, err := strconv.ParseInt(f[2], 8, 32)
-			if err != nil {
-				return nil, fmt.Errorf("file %q: mode: %w", a, err)
-			}
-			mode = m
-		}
-		data, err := os.ReadFile(f[0])
+		data, err := os.ReadFile(f.Host)
 		if err != nil {
 			return nil, fmt.Errorf("file %q: %w", a, err)
 		}
-		if err := mkdirs(f[1]); err != nil {
+		if err := mkdirs(f.Path); err != nil {
 			return nil, err
 		}
-		hdr := &tar.Header{Typeflag: tar.TypeReg, Name: f[1][1:], Mode: mode, Size: int64(len(data)), ModTime: epoch}
+		hdr := &tar.Header{Typeflag: tar.TypeReg, Name: f.Image, Mode: f.Mode, Size: int64(len(data)), ModTime: epoch}
 		if err := tw.WriteHeader(hdr); err != nil {
 			return nil, fmt.Errorf("file %q: %w", a, err)
 		}

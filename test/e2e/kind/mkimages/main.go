@@ -34,7 +34,6 @@ import (
 	"path"
 	"runtime"
 	"sort"
-	"strconv"
 	"strings"
 	"time"
 
@@ -43,6 +42,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+
+	"github.com/shm-cni/shm-cni/test/e2e/imagefile"
 )
 
 // image is one entry of the spec.
@@ -246,26 +247,18 @@ func filesLayer(l layer) ([]byte, error) {
 		}
 	}
 	for _, a := range l.Files {
-		f := strings.Split(a, ":")
-		if len(f) < 2 || len(f) > 3 || !path.IsAbs(f[1]) {
-			return nil, fmt.Errorf("file %q: want HOSTPATH:/IMAGEPATH[:MODE]", a)
+		f, err := imagefile.Parse(a)
+		if err != nil {
+			return nil, err
 		}
-		mode := int64(0o755)
-		if len(f) == 3 {
-			m, err := strconv.ParseInt(f[2], 8, 32)
-			if err != nil {
-				return nil, fmt.Errorf("file %q: mode: %w", a, err)
-			}
-			mode = m
-		}
-		data, err := os.ReadFile(f[0])
+		data, err := os.ReadFile(f.Host)
 		if err != nil {
 			return nil, fmt.Errorf("file %q: %w", a, err)
 		}
-		if err := parents(f[1]); err != nil {
+		if err := parents(f.Path); err != nil {
 			return nil, err
 		}
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: f[1][1:], Mode: mode, Size: int64(len(data)), ModTime: epoch}); err != nil {
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: f.Image, Mode: f.Mode, Size: int64(len(data)), ModTime: epoch}); err != nil {
 			return nil, err
 		}
 		if _, err := tw.Write(data); err != nil {
