@@ -33,6 +33,7 @@ FUZZ_TARGETS ?= \
 	./pkg/endpoint:FuzzHostileClient \
 	./pkg/endpoint:FuzzTAPFrame \
 	./pkg/endpoint:FuzzTAPPassGSO \
+	./pkg/endpoint:FuzzCoalesce \
 	./pkg/endpoint:FuzzParseLinkConfig \
 	./pkg/ipam:FuzzParseState \
 	./pkg/agentapi:FuzzDecodeRequest \

@@ -138,6 +138,7 @@ type shmLink struct {
 	hdrSize  uint32                         // immutable: Ethernet header or 0
 	caps     stack.LinkEndpointCapabilities // immutable
 	spin     time.Duration                  // immutable
+	coalesce bool                           // immutable: join TCP segments (coalesce.go)
 	onClosed func(error)                    // immutable
 	log      *slog.Logger                   // immutable
 	limit    *rxLimiter                     // owned by the receive loop
@@ -196,6 +197,7 @@ func newShmLink(o *ShmOptions, rx ringReader, tx ringWriter, rxEventFD, txEventF
 	}
 	if o.Forwarding {
 		l.caps |= stack.CapabilityTXChecksumOffload
+		l.coalesce = true
 	}
 	l.limit = newRxLimiter(o.RxLimit, rxBatch, l.maxFrame(), &l.stats)
 	ok := false
@@ -442,9 +444,9 @@ func (l *shmLink) receiveLoop(d stack.NetworkDispatcher, done chan<- struct{}) {
 			size := 0
 			for i := range n {
 				size += views[i].Size()
-				l.deliver(d, views[i])
-				views[i] = nil
 			}
+			l.deliverBatch(d, views[:n])
+			clear(views[:n])
 			if !l.limit.take(n, size, l.done) {
 				return
 			}
@@ -526,23 +528,57 @@ func framePayload(v *buffer.View) buffer.Buffer {
 	return payload
 }
 
+// deliverBatch hands the frames of one receive batch to the stack, in
+// order: on a Forwarding link with runs of one TCP flow's segments joined
+// (coalesce.go).
+func (l *shmLink) deliverBatch(d stack.NetworkDispatcher, views []*buffer.View) {
+	if !l.coalesce {
+		for _, v := range views {
+			l.deliver(d, v)
+		}
+		return
+	}
+	coalesceRuns(views, l.hdrSize != 0, func(run []segment, single *buffer.View) {
+		if single != nil {
+			l.deliver(d, single)
+			return
+		}
+		size := 0
+		for i := range run {
+			size += run[i].v.Size()
+		}
+		vs, mss := joinRun(run)
+		payload := framePayload(vs[0])
+		for _, v := range vs[1:] {
+			payload.Append(v)
+		}
+		l.deliverPayload(d, payload, len(run), size, mss)
+	})
+}
+
 // deliver hands one frame to the stack.
 func (l *shmLink) deliver(d stack.NetworkDispatcher, v *buffer.View) {
 	size := v.Size()
-	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: framePayload(v)})
+	l.deliverPayload(d, framePayload(v), 1, size, 0)
+}
+
+// deliverPayload hands the stack a packet made of frames received frames of
+// size bytes in all; a non-zero mss marks it a TCP super-packet (gso.go).
+func (l *shmLink) deliverPayload(d stack.NetworkDispatcher, payload buffer.Buffer, frames, size int, mss uint16) {
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: payload})
 	defer pkt.DecRef()
 	var proto tcpip.NetworkProtocolNumber
 	if l.hdrSize != 0 {
 		h, ok := pkt.LinkHeader().Consume(header.EthernetMinimumSize)
 		if !ok {
-			l.stats.RxDrops.Add(1)
+			l.stats.RxDrops.Add(uint64(frames))
 			return
 		}
 		proto = header.Ethernet(h).Type()
 	} else {
 		h, ok := pkt.Data().PullUp(1)
 		if !ok {
-			l.stats.RxDrops.Add(1)
+			l.stats.RxDrops.Add(uint64(frames))
 			return
 		}
 		switch header.IPVersion(h) {
@@ -551,11 +587,14 @@ func (l *shmLink) deliver(d stack.NetworkDispatcher, v *buffer.View) {
 		case header.IPv6Version:
 			proto = header.IPv6ProtocolNumber
 		default:
-			l.stats.RxDrops.Add(1)
+			l.stats.RxDrops.Add(uint64(frames))
 			return
 		}
 	}
-	l.stats.RxPackets.Add(1)
+	if mss != 0 {
+		MarkForwardedGSO(pkt, mss)
+	}
+	l.stats.RxPackets.Add(uint64(frames))
 	l.stats.RxBytes.Add(uint64(size))
 	d.DeliverNetworkPacket(proto, pkt)
 }

@@ -45,7 +45,7 @@ func TestBulkTransfers(t *testing.T) {
 	n := newNodeWith(t, node.Options{}, false)
 	ctx := testContext(t)
 	k1, k2, s1, s2 := fourPods(t, ctx, n)
-	host := n.HostPeer()
+	host, outside := n.HostPeer(), n.OutsidePeer()
 	const size = 100 << 20
 	for _, tc := range []struct {
 		name     string
@@ -59,6 +59,11 @@ func TestBulkTransfers(t *testing.T) {
 		{"kernel-host", n.PodPeer(k2), host},
 		{"host-sandbox", host, n.PodPeer(s1)},
 		{"sandbox-host", n.PodPeer(s2), host},
+		// Through the uplink and the host's masquerade: a sandbox's
+		// small segments are joined into super-packets on the way
+		// (pkg/endpoint/coalesce.go).
+		{"kernel-outside", n.PodPeer(k1), outside},
+		{"sandbox-outside", n.PodPeer(s1), outside},
 	} {
 		for _, v6 := range []bool{false, true} {
 			fam := "IPv4"
