@@ -189,6 +189,17 @@ func (r *report) evaluateGoals() {
 	}
 	tputGoal("shm-cni tap pod → sandbox", "kernel pod → sandbox", 0.7)
 	tputGoal("shm-cni sandbox → tap pod", "sandbox → kernel pod", 0.7)
+	// Traffic leaving the node: a sandbox's path through the uplink in
+	// line with its path to a kernel pod.
+	{
+		o, k := r.tput("shm-cni sandbox → outside", 1, ""), r.tput("shm-cni sandbox → tap pod", 1, "")
+		ok := o != nil && k != nil && k.Median > 0
+		var v float64
+		if ok {
+			v = ratio(o.Median, k.Median)
+		}
+		add("sandbox → outside throughput (1 stream) against sandbox → kernel pod", "≥ 0.9x", ok, v, fmt.Sprintf("%.2fx", v), v >= 0.9)
+	}
 	tputGoal("shm-cni tap pod → tap pod", "kernel↔kernel", 0.9)
 	tputGoal("shm-cni host → tap pod", "host↔pod", 0.9)
 	for _, c := range []struct{ name, label string }{

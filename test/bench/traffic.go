@@ -123,10 +123,13 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	host := kend{"host", n.Host, n.Gateway4}
 	kk1 := kend{"k1", k1.NS, k1.Addr4}
 	kk2 := kend{"k2", k2.NS, k2.Addr4}
+	// Beyond the node: the outside namespace behind the host, reached
+	// through the uplink and the host's routing (masqueraded).
+	outside := kend{"outside", n.Outside, node.Outside4.Addr()}
 	e0Addr := netip.AddrPortFrom(e0.Addr4, echoPort)
 
 	if b.cfg.cases["tput"] {
-		for _, e := range []kend{vb, pb, bb, kk2} {
+		for _, e := range []kend{vb, pb, bb, kk2, outside} {
 			if err := b.iperfServer(ctx, e); err != nil {
 				return err
 			}
@@ -157,6 +160,8 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 			{"shm-cni tap pod → sandbox", "sandbox sink", false, xfer([]*node.Peer{n.PodPeer(k1)}, n.PodPeer(s0))},
 			{"shm-cni sandbox → tap pod", "sandbox send", false, xfer(sandboxPeers, n.PodPeer(k2))},
 			{"shm-cni sandbox → sandbox", "sandbox send/sink", false, xfer(sandboxPeers, n.PodPeer(s0))},
+			{"shm-cni tap pod → outside", "iperf3", false, iperf(kk1, outside)},
+			{"shm-cni sandbox → outside", "sandbox send", false, xfer(sandboxPeers, n.OutsidePeer())},
 		}
 		for _, pk := range pkts {
 			cases = append(cases, tputCase{pk.name("sandbox → sandbox (bridge)"), "sandbox send/sink", true,
