@@ -41,7 +41,14 @@ type tputRow struct {
 	CPUPerGiB       []float64 `json:"cpuSecondsPerGiB"`
 	MedianCPUPerGiB float64   `json:"medianCPUSecondsPerGiB"`
 	CPURatio        float64   `json:"cpuRatioToVeth"`
-	Error           string    `json:"error,omitempty"`
+	// AgentCPUPerGiB and SandboxCPUPerGiB are, for shm-cni's cases, the
+	// part of it the agent and the node's sandbox programs spent, from
+	// their own CPU times (exact whatever else runs on the machine).
+	AgentCPUPerGiB         []float64 `json:"agentCPUSecondsPerGiB,omitempty"`
+	MedianAgentCPUPerGiB   float64   `json:"medianAgentCPUSecondsPerGiB,omitempty"`
+	SandboxCPUPerGiB       []float64 `json:"sandboxCPUSecondsPerGiB,omitempty"`
+	MedianSandboxCPUPerGiB float64   `json:"medianSandboxCPUSecondsPerGiB,omitempty"`
+	Error                  string    `json:"error,omitempty"`
 }
 
 // rttRow is a latency case; ratios are to the veth pair's.
@@ -294,11 +301,15 @@ func (r *report) markdown(b *strings.Builder) {
 	}
 	if len(r.Throughput) > 0 {
 		fmt.Fprintf(b, "## TCP throughput (IPv4; ratio to the veth pair's iperf3 figure)\n\n")
-		fmt.Fprintf(b, "Sandbox ends and the Go transfer send zeros and count what arrives (the tests verify data). CPU is the whole machine's busy time per GiB moved (agent, sandboxes, kernel, the tools themselves), lower is better.\n\n")
-		fmt.Fprintf(b, "| case | tool | streams | median Gbit/s | vs veth | runs | CPU-s per GiB | vs veth |\n|---|---|---:|---:|---:|---|---:|---:|\n")
+		fmt.Fprintf(b, "Sandbox ends and the Go transfer send zeros and count what arrives (the tests verify data). CPU is the whole machine's busy time per GiB moved (agent, sandboxes, kernel, the tools themselves), lower is better; for shm-cni's cases, the agent's and the sandbox programs' own parts of it follow (from their CPU times: exact even on a busy machine; the rest is the kernel and the tools).\n\n")
+		fmt.Fprintf(b, "| case | tool | streams | median Gbit/s | vs veth | runs | CPU-s per GiB | vs veth | agent | sandboxes |\n|---|---|---:|---:|---:|---|---:|---:|---:|---:|\n")
 		for _, t := range r.Throughput {
-			fmt.Fprintf(b, "| %s | %s | %d | %.2f | %.2fx | %s | %.2f | %.2fx |%s\n", t.Case, t.Tool, t.Streams, t.Median, t.Ratio,
-				fmtList(t.Gbps, "%.2f"), t.MedianCPUPerGiB, t.CPURatio, errNote(t.Error))
+			agent, sandboxes := "", ""
+			if len(t.AgentCPUPerGiB) > 0 {
+				agent, sandboxes = fmt.Sprintf("%.2f", t.MedianAgentCPUPerGiB), fmt.Sprintf("%.2f", t.MedianSandboxCPUPerGiB)
+			}
+			fmt.Fprintf(b, "| %s | %s | %d | %.2f | %.2fx | %s | %.2f | %.2fx | %s | %s |%s\n", t.Case, t.Tool, t.Streams, t.Median, t.Ratio,
+				fmtList(t.Gbps, "%.2f"), t.MedianCPUPerGiB, t.CPURatio, agent, sandboxes, errNote(t.Error))
 		}
 		b.WriteString("\n")
 	}

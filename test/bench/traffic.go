@@ -172,6 +172,8 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 		cases = selected(b, cases, func(c tputCase) (string, bool) { return c.name, c.ref })
 		results := make([][]float64, len(cases)*len(b.cfg.streams))
 		cpus := make([][]float64, len(results))
+		agentCPUs := make([][]float64, len(results))
+		sandboxCPUs := make([][]float64, len(results))
 		errs := make([]string, len(results))
 		for r := range b.cfg.reps {
 			for i, c := range cases {
@@ -180,9 +182,11 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 						return ctx.Err()
 					}
 					k := i*len(b.cfg.streams) + j
+					agent0, sandboxes0 := n.CPU()
 					cpu0, cerr0 := busyCPUSeconds()
 					v, err := c.measure(ctx, s)
 					cpu1, cerr1 := busyCPUSeconds()
+					agent1, sandboxes1 := n.CPU()
 					if err != nil {
 						log.Warn("throughput", "case", c.name, "streams", s, "rep", r+1, "err", err)
 						errs[k] = err.Error()
@@ -194,6 +198,11 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 						perGiB = (cpu1 - cpu0) / (v.bytes / (1 << 30))
 						cpus[k] = append(cpus[k], perGiB)
 					}
+					if !c.ref && v.bytes > 0 {
+						gib := v.bytes / (1 << 30)
+						agentCPUs[k] = append(agentCPUs[k], (agent1-agent0).Seconds()/gib)
+						sandboxCPUs[k] = append(sandboxCPUs[k], (sandboxes1-sandboxes0).Seconds()/gib)
+					}
 					log.Info("throughput", "case", c.name, "tool", c.tool, "streams", s, "rep", r+1,
 						"Gbit/s", fmt.Sprintf("%.2f", v.bitsPerSecond/1e9), "CPU-s/GiB", fmt.Sprintf("%.2f", perGiB))
 				}
@@ -204,7 +213,9 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 				k := i*len(b.cfg.streams) + j
 				rep.Throughput = append(rep.Throughput, tputRow{Case: c.name, Tool: c.tool, Reference: c.ref,
 					Streams: s, Gbps: results[k], Median: median(results[k]),
-					CPUPerGiB: cpus[k], MedianCPUPerGiB: median(cpus[k]), Error: errs[k]})
+					CPUPerGiB: cpus[k], MedianCPUPerGiB: median(cpus[k]),
+					AgentCPUPerGiB: agentCPUs[k], MedianAgentCPUPerGiB: median(agentCPUs[k]),
+					SandboxCPUPerGiB: sandboxCPUs[k], MedianSandboxCPUPerGiB: median(sandboxCPUs[k]), Error: errs[k]})
 			}
 		}
 		rep.rateThroughput()

@@ -42,6 +42,23 @@ type Agent struct {
 // PID returns the agent's process id.
 func (a *Agent) PID() int { return a.proc.pid() }
 
+// CPU returns the CPU time (user and system) the running agent and every
+// sandbox program the node started have used so far (sandboxes that ended
+// included): with two readings, what a measurement cost shm-cni's agent and
+// the sandboxes, whatever else runs on the machine.
+func (n *Node) CPU() (agent, sandboxes time.Duration) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.agent != nil {
+		agent = n.agent.proc.cpu()
+	}
+	sandboxes = n.endedSandboxCPU
+	for _, s := range n.sandboxes {
+		sandboxes += s.proc.cpu()
+	}
+	return agent, sandboxes
+}
+
 // Agent returns the running agent, or nil.
 func (n *Node) Agent() *Agent {
 	n.mu.Lock()

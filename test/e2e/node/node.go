@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
@@ -104,6 +105,9 @@ type Node struct {
 	// sandboxes are every sandbox started, killed by Close if still
 	// running.
 	sandboxes []*Sandbox
+	// endedSandboxCPU is the CPU time of the sandboxes forgotten from
+	// sandboxes.
+	endedSandboxCPU time.Duration
 	// closed is set by Close.
 	closed bool
 }

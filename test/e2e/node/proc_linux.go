@@ -93,6 +93,58 @@ func startIn(n ns.NetNS, name string, cmd *exec.Cmd, lines bool) (*process, erro
 // pid returns the process id.
 func (p *process) pid() int { return p.cmd.Process.Pid }
 
+// cpu returns the CPU time (user and system) the process has used so far:
+// from /proc while it runs, from its exit status once it has ended.
+func (p *process) cpu() time.Duration {
+	if ok, _ := p.exited(); !ok {
+		if d, err := procCPU(p.pid()); err == nil {
+			return d
+		}
+		// Ended between the two looks: its status is on the way.
+		select {
+		case <-p.done:
+		case <-time.After(time.Second):
+			return 0
+		}
+	}
+	st := p.cmd.ProcessState
+	if st == nil {
+		return 0
+	}
+	return st.UserTime() + st.SystemTime()
+}
+
+// clockTicks is the unit of /proc/PID/stat's times: USER_HZ, 100 on every
+// Linux architecture the project runs on (times(2)).
+const clockTicks = 100
+
+// procCPU reads the user and system time of process pid from /proc.
+func procCPU(pid int) (time.Duration, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, err
+	}
+	// The command name, in parentheses, may hold spaces: fields count
+	// from after its closing parenthesis (state is field 3).
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
+	}
+	var ticks uint64
+	for _, s := range f[11:13] { // utime, stime: fields 14 and 15
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		ticks += v
+	}
+	return time.Duration(ticks) * time.Second / clockTicks, nil
+}
+
 // exited reports whether the process has ended, and how.
 func (p *process) exited() (bool, error) {
 	select {

@@ -64,11 +64,13 @@ func (n *Node) startProgram(p *Pod, bin, name string, args []string) (*Sandbox, 
 	}
 	s := &Sandbox{pod: p, proc: proc, LogPath: logPath}
 	// Forget those that ended, so that many short-lived senders do not
-	// pile up.
+	// pile up; what they used stays counted.
 	live := n.sandboxes[:0]
 	for _, o := range n.sandboxes {
 		if done, _ := o.proc.exited(); !done {
 			live = append(live, o)
+		} else {
+			n.endedSandboxCPU += o.proc.cpu()
 		}
 	}
 	n.sandboxes = append(live, s)
