@@ -34,6 +34,7 @@ FUZZ_TARGETS ?= \
 	./pkg/endpoint:FuzzTAPFrame \
 	./pkg/endpoint:FuzzTAPPassGSO \
 	./pkg/endpoint:FuzzCoalesce \
+	./pkg/endpoint:FuzzHostileOffloadClient \
 	./pkg/endpoint:FuzzParseLinkConfig \
 	./pkg/ipam:FuzzParseState \
 	./pkg/agentapi:FuzzDecodeRequest \

@@ -98,6 +98,8 @@ func linkConfigFor(rec *record) endpoint.LinkConfig {
 		MAC:        rec.PodMAC,
 		GatewayMAC: net.HardwareAddr(GatewayMAC).String(),
 		MTU:        uint32(rec.MTU),
+		// The server takes TCP super-packets (endpoint.ShmOptions.TxGSO).
+		TxGSO: true,
 	}
 	if rec.Queue != nil {
 		c.BufferSize = rec.Queue.BufferSize

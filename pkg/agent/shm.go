@@ -191,7 +191,9 @@ func (s *shmLink) serve(conn *net.UnixConn) {
 				PeerFD:      int(fd),
 				// The router forwards only: keep forwarded checksums.
 				Forwarding: true,
-				RxLimit:    s.limit,
+				// As the link config offers (linkConfigFor).
+				TxGSO:   true,
+				RxLimit: s.limit,
 				// OnClosed runs on the endpoint's goroutine and must
 				// not wait for it: end the session on our own.
 				OnClosed: func(reason error) {

@@ -57,6 +57,10 @@ type LinkConfig struct {
 	// Gateways are the link-local gateways (169.254.1.1, fe80::1) the
 	// routes point at; each resolves to GatewayMAC.
 	Gateways []netip.Addr `json:"gateways,omitempty"`
+	// TxGSO says the agent takes TCP super-packets flagged in the TX
+	// descriptor's meta word (tso.go): a client may send them
+	// (ShmOptions.TxGSO), or plain frames only.
+	TxGSO bool `json:"txGSO,omitempty"`
 }
 
 // LinkRoute is one route of a LinkConfig.

@@ -26,6 +26,9 @@ type DialOptions struct {
 	Spin time.Duration
 	// Logger receives the endpoint's rare events; nil discards them.
 	Logger *slog.Logger
+	// NoTxGSO keeps the client to plain frames where the agent offers TCP
+	// segmentation offload (LinkConfig.TxGSO): for comparisons.
+	NoTxGSO bool
 }
 
 // Dial connects to the agent's per-link socket at socketPath (the
@@ -62,6 +65,7 @@ func Dial(ctx context.Context, socketPath string, opts DialOptions) (*Client, Li
 			BufferSize:  cfg.BufferSize,
 			LinkAddress: tcpip.LinkAddress(mac),
 			PeerFD:      int(fd),
+			TxGSO:       cfg.TxGSO && !opts.NoTxGSO,
 			OnClosed:    opts.OnClosed,
 			Spin:        opts.Spin,
 			Logger:      opts.Logger,

@@ -7,6 +7,7 @@ import (
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/shm-cni/shm-cni/pkg/queue"
@@ -20,13 +21,21 @@ var hostileSizes = queue.Sizes{DataSize: 16 << 10, PipeSize: 4 << 10, BufferSize
 // server between them) while the server also transmits, then closes it. It
 // returns the server's violation count and the reason it stopped, if it did.
 func runHostile(t testing.TB, txRing, postedRing, data []byte, expectViolation bool) (uint64, error) {
+	return runHostileWith(t, txRing, postedRing, data, expectViolation, false)
+}
+
+// runHostileWith is runHostile; with offload, the server is the agent's
+// kind: forwarding (segments joined, coalesce.go) and offered TCP
+// segmentation offload (tso.go), so that the meta words count.
+func runHostileWith(t testing.TB, txRing, postedRing, data []byte, expectViolation, offload bool) (uint64, error) {
 	p, err := queue.NewPair(hostileSizes)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer p.Close()
 	reason := make(chan error, 1)
-	srv, err := NewServer(ShmOptions{Pair: p, MTU: 1500, PeerFD: -1, OnClosed: func(err error) { reason <- err }})
+	srv, err := NewServer(ShmOptions{Pair: p, MTU: 1500, PeerFD: -1, Forwarding: offload, TxGSO: offload,
+		OnClosed: func(err error) { reason <- err }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,11 +95,32 @@ func testPackets(n, size int) stack.PacketBufferList {
 // (Go's bounds checks would panic), and a violation must be counted and must
 // stop the link with a reason wrapping queue.ErrViolation.
 func FuzzHostileClient(f *testing.F) {
+	fuzzHostile(f, false)
+}
+
+// FuzzHostileOffloadClient is FuzzHostileClient against a server of the
+// agent's kind (runHostileWith's offload).
+func FuzzHostileOffloadClient(f *testing.F) {
+	fuzzHostile(f, true)
+}
+
+func fuzzHostile(f *testing.F, offload bool) {
 	for _, s := range hostileSeeds(f) {
 		f.Add(s[0], s[1], s[2])
 	}
+	if offload {
+		// A TCP super-packet at offset 0, flagged with MSS 500.
+		frame, _ := tcpFrame{flags: header.TCPFlagAck, seq: 1, payload: testPayload(1400)}.build()
+		ring := make([]byte, 64)
+		binary.LittleEndian.PutUint64(ring[0:], 28) // slot header: 28 bytes, not free
+		binary.LittleEndian.PutUint32(ring[16:], uint32(len(frame)))
+		binary.LittleEndian.PutUint32(ring[20:], txOffloadTCP|500)
+		binary.LittleEndian.PutUint32(ring[32:], uint32(len(frame)))
+		binary.LittleEndian.PutUint64(ring[40:], 1<<63) // the next slot is free
+		f.Add(ring, []byte(nil), frame)
+	}
 	f.Fuzz(func(t *testing.T, txRing, postedRing, data []byte) {
-		v, reason := runHostile(t, txRing, postedRing, data, false)
+		v, reason := runHostileWith(t, txRing, postedRing, data, false, offload)
 		// The receive loop and a writer may each catch one violation
 		// at once; after that the link is cut off.
 		if v > 2 {

@@ -72,6 +72,13 @@ type ShmOptions struct {
 	// partial checksums are completed when segmented, see gso.go). Not for
 	// a stack with transport endpoints of its own.
 	Forwarding bool
+	// TxGSO turns on TCP segmentation offload from client to server
+	// (tso.go). On a Client, the endpoint takes TCP super-packets of up
+	// to the MTU from its stack (gVisor's host GSO) and hands them to the
+	// server whole: set it when the server offers it (LinkConfig.TxGSO).
+	// On a Server, it accepts them; without it a flagged frame is a
+	// protocol violation.
+	TxGSO bool
 	// RxLimit bounds what the peer can make this endpoint receive (see
 	// RxLimit); the zero value limits nothing.
 	RxLimit RxLimit
@@ -123,6 +130,11 @@ type ringWriter interface {
 	Close()
 }
 
+// metaWriter is a ringWriter whose frames carry a meta word: a Sender.
+type metaWriter interface {
+	SendMeta(parts [][]byte, total int, meta uint32) (bool, error)
+}
+
 // shmLink is what the server and client endpoints share: the stack-facing
 // half of stack.LinkEndpoint, the receive loop and the lifecycle.
 //
@@ -139,12 +151,17 @@ type shmLink struct {
 	caps     stack.LinkEndpointCapabilities // immutable
 	spin     time.Duration                  // immutable
 	coalesce bool                           // immutable: join TCP segments (coalesce.go)
+	gsoTx    bool                           // immutable: client sending TCP super-packets (tso.go)
+	gsoRx    bool                           // immutable: server accepting them
 	onClosed func(error)                    // immutable
 	log      *slog.Logger                   // immutable
 	limit    *rxLimiter                     // owned by the receive loop
 	stats    Stats
 
-	rx      ringReader   // owned by the receive loop once started
+	rx ringReader // owned by the receive loop once started
+	// rxMeta returns the meta word of the frame rx returned last (a
+	// server's receiver), nil for a client; immutable.
+	rxMeta  func() uint32
 	rxEvent *queue.Event // the eventfd the receive loop sleeps on; immutable
 	txEvent *queue.Event // the eventfd the peer sleeps on; immutable
 	peer    *os.File     // dup of PeerFD or nil; immutable
@@ -198,6 +215,12 @@ func newShmLink(o *ShmOptions, rx ringReader, tx ringWriter, rxEventFD, txEventF
 	if o.Forwarding {
 		l.caps |= stack.CapabilityTXChecksumOffload
 		l.coalesce = true
+	}
+	if r, ok := rx.(interface{ Meta() uint32 }); ok {
+		l.rxMeta = r.Meta
+		l.gsoRx = o.TxGSO
+	} else if _, ok := tx.(metaWriter); ok {
+		l.gsoTx = o.TxGSO
 	}
 	l.limit = newRxLimiter(o.RxLimit, rxBatch, l.maxFrame(), &l.stats)
 	ok := false
@@ -253,6 +276,24 @@ func (l *shmLink) SetLinkAddress(tcpip.LinkAddress) {}
 
 // Capabilities implements stack.LinkEndpoint.Capabilities.
 func (l *shmLink) Capabilities() stack.LinkEndpointCapabilities { return l.caps }
+
+// SupportedGSO implements stack.GSOEndpoint: host GSO on a client with
+// TxGSO (tso.go), none otherwise.
+func (l *shmLink) SupportedGSO() stack.SupportedGSO {
+	if l.gsoTx {
+		return stack.HostGSOSupported
+	}
+	return stack.GSONotSupported
+}
+
+// GSOMaxSize implements stack.GSOEndpoint: a super-packet is at most an IP
+// packet of the link's MTU, so that it is one frame.
+func (l *shmLink) GSOMaxSize() uint32 {
+	if l.gsoTx {
+		return l.mtu
+	}
+	return 0
+}
 
 // ARPHardwareType implements stack.LinkEndpoint.ARPHardwareType.
 func (l *shmLink) ARPHardwareType() header.ARPHardwareType {
@@ -420,6 +461,7 @@ func (l *shmLink) receiveLoop(d stack.NetworkDispatcher, done chan<- struct{}) {
 	defer close(done)
 	var (
 		views  [rxBatch]*buffer.View
+		metas  [rxBatch]uint32
 		cur    *buffer.View
 		allocs = func(n int) []byte {
 			cur = buffer.NewViewSize(n)
@@ -437,6 +479,9 @@ func (l *shmLink) receiveLoop(d stack.NetworkDispatcher, done chan<- struct{}) {
 				break
 			}
 			views[n] = cur
+			if l.rxMeta != nil {
+				metas[n] = l.rxMeta()
+			}
 			n++
 		}
 		if n > 0 {
@@ -445,8 +490,14 @@ func (l *shmLink) receiveLoop(d stack.NetworkDispatcher, done chan<- struct{}) {
 			for i := range n {
 				size += views[i].Size()
 			}
-			l.deliverBatch(d, views[:n])
+			verr := l.deliverBatch(d, views[:n], metas[:n])
 			clear(views[:n])
+			clear(metas[:n])
+			if verr != nil {
+				l.stats.Violations.Add(1)
+				l.stop(verr)
+				return
+			}
 			if !l.limit.take(n, size, l.done) {
 				return
 			}
@@ -528,10 +579,41 @@ func framePayload(v *buffer.View) buffer.Buffer {
 	return payload
 }
 
-// deliverBatch hands the frames of one receive batch to the stack, in
-// order: on a Forwarding link with runs of one TCP flow's segments joined
-// (coalesce.go).
-func (l *shmLink) deliverBatch(d stack.NetworkDispatcher, views []*buffer.View) {
+// deliverBatch hands the frames of one receive batch, with their meta words,
+// to the stack in order: TCP super-packets from the peer's offload (tso.go)
+// as such, the others as deliverPlain does. It returns a protocol violation
+// of the peer; the frames it did not deliver then are dropped.
+func (l *shmLink) deliverBatch(d stack.NetworkDispatcher, views []*buffer.View, metas []uint32) error {
+	start := 0
+	for i, m := range metas {
+		if m == 0 {
+			continue
+		}
+		l.deliverPlain(d, views[start:i])
+		start = i + 1
+		if !l.gsoRx {
+			l.stats.RxDrops.Add(uint64(len(views) - i))
+			return fmt.Errorf("%w: TX meta word %#08x on a link without offloads", queue.ErrViolation, m)
+		}
+		mss, ok, err := offloadFrame(views[i], l.hdrSize != 0, m)
+		if err != nil {
+			l.stats.RxDrops.Add(uint64(len(views) - i))
+			return err
+		}
+		if !ok {
+			l.stats.RxDrops.Add(1)
+			continue
+		}
+		size := views[i].Size()
+		l.deliverPayload(d, framePayload(views[i]), 1, size, mss)
+	}
+	l.deliverPlain(d, views[start:])
+	return nil
+}
+
+// deliverPlain hands frames to the stack, in order: on a Forwarding link
+// with runs of one TCP flow's segments joined (coalesce.go).
+func (l *shmLink) deliverPlain(d stack.NetworkDispatcher, views []*buffer.View) {
 	if !l.coalesce {
 		for _, v := range views {
 			l.deliver(d, v)
@@ -620,6 +702,14 @@ func (l *shmLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	}
 	var waited time.Duration
 	for i, pkt := range all {
+		if l.gsoTx && isTCPGSO(pkt) && pkt.GSOOptions.NeedsCsum {
+			// Our own stack's TCP, with the offload (tso.go).
+			if violation = l.sendOffloadLocked(pkt, &waited); violation != nil {
+				l.stats.TxDrops.Add(uint64(len(all) - i - 1))
+				return len(all), nil
+			}
+			continue
+		}
 		if isTCPGSO(pkt) {
 			// A TCP super-packet forwarded from a kernel pod (see
 			// gso.go): the peer takes no GSO, so it gets segments.
@@ -631,7 +721,7 @@ func (l *shmLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 		}
 		parts, total := appendSlices(l.txParts[:0], pkt)
 		l.txParts = parts
-		if violation = l.sendLocked(parts, total, &waited); violation != nil {
+		if violation = l.sendLocked(parts, total, 0, &waited); violation != nil {
 			l.stats.TxDrops.Add(uint64(len(all) - i - 1))
 			return len(all), nil
 		}
@@ -657,9 +747,9 @@ func (l *shmLink) sendSoftwareGSOLocked(pkt *stack.PacketBuffer, waited *time.Du
 			l.stats.TxDrops.Add(1)
 			return
 		}
-		parts := append(l.txParts[:0], frame)               // +checklocksignore
-		l.txParts = parts                                   // +checklocksignore
-		violation = l.sendLocked(parts, len(frame), waited) // +checklocksignore
+		parts := append(l.txParts[:0], frame)                  // +checklocksignore
+		l.txParts = parts                                      // +checklocksignore
+		violation = l.sendLocked(parts, len(frame), 0, waited) // +checklocksignore
 	})
 	if !ok {
 		l.stats.TxDrops.Add(1)
@@ -667,17 +757,35 @@ func (l *shmLink) sendSoftwareGSOLocked(pkt *stack.PacketBuffer, waited *time.Du
 	return violation
 }
 
-// sendLocked puts one frame (parts, total bytes) on the TX ring, waiting
-// up to l.txWait in all for room, and counts it sent or dropped. It returns
-// a protocol violation of the peer, after which tx is closed and nil.
+// sendOffloadLocked sends a TCP packet of the link's own stack built for
+// host GSO: a super-packet whole with its meta word, anything no larger
+// than a segment as a plain frame with its checksum completed (tso.go).
 //
 // +checklocks:l.txMu
-func (l *shmLink) sendLocked(parts [][]byte, total int, waited *time.Duration) error {
+func (l *shmLink) sendOffloadLocked(pkt *stack.PacketBuffer, waited *time.Duration) error {
+	var meta uint32
+	if mss := int(pkt.GSOOptions.MSS); mss > 0 && pkt.Data().Size() > mss {
+		meta = encodeTxOffload(&pkt.GSOOptions)
+	} else {
+		completeTCPChecksum(pkt)
+	}
+	parts, total := appendSlices(l.txParts[:0], pkt)
+	l.txParts = parts
+	return l.sendLocked(parts, total, meta, waited)
+}
+
+// sendLocked puts one frame (parts, total bytes, with meta: see tso.go) on
+// the TX ring, waiting up to l.txWait in all for room, and counts it sent or
+// dropped. It returns a protocol violation of the peer, after which tx is
+// closed and nil.
+//
+// +checklocks:l.txMu
+func (l *shmLink) sendLocked(parts [][]byte, total int, meta uint32, waited *time.Duration) error {
 	if uint32(total) > l.maxFrame() {
 		l.stats.TxDrops.Add(1)
 		return nil
 	}
-	ok, err := l.tx.Send(parts, total)
+	ok, err := l.sendFrameLocked(parts, total, meta)
 	for !ok && err == nil && *waited < l.txWait {
 		// The client's ring is full of frames the server has not
 		// completed yet: publish what we have and give the server a
@@ -686,7 +794,7 @@ func (l *shmLink) sendLocked(parts [][]byte, total int, waited *time.Duration) e
 		start := time.Now()
 		runtime.Gosched()
 		*waited += time.Since(start)
-		ok, err = l.tx.Send(parts, total)
+		ok, err = l.sendFrameLocked(parts, total, meta)
 	}
 	if err != nil {
 		l.stats.Violations.Add(1)
@@ -702,6 +810,16 @@ func (l *shmLink) sendLocked(parts [][]byte, total int, waited *time.Duration) e
 	l.stats.TxPackets.Add(1)
 	l.stats.TxBytes.Add(uint64(total))
 	return nil
+}
+
+// sendFrameLocked is one attempt of sendLocked.
+//
+// +checklocks:l.txMu
+func (l *shmLink) sendFrameLocked(parts [][]byte, total int, meta uint32) (bool, error) {
+	if meta != 0 {
+		return l.tx.(metaWriter).SendMeta(parts, total, meta)
+	}
+	return l.tx.Send(parts, total)
 }
 
 // flushTxLocked publishes sent frames and wakes the peer if it sleeps.

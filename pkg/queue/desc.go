@@ -8,7 +8,9 @@ import "encoding/binary"
 //
 //	 0  id        u64   echoed in the completion
 //	 8  size      u32   frame length
-//	12  reserved  u32
+//	12  meta      u32   zero in gVisor's format (reserved there); a word
+//	                    about the frame the link config may give a meaning
+//	                    (pkg/endpoint: TCP segmentation offload)
 //	16  buffers   {offset u64, size u32} x n, 12 B each
 //
 // TX queue, RxPipe (server to client): the completed frame's id, u64.
@@ -62,6 +64,7 @@ type BufferDesc struct {
 type TxDesc struct {
 	ID      uint64
 	Size    uint32
+	Meta    uint32
 	Buffers []BufferDesc
 }
 
@@ -77,6 +80,7 @@ func decodeTxDesc(b []byte, d *TxDesc) error {
 	}
 	d.ID = le.Uint64(b[0:])
 	d.Size = le.Uint32(b[8:])
+	d.Meta = le.Uint32(b[12:])
 	d.Buffers = d.Buffers[:0]
 	for i := range n {
 		o := txPacketHeaderSize + i*txBufferDescSize
@@ -85,12 +89,12 @@ func decodeTxDesc(b []byte, d *TxDesc) error {
 	return nil
 }
 
-// encodeTxDesc writes a TX descriptor of id and size with bufs into b, which
-// is txPacketHeaderSize + len(bufs)*txBufferDescSize long.
-func encodeTxDesc(b []byte, id uint64, size uint32, bufs []BufferDesc) {
+// encodeTxDesc writes a TX descriptor of id, size and meta with bufs into b,
+// which is txPacketHeaderSize + len(bufs)*txBufferDescSize long.
+func encodeTxDesc(b []byte, id uint64, size, meta uint32, bufs []BufferDesc) {
 	le.PutUint64(b[0:], id)
 	le.PutUint32(b[8:], size)
-	le.PutUint32(b[12:], 0)
+	le.PutUint32(b[12:], meta)
 	for i, buf := range bufs {
 		o := txPacketHeaderSize + i*txBufferDescSize
 		le.PutUint64(b[o:], buf.Offset)

@@ -51,7 +51,7 @@ func TestHostileDescriptors(t *testing.T) {
 			var w PipeWriter
 			w.Init(peer.txPipe)
 			valid := make([]byte, 28)
-			encodeTxDesc(valid, 0, 100, []BufferDesc{{Offset: 0, Size: 512}})
+			encodeTxDesc(valid, 0, 100, 0, []BufferDesc{{Offset: 0, Size: 512}})
 			d := tc.desc(valid)
 			b := w.Push(uint64(len(d)))
 			copy(b, d)

@@ -54,6 +54,12 @@ func NewSender(q QueueFDs, bufSize uint32, opts MapOptions) (*Sender, error) {
 // false when there is no room: the caller drops the frame. The frame is
 // published by Flush. An error is a violation by the server.
 func (s *Sender) Send(parts [][]byte, total int) (bool, error) {
+	return s.SendMeta(parts, total, 0)
+}
+
+// SendMeta is Send with the descriptor's meta word (see desc.go): non-zero
+// only where the link config gives it a meaning.
+func (s *Sender) SendMeta(parts [][]byte, total int, meta uint32) (bool, error) {
 	need := (total + int(s.bufSize) - 1) / int(s.bufSize)
 	if total <= 0 || need > MaxBuffersPerFrame {
 		return false, nil
@@ -88,7 +94,7 @@ func (s *Sender) Send(parts [][]byte, total int) (bool, error) {
 	s.inFlight[first] = true
 	bufs[need-1].Size = uint32(total - (need-1)*int(s.bufSize))
 	copyToBuffers(s.m.data, bufs, parts)
-	encodeTxDesc(desc, uint64(first), uint32(total), bufs)
+	encodeTxDesc(desc, uint64(first), uint32(total), meta, bufs)
 	s.scratch = bufs
 	return true, nil
 }
@@ -198,6 +204,10 @@ func (r *Receiver) Recv(alloc func(n int) []byte) ([]byte, error) {
 	le.PutUint64(c, r.d.ID)
 	return frame, nil
 }
+
+// Meta returns the meta word of the frame Recv returned last (see
+// desc.go), as the client wrote it: untrusted, for the caller to check.
+func (r *Receiver) Meta() uint32 { return r.d.Meta }
 
 // Flush returns the pulled descriptors' slots and publishes completions.
 func (r *Receiver) Flush() {
