@@ -48,7 +48,9 @@ const fastCopyMax = 2048
 // address, the node's pod CIDRs and their node gateways. An immutable
 // snapshot, replaced under Router.mu whenever a link comes or goes.
 type fastLinks struct {
-	dsts     map[netip.Addr]*fastDst
+	dsts map[netip.Addr]*fastDst
+	// uplink is the uplink's destination (fastuplink.go), nil before Start.
+	uplink   *fastDst
 	podCIDRs []netip.Prefix
 	nodeGWs  []netip.Addr
 	unrouted *atomic.Uint64 // the blackhole's counter
@@ -121,6 +123,9 @@ func (r *Router) rebuildFastLocked() {
 			t.dsts[a] = lk.fast
 		}
 	}
+	if r.up != nil {
+		t.uplink = r.up.fast
+	}
 	r.fast.links.Store(t)
 }
 
@@ -175,7 +180,10 @@ func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, p
 			links.unrouted.Add(1)
 			return true
 		}
-		return false
+		// Beyond the node: see fastuplink.go.
+		if d = links.toUplink(dst); d == nil || d == src || (!super && uint32(size) > d.mtu) || !uplinkTransport(protocol, pkt, size) {
+			return false
+		}
 	}
 	if d.counters == self {
 		return false

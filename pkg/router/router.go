@@ -303,6 +303,7 @@ func (r *Router) Start() error {
 		return fmt.Errorf("start router: create uplink NIC: %s", err)
 	}
 	r.up.nicID = id
+	r.up.fast = &fastDst{ep: ep, mtu: uint32(r.cfg.UplinkMTU), tcpGSO: takesTCPGSO(raw), counters: &fastCounters{}}
 	r.mtus.uplinkNIC.Store(uint32(id))
 	// The uplink needs a source address of each family for the stack
 	// to forward to it (see addBlackhole) and for ICMP errors to the host.
@@ -326,6 +327,7 @@ func (r *Router) Start() error {
 		return fmt.Errorf("start router: %w", err)
 	}
 	r.state = stateStarted
+	r.rebuildFastLocked()
 	success = true
 	r.log.Info("router started", "uplink", r.cfg.UplinkName, "podCIDRs", r.cfg.PodCIDRs,
 		"masquerade", r.cfg.Masquerade, "forwardAccept", r.cfg.ForwardAccept)
@@ -432,6 +434,7 @@ func (r *Router) stopUplinkLocked() error {
 		}
 	}
 	r.up = nil
+	r.rebuildFastLocked()
 	return errors.Join(errs...)
 }
 

@@ -74,8 +74,9 @@ func (r *Router) LinkStats(id string) (LinkStats, error) {
 func (r *Router) UplinkStats() LinkStats {
 	r.mu.Lock()
 	var id tcpip.NICID
+	var fast *fastDst
 	if r.up != nil {
-		id = r.up.nicID
+		id, fast = r.up.nicID, r.up.fast
 	}
 	r.mu.Unlock()
 	if id == 0 {
@@ -85,7 +86,14 @@ func (r *Router) UplinkStats() LinkStats {
 	if !ok {
 		return LinkStats{}
 	}
-	return nicStats(info)
+	st := nicStats(info)
+	if fast != nil {
+		// What the fast path wrote to the host (fastuplink.go).
+		st.FastTxPackets = fast.counters.txPackets.Load()
+		st.TxPackets += st.FastTxPackets
+		st.TxBytes += fast.counters.txBytes.Load()
+	}
+	return st
 }
 
 // nicStats flattens a NIC's statistics.

@@ -1,0 +1,74 @@
+package router
+
+import (
+	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// The fast path to the uplink.
+//
+// What a pod sends beyond the node (the host, other nodes, the world) leaves
+// through the uplink TUN device, where the host routes it and, for the
+// world, masquerades it: the router itself rewrites nothing. gVisor's
+// forwarding did for each such packet what the fast path saves pod links
+// (a route lookup, the nftables hooks, a deep copy of up to 64 KiB), and
+// for a sandbox's stream to the world that was most of the agent's work.
+// So the fast path also takes a pod's packet to an address off the node's
+// pod CIDRs, a global unicast one, straight to the uplink, when gVisor would
+// do nothing more than forward it:
+//   - TCP other than a SYN (a SYN crossing the uplink gets its MSS clamped
+//     to the uplink's MTU, pmtu.go), or UDP; unfragmented;
+//   - no larger than the uplink's MTU, or a TCP super-packet (a kernel's,
+//     or a sandbox's offload, gso.go in package endpoint) that the TUN
+//     device's kernel segments at its MSS, at most what fits the uplink.
+//
+// Anything else (ICMP, a packet too big, which gets ICMP from gVisor, the
+// router's own addresses, link-local, multicast and broadcast) takes the
+// slow path as before.
+
+// toUplink returns the uplink's fast destination for a packet to dst that
+// no pod link has, or nil.
+func (t *fastLinks) toUplink(dst netip.Addr) *fastDst {
+	if t.uplink == nil || !dst.IsGlobalUnicast() {
+		return nil
+	}
+	for _, p := range t.podCIDRs {
+		if p.Contains(dst) {
+			return nil
+		}
+	}
+	return t.uplink
+}
+
+// uplinkTransport reports whether pkt, an IP packet of size bytes that the
+// fast path checked, carries what the fast path may take to the uplink: TCP
+// other than a SYN, or UDP, unfragmented.
+func uplinkTransport(protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer, size int) bool {
+	var l3 int
+	var proto uint8
+	switch protocol {
+	case header.IPv4ProtocolNumber:
+		b, _ := pkt.Data().PullUp(header.IPv4MinimumSize) // checked by forward
+		h := header.IPv4(b)
+		if h.More() || h.FragmentOffset() != 0 {
+			return false
+		}
+		l3, proto = header.IPv4MinimumSize, h.Protocol()
+	case header.IPv6ProtocolNumber:
+		b, _ := pkt.Data().PullUp(header.IPv6MinimumSize) // checked by forward
+		l3, proto = header.IPv6MinimumSize, header.IPv6(b).NextHeader()
+	default:
+		return false
+	}
+	switch proto {
+	case uint8(header.UDPProtocolNumber):
+		return size >= l3+header.UDPMinimumSize
+	case uint8(header.TCPProtocolNumber):
+		b, ok := pkt.Data().PullUp(l3 + header.TCPMinimumSize)
+		return ok && header.TCP(b[l3:]).Flags()&header.TCPFlagSyn == 0
+	}
+	return false
+}
