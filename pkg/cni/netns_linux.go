@@ -104,7 +104,7 @@ func ifNameFreeH(h netlinksafe.Handle, name string) error {
 // createTAP creates the persistent TAP device name in netns, with a
 // virtio-net header and offloads, and returns its fd and MAC. It fails if
 // name exists. On error nothing is left behind.
-func createTAP(netns ns.NetNS, name string) (*os.File, net.HardwareAddr, error) {
+func createTAP(netns ns.NetNS, name string, gsoMaxSize int) (*os.File, net.HardwareAddr, error) {
 	var (
 		f   *os.File
 		mac net.HardwareAddr
@@ -135,6 +135,11 @@ func createTAP(netns ns.NetNS, name string) (*os.File, net.HardwareAddr, error) 
 			return fmt.Errorf("read tap %s: %w", name, err)
 		}
 		mac = l.Attrs().HardwareAddr
+		if gsoMaxSize > 0 {
+			// Speed only (Config.tapGSOMaxSize): a kernel that cannot
+			// set it keeps its default, and the pod works.
+			_ = h.LinkSetGSOMaxSize(l, gsoMaxSize)
+		}
 		return nil
 	})
 	if err != nil {

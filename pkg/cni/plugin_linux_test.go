@@ -21,6 +21,7 @@ import (
 
 	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -128,6 +129,8 @@ func TestTapAddCheckDelDel(t *testing.T) {
 	wantNetns(t, netns, at, "tuntap", at.req.MAC, 1400)
 	if pl, _ := readPodLink(t, netns, "eth0"); pl.Alias != "" {
 		t.Errorf("tap alias = %q, want none (only a shm placeholder names an attach socket)", pl.Alias)
+	} else if pl.GSOMaxSize != linkspec.DefaultShmMTU {
+		t.Errorf("tap gso_max_size = %d, want the sandbox links' MTU %d: super-packets that fit them whole", pl.GSOMaxSize, linkspec.DefaultShmMTU)
 	}
 
 	// A datagram from the pod to a far address goes out through the TAP
