@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"time"
 
-	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/shm-cni/shm-cni/pkg/queue"
@@ -90,8 +89,5 @@ func NewClient(opts ShmOptions) (*Client, error) {
 }
 
 func hdrSize(o *ShmOptions) uint32 {
-	if len(o.LinkAddress) != 0 {
-		return header.EthernetMinimumSize
-	}
-	return 0
+	return FramingOf(len(o.LinkAddress) != 0).HeaderLength()
 }

@@ -135,7 +135,7 @@ type ringWriter interface {
 type shmLink struct {
 	mtu      uint32                         // immutable
 	addr     tcpip.LinkAddress              // immutable
-	hdrSize  uint32                         // immutable: Ethernet header or 0
+	framing  Framing                        // immutable: Ethernet when addr is set
 	caps     stack.LinkEndpointCapabilities // immutable
 	spin     time.Duration                  // immutable
 	onClosed func(error)                    // immutable
@@ -190,10 +190,8 @@ func newShmLink(o *ShmOptions, rx ringReader, tx ringWriter, rxEventFD, txEventF
 	if l.log == nil {
 		l.log = slog.New(slog.DiscardHandler)
 	}
-	if len(l.addr) != 0 {
-		l.hdrSize = header.EthernetMinimumSize
-		l.caps |= stack.CapabilityResolutionRequired
-	}
+	l.framing = FramingOf(len(l.addr) != 0)
+	l.caps |= l.framing.Capabilities()
 	if o.Forwarding {
 		l.caps |= stack.CapabilityTXChecksumOffload
 	}
@@ -227,7 +225,7 @@ func newShmLink(o *ShmOptions, rx ringReader, tx ringWriter, rxEventFD, txEventF
 }
 
 // maxFrame is the largest frame the link carries.
-func (l *shmLink) maxFrame() uint32 { return l.mtu + l.hdrSize }
+func (l *shmLink) maxFrame() uint32 { return l.mtu + l.framing.HeaderLength() }
 
 // Stats returns the link's counters.
 func (l *shmLink) Stats() *Stats { return &l.stats }
@@ -240,7 +238,7 @@ func (l *shmLink) MTU() uint32 { return l.mtu }
 func (l *shmLink) SetMTU(uint32) {}
 
 // MaxHeaderLength implements stack.LinkEndpoint.MaxHeaderLength.
-func (l *shmLink) MaxHeaderLength() uint16 { return uint16(l.hdrSize) }
+func (l *shmLink) MaxHeaderLength() uint16 { return uint16(l.framing.HeaderLength()) }
 
 // LinkAddress implements stack.LinkEndpoint.LinkAddress.
 func (l *shmLink) LinkAddress() tcpip.LinkAddress { return l.addr }
@@ -253,34 +251,13 @@ func (l *shmLink) SetLinkAddress(tcpip.LinkAddress) {}
 func (l *shmLink) Capabilities() stack.LinkEndpointCapabilities { return l.caps }
 
 // ARPHardwareType implements stack.LinkEndpoint.ARPHardwareType.
-func (l *shmLink) ARPHardwareType() header.ARPHardwareType {
-	if l.hdrSize != 0 {
-		return header.ARPHardwareEther
-	}
-	return header.ARPHardwareNone
-}
+func (l *shmLink) ARPHardwareType() header.ARPHardwareType { return l.framing.ARPHardwareType() }
 
 // AddHeader implements stack.LinkEndpoint.AddHeader.
-func (l *shmLink) AddHeader(pkt *stack.PacketBuffer) {
-	if l.hdrSize == 0 {
-		return
-	}
-	eth := header.Ethernet(pkt.LinkHeader().Push(header.EthernetMinimumSize))
-	eth.Encode(&header.EthernetFields{
-		SrcAddr: pkt.EgressRoute.LocalLinkAddress,
-		DstAddr: pkt.EgressRoute.RemoteLinkAddress,
-		Type:    pkt.NetworkProtocolNumber,
-	})
-}
+func (l *shmLink) AddHeader(pkt *stack.PacketBuffer) { l.framing.AddHeader(pkt, l.addr) }
 
 // ParseHeader implements stack.LinkEndpoint.ParseHeader.
-func (l *shmLink) ParseHeader(pkt *stack.PacketBuffer) bool {
-	if l.hdrSize == 0 {
-		return true
-	}
-	_, ok := pkt.LinkHeader().Consume(header.EthernetMinimumSize)
-	return ok
-}
+func (l *shmLink) ParseHeader(pkt *stack.PacketBuffer) bool { return l.framing.ParseHeader(pkt) }
 
 // SetOnCloseAction implements stack.LinkEndpoint.SetOnCloseAction.
 func (*shmLink) SetOnCloseAction(func()) {}
@@ -529,32 +506,15 @@ func framePayload(v *buffer.View) buffer.Buffer {
 // deliver hands one frame to the stack.
 func (l *shmLink) deliver(d stack.NetworkDispatcher, v *buffer.View) {
 	size := v.Size()
+	proto, ok := l.framing.Protocol(v.AsSlice())
+	if !ok {
+		l.stats.RxDrops.Add(1)
+		v.Release()
+		return
+	}
 	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: framePayload(v)})
 	defer pkt.DecRef()
-	var proto tcpip.NetworkProtocolNumber
-	if l.hdrSize != 0 {
-		h, ok := pkt.LinkHeader().Consume(header.EthernetMinimumSize)
-		if !ok {
-			l.stats.RxDrops.Add(1)
-			return
-		}
-		proto = header.Ethernet(h).Type()
-	} else {
-		h, ok := pkt.Data().PullUp(1)
-		if !ok {
-			l.stats.RxDrops.Add(1)
-			return
-		}
-		switch header.IPVersion(h) {
-		case header.IPv4Version:
-			proto = header.IPv4ProtocolNumber
-		case header.IPv6Version:
-			proto = header.IPv6ProtocolNumber
-		default:
-			l.stats.RxDrops.Add(1)
-			return
-		}
-	}
+	l.framing.ConsumeHeader(pkt)
 	l.stats.RxPackets.Add(1)
 	l.stats.RxBytes.Add(uint64(size))
 	d.DeliverNetworkPacket(proto, pkt)
@@ -611,7 +571,7 @@ func (l *shmLink) sendSoftwareGSOLocked(pkt *stack.PacketBuffer, waited *time.Du
 	flat := pkt.ToView()
 	defer flat.Release()
 	var violation error
-	ok := softwareGSO(flat.AsSlice(), l.hdrSize != 0, pkt.GSOOptions, l.mtu, func(frame []byte, _ bool) {
+	ok := softwareGSO(flat.AsSlice(), l.framing == Ethernet, pkt.GSOOptions, l.mtu, func(frame []byte, _ bool) {
 		// softwareGSO calls back before it returns, with l.txMu held (the
 		// analyzer cannot see that: the lines that need it are exempt).
 		if violation != nil || l.tx == nil { // +checklocksignore

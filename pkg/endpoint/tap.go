@@ -118,7 +118,7 @@ type TAPEndpoint struct {
 	// Immutable after NewTAP.
 	file       *os.File // owns fd; closed by closeFile
 	name       string   // device name
-	ethernet   bool
+	framing    Framing
 	vnetHdr    bool
 	gsoMaxSize uint32
 	forwarding bool
@@ -213,7 +213,7 @@ func NewTAP(opts TAPOptions) (*TAPEndpoint, error) {
 		file:       file,
 		fd:         fd,
 		name:       info.Name,
-		ethernet:   opts.EthernetHeader,
+		framing:    FramingOf(opts.EthernetHeader),
 		vnetHdr:    opts.VnetHdr,
 		gsoMaxSize: opts.GSOMaxSize,
 		forwarding: opts.Forwarding,
@@ -271,12 +271,7 @@ func (e *TAPEndpoint) SetMTU(mtu uint32) { e.mtu.Store(mtu) }
 
 // MaxHeaderLength implements stack.LinkEndpoint.MaxHeaderLength. The
 // virtio-net header is written from its own buffer and needs no room.
-func (e *TAPEndpoint) MaxHeaderLength() uint16 {
-	if e.ethernet {
-		return header.EthernetMinimumSize
-	}
-	return 0
-}
+func (e *TAPEndpoint) MaxHeaderLength() uint16 { return uint16(e.framing.HeaderLength()) }
 
 // LinkAddress implements stack.LinkEndpoint.LinkAddress.
 func (e *TAPEndpoint) LinkAddress() tcpip.LinkAddress { return *e.linkAddr.Load() }
@@ -296,10 +291,7 @@ func (e *TAPEndpoint) SetLinkAddress(addr tcpip.LinkAddress) { e.linkAddr.Store(
 // A Forwarding endpoint claims TX checksum offload (see
 // TAPOptions.Forwarding).
 func (e *TAPEndpoint) Capabilities() stack.LinkEndpointCapabilities {
-	c := stack.CapabilityNone
-	if e.ethernet {
-		c |= stack.CapabilityResolutionRequired
-	}
+	c := e.framing.Capabilities()
 	if e.forwarding {
 		c |= stack.CapabilityTXChecksumOffload
 	}
@@ -325,12 +317,7 @@ func (e *TAPEndpoint) SupportedGSO() stack.SupportedGSO {
 }
 
 // ARPHardwareType implements stack.LinkEndpoint.ARPHardwareType.
-func (e *TAPEndpoint) ARPHardwareType() header.ARPHardwareType {
-	if e.ethernet {
-		return header.ARPHardwareEther
-	}
-	return header.ARPHardwareNone
-}
+func (e *TAPEndpoint) ARPHardwareType() header.ARPHardwareType { return e.framing.ARPHardwareType() }
 
 // Attach implements stack.LinkEndpoint.Attach. A non-nil dispatcher starts
 // the reader. A nil dispatcher (the NIC is being removed) stops it, so that
@@ -560,7 +547,7 @@ func (e *TAPEndpoint) handleFrame(b []byte, emit func([]byte, bool), rd *tapRead
 	if e.forwarding && e.vnetHdr && e.passGSO(b, rd) {
 		return
 	}
-	kind, err := splitFrame(b, e.vnetHdr, e.ethernet, emit)
+	kind, err := splitFrame(b, e.vnetHdr, e.framing == Ethernet, emit)
 	if err != nil {
 		e.stats.RxDrops.Add(1)
 		if errors.Is(err, errUnsupportedGSO) {
@@ -593,7 +580,7 @@ func (e *TAPEndpoint) passGSO(b []byte, rd *tapReader) bool {
 	default:
 		return false
 	}
-	f, ok := passGSOFrame(b[virtioNetHdrLen:], e.ethernet, v6, &h)
+	f, ok := passGSOFrame(b[virtioNetHdrLen:], e.framing == Ethernet, v6, &h)
 	if !ok {
 		return false
 	}
@@ -632,28 +619,16 @@ func (e *TAPEndpoint) deliverPacket(frame []byte, v *buffer.View, validated bool
 		drop()
 		return
 	}
-	var proto tcpip.NetworkProtocolNumber
-	if e.ethernet {
-		if len(frame) < header.EthernetMinimumSize {
-			drop()
-			return
-		}
-		eth := header.Ethernet(frame)
+	proto, ok := e.framing.Protocol(frame)
+	if !ok {
+		drop()
+		return
+	}
+	if e.framing == Ethernet {
 		dst := frame[:header.EthernetAddressSize]
 		// Unicast to us, or group (multicast, broadcast: low bit of the
 		// first octet, RFC 9542 section 2.1).
 		if string(dst) != string(*e.linkAddr.Load()) && dst[0]&1 == 0 {
-			drop()
-			return
-		}
-		proto = eth.Type()
-	} else {
-		switch header.IPVersion(frame) {
-		case header.IPv4Version:
-			proto = header.IPv4ProtocolNumber
-		case header.IPv6Version:
-			proto = header.IPv6ProtocolNumber
-		default:
 			drop()
 			return
 		}
@@ -666,9 +641,7 @@ func (e *TAPEndpoint) deliverPacket(frame []byte, v *buffer.View, validated bool
 	}
 	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: payload})
 	defer pkt.DecRef()
-	if e.ethernet {
-		pkt.LinkHeader().Consume(header.EthernetMinimumSize)
-	}
+	e.framing.ConsumeHeader(pkt)
 	pkt.NetworkProtocolNumber = proto
 	pkt.RXChecksumValidated = validated
 	if gsoMSS != 0 {
@@ -681,48 +654,12 @@ func (e *TAPEndpoint) deliverPacket(frame []byte, v *buffer.View, validated bool
 
 // AddHeader implements stack.LinkEndpoint.AddHeader: an Ethernet header on a
 // TAP device, nothing on a TUN device.
-func (e *TAPEndpoint) AddHeader(pkt *stack.PacketBuffer) {
-	if !e.ethernet {
-		return
-	}
-	src := pkt.EgressRoute.LocalLinkAddress
-	if src == "" {
-		src = e.LinkAddress()
-	}
-	eth := header.Ethernet(pkt.LinkHeader().Push(header.EthernetMinimumSize))
-	eth.Encode(&header.EthernetFields{
-		SrcAddr: src,
-		DstAddr: pkt.EgressRoute.RemoteLinkAddress,
-		Type:    pkt.NetworkProtocolNumber,
-	})
-}
+func (e *TAPEndpoint) AddHeader(pkt *stack.PacketBuffer) { e.framing.AddHeader(pkt, e.LinkAddress()) }
 
 // ParseHeader implements stack.LinkEndpoint.ParseHeader: it consumes the
 // Ethernet header of a TAP frame, or infers IPv4 or IPv6 from the version
 // nibble of a TUN packet.
-func (e *TAPEndpoint) ParseHeader(pkt *stack.PacketBuffer) bool {
-	if e.ethernet {
-		b, ok := pkt.LinkHeader().Consume(header.EthernetMinimumSize)
-		if !ok {
-			return false
-		}
-		pkt.NetworkProtocolNumber = header.Ethernet(b).Type()
-		return true
-	}
-	b, ok := pkt.Data().PullUp(1)
-	if !ok {
-		return false
-	}
-	switch header.IPVersion(b) {
-	case header.IPv4Version:
-		pkt.NetworkProtocolNumber = header.IPv4ProtocolNumber
-	case header.IPv6Version:
-		pkt.NetworkProtocolNumber = header.IPv6ProtocolNumber
-	default:
-		return false
-	}
-	return true
-}
+func (e *TAPEndpoint) ParseHeader(pkt *stack.PacketBuffer) bool { return e.framing.ParseHeader(pkt) }
 
 // WritePackets implements stack.LinkEndpoint.WritePackets. Every packet is
 // consumed: written, or dropped and counted in Stats.TxDrops when the device
@@ -814,7 +751,7 @@ func (e *TAPEndpoint) writeSoftwareGSOLocked(pkt *stack.PacketBuffer) {
 	flat := pkt.ToView()
 	defer flat.Release()
 	e.offload.TxSoftwareGSO.Add(1)
-	ok := softwareGSO(flat.AsSlice(), e.ethernet, pkt.GSOOptions, e.MTU(), func(frame []byte, _ bool) {
+	ok := softwareGSO(flat.AsSlice(), e.framing == Ethernet, pkt.GSOOptions, e.MTU(), func(frame []byte, _ bool) {
 		var iov [1]unix.Iovec
 		iov[0] = unix.Iovec{Base: &frame[0]}
 		iov[0].SetLen(len(frame))
@@ -865,10 +802,7 @@ func (e *TAPEndpoint) txVnetHdr(pkt *stack.PacketBuffer) virtioNetHdr {
 	default:
 		return h
 	}
-	l2 := 0
-	if e.ethernet {
-		l2 = header.EthernetMinimumSize
-	}
+	l2 := int(e.framing.HeaderLength())
 	l3 := len(pkt.NetworkHeader().Slice())
 	t := tcpHeaderOf(pkt)
 	l4 := header.TCPMinimumSize

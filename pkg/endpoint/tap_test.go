@@ -15,7 +15,7 @@ import (
 // newUnopenedTAP returns an endpoint without a device, enough for the
 // methods that only build or parse headers.
 func newUnopenedTAP(ethernet bool, gsoMaxSize uint32) *TAPEndpoint {
-	e := &TAPEndpoint{ethernet: ethernet, vnetHdr: true, gsoMaxSize: gsoMaxSize}
+	e := &TAPEndpoint{framing: FramingOf(ethernet), vnetHdr: true, gsoMaxSize: gsoMaxSize}
 	addr := tcpip.LinkAddress("")
 	if ethernet {
 		addr = testSrcMAC
