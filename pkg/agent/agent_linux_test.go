@@ -18,7 +18,7 @@ import (
 
 	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 	"github.com/shm-cni/shm-cni/pkg/router"
@@ -170,7 +170,7 @@ func TestSandboxReconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	transfer(t, ln, func() (net.Conn, error) { return first.dial(dst) }, 1<<20)
-	if _, err := dialSandbox(t, resp.SocketPath); !errors.Is(err, endpoint.ErrDialRefused) {
+	if _, err := dialSandbox(t, resp.SocketPath); !errors.Is(err, shm.ErrDialRefused) {
 		t.Fatalf("second dial while the first sandbox lives: %v, want ErrDialRefused", err)
 	}
 	for i := range 3 {
@@ -374,7 +374,7 @@ func TestSandboxSessionsPaced(t *testing.T) {
 	start := time.Now()
 	for time.Since(start) < 2*time.Second {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		c, pair, _, err := endpoint.DialPair(ctx, resp.SocketPath)
+		c, pair, _, err := shm.DialPair(ctx, resp.SocketPath)
 		cancel()
 		if err == nil {
 			c.Close()

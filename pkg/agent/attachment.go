@@ -11,6 +11,8 @@ import (
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/tap"
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
 
@@ -23,7 +25,7 @@ type attachment struct {
 
 	// tap is a tap link's endpoint; nil for shm and for a tap link that
 	// could not be re-adopted. Immutable.
-	tap *endpoint.TAPEndpoint
+	tap *tap.Endpoint
 	// tapGone is set when the TAP device went away under the endpoint.
 	tapGone atomic.Bool
 	// shm is a shm link's sandbox server; nil for tap. Immutable.
@@ -92,9 +94,9 @@ func ipConfigs(addrs []netip.Addr) ([]agentapi.IPConfig, []agentapi.Route) {
 }
 
 // linkConfigFor is what a sandbox gets for rec.
-func linkConfigFor(rec *record) endpoint.LinkConfig {
-	c := endpoint.LinkConfig{
-		Version:    endpoint.LinkConfigVersion,
+func linkConfigFor(rec *record) shm.LinkConfig {
+	c := shm.LinkConfig{
+		Version:    shm.LinkConfigVersion,
 		MAC:        rec.PodMAC,
 		GatewayMAC: net.HardwareAddr(GatewayMAC).String(),
 		MTU:        uint32(rec.MTU),
@@ -108,7 +110,7 @@ func linkConfigFor(rec *record) endpoint.LinkConfig {
 			gw, dst = router.GatewayV4, netip.PrefixFrom(netip.IPv4Unspecified(), 0)
 		}
 		c.Addresses = append(c.Addresses, netip.PrefixFrom(a, a.BitLen()))
-		c.Routes = append(c.Routes, endpoint.LinkRoute{Dst: dst, GW: gw})
+		c.Routes = append(c.Routes, shm.LinkRoute{Dst: dst, GW: gw})
 		c.Gateways = append(c.Gateways, gw)
 	}
 	return c

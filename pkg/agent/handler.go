@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"github.com/shm-cni/shm-cni/pkg/ipam"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
@@ -230,7 +230,7 @@ func (a *Agent) attachShm(rec *record, files []*os.File, sockPath string) (*atta
 		return nil, invalid("queue pair is not what attach.queue says: %s", strings.ReplaceAll(err.Error(), "\n", "; "))
 	}
 	// A trial server endpoint checks the regions (memfds, sealed, sizes).
-	trial, err := endpoint.NewServer(endpoint.ShmOptions{Pair: pair, MTU: uint32(rec.MTU), LinkAddress: GatewayMAC, PeerFD: -1})
+	trial, err := shm.NewServer(shm.Options{Pair: pair, MTU: uint32(rec.MTU), LinkAddress: GatewayMAC, PeerFD: -1})
 	if err != nil {
 		return nil, invalid("queue pair: %v", err)
 	}

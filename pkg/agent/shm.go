@@ -13,6 +13,7 @@ import (
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 	"github.com/shm-cni/shm-cni/pkg/router"
@@ -29,15 +30,15 @@ import (
 // link leaves the router and the next connection gets a fresh pair. A
 // connection while a session lives is refused.
 type shmLink struct {
-	linkID string              // immutable
-	link   router.Link         // the router link's addressing; immutable
-	config endpoint.LinkConfig // what each sandbox gets; immutable
-	sizes  queue.Sizes         // immutable
-	limit  endpoint.RxLimit    // each session's receive limit; immutable
-	path   string              // the socket's path; immutable
-	router *router.Router      // immutable
-	log    *slog.Logger        // immutable
-	ln     *net.UnixListener   // closed by stop; immutable
+	linkID string            // immutable
+	link   router.Link       // the router link's addressing; immutable
+	config shm.LinkConfig    // what each sandbox gets; immutable
+	sizes  queue.Sizes       // immutable
+	limit  endpoint.RxLimit  // each session's receive limit; immutable
+	path   string            // the socket's path; immutable
+	router *router.Router    // immutable
+	log    *slog.Logger      // immutable
+	ln     *net.UnixListener // closed by stop; immutable
 	// sessionPace paces new sessions (see sessionRate); used by the
 	// accept loop only.
 	sessionPace *rate.Limiter
@@ -61,7 +62,7 @@ type shmLink struct {
 	pair *queue.Pair
 	// server and conn are the live session's endpoint and connection.
 	// +checklocks:mu
-	server *endpoint.Server
+	server *shm.Server
 	// +checklocks:mu
 	conn *net.UnixConn
 	// sessions counts sessions started.
@@ -152,7 +153,7 @@ func (s *shmLink) serve(conn *net.UnixConn) {
 	defer s.mu.Unlock()
 	refuse := func(reason string) {
 		s.log.Warn("sandbox connection refused", "reason", reason)
-		if err := endpoint.SendDialError(conn, reason); err != nil {
+		if err := shm.SendDialError(conn, reason); err != nil {
 			s.log.Debug("send refusal", "err", err)
 		}
 		conn.Close()
@@ -178,13 +179,13 @@ func (s *shmLink) serve(conn *net.UnixConn) {
 		}
 		s.pair = &p
 	}
-	var srv *endpoint.Server
+	var srv *shm.Server
 	var serr error
 	pair := *s.pair
 	rc, err := conn.SyscallConn()
 	if err == nil {
 		err = rc.Control(func(fd uintptr) {
-			srv, serr = endpoint.NewServer(endpoint.ShmOptions{
+			srv, serr = shm.NewServer(shm.Options{
 				Pair:        pair,
 				MTU:         s.config.MTU,
 				LinkAddress: GatewayMAC,
@@ -217,7 +218,7 @@ func (s *shmLink) serve(conn *net.UnixConn) {
 		s.log.Error("attach sandbox link", "err", err)
 		return
 	}
-	if err := endpoint.SendLinkConfig(conn, s.config, *s.pair); err != nil {
+	if err := shm.SendLinkConfig(conn, s.config, *s.pair); err != nil {
 		s.log.Warn("send link config to sandbox", "err", err)
 		s.removeLinkLocked()
 		conn.Close()
@@ -236,7 +237,7 @@ func (s *shmLink) serve(conn *net.UnixConn) {
 
 // sessionLost ends the session of srv after its endpoint stopped on its own
 // (the sandbox hung up or broke the protocol).
-func (s *shmLink) sessionLost(srv *endpoint.Server, reason error) {
+func (s *shmLink) sessionLost(srv *shm.Server, reason error) {
 	defer s.wg.Done()
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -13,7 +13,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/tap"
 	"github.com/shm-cni/shm-cni/pkg/router"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
@@ -27,7 +27,7 @@ func (a *Agent) attachTAP(rec *record, f *os.File) (*attachment, error) {
 	if err != nil {
 		return nil, invalid("tap fd: %v", err)
 	}
-	var ep *endpoint.TAPEndpoint
+	var ep *tap.Endpoint
 	var opErr error
 	// Control, not Fd: Fd would make the file blocking.
 	if err := rc.Control(func(fd uintptr) {
@@ -55,8 +55,8 @@ func (a *Agent) attachTAP(rec *record, f *os.File) (*attachment, error) {
 		}
 		// No GSOMaxSize: the router terminates no TCP. Forwarding: the
 		// pod's TCP super-packets cross the router whole, and forwarded
-		// packets keep their checksums (endpoint.TAPOptions.Forwarding).
-		ep, opErr = endpoint.NewTAP(endpoint.TAPOptions{
+		// packets keep their checksums (tap.Options.Forwarding).
+		ep, opErr = tap.New(tap.Options{
 			FD:             int(fd),
 			MTU:            uint32(rec.MTU),
 			EthernetHeader: true,

@@ -14,7 +14,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/tap"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
@@ -59,7 +59,7 @@ func (u *uplink) readerStopped(log *slog.Logger, err error) {
 // lock: Close could hang), it only signals its reader there; Wait waits.
 // onStop is called once if the device goes away under the endpoint.
 func newUplinkEndpoint(fd int, mtu uint32, onStop func(error)) (stack.LinkEndpoint, error) {
-	ep, err := endpoint.NewTAP(endpoint.TAPOptions{
+	ep, err := tap.New(tap.Options{
 		FD:         fd,
 		MTU:        mtu,
 		VnetHdr:    true,

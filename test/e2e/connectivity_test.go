@@ -109,7 +109,7 @@ func TestEgressWithoutMasquerade(t *testing.T) {
 // TestFastPath: verified transfers between pods take the router's fast path
 // (shm_cni_link_fast_path_packets_total): every packet from sandbox to
 // sandbox, and the acknowledgements of a kernel pod's stream (its data, the
-// kernel's TCP super-packets, cross through the netstack, see gso.go); with
+// kernel's TCP super-packets, cross through the netstack, see pkg/endpoint/gso.go); with
 // --fast-path=false the same transfers pass and nothing takes it.
 func TestFastPath(t *testing.T) {
 	for _, fast := range []bool{true, false} {

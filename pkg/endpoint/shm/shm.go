@@ -1,0 +1,656 @@
+package shm
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
+	"github.com/shm-cni/shm-cni/pkg/queue"
+)
+
+// DefaultSpin is how long a link's receive loop keeps polling an empty ring
+// before it sleeps on the eventfd. A wakeup through the eventfd costs a
+// write by the peer and a scheduler round trip (~10-50 us here); polling for
+// a little longer than one round trip lets a request/response exchange run
+// without sleeping, and costs nothing when the link is idle.
+const DefaultSpin = 50 * time.Microsecond
+
+// rxBatch is the number of frames copied out of a ring before its slots are
+// handed back and the frames delivered to the stack.
+const rxBatch = 64
+
+// maxMTU is the largest MTU a link can have: the largest IP packet.
+const maxMTU = linkspec.MaxMTU
+
+// ErrPeerClosed is the reason given to OnClosed when the peer closed its end
+// of the peer socket (normally: the peer process died).
+var ErrPeerClosed = errors.New("peer closed")
+
+// Options configure a shared-memory link endpoint, server or client.
+type Options struct {
+	// Pair is the queue pair's file descriptors. The endpoint maps the
+	// regions and duplicates the eventfds: the caller keeps the
+	// descriptors and may close them once the constructor returned.
+	Pair queue.Pair
+	// MTU is the link's MTU: the largest IP packet it carries.
+	MTU uint32
+	// BufferSize is the size of one data buffer (client only: the server
+	// uses the buffers the client gives it).
+	BufferSize uint32
+	// LinkAddress is this side's MAC. Empty means an L3 link without
+	// Ethernet headers; both sides must agree.
+	LinkAddress tcpip.LinkAddress
+	// PeerFD, if >= 0, is a socket or pipe connected to the peer that
+	// carries no data: end of file (or any byte) means the peer is gone.
+	// The endpoint duplicates it.
+	PeerFD int
+	// OnClosed, if set, is called once when the endpoint stopped for a
+	// reason other than Close: the peer closed PeerFD (ErrPeerClosed) or
+	// broke the protocol (an error wrapping queue.ErrViolation). It runs
+	// after the endpoint released its resources, on the endpoint's own
+	// goroutine: it may call Close or remove the NIC but must not call
+	// Wait.
+	OnClosed func(error)
+	// Forwarding says the endpoint is a link of a stack that only forwards
+	// (the node's router, server side): it then claims TX checksum
+	// offload, so that the stack does not recompute the transport checksum
+	// of every packet it forwards to the sandbox (they arrive with valid
+	// ones: the router rewrites no address, and TCP super-packets with
+	// partial checksums are completed when segmented, see
+	// pkg/endpoint/gso.go). Not for a stack with transport endpoints of
+	// its own.
+	Forwarding bool
+	// RxLimit bounds what the peer can make this endpoint receive (see
+	// RxLimit); the zero value limits nothing.
+	RxLimit endpoint.RxLimit
+	// Spin is how long to poll an empty ring before sleeping. Zero means
+	// DefaultSpin; negative means never poll.
+	Spin time.Duration
+	// Logger receives the endpoint's rare events (violations, peer loss).
+	Logger *slog.Logger
+}
+
+func (o *Options) validate() error {
+	var errs []error
+	if err := linkspec.CheckMTU(int(o.MTU), linkspec.MinMTU); err != nil {
+		errs = append(errs, fmt.Errorf("MTU %w", err))
+	}
+	if l := len(o.LinkAddress); l != 0 && l != header.EthernetAddressSize {
+		errs = append(errs, fmt.Errorf("link address of %d bytes, want 0 or 6", l))
+	}
+	if err := o.RxLimit.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (o *Options) spin() time.Duration {
+	switch {
+	case o.Spin == 0:
+		return DefaultSpin
+	case o.Spin < 0:
+		return 0
+	}
+	return o.Spin
+}
+
+// ringReader is the consuming half of a link: a Receiver or a Poster.
+type ringReader interface {
+	Ready() bool
+	Recv(alloc func(int) []byte) ([]byte, error)
+	Flush()
+	EnableNotification()
+	DisableNotification()
+	Close()
+}
+
+// ringWriter is the producing half of a link: a Filler or a Sender.
+type ringWriter interface {
+	Send(parts [][]byte, total int) (bool, error)
+	Flush() (notify bool)
+	Close()
+}
+
+// queueEndpoint is what the server and client endpoints share: the stack-facing
+// half of stack.LinkEndpoint, the receive loop and the lifecycle.
+//
+// Lifecycle: Attach(d) starts the receive loop, the peer watcher and a
+// supervisor. stop(reason) — from Close, from Attach(nil), on peer loss or on
+// a violation — interrupts them; the supervisor waits for the other two,
+// releases every mapping and descriptor, calls OnClosed for a reason other
+// than Close, and exits. Wait waits for the supervisor. An endpoint never
+// attached releases in Close.
+type queueEndpoint struct {
+	mtu      uint32                         // immutable
+	addr     tcpip.LinkAddress              // immutable
+	framing  endpoint.Framing               // immutable: Ethernet when addr is set
+	caps     stack.LinkEndpointCapabilities // immutable
+	spin     time.Duration                  // immutable
+	onClosed func(error)                    // immutable
+	log      *slog.Logger                   // immutable
+	limit    *endpoint.RxLimiter            // owned by the receive loop
+	stats    endpoint.Stats
+
+	rx      ringReader   // owned by the receive loop once started
+	rxEvent *queue.Event // the eventfd the receive loop sleeps on; immutable
+	txEvent *queue.Event // the eventfd the peer sleeps on; immutable
+	peer    *os.File     // dup of PeerFD or nil; immutable
+
+	// txMu serialises writers and guards tx and txParts.
+	txMu sync.Mutex
+	// +checklocks:txMu
+	tx ringWriter // nil once released
+	// +checklocks:txMu
+	txParts [][]byte
+	// txWait is how long a writer may wait for room (the client waits
+	// briefly for completions; the router never waits). Immutable.
+	txWait time.Duration
+
+	// mu guards the lifecycle fields below.
+	mu sync.Mutex
+	// +checklocks:mu
+	dispatcher stack.NetworkDispatcher
+	// +checklocks:mu
+	started bool
+	// +checklocks:mu
+	stopped bool
+	// +checklocks:mu
+	released bool
+	// +checklocks:mu
+	reason error
+
+	stopping atomic.Bool
+	done     chan struct{} // closed by stop
+	wg       sync.WaitGroup
+}
+
+func newQueueEndpoint(o *Options, rx ringReader, tx ringWriter, rxEventFD, txEventFD int) (*queueEndpoint, error) {
+	l := &queueEndpoint{
+		mtu:      o.MTU,
+		addr:     o.LinkAddress,
+		spin:     o.spin(),
+		onClosed: o.OnClosed,
+		log:      o.Logger,
+		rx:       rx,
+		tx:       tx,
+		done:     make(chan struct{}),
+	}
+	if l.log == nil {
+		l.log = slog.New(slog.DiscardHandler)
+	}
+	l.framing = endpoint.FramingOf(len(l.addr) != 0)
+	l.caps |= l.framing.Capabilities()
+	if o.Forwarding {
+		l.caps |= stack.CapabilityTXChecksumOffload
+	}
+	l.limit = endpoint.NewRxLimiter(o.RxLimit, rxBatch, l.maxFrame(), &l.stats)
+	ok := false
+	defer func() {
+		if !ok {
+			l.release()
+		}
+	}()
+	var err error
+	if l.rxEvent, err = queue.OpenEvent(rxEventFD); err != nil {
+		return nil, err
+	}
+	if l.txEvent, err = queue.OpenEvent(txEventFD); err != nil {
+		return nil, err
+	}
+	if o.PeerFD >= 0 {
+		fd, err := unix.FcntlInt(uintptr(o.PeerFD), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return nil, fmt.Errorf("dup peer fd %d: %w", o.PeerFD, err)
+		}
+		if err := unix.SetNonblock(fd, true); err != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("peer fd %d: set non-blocking: %w", o.PeerFD, err)
+		}
+		l.peer = os.NewFile(uintptr(fd), "peer")
+	}
+	ok = true
+	return l, nil
+}
+
+// maxFrame is the largest frame the link carries.
+func (l *queueEndpoint) maxFrame() uint32 { return l.mtu + l.framing.HeaderLength() }
+
+// Stats returns the link's counters.
+func (l *queueEndpoint) Stats() *endpoint.Stats { return &l.stats }
+
+// MTU implements stack.LinkEndpoint.MTU.
+func (l *queueEndpoint) MTU() uint32 { return l.mtu }
+
+// SetMTU implements stack.LinkEndpoint.SetMTU. The MTU is agreed with the
+// peer when the link is made and cannot change.
+func (l *queueEndpoint) SetMTU(uint32) {}
+
+// MaxHeaderLength implements stack.LinkEndpoint.MaxHeaderLength.
+func (l *queueEndpoint) MaxHeaderLength() uint16 { return uint16(l.framing.HeaderLength()) }
+
+// LinkAddress implements stack.LinkEndpoint.LinkAddress.
+func (l *queueEndpoint) LinkAddress() tcpip.LinkAddress { return l.addr }
+
+// SetLinkAddress implements stack.LinkEndpoint.SetLinkAddress. The address
+// is agreed with the peer when the link is made and cannot change.
+func (l *queueEndpoint) SetLinkAddress(tcpip.LinkAddress) {}
+
+// Capabilities implements stack.LinkEndpoint.Capabilities.
+func (l *queueEndpoint) Capabilities() stack.LinkEndpointCapabilities { return l.caps }
+
+// ARPHardwareType implements stack.LinkEndpoint.ARPHardwareType.
+func (l *queueEndpoint) ARPHardwareType() header.ARPHardwareType { return l.framing.ARPHardwareType() }
+
+// AddHeader implements stack.LinkEndpoint.AddHeader.
+func (l *queueEndpoint) AddHeader(pkt *stack.PacketBuffer) { l.framing.AddHeader(pkt, l.addr) }
+
+// ParseHeader implements stack.LinkEndpoint.ParseHeader.
+func (l *queueEndpoint) ParseHeader(pkt *stack.PacketBuffer) bool { return l.framing.ParseHeader(pkt) }
+
+// SetOnCloseAction implements stack.LinkEndpoint.SetOnCloseAction.
+func (*queueEndpoint) SetOnCloseAction(func()) {}
+
+// IsAttached implements stack.LinkEndpoint.IsAttached.
+func (l *queueEndpoint) IsAttached() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.dispatcher != nil
+}
+
+// Attach implements stack.LinkEndpoint.Attach. A nil dispatcher (the NIC is
+// being removed) stops the link for good; it does not wait, because the
+// stack calls it with its own lock held.
+func (l *queueEndpoint) Attach(d stack.NetworkDispatcher) {
+	if d == nil {
+		l.stop(nil)
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.stopped || l.started {
+		l.dispatcher = d
+		return
+	}
+	l.dispatcher = d
+	l.started = true
+	rxDone := make(chan struct{})
+	peerDone := make(chan struct{})
+	l.wg.Add(1)
+	go l.receiveLoop(d, rxDone)
+	go l.watchPeer(peerDone)
+	go l.supervise(rxDone, peerDone)
+}
+
+// Close implements stack.LinkEndpoint.Close. It does not wait: Wait does.
+func (l *queueEndpoint) Close() { l.stop(nil) }
+
+// Wait implements stack.LinkEndpoint.Wait. It returns once every goroutine
+// of the endpoint has exited and its memory and descriptors are released.
+func (l *queueEndpoint) Wait() { l.wg.Wait() }
+
+// stop stops the link once; the first reason wins.
+func (l *queueEndpoint) stop(reason error) {
+	l.mu.Lock()
+	if l.stopped {
+		l.mu.Unlock()
+		return
+	}
+	l.stopped = true
+	l.reason = reason
+	started := l.started
+	l.mu.Unlock()
+	l.stopping.Store(true)
+	close(l.done)
+	l.rxEvent.Interrupt()
+	if l.peer != nil {
+		l.peer.SetReadDeadline(time.Unix(1, 0))
+	}
+	if !started {
+		l.release()
+	}
+}
+
+// release unmaps the queues and closes every descriptor, once.
+func (l *queueEndpoint) release() {
+	l.mu.Lock()
+	if l.released {
+		l.mu.Unlock()
+		return
+	}
+	l.released = true
+	l.mu.Unlock()
+	l.txMu.Lock()
+	if l.tx != nil {
+		l.tx.Close()
+		l.tx = nil
+	}
+	l.txMu.Unlock()
+	if l.rx != nil {
+		l.rx.Close()
+	}
+	if l.rxEvent != nil {
+		l.rxEvent.Close()
+	}
+	if l.txEvent != nil {
+		l.txEvent.Close()
+	}
+	if l.peer != nil {
+		l.peer.Close()
+	}
+}
+
+// supervise waits for the receive loop and the peer watcher, releases the
+// link and reports why it stopped.
+func (l *queueEndpoint) supervise(rxDone, peerDone <-chan struct{}) {
+	defer l.wg.Done()
+	<-rxDone
+	<-peerDone
+	l.release()
+	l.mu.Lock()
+	reason := l.reason
+	l.mu.Unlock()
+	l.log.Debug("shared-memory link released", "reason", reason)
+	if reason != nil {
+		l.log.Warn("shared-memory link stopped", "reason", reason)
+		if l.onClosed != nil {
+			l.onClosed(reason)
+		}
+	}
+}
+
+// watchPeer waits for the peer to close its end of the peer socket.
+func (l *queueEndpoint) watchPeer(done chan<- struct{}) {
+	defer close(done)
+	if l.peer == nil {
+		return
+	}
+	var b [1]byte
+	_, err := l.peer.Read(b[:])
+	if l.stopping.Load() {
+		return
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		err = ErrPeerClosed
+	} else {
+		err = fmt.Errorf("%w: %v", ErrPeerClosed, err)
+	}
+	l.stop(err)
+}
+
+// receiveLoop copies frames out of the receive ring and delivers them,
+// polling briefly and then sleeping when the ring is empty.
+func (l *queueEndpoint) receiveLoop(d stack.NetworkDispatcher, done chan<- struct{}) {
+	defer close(done)
+	var (
+		views  [rxBatch]*buffer.View
+		cur    *buffer.View
+		allocs = func(n int) []byte {
+			cur = buffer.NewViewSize(n)
+			return cur.AsSlice()
+		}
+	)
+	l.rx.DisableNotification()
+	for !l.stopping.Load() {
+		n := 0
+		var err error
+		for n < rxBatch {
+			var f []byte
+			f, err = l.rx.Recv(allocs)
+			if err != nil || f == nil {
+				break
+			}
+			views[n] = cur
+			n++
+		}
+		if n > 0 {
+			l.rx.Flush()
+			size := 0
+			for i := range n {
+				size += views[i].Size()
+				l.deliver(d, views[i])
+				views[i] = nil
+			}
+			if !l.limit.Take(n, size, l.done) {
+				return
+			}
+		}
+		if err != nil {
+			l.stats.Violations.Add(1)
+			l.stop(err)
+			return
+		}
+		if n > 0 {
+			continue
+		}
+		if l.poll() {
+			continue
+		}
+		l.rx.EnableNotification()
+		if l.rx.Ready() {
+			l.rx.DisableNotification()
+			continue
+		}
+		if err := l.rxEvent.Wait(); err != nil {
+			if !errors.Is(err, queue.ErrClosed) {
+				l.log.Error("shared-memory link: waiting on eventfd", "err", err)
+				l.stop(fmt.Errorf("wait on eventfd: %w", err))
+			}
+			return
+		}
+		l.rx.DisableNotification()
+	}
+}
+
+// poll watches the ring for up to l.spin and reports whether it became ready.
+func (l *queueEndpoint) poll() bool {
+	if l.spin <= 0 {
+		return false
+	}
+	deadline := time.Now().Add(l.spin)
+	for i := 0; ; i++ {
+		if l.rx.Ready() {
+			return true
+		}
+		if i%16 == 15 {
+			if l.stopping.Load() || time.Now().After(deadline) {
+				return false
+			}
+			runtime.Gosched()
+		}
+	}
+}
+
+// A large frame is delivered as two views: its first headerSplit bytes in a
+// chunk of their own, the rest in the chunk it was copied into. gVisor's
+// IPv4 and IPv6 endpoints keep a reference to the network header's view
+// while they parse a packet (parseAndValidate returns
+// NetworkHeader().View()), and a later NetworkHeader().Slice() then finds
+// the chunk shared and clones it whole (buffer.PullUp): 64 KiB copied for
+// every large segment a sandbox received, 1.2% of the machine's time in a
+// sandbox-to-sandbox profile at MTU 65000. With the headers apart, that
+// clone is of 256 bytes.
+const (
+	// headerSplit covers Ethernet (14) + IPv6 (40) or IPv4 with options
+	// (60) + TCP with options (60), with room for extension headers.
+	headerSplit = 256
+	// splitFrom is the smallest frame split: the copy of the headers costs
+	// more than it saves on small frames.
+	splitFrom = 4096
+)
+
+// framePayload is the packet payload of frame v (owned from the call on).
+func framePayload(v *buffer.View) buffer.Buffer {
+	if v.Size() < splitFrom {
+		return buffer.MakeWithView(v)
+	}
+	h := buffer.NewViewWithData(v.AsSlice()[:headerSplit])
+	v.TrimFront(headerSplit)
+	payload := buffer.MakeWithView(h)
+	rest := buffer.MakeWithView(v)
+	payload.Merge(&rest)
+	return payload
+}
+
+// deliver hands one frame to the stack.
+func (l *queueEndpoint) deliver(d stack.NetworkDispatcher, v *buffer.View) {
+	size := v.Size()
+	proto, ok := l.framing.Protocol(v.AsSlice())
+	if !ok {
+		l.stats.RxDrops.Add(1)
+		v.Release()
+		return
+	}
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: framePayload(v)})
+	defer pkt.DecRef()
+	l.framing.ConsumeHeader(pkt)
+	l.stats.RxPackets.Add(1)
+	l.stats.RxBytes.Add(uint64(size))
+	d.DeliverNetworkPacket(proto, pkt)
+}
+
+// WritePackets implements stack.LinkEndpoint.WritePackets. A frame that does
+// not fit is dropped and counted, never reported as tcpip.ErrWouldBlock
+// (which gVisor's IPv4 forwarding does not expect): the return value is
+// always the number of packets given.
+func (l *queueEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	all := pkts.AsSlice()
+	var violation error
+	defer func() {
+		// After txMu is released: stop may release the link.
+		if violation != nil {
+			l.stop(violation)
+		}
+	}()
+	l.txMu.Lock()
+	defer l.txMu.Unlock()
+	if l.tx == nil || l.stopping.Load() {
+		l.stats.TxDrops.Add(uint64(len(all)))
+		return len(all), nil
+	}
+	var waited time.Duration
+	for i, pkt := range all {
+		if endpoint.IsTCPGSO(pkt) {
+			// A TCP super-packet forwarded from a kernel pod (see
+			// endpoint's gso.go): the peer takes no GSO, so it gets segments.
+			if violation = l.sendSoftwareGSOLocked(pkt, &waited); violation != nil {
+				l.stats.TxDrops.Add(uint64(len(all) - i - 1))
+				return len(all), nil
+			}
+			continue
+		}
+		parts, total := appendSlices(l.txParts[:0], pkt)
+		l.txParts = parts
+		if violation = l.sendLocked(parts, total, &waited); violation != nil {
+			l.stats.TxDrops.Add(uint64(len(all) - i - 1))
+			return len(all), nil
+		}
+	}
+	clear(l.txParts)
+	l.flushTxLocked()
+	return len(all), nil
+}
+
+// sendSoftwareGSOLocked sends a TCP GSO packet as the frames SoftwareGSO
+// makes of a private copy of it. It returns a protocol violation of the
+// peer, after which the link's tx is gone.
+//
+// +checklocks:l.txMu
+func (l *queueEndpoint) sendSoftwareGSOLocked(pkt *stack.PacketBuffer, waited *time.Duration) error {
+	flat := pkt.ToView()
+	defer flat.Release()
+	var violation error
+	ok := endpoint.SoftwareGSO(flat.AsSlice(), l.framing == endpoint.Ethernet, pkt.GSOOptions, l.mtu, func(frame []byte, _ bool) {
+		// SoftwareGSO calls back before it returns, with l.txMu held (the
+		// analyzer cannot see that: the lines that need it are exempt).
+		if violation != nil || l.tx == nil { // +checklocksignore
+			l.stats.TxDrops.Add(1)
+			return
+		}
+		parts := append(l.txParts[:0], frame)               // +checklocksignore
+		l.txParts = parts                                   // +checklocksignore
+		violation = l.sendLocked(parts, len(frame), waited) // +checklocksignore
+	})
+	if !ok {
+		l.stats.TxDrops.Add(1)
+	}
+	return violation
+}
+
+// sendLocked puts one frame (parts, total bytes) on the TX ring, waiting
+// up to l.txWait in all for room, and counts it sent or dropped. It returns
+// a protocol violation of the peer, after which tx is closed and nil.
+//
+// +checklocks:l.txMu
+func (l *queueEndpoint) sendLocked(parts [][]byte, total int, waited *time.Duration) error {
+	if uint32(total) > l.maxFrame() {
+		l.stats.TxDrops.Add(1)
+		return nil
+	}
+	ok, err := l.tx.Send(parts, total)
+	for !ok && err == nil && *waited < l.txWait {
+		// The client's ring is full of frames the server has not
+		// completed yet: publish what we have and give the server a
+		// moment.
+		l.flushTxLocked()
+		start := time.Now()
+		runtime.Gosched()
+		*waited += time.Since(start)
+		ok, err = l.tx.Send(parts, total)
+	}
+	if err != nil {
+		l.stats.Violations.Add(1)
+		l.stats.TxDrops.Add(1)
+		l.tx.Close()
+		l.tx = nil
+		return err
+	}
+	if !ok {
+		l.stats.TxDrops.Add(1)
+		return nil
+	}
+	l.stats.TxPackets.Add(1)
+	l.stats.TxBytes.Add(uint64(total))
+	return nil
+}
+
+// flushTxLocked publishes sent frames and wakes the peer if it sleeps.
+//
+// +checklocks:l.txMu
+func (l *queueEndpoint) flushTxLocked() {
+	if l.tx.Flush() {
+		l.txEvent.Notify()
+	}
+}
+
+// appendSlices appends the slices holding pkt's bytes, headers included, to
+// dst without allocating, and returns them with their total length.
+func appendSlices(dst [][]byte, pkt *stack.PacketBuffer) ([][]byte, int) {
+	vl, off := pkt.AsViewList()
+	total := 0
+	for v := vl.Front(); v != nil; v = v.Next() {
+		b := v.AsSlice()
+		if off >= len(b) {
+			off -= len(b)
+			continue
+		}
+		b = b[off:]
+		off = 0
+		dst = append(dst, b)
+		total += len(b)
+	}
+	return dst, total
+}
