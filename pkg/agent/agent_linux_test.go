@@ -385,9 +385,10 @@ func TestSandboxSessionsPaced(t *testing.T) {
 	r.mu.Lock()
 	att := r.attachments[linkspec.Key{ContainerID: "sandbox-1", IfName: "eth0"}]
 	r.mu.Unlock()
-	att.shm.mu.Lock()
-	sessions := att.shm.sessions
-	att.shm.mu.Unlock()
+	link := att.link.(*sandboxLink)
+	link.mu.Lock()
+	sessions := link.sessions
+	link.mu.Unlock()
 	bound := uint64(sessionBurst + float64(sessionRate)*elapsed.Seconds() + 2)
 	t.Logf("%d sessions in %v (bound %d)", sessions, elapsed.Round(time.Millisecond), bound)
 	if sessions == 0 || sessions > bound {

@@ -1,15 +1,20 @@
 package agent
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
+	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
 	"golang.org/x/time/rate"
+	"gvisor.dev/gvisor/pkg/tcpip"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
@@ -19,9 +24,95 @@ import (
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
 
-// shmLink serves a sandbox link: it accepts the sandbox's connections on the
-// per-link socket and, for each, gives the sandbox a queue pair and attaches
-// the agent's end of it to the router while the connection lives.
+// sandboxKind is the kind of a sandbox's link: a shared-memory queue pair
+// per session, served on the link's own socket (shm.Dial).
+type sandboxKind struct{}
+
+// prepare implements linkKind.prepare: the queue sizes the conflist set,
+// the MTU they carry and the link's socket, free.
+func (sandboxKind) prepare(a *Agent, k linkspec.Key, rec *record, req *agentapi.AttachRequest) error {
+	sizes := queue.Sizes{DataSize: req.Queue.DataSize, PipeSize: req.Queue.PipeSize, BufferSize: req.Queue.BufferSize}
+	if err := sizes.Validate(); err != nil {
+		return invalid("queue: %v", err)
+	}
+	if rec.MTU == 0 {
+		rec.MTU = min(a.cfg.ShmMTU, int(sizes.MaxMTU()))
+	}
+	if err := sizes.CheckMTU(uint32(rec.MTU)); err != nil {
+		return invalid("mtu: %v", err)
+	}
+	rec.Queue = &sizes
+	sockPath := sandboxSocketPath(a.cfg.SandboxDir, k)
+	if other := a.socketUser(sockPath); other != nil {
+		return fmt.Errorf("socket %s is used by attachment %s", sockPath, *other)
+	}
+	return nil
+}
+
+// attach implements linkKind.attach: files are the first session's queue
+// pair.
+func (sandboxKind) attach(a *Agent, rec *record, files []*os.File) (podLink, error) {
+	return a.attachSandbox(rec, files)
+}
+
+// readopt implements linkKind.readopt: the link gets its socket back, and
+// a fresh pair at the sandbox's next connection.
+func (sandboxKind) readopt(a *Agent, rec *record) (podLink, error) {
+	// The sandbox lives in the pod's netns (its placeholder interface
+	// too): without it, nobody will dial the link.
+	if err := checkNetns(rec.Netns); err != nil {
+		return nil, err
+	}
+	return a.startSandbox(rec, nil)
+}
+
+// orphan implements linkKind.orphan: CHECK passes, as for a link whose
+// sandbox is away.
+func (sandboxKind) orphan(*record) podLink { return noLink{} }
+
+// attachSandbox checks the queue pair of files and starts serving rec's
+// sandbox socket with it.
+func (a *Agent) attachSandbox(rec *record, files []*os.File) (*sandboxLink, error) {
+	fds := make([]int, len(files))
+	for i, f := range files {
+		fds[i] = fileFD(f)
+	}
+	pair, err := queue.PairFrom(fds)
+	if err != nil {
+		return nil, invalid("%v", err)
+	}
+	if err := queue.CheckPair(pair, *rec.Queue); err != nil {
+		return nil, invalid("queue pair is not what attach.queue says: %s", strings.ReplaceAll(err.Error(), "\n", "; "))
+	}
+	// A trial server endpoint checks the regions (memfds, sealed, sizes).
+	trial, err := shm.NewServer(shm.Options{Pair: pair, MTU: uint32(rec.MTU), LinkAddress: GatewayMAC, PeerFD: -1})
+	if err != nil {
+		return nil, invalid("queue pair: %v", err)
+	}
+	trial.Close()
+	trial.Wait()
+	own, err := pair.Dup()
+	if err != nil {
+		return nil, fmt.Errorf("keep queue pair: %w", err)
+	}
+	if rec.PodMAC == "" {
+		rec.PodMAC = net.HardwareAddr(podMACFor(rec.Addrs)).String()
+	}
+	return a.startSandbox(rec, &own)
+}
+
+// startSandbox serves rec's sandbox socket under the sandbox directory;
+// pair (owned from the call on) is the first session's, or nil.
+func (a *Agent) startSandbox(rec *record, pair *queue.Pair) (*sandboxLink, error) {
+	id := rec.key().String()
+	path := sandboxSocketPath(a.cfg.SandboxDir, rec.key())
+	return newSandboxLink(path, id, rec, pair, a.cfg.LinkRxLimit, a.router, a.log.With("link", id))
+}
+
+// sandboxLink is a sandbox's shared-memory link (a podLink): it accepts
+// the sandbox's connections on the per-link socket and, for each, gives the
+// sandbox a queue pair and attaches the agent's end of it to the router
+// while the connection lives.
 //
 // Sessions: a connection while no sandbox holds the link starts one (the
 // link config and a queue pair go to the sandbox, the server endpoint joins
@@ -29,7 +120,7 @@ import (
 // OnClosed, or found at the next connection) or breaks the protocol; the
 // link leaves the router and the next connection gets a fresh pair. A
 // connection while a session lives is refused.
-type shmLink struct {
+type sandboxLink struct {
 	linkID string            // immutable
 	link   router.Link       // the router link's addressing; immutable
 	config shm.LinkConfig    // what each sandbox gets; immutable
@@ -77,10 +168,10 @@ func sandboxSocketPath(dir string, k linkspec.Key) string {
 	return filepath.Join(dir, k.ContainerID+"-"+k.IfName+".sock")
 }
 
-// newShmLink listens on path and starts accepting sandboxes. pair, if not
+// newSandboxLink listens on path and starts accepting sandboxes. pair, if not
 // nil, is the first session's queue pair; the link owns it from the call
 // on, whether it succeeds or not.
-func newShmLink(path, linkID string, rec *record, pair *queue.Pair, limit endpoint.RxLimit, r *router.Router, log *slog.Logger) (*shmLink, error) {
+func newSandboxLink(path, linkID string, rec *record, pair *queue.Pair, limit endpoint.RxLimit, r *router.Router, log *slog.Logger) (*sandboxLink, error) {
 	ln, err := agentapi.Listen(path)
 	if err != nil {
 		if pair != nil {
@@ -88,7 +179,7 @@ func newShmLink(path, linkID string, rec *record, pair *queue.Pair, limit endpoi
 		}
 		return nil, fmt.Errorf("sandbox socket: %w", err)
 	}
-	s := &shmLink{
+	s := &sandboxLink{
 		linkID: linkID,
 		link:   router.Link{Addrs: rec.Addrs, PodMAC: macOf(rec.PodMAC), GatewayMAC: GatewayMAC},
 		config: linkConfigFor(rec),
@@ -120,7 +211,7 @@ const (
 
 // acceptLoop serves connections one at a time until stop closes the
 // listener.
-func (s *shmLink) acceptLoop() {
+func (s *sandboxLink) acceptLoop() {
 	defer s.wg.Done()
 	for {
 		if d := s.sessionPace.Reserve().Delay(); d > 0 {
@@ -148,7 +239,7 @@ func (s *shmLink) acceptLoop() {
 }
 
 // serve starts a session on conn or refuses it.
-func (s *shmLink) serve(conn *net.UnixConn) {
+func (s *sandboxLink) serve(conn *net.UnixConn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	refuse := func(reason string) {
@@ -237,7 +328,7 @@ func (s *shmLink) serve(conn *net.UnixConn) {
 
 // sessionLost ends the session of srv after its endpoint stopped on its own
 // (the sandbox hung up or broke the protocol).
-func (s *shmLink) sessionLost(srv *shm.Server, reason error) {
+func (s *sandboxLink) sessionLost(srv *shm.Server, reason error) {
 	defer s.wg.Done()
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -250,7 +341,7 @@ func (s *shmLink) sessionLost(srv *shm.Server, reason error) {
 // endSessionLocked removes the session's link and closes its connection.
 //
 // +checklocks:s.mu
-func (s *shmLink) endSessionLocked(reason string) {
+func (s *sandboxLink) endSessionLocked(reason string) {
 	if ls, err := s.router.LinkStats(s.linkID); err == nil {
 		s.pastRouter = s.pastRouter.Add(ls)
 	}
@@ -266,7 +357,7 @@ func (s *shmLink) endSessionLocked(reason string) {
 // endpoint has released the pair and stopped.
 //
 // +checklocks:s.mu
-func (s *shmLink) removeLinkLocked() {
+func (s *sandboxLink) removeLinkLocked() {
 	if err := s.router.RemoveLink(s.linkID); err != nil {
 		s.log.Warn("remove sandbox link", "err", err)
 	}
@@ -274,7 +365,7 @@ func (s *shmLink) removeLinkLocked() {
 
 // stop ends any session, closes and removes the socket, waits for the
 // link's goroutines and closes the prepared pair. It is idempotent.
-func (s *shmLink) stop() {
+func (s *sandboxLink) stop() {
 	s.mu.Lock()
 	if !s.closed {
 		close(s.stopping)
@@ -298,7 +389,7 @@ func (s *shmLink) stop() {
 }
 
 // stats returns the live session's endpoint counters.
-func (s *shmLink) stats() (endpoint.StatsSnapshot, bool) {
+func (s *sandboxLink) stats() (endpoint.StatsSnapshot, bool) {
 	s.mu.Lock()
 	srv, past := s.server, s.pastEndpoint
 	s.mu.Unlock()
@@ -310,7 +401,7 @@ func (s *shmLink) stats() (endpoint.StatsSnapshot, bool) {
 
 // routerStats returns the link's router counters summed over every session,
 // and whether a session is attached now.
-func (s *shmLink) routerStats() (router.LinkStats, bool) {
+func (s *sandboxLink) routerStats() (router.LinkStats, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	ls, err := s.router.LinkStats(s.linkID)
@@ -318,4 +409,65 @@ func (s *shmLink) routerStats() (router.LinkStats, bool) {
 		return s.pastRouter, false
 	}
 	return s.pastRouter.Add(ls), true
+}
+
+// check implements podLink.check: a sandbox link waits for its sandbox,
+// whether one is connected or not.
+func (s *sandboxLink) check() error { return nil }
+
+// answer implements podLink.answer: the sandbox takes the MAC the agent
+// chose for it, and dials the link's socket.
+func (s *sandboxLink) answer(resp *agentapi.AttachResponse) {
+	resp.MAC = s.config.MAC
+	resp.SocketPath = s.path
+}
+
+// status implements podLink.status: the counters summed over the
+// sandbox's sessions; up while one is attached.
+func (s *sandboxLink) status(st *LinkStatus) {
+	st.SocketPath = s.path
+	ls, up := s.routerStats()
+	st.Up, st.Router = up, &ls
+	es, _ := s.stats()
+	st.Endpoint = &es
+}
+
+// socketPath implements podLink.socketPath.
+func (s *sandboxLink) socketPath() string { return s.path }
+
+// podMACFor derives a shm link's pod MAC from its first address: 02:53
+// (locally administered unicast, 'S') then the address's last four bytes.
+// Every pod link is its own L2 segment with the router, so the MAC only has
+// to differ from GatewayMAC, which the 02 prefix guarantees.
+func podMACFor(addrs []netip.Addr) tcpip.LinkAddress {
+	mac := make(net.HardwareAddr, 6)
+	mac[0], mac[1] = 0x02, 0x53
+	if len(addrs) > 0 {
+		b := addrs[0].AsSlice()
+		binary.BigEndian.PutUint32(mac[2:], binary.BigEndian.Uint32(b[len(b)-4:]))
+	}
+	return tcpip.LinkAddress(mac)
+}
+
+// linkConfigFor is what a sandbox gets for rec.
+func linkConfigFor(rec *record) shm.LinkConfig {
+	c := shm.LinkConfig{
+		Version:    shm.LinkConfigVersion,
+		MAC:        rec.PodMAC,
+		GatewayMAC: net.HardwareAddr(GatewayMAC).String(),
+		MTU:        uint32(rec.MTU),
+	}
+	if rec.Queue != nil {
+		c.BufferSize = rec.Queue.BufferSize
+	}
+	for _, a := range rec.Addrs {
+		gw, dst := router.GatewayV6, netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+		if a.Is4() {
+			gw, dst = router.GatewayV4, netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+		}
+		c.Addresses = append(c.Addresses, netip.PrefixFrom(a, a.BitLen()))
+		c.Routes = append(c.Routes, shm.LinkRoute{Dst: dst, GW: gw})
+		c.Gateways = append(c.Gateways, gw)
+	}
+	return c
 }
