@@ -552,7 +552,7 @@ func (l *queueEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Er
 			}
 			continue
 		}
-		parts, total := appendSlices(l.txParts[:0], pkt)
+		parts, total := endpoint.AppendSlices(l.txParts[:0], pkt)
 		l.txParts = parts
 		if violation = l.sendLocked(parts, total, &waited); violation != nil {
 			l.stats.TxDrops.Add(uint64(len(all) - i - 1))
@@ -634,23 +634,4 @@ func (l *queueEndpoint) flushTxLocked() {
 	if l.tx.Flush() {
 		l.txEvent.Notify()
 	}
-}
-
-// appendSlices appends the slices holding pkt's bytes, headers included, to
-// dst without allocating, and returns them with their total length.
-func appendSlices(dst [][]byte, pkt *stack.PacketBuffer) ([][]byte, int) {
-	vl, off := pkt.AsViewList()
-	total := 0
-	for v := vl.Front(); v != nil; v = v.Next() {
-		b := v.AsSlice()
-		if off >= len(b) {
-			off -= len(b)
-			continue
-		}
-		b = b[off:]
-		off = 0
-		dst = append(dst, b)
-		total += len(b)
-	}
-	return dst, total
 }

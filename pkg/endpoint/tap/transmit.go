@@ -68,33 +68,23 @@ func (e *Endpoint) writePacketLocked(pkt *stack.PacketBuffer) {
 		iovArr[n].SetLen(virtioNetHdrLen)
 		n++
 	}
-	size := 0
-	views, off := pkt.AsViewList()
-	if n+views.Len() > len(iovArr) {
+	var partsArr [txIovecs][]byte
+	parts, size := partsArr[:0], 0
+	if views, _ := pkt.AsViewList(); n+views.Len() > len(iovArr) {
 		// More pieces than iovecs on the stack: write a flat copy.
 		e.offload.TxFlattened.Add(1)
 		flat := pkt.ToView()
 		defer flat.Release()
 		if s := flat.AsSlice(); len(s) > 0 {
-			iovArr[n] = unix.Iovec{Base: &s[0]}
-			iovArr[n].SetLen(len(s))
-			n++
-			size = len(s)
+			parts, size = append(parts, s), len(s)
 		}
 	} else {
-		for v := views.Front(); v != nil; v = v.Next() {
-			s := v.AsSlice()
-			if off >= len(s) {
-				off -= len(s)
-				continue
-			}
-			s = s[off:]
-			off = 0
-			iovArr[n] = unix.Iovec{Base: &s[0]}
-			iovArr[n].SetLen(len(s))
-			n++
-			size += len(s)
-		}
+		parts, size = endpoint.AppendSlices(parts, pkt)
+	}
+	for _, s := range parts {
+		iovArr[n] = unix.Iovec{Base: &s[0]}
+		iovArr[n].SetLen(len(s))
+		n++
 	}
 	if e.writeIovecsLocked(iovArr[:n], size) && gso {
 		e.offload.TxGSOPackets.Add(1)
