@@ -177,20 +177,7 @@ func (e *Endpoint) handleFrame(b []byte, emit func([]byte, bool), rd *tapReader)
 // passGSO delivers b whole when it is a TCP super-packet a forwarding stack
 // can carry to its egress (see endpoint's gso.go), and reports whether it did.
 func (e *Endpoint) passGSO(b []byte, rd *tapReader) bool {
-	if len(b) < virtioNetHdrLen {
-		return false
-	}
-	var h virtioNetHdr
-	h.decode(b)
-	var v6 bool
-	switch h.gsoType &^ virtioNetHdrGSOECN {
-	case virtioNetHdrGSOTCPv4:
-	case virtioNetHdrGSOTCPv6:
-		v6 = true
-	default:
-		return false
-	}
-	f, ok := passGSOFrame(b[virtioNetHdrLen:], e.framing == endpoint.Ethernet, v6, &h)
+	f, h, ok := passGSORead(b, e.framing == endpoint.Ethernet)
 	if !ok {
 		return false
 	}

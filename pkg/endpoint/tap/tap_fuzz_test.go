@@ -85,7 +85,7 @@ func FuzzTAPFrame(f *testing.F) {
 }
 
 // FuzzTAPPassGSO feeds arbitrary reads to the GSO pass-through path of a
-// Forwarding endpoint: passGSOFrame, which decides whether a frame crosses
+// Forwarding endpoint: passGSORead, which decides whether a frame crosses
 // the router whole, and SoftwareGSO, which a sandbox link applies to it at
 // the egress. Neither may panic; a frame that is passed must come out of
 // SoftwareGSO as frames of at most the link MTU with valid checksums and
@@ -109,20 +109,11 @@ func FuzzTAPPassGSO(f *testing.F) {
 		if len(in) < virtioNetHdrLen || mtu < minMTU {
 			return
 		}
-		var h virtioNetHdr
-		h.decode(in)
-		var v6 bool
-		switch h.gsoType &^ virtioNetHdrGSOECN {
-		case virtioNetHdrGSOTCPv4:
-		case virtioNetHdrGSOTCPv6:
-			v6 = true
-		default:
-			return
-		}
-		p, ok := passGSOFrame(bytes.Clone(in[virtioNetHdrLen:]), ethernet, v6, &h)
+		p, h, ok := passGSORead(bytes.Clone(in), ethernet)
 		if !ok {
 			return
 		}
+		v6 := p.V6
 		want := bytes.Clone(p.Frame[p.HeaderLength():])
 		typ := stack.GSOTCPv4
 		if v6 {

@@ -180,3 +180,25 @@ func passGSOFrame(frame []byte, ethernet, v6 bool, h *virtioNetHdr) (endpoint.Pa
 	}
 	return f, true
 }
+
+// passGSORead checks a read from the device, virtio-net header and frame,
+// for delivery whole to a forwarding stack: a TCP super-packet over IPv4 or
+// IPv6 that passGSOFrame accepts. It returns the frame trimmed to its IP
+// packet and the header.
+func passGSORead(b []byte, ethernet bool) (endpoint.ParsedTCP, virtioNetHdr, bool) {
+	var h virtioNetHdr
+	if len(b) < virtioNetHdrLen {
+		return endpoint.ParsedTCP{}, h, false
+	}
+	h.decode(b)
+	var v6 bool
+	switch h.gsoType &^ virtioNetHdrGSOECN {
+	case virtioNetHdrGSOTCPv4:
+	case virtioNetHdrGSOTCPv6:
+		v6 = true
+	default:
+		return endpoint.ParsedTCP{}, h, false
+	}
+	f, ok := passGSOFrame(b[virtioNetHdrLen:], ethernet, v6, &h)
+	return f, h, ok
+}
