@@ -52,7 +52,7 @@ func (u *uplink) readerStopped(log *slog.Logger, err error) {
 
 // newUplinkEndpoint drives the uplink TUN fd (IP packets, no
 // packet-information header, a virtio-net header with the kernel's
-// offloads) with pkg/endpoint's TUN endpoint, as a Forwarding link: TCP
+// offloads) with pkg/endpoint/tap's TUN endpoint, as a Forwarding link: TCP
 // super-packets cross between the host and pod TAP links whole. Unlike
 // gVisor's fdbased endpoint, whose Attach(nil) waits for its reader while
 // RemoveNIC holds the stack lock (a reader delivering a host packet needs that

@@ -56,7 +56,7 @@ func TestFramePayload(t *testing.T) {
 // or split (framePayload), and parses its network header as gVisor's IPv4
 // endpoint does (a view of it held, then pulled up again):
 //
-//	go test -run '^$' -bench FramePayloadParse -benchmem ./pkg/endpoint
+//	go test -run '^$' -bench FramePayloadParse -benchmem ./pkg/endpoint/shm
 func BenchmarkFramePayloadParse(b *testing.B) {
 	frame := make([]byte, 65014)
 	for _, tc := range []struct {

@@ -48,9 +48,9 @@ type Options struct {
 	// packet (they arrive with valid ones, or partial ones the kernel
 	// completes); and, with VnetHdr, it delivers the kernel's TCP
 	// super-packets whole, marked for endpoint.RestoreForwardedGSO
-	// (pkg/endpoint/gso.go), instead of segmenting them. Not for a stack with transport endpoints of its
-	// own: their checksums would be left to a device that does not compute
-	// them.
+	// (pkg/endpoint/gso.go), instead of segmenting them. Not for a stack
+	// with transport endpoints of its own: their checksums would be left
+	// to a device that does not compute them.
 	Forwarding bool
 	// RxLimit bounds what the pod behind the device can make this endpoint
 	// read (see RxLimit; a super-packet is one frame); the zero value
