@@ -22,8 +22,8 @@ var ErrBadGSOFrame = errors.New("malformed TCP GSO frame")
 const MaxGSOHeaderLen = header.EthernetMinimumSize + header.IPv4MaximumHeaderSize + header.TCPHeaderMaximumSize
 
 // ParsedTCP is a frame holding one TCP packet whose headers ParseTCPFrame
-// checked: frame[:l2] is the Ethernet header (l2 is 0 on a TUN device),
-// then l3 bytes of IP header, l4 bytes of TCP header and the payload up to
+// checked: Frame[:L2] is the Ethernet header (L2 is 0 on a TUN device),
+// then L3 bytes of IP header, L4 bytes of TCP header and the payload up to
 // the IP packet's end.
 type ParsedTCP struct {
 	Frame      []byte
@@ -31,7 +31,7 @@ type ParsedTCP struct {
 	V6         bool
 }
 
-// hdrLen is the length of the frame's headers.
+// HeaderLength is the length of the frame's headers.
 func (f *ParsedTCP) HeaderLength() int { return f.L2 + f.L3 + f.L4 }
 
 // ParseTCPFrame checks that frame holds a TCP packet over IPv4 (v6 false)

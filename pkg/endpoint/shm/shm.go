@@ -75,7 +75,7 @@ type Options struct {
 	// its own.
 	Forwarding bool
 	// RxLimit bounds what the peer can make this endpoint receive (see
-	// RxLimit); the zero value limits nothing.
+	// endpoint.RxLimit); the zero value limits nothing.
 	RxLimit endpoint.RxLimit
 	// Spin is how long to poll an empty ring before sleeping. Zero means
 	// DefaultSpin; negative means never poll.

@@ -53,9 +53,9 @@ type Options struct {
 	// to a device that does not compute them.
 	Forwarding bool
 	// RxLimit bounds what the pod behind the device can make this endpoint
-	// read (see RxLimit; a super-packet is one frame); the zero value
-	// limits nothing. Beyond it the kernel's queue for the device fills
-	// and the kernel drops.
+	// read (see endpoint.RxLimit; a super-packet is one frame); the zero
+	// value limits nothing. Beyond it the kernel's queue for the device
+	// fills and the kernel drops.
 	RxLimit endpoint.RxLimit
 	// OnClosed, if set, is called once, on the endpoint's goroutine, when
 	// the device goes away under the endpoint (it was deleted, or a read
