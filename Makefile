@@ -30,12 +30,12 @@ IMAGE_ARCHIVE ?= $(BIN)/shm-cni-image.tar
 # Packages with fuzz targets and their targets, as pkg:Target.
 FUZZ_TARGETS ?= \
 	./pkg/queue:FuzzServer \
-	./pkg/endpoint:FuzzHostileClient \
-	./pkg/endpoint:FuzzTAPFrame \
-	./pkg/endpoint:FuzzTAPPassGSO \
-	./pkg/endpoint:FuzzCoalesce \
-	./pkg/endpoint:FuzzHostileOffloadClient \
-	./pkg/endpoint:FuzzParseLinkConfig \
+	./pkg/endpoint/shm:FuzzHostileClient \
+	./pkg/endpoint/shm:FuzzHostileOffloadClient \
+	./pkg/endpoint/shm:FuzzCoalesce \
+	./pkg/endpoint/tap:FuzzTAPFrame \
+	./pkg/endpoint/tap:FuzzTAPPassGSO \
+	./pkg/endpoint/shm:FuzzParseLinkConfig \
 	./pkg/ipam:FuzzParseState \
 	./pkg/agentapi:FuzzDecodeRequest \
 	./pkg/agentapi:FuzzDecodeResponse \
@@ -79,7 +79,7 @@ test-unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
 
 test-full:
-	$(GO) test -count=1 -timeout 20m -run 'TwoProcess|Interop|Forwarding|TCPInProcess' ./pkg/endpoint
+	$(GO) test -count=1 -timeout 20m -run 'TwoProcess|Interop|Forwarding|TCPInProcess' ./pkg/endpoint/shm
 	$(GO) test -count=1 -timeout 20m -run '^(TestChurn|TestHostileFlood)$$' ./test/e2e
 
 test: deps lint build test-unit test-full e2e-cri
@@ -105,9 +105,9 @@ bench-snapshot:
 
 bench-endpoint: deps
 	@mkdir -p $(BIN)
-	$(GO) test -run '^$$' -bench QueuePPS -benchtime 2000000x -count 3 ./pkg/endpoint | tee $(BIN)/bench-endpoint.txt
-	$(GO) test -run '^$$' -bench TCPThroughput -benchtime 512x -count 3 ./pkg/endpoint | tee -a $(BIN)/bench-endpoint.txt
-	$(GO) test -run '^$$' -bench RTT -benchtime 5000x -count 3 ./pkg/endpoint | tee -a $(BIN)/bench-endpoint.txt
+	$(GO) test -run '^$$' -bench QueuePPS -benchtime 2000000x -count 3 ./pkg/endpoint/shm | tee $(BIN)/bench-endpoint.txt
+	$(GO) test -run '^$$' -bench TCPThroughput -benchtime 512x -count 3 ./pkg/endpoint/shm | tee -a $(BIN)/bench-endpoint.txt
+	$(GO) test -run '^$$' -bench RTT -benchtime 5000x -count 3 ./pkg/endpoint/shm | tee -a $(BIN)/bench-endpoint.txt
 
 # bench-hostile: the well-behaved pods' throughput beside a hostile sandbox
 # (each misbehaviour), as ratios to the same pods alone, in one run.

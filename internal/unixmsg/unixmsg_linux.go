@@ -1,6 +1,6 @@
 // Package unixmsg receives one record with file descriptors from a unix
 // socket, the way both of shm-cni's socket protocols need it: the agent
-// protocol (pkg/agentapi) and the sandbox dial (pkg/endpoint).
+// protocol (pkg/agentapi) and the sandbox dial (pkg/endpoint/shm).
 package unixmsg
 
 import (

@@ -34,7 +34,7 @@ const httpReadHeaderTimeout = 10 * time.Second
 
 // Agent is the node agent. Create it with New, run it with Run.
 //
-// LOCK ORDERING: opMu > mu > shmLink.mu > router's locks.
+// LOCK ORDERING: opMu > mu > sandboxLink.mu > router's locks.
 type Agent struct {
 	cfg     Config         // immutable
 	log     *slog.Logger   // immutable

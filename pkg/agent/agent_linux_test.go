@@ -18,7 +18,7 @@ import (
 
 	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 	"github.com/shm-cni/shm-cni/pkg/router"
@@ -170,7 +170,7 @@ func TestSandboxReconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	transfer(t, ln, func() (net.Conn, error) { return first.dial(dst) }, 1<<20)
-	if _, err := dialSandbox(t, resp.SocketPath); !errors.Is(err, endpoint.ErrDialRefused) {
+	if _, err := dialSandbox(t, resp.SocketPath); !errors.Is(err, shm.ErrDialRefused) {
 		t.Fatalf("second dial while the first sandbox lives: %v, want ErrDialRefused", err)
 	}
 	for i := range 3 {
@@ -374,7 +374,7 @@ func TestSandboxSessionsPaced(t *testing.T) {
 	start := time.Now()
 	for time.Since(start) < 2*time.Second {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		c, pair, _, err := endpoint.DialPair(ctx, resp.SocketPath)
+		c, pair, _, err := shm.DialPair(ctx, resp.SocketPath)
 		cancel()
 		if err == nil {
 			c.Close()
@@ -385,9 +385,10 @@ func TestSandboxSessionsPaced(t *testing.T) {
 	r.mu.Lock()
 	att := r.attachments[linkspec.Key{ContainerID: "sandbox-1", IfName: "eth0"}]
 	r.mu.Unlock()
-	att.shm.mu.Lock()
-	sessions := att.shm.sessions
-	att.shm.mu.Unlock()
+	link := att.link.(*sandboxLink)
+	link.mu.Lock()
+	sessions := link.sessions
+	link.mu.Unlock()
 	bound := uint64(sessionBurst + float64(sessionRate)*elapsed.Seconds() + 2)
 	t.Logf("%d sessions in %v (bound %d)", sessions, elapsed.Round(time.Millisecond), bound)
 	if sessions == 0 || sessions > bound {

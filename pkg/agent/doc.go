@@ -25,14 +25,18 @@
 // An attachment is one pod link, named by container ID and interface name.
 //
 //   - tap: a kernel-stack pod. The CNI binary creates a TAP device in the pod
-//     netns and sends its fd; the agent drives it (endpoint.NewTAP) as a
-//     router link at once.
+//     netns and sends its fd; the agent drives it (tap.New) as a router
+//     link at once.
 //   - shm: a sandbox. The CNI binary sends a queue pair; the agent answers
 //     with a per-link socket (<sandbox-dir>/<containerID>-<ifName>.sock,
-//     mode 0600). The sandbox dials it (endpoint.Dial), gets the link config
+//     mode 0600). The sandbox dials it (shm.Dial), gets the link config
 //     and a queue pair, and the agent attaches the link while that
 //     connection lives. When the sandbox goes away the link is removed and
 //     the next connection gets a fresh queue pair. One sandbox at a time.
+//
+// The attachment holds its link as a podLink (link.go), implemented by
+// tapLink (tap_linux.go) and sandboxLink (sandbox.go); kindOf is the one
+// place that chooses between them. A new link kind is a new linkKind.
 //
 // Every pod address is a /32 or /128 behind the link-local gateway
 // (169.254.1.1, fe80::1), which answers with GatewayMAC on every link. The

@@ -12,10 +12,8 @@ import (
 	"time"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/ipam"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
-	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
 // ServeAgent implements agentapi.Handler.ServeAgent.
@@ -78,12 +76,7 @@ func (a *Agent) attach(req *agentapi.AttachRequest, files []*os.File) (*agentapi
 		MTU:        rec.MTU,
 		GatewayMAC: net.HardwareAddr(GatewayMAC).String(),
 	}
-	if req.Kind == agentapi.KindShm {
-		resp.MAC = rec.PodMAC
-		resp.SocketPath = att.shm.path
-	} else {
-		resp.MAC = resp.GatewayMAC
-	}
+	att.link.answer(resp)
 	att.log.Info("attached", "kind", rec.Kind, "addrs", rec.Addrs, "pod", rec.PodNS+"/"+rec.PodName,
 		"podMAC", rec.PodMAC, "mtu", rec.MTU, "socket", resp.SocketPath)
 	return &agentapi.Response{Attach: resp}, nil
@@ -126,26 +119,12 @@ func (a *Agent) attachLink(k linkspec.Key, req *agentapi.AttachRequest, files []
 		MTU:         req.MTU,
 		PodMAC:      req.MAC,
 	}
-	if rec.MTU == 0 && req.Kind != agentapi.KindShm {
-		rec.MTU = a.cfg.MTU
+	kind, err := kindOf(req.Kind)
+	if err != nil {
+		return nil, nil, invalid("%v", err)
 	}
-	var sockPath string
-	if req.Kind == agentapi.KindShm {
-		sizes := queue.Sizes{DataSize: req.Queue.DataSize, PipeSize: req.Queue.PipeSize, BufferSize: req.Queue.BufferSize}
-		if err := sizes.Validate(); err != nil {
-			return nil, nil, invalid("queue: %v", err)
-		}
-		if rec.MTU == 0 {
-			rec.MTU = min(a.cfg.ShmMTU, int(sizes.MaxMTU()))
-		}
-		if err := sizes.CheckMTU(uint32(rec.MTU)); err != nil {
-			return nil, nil, invalid("mtu: %v", err)
-		}
-		rec.Queue = &sizes
-		sockPath = sandboxSocketPath(a.cfg.SandboxDir, k)
-		if other := a.socketUser(sockPath); other != nil {
-			return nil, nil, fmt.Errorf("socket %s is used by attachment %s", sockPath, *other)
-		}
+	if err := kind.prepare(a, k, rec, req); err != nil {
+		return nil, nil, err
 	}
 
 	success := false
@@ -171,15 +150,11 @@ func (a *Agent) attachLink(k linkspec.Key, req *agentapi.AttachRequest, files []
 		}()
 	}
 
-	switch req.Kind {
-	case agentapi.KindTap:
-		att, err = a.attachTAP(rec, files[0])
-	case agentapi.KindShm:
-		att, err = a.attachShm(rec, files, sockPath)
-	}
+	link, err := kind.attach(a, rec, files)
 	if err != nil {
 		return nil, nil, err
 	}
+	att = &attachment{rec: rec, log: a.log.With("link", k.String()), link: link}
 	// Encoded now: the record may change once published (a TAP device
 	// that goes away, say).
 	b, err := encodeRecord(rec)
@@ -215,55 +190,12 @@ func (a *Agent) abortAttach(k linkspec.Key, att *attachment) {
 	}
 }
 
-// attachShm checks the queue pair of files and starts serving rec's
-// sandbox socket with it.
-func (a *Agent) attachShm(rec *record, files []*os.File, sockPath string) (*attachment, error) {
-	fds := make([]int, len(files))
-	for i, f := range files {
-		fds[i] = fileFD(f)
-	}
-	pair, err := queue.PairFrom(fds)
-	if err != nil {
-		return nil, invalid("%v", err)
-	}
-	if err := queue.CheckPair(pair, *rec.Queue); err != nil {
-		return nil, invalid("queue pair is not what attach.queue says: %s", strings.ReplaceAll(err.Error(), "\n", "; "))
-	}
-	// A trial server endpoint checks the regions (memfds, sealed, sizes).
-	trial, err := endpoint.NewServer(endpoint.ShmOptions{Pair: pair, MTU: uint32(rec.MTU), LinkAddress: GatewayMAC, PeerFD: -1})
-	if err != nil {
-		return nil, invalid("queue pair: %v", err)
-	}
-	trial.Close()
-	trial.Wait()
-	own, err := pair.Dup()
-	if err != nil {
-		return nil, fmt.Errorf("keep queue pair: %w", err)
-	}
-	if rec.PodMAC == "" {
-		rec.PodMAC = net.HardwareAddr(podMACFor(rec.Addrs)).String()
-	}
-	return a.startShm(rec, &own, sockPath)
-}
-
-// startShm serves rec's sandbox socket; pair (owned from the call on) is
-// the first session's, or nil.
-func (a *Agent) startShm(rec *record, pair *queue.Pair, sockPath string) (*attachment, error) {
-	id := rec.key().String()
-	log := a.log.With("link", id)
-	s, err := newShmLink(sockPath, id, rec, pair, a.cfg.LinkRxLimit, a.router, log)
-	if err != nil {
-		return nil, err
-	}
-	return &attachment{rec: rec, linkID: id, router: a.router, log: log, shm: s}, nil
-}
-
 // socketUser returns the attachment whose sandbox socket is path, if any.
 func (a *Agent) socketUser(path string) *linkspec.Key {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for k, att := range a.attachments {
-		if att.shm != nil && att.shm.path == path {
+		if att.link.socketPath() == path {
 			return &k
 		}
 	}
@@ -332,8 +264,8 @@ func (a *Agent) check(req *agentapi.CheckRequest) error {
 			return noSuch("addresses differ: the agent has %v, not %v; it lacks %v", att.rec.Addrs, extra, missing)
 		}
 	}
-	if att.rec.Kind == agentapi.KindTap && (att.tap == nil || att.tapGone.Load()) {
-		return noSuch("the TAP device %s is gone", att.rec.TAPName)
+	if err := att.link.check(); err != nil {
+		return noSuch("%v", err)
 	}
 	return nil
 }

@@ -27,7 +27,7 @@ import (
 	"github.com/shm-cni/shm-cni/internal/tcpipx"
 	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
@@ -295,8 +295,8 @@ func (r *running) tryAttachShmWith(t *testing.T, cid string, sz queue.Sizes, mtu
 // sandbox is a sandbox's netstack on a dialled link.
 type sandbox struct {
 	s   *stack.Stack
-	ep  *endpoint.Client
-	cfg endpoint.LinkConfig
+	ep  *shm.Client
+	cfg shm.LinkConfig
 }
 
 // dialSandbox dials socketPath and brings up a netstack on the link. close
@@ -305,7 +305,7 @@ func dialSandbox(t *testing.T, socketPath string) (*sandbox, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
 	defer cancel()
-	ep, cfg, err := endpoint.Dial(ctx, socketPath, endpoint.DialOptions{Logger: testutil.Logger(t)})
+	ep, cfg, err := shm.Dial(ctx, socketPath, shm.DialOptions{Logger: testutil.Logger(t)})
 	if err != nil {
 		return nil, err
 	}

@@ -53,20 +53,7 @@ func (a *Agent) linkStatus() []LinkStatus {
 			PodNamespace: r.PodNS, PodName: r.PodName, Netns: r.Netns,
 			Addrs: r.Addrs, PodMAC: r.PodMAC, MTU: r.MTU,
 		}
-		if att.shm != nil {
-			st.SocketPath = att.shm.path
-		}
-		if att.shm != nil {
-			// Summed over the sandbox's sessions; up while one is attached.
-			ls, up := att.shm.routerStats()
-			st.Up, st.Router = up, &ls
-		} else if ls, err := a.router.LinkStats(att.linkID); err == nil {
-			st.Up = true
-			st.Router = &ls
-		}
-		if es, ok := att.endpointStats(); ok {
-			st.Endpoint = &es
-		}
+		att.link.status(&st)
 		out = append(out, st)
 	}
 	sort.Slice(out, func(i, j int) bool {

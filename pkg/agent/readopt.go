@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/ipam"
 )
 
@@ -30,7 +29,8 @@ func (a *Agent) readopt() error {
 	for _, rec := range recs {
 		k := rec.key()
 		log := a.log.With("link", k.String())
-		att, err := a.readoptOne(rec)
+		link, err := a.readoptLink(rec)
+		att := &attachment{rec: rec, log: log, link: link}
 		switch {
 		case errors.Is(err, errGone):
 			log.Info("attachment gone while the agent was down; releasing it", "reason", err)
@@ -41,7 +41,6 @@ func (a *Agent) readopt() error {
 			continue
 		case err != nil:
 			log.Error("cannot re-adopt attachment; keeping it without a link until DEL or GC", "err", err)
-			att = &attachment{rec: rec, linkID: k.String(), router: a.router, log: log}
 			att.stopped.Store(true)
 		default:
 			log.Info("attachment re-adopted", "kind", rec.Kind, "addrs", rec.Addrs)
@@ -59,27 +58,6 @@ func (a *Agent) readopt() error {
 		a.log.Info("released addresses without attachment", "owner", al.Owner.String(), "addrs", al.Addrs)
 	}
 	return nil
-}
-
-// readoptOne brings one recorded attachment back.
-func (a *Agent) readoptOne(rec *record) (*attachment, error) {
-	switch rec.Kind {
-	case agentapi.KindTap:
-		f, err := reopenTAP(rec)
-		if err != nil {
-			return nil, err
-		}
-		defer f.Close()
-		return a.attachTAP(rec, f)
-	case agentapi.KindShm:
-		// The sandbox lives in the pod's netns (its placeholder
-		// interface too): without it, nobody will dial the link.
-		if err := checkNetns(rec.Netns); err != nil {
-			return nil, err
-		}
-		return a.startShm(rec, nil, sandboxSocketPath(a.cfg.SandboxDir, rec.key()))
-	}
-	return nil, fmt.Errorf("unknown kind %q", rec.Kind)
 }
 
 // releaseRecord releases a recorded attachment that has no live resources.

@@ -3,8 +3,10 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
+	"sync/atomic"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
@@ -13,21 +15,77 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/tap"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/router"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
+// tapKind is the kind of a kernel pod's link: a TAP device in the pod's
+// netns whose fd the CNI plugin sends and the agent drives.
+type tapKind struct{}
+
+// prepare implements linkKind.prepare: a TAP link takes the agent's MTU
+// unless the conflist sets one.
+func (tapKind) prepare(a *Agent, _ linkspec.Key, rec *record, _ *agentapi.AttachRequest) error {
+	if rec.MTU == 0 {
+		rec.MTU = a.cfg.MTU
+	}
+	return nil
+}
+
+// attach implements linkKind.attach: files[0] is the TAP fd.
+func (tapKind) attach(a *Agent, rec *record, files []*os.File) (podLink, error) {
+	return a.attachTAP(rec, files[0])
+}
+
+// readopt implements linkKind.readopt: the persistent device is re-opened
+// in the pod's netns.
+func (tapKind) readopt(a *Agent, rec *record) (podLink, error) {
+	f, err := reopenTAP(rec)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return a.attachTAP(rec, f)
+}
+
+// orphan implements linkKind.orphan: without its endpoint the link has
+// no device.
+func (tapKind) orphan(rec *record) podLink {
+	return noLink{checkErr: tapGoneError(rec)}
+}
+
+// tapGoneError is what CHECK says of a TAP link without its device.
+func tapGoneError(rec *record) error {
+	return fmt.Errorf("the TAP device %s is gone", rec.TAPName)
+}
+
+// tapLink is a kernel pod's link: the router drives its TAP device through
+// ep.
+type tapLink struct {
+	a      *Agent        // immutable
+	rec    *record       // immutable
+	linkID string        // the router link's id; immutable
+	log    *slog.Logger  // immutable
+	ep     *tap.Endpoint // immutable once attachTAP returned
+	// gone is set when the TAP device went away under the endpoint.
+	gone atomic.Bool
+	// stopped is set by stop.
+	stopped atomic.Bool
+}
+
 // attachTAP drives the TAP device f is attached to as rec's link. It fills
 // in rec's device fields (and PodMAC when empty, from the device). f stays
 // the caller's: the endpoint keeps a duplicate.
-func (a *Agent) attachTAP(rec *record, f *os.File) (*attachment, error) {
-	att := &attachment{rec: rec, linkID: rec.key().String(), router: a.router, log: a.log.With("link", rec.key().String())}
+func (a *Agent) attachTAP(rec *record, f *os.File) (*tapLink, error) {
+	id := rec.key().String()
+	l := &tapLink{a: a, rec: rec, linkID: id, log: a.log.With("link", id)}
 	rc, err := f.SyscallConn()
 	if err != nil {
 		return nil, invalid("tap fd: %v", err)
 	}
-	var ep *endpoint.TAPEndpoint
+	var ep *tap.Endpoint
 	var opErr error
 	// Control, not Fd: Fd would make the file blocking.
 	if err := rc.Control(func(fd uintptr) {
@@ -55,8 +113,8 @@ func (a *Agent) attachTAP(rec *record, f *os.File) (*attachment, error) {
 		}
 		// No GSOMaxSize: the router terminates no TCP. Forwarding: the
 		// pod's TCP super-packets cross the router whole, and forwarded
-		// packets keep their checksums (endpoint.TAPOptions.Forwarding).
-		ep, opErr = endpoint.NewTAP(endpoint.TAPOptions{
+		// packets keep their checksums (tap.Options.Forwarding).
+		ep, opErr = tap.New(tap.Options{
 			FD:             int(fd),
 			MTU:            uint32(rec.MTU),
 			EthernetHeader: true,
@@ -64,8 +122,8 @@ func (a *Agent) attachTAP(rec *record, f *os.File) (*attachment, error) {
 			VnetHdr:        info.VnetHdr,
 			Forwarding:     true,
 			RxLimit:        a.cfg.LinkRxLimit,
-			OnClosed:       func(err error) { a.tapGone(att, err) },
-			Logger:         att.log,
+			OnClosed:       l.deviceGone,
+			Logger:         l.log,
 		})
 	}); err != nil {
 		return nil, invalid("tap fd: %v", err)
@@ -73,39 +131,71 @@ func (a *Agent) attachTAP(rec *record, f *os.File) (*attachment, error) {
 	if opErr != nil {
 		return nil, opErr
 	}
-	att.tap = ep
+	l.ep = ep
 	link := router.Link{Addrs: rec.Addrs, PodMAC: macOf(rec.PodMAC), GatewayMAC: GatewayMAC}
-	if err := a.router.AddLink(att.linkID, ep, link); err != nil {
+	if err := a.router.AddLink(l.linkID, ep, link); err != nil {
 		// AddLink does not always close the endpoint on failure.
 		ep.Close()
 		ep.Wait()
 		return nil, err
 	}
-	return att, nil
+	return l, nil
 }
 
-// tapGone runs on the endpoint's goroutine when the TAP device went away
+// deviceGone runs on the endpoint's goroutine when the TAP device went away
 // (deleted, or its netns destroyed): the link leaves the router, from
 // another goroutine because RemoveLink waits for the endpoint. The
 // attachment stays until DEL or GC.
-func (a *Agent) tapGone(att *attachment, reason error) {
-	att.tapGone.Store(true)
+func (l *tapLink) deviceGone(reason error) {
+	l.gone.Store(true)
+	a := l.a
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
-		att.log.Warn("TAP device went away; link removed until the pod is deleted", "reason", reason)
+		l.log.Warn("TAP device went away; link removed until the pod is deleted", "reason", reason)
 		a.opMu.Lock()
 		defer a.opMu.Unlock()
-		a.mu.Lock()
-		current := a.attachments[att.rec.key()] == att
-		a.mu.Unlock()
-		if current && !att.stopped.Load() {
-			if err := a.router.RemoveLink(att.linkID); err != nil {
-				att.log.Warn("remove link", "err", err)
+		if !l.stopped.Load() {
+			if err := a.router.RemoveLink(l.linkID); err != nil {
+				l.log.Warn("remove link", "err", err)
 			}
 		}
 	}()
 }
+
+// stop implements podLink.stop. RemoveLink closes the TAP endpoint and
+// with it the TAP fd.
+func (l *tapLink) stop() {
+	l.stopped.Store(true)
+	if err := l.a.router.RemoveLink(l.linkID); err != nil {
+		l.log.Warn("remove link", "err", err)
+	}
+}
+
+// check implements podLink.check.
+func (l *tapLink) check() error {
+	if l.gone.Load() {
+		return tapGoneError(l.rec)
+	}
+	return nil
+}
+
+// answer implements podLink.answer: the pod's TAP device keeps its own
+// MAC; the plugin learns the gateway's.
+func (l *tapLink) answer(resp *agentapi.AttachResponse) { resp.MAC = resp.GatewayMAC }
+
+// status implements podLink.status.
+func (l *tapLink) status(st *LinkStatus) {
+	if ls, err := l.a.router.LinkStats(l.linkID); err == nil {
+		st.Up = true
+		st.Router = &ls
+	}
+	es := l.ep.Stats().Snapshot()
+	st.Endpoint = &es
+}
+
+// socketPath implements podLink.socketPath: a TAP link has none.
+func (l *tapLink) socketPath() string { return "" }
 
 // reopenTAP re-opens rec's persistent TAP device inside its netns. It
 // returns errGone when the netns or the device no longer exists.

@@ -12,7 +12,7 @@ import (
 // A kernel pod's TCP sends super-packets of up to 64 KiB through its TAP
 // device (TSO). Cutting them into MTU-sized segments at the router's ingress
 // costs one stack traversal and one write syscall per 1500 bytes; a veth
-// pair carries them whole. With TAPOptions.Forwarding the TAP endpoint
+// pair carries them whole. With tap.Options.Forwarding the TAP endpoint
 // delivers such a super-packet to the router's stack as one packet, and the
 // egress link writes it whole to a TAP or TUN device with a virtio-net
 // header (the receiving kernel takes it as a veth would), or cuts it into
@@ -93,30 +93,11 @@ func RestoreForwardedGSO(pkt *stack.PacketBuffer) bool {
 	return true
 }
 
-// isTCPGSO reports whether pkt carries TCP GSO metadata: a super-packet to
+// IsTCPGSO reports whether pkt carries TCP GSO metadata: a super-packet to
 // segment, or at least a partial checksum to complete.
-func isTCPGSO(pkt *stack.PacketBuffer) bool {
+func IsTCPGSO(pkt *stack.PacketBuffer) bool {
 	t := pkt.GSOOptions.Type
 	return t == stack.GSOTCPv4 || t == stack.GSOTCPv6
-}
-
-// passGSOFrame checks a TCP GSO frame read from the device for delivery as
-// one packet: the headers parse, the kernel asked for the checksum to be
-// completed exactly in the TCP checksum field, and there is a segment size.
-// It returns the frame trimmed to its IP packet. Anything else goes through
-// splitFrame, which segments or drops it.
-func passGSOFrame(frame []byte, ethernet, v6 bool, h *virtioNetHdr) (parsedTCP, bool) {
-	if h.flags&virtioNetHdrFNeedsCsum == 0 || h.gsoSize == 0 {
-		return parsedTCP{}, false
-	}
-	f, err := parseTCPFrame(frame, ethernet, v6)
-	if err != nil {
-		return parsedTCP{}, false
-	}
-	if int(h.csumStart) != f.l2+f.l3 || h.csumOffset != header.TCPChecksumOffset {
-		return parsedTCP{}, false
-	}
-	return f, true
 }
 
 // gsoSegmentSize returns the payload size to cut a GSO packet into for a link
@@ -127,8 +108,8 @@ func passGSOFrame(frame []byte, ethernet, v6 bool, h *virtioNetHdr) (parsedTCP, 
 // of 1448-byte segments is 65212 bytes of IP: two segments for a sandbox,
 // not 45. The receiver's TCP takes any segment within its own MSS, which
 // its link's MTU bounds.
-func gsoSegmentSize(mss uint16, mtu uint32, f *parsedTCP) int {
-	fit := int(mtu) - f.l3 - f.l4
+func gsoSegmentSize(mss uint16, mtu uint32, f *ParsedTCP) int {
+	fit := int(mtu) - f.L3 - f.L4
 	s := int(mss)
 	if s > fit {
 		s = fit
@@ -142,33 +123,33 @@ func gsoSegmentSize(mss uint16, mtu uint32, f *parsedTCP) int {
 	return s
 }
 
-// softwareGSO calls emit with the frames a link that takes no GSO must send
+// SoftwareGSO calls emit with the frames a link that takes no GSO must send
 // for the TCP GSO packet in frame (a private, writable copy of the whole
 // frame, link header included): the frame itself with its checksum completed
 // when it fits the link's IP MTU, otherwise segments of it with full
 // checksums. It reports false for a frame whose headers do not parse, which
 // the caller drops.
-func softwareGSO(frame []byte, ethernet bool, gso stack.GSO, mtu uint32, emit func([]byte, bool)) bool {
-	f, err := parseTCPFrame(frame, ethernet, gso.Type == stack.GSOTCPv6)
+func SoftwareGSO(frame []byte, ethernet bool, gso stack.GSO, mtu uint32, emit func([]byte, bool)) bool {
+	f, err := ParseTCPFrame(frame, ethernet, gso.Type == stack.GSOTCPv6)
 	if err != nil {
 		return false
 	}
-	if len(f.frame)-f.l2 <= int(mtu) {
-		if !f.v6 {
+	if len(f.Frame)-f.L2 <= int(mtu) {
+		if !f.V6 {
 			// As segmentParsed does: every frame out has valid
 			// checksums whatever came in.
-			h := header.IPv4(f.frame[f.l2:])
+			h := header.IPv4(f.Frame[f.L2:])
 			h.SetChecksum(0)
 			h.SetChecksum(^h.CalculateChecksum())
 		}
 		if gso.NeedsCsum {
-			start := f.l2 + f.l3
-			t := header.TCP(f.frame[start:])
+			start := f.L2 + f.L3
+			t := header.TCP(f.Frame[start:])
 			t.SetChecksum(0)
-			xsum := pseudoHeaderSum(&f, len(f.frame)-start)
-			t.SetChecksum(^checksum.Checksum(f.frame[start:], xsum))
+			xsum := PseudoHeaderSum(&f, len(f.Frame)-start)
+			t.SetChecksum(^checksum.Checksum(f.Frame[start:], xsum))
 		}
-		emit(f.frame, true)
+		emit(f.Frame, true)
 		return true
 	}
 	size := gsoSegmentSize(gso.MSS, mtu, &f)
@@ -178,11 +159,12 @@ func softwareGSO(frame []byte, ethernet bool, gso stack.GSO, mtu uint32, emit fu
 	return segmentParsed(f, size, emit) == nil
 }
 
-// pseudoHeaderSum is the TCP pseudo-header sum of f with a TCP length of n.
-func pseudoHeaderSum(f *parsedTCP, n int) uint16 {
-	ip := f.frame[f.l2:]
+// PseudoHeaderSum is the TCP pseudo-header sum of f with a TCP length of n:
+// what a partial checksum holds.
+func PseudoHeaderSum(f *ParsedTCP, n int) uint16 {
+	ip := f.Frame[f.L2:]
 	var src, dst tcpip.Address
-	if f.v6 {
+	if f.V6 {
 		h := header.IPv6(ip)
 		src, dst = h.SourceAddress(), h.DestinationAddress()
 	} else {

@@ -61,16 +61,16 @@ func (l RxLimit) Validate() error {
 	return nil
 }
 
-// rxLimiter enforces an RxLimit for one receive loop. A nil *rxLimiter
+// RxLimiter enforces an RxLimit for one receive loop. A nil *RxLimiter
 // limits nothing.
-type rxLimiter struct {
+type RxLimiter struct {
 	pkts, bytes *rate.Limiter // nil: that rate is unlimited
 	stats       *Stats
 }
 
-// newRxLimiter returns the limiter of l for a reader that takes at most
+// NewRxLimiter returns the limiter of l for a reader that takes at most
 // batch frames of at most maxFrame bytes at once, or nil when l is zero.
-func newRxLimiter(l RxLimit, batch int, maxFrame uint32, stats *Stats) *rxLimiter {
+func NewRxLimiter(l RxLimit, batch int, maxFrame uint32, stats *Stats) *RxLimiter {
 	if l.IsZero() {
 		return nil
 	}
@@ -78,7 +78,7 @@ func newRxLimiter(l RxLimit, batch int, maxFrame uint32, stats *Stats) *rxLimite
 	if burst == 0 {
 		burst = DefaultRxBurst
 	}
-	r := &rxLimiter{stats: stats}
+	r := &RxLimiter{stats: stats}
 	if l.PacketsPerSecond > 0 {
 		b := max(int(l.PacketsPerSecond*burst.Seconds()), batch)
 		r.pkts = rate.NewLimiter(rate.Limit(l.PacketsPerSecond), b)
@@ -93,7 +93,7 @@ func newRxLimiter(l RxLimit, batch int, maxFrame uint32, stats *Stats) *rxLimite
 // take charges n frames of size bytes (more than a burst counts as one
 // burst) and, when the budget is spent, sleeps until it covers
 // them again or done is closed. It reports false when done was closed.
-func (r *rxLimiter) take(n, size int, done <-chan struct{}) bool {
+func (r *RxLimiter) Take(n, size int, done <-chan struct{}) bool {
 	if r == nil || n == 0 {
 		return true
 	}

@@ -38,6 +38,6 @@
 //	Filler    server side of RX: copies frames into buffers the client posted
 //	Poster    client side of RX: posts buffers, copies filled frames out
 //
-// None of them is safe for concurrent use; pkg/endpoint wraps them into
+// None of them is safe for concurrent use; pkg/endpoint/shm wraps them into
 // gVisor link endpoints with the locking, waiting and notification policy.
 package queue

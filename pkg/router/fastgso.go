@@ -40,7 +40,7 @@ import (
 // checksum could protect here (the memory in between does not flip bits).
 
 // tcpGSOWriter is a link endpoint that may write TCP super-packets whole to
-// a kernel that takes them (endpoint.TAPEndpoint).
+// a kernel that takes them (tap.Endpoint).
 type tcpGSOWriter interface {
 	WritesTCPGSO() bool
 }

@@ -26,7 +26,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 
 	"github.com/shm-cni/shm-cni/internal/testutil"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/tap"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
@@ -84,7 +84,7 @@ type kernelPod struct {
 	ns    ns.NetNS
 	id    string
 	fd    int
-	ep    *endpoint.TAPEndpoint
+	ep    *tap.Endpoint
 	mac   tcpip.LinkAddress
 	addrs []netip.Addr
 }
@@ -148,7 +148,7 @@ func newKernelPodWith(t testing.TB, r *Router, id string, vnet bool, addrs ...ne
 	})
 	t.Cleanup(func() { unix.Close(p.fd) })
 
-	ep, err := endpoint.NewTAP(endpoint.TAPOptions{FD: p.fd, MTU: 1500, EthernetHeader: true, LinkAddress: gatewayMAC,
+	ep, err := tap.New(tap.Options{FD: p.fd, MTU: 1500, EthernetHeader: true, LinkAddress: gatewayMAC,
 		VnetHdr: vnet, Forwarding: vnet})
 	if err != nil {
 		t.Fatalf("TAP endpoint: %v", err)
@@ -378,4 +378,4 @@ func goroutinesIn(fn string) int {
 
 // dispatchLoop is the TAP/TUN endpoints' reader goroutine (pod links and
 // the uplink).
-const dispatchLoop = "endpoint.(*TAPEndpoint).readLoop"
+const dispatchLoop = "tap.(*Endpoint).readLoop"

@@ -198,8 +198,8 @@ func newStack(holds *forwardHolds, mtus *linkMTUs) *stack.Stack {
 
 // routerHooks are the stack's nftables hooks: forwardHolds', and at
 // postrouting endpoint.RestoreForwardedGSO. Pod TAP links and the uplink
-// deliver the kernel's TCP super-packets whole (endpoint.TAPOptions
-// .Forwarding); gVisor's forwarding copy drops their GSO metadata and would
+// deliver the kernel's TCP super-packets whole
+// (tap.Options.Forwarding); gVisor's forwarding copy drops their GSO metadata and would
 // then refuse them as larger than the egress MTU. Postrouting runs on that
 // copy before the MTU check, so restoring the metadata there carries them
 // to the egress link, which writes them whole to a kernel (one write for up

@@ -12,7 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/shm-cni/shm-cni/internal/testutil"
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/tap"
 )
 
 // The test topology. Everything lives in namespaces the test creates.
@@ -308,7 +308,7 @@ func TestRemoveLink(t *testing.T) {
 	}
 
 	// The same pod comes back on a new endpoint over its TAP fd.
-	ep, err := endpoint.NewTAP(endpoint.TAPOptions{FD: e.b.fd, MTU: 1500, EthernetHeader: true, LinkAddress: gatewayMAC})
+	ep, err := tap.New(tap.Options{FD: e.b.fd, MTU: 1500, EthernetHeader: true, LinkAddress: gatewayMAC})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -359,7 +359,7 @@ func TestClose(t *testing.T) {
 	if err := e.r.Start(); !errors.Is(err, ErrClosed) {
 		t.Errorf("Start after Close: err = %v, want ErrClosed", err)
 	}
-	ep, err := endpoint.NewTAP(endpoint.TAPOptions{FD: e.a.fd, MTU: 1500, EthernetHeader: true, LinkAddress: gatewayMAC})
+	ep, err := tap.New(tap.Options{FD: e.a.fd, MTU: 1500, EthernetHeader: true, LinkAddress: gatewayMAC})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,7 +14,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/tap"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
@@ -55,14 +55,14 @@ func (u *uplink) readerStopped(log *slog.Logger, err error) {
 
 // newUplinkEndpoint drives the uplink TUN fd (IP packets, no
 // packet-information header, a virtio-net header with the kernel's
-// offloads) with pkg/endpoint's TUN endpoint, as a Forwarding link: TCP
+// offloads) with pkg/endpoint/tap's TUN endpoint, as a Forwarding link: TCP
 // super-packets cross between the host and pod TAP links whole. Unlike
 // gVisor's fdbased endpoint, whose Attach(nil) waits for its reader while
 // RemoveNIC holds the stack lock (a reader delivering a host packet needs that
 // lock: Close could hang), it only signals its reader there; Wait waits.
 // onStop is called once if the device goes away under the endpoint.
 func newUplinkEndpoint(fd int, mtu uint32, onStop func(error)) (stack.LinkEndpoint, error) {
-	ep, err := endpoint.NewTAP(endpoint.TAPOptions{
+	ep, err := tap.New(tap.Options{
 		FD:         fd,
 		MTU:        mtu,
 		VnetHdr:    true,

@@ -3,7 +3,7 @@
 // namespace) and the agent's uplink (a TUN device in the host's). It holds
 // no packet I/O and links no netstack, so that the CNI plugin, which only
 // makes devices, stays small; the agent drives the devices' fds with
-// pkg/endpoint's TAP endpoint.
+// pkg/endpoint/tap's endpoint.
 //
 //	err := netns.Do(func(ns.NetNS) error {
 //		f, err := tuntap.Open("eth0", tuntap.Options{VnetHdr: true, Offload: true, Persist: true})

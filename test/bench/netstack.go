@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
@@ -13,8 +14,6 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
-
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
 )
 
 const nicID = 1
@@ -26,7 +25,7 @@ const nicID = 1
 func netstackRTT(ctx context.Context, socket string, to netip.AddrPort, count int) ([]time.Duration, error) {
 	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	ep, cfg, err := endpoint.Dial(dctx, socket, endpoint.DialOptions{})
+	ep, cfg, err := shm.Dial(dctx, socket, shm.DialOptions{})
 	if err != nil {
 		return nil, err
 	}

@@ -61,7 +61,7 @@ func TestBulkTransfers(t *testing.T) {
 		{"sandbox-host", n.PodPeer(s2), host},
 		// Through the uplink and the host's masquerade: a sandbox's
 		// small segments are joined into super-packets on the way
-		// (pkg/endpoint/coalesce.go).
+		// (pkg/endpoint/shm/coalesce.go).
 		{"kernel-outside", n.PodPeer(k1), outside},
 		{"sandbox-outside", n.PodPeer(s1), outside},
 	} {
@@ -114,7 +114,7 @@ func TestEgressWithoutMasquerade(t *testing.T) {
 // TestFastPath: verified transfers between pods take the router's fast path
 // (shm_cni_link_fast_path_packets_total): every packet from sandbox to
 // sandbox, and the acknowledgements of a kernel pod's stream (its data, the
-// kernel's TCP super-packets, cross through the netstack, see gso.go); with
+// kernel's TCP super-packets, cross through the netstack, see pkg/endpoint/gso.go); with
 // --fast-path=false the same transfers pass and nothing takes it.
 func TestFastPath(t *testing.T) {
 	for _, fast := range []bool{true, false} {

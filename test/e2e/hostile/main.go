@@ -39,7 +39,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -123,7 +123,7 @@ func fail(err error) int {
 // says "attached". The function it returns closes the connection and the
 // pair.
 func attachRaw(ctx context.Context, o options) (*net.UnixConn, queue.Pair, func(), error) {
-	conn, pair, _, err := endpoint.DialPair(ctx, o.socket)
+	conn, pair, _, err := shm.DialPair(ctx, o.socket)
 	if err != nil {
 		return nil, queue.Pair{}, nil, err
 	}
@@ -186,17 +186,17 @@ func garbage(ctx context.Context, o options) (int, error) {
 }
 
 // client attaches a client endpoint whose received frames are discarded.
-func client(ctx context.Context, o options) (*endpoint.Client, endpoint.LinkConfig, error) {
-	c, cfg, err := endpoint.Dial(ctx, o.socket, endpoint.DialOptions{})
+func client(ctx context.Context, o options) (*shm.Client, shm.LinkConfig, error) {
+	c, cfg, err := shm.Dial(ctx, o.socket, shm.DialOptions{})
 	if err != nil {
-		return nil, endpoint.LinkConfig{}, err
+		return nil, shm.LinkConfig{}, err
 	}
 	c.Attach(discard{})
 	fmt.Println("attached")
 	return c, cfg, nil
 }
 
-func closeClient(c *endpoint.Client) {
+func closeClient(c *shm.Client) {
 	c.Attach(nil)
 	c.Close()
 	c.Wait()
@@ -208,7 +208,7 @@ func (discard) DeliverNetworkPacket(tcpip.NetworkProtocolNumber, *stack.PacketBu
 func (discard) DeliverLinkPacket(tcpip.NetworkProtocolNumber, *stack.PacketBuffer)    {}
 
 // send writes raw Ethernet frames on c.
-func send(c *endpoint.Client, frames ...[]byte) {
+func send(c *shm.Client, frames ...[]byte) {
 	var pkts stack.PacketBufferList
 	for _, f := range frames {
 		pkts.PushBack(stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(f)}))
@@ -297,7 +297,7 @@ func reconnect(ctx context.Context, o options) (int, error) {
 		var pair queue.Pair
 		var err error
 		for try := 0; try < 200; try++ {
-			if conn, pair, _, err = endpoint.DialPair(ctx, o.socket); err == nil || !errors.Is(err, endpoint.ErrDialRefused) {
+			if conn, pair, _, err = shm.DialPair(ctx, o.socket); err == nil || !errors.Is(err, shm.ErrDialRefused) {
 				break
 			}
 			time.Sleep(5 * time.Millisecond)
@@ -358,7 +358,7 @@ func spoof(ctx context.Context, o options) (int, error) {
 	return 10*len(frames) + 1, nil
 }
 
-func ownAddr(cfg endpoint.LinkConfig, v4 bool) (netip.Addr, error) {
+func ownAddr(cfg shm.LinkConfig, v4 bool) (netip.Addr, error) {
 	for _, p := range cfg.Addresses {
 		if p.Addr().Is4() == v4 {
 			return p.Addr(), nil
@@ -377,7 +377,7 @@ func outsideAddr(v4 bool) netip.Addr {
 func mustMAC(s string) tcpip.LinkAddress {
 	m, err := net.ParseMAC(s)
 	if err != nil {
-		panic(err) // validated by endpoint.ParseLinkConfig
+		panic(err) // validated by shm.ParseLinkConfig
 	}
 	return tcpip.LinkAddress(m)
 }

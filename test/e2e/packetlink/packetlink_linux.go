@@ -12,13 +12,12 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
-
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
 )
 
 // socketBuffer is the AF_PACKET socket's send and receive buffer, as runsc
@@ -33,7 +32,7 @@ type Link struct {
 	// Config is what the netstack took from the kernel: the MAC, MTU,
 	// addresses and routes (Gateways and GatewayMAC unset: the netstack
 	// resolves its neighbours with ARP and NDP).
-	Config endpoint.LinkConfig
+	Config shm.LinkConfig
 	// GSOMaxSize is the largest segment the netstack may hand the socket;
 	// 0 without GSO.
 	GSOMaxSize uint32
@@ -170,8 +169,8 @@ func (l *Link) Restore() error {
 
 // linkRoute converts a kernel route of the interface, leaving out IPv6's
 // link-local ones (the netstack has its own).
-func linkRoute(r netlink.Route) (endpoint.LinkRoute, bool) {
-	var lr endpoint.LinkRoute
+func linkRoute(r netlink.Route) (shm.LinkRoute, bool) {
+	var lr shm.LinkRoute
 	switch {
 	case r.Dst == nil && r.Family == unix.AF_INET6:
 		lr.Dst = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
@@ -194,15 +193,15 @@ func linkRoute(r netlink.Route) (endpoint.LinkRoute, bool) {
 }
 
 // configure creates the NIC with the addresses and routes of c.
-func configure(s *stack.Stack, nic tcpip.NICID, ep stack.LinkEndpoint, c *endpoint.LinkConfig) error {
+func configure(s *stack.Stack, nic tcpip.NICID, ep stack.LinkEndpoint, c *shm.LinkConfig) error {
 	if err := s.CreateNIC(nic, ep); err != nil {
 		return fmt.Errorf("create NIC: %s", err)
 	}
-	if err := endpoint.AddAddresses(s, nic, c.Addresses); err != nil {
+	if err := shm.AddAddresses(s, nic, c.Addresses); err != nil {
 		s.RemoveNIC(nic)
 		return err
 	}
-	endpoint.AddRoutes(s, nic, c.Routes)
+	shm.AddRoutes(s, nic, c.Routes)
 	return nil
 }
 

@@ -40,7 +40,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
-	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"github.com/shm-cni/shm-cni/test/e2e/packetlink"
 	"github.com/shm-cni/shm-cni/test/e2e/pattern"
 )
@@ -70,7 +70,7 @@ func run() int {
 	var (
 		s   *stack.Stack
 		ep  stack.LinkEndpoint
-		cfg endpoint.LinkConfig
+		cfg shm.LinkConfig
 		err error
 	)
 	if *socket != "" {
@@ -132,10 +132,10 @@ func newStack() *stack.Stack {
 }
 
 // up dials the link and brings up a netstack on it.
-func up(ctx context.Context, socket string, timeout time.Duration) (*stack.Stack, stack.LinkEndpoint, endpoint.LinkConfig, error) {
+func up(ctx context.Context, socket string, timeout time.Duration) (*stack.Stack, stack.LinkEndpoint, shm.LinkConfig, error) {
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	ep, cfg, err := endpoint.Dial(dctx, socket, endpoint.DialOptions{
+	ep, cfg, err := shm.Dial(dctx, socket, shm.DialOptions{
 		OnClosed: func(err error) { fmt.Fprintln(os.Stderr, "sandbox: link closed:", err) },
 	})
 	if err != nil {
@@ -157,7 +157,7 @@ func up(ctx context.Context, socket string, timeout time.Duration) (*stack.Stack
 
 // serve listens on port for every address family of the link and serves
 // mode until ctx ends.
-func serve(ctx context.Context, s *stack.Stack, cfg endpoint.LinkConfig, mode string, port uint16, verify bool) error {
+func serve(ctx context.Context, s *stack.Stack, cfg shm.LinkConfig, mode string, port uint16, verify bool) error {
 	var lns []net.Listener
 	seen := map[bool]bool{}
 	for _, p := range cfg.Addresses {

@@ -1,0 +1,180 @@
+package endpoint
+
+import (
+	"errors"
+
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+)
+
+// Software segmentation of TCP super-packets: what a link that takes no GSO
+// does with one (SoftwareGSO), and what the TAP endpoint does with the
+// super-packets its kernel hands over (SegmentTCP). It works on plain byte
+// slices and never reads or writes outside the frame it is given.
+
+// ErrBadGSOFrame is the reason a TCP super-packet is refused: its headers do
+// not parse as one unfragmented TCP packet.
+var ErrBadGSOFrame = errors.New("malformed TCP GSO frame")
+
+// MaxGSOHeaderLen bounds the headers copied in front of every segment:
+// Ethernet (14) + IPv4 with options (60) + TCP with options (60) = 134 bytes;
+// IPv6 without extension headers is 40 < 60.
+const MaxGSOHeaderLen = header.EthernetMinimumSize + header.IPv4MaximumHeaderSize + header.TCPHeaderMaximumSize
+
+// ParsedTCP is a frame holding one TCP packet whose headers ParseTCPFrame
+// checked: Frame[:L2] is the Ethernet header (L2 is 0 on a TUN device),
+// then L3 bytes of IP header, L4 bytes of TCP header and the payload up to
+// the IP packet's end.
+type ParsedTCP struct {
+	Frame      []byte
+	L2, L3, L4 int
+	V6         bool
+}
+
+// HeaderLength is the length of the frame's headers.
+func (f *ParsedTCP) HeaderLength() int { return f.L2 + f.L3 + f.L4 }
+
+// ParseTCPFrame checks that frame holds a TCP packet over IPv4 (v6 false)
+// or IPv6 without extension headers, unfragmented, and returns it trimmed to
+// the IP packet's length (link-layer padding removed). It never reads
+// outside frame.
+func ParseTCPFrame(frame []byte, ethernet, v6 bool) (ParsedTCP, error) {
+	l2 := 0
+	if ethernet {
+		if len(frame) < header.EthernetMinimumSize {
+			return ParsedTCP{}, ErrBadGSOFrame
+		}
+		want := header.IPv4ProtocolNumber
+		if v6 {
+			want = header.IPv6ProtocolNumber
+		}
+		if header.Ethernet(frame).Type() != want {
+			return ParsedTCP{}, ErrBadGSOFrame // VLAN tags included: not offered by tuntap.Open
+		}
+		l2 = header.EthernetMinimumSize
+	}
+	ip := frame[l2:]
+	var l3 int
+	if v6 {
+		if len(ip) < header.IPv6MinimumSize || header.IPVersion(ip) != header.IPv6Version {
+			return ParsedTCP{}, ErrBadGSOFrame
+		}
+		h := header.IPv6(ip)
+		if h.NextHeader() != uint8(header.TCPProtocolNumber) {
+			return ParsedTCP{}, ErrBadGSOFrame // extension headers
+		}
+		l3 = header.IPv6MinimumSize
+		total := l3 + int(h.PayloadLength())
+		if total > len(ip) {
+			return ParsedTCP{}, ErrBadGSOFrame
+		}
+		ip = ip[:total]
+	} else {
+		if len(ip) < header.IPv4MinimumSize || header.IPVersion(ip) != header.IPv4Version {
+			return ParsedTCP{}, ErrBadGSOFrame
+		}
+		h := header.IPv4(ip)
+		l3 = int(h.HeaderLength())
+		total := int(h.TotalLength())
+		if l3 < header.IPv4MinimumSize || total < l3 || total > len(ip) ||
+			h.Protocol() != uint8(header.TCPProtocolNumber) ||
+			h.Flags()&header.IPv4FlagMoreFragments != 0 || h.FragmentOffset() != 0 {
+			return ParsedTCP{}, ErrBadGSOFrame
+		}
+		ip = ip[:total]
+	}
+	tcp := ip[l3:]
+	if len(tcp) < header.TCPMinimumSize {
+		return ParsedTCP{}, ErrBadGSOFrame
+	}
+	l4 := int(header.TCP(tcp).DataOffset())
+	if l4 < header.TCPMinimumSize || l4 > len(tcp) {
+		return ParsedTCP{}, ErrBadGSOFrame
+	}
+	return ParsedTCP{Frame: frame[:l2+len(ip)], L2: l2, L3: l3, L4: l4, V6: v6}, nil
+}
+
+// SegmentTCP cuts the TCP super-packet in frame into segments of gsoSize
+// payload bytes, fixes their headers and checksums and emits them.
+func SegmentTCP(frame []byte, ethernet, v6 bool, gsoSize int, emit func([]byte, bool)) error {
+	if gsoSize <= 0 {
+		return ErrBadGSOFrame
+	}
+	f, err := ParseTCPFrame(frame, ethernet, v6)
+	if err != nil {
+		return err
+	}
+	return segmentParsed(f, gsoSize, emit)
+}
+
+// segmentParsed is SegmentTCP on a parsed frame. gsoSize must be positive.
+func segmentParsed(f ParsedTCP, gsoSize int, emit func([]byte, bool)) error {
+	frame, l2, l3, l4, v6 := f.Frame, f.L2, f.L3, f.L4, f.V6
+	hdrLen := f.HeaderLength()
+	payloadLen := len(frame) - hdrLen
+
+	// The headers of the super-packet, copied before the segments overwrite
+	// them.
+	var tmplArr [MaxGSOHeaderLen]byte
+	tmpl := tmplArr[:hdrLen]
+	copy(tmpl, frame)
+	tmplTCP := header.TCP(tmpl[l2+l3:])
+	seq0 := tmplTCP.SequenceNumber()
+	flags0 := uint8(tmplTCP.Flags())
+	var id0 uint16
+	if !v6 {
+		id0 = header.IPv4(tmpl[l2:]).ID()
+	}
+	// Pseudo-header sum without the length: source and destination
+	// addresses (adjacent in both IPv4 and IPv6 headers) and the protocol.
+	var addrs []byte
+	if v6 {
+		addrs = tmpl[l2+8 : l2+header.IPv6MinimumSize]
+	} else {
+		addrs = tmpl[l2+12 : l2+header.IPv4MinimumSize]
+	}
+	pseudo := checksum.Combine(checksum.Checksum(addrs, 0), uint16(header.TCPProtocolNumber))
+
+	nseg := (payloadLen + gsoSize - 1) / gsoSize
+	if nseg == 0 {
+		nseg = 1 // a bare header: deliver it with fixed checksums
+	}
+	for i := 0; i < nseg; i++ {
+		start := hdrLen + i*gsoSize // payload offset of segment i in frame
+		end := min(start+gsoSize, len(frame))
+		seg := frame[start-hdrLen : end]
+		copy(seg, tmpl)
+		segLen := end - start + l4 // TCP header + payload
+
+		if v6 {
+			header.IPv6(seg[l2:]).SetPayloadLength(uint16(segLen))
+		} else {
+			h := header.IPv4(seg[l2:])
+			h.SetTotalLength(uint16(l3 + segLen))
+			h.SetID(id0 + uint16(i))
+			h.SetChecksum(0)
+			h.SetChecksum(^h.CalculateChecksum())
+		}
+
+		t := header.TCP(seg[l2+l3:])
+		t.SetSequenceNumber(seq0 + uint32(i*gsoSize))
+		flags := flags0
+		if i != nseg-1 {
+			flags &^= uint8(header.TCPFlagFin | header.TCPFlagPsh)
+		}
+		if i != 0 {
+			flags &^= uint8(header.TCPFlagCwr)
+		}
+		t.SetFlags(flags)
+		t.SetChecksum(0)
+		// The TCP header length is a multiple of 4, so the payload starts
+		// at an even offset and the sums can be chained.
+		xsum := checksum.Combine(pseudo, uint16(segLen))
+		xsum = checksum.Checksum(t[:l4], xsum)
+		xsum = checksum.Checksum(seg[hdrLen:], xsum)
+		t.SetChecksum(^xsum)
+
+		emit(seg, true)
+	}
+	return nil
+}

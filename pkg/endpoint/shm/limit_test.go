@@ -1,0 +1,159 @@
+package shm
+
+import (
+	"testing"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/queue"
+)
+
+// TestNewServerRefusesBadLimit checks that NewServer validates its
+// receive limit (endpoint.RxLimit.Validate).
+func TestNewServerRefusesBadLimit(t *testing.T) {
+	p, err := queue.NewPair(queue.DefaultSizes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if _, err := NewServer(Options{Pair: p, MTU: 1500, PeerFD: -1, RxLimit: endpoint.RxLimit{PacketsPerSecond: -5}}); err == nil {
+		t.Error("NewServer took a negative limit")
+	}
+}
+
+// ipPackets returns n minimal IPv4-looking packets of size bytes.
+func ipPackets(n, size int) stack.PacketBufferList {
+	var l stack.PacketBufferList
+	for range n {
+		b := make([]byte, size)
+		b[0] = 0x45
+		l.PushBack(stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(b)}))
+	}
+	return l
+}
+
+// limitedPair makes a queue pair and its endpoints, the server with lim,
+// both stopped at the end of t.
+func limitedPair(t *testing.T, lim endpoint.RxLimit) (*Server, *Client) {
+	t.Helper()
+	p, err := queue.NewPair(queue.DefaultSizes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	srv, err := NewServer(Options{Pair: p, MTU: 1500, PeerFD: -1, RxLimit: lim})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := NewClient(Options{Pair: p, MTU: 1500, PeerFD: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		srv.Close()
+		cli.Close()
+		srv.Wait()
+		cli.Wait()
+	})
+	return srv, cli
+}
+
+// floodFor writes batches of frames of size bytes from cli until d after
+// start and returns how many the client took.
+func floodFor(cli *Client, size int, start time.Time, d time.Duration) int {
+	sent := 0
+	for time.Since(start) < d {
+		pkts := ipPackets(rxBatch, size)
+		n, _ := cli.WritePackets(pkts)
+		pkts.Reset()
+		sent += n
+	}
+	return sent
+}
+
+// TestRxLimitBoundsSandbox floods a server endpoint with a receive limit
+// from its client and checks that the server took no more than the token
+// bucket allows for the time that passed (an upper bound: a slow machine
+// only delivers less), that it paused for the limit, and that the client
+// met back-pressure instead of the server spending on every frame.
+func TestRxLimitBoundsSandbox(t *testing.T) {
+	const pps = 2000
+	srv, cli := limitedPair(t, endpoint.RxLimit{PacketsPerSecond: pps})
+	var got counter
+	start := time.Now()
+	srv.Attach(&got)
+	cli.Attach(discard{})
+	sent := floodFor(cli, 100, start, 500*time.Millisecond)
+	// Whatever the server still takes after this is within the bound too.
+	time.Sleep(100 * time.Millisecond)
+	delivered := got.n.Load()
+	elapsed := time.Since(start)
+	// The bucket starts full (a burst: one batch here) and the receive
+	// loop charges a batch after delivering it: at most one batch more.
+	bound := int64(pps*elapsed.Seconds()) + 2*rxBatch
+	st := srv.Stats().Snapshot()
+	t.Logf("client wrote %d frames (%d dropped on its side), server delivered %d in %v (bound %d), paused %d times",
+		sent, cli.Stats().TxDrops.Load(), delivered, elapsed.Round(time.Millisecond), bound, st.RxThrottled)
+	if delivered == 0 {
+		t.Fatal("nothing delivered")
+	}
+	if delivered > bound+bound/100+2 { // 1% and 2 frames for rounding
+		t.Errorf("server delivered %d frames in %v, above the limit's %d", delivered, elapsed, bound)
+	}
+	if st.RxThrottled == 0 {
+		t.Error("the server never paused for its limit")
+	}
+	if cli.Stats().TxDrops.Load() == 0 {
+		t.Error("the flooding client met no back-pressure")
+	}
+}
+
+// TestRxLimitByteRate checks the byte rate alone the same way.
+func TestRxLimitByteRate(t *testing.T) {
+	const bps = 2 << 20
+	const size = 1400
+	srv, cli := limitedPair(t, endpoint.RxLimit{BytesPerSecond: bps})
+	var got counter
+	start := time.Now()
+	srv.Attach(&got)
+	cli.Attach(discard{})
+	floodFor(cli, size, start, 500*time.Millisecond)
+	time.Sleep(100 * time.Millisecond)
+	bytes := srv.Stats().RxBytes.Load()
+	elapsed := time.Since(start)
+	// Burst: max(20 ms of the rate, a batch of the largest frames), and
+	// one batch more charged after delivery.
+	burst := max(int64(bps*endpoint.DefaultRxBurst.Seconds()), int64(rxBatch*1500))
+	bound := int64(bps*elapsed.Seconds()) + burst + rxBatch*size
+	t.Logf("server received %d bytes in %v (bound %d)", bytes, elapsed.Round(time.Millisecond), bound)
+	if bytes == 0 || uint64(bound+bound/100) < bytes { // 1% for rounding
+		t.Errorf("server received %d bytes in %v, want 1..%d", bytes, elapsed, bound)
+	}
+}
+
+// TestRxLimitStopWhilePaused checks that Close and Wait end a receive loop
+// that a flood keeps pausing for its limit, and release the link.
+func TestRxLimitStopWhilePaused(t *testing.T) {
+	// The smallest rate and burst: after the first batch, every batch of
+	// the flood puts the loop to sleep.
+	srv, cli := limitedPair(t, endpoint.RxLimit{PacketsPerSecond: endpoint.MinRxPacketsPerSecond, Burst: time.Millisecond})
+	var got counter
+	srv.Attach(&got)
+	cli.Attach(discard{})
+	floodFor(cli, 100, time.Now(), 200*time.Millisecond)
+	waitFor(t, "the server to pause", func() bool { return srv.Stats().RxThrottled.Load() > 0 })
+	done := make(chan struct{})
+	go func() {
+		srv.Close()
+		srv.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close and Wait did not return while the receive loop was paused")
+	}
+}

@@ -1,0 +1,94 @@
+package shm
+
+import (
+	"fmt"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/queue"
+)
+
+// TCP segmentation offload from a sandbox to the router (TSO).
+//
+// A sandbox's netstack cuts its stream at the MSS its peer announced: 1460
+// bytes toward a host beyond the uplink, however large its own link's MTU.
+// Each segment then costs the sandbox a pass through its TCP and IP layers
+// and a frame on the queue, and the router a frame to handle. With the
+// offload, as a virtio-net device offers a guest, the sandbox's stack hands
+// its link TCP super-packets of up to the link's MTU with a partial checksum
+// (gVisor's host GSO), and the link puts each on the queue whole, flagged in
+// its TX descriptor's meta word:
+//
+//	bit 31      a TCP super-packet: its TCP checksum field holds the
+//	            pseudo-header sum (the rest is the receiver's to complete)
+//	bit 16      IPv6 (else IPv4)
+//	bits 0..15  the MSS to cut it at (not zero)
+//	other bits  zero
+//
+// The router delivers such a frame with the GSO mark of gso.go: the egress
+// link writes it whole to a kernel, which segments it at the MSS, or
+// segments it in software. The server offers the offload in the link config
+// (LinkConfig.TxGSO); a client that does not know it sends plain frames, and
+// a flagged frame on a link that was not offered it, or a meta word that
+// breaks the rules above, is a protocol violation. The frame's contents are
+// checked as any frame's: one whose headers do not parse as TCP of the
+// flagged version is dropped.
+//
+// A packet the stack gives the link that is no larger than one segment goes
+// as a plain frame, its checksum completed by the link: nothing changes for
+// a peer with a large MSS (another sandbox).
+const (
+	txOffloadTCP = 1 << 31
+	txOffloadV6  = 1 << 16
+	txOffloadMSS = 1<<16 - 1
+)
+
+// encodeTxOffload is the meta word of a super-packet of gso.
+func encodeTxOffload(gso *stack.GSO) uint32 {
+	m := uint32(txOffloadTCP) | uint32(gso.MSS)
+	if gso.Type == stack.GSOTCPv6 {
+		m |= txOffloadV6
+	}
+	return m
+}
+
+// decodeTxOffload checks a meta word from the peer and returns the MSS and
+// IP version it flags.
+func decodeTxOffload(m uint32) (mss uint16, v6 bool, err error) {
+	if m&txOffloadTCP == 0 || m&^(txOffloadTCP|txOffloadV6|txOffloadMSS) != 0 || m&txOffloadMSS == 0 {
+		return 0, false, fmt.Errorf("%w: TX meta word %#08x is not a TCP segmentation offload", queue.ErrViolation, m)
+	}
+	return uint16(m & txOffloadMSS), m&txOffloadV6 != 0, nil
+}
+
+// completeTCPChecksum completes, in place, the partial checksum of a TCP
+// packet its stack built for host GSO: the checksum field holds the
+// pseudo-header sum, so summing the header and payload over it gives the
+// checksum.
+func completeTCPChecksum(pkt *stack.PacketBuffer) {
+	t := header.TCP(pkt.TransportHeader().Slice())
+	if len(t) < header.TCPMinimumSize {
+		return
+	}
+	t.SetChecksum(^checksum.Checksum(t, pkt.Data().Checksum()))
+}
+
+// offloadFrame checks the frame v, flagged by meta, for delivery as a TCP
+// super-packet and returns its MSS; ok is false for a frame to drop. err is
+// a protocol violation.
+func offloadFrame(v *buffer.View, ethernet bool, meta uint32) (mss uint16, ok bool, err error) {
+	mss, v6, err := decodeTxOffload(meta)
+	if err != nil {
+		return 0, false, err
+	}
+	f, perr := endpoint.ParseTCPFrame(v.AsSlice(), ethernet, v6)
+	if perr != nil {
+		return 0, false, nil
+	}
+	v.CapLength(len(f.Frame)) // link-layer padding
+	return mss, true, nil
+}
