@@ -18,13 +18,13 @@ import (
 // however large the sandbox link's own MTU. Each such segment crossing the
 // router alone costs a stack traversal and, towards a kernel, one write
 // system call: 45 of each per 64 KiB, where a kernel pod's TCP hands the
-// router one super-packet (gso.go). The router's slow path, which forwards
+// router one super-packet (pkg/endpoint/gso.go). The router's slow path, which forwards
 // everything that leaves the node, went at a tenth of the sandbox-to-kernel
 // pod rate.
 //
 // So a Forwarding shared-memory link joins, within one receive batch,
 // consecutive segments of one TCP flow into one super-packet, as a kernel's
-// GRO does, and delivers it with the GSO mark of gso.go: the egress link
+// GRO does, and delivers it with the GSO mark of pkg/endpoint/gso.go: the egress link
 // writes it whole to a kernel (which segments it, or takes it whole as from
 // a veth) or segments it in software. Only what the stream itself would be
 // is joined: the frames are private copies (the receive loop copied them out

@@ -29,7 +29,7 @@ import (
 //	bits 0..15  the MSS to cut it at (not zero)
 //	other bits  zero
 //
-// The router delivers such a frame with the GSO mark of gso.go: the egress
+// The router delivers such a frame with the GSO mark of pkg/endpoint/gso.go: the egress
 // link writes it whole to a kernel, which segments it at the MSS, or
 // segments it in software. The server offers the offload in the link config
 // (LinkConfig.TxGSO); a client that does not know it sends plain frames, and
