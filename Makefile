@@ -43,6 +43,8 @@ FUZZ_TARGETS ?= \
 	./pkg/cni:FuzzPrevResult \
 	./pkg/cni:FuzzAgentAnswer \
 	./pkg/agent:FuzzParseRecord \
+	./pkg/policy:FuzzTable \
+	./pkg/policy:FuzzCompile \
 	./pkg/router:FuzzFilter \
 	./pkg/router:FuzzClampMSS \
 	./pkg/router:FuzzLargeLinks \
