@@ -45,6 +45,7 @@ FUZZ_TARGETS ?= \
 	./pkg/agent:FuzzParseRecord \
 	./pkg/policy:FuzzTable \
 	./pkg/policy:FuzzCompile \
+	./pkg/policy:FuzzTracker \
 	./pkg/router:FuzzFilter \
 	./pkg/router:FuzzClampMSS \
 	./pkg/router:FuzzLargeLinks \

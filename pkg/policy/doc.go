@@ -1,6 +1,19 @@
 // Package policy enforces Kubernetes NetworkPolicy (networking.k8s.io/v1)
 // in the router every pod packet crosses: it compiles policies, pods and
-// namespaces into per-pod tables.
+// namespaces into per-pod tables, tracks the connections it allows, and
+// decides packet by packet.
+//
+// # Use
+//
+//	enf, err := policy.NewEnforcer(policy.DefaultTrackerConfig, nodeGateways)
+//	snap := policy.Compile(policy.Input{Policies: ..., Pods: ..., Namespaces: ...,
+//		NodeName: node, NodeAddrs: ..., ServiceCIDRs: ...}, enf.Snapshot())
+//	enf.Set(snap)        // on every change; nil: no policy at all
+//	ok := enf.FromPod(ip)    // a packet a local pod sent
+//	ok = enf.FromUplink(ip)  // a packet from the host or beyond
+//
+// The router calls FromPod and FromUplink (package router); the agent
+// compiles and sets snapshots.
 //
 // # Model
 //
@@ -30,6 +43,47 @@
 // disjoint sorted spans, each with the union of the port sets of the rules
 // covering it. A verdict is a map read (the local pod by address), a
 // binary search over the spans and a walk over a few port ranges; nothing
-// is allocated and no string is compared. A Snapshot is immutable:
-// recompiling builds a new one, which readers swap in.
+// is allocated and no string is compared. A Snapshot is immutable: the
+// Enforcer publishes it through an atomic pointer; the packet path loads
+// it once per packet (nil: no policy, nothing else is done).
+//
+// # Connection tracking
+//
+// A connection either of whose local pods is isolated is tracked once
+// allowed (TCP, UDP, SCTP by ports, ICMP echo by identifier, any other
+// protocol by its addresses), so that its replies pass both ways, and ICMP
+// errors about it too. A connection no isolated pod takes part in is not
+// tracked. The Tracker is a sharded table (256 locks) bounded by
+// TrackerConfig: MaxConns in all, PodShare charged to one pod (the local
+// pod that opened the connection, or the local pod it was for), so that a
+// pod flooding new flows replaces its own unanswered ones and never takes
+// another pod's room. Entries expire after a timeout of their state (TCP
+// established 6 h, closing 10 s, unanswered 30 s, answered UDP and SCTP
+// 120 s, ICMP echo 30 s); inserts sweep a few entries for expired ones.
+//
+// # Policy changes
+//
+// Every Compile makes a new generation. A tracked connection remembers the
+// generation it was allowed under; its first packet under a newer
+// snapshot checks its opening tuple against the new rules: still allowed,
+// it carries on untouched (no packet is lost); newly denied, its entry is
+// removed and its packets are dropped from then on, both ways. A pod that
+// becomes isolated while a connection of its is open has that connection
+// picked up: a TCP segment without SYN that is not tracked passes and is
+// tracked when either the connection it belongs to, or the one the other
+// way, may open (without a SYN it opens nothing); a datagram is judged as a
+// new flow the way it goes.
+//
+// # Host, node and Services
+//
+// Traffic from the node's addresses to a local pod is always allowed in
+// (kubelet's probes; Kubernetes asks for it). Pod traffic to the node is
+// judged as any other egress. Service addresses (Input.ServiceCIDRs) are
+// translated by the host after the router, so a pod's packets to one skip
+// the egress check there (they are tracked, so the Service's replies come
+// back); translated to a local pod they come back through the uplink and
+// are judged there with the pod's egress rules and the backend's ingress
+// rules. Translated to a pod of another node they are judged by that
+// node's ingress rules alone: the egress of such a connection is not
+// enforced yet.
 package policy

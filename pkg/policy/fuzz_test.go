@@ -334,3 +334,59 @@ func FuzzCompile(f *testing.F) {
 		}
 	})
 }
+
+// FuzzTracker floods the tracker with arbitrary new flows from one pod and
+// feeds the enforcer arbitrary bytes: no panic, the table bounded, the
+// flooding pod held to its share, and another pod's share intact.
+func FuzzTracker(f *testing.F) {
+	f.Add([]byte{0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 12, 10, 0, 0, 11, 1, 2, 0x15, 0x38}, uint16(500))
+	f.Add([]byte{0x60, 0, 0, 0, 0, 8, 58, 64}, uint16(3000))
+	f.Fuzz(func(t *testing.T, data []byte, flows uint16) {
+		cfg := DefaultTrackerConfig
+		cfg.MaxConns, cfg.PodShare = 256, 32
+		in := clusterInput(netpol("prod", "all", sel(), []networkingv1.PolicyType{"Ingress", "Egress"},
+			[]networkingv1.NetworkPolicyIngressRule{{}}, []networkingv1.NetworkPolicyEgressRule{{}}))
+		e, err := NewEnforcer(cfg, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.Set(Compile(in, nil))
+		// Arbitrary bytes, from a pod and from the uplink, as they come
+		// and as the quote of an ICMP error.
+		ParseFlow(data)
+		e.FromUplink(data)
+		e.FromPod(data)
+		e.FromPod(packet{src: endpoints["client"].v4, dst: endpoints["db"].v4, proto: ProtoICMP, typ: 3, quote: data}.bytes())
+		e.FromPod(packet{src: endpoints["client"].v6, dst: endpoints["db"].v6, proto: ProtoICMPv6, typ: 1, quote: data}.bytes())
+		before := e.Tracker().Len()
+
+		r := &bytesReader{data}
+		client := e.Snapshot().Pod(endpoints["client"].v4).owner
+		for i := 0; i < int(flows); i++ {
+			v6 := r.pick(2) == 1
+			src := endpoints["client"].v4
+			if v6 {
+				src = endpoints["client"].v6
+			}
+			p := packet{src: src, dst: r.addr(v6), proto: []uint8{ProtoTCP, ProtoUDP, ProtoSCTP, icmpFor(src)}[r.pick(4)],
+				sport: uint16(i), dport: r.u16(), flags: r.byte(), typ: []uint8{8, 128, 0, 129}[r.pick(4)], id: uint16(i)}
+			e.FromPod(p.bytes())
+			if n := e.Tracker().Len(); n > cfg.MaxConns {
+				t.Fatalf("table holds %d, more than %d", n, cfg.MaxConns)
+			}
+			if n := client.Owned(); n > cfg.PodShare {
+				t.Fatalf("client holds %d, more than its share %d", n, cfg.PodShare)
+			}
+		}
+		if before+cfg.PodShare+cfg.PodShare > cfg.MaxConns {
+			return // the bytes above took others' room: nothing to check
+		}
+		web := endpoints["web"].v4
+		for i := 0; i < cfg.PodShare-before; i++ {
+			p := packet{src: web, dst: endpoints["ext"].v4, proto: ProtoTCP, sport: uint16(i), dport: 443, flags: tcpSyn}
+			if !e.FromPod(p.bytes()) {
+				t.Fatalf("web's connection %d refused after client's flood (%d tracked)", i, e.Tracker().Len())
+			}
+		}
+	})
+}
