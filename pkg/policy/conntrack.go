@@ -11,8 +11,9 @@ import (
 // TrackerConfig bounds the connection tracker.
 type TrackerConfig struct {
 	// MaxConns is the most connections tracked at once, all pods
-	// together. Each costs about 200 bytes (the entry, 128, and its map
-	// slot): 131072 of them about 25 MiB.
+	// together. Each costs about 200 bytes (the entry, 96, and its map
+	// slot with the key, about 80 at the map's load): 131072 of them
+	// about 25 MiB.
 	MaxConns int
 	// PodShare is the most connections charged to one pod; a pod at its
 	// share replaces its own unanswered connections, or its new ones are
@@ -182,6 +183,11 @@ func (t *Tracker) lookup(f *Flow, s *Snapshot, recheck checker) verdict {
 			return denied
 		}
 		c.gen = s.gen
+	}
+	if f.TCPFlags&(tcpSyn|tcpAck) == tcpSyn && c.closing {
+		// The tuple opens again (a port reused after TIME-WAIT): a
+		// new connection, not yet answered.
+		c.closing, c.replied = false, false
 	}
 	if f.Src != c.orig.Src || f.SrcPort != c.orig.SrcPort {
 		c.replied = true

@@ -360,3 +360,25 @@ func TestPodShare(t *testing.T) {
 		}
 	}
 }
+
+// TestReopen checks that a SYN on the tuple of a closed connection opens
+// it again: the established timeout, not the closing one, once answered.
+func TestReopen(t *testing.T) {
+	e, clock := enforcer(t, DefaultTrackerConfig, isolateClient...)
+	out := packet{src: endpoints["client"].v4, dst: endpoints["db"].v4, proto: ProtoTCP, sport: 1, dport: 5432}
+	back := out.reply()
+	for _, step := range []struct {
+		p     packet
+		flags uint8
+	}{{out, tcpSyn}, {back, tcpSyn | tcpAck}, {out, tcpFin | tcpAck}, {back, tcpFin | tcpAck}, {out, tcpSyn}, {back, tcpSyn | tcpAck}} {
+		step.p.flags = step.flags
+		if !e.FromPod(step.p.bytes()) {
+			t.Fatalf("%+v denied", step.p)
+		}
+	}
+	*clock += int64(DefaultTrackerConfig.TCPClosing) + 1
+	e.Tracker().Expire()
+	if got := e.Tracker().Len(); got != 1 {
+		t.Errorf("the reopened connection expired with the closing timeout (%d tracked)", got)
+	}
+}
