@@ -105,6 +105,12 @@ type conn struct {
 	expires int64
 	replied bool // a packet went the other way
 	closing bool // a FIN or RST passed
+	// denied says the snapshot it was last checked under denies it: its
+	// packets are dropped, both ways, until it expires (each of them
+	// keeps it) or a later snapshot allows it again. Kept rather than
+	// removed so that its packets are not judged afresh as a connection
+	// the other way, which policy may allow.
+	denied bool
 }
 
 type shard struct {
@@ -154,34 +160,32 @@ type verdict uint8
 const (
 	miss   verdict = iota // not tracked
 	hit                   // tracked and allowed
-	denied                // tracked, but no longer allowed: removed
+	denied                // tracked, and no longer allowed
 )
 
 // lookup finds f's connection and, when found, refreshes it with f. A
 // connection allowed under an older snapshot than s is checked again
 // (recheck, with its opening tuple): still allowed, it carries on; denied,
-// it is removed and lookup says so.
+// it is marked so, and lookup says so for its packets from then on.
 func (t *Tracker) lookup(f *Flow, s *Snapshot, recheck checker) verdict {
 	k := canonical(f.Tuple)
 	sh := &t.shards[k.shard()]
 	sh.mu.Lock()
+	defer sh.mu.Unlock()
 	c := sh.m[k]
 	if c == nil {
-		sh.mu.Unlock()
 		return miss
 	}
 	now := t.now()
-	if now >= c.expires {
+	fromOrig := f.Src == c.orig.Src && f.SrcPort == c.orig.SrcPort
+	if now >= c.expires || (f.TCPFlags&(tcpSyn|tcpAck) == tcpSyn && !fromOrig) {
+		// Expired, or the other side opens a connection of its own on
+		// the tuple: judged afresh.
 		t.removeLocked(sh, k, c)
-		sh.mu.Unlock()
 		return miss
 	}
 	if c.gen != s.gen {
-		if !recheck.allowsNew(s, &c.orig) {
-			t.removeLocked(sh, k, c)
-			sh.mu.Unlock()
-			return denied
-		}
+		c.denied = !recheck.allowsNew(s, &c.orig)
 		c.gen = s.gen
 	}
 	if f.TCPFlags&(tcpSyn|tcpAck) == tcpSyn && c.closing {
@@ -189,14 +193,16 @@ func (t *Tracker) lookup(f *Flow, s *Snapshot, recheck checker) verdict {
 		// new connection, not yet answered.
 		c.closing, c.replied = false, false
 	}
-	if f.Src != c.orig.Src || f.SrcPort != c.orig.SrcPort {
+	if !fromOrig {
 		c.replied = true
 	}
 	if f.TCPFlags&(tcpFin|tcpRst) != 0 {
 		c.closing = true
 	}
 	c.expires = now + int64(t.timeout(c))
-	sh.mu.Unlock()
+	if c.denied {
+		return denied
+	}
 	return hit
 }
 
@@ -208,7 +214,7 @@ func (t *Tracker) related(inner Tuple) bool {
 	sh := &t.shards[k.shard()]
 	sh.mu.Lock()
 	c := sh.m[k]
-	ok := c != nil && t.now() < c.expires
+	ok := c != nil && !c.denied && t.now() < c.expires
 	sh.mu.Unlock()
 	return ok
 }

@@ -66,13 +66,18 @@
 // Every Compile makes a new generation. A tracked connection remembers the
 // generation it was allowed under; its first packet under a newer
 // snapshot checks its opening tuple against the new rules: still allowed,
-// it carries on untouched (no packet is lost); newly denied, its entry is
-// removed and its packets are dropped from then on, both ways. A pod that
-// becomes isolated while a connection of its is open has that connection
-// picked up: a TCP segment without SYN that is not tracked passes and is
-// tracked when either the connection it belongs to, or the one the other
-// way, may open (without a SYN it opens nothing); a datagram is judged as a
-// new flow the way it goes.
+// it carries on untouched (no packet is lost); newly denied, it is marked
+// denied and its packets are dropped from then on, both ways, until it
+// falls silent for its timeout (a later snapshot that allows it again lets
+// it resume). The mark is kept rather than the entry removed: a packet of
+// the connection would otherwise be judged afresh as one opened by the
+// other side, which policy may allow. A pod that becomes isolated while a
+// connection of its is open has that connection picked up: a TCP segment
+// without SYN that is not tracked passes and is tracked when either the
+// connection it belongs to, or the one the other way, may open (without a
+// SYN it opens nothing); a datagram is judged as a new flow the way it
+// goes. A SYN on a tracked tuple from the side that did not open it is
+// judged afresh.
 //
 // # Host, node and Services
 //

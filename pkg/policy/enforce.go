@@ -84,7 +84,10 @@ func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod bool) bool {
 		if e.ct.related(f.Inner) {
 			return true
 		}
-	} else if (f.Proto == ProtoTCP || f.Proto == ProtoUDP || f.Proto == ProtoSCTP) && !f.Ports {
+		e.count(sp, dp)
+		return false // about nothing tracked, or a connection denied
+	}
+	if (f.Proto == ProtoTCP || f.Proto == ProtoUDP || f.Proto == ProtoSCTP) && !f.Ports {
 		// A later fragment: no ports to track it by; a rule of every
 		// port may let it through.
 		by, _ := e.decide(s, &f.Tuple, false)
@@ -96,10 +99,6 @@ func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod bool) bool {
 	case denied:
 		e.count(sp, dp)
 		return false
-	}
-	if f.Error {
-		e.count(sp, dp)
-		return false // about nothing tracked
 	}
 	orig := f.Tuple
 	if by, dir := e.decide(s, &orig, f.Ports); by != nil {

@@ -66,8 +66,12 @@ func (p packet) bytes() []byte {
 	return append(h, l4...)
 }
 
+// reply is the packet the other way; a SYN's reply is a SYN-ACK.
 func (p packet) reply() packet {
 	p.src, p.dst, p.sport, p.dport = p.dst, p.src, p.dport, p.sport
+	if p.flags&tcpSyn != 0 {
+		p.flags |= tcpAck
+	}
 	return p
 }
 
@@ -202,8 +206,36 @@ func TestPolicyChange(t *testing.T) {
 	if e.FromPod(cut.bytes()) {
 		t.Errorf("a connection the new policy denies carried on")
 	}
-	if got := e.Tracker().Len(); got != 1 {
-		t.Errorf("tracked connections = %d, want 1", got)
+	if got := e.Tracker().Len(); got != 2 {
+		t.Errorf("tracked connections = %d, want 2 (one of them denied)", got)
+	}
+}
+
+// TestDeniedStaysDenied checks that a connection a new snapshot denies
+// stays denied both ways even where the other side may open connections
+// of its own to the pod (its packets are not judged as one of those), and
+// resumes under a snapshot that allows it again.
+func TestDeniedStaysDenied(t *testing.T) {
+	out := func(port int32) *networkingv1.NetworkPolicy {
+		return netpol("prod", "client-out", sel("app", "client"), egressOnly, nil,
+			to(ports(tcpPort(port)), podPeer(sel("app", "db"), nil)))
+	}
+	e, _ := enforcer(t, DefaultTrackerConfig, out(9999))
+	c := packet{src: endpoints["client"].v4, dst: endpoints["db"].v4, proto: ProtoTCP, sport: 40001, dport: 9999, flags: tcpSyn}
+	if !e.FromPod(c.bytes()) || !e.FromPod(c.reply().bytes()) {
+		t.Fatalf("denied before the change")
+	}
+	c.flags = tcpAck
+	e.Set(Compile(clusterInput(out(5432)), e.Snapshot()))
+	if e.FromPod(c.reply().bytes()) {
+		t.Errorf("db's side of the denied connection passed (as a connection db may open)")
+	}
+	if e.FromPod(c.bytes()) {
+		t.Errorf("client's side of the denied connection passed")
+	}
+	e.Set(Compile(clusterInput(out(9999)), e.Snapshot()))
+	if !e.FromPod(c.bytes()) || !e.FromPod(c.reply().bytes()) {
+		t.Errorf("the connection did not resume when allowed again")
 	}
 }
 
