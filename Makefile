@@ -45,6 +45,9 @@ FUZZ_TARGETS ?= \
 	./pkg/cni:FuzzPrevResult \
 	./pkg/cni:FuzzAgentAnswer \
 	./pkg/agent:FuzzParseRecord \
+	./pkg/policy:FuzzTable \
+	./pkg/policy:FuzzCompile \
+	./pkg/policy:FuzzTracker \
 	./pkg/router:FuzzFilter \
 	./pkg/router:FuzzClampMSS \
 	./pkg/router:FuzzLargeLinks \

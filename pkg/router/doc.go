@@ -28,6 +28,7 @@
 //	err = r.Start()                  // uplink TUN, host routes, nftables
 //	err = r.AddLink(id, ep, router.Link{Addrs: ..., PodMAC: ...})
 //	st, err := r.LinkStats(id)
+//	r.SetPolicy(snap)                // NetworkPolicy (package policy); nil: none
 //	err = r.RemoveLink(id)
 //	err = r.Close()                  // removes everything Start and AddLink made
 //
@@ -47,6 +48,10 @@
 // have stopped. When RemoveLink returns, the endpoint is detached, closed and
 // quiescent, and the caller may release what backs it (for example close its
 // file descriptor). The endpoint is never used again by the router.
+//
+// What a pod sends meets NetworkPolicy after the anti-spoofing filter, and
+// what comes from the uplink for a pod meets it in the uplink's wrapper
+// (policy.go).
 //
 // The router wraps every endpoint (gVisor's link/nested) to work around a
 // use-after-free in the pinned gVisor's IPv4 forwarding; see forwardhold.go.

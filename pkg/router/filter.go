@@ -9,6 +9,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/link/nested"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/pkg/policy"
 )
 
 // Anti-spoofing. A pod is untrusted: every packet it hands the router is
@@ -146,6 +148,9 @@ type filterEndpoint struct {
 	// whether it takes TCP GSO). Set by AddLink before the link's NIC
 	// exists, immutable from then on.
 	self *fastDst
+	// policy is the router's NetworkPolicy enforcer (policy.go), which
+	// judges what passes the checks above. Immutable.
+	policy *policy.Enforcer
 	// drops are the counters, indexed by DropReason.
 	drops [numDropReasons]atomic.Uint64
 }
@@ -153,11 +158,11 @@ type filterEndpoint struct {
 var _ stack.LinkEndpoint = (*filterEndpoint)(nil)
 var _ stack.NetworkDispatcher = (*filterEndpoint)(nil)
 
-// newFilterEndpoint wraps ep for a pod with identity id; what passes goes
-// to fast first, counted in counters, and to the stack when fast does not
-// take it.
-func newFilterEndpoint(ep stack.LinkEndpoint, id podIdentity, fast *fastPath, counters *fastCounters) *filterEndpoint {
-	e := &filterEndpoint{id: id, fast: fast, counters: counters}
+// newFilterEndpoint wraps ep for a pod with identity id; what passes, and
+// passes pol, goes to fast first, counted in counters, and to the stack
+// when fast does not take it.
+func newFilterEndpoint(ep stack.LinkEndpoint, id podIdentity, fast *fastPath, counters *fastCounters, pol *policy.Enforcer) *filterEndpoint {
+	e := &filterEndpoint{id: id, fast: fast, counters: counters, policy: pol}
 	e.Endpoint.Init(ep, e)
 	return e
 }
@@ -177,6 +182,9 @@ func (e *filterEndpoint) DeliverNetworkPacket(protocol tcpip.NetworkProtocolNumb
 	if reason, drop := e.id.check(protocol, pkt); drop {
 		e.drops[reason].Add(1)
 		return
+	}
+	if !policyAllows(e.policy, true, protocol, pkt) {
+		return // counted by the enforcer, per pod and direction
 	}
 	if e.fast.forward(e.self, protocol, pkt) {
 		return

@@ -151,7 +151,8 @@ func (r *Router) ensureMasquerade(c *nftables.Conn) error {
 	return installMasquerade(c, r.cfg)
 }
 
-// keepHost runs checkHost every interval until stop is closed.
+// keepHost runs checkHost every interval until stop is closed, and lets the
+// policy's connection tracker give back what expired since.
 func (r *Router) keepHost(stop <-chan struct{}, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
@@ -161,6 +162,7 @@ func (r *Router) keepHost(stop <-chan struct{}, interval time.Duration) {
 			return
 		case <-t.C:
 			r.checkHost()
+			r.policy.Tracker().Expire()
 		}
 	}
 }

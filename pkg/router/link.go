@@ -69,7 +69,7 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 
 	resolves := ep.Capabilities()&stack.CapabilityResolutionRequired != 0
 	counters := &fastCounters{}
-	filter := newFilterEndpoint(ep, newPodIdentity(l, resolves), r.fast, counters)
+	filter := newFilterEndpoint(ep, newPodIdentity(l, resolves), r.fast, counters, r.policy)
 	wrapped := newHoldingEndpoint(filter, r.holds)
 	fast := &fastDst{ep: wrapped, mtu: ep.MTU(), gwMAC: ep.LinkAddress(), counters: counters, tcpGSO: takesTCPGSO(ep)}
 	if resolves {

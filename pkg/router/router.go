@@ -12,6 +12,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/google/nftables"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/policy"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -82,6 +83,9 @@ type Router struct {
 	// mtus are the links' MTUs for the router's path MTU answers
 	// (pmtu.go); the pod links' change under mu. Immutable pointer.
 	mtus *linkMTUs
+	// policy enforces NetworkPolicy (policy.go); its snapshot is swapped
+	// atomically. Immutable pointer.
+	policy *policy.Enforcer
 
 	// mu guards the fields below and serialises every change to the
 	// stack's NICs, addresses, routes and neighbors, and to the host.
@@ -132,6 +136,10 @@ func New(cfg Config, log *slog.Logger) (*Router, error) {
 	cfg.PodCIDRs = append([]netip.Prefix(nil), cfg.PodCIDRs...)
 	cfg.ClusterCIDRs = append([]netip.Prefix(nil), cfg.ClusterCIDRs...)
 
+	enf, err := newPolicyEnforcer(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("new router: %w", err)
+	}
 	hostNS, err := ns.GetCurrentNS()
 	if err != nil {
 		return nil, fmt.Errorf("new router: host netns: %w", err)
@@ -147,6 +155,7 @@ func New(cfg Config, log *slog.Logger) (*Router, error) {
 		hole:   &blackhole{},
 		holds:  holds,
 		fast:   &fastPath{},
+		policy: enf,
 		links:  make(map[string]*link),
 		owners: make(map[netip.Addr]string),
 	}
@@ -296,7 +305,7 @@ func (r *Router) Start() error {
 	if err != nil {
 		return fmt.Errorf("start router: %w", err)
 	}
-	ep := newHoldingEndpoint(raw, r.holds)
+	ep := newHoldingEndpoint(newPolicyEndpoint(raw, r.policy), r.holds)
 	r.up.ep = ep
 	id := r.stack.NextNICID()
 	if err := r.stack.CreateNICWithOptions(id, ep, stack.NICOptions{Name: uplinkNICName}); err != nil {

@@ -1,0 +1,94 @@
+// Package policy enforces Kubernetes NetworkPolicy (networking.k8s.io/v1)
+// in the router every pod packet crosses: it compiles policies, pods and
+// namespaces into per-pod tables, tracks the connections it allows, and
+// decides packet by packet.
+//
+// # Use
+//
+//	enf, err := policy.NewEnforcer(policy.DefaultTrackerConfig, nodeGateways)
+//	snap := policy.Compile(policy.Input{Policies: ..., Pods: ..., Namespaces: ...,
+//		NodeName: node, NodeAddrs: ..., ServiceCIDRs: ...}, enf.Snapshot())
+//	enf.Set(snap)        // on every change; nil: no policy at all
+//	ok := enf.FromPod(ip)    // a packet a local pod sent
+//	ok = enf.FromUplink(ip)  // a packet from the host or beyond
+//
+// The router calls FromPod and FromUplink (package router); the agent
+// compiles and sets snapshots.
+//
+// # Model
+//
+// A Snapshot holds, for every address of every local pod, the pod's
+// Table for each direction, or nil for a direction in which no policy
+// selects it (the pod is not isolated in it: everything passes, as
+// Kubernetes says). A policy selects the pods of its namespace its
+// podSelector matches, for the directions of its policyTypes (by default
+// ingress, and egress when it has egress rules). Selected with no rule, a
+// pod is denied everything in that direction (default deny). The rules of
+// every policy selecting a pod are unioned.
+//
+// A rule's peers are pods (podSelector in the policy's namespace,
+// namespaceSelector in every namespace it matches, both: the pods matching
+// the one in the namespaces matching the other), ipBlocks (a CIDR without
+// its excepts), or, for an empty list, every address. Its ports are TCP,
+// UDP or SCTP port numbers, ranges (endPort), whole protocols (no port),
+// or names: a named port is resolved against the destination pod's
+// container ports, pod by pod (for ingress the selected pod, for egress
+// each peer pod; an address no known pod has has no named port). No
+// ports: every protocol and port, ICMP included. Label selectors are
+// Kubernetes' own (metav1.LabelSelectorAsSelector); an invalid one selects
+// nothing and is listed in Snapshot.Problems. Host-network pods and pods
+// that ended are neither selected nor peers.
+//
+// A Table is built by a sweep over the address ranges every rule allows:
+// disjoint sorted spans, each with the union of the port sets of the rules
+// covering it. A verdict is a map read (the local pod by address), a
+// binary search over the spans and a walk over a few port ranges; nothing
+// is allocated and no string is compared. A Snapshot is immutable: the
+// Enforcer publishes it through an atomic pointer; the packet path loads
+// it once per packet (nil: no policy, nothing else is done).
+//
+// # Connection tracking
+//
+// A connection either of whose local pods is isolated is tracked once
+// allowed (TCP, UDP, SCTP by ports, ICMP echo by identifier, any other
+// protocol by its addresses), so that its replies pass both ways, and ICMP
+// errors about it too. A connection no isolated pod takes part in is not
+// tracked. The Tracker is a sharded table (256 locks) bounded by
+// TrackerConfig: MaxConns in all, PodShare charged to one pod (the local
+// pod that opened the connection, or the local pod it was for), so that a
+// pod flooding new flows replaces its own unanswered ones and never takes
+// another pod's room. Entries expire after a timeout of their state (TCP
+// established 6 h, closing 10 s, unanswered 30 s, answered UDP and SCTP
+// 120 s, ICMP echo 30 s); inserts sweep a few entries for expired ones.
+//
+// # Policy changes
+//
+// Every Compile makes a new generation. A tracked connection remembers the
+// generation it was allowed under; its first packet under a newer
+// snapshot checks its opening tuple against the new rules: still allowed,
+// it carries on untouched (no packet is lost); newly denied, it is marked
+// denied and its packets are dropped from then on, both ways, until it
+// falls silent for its timeout (a later snapshot that allows it again lets
+// it resume). The mark is kept rather than the entry removed: a packet of
+// the connection would otherwise be judged afresh as one opened by the
+// other side, which policy may allow. A pod that becomes isolated while a
+// connection of its is open has that connection picked up: a TCP segment
+// without SYN that is not tracked passes and is tracked when either the
+// connection it belongs to, or the one the other way, may open (without a
+// SYN it opens nothing); a datagram is judged as a new flow the way it
+// goes. A SYN on a tracked tuple from the side that did not open it is
+// judged afresh.
+//
+// # Host, node and Services
+//
+// Traffic from the node's addresses to a local pod is always allowed in
+// (kubelet's probes; Kubernetes asks for it). Pod traffic to the node is
+// judged as any other egress. Service addresses (Input.ServiceCIDRs) are
+// translated by the host after the router, so a pod's packets to one skip
+// the egress check there (they are tracked, so the Service's replies come
+// back); translated to a local pod they come back through the uplink and
+// are judged there with the pod's egress rules and the backend's ingress
+// rules. Translated to a pod of another node they are judged by that
+// node's ingress rules alone: the egress of such a connection is not
+// enforced yet.
+package policy

@@ -1,0 +1,55 @@
+package policy
+
+import "net/netip"
+
+// decide returns nil when a connection t (ports: it has ports to match)
+// may open under s, or the pod whose policy denies it and in which
+// direction. extraNodes are node addresses beside the snapshot's.
+func (s *Snapshot) decide(t *Tuple, ports bool, nodeAddrs []netip.Addr) (*Pod, Direction) {
+	if sp := s.pods[t.Src]; sp != nil {
+		if tb := sp.tables[Egress]; tb != nil && !s.service(t.Dst) && !tb.Allows(t.Dst, t.Proto, t.DstPort, ports) {
+			return sp, Egress
+		}
+	}
+	if dp := s.pods[t.Dst]; dp != nil {
+		if tb := dp.tables[Ingress]; tb != nil && !s.node(t.Src, nodeAddrs) && !tb.Allows(t.Src, t.Proto, t.DstPort, ports) {
+			return dp, Ingress
+		}
+	}
+	return nil, 0
+}
+
+// Allows reports whether a connection from src to dst of proto (to port
+// dst port, for TCP, UDP and SCTP) may open under s: the stateless verdict,
+// for tests and operators.
+func (s *Snapshot) Allows(src, dst netip.Addr, proto uint8, port uint16) bool {
+	ports := proto == ProtoTCP || proto == ProtoUDP || proto == ProtoSCTP
+	by, _ := s.decide(&Tuple{Src: src, Dst: dst, Proto: proto, DstPort: port}, ports, nil)
+	return by == nil
+}
+
+// node reports whether a is one of the node's addresses (the snapshot's
+// or extra).
+func (s *Snapshot) node(a netip.Addr, extra []netip.Addr) bool {
+	for _, n := range extra {
+		if n == a {
+			return true
+		}
+	}
+	for _, n := range s.nodeAddrs {
+		if n == a {
+			return true
+		}
+	}
+	return false
+}
+
+// service reports whether a is a Service address: see the package doc.
+func (s *Snapshot) service(a netip.Addr) bool {
+	for _, p := range s.services {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
