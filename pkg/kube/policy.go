@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"slices"
 	"time"
@@ -109,8 +110,12 @@ func (s *PolicySyncer) Run(ctx context.Context) error {
 		}
 	}
 	handler := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { trigger() },
-		UpdateFunc: func(old, cur any) { trigger() },
+		AddFunc: func(any) { trigger() },
+		UpdateFunc: func(old, cur any) {
+			if policyChanged(old, cur) {
+				trigger()
+			}
+		},
 		DeleteFunc: func(any) { trigger() },
 	}
 	pols := factory.Networking().V1().NetworkPolicies()
@@ -252,6 +257,28 @@ func PolicyPods(node string, api []*corev1.Pod, local []LocalPod) []*corev1.Pod 
 		out = append(out, c)
 	}
 	return append(out, remote...)
+}
+
+// policyChanged reports whether an update of an object the syncer watches
+// changes what Compile sees: a pod's labels, node, host network, phase or
+// addresses (its container ports cannot change), a namespace's labels, the
+// Node's addresses, any change of a NetworkPolicy. The pods' status
+// updates (conditions, container states) compile nothing.
+func policyChanged(old, cur any) bool {
+	switch o := old.(type) {
+	case *corev1.Pod:
+		n, ok := cur.(*corev1.Pod)
+		return !ok || !maps.Equal(o.Labels, n.Labels) || o.Spec.NodeName != n.Spec.NodeName ||
+			o.Spec.HostNetwork != n.Spec.HostNetwork || o.Status.Phase != n.Status.Phase ||
+			o.Status.PodIP != n.Status.PodIP || !slices.Equal(o.Status.PodIPs, n.Status.PodIPs)
+	case *corev1.Namespace:
+		n, ok := cur.(*corev1.Namespace)
+		return !ok || !maps.Equal(o.Labels, n.Labels)
+	case *corev1.Node:
+		n, ok := cur.(*corev1.Node)
+		return !ok || !slices.Equal(o.Status.Addresses, n.Status.Addresses)
+	}
+	return true
 }
 
 // NodeAddrs returns the Node's IP addresses (InternalIP, ExternalIP),

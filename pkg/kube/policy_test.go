@@ -13,6 +13,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/shm-cni/shm-cni/internal/testutil"
@@ -84,6 +85,43 @@ func TestNodeAddrs(t *testing.T) {
 	}}}
 	if got, want := fmt.Sprint(NodeAddrs(n)), "[192.0.2.1 2001:db8::1]"; got != want {
 		t.Errorf("NodeAddrs %s, want %s", got, want)
+	}
+}
+
+// TestPolicyChanged: the updates that change a snapshot compile, the
+// others (a pod's conditions, a node's heartbeat) do not.
+func TestPolicyChanged(t *testing.T) {
+	pod := testPod("ns", "a", "n1", map[string]string{"app": "a"}, "10.244.1.5")
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ns", Labels: map[string]string{"team": "x"}}}
+	n := node("n1", []string{"10.244.1.0/24"}, "192.0.2.1")
+	for _, tc := range []struct {
+		name string
+		old  any
+		edit func(any)
+		want bool
+	}{
+		{"pod conditions", pod, func(o any) {
+			o.(*corev1.Pod).Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}
+		}, false},
+		{"pod labels", pod, func(o any) { o.(*corev1.Pod).Labels["app"] = "b" }, true},
+		{"pod address", pod, func(o any) { o.(*corev1.Pod).Status.PodIPs[0].IP = "10.244.1.6" }, true},
+		{"pod scheduled", pod, func(o any) { o.(*corev1.Pod).Spec.NodeName = "n2" }, true},
+		{"pod ended", pod, func(o any) { o.(*corev1.Pod).Status.Phase = corev1.PodSucceeded }, true},
+		{"namespace annotations", ns, func(o any) { o.(*corev1.Namespace).Annotations = map[string]string{"a": "b"} }, false},
+		{"namespace labels", ns, func(o any) { o.(*corev1.Namespace).Labels["team"] = "y" }, true},
+		{"node heartbeat", n, func(o any) {
+			o.(*corev1.Node).Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}
+		}, false},
+		{"node address", n, func(o any) { o.(*corev1.Node).Status.Addresses[0].Address = "192.0.2.9" }, true},
+		{"policy", &networkingv1.NetworkPolicy{}, func(any) {}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cur := tc.old.(interface{ DeepCopyObject() runtime.Object }).DeepCopyObject()
+			tc.edit(cur)
+			if got := policyChanged(tc.old, cur); got != tc.want {
+				t.Errorf("policyChanged = %t, want %t", got, tc.want)
+			}
+		})
 	}
 }
 
