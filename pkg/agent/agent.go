@@ -44,8 +44,12 @@ type Agent struct {
 	// Immutable.
 	hostNS ns.NetNS
 	// kube, when set (WithKubeClient), keeps the routes to the other
-	// nodes' pod CIDRs in sync with the Node list. Immutable.
+	// nodes' pod CIDRs in sync with the Node list and feeds the router's
+	// NetworkPolicy. Immutable.
 	kube kubernetes.Interface
+	// podsChanged tells the policy syncer that the attachments changed
+	// (capacity 1: a pending signal covers later changes). Immutable.
+	podsChanged chan struct{}
 
 	// ipam and store are set by Run before it serves and never change
 	// after; handlers only run while Run serves.
@@ -117,6 +121,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Agent, error) {
 		hostNS:      hostNS,
 		attachments: make(map[linkspec.Key]*attachment),
 		readyCh:     make(chan struct{}),
+		podsChanged: make(chan struct{}, 1),
 	}
 	for _, o := range opts {
 		o(a)
@@ -189,6 +194,10 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if err := a.readopt(); err != nil {
 		return fmt.Errorf("run agent: %w", err)
 	}
+	// After re-adoption, so that the first snapshot knows the local pods;
+	// stopped before the links.
+	stopPolicy := a.startPolicy(ctx)
+	defer stopPolicy()
 
 	ln, err := agentapi.Listen(a.cfg.SocketPath)
 	if err != nil {

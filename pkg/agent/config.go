@@ -58,6 +58,11 @@ type Config struct {
 	// ClusterCIDRs are never masqueraded: every node's pod CIDRs, the
 	// service CIDRs (--cluster-cidr).
 	ClusterCIDRs []netip.Prefix
+	// ServiceCIDRs are the cluster's Service address ranges
+	// (--service-cidr): a pod's packets to them skip its egress
+	// NetworkPolicy in the router, since the host translates them to a
+	// backend after it (see package policy). Empty: none.
+	ServiceCIDRs []netip.Prefix
 	// Uplink names the router's TUN device in the host (--uplink).
 	Uplink string
 	// MTU is the MTU of kernel-stack pods' links (kind tap) and of the
@@ -168,6 +173,7 @@ func DefaultConfig() Config {
 func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.Var((*prefixList)(&c.PodCIDRs), "pod-cidr", "the node's pod CIDR; repeat or comma-separate for dual stack (required)")
 	fs.Var((*prefixList)(&c.ClusterCIDRs), "cluster-cidr", "destination CIDRs never masqueraded (all pod and service CIDRs); repeatable, comma-separated")
+	fs.Var((*prefixList)(&c.ServiceCIDRs), "service-cidr", "the cluster's Service CIDRs, for NetworkPolicy (the host translates them after the router); repeatable, comma-separated")
 	fs.StringVar(&c.Uplink, "uplink", c.Uplink, "name of the router's TUN device in the host")
 	fs.IntVar(&c.MTU, "mtu", c.MTU, "MTU of kernel-stack pods' links (kind tap) and of the uplink")
 	fs.IntVar(&c.ShmMTU, "shm-mtu", c.ShmMTU, "MTU of sandbox links (kind shm) unless the conflist's shmMtu sets it; at most what the link's queue carries")
@@ -224,9 +230,14 @@ func (c Config) Validate() error {
 			has6 = true
 		}
 	}
-	for _, p := range c.ClusterCIDRs {
-		if !p.IsValid() || p != p.Masked() || p.Addr().Is4In6() {
-			bad("cluster-cidr", "%s: not a masked IPv4 or IPv6 prefix", p)
+	for _, f := range []struct {
+		flag string
+		l    []netip.Prefix
+	}{{"cluster-cidr", c.ClusterCIDRs}, {"service-cidr", c.ServiceCIDRs}} {
+		for _, p := range f.l {
+			if !p.IsValid() || p != p.Masked() || p.Addr().Is4In6() {
+				bad(f.flag, "%s: not a masked IPv4 or IPv6 prefix", p)
+			}
 		}
 	}
 	if err := linkspec.CheckIfName(c.Uplink); err != nil {

@@ -40,13 +40,14 @@ func TestConfigValidate(t *testing.T) {
 		{"too small", func(c *Config) { c.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.1.0/31")} }, []string{"--pod-cidr"}},
 		{"everything wrong", func(c *Config) {
 			c.ClusterCIDRs = []netip.Prefix{netip.MustParsePrefix("10.0.0.1/8")}
+			c.ServiceCIDRs = []netip.Prefix{netip.MustParsePrefix("10.96.0.1/16")}
 			c.Uplink = "has space"
 			c.MTU = 100
 			c.SocketPath = "relative.sock"
 			c.StateDir = "state"
 			c.SandboxDir = "/" + strings.Repeat("d", 40)
 			c.MetricsAddr = "nohostport"
-		}, []string{"--cluster-cidr", "--uplink", "--mtu", "--socket", "--state-dir", "--sandbox-dir", "--metrics-addr"}},
+		}, []string{"--cluster-cidr", "--service-cidr: 10.96.0.1/16", "--uplink", "--mtu", "--socket", "--state-dir", "--sandbox-dir", "--metrics-addr"}},
 		{"no link limit", func(c *Config) { c.LinkRxLimit = endpoint.RxLimit{} }, nil},
 		{"link limits", func(c *Config) {
 			c.LinkRxLimit = endpoint.RxLimit{PacketsPerSecond: 10, BytesPerSecond: -1}
@@ -107,6 +108,7 @@ func TestConfigFlags(t *testing.T) {
 	c.RegisterFlags(fs)
 	err := fs.Parse([]string{
 		"--pod-cidr", "10.244.1.0/24, 2001:db8::/64", "--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "10.96.0.0/12",
+		"--service-cidr", "10.96.0.0/12,fd00:10:96::/108",
 		"--uplink", "up0", "--mtu", "9000", "--shm-mtu", "16000", "--socket", "/run/x.sock", "--state-dir", "/var/lib/x", "--sandbox-dir", "/run/x",
 		"--metrics-addr", ":9999", "--masquerade=false", "--log-level", "debug",
 		"--link-max-pps", "20000", "--link-max-bytes", "1e8", "--fast-path=false",
@@ -119,6 +121,7 @@ func TestConfigFlags(t *testing.T) {
 	want := Config{
 		PodCIDRs:     []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("2001:db8::/64")},
 		ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.96.0.0/12")},
+		ServiceCIDRs: []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12"), netip.MustParsePrefix("fd00:10:96::/108")},
 		Uplink:       "up0", MTU: 9000, ShmMTU: 16000, SocketPath: "/run/x.sock", StateDir: "/var/lib/x", SandboxDir: "/run/x",
 		MetricsAddr: ":9999", Masquerade: false, LogLevel: slog.LevelDebug,
 		LinkRxLimit:   endpoint.RxLimit{PacketsPerSecond: 20000, BytesPerSecond: 1e8},
@@ -148,7 +151,7 @@ func equalConfig(a, b Config) bool {
 		}
 		return true
 	}
-	return eq(a.PodCIDRs, b.PodCIDRs) && eq(a.ClusterCIDRs, b.ClusterCIDRs) && a.Uplink == b.Uplink && a.MTU == b.MTU && a.ShmMTU == b.ShmMTU &&
+	return eq(a.PodCIDRs, b.PodCIDRs) && eq(a.ClusterCIDRs, b.ClusterCIDRs) && eq(a.ServiceCIDRs, b.ServiceCIDRs) && a.Uplink == b.Uplink && a.MTU == b.MTU && a.ShmMTU == b.ShmMTU &&
 		a.SocketPath == b.SocketPath && a.StateDir == b.StateDir && a.SandboxDir == b.SandboxDir &&
 		a.MetricsAddr == b.MetricsAddr && a.Masquerade == b.Masquerade && a.LogLevel == b.LogLevel &&
 		a.LinkRxLimit == b.LinkRxLimit && a.FastPath == b.FastPath && a.ForwardAccept == b.ForwardAccept &&

@@ -49,10 +49,22 @@
 // the recorded netns, a shm link gets a fresh socket and pair. Attachments
 // whose netns or device is gone are released (addresses and record).
 //
+// # NetworkPolicy
+//
+// With a Kubernetes client (WithKubeClient) Run feeds the router's
+// NetworkPolicy (package policy) from the cluster: a kube.PolicySyncer
+// watches NetworkPolicies, Pods and Namespaces and the Node, takes this
+// node's pods' addresses from the attachments (attachmentsChanged tells it
+// when they change) and installs a new snapshot after every change.
+// Without a client, or until its informers synced, nothing is enforced.
+//
 // # HTTP
 //
 // /metrics (Prometheus: per-link packets, bytes, drops and protocol
-// violations, the attachment count, attach latency), /healthz (the process
-// serves), /readyz (the router runs and the agent socket serves) and
-// /attachments (JSON list, for operators).
+// violations, the attachment count, attach latency, the packets policy
+// denied per pod and direction, the tracker's refusals), /healthz (the
+// process serves), /readyz (the router runs and the agent socket serves),
+// /attachments (JSON list, for operators) and /policy (JSON: the policies
+// selecting each local pod and its counters; ?namespace= and &pod= narrow
+// it).
 package agent

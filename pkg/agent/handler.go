@@ -165,6 +165,7 @@ func (a *Agent) attachLink(k linkspec.Key, req *agentapi.AttachRequest, files []
 	a.mu.Lock()
 	a.attachments[k] = att
 	a.mu.Unlock()
+	a.attachmentsChanged()
 	success = true
 	return att, func() error {
 		if err := commitAddrs(); err != nil {
@@ -236,6 +237,7 @@ func (a *Agent) detachLocked(k linkspec.Key) error {
 	a.mu.Lock()
 	delete(a.attachments, k)
 	a.mu.Unlock()
+	a.attachmentsChanged()
 	att.log.Info("detached")
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/policy"
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
 
@@ -65,7 +66,68 @@ func (a *Agent) linkStatus() []LinkStatus {
 	return out
 }
 
-// httpHandler serves /metrics, /healthz, /readyz and /attachments.
+// PolicyStatus is the NetworkPolicy the router enforces, as /policy
+// shows it.
+type PolicyStatus struct {
+	// Enforced is set once a snapshot is installed (the agent has a
+	// Kubernetes client and its informers synced).
+	Enforced bool `json:"enforced"`
+	// Generation is the snapshot's (see policy.Snapshot.Generation).
+	Generation uint64 `json:"generation,omitempty"`
+	// Problems are what the compiler skipped and why.
+	Problems []string `json:"problems,omitempty"`
+	// Pods are the local pods, sorted by namespace and name.
+	Pods []PodPolicy `json:"pods"`
+}
+
+// PodPolicy is one local pod's policies and counters.
+type PodPolicy struct {
+	Namespace string `json:"namespace"`
+	Pod       string `json:"pod"`
+	// Ingress and Egress name the policies selecting the pod in each
+	// direction; nil when none does (the pod is not isolated in it).
+	Ingress []string `json:"ingress"`
+	Egress  []string `json:"egress"`
+	// DeniedIngress and DeniedEgress count the packets denied.
+	DeniedIngress uint64 `json:"deniedIngress"`
+	DeniedEgress  uint64 `json:"deniedEgress"`
+	// Refused counts connections the tracker had no room for.
+	Refused uint64 `json:"refused"`
+	// Conns is how many tracked connections are charged to the pod.
+	Conns int `json:"conns"`
+}
+
+// Policy returns the installed NetworkPolicy snapshot's view of the local
+// pods: of every pod, or of the pods of namespace (and named pod) when
+// they are not empty.
+func (a *Agent) Policy(namespace, pod string) PolicyStatus {
+	snap := a.router.Policy()
+	st := PolicyStatus{Pods: []PodPolicy{}}
+	if snap == nil {
+		return st
+	}
+	st.Enforced, st.Generation, st.Problems = true, snap.Generation(), snap.Problems()
+	counts := map[string]policy.PodCounts{}
+	for _, c := range a.router.PolicyCounts() {
+		counts[c.Namespace+"/"+c.Pod] = c
+	}
+	for _, p := range snap.Pods() {
+		if (namespace != "" && p.Namespace != namespace) || (pod != "" && p.Name != pod) {
+			continue
+		}
+		c := counts[p.Namespace+"/"+p.Name]
+		st.Pods = append(st.Pods, PodPolicy{
+			Namespace: p.Namespace, Pod: p.Name,
+			Ingress: p.Policies(policy.Ingress), Egress: p.Policies(policy.Egress),
+			DeniedIngress: c.Denied[policy.Ingress], DeniedEgress: c.Denied[policy.Egress],
+			Refused: c.Refused, Conns: c.Conns,
+		})
+	}
+	return st
+}
+
+// httpHandler serves /metrics, /healthz, /readyz, /attachments and
+// /policy (?namespace=&pod= narrow it).
 func (a *Agent) httpHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.metrics.reg, promhttp.HandlerOpts{}))
@@ -91,6 +153,12 @@ func (a *Agent) httpHandler() http.Handler {
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		enc.Encode(a.linkStatus())
+	})
+	mux.HandleFunc("GET /policy", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(a.Policy(r.URL.Query().Get("namespace"), r.URL.Query().Get("pod")))
 	})
 	return mux
 }

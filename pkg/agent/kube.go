@@ -18,7 +18,8 @@ type Option func(*Agent)
 
 // WithKubeClient gives the agent a Kubernetes client (ConnectKube's): Run
 // then keeps the host's routes to the other nodes' pod CIDRs in sync with
-// the Node list. A nil client is no option.
+// the Node list, and the router's NetworkPolicy with the cluster's
+// policies, pods and namespaces. A nil client is no option.
 func WithKubeClient(c kubernetes.Interface) Option {
 	return func(a *Agent) { a.kube = c }
 }
@@ -102,4 +103,55 @@ func (a *Agent) startRoutes(ctx context.Context) (stop func(), err error) {
 		}
 	}()
 	return func() { cancel(); <-done }, nil
+}
+
+// startPolicy, with a Kubernetes client, starts the goroutine that feeds
+// the router's NetworkPolicy (kube.PolicySyncer): the cluster's policies,
+// pods and namespaces, the node's addresses, --service-cidr and the
+// attachments' pods and addresses. Without one nothing is enforced. The
+// returned stop ends the goroutine; the last snapshot stays installed.
+func (a *Agent) startPolicy(ctx context.Context) (stop func()) {
+	if a.kube == nil {
+		return func() {}
+	}
+	log := a.log.With("component", "policy")
+	s := &kube.PolicySyncer{
+		Client:       a.kube,
+		NodeName:     a.cfg.NodeName,
+		ServiceCIDRs: a.cfg.ServiceCIDRs,
+		Local:        a.localPods,
+		Changed:      a.podsChanged,
+		Sink:         a.router,
+		Log:          log,
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := s.Run(ctx); err != nil {
+			log.Error("policy syncer stopped: NetworkPolicy no longer follows the cluster", "err", err)
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
+// localPods returns the attachments' pods and their addresses.
+func (a *Agent) localPods() []kube.LocalPod {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]kube.LocalPod, 0, len(a.attachments))
+	for _, att := range a.attachments {
+		r := att.rec
+		out = append(out, kube.LocalPod{Namespace: r.PodNS, Name: r.PodName, Addrs: r.Addrs})
+	}
+	return out
+}
+
+// attachmentsChanged tells the policy syncer that an attachment came or
+// went.
+func (a *Agent) attachmentsChanged() {
+	select {
+	case a.podsChanged <- struct{}{}:
+	default:
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/shm-cni/shm-cni/pkg/policy"
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
 
@@ -48,6 +49,17 @@ var (
 	descHostForwarding = prometheus.NewDesc("shm_cni_host_forwarding",
 		"1 when the host forwards the family's pod traffic (IPv4: forwarding on the uplink; IPv6: net.ipv6.conf.all.forwarding), as last checked.",
 		[]string{"family"}, nil)
+	policyLabels     = []string{"namespace", "pod"}
+	descPolicyDenied = prometheus.NewDesc("shm_cni_policy_denied_packets_total",
+		"Packets NetworkPolicy denied, by the local pod whose policy denied them and direction (ingress, egress).",
+		append(policyLabels[:len(policyLabels):len(policyLabels)], "direction"), nil)
+	descPolicyRefused = prometheus.NewDesc("shm_cni_policy_tracker_refused_total",
+		"New connections of a local pod that policy allowed but the connection tracker had no room for (its share is full), so were dropped.",
+		policyLabels, nil)
+	descPolicyConns = prometheus.NewDesc("shm_cni_policy_tracked_connections",
+		"Connections the policy connection tracker holds, charged to the local pod.", policyLabels, nil)
+	descPolicyProblems = prometheus.NewDesc("shm_cni_policy_problems",
+		"What the installed NetworkPolicy snapshot skipped (invalid selectors, CIDRs, addresses; /policy lists them).", nil, nil)
 	descHostRepairs = prometheus.NewDesc("shm_cni_host_repairs_total",
 		"The agent's rules on the host (forward-path accepts, masquerade table) that another program removed or moved and the agent put back.", nil, nil)
 )
@@ -96,7 +108,8 @@ var _ prometheus.Collector = (*linkCollector)(nil)
 // Describe implements prometheus.Collector.Describe.
 func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRxPackets, descRxBytes, descTxPackets, descTxBytes,
-		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descFast, descLinkUp, descAttachments, descUnrouted, descHostForwarding, descHostRepairs} {
+		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descFast, descLinkUp, descAttachments, descUnrouted, descHostForwarding, descHostRepairs,
+		descPolicyDenied, descPolicyRefused, descPolicyConns, descPolicyProblems} {
 		ch <- d
 	}
 }
@@ -156,4 +169,14 @@ func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descHostForwarding, prometheus.GaugeValue, on, f.name)
 	}
 	ch <- prometheus.MustNewConstMetric(descHostRepairs, prometheus.CounterValue, float64(c.a.router.HostRepairs()))
+	if snap := c.a.router.Policy(); snap != nil {
+		ch <- prometheus.MustNewConstMetric(descPolicyProblems, prometheus.GaugeValue, float64(len(snap.Problems())))
+	}
+	for _, p := range c.a.router.PolicyCounts() {
+		for _, d := range []policy.Direction{policy.Ingress, policy.Egress} {
+			ch <- prometheus.MustNewConstMetric(descPolicyDenied, prometheus.CounterValue, float64(p.Denied[d]), p.Namespace, p.Pod, d.String())
+		}
+		ch <- prometheus.MustNewConstMetric(descPolicyRefused, prometheus.CounterValue, float64(p.Refused), p.Namespace, p.Pod)
+		ch <- prometheus.MustNewConstMetric(descPolicyConns, prometheus.GaugeValue, float64(p.Conns), p.Namespace, p.Pod)
+	}
 }

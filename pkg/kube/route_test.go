@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -11,6 +12,10 @@ import (
 
 // node builds a Node with pod CIDRs and addresses ("10.0.0.1" InternalIP,
 // "ext:1.2.3.4" ExternalIP).
+// hangGuard bounds how long a broken test waits; no test passes or fails on
+// how fast something happened.
+const hangGuard = 2 * time.Minute
+
 func node(name string, cidrs []string, addrs ...string) *corev1.Node {
 	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: corev1.NodeSpec{PodCIDRs: cidrs}}
 	if len(cidrs) > 0 {

@@ -15,10 +15,6 @@ import (
 	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
-// hangGuard bounds how long a broken test waits; no test passes or fails on
-// how fast something happened.
-const hangGuard = 2 * time.Minute
-
 // syncResult is one sync the syncer reported.
 type syncResult struct {
 	routes []Route

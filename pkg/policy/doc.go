@@ -86,9 +86,11 @@
 // judged as any other egress. Service addresses (Input.ServiceCIDRs) are
 // translated by the host after the router, so a pod's packets to one skip
 // the egress check there (they are tracked, so the Service's replies come
-// back); translated to a local pod they come back through the uplink and
-// are judged there with the pod's egress rules and the backend's ingress
-// rules. Translated to a pod of another node they are judged by that
-// node's ingress rules alone: the egress of such a connection is not
-// enforced yet.
+// back). Translated to a local pod they come back through the uplink with
+// the node gateway as their source (the host's hairpin masquerade, see
+// package router), which the backend lets in as node traffic: neither the
+// client's egress nor the backend's ingress rules apply to a Service
+// connection within one node yet. Translated to a pod of another node
+// they are judged by that node's ingress rules alone: the egress of such
+// a connection is not enforced yet.
 package policy

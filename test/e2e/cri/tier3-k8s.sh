@@ -39,6 +39,12 @@
 #   - ClusterIP Services through kube-proxy: a runc pod and the gvisor pod
 #     reach one backed by a runc pod (4 MiB transfers, MD5), a runc pod one
 #     backed by the gvisor pod;
+#   - NetworkPolicy, enforced by the agent from this API server: a
+#     default-deny ingress policy on a runc pod stops the other pods'
+#     connections to it (the agent's /policy names it, /metrics counts the
+#     denied packets) but not the host's; a policy allowing one pod's label
+#     lets that pod in and no other (the gvisor pod); deleting them opens
+#     it again;
 #   - deleting the pods and the DaemonSet leaves no attachment, and the
 #     agent's uplink goes with it; after the run the host's firewall is as
 #     before it (kube-proxy's tables removed with kube-proxy --cleanup).
@@ -387,6 +393,65 @@ if [ "$RUNSC" = yes ]; then
 	check "web1 -> Service gvisor ($SVC_GVISOR:80), gvisor sees the node gateway" "$GATEWAY" \
 		"$(in_pod_retry "${CTR[web1]}" "$(peer_cmd "$SVC_GVISOR" 80)")"
 fi
+
+# --- NetworkPolicy -------------------------------------------------------------
+# The agent enforces the cluster's NetworkPolicy (its informers, this API
+# server): a default-deny ingress policy on web2 stops new connections to
+# it, but not the host's (kubelet probes); one allowing app=web1 lets web1
+# (and no other pod) in; deleting both opens web2 again. A change is
+# waited for in the agent's /policy; a denied connection is one nc gives up
+# on (3 s), the agent counting its packets.
+say "NetworkPolicy"
+for pol in deny allow; do
+	if [ "$pol" = deny ]; then
+		spec="{podSelector: {matchLabels: {app: web2}}, policyTypes: [Ingress]}"
+	else
+		spec="{podSelector: {matchLabels: {app: web2}}, ingress: [{from: [{podSelector: {matchLabels: {app: web1}}}]}]}"
+	fi
+	cat >"$S/netpol-$pol.yaml" <<EOF
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: $pol-web2, namespace: default}
+spec: $spec
+EOF
+done
+# web2_ingress: the policies selecting web2 for ingress in the agent's
+# /policy, as a JSON list, or null.
+web2_ingress() {
+	http_get 127.0.0.1:9309 '/policy?namespace=default&pod=web2' | tr -d ' \n' |
+		grep -o '"ingress":\(null\|\[[^]]*\]\)' | cut -d: -f2
+}
+WANT_INGRESS=
+ingress_is() { [ "$(web2_ingress)" = "$WANT_INGRESS" ]; }
+web2_denied() {
+	http_get 127.0.0.1:9309 /metrics |
+		awk '/^shm_cni_policy_denied_packets_total\{/ && /pod="web2"/ && /direction="ingress"/ {print $NF}'
+}
+# to_web2 CTR: what web2's peer page says (the client's address) in
+# brackets: "[]" when the connection did not open (and the pod ran nc).
+to_web2() { in_pod "$1" "echo \"[\$(printf 'GET /cgi-bin/peer HTTP/1.0\r\n\r\n' | nc -w 3 ${IP[web2]} 8080 2>/dev/null | grep -o 'peer=.*' | cut -d= -f2)]\""; }
+check "agent: no policy selects web2 yet" null "$(web2_ingress)"
+kubectl_ apply -f "$S/netpol-deny.yaml" >/dev/null || fail "apply the deny policy"
+WANT_INGRESS='["default/deny-web2"]'
+settle ingress_is || true
+check "agent: /policy shows deny-web2 selecting web2" "$WANT_INGRESS" "$(web2_ingress)"
+check "web1 -> web2 under default-deny ingress: no connection" "[]" "$(to_web2 "${CTR[web1]}")"
+check "agent: web2's denied ingress packets counted" yes "$(awk -v n="$(web2_denied)" 'BEGIN {print (n > 0) ? "yes" : "no"}')"
+check "host -> web2 under default-deny ingress (the node's traffic passes: kubelet probes)" "$GATEWAY" \
+	"$(/bin/busybox sh -c "$(peer_cmd "${IP[web2]}" 8080)")"
+[ "$RUNSC" = yes ] && check "gvisor -> web2 under default-deny ingress: no connection" "[]" "$(to_web2 "${CTR[gvisor]}")"
+kubectl_ apply -f "$S/netpol-allow.yaml" >/dev/null || fail "apply the allow policy"
+WANT_INGRESS='["default/allow-web2","default/deny-web2"]'
+settle ingress_is || true
+check "agent: /policy shows both policies selecting web2" "$WANT_INGRESS" "$(web2_ingress)"
+check "web1 -> web2 allowed by app=web1, web2 sees web1" "[${IP[web1]}]" "$(to_web2 "${CTR[web1]}")"
+[ "$RUNSC" = yes ] && check "gvisor -> web2 (not app=web1): no connection" "[]" "$(to_web2 "${CTR[gvisor]}")"
+kubectl_ delete -f "$S/netpol-deny.yaml" -f "$S/netpol-allow.yaml" >/dev/null || fail "delete the policies"
+WANT_INGRESS=null
+settle ingress_is || true
+check "agent: no policy selects web2 once deleted" null "$(web2_ingress)"
+check "web1 -> web2 once the policies are deleted" "[${IP[web1]}]" "$(to_web2 "${CTR[web1]}")"
+[ "$RUNSC" = yes ] && check "gvisor -> web2 once the policies are deleted" "[${IP[gvisor]}]" "$(to_web2 "${CTR[gvisor]}")"
 
 # --- removal -----------------------------------------------------------------
 say "delete the pods, then the DaemonSet"

@@ -169,17 +169,30 @@ func TestStrictDecodingRejects(t *testing.T) {
 }
 
 // TestDeployRBAC: the agent's service account may get, list and watch
-// nodes, and nothing else.
+// nodes, list and watch pods, namespaces and network policies (the
+// informers NetworkPolicy needs), and nothing else.
 func TestDeployRBAC(t *testing.T) {
 	d := loadDeployment(t)
-	if len(d.role.Rules) != 1 {
-		t.Fatalf("ClusterRole has %d rules, want 1: %+v", len(d.role.Rules), d.role.Rules)
+	got := map[string][]string{} // "group/resource": sorted verbs
+	for _, r := range d.role.Rules {
+		if len(r.ResourceNames) != 0 || len(r.NonResourceURLs) != 0 {
+			t.Errorf("ClusterRole rule %+v: resource names or URLs", r)
+		}
+		for _, g := range r.APIGroups {
+			for _, res := range r.Resources {
+				k := g + "/" + res
+				got[k] = slices.Sorted(slices.Values(append(got[k], r.Verbs...)))
+			}
+		}
 	}
-	r := d.role.Rules[0]
-	verbs := slices.Sorted(slices.Values(r.Verbs))
-	if !slices.Equal(r.APIGroups, []string{""}) || !slices.Equal(r.Resources, []string{"nodes"}) ||
-		!slices.Equal(verbs, []string{"get", "list", "watch"}) || len(r.ResourceNames) != 0 || len(r.NonResourceURLs) != 0 {
-		t.Errorf("ClusterRole rule %+v, want get/list/watch on core nodes only", r)
+	want := map[string][]string{
+		"/nodes":                            {"get", "list", "watch"},
+		"/pods":                             {"list", "watch"},
+		"/namespaces":                       {"list", "watch"},
+		"networking.k8s.io/networkpolicies": {"list", "watch"},
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("ClusterRole grants %v, want %v", got, want)
 	}
 	b := d.binding
 	if b.RoleRef.Kind != "ClusterRole" || b.RoleRef.Name != d.role.Name || b.RoleRef.APIGroup != rbacv1.GroupName {
@@ -310,6 +323,15 @@ func TestDeployDaemonSet(t *testing.T) {
 	}
 	if len(cfg.ClusterCIDRs) == 0 {
 		t.Error("no --cluster-cidr: pod to pod traffic across nodes would be masqueraded")
+	}
+	// The Service CIDR is a cluster CIDR too (never masqueraded).
+	if len(cfg.ServiceCIDRs) == 0 {
+		t.Error("no --service-cidr: a pod's egress policy would judge Service addresses the host translates later")
+	}
+	for _, p := range cfg.ServiceCIDRs {
+		if !slices.ContainsFunc(cfg.ClusterCIDRs, func(c netip.Prefix) bool { return c.Bits() <= p.Bits() && c.Contains(p.Addr()) }) {
+			t.Errorf("--service-cidr %s is in no --cluster-cidr %v", p, cfg.ClusterCIDRs)
+		}
 	}
 
 	// Probes: the agent's paths, on the host and port it listens on.
@@ -602,8 +624,8 @@ func TestDeployConflist(t *testing.T) {
 // TestKindCluster: the kind cluster config decodes strictly into kind's
 // v1alpha4 types and says what run.sh needs: no default CNI, one control
 // plane and two workers, pod and service subnets inside the cluster CIDRs
-// the DaemonSet gives the agent (never masqueraded), kube-proxy in the
-// mode of the conflist's portmap backend.
+// the DaemonSet gives the agent (never masqueraded), the service subnet its
+// --service-cidr, kube-proxy in the mode of the conflist's portmap backend.
 func TestKindCluster(t *testing.T) {
 	b, err := os.ReadFile("cluster.yaml")
 	if err != nil {
@@ -640,6 +662,9 @@ func TestKindCluster(t *testing.T) {
 		if !slices.ContainsFunc(cfg.ClusterCIDRs, func(q netip.Prefix) bool { return q.Bits() <= p.Bits() && q.Contains(p.Addr()) }) {
 			t.Errorf("%s %s is not inside the agent's --cluster-cidr %v", s.name, p, cfg.ClusterCIDRs)
 		}
+	}
+	if svc := netip.MustParsePrefix(c.Networking.ServiceSubnet); !slices.Equal(cfg.ServiceCIDRs, []netip.Prefix{svc}) {
+		t.Errorf("the agent's --service-cidr %v, want the cluster's serviceSubnet %s", cfg.ServiceCIDRs, svc)
 	}
 }
 

@@ -1,0 +1,192 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"net"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
+)
+
+// deniedDial is how long a connection NetworkPolicy denies is given to
+// open anyway: a denied SYN gets no answer, so the dial ends with this
+// timeout. Not a hang guard: an allowed connection opens well within it
+// (one round trip in the router), and a failure is what the test wants.
+const deniedDial = 2 * time.Second
+
+// TestKubeNetworkPolicy: an agent given a Kubernetes client enforces the
+// cluster's NetworkPolicy on its pods: a default-deny ingress policy on
+// pod b stops pod a's connections to it (counted in /metrics), an allow
+// policy for a's label lets them open, and deleting both opens b again;
+// /policy names the policies selecting b. The API has no address of the
+// pods: they come from the agent's attachments.
+//
+// The API server is client-go's fake clientset: no API server runs here
+// (tier 3, test/e2e/cri/tier3-k8s.sh, runs this against a real one). The
+// agent, its informers, the router and the pods' kernel stacks are real.
+func TestKubeNetworkPolicy(t *testing.T) {
+	e := newEnv(t)
+	apiPod := func(name, app string) *corev1.Pod {
+		return &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Labels: map[string]string{"app": app}},
+			Spec:       corev1.PodSpec{NodeName: "self"},
+			Status:     corev1.PodStatus{Phase: corev1.PodRunning},
+		}
+	}
+	client := fake.NewClientset(
+		&corev1.Node{
+			ObjectMeta: metav1.ObjectMeta{Name: "self"},
+			Spec:       corev1.NodeSpec{PodCIDR: podCIDR4.String(), PodCIDRs: []string{podCIDR4.String()}},
+		},
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "default"}},
+		apiPod("pod-pod-a", "a"), apiPod("pod-pod-b", "b"), // newTapPod's pod names
+	)
+	cfg := e.config()
+	cfg.NodeName = "self"
+	r := e.startWith(t, cfg, WithKubeClient(client))
+	a := r.newTapPod(t, "pod-a", true)
+	b := r.newTapPod(t, "pod-b", true)
+	ln := listenIn(t, b.ns, b.addr(true))
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	dst := netip.MustParseAddrPort(ln.Addr().String())
+	dial := func() error {
+		var c net.Conn
+		err := a.ns.Do(func(_ ns.NetNS) error {
+			var err error
+			c, err = (&net.Dialer{Timeout: deniedDial}).Dial("tcp", dst.String())
+			return err
+		})
+		if err == nil {
+			c.Close()
+		}
+		return err
+	}
+	base := "http://" + r.MetricsAddr().String()
+	// waitPolicies waits until /policy shows want as pod b's ingress
+	// policies.
+	waitPolicies := func(want ...string) {
+		t.Helper()
+		guard := time.After(callTimeout)
+		for {
+			_, body := httpGet(t, base+"/policy?namespace=default&pod=pod-pod-b")
+			var st PolicyStatus
+			if err := json.Unmarshal([]byte(body), &st); err != nil {
+				t.Fatalf("GET /policy: %v: %s", err, body)
+			}
+			if st.Enforced && len(st.Pods) == 1 && slices.Equal(st.Pods[0].Ingress, want) {
+				return
+			}
+			select {
+			case <-guard:
+				t.Fatalf("pod b's ingress policies in /policy: %s; want %q", body, want)
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
+	waitPolicies()
+	if err := dial(); err != nil {
+		t.Fatalf("a -> b without policy: %v", err)
+	}
+
+	pols := client.NetworkingV1().NetworkPolicies("default")
+	ctx := context.Background()
+	deny := &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "deny-b"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "b"}},
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress},
+		},
+	}
+	if _, err := pols.Create(ctx, deny, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitPolicies("default/deny-b")
+	if err := dial(); err == nil {
+		t.Error("a -> b connected under a default-deny ingress policy on b")
+	}
+	denied := metricValue(t, base, "shm_cni_policy_denied_packets_total",
+		map[string]string{"namespace": "default", "pod": "pod-pod-b", "direction": "ingress"})
+	if denied < 1 {
+		t.Errorf("pod b's denied ingress packets %v, want at least 1 (a's SYN)", denied)
+	}
+
+	allow := &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "allow-a"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "b"}},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{
+				PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "a"}},
+			}}}},
+		},
+	}
+	if _, err := pols.Create(ctx, allow, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitPolicies("default/allow-a", "default/deny-b")
+	if err := dial(); err != nil {
+		t.Errorf("a -> b with a policy allowing a: %v", err)
+	}
+	if v := metricValue(t, base, "shm_cni_policy_tracked_connections",
+		map[string]string{"namespace": "default", "pod": "pod-pod-a"}); v < 1 {
+		t.Errorf("pod a's tracked connections %v, want at least 1 (the one to b it opened)", v)
+	}
+
+	for _, n := range []string{"deny-b", "allow-a"} {
+		if err := pols.Delete(ctx, n, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitPolicies()
+	if err := dial(); err != nil {
+		t.Errorf("a -> b once the policies are deleted: %v", err)
+	}
+}
+
+// metricValue returns the value of the counter or gauge name with labels
+// in the agent's /metrics at base, failing t when it is missing.
+func metricValue(t *testing.T, base, name string, labels map[string]string) float64 {
+	t.Helper()
+	code, body := httpGet(t, base+"/metrics")
+	if code != http.StatusOK {
+		t.Fatalf("GET /metrics: %d", code)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(strings.NewReader(body))
+	if err != nil {
+		t.Fatalf("parse metrics: %v", err)
+	}
+metrics:
+	for _, m := range fams[name].GetMetric() {
+		for _, l := range m.GetLabel() {
+			if v, ok := labels[l.GetName()]; ok && v != l.GetValue() {
+				continue metrics
+			}
+		}
+		if m.Counter != nil {
+			return m.GetCounter().GetValue()
+		}
+		return m.GetGauge().GetValue()
+	}
+	t.Fatalf("%s%v not in /metrics", name, labels)
+	return 0
+}
