@@ -101,11 +101,18 @@ func coalescable(v *buffer.View, ethernet bool) (segment, bool) {
 	if payload == 0 {
 		return segment{}, false
 	}
-	tcpLen := len(f.Frame) - l2 - f.L3
-	if checksum.Checksum(f.Frame[l2+f.L3:], endpoint.PseudoHeaderSum(&f, tcpLen)) != 0xffff {
-		return segment{}, false
-	}
 	return segment{v: v, f: f, payload: payload, seq: t.SequenceNumber(), psh: flags&header.TCPFlagPsh != 0}, true
+}
+
+// checksumOK reports whether s's TCP checksum is valid. coalesceRuns asks
+// only of a segment about to be part of a run of two or more: a frame
+// delivered alone is delivered as it came, and the checksum pass (a read
+// of the whole segment) is not spent on the large segments of a stream
+// between sandboxes, which never join.
+func (s *segment) checksumOK() bool {
+	f := &s.f
+	tcp := f.Frame[f.L2+f.L3:]
+	return checksum.Checksum(tcp, endpoint.PseudoHeaderSum(f, len(tcp))) == 0xffff
 }
 
 // follows reports whether s continues the run that starts with first and
@@ -166,6 +173,14 @@ func coalesceRuns(views []*buffer.View, ethernet bool, deliver func(run []segmen
 		}
 		if len(run) > 0 && !follows(&run[0], &s, n) {
 			flush()
+		}
+		if len(run) == 1 && !run[0].checksumOK() {
+			flush() // the first alone; s starts a run of its own
+		}
+		if len(run) > 0 && !s.checksumOK() {
+			flush()
+			deliver(nil, v)
+			continue
 		}
 		run = append(run, s)
 		n += s.payload

@@ -166,6 +166,11 @@ func TestCoalesceRuns(t *testing.T) {
 			edit(fs[2], func(_ header.IPv4, tcp header.TCP) { tcp.SetChecksum(tcp.Checksum() + 1) })
 			return fs
 		}, []int{2, 1, 3}},
+		{"bad first checksum delivered alone", func() [][]byte {
+			fs := base()
+			edit(fs[0], func(_ header.IPv4, tcp header.TCP) { tcp.SetChecksum(tcp.Checksum() + 1) })
+			return fs
+		}, []int{1, 5}},
 		{"sequence gap", func() [][]byte {
 			fs := base()
 			return append(fs[:2:2], fs[3:]...)
@@ -304,6 +309,9 @@ func FuzzCoalesce(f *testing.F) {
 			}
 			var want []byte
 			for i := range run {
+				if !run[i].checksumOK() {
+					t.Fatalf("segment %d of a run has a bad checksum", i)
+				}
 				order = append(order, run[i].v)
 				want = append(want, run[i].v.AsSlice()[run[i].f.HeaderLength():]...)
 			}
