@@ -102,6 +102,12 @@ type Snapshot struct {
 	gen uint64
 	// pods maps every address of every local pod to the pod.
 	pods map[netip.Addr]*Pod
+	// remote maps every address of every pod of another node that policy
+	// isolates for egress to the pod, with its egress table alone: a
+	// connection of its to a local pod through a Service was translated
+	// after its own node's router, which could not judge it (see
+	// Snapshot.decide).
+	remote map[netip.Addr]*Pod
 	// nodeAddrs are Input.NodeAddrs.
 	nodeAddrs []netip.Addr
 	// services are Input.ServiceCIDRs.
@@ -228,18 +234,21 @@ func Compile(in Input, prev *Snapshot) *Snapshot {
 
 	owners := map[string]*Owner{}
 	if prev != nil {
-		for _, p := range prev.pods {
-			owners[p.owner.key] = p.owner
+		for _, m := range []map[netip.Addr]*Pod{prev.pods, prev.remote} {
+			for _, p := range m {
+				owners[p.owner.key] = p.owner
+			}
 		}
 	}
 	s := &Snapshot{
 		gen:       generations.Add(1),
 		pods:      map[netip.Addr]*Pod{},
+		remote:    map[netip.Addr]*Pod{},
 		nodeAddrs: slices.Clone(in.NodeAddrs),
 		services:  slices.Clone(in.ServiceCIDRs),
 	}
 	for _, pi := range c.pods {
-		if !pi.local || len(pi.addrs) == 0 {
+		if len(pi.addrs) == 0 {
 			continue
 		}
 		key := pi.ns + "/" + pi.name
@@ -248,11 +257,18 @@ func Compile(in Input, prev *Snapshot) *Snapshot {
 			o = &Owner{key: key}
 		}
 		p := &Pod{Namespace: pi.ns, Name: pi.name, owner: o}
-		for d := range p.tables {
-			p.tables[d] = c.table(pi, Direction(d), &p.policies[d])
+		into := s.pods
+		if pi.local {
+			for d := range p.tables {
+				p.tables[d] = c.table(pi, Direction(d), &p.policies[d])
+			}
+		} else if p.tables[Egress] = c.table(pi, Egress, &p.policies[Egress]); p.tables[Egress] != nil {
+			into = s.remote
+		} else {
+			continue
 		}
 		for _, a := range pi.addrs {
-			s.pods[a] = p
+			into[a] = p
 		}
 	}
 	slices.Sort(c.problems)

@@ -86,11 +86,16 @@
 // judged as any other egress. Service addresses (Input.ServiceCIDRs) are
 // translated by the host after the router, so a pod's packets to one skip
 // the egress check there (they are tracked, so the Service's replies come
-// back). Translated to a local pod they come back through the uplink with
-// the node gateway as their source (the host's hairpin masquerade, see
-// package router), which the backend lets in as node traffic: neither the
-// client's egress nor the backend's ingress rules apply to a Service
-// connection within one node yet. Translated to a pod of another node
-// they are judged by that node's ingress rules alone: the egress of such
-// a connection is not enforced yet.
+// back). Translated to a local pod they come back through the uplink from
+// the client's own address (package router sends the replies back through
+// the host), and meet the client's egress rules and the backend's ingress
+// rules there. Translated to a pod of another node they meet, on that
+// node, the backend's ingress rules and the client's egress rules: a
+// snapshot holds the egress tables of the pods of other nodes that policy
+// isolates for egress, applied to their connections to local pods (and
+// their connections with local pods are tracked, so that the replies to a
+// local pod's connection pass). A Service that picks the client itself
+// reaches it from the node gateway (kube-proxy masquerades it, or the pod
+// would drop its own address as a source), let in as node traffic: the
+// one Service connection policy cannot see.
 package policy

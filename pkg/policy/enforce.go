@@ -72,8 +72,11 @@ func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod bool) bool {
 	if !fromPod && dp == nil {
 		return true
 	}
-	if !sp.isolated() && !dp.isolated() {
+	if !sp.isolated() && !dp.isolated() && !s.remoteIsolated(f.Src, f.Dst) {
 		return true
+	}
+	if sp == nil {
+		sp = s.source(&f.Tuple)
 	}
 	if !ok {
 		// Headers that do not parse, between pods policy isolates.
