@@ -82,27 +82,7 @@ func TestKubeNetworkPolicy(t *testing.T) {
 		return err
 	}
 	base := "http://" + r.MetricsAddr().String()
-	// waitPolicies waits until /policy shows want as pod b's ingress
-	// policies.
-	waitPolicies := func(want ...string) {
-		t.Helper()
-		guard := time.After(callTimeout)
-		for {
-			_, body := httpGet(t, base+"/policy?namespace=default&pod=pod-pod-b")
-			var st PolicyStatus
-			if err := json.Unmarshal([]byte(body), &st); err != nil {
-				t.Fatalf("GET /policy: %v: %s", err, body)
-			}
-			if st.Enforced && len(st.Pods) == 1 && slices.Equal(st.Pods[0].Ingress, want) {
-				return
-			}
-			select {
-			case <-guard:
-				t.Fatalf("pod b's ingress policies in /policy: %s; want %q", body, want)
-			case <-time.After(20 * time.Millisecond):
-			}
-		}
-	}
+	waitPolicies := func(want ...string) { t.Helper(); waitIngressPolicies(t, base, "default", "pod-pod-b", want...) }
 	waitPolicies()
 	if err := dial(); err != nil {
 		t.Fatalf("a -> b without policy: %v", err)
@@ -159,6 +139,28 @@ func TestKubeNetworkPolicy(t *testing.T) {
 	waitPolicies()
 	if err := dial(); err != nil {
 		t.Errorf("a -> b once the policies are deleted: %v", err)
+	}
+}
+
+// waitIngressPolicies waits until the agent's /policy at base shows want
+// as the ingress policies of the local pod namespace/name.
+func waitIngressPolicies(t *testing.T, base, namespace, name string, want ...string) {
+	t.Helper()
+	guard := time.After(callTimeout)
+	for {
+		_, body := httpGet(t, base+"/policy?namespace="+namespace+"&pod="+name)
+		var st PolicyStatus
+		if err := json.Unmarshal([]byte(body), &st); err != nil {
+			t.Fatalf("GET /policy: %v: %s", err, body)
+		}
+		if st.Enforced && len(st.Pods) == 1 && slices.Equal(st.Pods[0].Ingress, want) {
+			return
+		}
+		select {
+		case <-guard:
+			t.Fatalf("pod %s/%s's ingress policies in /policy: %s; want %q", namespace, name, body, want)
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
 }
 
