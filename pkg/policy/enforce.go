@@ -17,9 +17,6 @@ type Enforcer struct {
 	// itself (the router's node gateways), beside the snapshot's.
 	// Immutable.
 	nodeAddrs []netip.Addr
-	// self remembers local pods' openings to Services, to know them when
-	// they come back to the pod itself (self.go). Immutable pointer.
-	self *selfOpens
 }
 
 // NewEnforcer returns an enforcer without policy whose tracker is bounded
@@ -29,14 +26,7 @@ func NewEnforcer(cfg TrackerConfig, nodeAddrs []netip.Addr) (*Enforcer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Enforcer{ct: ct, nodeAddrs: slices.Clone(nodeAddrs), self: newSelfOpens()}, nil
-}
-
-// Expire lets go of the tracked connections and remembered openings that
-// expired.
-func (e *Enforcer) Expire() {
-	e.ct.Expire()
-	e.self.expire()
+	return &Enforcer{ct: ct, nodeAddrs: slices.Clone(nodeAddrs)}, nil
 }
 
 // Set installs s; nil removes every policy. Connections tracked under the
@@ -87,18 +77,6 @@ func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod bool) bool {
 	}
 	if sp == nil {
 		sp = s.source(&f.Tuple)
-	}
-	switch {
-	case fromPod && f.Ports && sp.isolated() && s.service(f.Dst):
-		e.self.note(&f)
-	case !fromPod && sp == nil && f.Ports && dp.isolated() && s.node(f.Src, e.nodeAddrs) && e.self.own(&f):
-		// The pod's own connection to a Service, back to it from the
-		// node address the host masqueraded it to (self.go).
-		t := Tuple{Src: f.Dst, Dst: f.Dst, SrcPort: f.SrcPort, DstPort: f.DstPort, Proto: f.Proto}
-		if by, dir := e.decide(s, &t, true); by != nil {
-			by.owner.denied[dir].Add(1)
-			return false
-		}
 	}
 	if !ok {
 		// Headers that do not parse, between pods policy isolates.

@@ -18,7 +18,6 @@ type packet struct {
 	proto        uint8
 	sport, dport uint16
 	flags        uint8
-	seq          uint32 // TCP sequence number
 	typ          uint8  // ICMP type
 	id           uint16 // ICMP echo identifier
 	quote        []byte // an ICMP error's quoted packet
@@ -32,7 +31,6 @@ func (p packet) bytes() []byte {
 		l4 = make([]byte, 20)
 		l4[12] = 5 << 4
 		l4[13] = p.flags
-		binary.BigEndian.PutUint32(l4[4:], p.seq)
 	case ProtoUDP:
 		l4 = make([]byte, 8)
 	case ProtoSCTP:
@@ -455,78 +453,5 @@ func TestRemoteEgress(t *testing.T) {
 	}
 	if !e.FromUplink(syn.reply().bytes()) {
 		t.Error("far's SYN-ACK to db's connection denied")
-	}
-}
-
-// TestSelfService: a pod's connection to a Service that picks the pod
-// itself comes back from the node address the host masqueraded it to; it
-// is judged as the pod's connection to itself (a TCP SYN known by its
-// sequence number, a datagram by its source port), while a kubelet probe
-// from the same address passes, and the remembered openings expire.
-func TestSelfService(t *testing.T) {
-	web := endpoints["web"].v4
-	node := endpoints["node"].v4
-	svc := netip.MustParseAddr("10.96.0.10")
-	for _, c := range []struct {
-		name string
-		pols []*networkingv1.NetworkPolicy
-		self bool // whether web may reach itself on TCP and UDP 80
-	}{
-		{"default deny ingress", []*networkingv1.NetworkPolicy{netpol("prod", "deny", sel(), ingressOnly, nil, nil)}, false},
-		{"web lets web in", []*networkingv1.NetworkPolicy{netpol("prod", "web", sel("app", "web"), ingressOnly,
-			from(nil, podPeer(sel("app", "web"), nil)), nil)}, true},
-		{"default deny egress", []*networkingv1.NetworkPolicy{netpol("prod", "deny", sel(), egressOnly, nil, nil)}, false},
-	} {
-		t.Run(c.name, func(t *testing.T) {
-			in := clusterInput(c.pols...)
-			in.ServiceCIDRs = []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12")}
-			e, err := NewEnforcer(DefaultTrackerConfig, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			now := time.Unix(1000, 0)
-			e.self.now = func() time.Time { return now }
-			e.Set(Compile(in, nil))
-			syn := packet{src: web, dst: svc, proto: ProtoTCP, sport: 40000, dport: 80, flags: tcpSyn, seq: 0x12345678}
-			dgram := packet{src: web, dst: svc, proto: ProtoUDP, sport: 5353, dport: 80}
-			for _, p := range []packet{syn, dgram} {
-				if !e.FromPod(p.bytes()) {
-					t.Fatalf("web -> Service (%d) denied", p.proto)
-				}
-			}
-			// Back from the node, masqueraded (another source port for
-			// TCP), to web's own port 80.
-			back := syn
-			back.src, back.dst, back.sport = node, web, 61000
-			if got := e.FromUplink(back.bytes()); got != c.self {
-				t.Errorf("web's SYN back to itself: passed %v, want %v", got, c.self)
-			}
-			dback := dgram
-			dback.src, dback.dst = node, web
-			if got := e.FromUplink(dback.bytes()); got != c.self {
-				t.Errorf("web's datagram back to itself: passed %v, want %v", got, c.self)
-			}
-			// A kubelet probe from the node: another sequence number,
-			// another port.
-			probe := back
-			probe.seq, probe.sport = 0x9abcdef0, 61001
-			if !e.FromUplink(probe.bytes()) {
-				t.Errorf("a probe from the node was judged as web's own connection")
-			}
-			udpProbe := dback
-			udpProbe.sport = 5354
-			if !e.FromUplink(udpProbe.bytes()) {
-				t.Errorf("a datagram from the node's port 5354 was judged as web's own")
-			}
-			now = now.Add(selfWindow + time.Second)
-			e.Expire()
-			if n := len(e.self.until); n != 0 {
-				t.Errorf("%d openings remembered after the window", n)
-			}
-			back.sport = 61002 // a new connection for the tracker
-			if !e.FromUplink(back.bytes()) {
-				t.Errorf("a SYN from the node after the window was judged as web's own")
-			}
-		})
 	}
 }

@@ -24,9 +24,8 @@ type Flow struct {
 	// Ports says the packet carries ports a policy matches on (TCP, UDP
 	// or SCTP, not a later fragment).
 	Ports bool
-	// TCPFlags are a TCP segment's flags, Seq its sequence number.
+	// TCPFlags are a TCP segment's flags.
 	TCPFlags uint8
-	Seq      uint32
 	// Echo says the packet is an ICMP echo request or reply (tracked).
 	Echo bool
 	// Error says the packet is an ICMP error about Inner, a packet of a
@@ -127,7 +126,6 @@ func parse(ip []byte, outer bool) (Flow, bool) {
 		f.Ports = true
 		if f.Proto == ProtoTCP && len(l4) >= 14 {
 			f.TCPFlags = l4[13]
-			f.Seq = binary.BigEndian.Uint32(l4[4:8])
 		}
 	case ProtoICMP, ProtoICMPv6:
 		if len(l4) < 8 || !outer {

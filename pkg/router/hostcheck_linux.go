@@ -163,7 +163,7 @@ func (r *Router) keepHost(stop <-chan struct{}, interval time.Duration) {
 			return
 		case <-t.C:
 			r.checkHost()
-			r.policy.Expire()
+			r.policy.Tracker().Expire()
 			r.fast.hairpin.expire()
 		}
 	}
