@@ -27,8 +27,8 @@ import (
 // sends b's replies back through the host), so b's ingress policy judges a:
 // denied under default deny, allowed once a policy lets a's label in. Pod
 // b's connection to itself through the Service, masqueraded to the node by
-// the host, is judged as b's own: denied by both. A connection from the
-// host itself (a kubelet probe) always passes.
+// the host, passes under both (a pod cannot block access to itself), as
+// does a connection from the host itself (a kubelet probe).
 //
 // As in TestKubeNetworkPolicy the API server is client-go's fake
 // clientset; the agent, its router, the host's netfilter and the pods'
@@ -147,8 +147,8 @@ func TestKubeNetworkPolicyServices(t *testing.T) {
 		if _, err := dial(a.ns, vip); (err == nil) != aPasses {
 			t.Errorf("%s: a -> Service -> b: %v, want passing %v", when, err, aPasses)
 		}
-		if _, err := dial(b.ns, vip); err == nil {
-			t.Errorf("%s: b -> Service -> b itself passed", when)
+		if _, err := dial(b.ns, vip); err != nil {
+			t.Errorf("%s: b -> Service -> b itself: %v", when, err)
 		}
 		if _, err := dial(e.host, backend); err != nil {
 			t.Errorf("%s: host -> b (a kubelet probe): %v", when, err)

@@ -96,6 +96,6 @@
 // their connections with local pods are tracked, so that the replies to a
 // local pod's connection pass). A Service that picks the client itself
 // reaches it from the node gateway (kube-proxy masquerades it, or the pod
-// would drop its own address as a source), let in as node traffic: the
-// one Service connection policy cannot see.
+// would drop its own address as a source), let in as node traffic: as
+// Kubernetes wants it, a pod cannot block access to itself.
 package policy
