@@ -35,7 +35,7 @@ func TestPolicyCountsPerPolicy(t *testing.T) {
 	e, _ := enforcer(t, DefaultTrackerConfig, webTwice...)
 	web, db, client, tool := endpoints["web"].v4, endpoints["db"].v4, endpoints["client"].v4, endpoints["tool"].v4
 	for _, p := range []packet{
-		{src: tool, dst: web, proto: ProtoTCP, sport: 40000, dport: 80, flags: tcpSyn},   // not client: denied
+		{src: tool, dst: web, proto: ProtoTCP, sport: 40000, dport: 80, flags: tcpSyn},    // not client: denied
 		{src: client, dst: web, proto: ProtoTCP, sport: 40001, dport: 443, flags: tcpSyn}, // no rule for 443: denied
 		{src: client, dst: db, proto: ProtoUDP, sport: 40002, dport: 53},                  // db takes nothing
 	} {
