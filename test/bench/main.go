@@ -7,9 +7,11 @@
 //	go run ./test/bench                          # everything, ~10 minutes
 //	go run ./test/bench -cases tput,rtt -reps 5  # a subset
 //	go run ./test/bench -idle-pods 0,50 -idle-window 9s
+//	go run ./test/bench -cases policy -reps 7   # NetworkPolicy's cost, 0/100/1000 policies
 //
 // Each case runs -reps times (at least 3) and reports its median and its
-// ratio to the reference (veth for traffic, bridge for CNI latency),
+// ratio to the reference (veth for traffic, bridge for CNI latency, the
+// same pairs without policy for the policy case: policy.go),
 // with the project's goals marked met or not met. The table goes to
 // stdout and to <out>/bench.md, the numbers to <out>/bench.json. A number
 // never makes it fail: only a broken setup does.
