@@ -52,7 +52,11 @@ type policyRow struct {
 	// AgentCPUPerGiB is the agent's CPU seconds per GiB (throughput).
 	AgentCPUPerGiB       []float64 `json:"agentCPUSecondsPerGiB,omitempty"`
 	MedianAgentCPUPerGiB float64   `json:"medianAgentCPUSecondsPerGiB,omitempty"`
-	Error                string    `json:"error,omitempty"`
+	// AgentCPURatio is MedianAgentCPUPerGiB over the same case's with
+	// 0 policies: what policy costs the agent, from its own CPU time
+	// (exact whatever else the machine runs).
+	AgentCPURatio float64 `json:"agentCPURatioToNoPolicy,omitempty"`
+	Error         string  `json:"error,omitempty"`
 }
 
 // policyObjects is the served cluster for n policies: namespaces, the
@@ -368,11 +372,13 @@ func (b *bench) runPolicy(ctx context.Context, rep *report) error {
 	for i, c := range cases {
 		for _, m := range []string{"Gbit/s", "p50 µs", "p99 µs"} {
 			ref := median(vals[key{i, m, 0}])
+			refCPU := median(agentCPU[key{i, m, 0}])
 			for _, count := range b.cfg.policies {
 				k := key{i, m, count}
 				row := policyRow{Case: c.name, Measure: m, Policies: count, Values: vals[k], Median: median(vals[k]),
 					AgentCPUPerGiB: agentCPU[k], MedianAgentCPUPerGiB: median(agentCPU[k]), Error: errs[k]}
 				row.Ratio = ratio(row.Median, ref)
+				row.AgentCPURatio = ratio(row.MedianAgentCPUPerGiB, refCPU)
 				rep.Policy = append(rep.Policy, row)
 			}
 		}
