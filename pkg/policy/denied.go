@@ -58,7 +58,7 @@ func newDenyStats() *denyStats {
 	return &denyStats{groups: map[string]*denyGroup{}, base: map[string]*[2]uint64{}}
 }
 
-// compile is one Compile's use of the stats.
+// statsCompile is one Compile's use of the stats.
 type statsCompile struct {
 	st       *denyStats
 	gen      uint64

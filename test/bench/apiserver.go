@@ -229,7 +229,6 @@ func (s *listWatchServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // object name, when set) until the client goes or the server closes.
 func (s *listWatchServer) watch(ctx context.Context, w http.ResponseWriter, resource, name string, from uint64) {
 	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Transfer-Encoding", "chunked")
 	w.WriteHeader(http.StatusOK)
 	fl, _ := w.(http.Flusher)
 	if fl != nil {
