@@ -76,7 +76,7 @@ func newPolicyEnforcer(cfg Config, log *slog.Logger) (*policy.Enforcer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("policy enforcer: %w", err)
 	}
-	e.LogDenials(log.With("component", "policy"))
+	e.LogDenials(log)
 	return e, nil
 }
 
