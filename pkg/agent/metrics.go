@@ -63,6 +63,9 @@ var (
 	descPolicyDenied = prometheus.NewDesc("shm_cni_policy_denied_packets_total",
 		"Packets NetworkPolicy denied, by the local pod whose policy denied them and direction (ingress, egress).",
 		append(policyLabels[:len(policyLabels):len(policyLabels)], "direction"), nil)
+	descNetworkPolicyDenied = prometheus.NewDesc("shm_cni_networkpolicy_denied_packets_total",
+		"Packets NetworkPolicy denied to or from the local pods the policy selects in the direction (ingress, egress): a denied packet counts against every policy isolating its pod in its direction, none of which allowed it, so these add up to more than the packets denied where several policies select a pod.",
+		[]string{"namespace", "networkpolicy", "direction"}, nil)
 	descPolicyRefused = prometheus.NewDesc("shm_cni_policy_tracker_refused_total",
 		"New connections of a local pod that policy allowed but the connection tracker had no room for (its share is full), so were dropped.",
 		policyLabels, nil)
@@ -120,7 +123,7 @@ func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRxPackets, descRxBytes, descTxPackets, descTxBytes,
 		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descFast, descLinkUp, descAttachments, descUnrouted,
 		descHairpinConns, descHairpinAdded, descHairpinRefused, descHairpinPackets, descHairpinDropped, descHostForwarding, descHostRepairs,
-		descPolicyDenied, descPolicyRefused, descPolicyConns, descPolicyProblems} {
+		descPolicyDenied, descNetworkPolicyDenied, descPolicyRefused, descPolicyConns, descPolicyProblems} {
 		ch <- d
 	}
 }
@@ -195,5 +198,12 @@ func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descPolicyRefused, prometheus.CounterValue, float64(p.Refused), p.Namespace, p.Pod)
 		ch <- prometheus.MustNewConstMetric(descPolicyConns, prometheus.GaugeValue, float64(p.Conns), p.Namespace, p.Pod)
+	}
+	for _, p := range c.a.router.NetworkPolicyCounts() {
+		for _, d := range []policy.Direction{policy.Ingress, policy.Egress} {
+			if p.Isolates[d] {
+				ch <- prometheus.MustNewConstMetric(descNetworkPolicyDenied, prometheus.CounterValue, float64(p.Denied[d]), p.Namespace, p.Policy, d.String())
+			}
+		}
 	}
 }

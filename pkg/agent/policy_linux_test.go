@@ -109,6 +109,11 @@ func TestKubeNetworkPolicy(t *testing.T) {
 	if denied < 1 {
 		t.Errorf("pod b's denied ingress packets %v, want at least 1 (a's SYN)", denied)
 	}
+	denyB := map[string]string{"namespace": "default", "networkpolicy": "deny-b", "direction": "ingress"}
+	byPolicy := metricValue(t, base, "shm_cni_networkpolicy_denied_packets_total", denyB)
+	if byPolicy < denied {
+		t.Errorf("deny-b's denied ingress packets %v, want pod b's %v (it is the one policy isolating b)", byPolicy, denied)
+	}
 
 	allow := &networkingv1.NetworkPolicy{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "allow-a"},
@@ -125,6 +130,18 @@ func TestKubeNetworkPolicy(t *testing.T) {
 	waitPolicies("default/allow-a", "default/deny-b")
 	if err := dial(); err != nil {
 		t.Errorf("a -> b with a policy allowing a: %v", err)
+	}
+	if v := metricValue(t, base, "shm_cni_networkpolicy_denied_packets_total", denyB); v < byPolicy {
+		t.Errorf("deny-b's denied ingress packets %v after a new snapshot, want at least %v as before", v, byPolicy)
+	}
+	_, body := httpGet(t, base+"/policy?namespace=default&pod=pod-pod-b")
+	var st PolicyStatus
+	if err := json.Unmarshal([]byte(body), &st); err != nil {
+		t.Fatalf("GET /policy: %v: %s", err, body)
+	}
+	if len(st.Policies) != 2 || st.Policies[1].Name != "deny-b" || st.Policies[1].DeniedIngress == nil ||
+		float64(*st.Policies[1].DeniedIngress) < byPolicy || st.Policies[1].DeniedEgress != nil {
+		t.Errorf("/policy's policies: %s; want allow-a and deny-b, deny-b's denied ingress at least %v", body, byPolicy)
 	}
 	if v := metricValue(t, base, "shm_cni_policy_tracked_connections",
 		map[string]string{"namespace": "default", "pod": "pod-pod-a"}); v < 1 {

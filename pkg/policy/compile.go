@@ -68,6 +68,10 @@ type Pod struct {
 	// owner is the pod's share of the connection tracker and its
 	// counters, kept from one snapshot to the next.
 	owner *Owner
+	// groups count the packets denied to or from the pod by Direction,
+	// against the policies isolating it there (denied.go); nil where
+	// it is not isolated.
+	groups [2]*denyGroup
 }
 
 // Table returns the pod's table for d, nil when it is not isolated in d.
@@ -114,6 +118,9 @@ type Snapshot struct {
 	services []netip.Prefix
 	// problems are what Compile skipped (invalid selectors, CIDRs).
 	problems []string
+	// stats are the per-policy denied counts, shared with the snapshots
+	// before and after.
+	stats *denyStats
 }
 
 var generations atomic.Uint64
@@ -176,8 +183,8 @@ type peerKey struct {
 }
 
 // Compile compiles in into a snapshot. prev, the snapshot it replaces (or
-// nil), lends its owners to the same pods, so that tracker shares and
-// counters carry on. Compile never fails: what it cannot use (an invalid
+// nil), lends its owners to the same pods and its per-policy counters to
+// the same policies, so that tracker shares and counters carry on. Compile never fails: what it cannot use (an invalid
 // selector, CIDR or address) it skips and lists in Problems; a policy
 // whose pod selector is invalid selects no pod.
 func Compile(in Input, prev *Snapshot) *Snapshot {
@@ -233,12 +240,14 @@ func Compile(in Input, prev *Snapshot) *Snapshot {
 	}
 
 	owners := map[string]*Owner{}
+	stats := newDenyStats()
 	if prev != nil {
 		for _, m := range []map[netip.Addr]*Pod{prev.pods, prev.remote} {
 			for _, p := range m {
 				owners[p.owner.key] = p.owner
 			}
 		}
+		stats = prev.stats
 	}
 	s := &Snapshot{
 		gen:       generations.Add(1),
@@ -246,7 +255,9 @@ func Compile(in Input, prev *Snapshot) *Snapshot {
 		remote:    map[netip.Addr]*Pod{},
 		nodeAddrs: slices.Clone(in.NodeAddrs),
 		services:  slices.Clone(in.ServiceCIDRs),
+		stats:     stats,
 	}
+	sc := stats.begin(s.gen)
 	for _, pi := range c.pods {
 		if len(pi.addrs) == 0 {
 			continue
@@ -267,10 +278,16 @@ func Compile(in Input, prev *Snapshot) *Snapshot {
 		} else {
 			continue
 		}
+		for d := range p.tables {
+			if p.tables[d] != nil {
+				p.groups[d] = sc.group(Direction(d), p.policies[d])
+			}
+		}
 		for _, a := range pi.addrs {
 			into[a] = p
 		}
 	}
+	sc.finish()
 	slices.Sort(c.problems)
 	s.problems = slices.Compact(c.problems)
 	return s

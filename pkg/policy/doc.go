@@ -79,6 +79,31 @@
 // goes. A SYN on a tracked tuple from the side that did not open it is
 // judged afresh.
 //
+// # Counters and the debug log
+//
+// A denied packet counts against the local pod it was denied for, in its
+// direction (Enforcer.Counts), and against every policy isolating that
+// pod in that direction (Enforcer.PolicyCounts): NetworkPolicy is an
+// allow list, so each of them could have allowed it and none did. That
+// costs one atomic add, however many policies select the pod: pods
+// selected by the same set of policies share a counter, split among the
+// policies when read. Per-pod and per-policy counters carry on through
+// snapshots while the pod or the policy exists. A packet is denied for
+// the pod whose rules deny it (a packet between two local pods: the
+// sender's egress first); a packet of a connection denied after it
+// opened, for the pod whose rules deny its opening packet; one whose
+// headers do not parse or an ICMP error about nothing tracked, for its
+// isolated sender's egress, else its receiver's ingress.
+//
+// With Enforcer.LogDenials and a logger at debug level, each denied
+// packet logs a line: its flow, the pod and direction, the policies
+// isolating the pod there, and the reason (DenyReason: no rule allows it,
+// with the peer's or the ports' mismatch; connection denied earlier;
+// untracked ICMP error; headers do not parse; tracker full, for a
+// connection policy allowed but the tracker had no room for). At most
+// DenyLogRate lines a second, the next line saying how many were
+// suppressed. Off, a denied packet costs one atomic load more.
+//
 // # Host, node and Services
 //
 // Traffic from the node's addresses to a local pod is always allowed in

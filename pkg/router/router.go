@@ -136,7 +136,7 @@ func New(cfg Config, log *slog.Logger) (*Router, error) {
 	cfg.PodCIDRs = append([]netip.Prefix(nil), cfg.PodCIDRs...)
 	cfg.ClusterCIDRs = append([]netip.Prefix(nil), cfg.ClusterCIDRs...)
 
-	enf, err := newPolicyEnforcer(cfg)
+	enf, err := newPolicyEnforcer(cfg, log)
 	if err != nil {
 		return nil, fmt.Errorf("new router: %w", err)
 	}
