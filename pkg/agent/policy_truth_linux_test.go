@@ -1,0 +1,873 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
+	"github.com/shm-cni/shm-cni/pkg/queue"
+	"github.com/shm-cni/shm-cni/pkg/router"
+)
+
+// The truth table's timing. Neither decides a pass or a failure by speed:
+// truthNoAnswer is how long a probe waits before it takes silence for
+// "no connection" (what a denied flow gets: the router drops it without
+// an answer); a probe expected to connect that got no answer in that time
+// is asked again with truthRetry, so that a loaded machine shows as slow,
+// not as a denial. A denied flow that connects is a failure at once.
+const (
+	truthNoAnswer = 1500 * time.Millisecond
+	truthRetry    = 20 * time.Second
+	// truthParallel is how many probes run at once.
+	truthParallel = 64
+)
+
+// truthPod is a pod of the truth table, as the API and the node see it.
+type truthPod struct {
+	ns, name string
+	labels   map[string]string
+	ports    []corev1.ContainerPort
+	sandbox  bool
+	// Set once attached: addrs by family (0 IPv4, 1 IPv6), and the
+	// kernel pod's namespace or the sandbox's netstack.
+	addrs [2]netip.Addr
+	tap   *pod
+	sb    *sandbox
+}
+
+// truthEnd is one end of a probe: a pod, or the node (pod nil).
+type truthEnd struct {
+	name  string
+	pod   *truthPod
+	host  ns.NetNS // the node's namespace, for the node
+	addrs [2]netip.Addr
+}
+
+// truthProbe is a protocol and port a probe tries.
+type truthProbe struct {
+	proto corev1.Protocol
+	port  uint16
+}
+
+func (p truthProbe) String() string {
+	return strings.ToLower(string(p.proto)) + "/" + fmt.Sprint(p.port)
+}
+
+// truthProbes are the ports every pod and the node listen on, and every
+// probe tries: the named ports "http" of the three apps (80, 8080, 9090)
+// and UDP 53 ("dns" of two of them).
+var truthProbes = []truthProbe{
+	{corev1.ProtocolTCP, 80}, {corev1.ProtocolTCP, 8080}, {corev1.ProtocolTCP, 9090}, {corev1.ProtocolUDP, 53},
+}
+
+var truthFamilies = []string{"IPv4", "IPv6"}
+
+// truthPods are the table's pods: two namespaces, kernel pods (TAP) and
+// sandboxes (shared memory) in each, three apps whose named port "http"
+// is a different number each (80, 8080, 9090).
+func truthPods() []*truthPod {
+	web := []corev1.ContainerPort{{Name: "http", ContainerPort: 80}, {Name: "dns", ContainerPort: 53, Protocol: corev1.ProtocolUDP}}
+	db := []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}, {Name: "dns", ContainerPort: 53, Protocol: corev1.ProtocolUDP}}
+	client := []corev1.ContainerPort{{Name: "http", ContainerPort: 9090}}
+	return []*truthPod{
+		{ns: "alpha", name: "web-k", labels: map[string]string{"app": "web"}, ports: web},
+		{ns: "alpha", name: "web-s", labels: map[string]string{"app": "web"}, ports: web, sandbox: true},
+		{ns: "alpha", name: "db-k", labels: map[string]string{"app": "db"}, ports: db},
+		{ns: "beta", name: "web-s", labels: map[string]string{"app": "web"}, ports: web, sandbox: true},
+		{ns: "beta", name: "cli-k", labels: map[string]string{"app": "client"}, ports: client},
+	}
+}
+
+// truthNamespaces are the namespaces' labels.
+var truthNamespaces = map[string]map[string]string{
+	"alpha": {"team": "a"},
+	"beta":  {"team": "b"},
+}
+
+// truthSet is a set of policies the table is probed under. Its policies
+// are made once the pods have addresses (ipBlocks name them); the first
+// is created first.
+type truthSet struct {
+	name     string
+	policies func(pods map[string]*truthPod, node truthEnd) []*networkingv1.NetworkPolicy
+}
+
+// Shorthands for the sets' policies.
+func tpPolicy(namespace, name string, sel map[string]string, types []networkingv1.PolicyType,
+	in []networkingv1.NetworkPolicyIngressRule, out []networkingv1.NetworkPolicyEgressRule) *networkingv1.NetworkPolicy {
+	return &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: sel},
+			PolicyTypes: types, Ingress: in, Egress: out,
+		},
+	}
+}
+
+var (
+	tpIngress = []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}
+	tpEgress  = []networkingv1.PolicyType{networkingv1.PolicyTypeEgress}
+	tpBoth    = []networkingv1.PolicyType{networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress}
+)
+
+func tpPods(l map[string]string) networkingv1.NetworkPolicyPeer {
+	return networkingv1.NetworkPolicyPeer{PodSelector: &metav1.LabelSelector{MatchLabels: l}}
+}
+
+func tpNamespaces(l map[string]string) networkingv1.NetworkPolicyPeer {
+	return networkingv1.NetworkPolicyPeer{NamespaceSelector: &metav1.LabelSelector{MatchLabels: l}}
+}
+
+func tpPodsIn(nsl, pl map[string]string) networkingv1.NetworkPolicyPeer {
+	return networkingv1.NetworkPolicyPeer{
+		NamespaceSelector: &metav1.LabelSelector{MatchLabels: nsl},
+		PodSelector:       &metav1.LabelSelector{MatchLabels: pl},
+	}
+}
+
+func tpBlock(cidr netip.Prefix, except ...netip.Prefix) networkingv1.NetworkPolicyPeer {
+	b := &networkingv1.IPBlock{CIDR: cidr.String()}
+	for _, e := range except {
+		b.Except = append(b.Except, e.String())
+	}
+	return networkingv1.NetworkPolicyPeer{IPBlock: b}
+}
+
+func tpHost(a netip.Addr) netip.Prefix { return netip.PrefixFrom(a, a.BitLen()) }
+
+// tpPort is a port by number (0: the whole protocol), to end when end > 0.
+func tpPort(proto corev1.Protocol, port, end int32) networkingv1.NetworkPolicyPort {
+	p := networkingv1.NetworkPolicyPort{Protocol: &proto}
+	if port != 0 {
+		v := intstr.FromInt32(port)
+		p.Port = &v
+	}
+	if end != 0 {
+		p.EndPort = &end
+	}
+	return p
+}
+
+func tpNamed(proto corev1.Protocol, name string) networkingv1.NetworkPolicyPort {
+	v := intstr.FromString(name)
+	return networkingv1.NetworkPolicyPort{Protocol: &proto, Port: &v}
+}
+
+type (
+	tpIn  = networkingv1.NetworkPolicyIngressRule
+	tpOut = networkingv1.NetworkPolicyEgressRule
+	tpPr  = networkingv1.NetworkPolicyPeer
+	tpPt  = networkingv1.NetworkPolicyPort
+)
+
+var (
+	tpTCP = corev1.ProtocolTCP
+	tpUDP = corev1.ProtocolUDP
+)
+
+// truthSets are the policy sets, probed in this order.
+var truthSets = []truthSet{
+	{"no policy", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy { return nil }},
+	{"default deny ingress in alpha; a policy selecting no pod in beta", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{
+			// Would deny beta's pods everything, if it selected one.
+			tpPolicy("beta", "selects-none", map[string]string{"app": "none"}, tpBoth, nil, nil),
+			tpPolicy("alpha", "deny-ingress", nil, tpIngress, nil, nil),
+		}
+	}},
+	{"default deny egress in beta", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{tpPolicy("beta", "deny-egress", nil, tpEgress, nil, nil)}
+	}},
+	{"podSelector: alpha's web from alpha's db on TCP 80", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{tpPolicy("alpha", "web-from-db", map[string]string{"app": "web"}, nil,
+			[]tpIn{{From: []tpPr{tpPods(map[string]string{"app": "db"})}, Ports: []tpPt{tpPort(tpTCP, 80, 0)}}}, nil)}
+	}},
+	{"namespaceSelector: alpha's db from beta; beta only to alpha (by its name label)", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{
+			tpPolicy("alpha", "db-from-beta", map[string]string{"app": "db"}, nil,
+				[]tpIn{{From: []tpPr{tpNamespaces(map[string]string{"team": "b"})}}}, nil),
+			tpPolicy("beta", "to-alpha", nil, tpEgress, nil,
+				[]tpOut{{To: []tpPr{tpNamespaces(map[string]string{"kubernetes.io/metadata.name": "alpha"})}}}),
+		}
+	}},
+	{"namespaceSelector and podSelector together: alpha's db from beta's web, or alpha's web on UDP", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{tpPolicy("alpha", "db-from-beta-web", map[string]string{"app": "db"}, nil,
+			[]tpIn{
+				{From: []tpPr{tpPodsIn(map[string]string{"team": "b"}, map[string]string{"app": "web"})}},
+				{From: []tpPr{tpPods(map[string]string{"app": "web"})}, Ports: []tpPt{tpPort(tpUDP, 0, 0)}},
+			}, nil)}
+	}},
+	{"ipBlock with except: beta's egress; alpha's db from an IPv4 block", func(p map[string]*truthPod, node truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{
+			tpPolicy("beta", "egress-blocks", nil, tpEgress, nil, []tpOut{{To: []tpPr{
+				tpBlock(podCIDR4, tpHost(p["alpha/web-k"].addrs[0])),
+				tpBlock(podCIDR6, tpHost(p["alpha/web-s"].addrs[1]), tpHost(node.addrs[1])),
+			}}}),
+			tpPolicy("alpha", "db-from-block", map[string]string{"app": "db"}, tpIngress, []tpIn{{From: []tpPr{
+				tpBlock(netip.MustParsePrefix("10.244.0.0/16"), tpHost(p["alpha/web-s"].addrs[0])),
+			}}}, nil),
+		}
+	}},
+	{"named ports: into alpha on http and dns, out of beta to http", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{
+			tpPolicy("alpha", "named-in", nil, nil, []tpIn{{Ports: []tpPt{tpNamed(tpTCP, "http"), tpNamed(tpUDP, "dns")}}}, nil),
+			tpPolicy("beta", "named-out", nil, tpEgress, nil, []tpOut{{Ports: []tpPt{tpNamed(tpTCP, "http")}}}),
+		}
+	}},
+	{"named port to an ipBlock: beta out to IPv4 pod addresses on http", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{
+			tpPolicy("beta", "named-to-block", nil, tpEgress, nil,
+				[]tpOut{{To: []tpPr{tpBlock(podCIDR4)}, Ports: []tpPt{tpNamed(tpTCP, "http")}}}),
+		}
+	}},
+	{"matchExpressions: alpha's pods but web from beta's pods not client, and from app in (db, client) on TCP 9090", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		notWeb := tpPolicy("alpha", "not-web", nil, nil, []tpIn{
+			{From: []tpPr{{
+				NamespaceSelector: &metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{
+					{Key: "team", Operator: metav1.LabelSelectorOpIn, Values: []string{"b"}}}},
+				PodSelector: &metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{
+					{Key: "app", Operator: metav1.LabelSelectorOpNotIn, Values: []string{"client"}}}},
+			}}},
+			{From: []tpPr{{PodSelector: &metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{
+				{Key: "app", Operator: metav1.LabelSelectorOpIn, Values: []string{"db", "client"}}}}}},
+				Ports: []tpPt{tpPort(tpTCP, 9090, 0)}},
+		}, nil)
+		notWeb.Spec.PodSelector = metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{
+			{Key: "app", Operator: metav1.LabelSelectorOpNotIn, Values: []string{"web"}}}}
+		return []*networkingv1.NetworkPolicy{notWeb}
+	}},
+	{"endPort: alpha's db on TCP 8000-8100 and UDP 50-60; beta's client out to TCP 9000-9999", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{
+			tpPolicy("alpha", "db-ranges", map[string]string{"app": "db"}, nil,
+				[]tpIn{{Ports: []tpPt{tpPort(tpTCP, 8000, 8100), tpPort(tpUDP, 50, 60)}}}, nil),
+			tpPolicy("beta", "client-range", map[string]string{"app": "client"}, nil, nil,
+				[]tpOut{{Ports: []tpPt{tpPort(tpTCP, 9000, 9999)}}}),
+		}
+	}},
+	{"TCP and UDP: alpha's web takes UDP only, beta's web TCP 80 only", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{
+			tpPolicy("alpha", "web-udp", map[string]string{"app": "web"}, nil, []tpIn{{Ports: []tpPt{tpPort(tpUDP, 0, 0)}}}, nil),
+			tpPolicy("beta", "web-tcp-80", map[string]string{"app": "web"}, nil, []tpIn{{Ports: []tpPt{tpPort(tpTCP, 80, 0)}}}, nil),
+		}
+	}},
+	{"both directions: alpha within itself, out to the node on TCP 8080 (IPv4); two policies unioned on beta's web", func(_ map[string]*truthPod, node truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{
+			tpPolicy("alpha", "within", nil, tpBoth,
+				[]tpIn{{From: []tpPr{tpPods(nil)}}},
+				[]tpOut{{To: []tpPr{tpPods(nil)}}, {To: []tpPr{tpBlock(tpHost(node.addrs[0]))}, Ports: []tpPt{tpPort(tpTCP, 8080, 0)}}}),
+			tpPolicy("beta", "web-80", map[string]string{"app": "web"}, nil, []tpIn{{Ports: []tpPt{tpPort(tpTCP, 80, 0)}}}, nil),
+			tpPolicy("beta", "web-from-alpha-db", map[string]string{"app": "web"}, nil,
+				[]tpIn{{From: []tpPr{tpNamespaces(map[string]string{"team": "a"})}, Ports: []tpPt{tpPort(tpTCP, 8080, 0)}}}, nil),
+		}
+	}},
+}
+
+// TestPolicyTruthTable probes, with real traffic through a real agent
+// (its informers fed by a fake clientset, as TestKubeNetworkPolicy), every
+// ordered pair of five pods in two namespaces (kernel pods on TAP links and
+// sandboxes on shared-memory links), the node to each pod and each pod to
+// the node, on TCP 80, 8080, 9090 and UDP 53, in IPv4 and IPv6, under each
+// of truthSets: default deny in either direction, pod and namespace
+// selectors alone and together (matchLabels and matchExpressions, the
+// namespace's name label), ipBlocks with excepts, named ports (a different
+// number per pod; to an ipBlock), port ranges, TCP and UDP, policies
+// unioned, a policy selecting no pod. Each cell must be exactly what truthModel, an independent
+// reading of the NetworkPolicy API written for this test, expects:
+// allowed connects (and reaches the right pod), denied gets no answer.
+// The node reaches every pod under every set (kubelet's probes). On a
+// difference the set's whole table is printed.
+func TestPolicyTruthTable(t *testing.T) {
+	e := newEnv(t)
+	pods := truthPods()
+	objs := []runtime.Object{&corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: "self"},
+		Spec:       corev1.NodeSpec{PodCIDR: podCIDR4.String(), PodCIDRs: []string{podCIDR4.String(), podCIDR6.String()}},
+	}}
+	for n, l := range truthNamespaces {
+		objs = append(objs, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: n, Labels: l}})
+	}
+	for _, p := range pods {
+		objs = append(objs, &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: p.ns, Name: p.name, Labels: p.labels},
+			Spec:       corev1.PodSpec{NodeName: "self", Containers: []corev1.Container{{Name: "c", Ports: p.ports}}},
+			Status:     corev1.PodStatus{Phase: corev1.PodRunning},
+		})
+	}
+	client := fake.NewClientset(objs...)
+	cfg := e.config()
+	cfg.NodeName = "self"
+	r := e.startWith(t, cfg, WithKubeClient(client))
+
+	node := truthEnd{name: "node", host: e.host}
+	for i, c := range []netip.Prefix{podCIDR4, podCIDR6} {
+		gw, err := router.NodeGateway(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		node.addrs[i] = gw
+	}
+	byName := map[string]*truthPod{}
+	ends := []truthEnd{}
+	for i, p := range pods {
+		cid := fmt.Sprintf("truth-%d", i)
+		if p.sandbox {
+			resp, err := r.tryAttachShmAs(t, cid, p.ns, p.name, queue.DefaultSizes(), 0)
+			if err != nil {
+				t.Fatalf("attach %s/%s: %v", p.ns, p.name, err)
+			}
+			if p.sb, err = dialSandbox(t, resp.SocketPath); err != nil {
+				t.Fatalf("sandbox %s/%s: %v", p.ns, p.name, err)
+			}
+			p.addrs = [2]netip.Addr{p.sb.addr(true), p.sb.addr(false)}
+		} else {
+			p.tap = r.newTapPodAs(t, cid, p.ns, p.name, true)
+			p.addrs = [2]netip.Addr{p.tap.addr(true), p.tap.addr(false)}
+		}
+		byName[p.ns+"/"+p.name] = p
+		ends = append(ends, truthEnd{name: p.ns + "/" + p.name, pod: p, addrs: p.addrs})
+	}
+	ends = append(ends, node)
+	for _, end := range ends {
+		serveTruth(t, end)
+	}
+
+	pols := map[string]bool{} // the policies in the API, as namespace/name
+	start := time.Now()
+	cells, allowed, wrong := 0, 0, 0
+	for _, set := range truthSets {
+		ctx := context.Background()
+		for k := range pols {
+			nsName := strings.SplitN(k, "/", 2)
+			if err := client.NetworkingV1().NetworkPolicies(nsName[0]).Delete(ctx, nsName[1], metav1.DeleteOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			delete(pols, k)
+		}
+		policies := set.policies(byName, node)
+		for _, np := range policies {
+			if _, err := client.NetworkingV1().NetworkPolicies(np.Namespace).Create(ctx, np, metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			pols[np.Namespace+"/"+np.Name] = true
+		}
+		m := truthModel{policies: policies}
+		waitSelection(t, r, pods, m)
+
+		table := probeTable(t, ends, m)
+		cells += len(table)
+		var bad []truthCell
+		for _, c := range table {
+			if c.got != c.want {
+				bad = append(bad, c)
+			}
+		}
+		wrong += len(bad)
+		for _, c := range table {
+			if c.want {
+				allowed++
+			}
+		}
+		if len(bad) > 0 {
+			t.Errorf("policy set %q: %d of %d cells differ:\n%s", set.name, len(bad), len(table), renderTruth(ends, table))
+		}
+	}
+	t.Logf("%d cells under %d policy sets (%d allowed, %d denied), %d differ; probed in %v",
+		cells, len(truthSets), allowed, cells-allowed, wrong, time.Since(start).Round(time.Second))
+}
+
+// waitSelection waits until the agent's /policy view shows the policies
+// the model says select each pod in each direction, with nothing skipped:
+// the snapshot then holds the set's policies (the informer delivers them
+// in the order they were made, and the set's last one selects a pod, but
+// for the first set, which has none).
+func waitSelection(t *testing.T, r *running, pods []*truthPod, m truthModel) {
+	t.Helper()
+	guard := time.After(callTimeout)
+	for {
+		st := r.Policy("", "")
+		ok := st.Enforced && len(st.Pods) == len(pods) && len(st.Problems) == 0
+		if ok {
+			for _, pp := range st.Pods {
+				var p *truthPod
+				for _, q := range pods {
+					if q.ns == pp.Namespace && q.name == pp.Pod {
+						p = q
+					}
+				}
+				if p == nil || !slices.Equal(pp.Ingress, m.selecting(p, policyIngress)) || !slices.Equal(pp.Egress, m.selecting(p, policyEgress)) {
+					ok = false
+				}
+			}
+		}
+		if ok {
+			return
+		}
+		select {
+		case <-guard:
+			t.Fatalf("the agent's policy view %+v; want the selection of %d policies", st, len(m.policies))
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// truthCell is one probe: from an end to another, on a port, in a
+// family; want is the model's, got what the network did.
+type truthCell struct {
+	from, to  int // indexes into ends
+	fam       int
+	probe     int // index into truthProbes
+	want, got bool
+}
+
+// probeTable probes every cell of the table in parallel and returns them.
+// It fails t on a probe that neither connects to the right end nor times
+// out (refused, reset, answered by another end).
+func probeTable(t *testing.T, ends []truthEnd, m truthModel) []truthCell {
+	t.Helper()
+	var cells []truthCell
+	for fam := range truthFamilies {
+		for i := range ends {
+			for j := range ends {
+				if i == j {
+					continue
+				}
+				for k := range truthProbes {
+					c := truthCell{from: i, to: j, fam: fam, probe: k}
+					c.want = m.allows(ends[i], ends[j], fam, truthProbes[k])
+					cells = append(cells, c)
+				}
+			}
+		}
+	}
+	run := func(idx []int, wait time.Duration) {
+		sem := make(chan struct{}, truthParallel)
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		var errs []error
+		for _, n := range idx {
+			wg.Add(1)
+			sem <- struct{}{}
+			go func() {
+				defer wg.Done()
+				defer func() { <-sem }()
+				c := &cells[n]
+				got, err := ends[c.from].probe(ends[c.to], c.fam, truthProbes[c.probe], wait)
+				if err != nil {
+					mu.Lock()
+					errs = append(errs, fmt.Errorf("%s -> %s %s %s: %w", ends[c.from].name, ends[c.to].name,
+						truthFamilies[c.fam], truthProbes[c.probe], err))
+					mu.Unlock()
+				}
+				c.got = got
+			}()
+		}
+		wg.Wait()
+		if len(errs) > 0 {
+			t.Fatalf("probes failed:\n%v", errors.Join(errs...))
+		}
+	}
+	all := make([]int, len(cells))
+	for i := range all {
+		all[i] = i
+	}
+	run(all, truthNoAnswer)
+	var again []int
+	for i, c := range cells {
+		if c.want && !c.got {
+			again = append(again, i)
+		}
+	}
+	if len(again) > 0 {
+		t.Logf("%d probes expected to connect got no answer in %v; asking again with %v", len(again), truthNoAnswer, truthRetry)
+		run(again, truthRetry)
+	}
+	return cells
+}
+
+// renderTruth prints a table per family: a row per source, a column per
+// destination, in each cell one mark per probe port (a dash on the
+// diagonal): + connected, . no answer (both as the model says), X
+// connected but the model denies it, ! no answer but the model allows it.
+func renderTruth(ends []truthEnd, cells []truthCell) string {
+	marks := map[[3]int][]byte{}
+	for _, c := range cells {
+		k := [3]int{c.fam, c.from, c.to}
+		if marks[k] == nil {
+			marks[k] = make([]byte, len(truthProbes))
+		}
+		var m byte
+		switch {
+		case c.got && c.want:
+			m = '+'
+		case !c.got && !c.want:
+			m = '.'
+		case c.got:
+			m = 'X'
+		default:
+			m = '!'
+		}
+		marks[k][c.probe] = m
+	}
+	var b strings.Builder
+	var ports []string
+	for _, p := range truthProbes {
+		ports = append(ports, p.String())
+	}
+	fmt.Fprintf(&b, "cells: probes %s; + connected, . no answer (as the model says); X connected, denied by the model; ! no answer, allowed by the model\n",
+		strings.Join(ports, " "))
+	for fam, name := range truthFamilies {
+		tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+		fmt.Fprintf(tw, "%s from \\ to", name)
+		for _, e := range ends {
+			fmt.Fprintf(tw, "\t%s", e.name)
+		}
+		fmt.Fprintln(tw)
+		for i, from := range ends {
+			fmt.Fprint(tw, from.name)
+			for j := range ends {
+				m := marks[[3]int{fam, i, j}]
+				if m == nil {
+					m = []byte(strings.Repeat("-", len(truthProbes)))
+				}
+				fmt.Fprintf(tw, "\t%s", m)
+			}
+			fmt.Fprintln(tw)
+		}
+		tw.Flush()
+	}
+	return b.String()
+}
+
+// serveTruth listens on every probe port of end's addresses until t ends,
+// answering each TCP connection and UDP datagram with end's name.
+func serveTruth(t *testing.T, end truthEnd) {
+	t.Helper()
+	var wg sync.WaitGroup
+	var closers []func() error
+	t.Cleanup(func() {
+		for _, c := range closers {
+			c()
+		}
+		wg.Wait()
+	})
+	answer := []byte(end.name + "\n")
+	for _, a := range end.addrs {
+		for _, pr := range truthProbes {
+			var ln net.Listener
+			var pc net.PacketConn
+			var err error
+			switch {
+			case end.pod != nil && end.pod.sandbox:
+				fa := tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(a.AsSlice()), Port: pr.port}
+				if pr.proto == corev1.ProtocolTCP {
+					ln, err = gonet.ListenTCP(end.pod.sb.s, fa, tcpipx.ProtocolOf(a))
+				} else {
+					pc, err = gonet.DialUDP(end.pod.sb.s, &fa, nil, tcpipx.ProtocolOf(a))
+				}
+			default:
+				n := end.host
+				if end.pod != nil {
+					n = end.pod.tap.ns
+				}
+				err = n.Do(func(ns.NetNS) error {
+					var err error
+					if pr.proto == corev1.ProtocolTCP {
+						ln, err = net.Listen("tcp", netip.AddrPortFrom(a, pr.port).String())
+					} else {
+						pc, err = net.ListenPacket("udp", netip.AddrPortFrom(a, pr.port).String())
+					}
+					return err
+				})
+			}
+			if err != nil {
+				t.Fatalf("%s: listen on %s %s: %v", end.name, a, pr, err)
+			}
+			wg.Add(1)
+			if ln != nil {
+				closers = append(closers, ln.Close)
+				go func() {
+					defer wg.Done()
+					for {
+						c, err := ln.Accept()
+						if err != nil {
+							return
+						}
+						c.SetDeadline(time.Now().Add(ioTimeout))
+						c.Write(answer)
+						c.Close()
+					}
+				}()
+				continue
+			}
+			closers = append(closers, pc.Close)
+			go func() {
+				defer wg.Done()
+				buf := make([]byte, 64)
+				for {
+					_, from, err := pc.ReadFrom(buf)
+					if err != nil {
+						return
+					}
+					pc.WriteTo(answer, from)
+				}
+			}()
+		}
+	}
+}
+
+// probe connects from e to dst's address of family fam on pr. It reports
+// true when dst answered, false when nothing answered within wait, and an
+// error for anything else (refused, reset, another end answering).
+func (e truthEnd) probe(dst truthEnd, fam int, pr truthProbe, wait time.Duration) (bool, error) {
+	to := netip.AddrPortFrom(dst.addrs[fam], pr.port)
+	var c net.Conn
+	var err error
+	if e.pod != nil && e.pod.sandbox {
+		s := e.pod.sb.s
+		fa := tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(to.Addr().AsSlice()), Port: to.Port()}
+		if pr.proto == corev1.ProtocolTCP {
+			ctx, cancel := context.WithTimeout(context.Background(), wait)
+			c, err = gonet.DialContextTCP(ctx, s, fa, tcpipx.ProtocolOf(to.Addr()))
+			cancel()
+			if err != nil && ctx.Err() != nil {
+				return false, nil
+			}
+		} else {
+			c, err = gonet.DialUDP(s, nil, &fa, tcpipx.ProtocolOf(to.Addr()))
+		}
+	} else {
+		n := e.host
+		if e.pod != nil {
+			n = e.pod.tap.ns
+		}
+		err = n.Do(func(ns.NetNS) error {
+			var err error
+			c, err = (&net.Dialer{Timeout: wait}).Dial(strings.ToLower(string(pr.proto)), to.String())
+			return err
+		})
+		var ne net.Error
+		if err != nil && errors.As(err, &ne) && ne.Timeout() {
+			return false, nil
+		}
+	}
+	if err != nil {
+		return false, err
+	}
+	defer c.Close()
+	if pr.proto == corev1.ProtocolUDP {
+		c.SetDeadline(time.Now().Add(wait))
+		if _, err := c.Write([]byte("probe\n")); err != nil {
+			return false, err
+		}
+	} else {
+		// Connected: the answer follows at once; the deadline only
+		// guards against a hang.
+		c.SetDeadline(time.Now().Add(ioTimeout))
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	var ne net.Error
+	if pr.proto == corev1.ProtocolUDP && errors.As(err, &ne) && ne.Timeout() {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if got := strings.TrimSuffix(line, "\n"); got != dst.name {
+		return false, fmt.Errorf("answered by %q", got)
+	}
+	return true, nil
+}
+
+// Directions, for the model.
+const (
+	policyIngress = iota
+	policyEgress
+)
+
+// truthModel is NetworkPolicy (networking.k8s.io/v1) as its API reference
+// reads, judged flow by flow and written for this test alone (it shares
+// nothing with package policy but Kubernetes' label selectors): a flow
+// from one end to another passes when the source pod's egress and the
+// destination pod's ingress both let it. A pod no policy selects in a
+// direction is open in it; a selected pod takes what any rule of any
+// selecting policy allows. The node's traffic to a pod is always allowed
+// in; a pod's to the node is egress like any other, to an address no pod
+// has (only ipBlocks and empty peer lists match it, and no named port).
+type truthModel struct {
+	policies []*networkingv1.NetworkPolicy
+}
+
+// applies reports whether pol restricts direction dir: its policyTypes,
+// or ingress always and egress when it has egress rules.
+func applies(pol *networkingv1.NetworkPolicy, dir int) bool {
+	if len(pol.Spec.PolicyTypes) == 0 {
+		return dir == policyIngress || len(pol.Spec.Egress) > 0
+	}
+	want := networkingv1.PolicyTypeIngress
+	if dir == policyEgress {
+		want = networkingv1.PolicyTypeEgress
+	}
+	return slices.Contains(pol.Spec.PolicyTypes, want)
+}
+
+func selectorMatches(sel *metav1.LabelSelector, l map[string]string) bool {
+	s, err := metav1.LabelSelectorAsSelector(sel)
+	if err != nil {
+		panic(err) // the sets' selectors are valid
+	}
+	return s.Matches(labels.Set(l))
+}
+
+// selecting returns the policies selecting p in dir, as namespace/name,
+// sorted.
+func (m truthModel) selecting(p *truthPod, dir int) []string {
+	var out []string
+	for _, pol := range m.policies {
+		if pol.Namespace == p.ns && applies(pol, dir) && selectorMatches(&pol.Spec.PodSelector, p.labels) {
+			out = append(out, pol.Namespace+"/"+pol.Name)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// allows reports whether the model lets from reach to on pr in family fam.
+func (m truthModel) allows(from, to truthEnd, fam int, pr truthProbe) bool {
+	if from.pod != nil && !m.lets(from.pod, policyEgress, to, to.pod, fam, pr) {
+		return false
+	}
+	if to.pod != nil && from.pod != nil && !m.lets(to.pod, policyIngress, from, to.pod, fam, pr) {
+		return false
+	}
+	return true // from the node: always in
+}
+
+// lets reports whether the policies selecting p in dir (if any) let a
+// flow with peer on pr, whose destination pod dst (nil: not a pod) names
+// its ports.
+func (m truthModel) lets(p *truthPod, dir int, peer truthEnd, dst *truthPod, fam int, pr truthProbe) bool {
+	selected := false
+	for _, pol := range m.policies {
+		if pol.Namespace != p.ns || !applies(pol, dir) || !selectorMatches(&pol.Spec.PodSelector, p.labels) {
+			continue
+		}
+		selected = true
+		if dir == policyIngress {
+			for _, r := range pol.Spec.Ingress {
+				if peersMatch(pol.Namespace, r.From, peer, fam) && portsMatch(r.Ports, dst, pr) {
+					return true
+				}
+			}
+		} else {
+			for _, r := range pol.Spec.Egress {
+				if peersMatch(pol.Namespace, r.To, peer, fam) && portsMatch(r.Ports, dst, pr) {
+					return true
+				}
+			}
+		}
+	}
+	return !selected
+}
+
+// peersMatch reports whether a rule's peers (of a policy in namespace
+// polNS) take peer's address of family fam.
+func peersMatch(polNS string, peers []networkingv1.NetworkPolicyPeer, peer truthEnd, fam int) bool {
+	if len(peers) == 0 {
+		return true
+	}
+	a := peer.addrs[fam]
+	for _, pr := range peers {
+		if pr.IPBlock != nil {
+			in := netip.MustParsePrefix(pr.IPBlock.CIDR).Contains(a)
+			for _, e := range pr.IPBlock.Except {
+				if netip.MustParsePrefix(e).Contains(a) {
+					in = false
+				}
+			}
+			if in {
+				return true
+			}
+			continue
+		}
+		if peer.pod == nil {
+			continue
+		}
+		nsOK := peer.pod.ns == polNS
+		if pr.NamespaceSelector != nil {
+			nl := map[string]string{"kubernetes.io/metadata.name": peer.pod.ns}
+			for k, v := range truthNamespaces[peer.pod.ns] {
+				nl[k] = v
+			}
+			nsOK = selectorMatches(pr.NamespaceSelector, nl)
+		}
+		if nsOK && (pr.PodSelector == nil || selectorMatches(pr.PodSelector, peer.pod.labels)) {
+			return true
+		}
+	}
+	return false
+}
+
+// portsMatch reports whether a rule's ports take pr to the pod dst (nil:
+// an address no pod has, which has no named port).
+func portsMatch(ports []networkingv1.NetworkPolicyPort, dst *truthPod, pr truthProbe) bool {
+	if len(ports) == 0 {
+		return true
+	}
+	for _, p := range ports {
+		proto := corev1.ProtocolTCP
+		if p.Protocol != nil {
+			proto = *p.Protocol
+		}
+		if proto != pr.proto {
+			continue
+		}
+		switch {
+		case p.Port == nil:
+			return true
+		case p.Port.Type == intstr.String:
+			if dst == nil {
+				continue
+			}
+			for _, cp := range dst.ports {
+				cproto := cp.Protocol
+				if cproto == "" {
+					cproto = corev1.ProtocolTCP
+				}
+				if cp.Name == p.Port.StrVal && cproto == pr.proto && cp.ContainerPort == int32(pr.port) {
+					return true
+				}
+			}
+		default:
+			end := p.Port.IntVal
+			if p.EndPort != nil {
+				end = *p.EndPort
+			}
+			if int32(pr.port) >= p.Port.IntVal && int32(pr.port) <= end {
+				return true
+			}
+		}
+	}
+	return false
+}
