@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -16,6 +17,8 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	corev1 "k8s.io/api/core/v1"
@@ -27,6 +30,8 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/shm-cni/shm-cni/internal/tcpipx"
+	"github.com/shm-cni/shm-cni/internal/testutil"
+	"github.com/shm-cni/shm-cni/pkg/policy"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
@@ -41,7 +46,7 @@ const (
 	truthNoAnswer = 1500 * time.Millisecond
 	truthRetry    = 20 * time.Second
 	// truthParallel is how many probes run at once.
-	truthParallel = 64
+	truthParallel = 128
 )
 
 // truthPod is a pod of the truth table, as the API and the node see it.
@@ -57,11 +62,14 @@ type truthPod struct {
 	sb    *sandbox
 }
 
-// truthEnd is one end of a probe: a pod, or the node (pod nil).
+// truthEnd is one end of a probe: a pod, the node, or a host beyond it.
 type truthEnd struct {
-	name  string
-	pod   *truthPod
-	host  ns.NetNS // the node's namespace, for the node
+	name string
+	pod  *truthPod
+	// node is set for the node; host is the node's or the outside
+	// host's namespace (pod nil).
+	node  bool
+	host  ns.NetNS
 	addrs [2]netip.Addr
 }
 
@@ -100,7 +108,7 @@ func truthPods() []*truthPod {
 	}
 }
 
-// truthNamespaces are the namespaces' labels.
+// truthNamespaces are the namespaces' labels (until a set relabels them).
 var truthNamespaces = map[string]map[string]string{
 	"alpha": {"team": "a"},
 	"beta":  {"team": "b"},
@@ -112,6 +120,14 @@ var truthNamespaces = map[string]map[string]string{
 type truthSet struct {
 	name     string
 	policies func(pods map[string]*truthPod, node truthEnd) []*networkingv1.NetworkPolicy
+	// relabel gives namespaces and pods (namespace/name) new labels
+	// before the policies are made; they keep them for the later sets.
+	relabel map[string]map[string]string
+	// witness names the ends of a flow (IPv4, the first probe port)
+	// whose verdict a namespace's new labels change: the snapshot must
+	// agree with the model on it before the probes (the namespaces'
+	// informer is not ordered with the policies').
+	witness *[2]string
 }
 
 // Shorthands for the sets' policies.
@@ -189,22 +205,22 @@ var (
 
 // truthSets are the policy sets, probed in this order.
 var truthSets = []truthSet{
-	{"no policy", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy { return nil }},
-	{"default deny ingress in alpha; a policy selecting no pod in beta", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+	{name: "no policy", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy { return nil }},
+	{name: "default deny ingress in alpha; a policy selecting no pod in beta", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
 		return []*networkingv1.NetworkPolicy{
 			// Would deny beta's pods everything, if it selected one.
 			tpPolicy("beta", "selects-none", map[string]string{"app": "none"}, tpBoth, nil, nil),
 			tpPolicy("alpha", "deny-ingress", nil, tpIngress, nil, nil),
 		}
 	}},
-	{"default deny egress in beta", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+	{name: "default deny egress in beta", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
 		return []*networkingv1.NetworkPolicy{tpPolicy("beta", "deny-egress", nil, tpEgress, nil, nil)}
 	}},
-	{"podSelector: alpha's web from alpha's db on TCP 80", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+	{name: "podSelector: alpha's web from alpha's db on TCP 80", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
 		return []*networkingv1.NetworkPolicy{tpPolicy("alpha", "web-from-db", map[string]string{"app": "web"}, nil,
 			[]tpIn{{From: []tpPr{tpPods(map[string]string{"app": "db"})}, Ports: []tpPt{tpPort(tpTCP, 80, 0)}}}, nil)}
 	}},
-	{"namespaceSelector: alpha's db from beta; beta only to alpha (by its name label)", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+	{name: "namespaceSelector: alpha's db from beta; beta only to alpha (by its name label)", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
 		return []*networkingv1.NetworkPolicy{
 			tpPolicy("alpha", "db-from-beta", map[string]string{"app": "db"}, nil,
 				[]tpIn{{From: []tpPr{tpNamespaces(map[string]string{"team": "b"})}}}, nil),
@@ -212,14 +228,14 @@ var truthSets = []truthSet{
 				[]tpOut{{To: []tpPr{tpNamespaces(map[string]string{"kubernetes.io/metadata.name": "alpha"})}}}),
 		}
 	}},
-	{"namespaceSelector and podSelector together: alpha's db from beta's web, or alpha's web on UDP", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+	{name: "namespaceSelector and podSelector together: alpha's db from beta's web, or alpha's web on UDP", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
 		return []*networkingv1.NetworkPolicy{tpPolicy("alpha", "db-from-beta-web", map[string]string{"app": "db"}, nil,
 			[]tpIn{
 				{From: []tpPr{tpPodsIn(map[string]string{"team": "b"}, map[string]string{"app": "web"})}},
 				{From: []tpPr{tpPods(map[string]string{"app": "web"})}, Ports: []tpPt{tpPort(tpUDP, 0, 0)}},
 			}, nil)}
 	}},
-	{"ipBlock with except: beta's egress; alpha's db from an IPv4 block", func(p map[string]*truthPod, node truthEnd) []*networkingv1.NetworkPolicy {
+	{name: "ipBlock with except: beta's egress; alpha's db from an IPv4 block", policies: func(p map[string]*truthPod, node truthEnd) []*networkingv1.NetworkPolicy {
 		return []*networkingv1.NetworkPolicy{
 			tpPolicy("beta", "egress-blocks", nil, tpEgress, nil, []tpOut{{To: []tpPr{
 				tpBlock(podCIDR4, tpHost(p["alpha/web-k"].addrs[0])),
@@ -230,19 +246,40 @@ var truthSets = []truthSet{
 			}}}, nil),
 		}
 	}},
-	{"named ports: into alpha on http and dns, out of beta to http", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+	{name: "ipBlock beyond the cluster: alpha from the outside network but its IPv6 host, out to everything but 10.0.0.0/8 and 2001:db8::/32", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{
+			tpPolicy("alpha", "outside-only", nil, tpBoth,
+				[]tpIn{{From: []tpPr{
+					tpBlock(truthOutside4.Masked()),
+					tpBlock(truthOutside6.Masked(), tpHost(truthOutside6.Addr())),
+				}}},
+				[]tpOut{{To: []tpPr{
+					tpBlock(netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("10.0.0.0/8")),
+					tpBlock(netip.MustParsePrefix("::/0"), netip.MustParsePrefix("2001:db8::/32")),
+				}}}),
+		}
+	}},
+	{name: "empty selectors: beta out to every pod of every namespace (not the node, not beyond); alpha's web typed egress only, its ingress rule ignored", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{
+			tpPolicy("beta", "to-all-pods", nil, tpEgress, nil, []tpOut{{To: []tpPr{tpNamespaces(nil)}}}),
+			tpPolicy("alpha", "web-egress-only", map[string]string{"app": "web"}, tpEgress,
+				[]tpIn{{From: []tpPr{tpPods(map[string]string{"app": "db"})}}},
+				[]tpOut{{To: []tpPr{tpPodsIn(map[string]string{}, map[string]string{"app": "web"})}}}),
+		}
+	}},
+	{name: "named ports: into alpha on http and dns, out of beta to http", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
 		return []*networkingv1.NetworkPolicy{
 			tpPolicy("alpha", "named-in", nil, nil, []tpIn{{Ports: []tpPt{tpNamed(tpTCP, "http"), tpNamed(tpUDP, "dns")}}}, nil),
 			tpPolicy("beta", "named-out", nil, tpEgress, nil, []tpOut{{Ports: []tpPt{tpNamed(tpTCP, "http")}}}),
 		}
 	}},
-	{"named port to an ipBlock: beta out to IPv4 pod addresses on http", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+	{name: "named port to an ipBlock: beta out to IPv4 pod addresses on http", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
 		return []*networkingv1.NetworkPolicy{
 			tpPolicy("beta", "named-to-block", nil, tpEgress, nil,
 				[]tpOut{{To: []tpPr{tpBlock(podCIDR4)}, Ports: []tpPt{tpNamed(tpTCP, "http")}}}),
 		}
 	}},
-	{"matchExpressions: alpha's pods but web from beta's pods not client, and from app in (db, client) on TCP 9090", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+	{name: "matchExpressions: alpha's pods but web from beta's pods not client, and from app in (db, client) on TCP 9090", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
 		notWeb := tpPolicy("alpha", "not-web", nil, nil, []tpIn{
 			{From: []tpPr{{
 				NamespaceSelector: &metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{
@@ -258,7 +295,7 @@ var truthSets = []truthSet{
 			{Key: "app", Operator: metav1.LabelSelectorOpNotIn, Values: []string{"web"}}}}
 		return []*networkingv1.NetworkPolicy{notWeb}
 	}},
-	{"endPort: alpha's db on TCP 8000-8100 and UDP 50-60; beta's client out to TCP 9000-9999", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+	{name: "endPort: alpha's db on TCP 8000-8100 and UDP 50-60; beta's client out to TCP 9000-9999", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
 		return []*networkingv1.NetworkPolicy{
 			tpPolicy("alpha", "db-ranges", map[string]string{"app": "db"}, nil,
 				[]tpIn{{Ports: []tpPt{tpPort(tpTCP, 8000, 8100), tpPort(tpUDP, 50, 60)}}}, nil),
@@ -266,13 +303,13 @@ var truthSets = []truthSet{
 				[]tpOut{{Ports: []tpPt{tpPort(tpTCP, 9000, 9999)}}}),
 		}
 	}},
-	{"TCP and UDP: alpha's web takes UDP only, beta's web TCP 80 only", func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+	{name: "TCP and UDP: alpha's web takes UDP only, beta's web TCP 80 only", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
 		return []*networkingv1.NetworkPolicy{
 			tpPolicy("alpha", "web-udp", map[string]string{"app": "web"}, nil, []tpIn{{Ports: []tpPt{tpPort(tpUDP, 0, 0)}}}, nil),
 			tpPolicy("beta", "web-tcp-80", map[string]string{"app": "web"}, nil, []tpIn{{Ports: []tpPt{tpPort(tpTCP, 80, 0)}}}, nil),
 		}
 	}},
-	{"both directions: alpha within itself, out to the node on TCP 8080 (IPv4); two policies unioned on beta's web", func(_ map[string]*truthPod, node truthEnd) []*networkingv1.NetworkPolicy {
+	{name: "both directions: alpha within itself, out to the node on TCP 8080 (IPv4); two policies unioned on beta's web", policies: func(_ map[string]*truthPod, node truthEnd) []*networkingv1.NetworkPolicy {
 		return []*networkingv1.NetworkPolicy{
 			tpPolicy("alpha", "within", nil, tpBoth,
 				[]tpIn{{From: []tpPr{tpPods(nil)}}},
@@ -282,22 +319,34 @@ var truthSets = []truthSet{
 				[]tpIn{{From: []tpPr{tpNamespaces(map[string]string{"team": "a"})}, Ports: []tpPt{tpPort(tpTCP, 8080, 0)}}}, nil),
 		}
 	}},
+	{name: "relabelled (last): beta's team=c, alpha/web-k app=db; alpha's db from team=b, beta out to team=b", policies: func(map[string]*truthPod, truthEnd) []*networkingv1.NetworkPolicy {
+		return []*networkingv1.NetworkPolicy{
+			tpPolicy("alpha", "db-from-team-b", map[string]string{"app": "db"}, nil,
+				[]tpIn{{From: []tpPr{tpNamespaces(map[string]string{"team": "b"})}}}, nil),
+			tpPolicy("beta", "to-team-b", nil, tpEgress, nil,
+				[]tpOut{{To: []tpPr{tpNamespaces(map[string]string{"team": "b"})}}}),
+		}
+	}, relabel: map[string]map[string]string{"beta": {"team": "c"}, "alpha/web-k": {"app": "db"}},
+		// Within beta: allowed while beta is team=b.
+		witness: &[2]string{"beta/cli-k", "beta/web-s"}},
 }
 
 // TestPolicyTruthTable probes, with real traffic through a real agent
 // (its informers fed by a fake clientset, as TestKubeNetworkPolicy), every
 // ordered pair of five pods in two namespaces (kernel pods on TAP links and
-// sandboxes on shared-memory links), the node to each pod and each pod to
-// the node, on TCP 80, 8080, 9090 and UDP 53, in IPv4 and IPv6, under each
-// of truthSets: default deny in either direction, pod and namespace
-// selectors alone and together (matchLabels and matchExpressions, the
-// namespace's name label), ipBlocks with excepts, named ports (a different
-// number per pod; to an ipBlock), port ranges, TCP and UDP, policies
-// unioned, a policy selecting no pod. Each cell must be exactly what truthModel, an independent
-// reading of the NetworkPolicy API written for this test, expects:
-// allowed connects (and reaches the right pod), denied gets no answer.
-// The node reaches every pod under every set (kubelet's probes). On a
-// difference the set's whole table is printed.
+// sandboxes on shared-memory links), the node, and a host outside (reached
+// through the node, egress to it masqueraded), on TCP 80, 8080, 9090 and
+// UDP 53, in IPv4 and IPv6, under each of truthSets: default deny in
+// either direction, pod and namespace selectors alone and together
+// (matchLabels and matchExpressions, the namespace's name label), ipBlocks
+// with excepts (pod addresses, the node, the outside network), named ports
+// (a different number per pod; to an ipBlock), port ranges, TCP and UDP,
+// policies unioned, a policy selecting no pod, and last a namespace and a
+// pod relabelled. Each cell must be exactly what truthModel, an
+// independent reading of the NetworkPolicy API written for this test,
+// expects: allowed connects (and reaches the right end), denied gets no
+// answer. The node reaches every pod under every set (kubelet's probes).
+// On a difference the set's whole table is printed.
 func TestPolicyTruthTable(t *testing.T) {
 	e := newEnv(t)
 	pods := truthPods()
@@ -320,7 +369,7 @@ func TestPolicyTruthTable(t *testing.T) {
 	cfg.NodeName = "self"
 	r := e.startWith(t, cfg, WithKubeClient(client))
 
-	node := truthEnd{name: "node", host: e.host}
+	node := truthEnd{name: "node", node: true, host: e.host}
 	for i, c := range []netip.Prefix{podCIDR4, podCIDR6} {
 		gw, err := router.NodeGateway(c)
 		if err != nil {
@@ -348,11 +397,21 @@ func TestPolicyTruthTable(t *testing.T) {
 		byName[p.ns+"/"+p.name] = p
 		ends = append(ends, truthEnd{name: p.ns + "/" + p.name, pod: p, addrs: p.addrs})
 	}
-	ends = append(ends, node)
+	outside := truthEnd{name: "outside", host: truthOutside(t, e.host),
+		addrs: [2]netip.Addr{truthOutside4.Addr(), truthOutside6.Addr()}}
+	ends = append(ends, node, outside)
 	for _, end := range ends {
 		serveTruth(t, end)
 	}
 
+	nsLabels := map[string]map[string]string{}
+	for n, l := range truthNamespaces {
+		nsLabels[n] = l
+	}
+	endByName := map[string]truthEnd{}
+	for _, e := range ends {
+		endByName[e.name] = e
+	}
 	pols := map[string]bool{} // the policies in the API, as namespace/name
 	start := time.Now()
 	cells, allowed, wrong := 0, 0, 0
@@ -365,6 +424,27 @@ func TestPolicyTruthTable(t *testing.T) {
 			}
 			delete(pols, k)
 		}
+		for k, l := range set.relabel {
+			if p := byName[k]; p != nil {
+				api, err := client.CoreV1().Pods(p.ns).Get(ctx, p.name, metav1.GetOptions{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				api.Labels, p.labels = l, l
+				if _, err := client.CoreV1().Pods(p.ns).Update(ctx, api, metav1.UpdateOptions{}); err != nil {
+					t.Fatal(err)
+				}
+				continue
+			}
+			api, err := client.CoreV1().Namespaces().Get(ctx, k, metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			api.Labels, nsLabels[k] = l, l
+			if _, err := client.CoreV1().Namespaces().Update(ctx, api, metav1.UpdateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
 		policies := set.policies(byName, node)
 		for _, np := range policies {
 			if _, err := client.NetworkingV1().NetworkPolicies(np.Namespace).Create(ctx, np, metav1.CreateOptions{}); err != nil {
@@ -372,8 +452,20 @@ func TestPolicyTruthTable(t *testing.T) {
 			}
 			pols[np.Namespace+"/"+np.Name] = true
 		}
-		m := truthModel{policies: policies}
+		m := truthModel{policies: policies, nsLabels: nsLabels}
 		waitSelection(t, r, pods, m)
+		if w := set.witness; w != nil {
+			from, to := endByName[w[0]], endByName[w[1]]
+			want := m.allows(from, to, 0, truthProbes[0])
+			guard := time.After(callTimeout)
+			for r.router.Policy().Allows(from.addrs[0], to.addrs[0], policy.ProtoTCP, truthProbes[0].port) != want {
+				select {
+				case <-guard:
+					t.Fatalf("policy set %q: the snapshot never judged %s -> %s as the model does (%v)", set.name, from.name, to.name, want)
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+		}
 
 		table := probeTable(t, ends, m)
 		cells += len(table)
@@ -713,10 +805,13 @@ const (
 // destination pod's ingress both let it. A pod no policy selects in a
 // direction is open in it; a selected pod takes what any rule of any
 // selecting policy allows. The node's traffic to a pod is always allowed
-// in; a pod's to the node is egress like any other, to an address no pod
-// has (only ipBlocks and empty peer lists match it, and no named port).
+// in; a pod's to the node is egress like any other. The node and a host
+// outside are addresses no pod has: only ipBlocks and empty peer lists
+// match them, and they have no named port.
 type truthModel struct {
 	policies []*networkingv1.NetworkPolicy
+	// nsLabels are the namespaces' labels.
+	nsLabels map[string]map[string]string
 }
 
 // applies reports whether pol restricts direction dir: its policyTypes,
@@ -758,10 +853,10 @@ func (m truthModel) allows(from, to truthEnd, fam int, pr truthProbe) bool {
 	if from.pod != nil && !m.lets(from.pod, policyEgress, to, to.pod, fam, pr) {
 		return false
 	}
-	if to.pod != nil && from.pod != nil && !m.lets(to.pod, policyIngress, from, to.pod, fam, pr) {
+	if to.pod != nil && !from.node && !m.lets(to.pod, policyIngress, from, to.pod, fam, pr) {
 		return false
 	}
-	return true // from the node: always in
+	return true
 }
 
 // lets reports whether the policies selecting p in dir (if any) let a
@@ -776,13 +871,13 @@ func (m truthModel) lets(p *truthPod, dir int, peer truthEnd, dst *truthPod, fam
 		selected = true
 		if dir == policyIngress {
 			for _, r := range pol.Spec.Ingress {
-				if peersMatch(pol.Namespace, r.From, peer, fam) && portsMatch(r.Ports, dst, pr) {
+				if m.peersMatch(pol.Namespace, r.From, peer, fam) && portsMatch(r.Ports, dst, pr) {
 					return true
 				}
 			}
 		} else {
 			for _, r := range pol.Spec.Egress {
-				if peersMatch(pol.Namespace, r.To, peer, fam) && portsMatch(r.Ports, dst, pr) {
+				if m.peersMatch(pol.Namespace, r.To, peer, fam) && portsMatch(r.Ports, dst, pr) {
 					return true
 				}
 			}
@@ -793,7 +888,7 @@ func (m truthModel) lets(p *truthPod, dir int, peer truthEnd, dst *truthPod, fam
 
 // peersMatch reports whether a rule's peers (of a policy in namespace
 // polNS) take peer's address of family fam.
-func peersMatch(polNS string, peers []networkingv1.NetworkPolicyPeer, peer truthEnd, fam int) bool {
+func (m truthModel) peersMatch(polNS string, peers []networkingv1.NetworkPolicyPeer, peer truthEnd, fam int) bool {
 	if len(peers) == 0 {
 		return true
 	}
@@ -817,7 +912,7 @@ func peersMatch(polNS string, peers []networkingv1.NetworkPolicyPeer, peer truth
 		nsOK := peer.pod.ns == polNS
 		if pr.NamespaceSelector != nil {
 			nl := map[string]string{"kubernetes.io/metadata.name": peer.pod.ns}
-			for k, v := range truthNamespaces[peer.pod.ns] {
+			for k, v := range m.nsLabels[peer.pod.ns] {
 				nl[k] = v
 			}
 			nsOK = selectorMatches(pr.NamespaceSelector, nl)
@@ -870,4 +965,68 @@ func portsMatch(ports []networkingv1.NetworkPolicyPort, dst *truthPod, pr truthP
 		}
 	}
 	return false
+}
+
+// The outside host's addresses and the node's on the link to it. Beyond
+// the cluster CIDRs: the agent masquerades pod egress to them.
+var (
+	truthOutside4  = netip.MustParsePrefix("198.51.100.2/24")
+	truthOutside6  = netip.MustParsePrefix("2001:db8:ff::2/64")
+	truthOutsideGW = []netip.Prefix{netip.MustParsePrefix("198.51.100.1/24"), netip.MustParsePrefix("2001:db8:ff::1/64")}
+)
+
+// truthOutside returns a fresh namespace for a host beyond the node,
+// joined to host by a veth pair, routing the node's pod CIDRs through
+// it; host forwards.
+func truthOutside(t *testing.T, host ns.NetNS) ns.NetNS {
+	t.Helper()
+	out := testutil.NewNS(t)
+	up := func(name string, addrs ...netip.Prefix) error {
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			na := &netlink.Addr{IPNet: &net.IPNet{IP: a.Addr().AsSlice(), Mask: net.CIDRMask(a.Bits(), a.Addr().BitLen())}}
+			if a.Addr().Is6() {
+				na.Flags = unix.IFA_F_NODAD
+			}
+			if err := netlink.AddrAdd(l, na); err != nil {
+				return fmt.Errorf("add %s to %s: %w", a, name, err)
+			}
+		}
+		return netlink.LinkSetUp(l)
+	}
+	testutil.Do(t, host, func() error {
+		for _, f := range []string{"/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"} {
+			if err := os.WriteFile(f, []byte("1"), 0o644); err != nil {
+				return err
+			}
+		}
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "truth-out"}, PeerName: "truth-peer"}); err != nil {
+			return err
+		}
+		peer, err := netlink.LinkByName("truth-peer")
+		if err != nil {
+			return err
+		}
+		if err := netlink.LinkSetNsFd(peer, int(out.Fd())); err != nil {
+			return err
+		}
+		return up("truth-out", truthOutsideGW...)
+	})
+	testutil.Do(t, out, func() error {
+		if err := up("truth-peer", truthOutside4, truthOutside6); err != nil {
+			return err
+		}
+		for i, dst := range []netip.Prefix{podCIDR4, podCIDR6} {
+			gw := truthOutsideGW[i].Addr()
+			route := &netlink.Route{Dst: &net.IPNet{IP: dst.Addr().AsSlice(), Mask: net.CIDRMask(dst.Bits(), dst.Addr().BitLen())}, Gw: gw.AsSlice()}
+			if err := netlink.RouteAdd(route); err != nil {
+				return fmt.Errorf("route %s via %s: %w", dst, gw, err)
+			}
+		}
+		return nil
+	})
+	return out
 }
