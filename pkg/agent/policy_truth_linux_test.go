@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -12,15 +13,24 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"text/tabwriter"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	gipv4 "gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	gipv6 "gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	gicmp "gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/waiter"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -80,14 +90,22 @@ type truthProbe struct {
 }
 
 func (p truthProbe) String() string {
+	if p.proto == truthICMP {
+		return "ping"
+	}
 	return strings.ToLower(string(p.proto)) + "/" + fmt.Sprint(p.port)
 }
 
+// truthICMP stands for ICMP echo (ping) in a truthProbe: no port; only a
+// rule without ports lets it through.
+const truthICMP corev1.Protocol = "ICMP"
+
 // truthProbes are the ports every pod and the node listen on, and every
 // probe tries: the named ports "http" of the three apps (80, 8080, 9090)
-// and UDP 53 ("dns" of two of them).
+// and UDP 53 ("dns" of two of them); and ping, which every stack answers.
 var truthProbes = []truthProbe{
 	{corev1.ProtocolTCP, 80}, {corev1.ProtocolTCP, 8080}, {corev1.ProtocolTCP, 9090}, {corev1.ProtocolUDP, 53},
+	{truthICMP, 0},
 }
 
 var truthFamilies = []string{"IPv4", "IPv6"}
@@ -335,8 +353,8 @@ var truthSets = []truthSet{
 // (its informers fed by a fake clientset, as TestKubeNetworkPolicy), every
 // ordered pair of five pods in two namespaces (kernel pods on TAP links and
 // sandboxes on shared-memory links), the node, and a host outside (reached
-// through the node, egress to it masqueraded), on TCP 80, 8080, 9090 and
-// UDP 53, in IPv4 and IPv6, under each of truthSets: default deny in
+// through the node, egress to it masqueraded), on TCP 80, 8080, 9090,
+// UDP 53 and ping, in IPv4 and IPv6, under each of truthSets: default deny in
 // either direction, pod and namespace selectors alone and together
 // (matchLabels and matchExpressions, the namespace's name label), ipBlocks
 // with excepts (pod addresses, the node, the outside network), named ports
@@ -667,6 +685,9 @@ func serveTruth(t *testing.T, end truthEnd) {
 	answer := []byte(end.name + "\n")
 	for _, a := range end.addrs {
 		for _, pr := range truthProbes {
+			if pr.proto == truthICMP {
+				continue // the stacks answer
+			}
 			var ln net.Listener
 			var pc net.PacketConn
 			var err error
@@ -733,6 +754,9 @@ func serveTruth(t *testing.T, end truthEnd) {
 // true when dst answered, false when nothing answered within wait, and an
 // error for anything else (refused, reset, another end answering).
 func (e truthEnd) probe(dst truthEnd, fam int, pr truthProbe, wait time.Duration) (bool, error) {
+	if pr.proto == truthICMP {
+		return e.ping(dst.addrs[fam], wait)
+	}
 	to := netip.AddrPortFrom(dst.addrs[fam], pr.port)
 	var c net.Conn
 	var err error
@@ -928,7 +952,7 @@ func (m truthModel) peersMatch(polNS string, peers []networkingv1.NetworkPolicyP
 // an address no pod has, which has no named port).
 func portsMatch(ports []networkingv1.NetworkPolicyPort, dst *truthPod, pr truthProbe) bool {
 	if len(ports) == 0 {
-		return true
+		return true // every protocol, ICMP too
 	}
 	for _, p := range ports {
 		proto := corev1.ProtocolTCP
@@ -1029,4 +1053,110 @@ func truthOutside(t *testing.T, host ns.NetNS) ns.NetNS {
 		return nil
 	})
 	return out
+}
+
+// truthPingID numbers the echo requests of kernel-stack pings, whose raw
+// sockets see every echo reply of their namespace.
+var truthPingID atomic.Uint32
+
+// ping sends an ICMP echo request from e to dst and reports whether the
+// reply came within wait.
+func (e truthEnd) ping(dst netip.Addr, wait time.Duration) (bool, error) {
+	reqType, replyType := icmp.Type(ipv4.ICMPTypeEcho), icmp.Type(ipv4.ICMPTypeEchoReply)
+	if dst.Is6() {
+		reqType, replyType = ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
+	}
+	id := int(truthPingID.Add(1) & 0xffff)
+	req, err := (&icmp.Message{Type: reqType, Body: &icmp.Echo{ID: id, Seq: 1, Data: []byte("truth")}}).Marshal(nil)
+	if err != nil {
+		return false, err
+	}
+	if e.pod != nil && e.pod.sandbox {
+		return sandboxPing(e.pod.sb.s, dst, req, wait)
+	}
+	n := e.host
+	if e.pod != nil {
+		n = e.pod.tap.ns
+	}
+	network, proto := "ip4:icmp", 1 // IANA protocol 1: ICMP
+	if dst.Is6() {
+		network, proto = "ip6:ipv6-icmp", 58 // IANA protocol 58: ICMPv6
+	}
+	var c *icmp.PacketConn
+	if err := n.Do(func(ns.NetNS) error {
+		var err error
+		c, err = icmp.ListenPacket(network, "")
+		return err
+	}); err != nil {
+		return false, err
+	}
+	defer c.Close()
+	if _, err := c.WriteTo(req, &net.IPAddr{IP: dst.AsSlice()}); err != nil {
+		return false, err
+	}
+	c.SetReadDeadline(time.Now().Add(wait))
+	buf := make([]byte, 1500)
+	for {
+		k, from, err := c.ReadFrom(buf)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return false, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		m, err := icmp.ParseMessage(proto, buf[:k])
+		if err != nil || m.Type != replyType {
+			continue
+		}
+		if echo, ok := m.Body.(*icmp.Echo); ok && echo.ID == id {
+			if got, _ := netip.AddrFromSlice(from.(*net.IPAddr).IP); got.Unmap() != dst {
+				return false, fmt.Errorf("echo reply from %s", got)
+			}
+			return true, nil
+		}
+	}
+}
+
+// sandboxPing sends the echo request req from the sandbox's netstack s to
+// dst on a ping endpoint (which sets the identifier and takes only its
+// own replies) and reports whether a reply came within wait.
+func sandboxPing(s *stack.Stack, dst netip.Addr, req []byte, wait time.Duration) (bool, error) {
+	tp, np, reply := gicmp.ProtocolNumber4, gipv4.ProtocolNumber, byte(ipv4.ICMPTypeEchoReply)
+	if dst.Is6() {
+		tp, np, reply = gicmp.ProtocolNumber6, gipv6.ProtocolNumber, byte(ipv6.ICMPTypeEchoReply)
+	}
+	var wq waiter.Queue
+	we, ready := waiter.NewChannelEntry(waiter.ReadableEvents)
+	wq.EventRegister(&we)
+	defer wq.EventUnregister(&we)
+	ep, terr := s.NewEndpoint(tp, np, &wq)
+	if terr != nil {
+		return false, fmt.Errorf("ping endpoint: %s", terr)
+	}
+	defer ep.Close()
+	if terr := ep.Connect(tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(dst.AsSlice())}); terr != nil {
+		return false, fmt.Errorf("ping connect %s: %s", dst, terr)
+	}
+	if _, terr := ep.Write(bytes.NewReader(req), tcpip.WriteOptions{}); terr != nil {
+		return false, fmt.Errorf("ping %s: %s", dst, terr)
+	}
+	guard := time.After(wait)
+	for {
+		var b bytes.Buffer
+		_, terr := ep.Read(&b, tcpip.ReadOptions{})
+		if _, ok := terr.(*tcpip.ErrWouldBlock); ok {
+			select {
+			case <-ready:
+				continue
+			case <-guard:
+				return false, nil
+			}
+		}
+		if terr != nil {
+			return false, fmt.Errorf("ping %s: read: %s", dst, terr)
+		}
+		if b.Len() > 0 && b.Bytes()[0] == reply {
+			return true, nil
+		}
+	}
 }
