@@ -341,3 +341,116 @@ func sandboxAddr(family netip.Addr) netip.Addr {
 	}
 	return podS6
 }
+
+// udpEchoServer echoes every datagram to addr:port inside n back, until t
+// ends.
+func udpEchoServer(t testing.TB, n ns.NetNS, addr netip.Addr, port uint16) {
+	t.Helper()
+	var pc net.PacketConn
+	testutil.Do(t, n, func() error {
+		var err error
+		pc, err = net.ListenPacket("udp", netip.AddrPortFrom(addr, port).String())
+		return err
+	})
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 64<<10)
+		for {
+			k, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(buf[:k], from)
+		}
+	}()
+}
+
+// udpEchoes reports whether a datagram of size bytes from n to addr:port
+// comes back whole, trying up to tries times (a datagram may be lost on a
+// busy machine); false when none came back within deniedWait.
+func udpEchoes(t *testing.T, n ns.NetNS, addr netip.Addr, port uint16, size, tries int) bool {
+	t.Helper()
+	var c net.Conn
+	testutil.Do(t, n, func() error {
+		var err error
+		c, err = net.Dial("udp", netip.AddrPortFrom(addr, port).String())
+		return err
+	})
+	defer c.Close()
+	msg := make([]byte, size)
+	for i := range msg {
+		msg[i] = byte(i * 7)
+	}
+	buf := make([]byte, size+1)
+	for try := range tries {
+		msg[0] = byte(try)
+		if _, err := c.Write(msg); err != nil {
+			t.Fatalf("send %d bytes to %s port %d: %v", size, addr, port, err)
+		}
+		c.SetReadDeadline(time.Now().Add(deniedWait))
+		for {
+			k, err := c.Read(buf)
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				break
+			}
+			if err != nil {
+				t.Fatalf("receive from %s port %d: %v", addr, port, err)
+			}
+			if k == size && string(buf[:k]) == string(msg) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// TestPolicyFragments proves that policy lets a UDP datagram larger than
+// the links' MTU through whole, both ways, when its flow is allowed: its
+// later fragments carry no ports, and they pass as the first one did
+// (pod b takes a's datagrams on UDP 53 only, pod a takes nothing but
+// replies), in both families. A flow policy denies stays denied, however
+// it is cut.
+func TestPolicyFragments(t *testing.T) {
+	e := newEnv(t, dualStackConfig(false))
+	allow := allowFrom("b", "a")
+	udp := corev1.ProtocolUDP
+	port := intstr.FromInt32(53)
+	allow.Spec.Ingress[0].Ports = []networkingv1.NetworkPolicyPort{{Protocol: &udp, Port: &port}}
+	for _, f := range families {
+		udpEchoServer(t, e.b.ns, f.b, 53)
+		udpEchoServer(t, e.b.ns, f.b, 54)
+		udpEchoServer(t, e.a.ns, f.a, 53)
+	}
+	for _, f := range families {
+		if !udpEchoes(t, e.a.ns, f.b, 54, 4000, 3) {
+			t.Fatalf("%s: a datagram in fragments does not come back without policy", f.name)
+		}
+	}
+	e.r.SetPolicy(policy.Compile(policyInput(denyIngress, allow), nil))
+	for _, f := range families {
+		t.Run(f.name, func(t *testing.T) {
+			for _, c := range []struct {
+				what string
+				from ns.NetNS
+				to   netip.Addr
+				port uint16
+				size int
+				want bool
+			}{
+				{"a to b, allowed port, one packet", e.a.ns, f.b, 53, 1000, true},
+				{"a to b, allowed port, fragments", e.a.ns, f.b, 53, 4000, true},
+				{"a to b, other port, fragments", e.a.ns, f.b, 54, 4000, false},
+				{"b to a, fragments", e.b.ns, f.a, 53, 4000, false},
+			} {
+				tries := 1 // a denied datagram: one wait for nothing
+				if c.want {
+					tries = 3
+				}
+				if got := udpEchoes(t, c.from, c.to, c.port, c.size, tries); got != c.want {
+					t.Errorf("%s: echoed %v, want %v", c.what, got, c.want)
+				}
+			}
+		})
+	}
+}
