@@ -792,23 +792,38 @@ func (e truthEnd) probe(dst truthEnd, fam int, pr truthProbe, wait time.Duration
 		return false, err
 	}
 	defer c.Close()
+	var line string
 	if pr.proto == corev1.ProtocolUDP {
-		c.SetDeadline(time.Now().Add(wait))
-		if _, err := c.Write([]byte("probe\n")); err != nil {
-			return false, err
+		// A datagram or its answer may be lost on a busy machine: sent
+		// again every truthNoAnswer while the wait lasts.
+		deadline := time.Now().Add(wait)
+		buf := make([]byte, 256)
+		for {
+			if _, err := c.Write([]byte("probe\n")); err != nil {
+				return false, err
+			}
+			c.SetReadDeadline(earlier(deadline, time.Now().Add(truthNoAnswer)))
+			k, err := c.Read(buf)
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				if time.Now().Before(deadline) {
+					continue
+				}
+				return false, nil
+			}
+			if err != nil {
+				return false, err
+			}
+			line = string(buf[:k])
+			break
 		}
 	} else {
 		// Connected: the answer follows at once; the deadline only
 		// guards against a hang.
 		c.SetDeadline(time.Now().Add(ioTimeout))
-	}
-	line, err := bufio.NewReader(c).ReadString('\n')
-	var ne net.Error
-	if pr.proto == corev1.ProtocolUDP && errors.As(err, &ne) && ne.Timeout() {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
+		if line, err = bufio.NewReader(c).ReadString('\n'); err != nil {
+			return false, err
+		}
 	}
 	if got := strings.TrimSuffix(line, "\n"); got != dst.name {
 		return false, fmt.Errorf("answered by %q", got)
@@ -1091,14 +1106,23 @@ func (e truthEnd) ping(dst netip.Addr, wait time.Duration) (bool, error) {
 		return false, err
 	}
 	defer c.Close()
-	if _, err := c.WriteTo(req, &net.IPAddr{IP: dst.AsSlice()}); err != nil {
-		return false, err
-	}
-	c.SetReadDeadline(time.Now().Add(wait))
+	// Sent again every truthNoAnswer while the wait lasts.
+	deadline := time.Now().Add(wait)
+	resend := time.Now()
 	buf := make([]byte, 1500)
 	for {
+		if !time.Now().Before(resend) {
+			if _, err := c.WriteTo(req, &net.IPAddr{IP: dst.AsSlice()}); err != nil {
+				return false, err
+			}
+			resend = time.Now().Add(truthNoAnswer)
+			c.SetReadDeadline(earlier(deadline, resend))
+		}
 		k, from, err := c.ReadFrom(buf)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
+			if time.Now().Before(deadline) {
+				continue
+			}
 			return false, nil
 		}
 		if err != nil {
@@ -1137,9 +1161,18 @@ func sandboxPing(s *stack.Stack, dst netip.Addr, req []byte, wait time.Duration)
 	if terr := ep.Connect(tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(dst.AsSlice())}); terr != nil {
 		return false, fmt.Errorf("ping connect %s: %s", dst, terr)
 	}
-	if _, terr := ep.Write(bytes.NewReader(req), tcpip.WriteOptions{}); terr != nil {
-		return false, fmt.Errorf("ping %s: %s", dst, terr)
+	send := func() error {
+		if _, terr := ep.Write(bytes.NewReader(req), tcpip.WriteOptions{}); terr != nil {
+			return fmt.Errorf("ping %s: %s", dst, terr)
+		}
+		return nil
 	}
+	if err := send(); err != nil {
+		return false, err
+	}
+	// Sent again every truthNoAnswer while the wait lasts.
+	resend := time.NewTicker(truthNoAnswer)
+	defer resend.Stop()
 	guard := time.After(wait)
 	for {
 		var b bytes.Buffer
@@ -1147,10 +1180,14 @@ func sandboxPing(s *stack.Stack, dst netip.Addr, req []byte, wait time.Duration)
 		if _, ok := terr.(*tcpip.ErrWouldBlock); ok {
 			select {
 			case <-ready:
-				continue
+			case <-resend.C:
+				if err := send(); err != nil {
+					return false, err
+				}
 			case <-guard:
 				return false, nil
 			}
+			continue
 		}
 		if terr != nil {
 			return false, fmt.Errorf("ping %s: read: %s", dst, terr)
@@ -1159,4 +1196,12 @@ func sandboxPing(s *stack.Stack, dst netip.Addr, req []byte, wait time.Duration)
 			return true, nil
 		}
 	}
+}
+
+// earlier returns the earlier of a and b.
+func earlier(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
 }
