@@ -23,6 +23,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/shm-cni/shm-cni/internal/tcpipx"
 	"github.com/shm-cni/shm-cni/internal/testutil"
@@ -182,6 +183,12 @@ var tapOptions = tuntap.Options{VnetHdr: true, Offload: true, Persist: true}
 // the attach.
 func (r *running) newTapPod(t *testing.T, cid string, sendMAC bool) *pod {
 	t.Helper()
+	return r.newTapPodAs(t, cid, "default", "pod-"+cid, sendMAC)
+}
+
+// newTapPodAs is newTapPod for the Kubernetes pod podNS/podName.
+func (r *running) newTapPodAs(t *testing.T, cid, podNS, podName string, sendMAC bool) *pod {
+	t.Helper()
 	p := &pod{ns: testutil.NewNS(t), cid: cid}
 	var f *os.File
 	var mac net.HardwareAddr
@@ -202,7 +209,7 @@ func (r *running) newTapPod(t *testing.T, cid string, sendMAC bool) *pod {
 	})
 	req := &agentapi.AttachRequest{
 		ContainerID: cid, IfName: "eth0", Netns: p.ns.Path(), Network: "shm-test", Kind: agentapi.KindTap,
-		PodNamespace: "default", PodName: "pod-" + cid,
+		PodNamespace: podNS, PodName: podName,
 	}
 	if sendMAC {
 		req.MAC = mac.String()
@@ -273,6 +280,11 @@ func (r *running) tryAttachShm(t *testing.T, cid string) (*agentapi.AttachRespon
 // tryAttachShmWith attaches a shm link with a fresh queue pair of sizes sz,
 // asking for MTU mtu (0: the agent's choice).
 func (r *running) tryAttachShmWith(t *testing.T, cid string, sz queue.Sizes, mtu int) (*agentapi.AttachResponse, error) {
+	return r.tryAttachShmAs(t, cid, "default", "sandbox-"+cid, sz, mtu)
+}
+
+// tryAttachShmAs is tryAttachShmWith for the Kubernetes pod podNS/podName.
+func (r *running) tryAttachShmAs(t *testing.T, cid, podNS, podName string, sz queue.Sizes, mtu int) (*agentapi.AttachResponse, error) {
 	pair, err := queue.NewPair(sz)
 	if err != nil {
 		return nil, err
@@ -284,7 +296,7 @@ func (r *running) tryAttachShmWith(t *testing.T, cid string, sz queue.Sizes, mtu
 		// sandbox lives there): any netns path does.
 		ContainerID: cid, IfName: "eth0", Netns: "/proc/self/ns/net", Network: "shm-test", Kind: agentapi.KindShm,
 		Queue:        &agentapi.QueueSizes{DataSize: sz.DataSize, PipeSize: sz.PipeSize, BufferSize: sz.BufferSize},
-		PodNamespace: "default", PodName: "sandbox-" + cid,
+		PodNamespace: podNS, PodName: podName,
 	}}, pair.FDs())
 	if err != nil {
 		return nil, err
@@ -311,7 +323,7 @@ func dialSandbox(t *testing.T, socketPath string) (*sandbox, error) {
 	}
 	s := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol, arp.NewProtocol},
-		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
 	})
 	sack := tcpip.TCPSACKEnabled(true)
 	s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack)

@@ -61,6 +61,16 @@
 // established 6 h, closing 10 s, unanswered 30 s, answered UDP and SCTP
 // 120 s, ICMP echo 30 s); inserts sweep a few entries for expired ones.
 //
+// # Fragments
+//
+// A datagram larger than a link's MTU crosses in fragments, and only the
+// first carries ports. The first is judged as any packet; when it passes,
+// its datagram (addresses, protocol, IP identification) is remembered for
+// 30 s (Linux's reassembly timeout; 4096 datagrams, the oldest forgotten
+// first) and its later fragments pass too. A later fragment of a datagram
+// not remembered is judged by its addresses and protocol: only a rule of
+// every port lets it through.
+//
 // # Policy changes
 //
 // Every Compile makes a new generation. A tracked connection remembers the

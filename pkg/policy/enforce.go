@@ -13,6 +13,8 @@ type Enforcer struct {
 	snap atomic.Pointer[Snapshot]
 	// ct is the connection tracker. Immutable pointer.
 	ct *Tracker
+	// frags remembers the datagrams whose first fragment passed.
+	frags fragTable
 	// nodeAddrs are the node's addresses the enforcer's owner knows
 	// itself (the router's node gateways), beside the snapshot's.
 	// Immutable.
@@ -92,9 +94,12 @@ func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod bool) bool {
 		e.denyEither(s, &f, sp, dp, DenyUntrackedError)
 		return false // about nothing tracked, or a connection denied
 	}
+	if f.frag == fragLater && e.frags.passed(f.fragKey(), e.ct.now()) {
+		return true // its datagram's first fragment passed
+	}
 	if (f.Proto == ProtoTCP || f.Proto == ProtoUDP || f.Proto == ProtoSCTP) && !f.Ports {
-		// A later fragment: no ports to track it by; a rule of every
-		// port may let it through.
+		// A later fragment of a datagram not seen to pass: no ports
+		// to track it by; a rule of every port may let it through.
 		if by, dir := e.decide(s, &f.Tuple, false); by != nil {
 			e.deny(s, &f, by, dir, DenyNoRule)
 			return false
@@ -104,6 +109,7 @@ func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod bool) bool {
 	var orig Tuple
 	switch e.ct.lookup(&f, s, e, &orig) {
 	case hit:
+		e.fragPassed(&f)
 		return true
 	case denied:
 		// Counted against the pod whose policy denies the connection
@@ -149,7 +155,16 @@ func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod bool) bool {
 		}
 		return false
 	}
+	e.fragPassed(&f)
 	return true
+}
+
+// fragPassed remembers f's datagram when f is its first fragment, so that
+// its later fragments pass (frag.go).
+func (e *Enforcer) fragPassed(f *Flow) {
+	if f.frag == fragFirst {
+		e.frags.add(f.fragKey(), e.ct.now())
+	}
 }
 
 // decide returns nil when a connection t (ports: it has ports to match)

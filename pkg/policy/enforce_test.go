@@ -21,7 +21,9 @@ type packet struct {
 	typ          uint8  // ICMP type
 	id           uint16 // ICMP echo identifier
 	quote        []byte // an ICMP error's quoted packet
-	fragOff      uint16 // IPv4 fragment offset in 8-byte units
+	fragOff      uint16 // fragment offset in 8-byte units
+	more         bool   // more fragments follow
+	fragID       uint32 // the datagram's identification (IPv6: with a fragment header)
 }
 
 func (p packet) bytes() []byte {
@@ -49,7 +51,12 @@ func (p packet) bytes() []byte {
 		h := make([]byte, 20)
 		h[0] = 0x45
 		binary.BigEndian.PutUint16(h[2:], uint16(20+len(l4)))
-		binary.BigEndian.PutUint16(h[6:], p.fragOff)
+		binary.BigEndian.PutUint16(h[4:], uint16(p.fragID))
+		ff := p.fragOff
+		if p.more {
+			ff |= 0x2000
+		}
+		binary.BigEndian.PutUint16(h[6:], ff)
 		h[8] = 64
 		h[9] = p.proto
 		copy(h[12:], p.src.AsSlice())
@@ -58,11 +65,23 @@ func (p packet) bytes() []byte {
 	}
 	h := make([]byte, 40)
 	h[0] = 0x60
-	binary.BigEndian.PutUint16(h[4:], uint16(len(l4)))
 	h[6] = p.proto
 	h[7] = 64
 	copy(h[8:], p.src.AsSlice())
 	copy(h[24:], p.dst.AsSlice())
+	if p.more || p.fragOff != 0 || p.fragID != 0 {
+		fh := make([]byte, 8)
+		fh[0] = p.proto
+		om := p.fragOff << 3
+		if p.more {
+			om |= 1
+		}
+		binary.BigEndian.PutUint16(fh[2:], om)
+		binary.BigEndian.PutUint32(fh[4:], p.fragID)
+		h[6] = 44 // fragment header
+		h = append(h, fh...)
+	}
+	binary.BigEndian.PutUint16(h[4:], uint16(len(h)-40+len(l4)))
 	return append(h, l4...)
 }
 
@@ -453,5 +472,52 @@ func TestRemoteEgress(t *testing.T) {
 	}
 	if !e.FromUplink(syn.reply().bytes()) {
 		t.Error("far's SYN-ACK to db's connection denied")
+	}
+}
+
+// TestFragments: the later fragments of a datagram (no ports) pass when
+// its first fragment passed, as a new flow's or as a reply's, and not
+// when it was denied or never seen, nor once fragTimeout has passed; in
+// both families.
+func TestFragments(t *testing.T) {
+	for _, fam := range []string{"IPv4", "IPv6"} {
+		t.Run(fam, func(t *testing.T) {
+			client, db, web := endpoints["client"].v4, endpoints["db"].v4, endpoints["web"].v4
+			if fam == "IPv6" {
+				client, db, web = endpoints["client"].v6, endpoints["db"].v6, endpoints["web"].v6
+			}
+			// prod/client takes nothing in and may send to prod/db
+			// on UDP 5432 alone.
+			e, clock := enforcer(t, DefaultTrackerConfig, netpol("prod", "client", sel("app", "client"),
+				[]networkingv1.PolicyType{networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress}, nil,
+				to(ports(udpPort(5432)), podPeer(sel("app", "db"), nil))))
+			first := packet{src: client, dst: db, proto: ProtoUDP, sport: 40000, dport: 5432, more: true, fragID: 77}
+			later := first
+			later.fragOff, later.more = 185, false // 1480 bytes on
+			for _, c := range []struct {
+				what string
+				p    packet
+				want bool
+			}{
+				{"a later fragment before its first", later, false},
+				{"the first fragment to an allowed port", first, true},
+				{"its later fragment", later, true},
+				{"a middle fragment", packet{src: client, dst: db, proto: ProtoUDP, fragOff: 185, more: true, fragID: 77}, true},
+				{"another datagram's later fragment", packet{src: client, dst: db, proto: ProtoUDP, fragOff: 185, fragID: 78}, false},
+				{"a later fragment of the same id to another pod", packet{src: client, dst: web, proto: ProtoUDP, fragOff: 185, fragID: 77}, false},
+				{"the reply's first fragment", packet{src: db, dst: client, proto: ProtoUDP, sport: 5432, dport: 40000, more: true, fragID: 5}, true},
+				{"the reply's later fragment", packet{src: db, dst: client, proto: ProtoUDP, fragOff: 185, fragID: 5}, true},
+				{"a first fragment to a denied port", packet{src: client, dst: db, proto: ProtoUDP, sport: 40000, dport: 9999, more: true, fragID: 80}, false},
+				{"its later fragment", packet{src: client, dst: db, proto: ProtoUDP, fragOff: 185, fragID: 80}, false},
+			} {
+				if got := e.FromPod(c.p.bytes()); got != c.want {
+					t.Errorf("%s: passed %v, want %v", c.what, got, c.want)
+				}
+			}
+			*clock += fragTimeout
+			if e.FromPod(later.bytes()) {
+				t.Errorf("a later fragment passed %v after its first", time.Duration(fragTimeout))
+			}
+		})
 	}
 }

@@ -341,6 +341,9 @@ func FuzzCompile(f *testing.F) {
 func FuzzTracker(f *testing.F) {
 	f.Add([]byte{0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 12, 10, 0, 0, 11, 1, 2, 0x15, 0x38}, uint16(500))
 	f.Add([]byte{0x60, 0, 0, 0, 0, 8, 58, 64}, uint16(3000))
+	// Fragments (frag.go): a first one, a later one.
+	f.Add(packet{src: endpoints["client"].v4, dst: endpoints["db"].v4, proto: ProtoUDP, sport: 1, dport: 53, more: true, fragID: 9}.bytes(), uint16(20))
+	f.Add(packet{src: endpoints["client"].v6, dst: endpoints["db"].v6, proto: ProtoUDP, fragOff: 185, fragID: 9}.bytes(), uint16(20))
 	f.Fuzz(func(t *testing.T, data []byte, flows uint16) {
 		cfg := DefaultTrackerConfig
 		cfg.MaxConns, cfg.PodShare = 256, 32

@@ -32,7 +32,19 @@ type Flow struct {
 	// flow between the same hosts, sent the other way.
 	Error bool
 	Inner Tuple
+	// frag says the packet is a fragment (frag.go): fragFirst, the
+	// first of a datagram with more to come, or fragLater, one without
+	// the transport header; fragID is the datagram's IP identification.
+	frag   uint8
+	fragID uint32
 }
+
+// Flow.frag values.
+const (
+	fragNone uint8 = iota
+	fragFirst
+	fragLater
+)
 
 // TCP flags.
 const (
@@ -72,7 +84,11 @@ func parse(ip []byte, outer bool) (Flow, bool) {
 		f.Src = netip.AddrFrom4([4]byte(ip[12:16]))
 		f.Dst = netip.AddrFrom4([4]byte(ip[16:20]))
 		f.Proto = ip[9]
-		first = binary.BigEndian.Uint16(ip[6:8])&0x1fff == 0
+		ff := binary.BigEndian.Uint16(ip[6:8])
+		first = ff&0x1fff == 0
+		if more := ff&0x2000 != 0; more || !first {
+			f.frag, f.fragID = fragFirst, uint32(binary.BigEndian.Uint16(ip[4:6]))
+		}
 		l4 = ip[hl:]
 	case 6:
 		if len(ip) < 40 {
@@ -94,6 +110,9 @@ func parse(ip []byte, outer bool) (Flow, bool) {
 					return f, false
 				}
 				first = binary.BigEndian.Uint16(ip[off+2:])&^7 == 0
+				if more := ip[off+3]&1 != 0; more || !first {
+					f.frag, f.fragID = fragFirst, binary.BigEndian.Uint32(ip[off+4:])
+				}
 				next, off = ip[off], off+8
 			default:
 				break walk
@@ -114,6 +133,7 @@ func parse(ip []byte, outer bool) (Flow, bool) {
 		return f, false
 	}
 	if !first {
+		f.frag = fragLater
 		return f, true // no transport header: matched without ports
 	}
 	switch f.Proto {

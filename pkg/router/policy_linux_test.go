@@ -28,14 +28,16 @@ const deniedWait = 2 * time.Second
 // policyInput is newEnv's two pods as Kubernetes sees them (default/a,
 // app=a; default/b, app=b) under pols.
 func policyInput(pols ...*networkingv1.NetworkPolicy) policy.Input {
-	pod := func(name string, addrs ...netip.Addr) *corev1.Pod {
-		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Labels: map[string]string{"app": name}}}
-		for _, a := range addrs {
-			p.Status.PodIPs = append(p.Status.PodIPs, corev1.PodIP{IP: a.String()})
-		}
-		return p
+	return policy.Input{Pods: []*corev1.Pod{policyPod("a", podA4, podA6), policyPod("b", podB4, podB6)}, Policies: pols}
+}
+
+// policyPod is the pod default/name, app=name, with addrs.
+func policyPod(name string, addrs ...netip.Addr) *corev1.Pod {
+	p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Labels: map[string]string{"app": name}}}
+	for _, a := range addrs {
+		p.Status.PodIPs = append(p.Status.PodIPs, corev1.PodIP{IP: a.String()})
 	}
-	return policy.Input{Pods: []*corev1.Pod{pod("a", podA4, podA6), pod("b", podB4, podB6)}, Policies: pols}
+	return p
 }
 
 // denyIngress isolates every pod of the namespace for ingress.
@@ -45,13 +47,16 @@ var denyIngress = &networkingv1.NetworkPolicy{
 }
 
 // bFromA lets pod a reach pod b on the TCP ports.
-func bFromA(ports ...int32) *networkingv1.NetworkPolicy {
+func bFromA(ports ...int32) *networkingv1.NetworkPolicy { return allowFrom("b", "a", ports...) }
+
+// allowFrom lets the pods app=from reach the pods app=to on the TCP ports.
+func allowFrom(to, from string, ports ...int32) *networkingv1.NetworkPolicy {
 	np := &networkingv1.NetworkPolicy{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "b-from-a"},
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: to + "-from-" + from},
 		Spec: networkingv1.NetworkPolicySpec{
-			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "b"}},
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": to}},
 			Ingress: []networkingv1.NetworkPolicyIngressRule{{
-				From: []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "a"}}}},
+				From: []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": from}}}},
 			}},
 		},
 	}
@@ -73,6 +78,12 @@ func echoServer(t testing.TB, n ns.NetNS, addr netip.Addr, port uint16) {
 		return err
 	})
 	t.Cleanup(func() { ln.Close() })
+	serveEcho(ln)
+}
+
+// serveEcho echoes every line of every connection to ln back, until ln is
+// closed.
+func serveEcho(ln net.Listener) {
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -136,7 +147,18 @@ func (e *echoConn) roundTrip(i int, wait time.Duration) error {
 // carries a round trip; false when the dial times out.
 func connects(t *testing.T, n ns.NetNS, addr netip.Addr, port uint16) bool {
 	t.Helper()
-	c, err := dialFrom(n, addr, port, deniedWait)
+	return connectsWith(t, func(addr netip.Addr, port uint16, wait time.Duration) (net.Conn, error) {
+		return dialFrom(n, addr, port, wait)
+	}, addr, port)
+}
+
+// dialer dials addr:port from a pod, giving up after wait.
+type dialer func(addr netip.Addr, port uint16, wait time.Duration) (net.Conn, error)
+
+// connectsWith is connects from the pod of dial.
+func connectsWith(t *testing.T, dial dialer, addr netip.Addr, port uint16) bool {
+	t.Helper()
+	c, err := dial(addr, port, deniedWait)
 	if err != nil {
 		var ne net.Error
 		if !errors.As(err, &ne) || !ne.Timeout() {
@@ -213,69 +235,221 @@ func TestPolicyEnforced(t *testing.T) {
 
 // TestPolicyChangeUnderLoad proves that a new snapshot keeps a busy
 // connection it still allows (round trips carry on across the change
-// without an error) and stops one it now denies, in both families.
+// without an error) and stops one it now denies, in both families, from a
+// kernel pod to a kernel pod, from a kernel pod to a sandbox and from a
+// sandbox to a kernel pod (a shared-memory link, the router's server end).
 func TestPolicyChangeUnderLoad(t *testing.T) {
 	e := newEnv(t, dualStackConfig(false))
+	sb := newSandboxPod(t, e.r, "pod-s", podS4, podS6)
 	for _, f := range families {
-		echoServer(t, e.b.ns, f.b, 8080)
-		echoServer(t, e.b.ns, f.b, 9090)
+		for _, port := range []uint16{8080, 9090} {
+			echoServer(t, e.b.ns, f.b, port)
+			serveEcho(sb.listen(t, sandboxAddr(f.a), port))
+		}
+	}
+	fromA := func(addr netip.Addr, port uint16, wait time.Duration) (net.Conn, error) {
+		return dialFrom(e.a.ns, addr, port, wait)
+	}
+	for _, c := range []struct {
+		name         string
+		client, serv string // the pods' app labels
+		dial         dialer
+		to           func(family netip.Addr) netip.Addr
+	}{
+		{"kernel to kernel", "a", "b", fromA, func(f netip.Addr) netip.Addr { return e.b.addr(f) }},
+		{"kernel to sandbox", "a", "s", fromA, sandboxAddr},
+		{"sandbox to kernel", "s", "b", sb.dial, func(f netip.Addr) netip.Addr { return e.b.addr(f) }},
+	} {
+		for _, f := range families {
+			t.Run(c.name+"/"+f.name, func(t *testing.T) {
+				in := func(ports ...int32) policy.Input {
+					in := policyInput(denyIngress, allowFrom(c.serv, c.client, ports...))
+					in.Pods = append(in.Pods, policyPod("s", podS4, podS6))
+					return in
+				}
+				dst := c.to(f.a)
+				e.r.SetPolicy(policy.Compile(in(8080, 9090), e.r.Policy()))
+				var conns [2]*echoConn
+				for i, port := range []uint16{8080, 9090} {
+					conn, err := c.dial(dst, port, ioDeadline)
+					if err != nil {
+						t.Fatalf("dial port %d: %v", port, err)
+					}
+					t.Cleanup(func() { conn.Close() })
+					conns[i] = newEchoConn(conn)
+					if err := conns[i].roundTrip(0, ioDeadline); err != nil {
+						t.Fatalf("port %d before the change: %v", port, err)
+					}
+				}
+				kept, cut := conns[0], conns[1]
+
+				// kept is busy across the change: round trips back to back.
+				var trips atomic.Int64
+				stop, done := make(chan struct{}), make(chan error, 1)
+				go func() {
+					for i := 1; ; i++ {
+						select {
+						case <-stop:
+							done <- nil
+							return
+						default:
+						}
+						if err := kept.roundTrip(i, ioDeadline); err != nil {
+							done <- fmt.Errorf("round trip %d: %w", i, err)
+							return
+						}
+						trips.Add(1)
+					}
+				}()
+				waitTrips := func(n int64) {
+					for trips.Load() < n {
+						select {
+						case err := <-done:
+							t.Fatalf("the allowed connection broke: %v", err)
+						case <-time.After(time.Millisecond):
+						}
+					}
+				}
+				waitTrips(100)
+				e.r.SetPolicy(policy.Compile(in(8080), e.r.Policy()))
+				waitTrips(trips.Load() + 1000)
+				close(stop)
+				if err := <-done; err != nil {
+					t.Fatalf("the allowed connection broke across the change: %v", err)
+				}
+				if err := cut.roundTrip(1, deniedWait); err == nil {
+					t.Errorf("the connection the new policy denies carried on")
+				}
+				if connectsWith(t, c.dial, dst, 9090) {
+					t.Errorf("a new connection to the denied port opened")
+				}
+			})
+		}
+	}
+}
+
+// The sandbox pod's addresses (newSandboxPod).
+var (
+	podS4 = netip.MustParseAddr("10.244.1.30")
+	podS6 = netip.MustParseAddr("2001:db8:0:1::30")
+)
+
+// sandboxAddr returns the sandbox pod's address of family's family.
+func sandboxAddr(family netip.Addr) netip.Addr {
+	if family.Is4() {
+		return podS4
+	}
+	return podS6
+}
+
+// udpEchoServer echoes every datagram to addr:port inside n back, until t
+// ends.
+func udpEchoServer(t testing.TB, n ns.NetNS, addr netip.Addr, port uint16) {
+	t.Helper()
+	var pc net.PacketConn
+	testutil.Do(t, n, func() error {
+		var err error
+		pc, err = net.ListenPacket("udp", netip.AddrPortFrom(addr, port).String())
+		return err
+	})
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 64<<10)
+		for {
+			k, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(buf[:k], from)
+		}
+	}()
+}
+
+// udpEchoes reports whether a datagram of size bytes from n to addr:port
+// comes back whole, trying up to tries times (a datagram may be lost on a
+// busy machine); false when none came back within deniedWait.
+func udpEchoes(t *testing.T, n ns.NetNS, addr netip.Addr, port uint16, size, tries int) bool {
+	t.Helper()
+	var c net.Conn
+	testutil.Do(t, n, func() error {
+		var err error
+		c, err = net.Dial("udp", netip.AddrPortFrom(addr, port).String())
+		return err
+	})
+	defer c.Close()
+	msg := make([]byte, size)
+	for i := range msg {
+		msg[i] = byte(i * 7)
+	}
+	buf := make([]byte, size+1)
+	for try := range tries {
+		msg[0] = byte(try)
+		if _, err := c.Write(msg); err != nil {
+			t.Fatalf("send %d bytes to %s port %d: %v", size, addr, port, err)
+		}
+		c.SetReadDeadline(time.Now().Add(deniedWait))
+		for {
+			k, err := c.Read(buf)
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				break
+			}
+			if err != nil {
+				t.Fatalf("receive from %s port %d: %v", addr, port, err)
+			}
+			if k == size && string(buf[:k]) == string(msg) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// TestPolicyFragments proves that policy lets a UDP datagram larger than
+// the links' MTU through whole, both ways, when its flow is allowed: its
+// later fragments carry no ports, and they pass as the first one did
+// (pod b takes a's datagrams on UDP 53 only, pod a takes nothing but
+// replies), in both families. A flow policy denies stays denied, however
+// it is cut.
+func TestPolicyFragments(t *testing.T) {
+	e := newEnv(t, dualStackConfig(false))
+	allow := allowFrom("b", "a")
+	udp := corev1.ProtocolUDP
+	port := intstr.FromInt32(53)
+	allow.Spec.Ingress[0].Ports = []networkingv1.NetworkPolicyPort{{Protocol: &udp, Port: &port}}
+	for _, f := range families {
+		udpEchoServer(t, e.b.ns, f.b, 53)
+		udpEchoServer(t, e.b.ns, f.b, 54)
+		udpEchoServer(t, e.a.ns, f.a, 53)
 	}
 	for _, f := range families {
+		if !udpEchoes(t, e.a.ns, f.b, 54, 4000, 3) {
+			t.Fatalf("%s: a datagram in fragments does not come back without policy", f.name)
+		}
+	}
+	e.r.SetPolicy(policy.Compile(policyInput(denyIngress, allow), nil))
+	for _, f := range families {
 		t.Run(f.name, func(t *testing.T) {
-			e.r.SetPolicy(policy.Compile(policyInput(denyIngress, bFromA(8080, 9090)), e.r.Policy()))
-			var conns [2]*echoConn
-			for i, port := range []uint16{8080, 9090} {
-				c, err := dialFrom(e.a.ns, f.b, port, ioDeadline)
-				if err != nil {
-					t.Fatalf("dial port %d: %v", port, err)
+			for _, c := range []struct {
+				what string
+				from ns.NetNS
+				to   netip.Addr
+				port uint16
+				size int
+				want bool
+			}{
+				{"a to b, allowed port, one packet", e.a.ns, f.b, 53, 1000, true},
+				{"a to b, allowed port, fragments", e.a.ns, f.b, 53, 4000, true},
+				{"a to b, other port, fragments", e.a.ns, f.b, 54, 4000, false},
+				{"b to a, fragments", e.b.ns, f.a, 53, 4000, false},
+			} {
+				tries := 1 // a denied datagram: one wait for nothing
+				if c.want {
+					tries = 3
 				}
-				t.Cleanup(func() { c.Close() })
-				conns[i] = newEchoConn(c)
-				if err := conns[i].roundTrip(0, ioDeadline); err != nil {
-					t.Fatalf("port %d before the change: %v", port, err)
+				if got := udpEchoes(t, c.from, c.to, c.port, c.size, tries); got != c.want {
+					t.Errorf("%s: echoed %v, want %v", c.what, got, c.want)
 				}
-			}
-			kept, cut := conns[0], conns[1]
-
-			// kept is busy across the change: round trips back to back.
-			var trips atomic.Int64
-			stop, done := make(chan struct{}), make(chan error, 1)
-			go func() {
-				for i := 1; ; i++ {
-					select {
-					case <-stop:
-						done <- nil
-						return
-					default:
-					}
-					if err := kept.roundTrip(i, ioDeadline); err != nil {
-						done <- fmt.Errorf("round trip %d: %w", i, err)
-						return
-					}
-					trips.Add(1)
-				}
-			}()
-			waitTrips := func(n int64) {
-				for trips.Load() < n {
-					select {
-					case err := <-done:
-						t.Fatalf("the allowed connection broke: %v", err)
-					case <-time.After(time.Millisecond):
-					}
-				}
-			}
-			waitTrips(100)
-			e.r.SetPolicy(policy.Compile(policyInput(denyIngress, bFromA(8080)), e.r.Policy()))
-			waitTrips(trips.Load() + 1000)
-			close(stop)
-			if err := <-done; err != nil {
-				t.Fatalf("the allowed connection broke across the change: %v", err)
-			}
-			if err := cut.roundTrip(1, deniedWait); err == nil {
-				t.Errorf("the connection the new policy denies carried on")
-			}
-			if connects(t, e.a.ns, f.b, 9090) {
-				t.Errorf("a new connection to the denied port opened")
 			}
 		})
 	}
