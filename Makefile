@@ -20,6 +20,7 @@
 #   make e2e-kind  three-node kind cluster on shm-cni (needs root; starts and
 #                stops its own Docker engine; E2E=1 adds Kubernetes'
 #                [sig-network] [Conformance] tests; test/e2e/kind/run.sh)
+#   make e2e-kind-netpol  the same with Kubernetes' NetworkPolicy tests
 
 GO       ?= go
 BIN      ?= bin
@@ -138,13 +139,18 @@ e2e-runsc: deps
 e2e-k8s: deps
 	@test/e2e/cri/tier3-k8s.sh
 
-.PHONY: kind-node-image e2e-kind
+.PHONY: kind-node-image e2e-kind e2e-kind-netpol
 kind-node-image: deps
 	@hack/cri-deps.sh kind
 	@hack/kind-node-image.sh
 
 e2e-kind: deps
 	@test/e2e/kind/run.sh
+
+# e2e-kind-netpol: the kind tier and Kubernetes' NetworkPolicy e2e tests
+# (all but SCTP connectivity, which needs a kernel with SCTP; ~20 min).
+e2e-kind-netpol: deps
+	@E2E=1 FOCUS='\[sig-network\] Netpol' SKIP='\[Feature:SCTPConnectivity\]|\[Serial\]|\[Disruptive\]' test/e2e/kind/run.sh
 
 # bench-runsc writes $(BIN)/bench-runsc.md; never part of test.
 bench-runsc: deps
