@@ -72,11 +72,12 @@ var resources = map[string]string{
 // startListWatchServer serves on an ephemeral port of 127.0.0.1 in
 // netns x.
 func startListWatchServer(x ns.NetNS) (*listWatchServer, error) {
-	s := &listWatchServer{objs: map[string]map[string]apiObject{}, events: map[string][]watchEvent{},
-		changed: make(chan struct{}), done: make(chan struct{})}
+	objs := make(map[string]map[string]apiObject, len(resources))
 	for r := range resources {
-		s.objs[r] = map[string]apiObject{}
+		objs[r] = map[string]apiObject{}
 	}
+	s := &listWatchServer{objs: objs, events: map[string][]watchEvent{},
+		changed: make(chan struct{}), done: make(chan struct{})}
 	err := x.Do(func(ns.NetNS) error {
 		var err error
 		s.ln, err = net.Listen("tcp", "127.0.0.1:0")
