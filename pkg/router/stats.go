@@ -30,6 +30,11 @@ type LinkStats struct {
 	// Filtered counts, by reason, what the pod sent that the router's
 	// anti-spoofing filter dropped before the stack saw it (filter.go).
 	Filtered FilterDrops
+	// BandwidthIngressDrops and BandwidthEgressDrops count the packets
+	// the link's bandwidth limit dropped (bandwidth.go): to the pod (part
+	// of TxPackets: they were handed to the link) and from it (not part
+	// of RxPackets).
+	BandwidthIngressDrops, BandwidthEgressDrops uint64
 }
 
 // Add returns the sums of s's and o's counters (a link's sessions, say).
@@ -39,6 +44,8 @@ func (s LinkStats) Add(o LinkStats) LinkStats {
 		TxPackets: s.TxPackets + o.TxPackets, TxBytes: s.TxBytes + o.TxBytes,
 		FastRxPackets: s.FastRxPackets + o.FastRxPackets, FastTxPackets: s.FastTxPackets + o.FastTxPackets,
 		RxDrops: s.RxDrops + o.RxDrops, TxDrops: s.TxDrops + o.TxDrops,
+		BandwidthIngressDrops: s.BandwidthIngressDrops + o.BandwidthIngressDrops,
+		BandwidthEgressDrops:  s.BandwidthEgressDrops + o.BandwidthEgressDrops,
 	}
 	for i := range out.Filtered {
 		out.Filtered[i] = s.Filtered[i] + o.Filtered[i]
@@ -60,6 +67,7 @@ func (r *Router) LinkStats(id string) (LinkStats, error) {
 	}
 	st := nicStats(info)
 	st.Filtered = lk.filter.Drops()
+	st.BandwidthIngressDrops, st.BandwidthEgressDrops = lk.bw.drops()
 	c := lk.fast.counters
 	st.FastRxPackets, st.FastTxPackets = c.rxPackets.Load(), c.txPackets.Load()
 	st.RxPackets += st.FastRxPackets
