@@ -85,6 +85,10 @@ type AttachRequest struct {
 	// MAC is the pod-side MAC of a TAP link, so the agent can pin a static
 	// neighbor entry. Optional.
 	MAC string `json:"mac,omitempty"`
+	// Bandwidth is the pod's bandwidth limit (the CNI bandwidth
+	// capability), which the agent enforces on the link; nil or zero
+	// limits nothing.
+	Bandwidth *linkspec.Bandwidth `json:"bandwidth,omitempty"`
 }
 
 // QueueSizes are the sizes of a shm link's queues, in bytes.

@@ -175,6 +175,21 @@ func (a *AttachRequest) validate(p *problems) {
 			p.add("attach.mac", "%s is all zeroes", untrusted.Quote(a.MAC))
 		}
 	}
+	if a.Bandwidth != nil {
+		if err := a.Bandwidth.Validate(); err != nil {
+			for _, e := range unjoin(err) {
+				*p = append(*p, "attach.bandwidth."+e.Error())
+			}
+		}
+	}
+}
+
+// unjoin returns the errors an errors.Join joined, or err alone.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
 }
 
 // validateID checks a container ID and interface name as the CNI library
