@@ -50,14 +50,13 @@ func (b Bandwidth) IsZero() bool { return b == Bandwidth{} }
 // needs a burst and a burst a rate; beyond it, rates are bounded as
 // Kubernetes bounds the annotations.
 func (b Bandwidth) Validate() error {
-	return errors.Join(
-		checkDirection("ingress", b.IngressRate, b.IngressBurst),
-		checkDirection("egress", b.EgressRate, b.EgressBurst),
-	)
+	errs := checkDirection(nil, "ingress", b.IngressRate, b.IngressBurst)
+	errs = checkDirection(errs, "egress", b.EgressRate, b.EgressBurst)
+	return errors.Join(errs...)
 }
 
-func checkDirection(dir string, rate, burst uint64) error {
-	var errs []error
+// checkDirection appends the problems of one direction to errs.
+func checkDirection(errs []error, dir string, rate, burst uint64) []error {
 	switch {
 	case rate == 0 && burst != 0:
 		errs = append(errs, fmt.Errorf("%sRate: required when %sBurst is set (bits per second, %d..%d)", dir, dir, uint64(MinBandwidthRate), uint64(MaxBandwidthRate)))
@@ -70,7 +69,7 @@ func checkDirection(dir string, rate, burst uint64) error {
 	case burst > MaxBandwidthBurst:
 		errs = append(errs, fmt.Errorf("%sBurst: %d bits is more than %d (4 GB, the reference bandwidth plugin's limit)", dir, burst, uint64(MaxBandwidthBurst)))
 	}
-	return errors.Join(errs...)
+	return errs
 }
 
 // String describes b for logs: "ingress 10000000 bit/s burst 1000000 bit,
