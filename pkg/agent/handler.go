@@ -119,6 +119,10 @@ func (a *Agent) attachLink(k linkspec.Key, req *agentapi.AttachRequest, files []
 		MTU:         req.MTU,
 		PodMAC:      req.MAC,
 	}
+	if req.Bandwidth != nil && !req.Bandwidth.IsZero() {
+		bw := *req.Bandwidth
+		rec.Bandwidth = &bw
+	}
 	kind, err := kindOf(req.Kind)
 	if err != nil {
 		return nil, nil, invalid("%v", err)
