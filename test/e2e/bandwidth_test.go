@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"maps"
 	"strings"
 	"testing"
@@ -19,15 +20,29 @@ import (
 // the machine's speed; 8 MiB take about 1.3 s at the rate.
 var bandwidthLimit = linkspec.Bandwidth{IngressRate: 50_000_000, IngressBurst: 1_000_000, EgressRate: 50_000_000, EgressBurst: 1_000_000}
 
-// bandwidthDrops returns the agent's shm_cni_link_bandwidth_drops_total of
-// pod p in direction dir ("ingress", "egress").
-func bandwidthDrops(t *testing.T, ctx context.Context, n *node.Node, p *node.Pod, dir string) float64 {
+// limited is what the limit of pod p did in direction dir ("ingress",
+// "egress"), from the agent's metrics: packets held and dropped.
+type limited struct{ delayed, dropped float64 }
+
+func (l limited) String() string { return fmt.Sprintf("%v held, %v dropped", l.delayed, l.dropped) }
+
+func bandwidthCounts(t *testing.T, ctx context.Context, n *node.Node, p *node.Pod, dir string) limited {
 	t.Helper()
-	v, err := n.Metric(ctx, "shm_cni_link_bandwidth_drops_total", map[string]string{"container_id": p.RT.ContainerID, "direction": dir})
+	mf, err := n.Metrics(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return v
+	match := map[string]string{"container_id": p.RT.ContainerID, "direction": dir}
+	var l limited
+	for _, m := range []struct {
+		name string
+		v    *float64
+	}{{"shm_cni_link_bandwidth_delayed_total", &l.delayed}, {"shm_cni_link_bandwidth_drops_total", &l.dropped}} {
+		if *m.v, err = node.SumMetric(mf, m.name, match); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return l
 }
 
 // wantBandwidths fails t unless /attachments shows each pod's limit (nil:
@@ -57,11 +72,12 @@ func wantBandwidths(t *testing.T, ctx context.Context, n *node.Node, want map[*n
 // bandwidth, as a runtime passes the kubernetes.io/*-bandwidth annotations)
 // get it enforced on their link, kernel pods' and sandboxes' alike, both
 // ways. Each bulk transfer to and from a limited pod arrives intact
-// (verified byte for byte) while the pod's drop counter for that direction
-// rises; the unlimited pods' counters stay 0. /attachments shows the
-// limits; after an agent restart they still hold (the counters of the new
-// agent rise again). Nothing here measures a rate: the limit is far below
-// what the senders offer, so it must drop.
+// (verified byte for byte) while the pod's counters for that direction
+// (packets held, dropped) rise; the unlimited pods' counters stay 0.
+// /attachments shows the limits; after an agent restart they still hold
+// (the counters of the new agent rise again). Nothing here asserts a rate
+// (the achieved one is logged): the limit is far below what the senders
+// offer, so it must act.
 func TestBandwidth(t *testing.T) {
 	n := newNode(t, node.Options{})
 	ctx := testContext(t)
@@ -88,29 +104,31 @@ func TestBandwidth(t *testing.T) {
 		{kl, k2, kl, "egress"},
 		{s2, sl, sl, "ingress"},
 		{sl, s2, sl, "egress"},
-		{kl, sl, sl, "ingress"}, // and kl's egress: both limits at once
+		// Both limits at once: kl's egress shapes the flow to the rate
+		// first, so sl's ingress may have nothing left to do.
+		{kl, sl, kl, "egress"},
 	}
 	run := func(when string, flows []flow) {
 		for _, f := range flows {
-			before := bandwidthDrops(t, ctx, n, f.limited, f.dir)
+			before := bandwidthCounts(t, ctx, n, f.limited, f.dir)
 			tr, err := n.Transfer(ctx, n.PodPeer(f.src), n.PodPeer(f.dst), false, size)
 			if err != nil {
 				t.Errorf("%s: %v", when, err)
 				continue
 			}
-			after := bandwidthDrops(t, ctx, n, f.limited, f.dir)
-			t.Logf("%s: %s -> %s: %s intact in %v (%.1f Mbit/s against a limit of %d), %s's %s drops %v -> %v",
+			after := bandwidthCounts(t, ctx, n, f.limited, f.dir)
+			t.Logf("%s: %s -> %s: %s intact in %v (%.1f Mbit/s against a limit of %d), %s's %s: %v -> %v",
 				when, f.src.Name, f.dst.Name, mib(size), tr.Duration.Round(1e6), float64(tr.Bytes)*8/tr.Duration.Seconds()/1e6,
 				bandwidthLimit.IngressRate/1e6, f.limited.Name, f.dir, before, after)
-			if after <= before {
-				t.Errorf("%s: %s -> %s: %s's %s drop counter stayed at %v through a transfer beyond its limit",
+			if after.delayed+after.dropped <= before.delayed+before.dropped {
+				t.Errorf("%s: %s -> %s: %s's %s limit held and dropped nothing (%v) in a transfer beyond it",
 					when, f.src.Name, f.dst.Name, f.limited.Name, f.dir, after)
 			}
 		}
 		for _, p := range []*node.Pod{k2, s2} {
 			for _, dir := range []string{"ingress", "egress"} {
-				if v := bandwidthDrops(t, ctx, n, p, dir); v != 0 {
-					t.Errorf("%s: unlimited pod %s counts %v %s bandwidth drops", when, p.Name, v, dir)
+				if v := bandwidthCounts(t, ctx, n, p, dir); v != (limited{}) {
+					t.Errorf("%s: unlimited pod %s's %s limit counts %v", when, p.Name, dir, v)
 				}
 			}
 		}
