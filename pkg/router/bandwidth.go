@@ -89,9 +89,11 @@ type shaper struct {
 	// shaper's goroutine and keeps no reference. Immutable.
 	send func([]held)
 
-	// delayed and dropped count the packets held, and the packets
-	// dropped because the queue was full.
-	delayed, dropped atomic.Uint64
+	// delayed counts the packets held, dropped those dropped because the
+	// queue was full. (One field a line: checklocks numbers the fields
+	// by line.)
+	delayed atomic.Uint64
+	dropped atomic.Uint64
 
 	mu sync.Mutex
 	// queue holds the packets waiting for tokens, oldest first; queued is
