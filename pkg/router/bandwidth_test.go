@@ -83,9 +83,9 @@ func TestShaperBucketAndQueue(t *testing.T) {
 // waits behind them. The test waits for the sends; it measures no time.
 func TestShaperSendsInOrder(t *testing.T) {
 	var rec recorder
-	s := newShaper(80_000_000, 8, rec.send) // 10 MB/s, bucket 65535 bytes, queue 250 kB
+	s := newShaper(8_000_000, 8, rec.send) // 1 MB/s, bucket 65535 bytes, queue 131070
 	defer s.close()
-	const n, size = 200, 1000
+	const n, size = 180, 1000 // 65 pass, 115 held
 	var passed []int
 	for id := range n {
 		pkt := packetOf(id, size)
@@ -218,11 +218,13 @@ func TestBandwidthHoldsAndDrops(t *testing.T) {
 // all of it and in order, both ways, on either forwarding path. The test
 // waits for the packets; it measures no time.
 func TestBandwidthDeliversHeld(t *testing.T) {
-	// 1 MB/s, a bucket of 65535 bytes and a queue of 131070: 63 datagrams
-	// pass at once, the other 87 (89 kB) are held unless injecting them
-	// takes longer than they take at the rate (87 ms).
+	// 100 kB/s, a bucket of 65535 bytes and a queue of 131070: 63
+	// datagrams pass at once, the other 87 (89 kB) are held unless
+	// injecting each takes longer than it takes at the rate (10 ms; the
+	// slow path under -race on a loaded machine takes about 1 ms). They
+	// arrive within about a second.
 	const n, payload = 150, 1000
-	bw := linkspec.Bandwidth{IngressRate: 8_000_000, IngressBurst: 8, EgressRate: 8_000_000, EgressBurst: 8}
+	bw := linkspec.Bandwidth{IngressRate: 800_000, IngressBurst: 8, EgressRate: 800_000, EgressBurst: 8}
 	for _, noFast := range []bool{false, true} {
 		r, a, b := limitedPair(t, noFast, bw)
 		send := func(from, to chanLink, mac tcpip.LinkAddress, src, dst netip.Addr) []int {
