@@ -33,12 +33,12 @@ import (
 //   - A packet that would make the queue hold more than queueLimit bytes
 //     is dropped and counted, as tbf drops beyond its limit.
 //
-// The queue is bounded so that a pod's limit costs the agent little memory
-// however its burst is set: tbf's queue holds 25 ms at the rate (latency
-// 25 ms in the reference plugin) beyond the burst; here 25 ms at the rate,
-// at least two of the largest packets and at most maxQueueBytes, whatever
-// the burst (Kubernetes runtimes give every annotated pod a burst of 512
-// MiB or 4 GiB, which the bucket honours but no queue should hold).
+// The queue holds what tbf's does, 25 ms at the rate (latency 25 ms in the
+// reference plugin) plus the burst, but at least two of the largest
+// packets and at most maxQueueBytes, so that a pod's limit costs the agent
+// little memory however its burst is set (Kubernetes runtimes give every
+// annotated pod a burst of 512 MiB or 4 GiB, which the bucket honours but
+// no queue of the agent's should hold).
 //
 // Sizes are IP packet sizes (network header and payload, no link header).
 // A TCP super-packet (a kernel pod's GSO frame, a sandbox's 64 KiB segment,
@@ -67,10 +67,11 @@ const (
 	maxQueueBytes = 4 << 20
 )
 
-// queueLimit returns the queue of a direction limited to rateBits bit/s:
-// queueLatency at the rate, within minQueueBytes..maxQueueBytes.
-func queueLimit(rateBits uint64) int {
-	b := float64(rateBits) / 8 * queueLatency.Seconds()
+// queueLimit returns the queue of a direction limited to rateBits bit/s
+// with a burst of burstBits: queueLatency at the rate plus the burst, as
+// tbf's, within minQueueBytes..maxQueueBytes.
+func queueLimit(rateBits, burstBits uint64) int {
+	b := float64(rateBits)/8*queueLatency.Seconds() + float64(burstBits)/8
 	return int(min(max(b, minQueueBytes), maxQueueBytes))
 }
 
@@ -126,7 +127,7 @@ func newShaper(rateBits, burstBits uint64, send func([]held)) *shaper {
 	burst := max(burstBits/8, minBucketBytes)
 	return &shaper{
 		lim:   rate.NewLimiter(rate.Limit(float64(rateBits)/8), int(burst)),
-		limit: queueLimit(rateBits),
+		limit: queueLimit(rateBits, burstBits),
 		send:  send,
 		wake:  make(chan struct{}, 1),
 		stop:  make(chan struct{}),

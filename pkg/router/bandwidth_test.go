@@ -123,18 +123,20 @@ func TestUnlimited(t *testing.T) {
 	}
 }
 
-// TestQueueLimit: 25 ms at the rate, within its bounds.
+// TestQueueLimit: 25 ms at the rate plus the burst, within its bounds.
 func TestQueueLimit(t *testing.T) {
 	for _, tc := range []struct {
-		rate uint64
-		want int
+		rate, burst uint64
+		want        int
 	}{
-		{1_000, minQueueBytes},
-		{100_000_000, 312_500},
-		{10_000_000_000, maxQueueBytes},
+		{1_000, 8, minQueueBytes},
+		{100_000_000, 8, 312_501},
+		{50_000_000, 1_000_000, 156_250 + 125_000},
+		{1_000_000, 1<<32 - 1, maxQueueBytes}, // containerd's burst
+		{10_000_000_000, 8, maxQueueBytes},
 	} {
-		if got := queueLimit(tc.rate); got != tc.want {
-			t.Errorf("queueLimit(%d) = %d, want %d", tc.rate, got, tc.want)
+		if got := queueLimit(tc.rate, tc.burst); got != tc.want {
+			t.Errorf("queueLimit(%d, %d) = %d, want %d", tc.rate, tc.burst, got, tc.want)
 		}
 	}
 }
