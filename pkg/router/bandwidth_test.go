@@ -213,6 +213,26 @@ func TestBandwidthHoldsAndDrops(t *testing.T) {
 		if frame := b.read(); frame == nil || frame.Type() != header.ARPProtocolNumber {
 			t.Errorf("noFastPath=%t: no ARP reply to B with its limits spent", noFast)
 		}
+		// Removing B stops its shapers' goroutines and releases what
+		// they held.
+		r.mu.Lock()
+		lim := r.links["b"].bw
+		r.mu.Unlock()
+		if err := r.RemoveLink("b"); err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range []*shaper{lim.ingress, lim.egress} {
+			select {
+			case <-s.done:
+			default:
+				t.Errorf("noFastPath=%t: a shaper's goroutine runs on after RemoveLink", noFast)
+			}
+			s.mu.Lock()
+			if len(s.queue) != 0 || s.queued != 0 {
+				t.Errorf("noFastPath=%t: a shaper holds %d packets after RemoveLink", noFast, len(s.queue))
+			}
+			s.mu.Unlock()
+		}
 	}
 }
 
