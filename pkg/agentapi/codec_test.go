@@ -145,6 +145,7 @@ func decodeCases() []decodeCase {
 			a["kind"] = "vhost"
 		}), code: CodeInvalidConfig, sub: []string{"attach.containerID", "attach.ifName", "attach.kind"}},
 		{name: "detach bad ifname", in: `{"version":1,"op":"detach","detach":{"containerID":"c","ifName":""}}`, code: CodeInvalidConfig, sub: []string{"detach.ifName"}},
+		{name: "check bad bandwidth", in: `{"version":1,"op":"check","check":{"containerID":"c","ifName":"eth0","bandwidth":{"egressBurst":8}}}`, code: CodeInvalidConfig, sub: []string{"check.bandwidth.egressRate: required"}},
 		{name: "check bad ip", in: `{"version":1,"op":"check","check":{"containerID":"c","ifName":"eth0","ips":["nope"]}}`, code: CodeInvalidConfig, sub: []string{"check.ips[0]"}},
 		{name: "gc bad entry", in: `{"version":1,"op":"gc","gc":{"valid":[{"containerID":"c","ifName":"eth0"},{"containerID":"","ifName":"eth0"}]}}`, code: CodeInvalidConfig, sub: []string{"gc.valid[1].containerID: required"}},
 	}

@@ -106,11 +106,13 @@ type DetachRequest struct {
 }
 
 // CheckRequest asks the agent whether an attachment exists and holds IPs
-// (CIDR strings; empty skips the address check).
+// (CIDR strings; empty skips the address check) and, when Bandwidth is
+// set, enforces exactly that limit (zero: none).
 type CheckRequest struct {
-	ContainerID string   `json:"containerID"`
-	IfName      string   `json:"ifName"`
-	IPs         []string `json:"ips,omitempty"`
+	ContainerID string              `json:"containerID"`
+	IfName      string              `json:"ifName"`
+	IPs         []string            `json:"ips,omitempty"`
+	Bandwidth   *linkspec.Bandwidth `json:"bandwidth,omitempty"`
 }
 
 // GCRequest asks the agent to release every attachment (and its addresses)

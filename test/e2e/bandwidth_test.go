@@ -14,6 +14,10 @@ import (
 	"github.com/shm-cni/shm-cni/test/e2e/node"
 )
 
+// codeNoSuchAttachment is the agent's CHECK failure: no attachment, or not
+// as the runtime config says.
+const codeNoSuchAttachment = 102
+
 // bandwidthLimit is the limit of the limited pods: 50 Mbit/s each way with a
 // burst of 1 Mbit (128 KiB), far below what a TCP sender between two pods
 // of one node sends (several Gbit/s), so a bulk transfer meets it whatever
@@ -92,6 +96,21 @@ func TestBandwidth(t *testing.T) {
 	kl, sl := addLimited("kl", node.KindTap), addLimited("sl", node.KindShm)
 	k2, s2 := addPod(t, ctx, n, "k2", node.KindTap), addPod(t, ctx, n, "s2", node.KindShm)
 	wantBandwidths(t, ctx, n, map[*node.Pod]*linkspec.Bandwidth{kl: &bandwidthLimit, sl: &bandwidthLimit, k2: nil, s2: nil})
+	// CHECK passes with the runtime config of ADD, and fails (102, no
+	// such attachment) with another limit or none.
+	l := networkList(t, n)
+	for _, p := range []*node.Pod{kl, sl, k2, s2} {
+		if err := n.CNICheck(ctx, n.CNI(""), l, p.RT); err != nil {
+			t.Errorf("CHECK %s: %v", p.Name, err)
+		}
+	}
+	other := *kl.RT
+	other.CapabilityArgs = map[string]any{"bandwidth": linkspec.Bandwidth{IngressRate: 10_000_000, IngressBurst: 1_000_000}}
+	err := n.CNICheck(ctx, n.CNI(""), l, &other)
+	wantCode(t, "CHECK with another limit", err, codeNoSuchAttachment)
+	t.Logf("CHECK with another limit: %v", err)
+	other.CapabilityArgs = nil
+	wantCode(t, "CHECK without the limit", n.CNICheck(ctx, n.CNI(""), l, &other), codeNoSuchAttachment)
 
 	const size = 8 << 20
 	type flow struct {
