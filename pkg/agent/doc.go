@@ -62,9 +62,11 @@
 //
 // /metrics (Prometheus: per-link packets, bytes, drops and protocol
 // violations, the attachment count, attach latency, the packets policy
-// denied per pod and direction, the tracker's refusals), /healthz (the
-// process serves), /readyz (the router runs and the agent socket serves),
-// /attachments (JSON list, for operators) and /policy (JSON: the policies
-// selecting each local pod and its counters; ?namespace= and &pod= narrow
-// it).
+// denied per pod and direction and per policy and direction, the
+// tracker's refusals), /healthz (the process serves), /readyz (the router
+// runs and the agent socket serves), /attachments (JSON list, for
+// operators) and /policy (JSON: the policies selecting each local pod and
+// its counters, and those policies' counters; ?namespace= and &pod=
+// narrow it). At debug level the router logs why each packet policy
+// denies was denied (policy.Enforcer.LogDenials), rate-limited.
 package agent

@@ -82,6 +82,21 @@ type PolicyStatus struct {
 	Problems []string `json:"problems,omitempty"`
 	// Pods are the local pods, sorted by namespace and name.
 	Pods []PodPolicy `json:"pods"`
+	// Policies are the NetworkPolicies isolating a local pod, sorted by
+	// namespace and name.
+	Policies []NetworkPolicyCounts `json:"policies"`
+}
+
+// NetworkPolicyCounts are one NetworkPolicy's counters on this node.
+type NetworkPolicyCounts struct {
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	// DeniedIngress and DeniedEgress count the packets denied to and
+	// from the local pods the policy selects for ingress and egress (a
+	// packet counts against every policy isolating its pod); nil for a
+	// direction in which it selects no local pod.
+	DeniedIngress *uint64 `json:"deniedIngress,omitempty"`
+	DeniedEgress  *uint64 `json:"deniedEgress,omitempty"`
 }
 
 // PodPolicy is one local pod's policies and counters.
@@ -102,11 +117,12 @@ type PodPolicy struct {
 }
 
 // Policy returns the installed NetworkPolicy snapshot's view of the local
-// pods: of every pod, or of the pods of namespace (and named pod) when
-// they are not empty.
+// pods and the policies isolating them: of every pod, or of the pods of
+// namespace (and named pod) when they are not empty, and the policies
+// selecting those.
 func (a *Agent) Policy(namespace, pod string) PolicyStatus {
 	snap := a.router.Policy()
-	st := PolicyStatus{Pods: []PodPolicy{}}
+	st := PolicyStatus{Pods: []PodPolicy{}, Policies: []NetworkPolicyCounts{}}
 	if snap == nil {
 		return st
 	}
@@ -126,6 +142,25 @@ func (a *Agent) Policy(namespace, pod string) PolicyStatus {
 			DeniedIngress: c.Denied[policy.Ingress], DeniedEgress: c.Denied[policy.Egress],
 			Refused: c.Refused, Conns: c.Conns,
 		})
+	}
+	shown := map[string]bool{}
+	for _, p := range st.Pods {
+		for _, n := range append(p.Ingress, p.Egress...) {
+			shown[n] = true
+		}
+	}
+	for _, c := range a.router.NetworkPolicyCounts() {
+		if !shown[c.Namespace+"/"+c.Policy] {
+			continue
+		}
+		pc := NetworkPolicyCounts{Namespace: c.Namespace, Name: c.Policy}
+		if c.Isolates[policy.Ingress] {
+			pc.DeniedIngress = &c.Denied[policy.Ingress]
+		}
+		if c.Isolates[policy.Egress] {
+			pc.DeniedEgress = &c.Denied[policy.Egress]
+		}
+		st.Policies = append(st.Policies, pc)
 	}
 	return st
 }

@@ -52,6 +52,16 @@ var (
 		"Attachments the agent holds.", []string{"kind"}, nil)
 	descUnrouted = prometheus.NewDesc("shm_cni_unrouted_drops_total",
 		"Packets for pod CIDR addresses without a link, dropped by the router.", nil, nil)
+	descHairpinConns = prometheus.NewDesc("shm_cni_hairpin_connections",
+		"Connections from a local pod to a local pod that the host turned back into the router (a Service whose endpoint is on this node), whose replies the router sends back through the host.", nil, nil)
+	descHairpinAdded = prometheus.NewDesc("shm_cni_hairpin_connections_total",
+		"Connections the hairpin table took in.", nil, nil)
+	descHairpinRefused = prometheus.NewDesc("shm_cni_hairpin_refused_total",
+		"Connections the hairpin table had no room for (all of it, or the client pod's share, in use), whose packets were dropped.", nil, nil)
+	descHairpinPackets = prometheus.NewDesc("shm_cni_hairpin_packets_total",
+		"Packets of hairpin connections' endpoints sent back through the host.", nil, nil)
+	descHairpinDropped = prometheus.NewDesc("shm_cni_hairpin_dropped_packets_total",
+		"Packets of hairpin connections' endpoints dropped (no uplink, or headers the router does not forward).", nil, nil)
 	descHostForwarding = prometheus.NewDesc("shm_cni_host_forwarding",
 		"1 when the host forwards the family's pod traffic (IPv4: forwarding on the uplink; IPv6: net.ipv6.conf.all.forwarding), as last checked.",
 		[]string{"family"}, nil)
@@ -59,6 +69,9 @@ var (
 	descPolicyDenied = prometheus.NewDesc("shm_cni_policy_denied_packets_total",
 		"Packets NetworkPolicy denied, by the local pod whose policy denied them and direction (ingress, egress).",
 		append(policyLabels[:len(policyLabels):len(policyLabels)], "direction"), nil)
+	descNetworkPolicyDenied = prometheus.NewDesc("shm_cni_networkpolicy_denied_packets_total",
+		"Packets NetworkPolicy denied to or from the local pods the policy selects in the direction (ingress, egress): a denied packet counts against every policy isolating its pod in its direction, none of which allowed it, so these add up to more than the packets denied where several policies select a pod.",
+		[]string{"namespace", "networkpolicy", "direction"}, nil)
 	descPolicyRefused = prometheus.NewDesc("shm_cni_policy_tracker_refused_total",
 		"New connections of a local pod that policy allowed but the connection tracker had no room for (its share is full), so were dropped.",
 		policyLabels, nil)
@@ -114,8 +127,9 @@ var _ prometheus.Collector = (*linkCollector)(nil)
 // Describe implements prometheus.Collector.Describe.
 func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRxPackets, descRxBytes, descTxPackets, descTxBytes,
-		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descFast, descBandwidthDelayed, descBandwidthDrops, descLinkUp, descAttachments, descUnrouted, descHostForwarding, descHostRepairs,
-		descPolicyDenied, descPolicyRefused, descPolicyConns, descPolicyProblems} {
+		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descFast, descBandwidthDelayed, descBandwidthDrops, descLinkUp, descAttachments, descUnrouted,
+		descHairpinConns, descHairpinAdded, descHairpinRefused, descHairpinPackets, descHairpinDropped, descHostForwarding, descHostRepairs,
+		descPolicyDenied, descNetworkPolicyDenied, descPolicyRefused, descPolicyConns, descPolicyProblems} {
 		ch <- d
 	}
 }
@@ -167,6 +181,12 @@ func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descAttachments, prometheus.GaugeValue, float64(byKind[k]), k)
 	}
 	ch <- prometheus.MustNewConstMetric(descUnrouted, prometheus.CounterValue, float64(c.a.router.UnroutedDrops()))
+	hp := c.a.router.HairpinStats()
+	ch <- prometheus.MustNewConstMetric(descHairpinConns, prometheus.GaugeValue, float64(hp.Conns))
+	ch <- prometheus.MustNewConstMetric(descHairpinAdded, prometheus.CounterValue, float64(hp.Added))
+	ch <- prometheus.MustNewConstMetric(descHairpinRefused, prometheus.CounterValue, float64(hp.Refused))
+	ch <- prometheus.MustNewConstMetric(descHairpinPackets, prometheus.CounterValue, float64(hp.Diverted))
+	ch <- prometheus.MustNewConstMetric(descHairpinDropped, prometheus.CounterValue, float64(hp.Dropped))
 	v4, v6 := c.a.router.HostForwarding()
 	for _, f := range []struct {
 		name string
@@ -188,5 +208,12 @@ func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descPolicyRefused, prometheus.CounterValue, float64(p.Refused), p.Namespace, p.Pod)
 		ch <- prometheus.MustNewConstMetric(descPolicyConns, prometheus.GaugeValue, float64(p.Conns), p.Namespace, p.Pod)
+	}
+	for _, p := range c.a.router.NetworkPolicyCounts() {
+		for _, d := range []policy.Direction{policy.Ingress, policy.Egress} {
+			if p.Isolates[d] {
+				ch <- prometheus.MustNewConstMetric(descNetworkPolicyDenied, prometheus.CounterValue, float64(p.Denied[d]), p.Namespace, p.Policy, d.String())
+			}
+		}
 	}
 }

@@ -82,27 +82,7 @@ func TestKubeNetworkPolicy(t *testing.T) {
 		return err
 	}
 	base := "http://" + r.MetricsAddr().String()
-	// waitPolicies waits until /policy shows want as pod b's ingress
-	// policies.
-	waitPolicies := func(want ...string) {
-		t.Helper()
-		guard := time.After(callTimeout)
-		for {
-			_, body := httpGet(t, base+"/policy?namespace=default&pod=pod-pod-b")
-			var st PolicyStatus
-			if err := json.Unmarshal([]byte(body), &st); err != nil {
-				t.Fatalf("GET /policy: %v: %s", err, body)
-			}
-			if st.Enforced && len(st.Pods) == 1 && slices.Equal(st.Pods[0].Ingress, want) {
-				return
-			}
-			select {
-			case <-guard:
-				t.Fatalf("pod b's ingress policies in /policy: %s; want %q", body, want)
-			case <-time.After(20 * time.Millisecond):
-			}
-		}
-	}
+	waitPolicies := func(want ...string) { t.Helper(); waitIngressPolicies(t, base, "default", "pod-pod-b", want...) }
 	waitPolicies()
 	if err := dial(); err != nil {
 		t.Fatalf("a -> b without policy: %v", err)
@@ -129,6 +109,11 @@ func TestKubeNetworkPolicy(t *testing.T) {
 	if denied < 1 {
 		t.Errorf("pod b's denied ingress packets %v, want at least 1 (a's SYN)", denied)
 	}
+	denyB := map[string]string{"namespace": "default", "networkpolicy": "deny-b", "direction": "ingress"}
+	byPolicy := metricValue(t, base, "shm_cni_networkpolicy_denied_packets_total", denyB)
+	if byPolicy < denied {
+		t.Errorf("deny-b's denied ingress packets %v, want pod b's %v (it is the one policy isolating b)", byPolicy, denied)
+	}
 
 	allow := &networkingv1.NetworkPolicy{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "allow-a"},
@@ -146,6 +131,18 @@ func TestKubeNetworkPolicy(t *testing.T) {
 	if err := dial(); err != nil {
 		t.Errorf("a -> b with a policy allowing a: %v", err)
 	}
+	if v := metricValue(t, base, "shm_cni_networkpolicy_denied_packets_total", denyB); v < byPolicy {
+		t.Errorf("deny-b's denied ingress packets %v after a new snapshot, want at least %v as before", v, byPolicy)
+	}
+	_, body := httpGet(t, base+"/policy?namespace=default&pod=pod-pod-b")
+	var st PolicyStatus
+	if err := json.Unmarshal([]byte(body), &st); err != nil {
+		t.Fatalf("GET /policy: %v: %s", err, body)
+	}
+	if len(st.Policies) != 2 || st.Policies[1].Name != "deny-b" || st.Policies[1].DeniedIngress == nil ||
+		float64(*st.Policies[1].DeniedIngress) < byPolicy || st.Policies[1].DeniedEgress != nil {
+		t.Errorf("/policy's policies: %s; want allow-a and deny-b, deny-b's denied ingress at least %v", body, byPolicy)
+	}
 	if v := metricValue(t, base, "shm_cni_policy_tracked_connections",
 		map[string]string{"namespace": "default", "pod": "pod-pod-a"}); v < 1 {
 		t.Errorf("pod a's tracked connections %v, want at least 1 (the one to b it opened)", v)
@@ -159,6 +156,28 @@ func TestKubeNetworkPolicy(t *testing.T) {
 	waitPolicies()
 	if err := dial(); err != nil {
 		t.Errorf("a -> b once the policies are deleted: %v", err)
+	}
+}
+
+// waitIngressPolicies waits until the agent's /policy at base shows want
+// as the ingress policies of the local pod namespace/name.
+func waitIngressPolicies(t *testing.T, base, namespace, name string, want ...string) {
+	t.Helper()
+	guard := time.After(callTimeout)
+	for {
+		_, body := httpGet(t, base+"/policy?namespace="+namespace+"&pod="+name)
+		var st PolicyStatus
+		if err := json.Unmarshal([]byte(body), &st); err != nil {
+			t.Fatalf("GET /policy: %v: %s", err, body)
+		}
+		if st.Enforced && len(st.Pods) == 1 && slices.Equal(st.Pods[0].Ingress, want) {
+			return
+		}
+		select {
+		case <-guard:
+			t.Fatalf("pod %s/%s's ingress policies in /policy: %s; want %q", namespace, name, body, want)
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
 }
 

@@ -68,6 +68,10 @@ type Pod struct {
 	// owner is the pod's share of the connection tracker and its
 	// counters, kept from one snapshot to the next.
 	owner *Owner
+	// groups count the packets denied to or from the pod by Direction,
+	// against the policies isolating it there (denied.go); nil where
+	// it is not isolated.
+	groups [2]*denyGroup
 }
 
 // Table returns the pod's table for d, nil when it is not isolated in d.
@@ -102,12 +106,21 @@ type Snapshot struct {
 	gen uint64
 	// pods maps every address of every local pod to the pod.
 	pods map[netip.Addr]*Pod
+	// remote maps every address of every pod of another node that policy
+	// isolates for egress to the pod, with its egress table alone: a
+	// connection of its to a local pod through a Service was translated
+	// after its own node's router, which could not judge it (see
+	// Snapshot.decide).
+	remote map[netip.Addr]*Pod
 	// nodeAddrs are Input.NodeAddrs.
 	nodeAddrs []netip.Addr
 	// services are Input.ServiceCIDRs.
 	services []netip.Prefix
 	// problems are what Compile skipped (invalid selectors, CIDRs).
 	problems []string
+	// stats are the per-policy denied counts, shared with the snapshots
+	// before and after.
+	stats *denyStats
 }
 
 var generations atomic.Uint64
@@ -170,8 +183,8 @@ type peerKey struct {
 }
 
 // Compile compiles in into a snapshot. prev, the snapshot it replaces (or
-// nil), lends its owners to the same pods, so that tracker shares and
-// counters carry on. Compile never fails: what it cannot use (an invalid
+// nil), lends its owners to the same pods and its per-policy counters to
+// the same policies, so that tracker shares and counters carry on. Compile never fails: what it cannot use (an invalid
 // selector, CIDR or address) it skips and lists in Problems; a policy
 // whose pod selector is invalid selects no pod.
 func Compile(in Input, prev *Snapshot) *Snapshot {
@@ -227,19 +240,26 @@ func Compile(in Input, prev *Snapshot) *Snapshot {
 	}
 
 	owners := map[string]*Owner{}
+	stats := newDenyStats()
 	if prev != nil {
-		for _, p := range prev.pods {
-			owners[p.owner.key] = p.owner
+		for _, m := range []map[netip.Addr]*Pod{prev.pods, prev.remote} {
+			for _, p := range m {
+				owners[p.owner.key] = p.owner
+			}
 		}
+		stats = prev.stats
 	}
 	s := &Snapshot{
 		gen:       generations.Add(1),
 		pods:      map[netip.Addr]*Pod{},
+		remote:    map[netip.Addr]*Pod{},
 		nodeAddrs: slices.Clone(in.NodeAddrs),
 		services:  slices.Clone(in.ServiceCIDRs),
+		stats:     stats,
 	}
+	sc := stats.begin(s.gen)
 	for _, pi := range c.pods {
-		if !pi.local || len(pi.addrs) == 0 {
+		if len(pi.addrs) == 0 {
 			continue
 		}
 		key := pi.ns + "/" + pi.name
@@ -248,13 +268,26 @@ func Compile(in Input, prev *Snapshot) *Snapshot {
 			o = &Owner{key: key}
 		}
 		p := &Pod{Namespace: pi.ns, Name: pi.name, owner: o}
+		into := s.pods
+		if pi.local {
+			for d := range p.tables {
+				p.tables[d] = c.table(pi, Direction(d), &p.policies[d])
+			}
+		} else if p.tables[Egress] = c.table(pi, Egress, &p.policies[Egress]); p.tables[Egress] != nil {
+			into = s.remote
+		} else {
+			continue
+		}
 		for d := range p.tables {
-			p.tables[d] = c.table(pi, Direction(d), &p.policies[d])
+			if p.tables[d] != nil {
+				p.groups[d] = sc.group(Direction(d), p.policies[d])
+			}
 		}
 		for _, a := range pi.addrs {
-			s.pods[a] = p
+			into[a] = p
 		}
 	}
+	sc.finish()
 	slices.Sort(c.problems)
 	s.problems = slices.Compact(c.problems)
 	return s

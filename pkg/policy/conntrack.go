@@ -166,8 +166,9 @@ const (
 // lookup finds f's connection and, when found, refreshes it with f. A
 // connection allowed under an older snapshot than s is checked again
 // (recheck, with its opening tuple): still allowed, it carries on; denied,
-// it is marked so, and lookup says so for its packets from then on.
-func (t *Tracker) lookup(f *Flow, s *Snapshot, recheck checker) verdict {
+// it is marked so, and lookup says so for its packets from then on,
+// setting *orig to its opening tuple.
+func (t *Tracker) lookup(f *Flow, s *Snapshot, recheck checker, orig *Tuple) verdict {
 	k := canonical(f.Tuple)
 	sh := &t.shards[k.shard()]
 	sh.mu.Lock()
@@ -201,6 +202,7 @@ func (t *Tracker) lookup(f *Flow, s *Snapshot, recheck checker) verdict {
 	}
 	c.expires = now + int64(t.timeout(c))
 	if c.denied {
+		*orig = c.orig
 		return denied
 	}
 	return hit

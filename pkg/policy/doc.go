@@ -79,6 +79,31 @@
 // goes. A SYN on a tracked tuple from the side that did not open it is
 // judged afresh.
 //
+// # Counters and the debug log
+//
+// A denied packet counts against the local pod it was denied for, in its
+// direction (Enforcer.Counts), and against every policy isolating that
+// pod in that direction (Enforcer.PolicyCounts): NetworkPolicy is an
+// allow list, so each of them could have allowed it and none did. That
+// costs one atomic add, however many policies select the pod: pods
+// selected by the same set of policies share a counter, split among the
+// policies when read. Per-pod and per-policy counters carry on through
+// snapshots while the pod or the policy exists. A packet is denied for
+// the pod whose rules deny it (a packet between two local pods: the
+// sender's egress first); a packet of a connection denied after it
+// opened, for the pod whose rules deny its opening packet; one whose
+// headers do not parse or an ICMP error about nothing tracked, for its
+// isolated sender's egress, else its receiver's ingress.
+//
+// With Enforcer.LogDenials and a logger at debug level, each denied
+// packet logs a line: its flow, the pod and direction, the policies
+// isolating the pod there, and the reason (DenyReason: no rule allows it,
+// with the peer's or the ports' mismatch; connection denied earlier;
+// untracked ICMP error; headers do not parse; tracker full, for a
+// connection policy allowed but the tracker had no room for). At most
+// DenyLogRate lines a second, the next line saying how many were
+// suppressed. Off, a denied packet costs one atomic load more.
+//
 // # Host, node and Services
 //
 // Traffic from the node's addresses to a local pod is always allowed in
@@ -86,11 +111,16 @@
 // judged as any other egress. Service addresses (Input.ServiceCIDRs) are
 // translated by the host after the router, so a pod's packets to one skip
 // the egress check there (they are tracked, so the Service's replies come
-// back). Translated to a local pod they come back through the uplink with
-// the node gateway as their source (the host's hairpin masquerade, see
-// package router), which the backend lets in as node traffic: neither the
-// client's egress nor the backend's ingress rules apply to a Service
-// connection within one node yet. Translated to a pod of another node
-// they are judged by that node's ingress rules alone: the egress of such
-// a connection is not enforced yet.
+// back). Translated to a local pod they come back through the uplink from
+// the client's own address (package router sends the replies back through
+// the host), and meet the client's egress rules and the backend's ingress
+// rules there. Translated to a pod of another node they meet, on that
+// node, the backend's ingress rules and the client's egress rules: a
+// snapshot holds the egress tables of the pods of other nodes that policy
+// isolates for egress, applied to their connections to local pods (and
+// their connections with local pods are tracked, so that the replies to a
+// local pod's connection pass). A Service that picks the client itself
+// reaches it from the node gateway (kube-proxy masquerades it, or the pod
+// would drop its own address as a source), let in as node traffic: as
+// Kubernetes wants it, a pod cannot block access to itself.
 package policy

@@ -17,6 +17,8 @@ type Enforcer struct {
 	// itself (the router's node gateways), beside the snapshot's.
 	// Immutable.
 	nodeAddrs []netip.Addr
+	// log, when set, logs why packets are denied (LogDenials).
+	log atomic.Pointer[denyLog]
 }
 
 // NewEnforcer returns an enforcer without policy whose tracker is bounded
@@ -72,35 +74,48 @@ func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod bool) bool {
 	if !fromPod && dp == nil {
 		return true
 	}
-	if !sp.isolated() && !dp.isolated() {
+	if !sp.isolated() && !dp.isolated() && !s.remoteIsolated(f.Src, f.Dst) {
 		return true
+	}
+	if sp == nil {
+		sp = s.source(&f.Tuple)
 	}
 	if !ok {
 		// Headers that do not parse, between pods policy isolates.
-		e.count(sp, dp)
+		e.denyEither(s, &f, sp, dp, DenyMalformed)
 		return false
 	}
 	if f.Error {
 		if e.ct.related(f.Inner) {
 			return true
 		}
-		e.count(sp, dp)
+		e.denyEither(s, &f, sp, dp, DenyUntrackedError)
 		return false // about nothing tracked, or a connection denied
 	}
 	if (f.Proto == ProtoTCP || f.Proto == ProtoUDP || f.Proto == ProtoSCTP) && !f.Ports {
 		// A later fragment: no ports to track it by; a rule of every
 		// port may let it through.
-		by, _ := e.decide(s, &f.Tuple, false)
-		return by == nil
+		if by, dir := e.decide(s, &f.Tuple, false); by != nil {
+			e.deny(s, &f, by, dir, DenyNoRule)
+			return false
+		}
+		return true
 	}
-	switch e.ct.lookup(&f, s, e) {
+	var orig Tuple
+	switch e.ct.lookup(&f, s, e, &orig) {
 	case hit:
 		return true
 	case denied:
-		e.count(sp, dp)
+		// Counted against the pod whose policy denies the connection
+		// (its opening tuple), whichever way this packet goes.
+		if by, dir := e.decide(s, &orig, orig.Proto == ProtoTCP || orig.Proto == ProtoUDP || orig.Proto == ProtoSCTP); by != nil {
+			e.deny(s, &f, by, dir, DenyEarlier)
+		} else {
+			e.denyEither(s, &f, sp, dp, DenyEarlier)
+		}
 		return false
 	}
-	orig := f.Tuple
+	orig = f.Tuple
 	if by, dir := e.decide(s, &orig, f.Ports); by != nil {
 		// A TCP segment without SYN may belong to a connection opened
 		// before its pod was isolated or before the tracker knew it:
@@ -108,7 +123,7 @@ func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod bool) bool {
 		// may open. Without a SYN it opens nothing.
 		rev := orig.reverse()
 		if rby, _ := e.decide(s, &rev, true); f.Proto != ProtoTCP || f.TCPFlags&tcpSyn != 0 || rby != nil {
-			by.owner.denied[dir].Add(1)
+			e.deny(s, &f, by, dir, DenyNoRule)
 			return false
 		}
 		orig = rev
@@ -123,7 +138,18 @@ func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod bool) bool {
 			owner = dp
 		}
 	}
-	return e.ct.insert(orig, f.TCPFlags, owner.owner, s)
+	if !e.ct.insert(orig, f.TCPFlags, owner.owner, s) {
+		// Counted as refused, not denied: policy allowed it.
+		if l := e.log.Load(); l != nil {
+			dir := Egress
+			if owner != s.pods[orig.Src] {
+				dir = Ingress
+			}
+			l.denied(e, s, &f, owner, dir, DenyTrackerFull)
+		}
+		return false
+	}
+	return true
 }
 
 // decide returns nil when a connection t (ports: it has ports to match)
@@ -141,18 +167,79 @@ func (e *Enforcer) allowsNew(s *Snapshot, t *Tuple) bool {
 	return by == nil
 }
 
-// count counts a denied packet against the isolated pod it was for.
-func (e *Enforcer) count(sp, dp *Pod) {
+// DenyReason is why the enforcer denied a packet.
+type DenyReason uint8
+
+// Reasons a packet is denied.
+const (
+	// DenyNoRule: its pod is isolated in its direction and no rule of
+	// the policies selecting it there allows the packet.
+	DenyNoRule DenyReason = iota
+	// DenyEarlier: the packet belongs to a tracked connection that a
+	// newer snapshot denies.
+	DenyEarlier
+	// DenyUntrackedError: an ICMP error about no tracked connection.
+	DenyUntrackedError
+	// DenyMalformed: headers that do not parse.
+	DenyMalformed
+	// DenyTrackerFull: policy allows the connection but the tracker
+	// has no room for it (counted as refused, not denied).
+	DenyTrackerFull
+)
+
+// String returns the reason as the debug log gives it.
+func (r DenyReason) String() string {
+	switch r {
+	case DenyNoRule:
+		return "no rule allows it"
+	case DenyEarlier:
+		return "connection denied earlier"
+	case DenyUntrackedError:
+		return "untracked ICMP error"
+	case DenyMalformed:
+		return "headers do not parse"
+	case DenyTrackerFull:
+		return "tracker full"
+	}
+	return "unknown"
+}
+
+// denyEither denies a packet that no rule was looked up for against the
+// isolated pod it was for: its sender's egress, else its receiver's
+// ingress, else the pod of the two that is isolated at all.
+func (e *Enforcer) denyEither(s *Snapshot, f *Flow, sp, dp *Pod, why DenyReason) {
 	switch {
 	case sp != nil && sp.tables[Egress] != nil:
-		sp.owner.denied[Egress].Add(1)
+		e.deny(s, f, sp, Egress, why)
 	case dp != nil && dp.tables[Ingress] != nil:
-		dp.owner.denied[Ingress].Add(1)
+		e.deny(s, f, dp, Ingress, why)
 	case sp != nil:
-		sp.owner.denied[Egress].Add(1)
+		e.deny(s, f, sp, Egress, why)
 	case dp != nil:
-		dp.owner.denied[Ingress].Add(1)
+		e.deny(s, f, dp, Ingress, why)
 	}
+}
+
+// deny counts a packet denied to or from p in d, against p and the
+// policies isolating it in d, and logs it when LogDenials is on.
+func (e *Enforcer) deny(s *Snapshot, f *Flow, p *Pod, d Direction, why DenyReason) {
+	p.owner.denied[d].Add(1)
+	if g := p.groups[d]; g != nil {
+		g.n.Add(1)
+	}
+	if l := e.log.Load(); l != nil {
+		l.denied(e, s, f, p, d, why)
+	}
+}
+
+// PolicyCounts returns the counters of the policies that isolate a local
+// pod under the installed snapshot, sorted by namespace and name.
+func (e *Enforcer) PolicyCounts() []PolicyCounts {
+	s := e.snap.Load()
+	if s == nil || s.stats == nil {
+		return nil
+	}
+	return s.stats.counts()
 }
 
 // PodCounts are one local pod's policy counters.

@@ -414,3 +414,44 @@ func TestReopen(t *testing.T) {
 		t.Errorf("the reopened connection expired with the closing timeout (%d tracked)", got)
 	}
 }
+
+// TestRemoteEgress: a pod of another node that policy isolates for egress
+// meets its egress rules where its connection reaches a local pod (a
+// Service connection, which its own node's router saw only toward the
+// Service address); the replies to a local pod's connection to it pass.
+func TestRemoteEgress(t *testing.T) {
+	// far (dev, app=tool, node n2) may send to dev's web pods (dweb) on
+	// TCP 80 only.
+	pol := netpol("dev", "tool", sel("app", "tool"), egressOnly, nil,
+		to(ports(tcpPort(80)), podPeer(sel("app", "web"), nil)))
+	e, err := NewEnforcer(DefaultTrackerConfig, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Set(Compile(clusterInput(pol), nil))
+	far := endpoints["far"].v4
+	for _, c := range []struct {
+		dst  string
+		port uint16
+		want bool
+	}{
+		{"dweb", 80, true},
+		{"dweb", 8080, false},
+		{"web", 80, false},
+		{"db", 5432, false},
+	} {
+		syn := packet{src: far, dst: endpoints[c.dst].v4, proto: ProtoTCP, sport: 40000 + c.port, dport: c.port, flags: tcpSyn}
+		if got := e.FromUplink(syn.bytes()); got != c.want {
+			t.Errorf("far -> %s:%d from the uplink: passed %v, want %v", c.dst, c.port, got, c.want)
+		}
+	}
+	// db, not isolated, connects to far: far's answer passes, though
+	// far's egress rules would not let it open a connection to db.
+	syn := packet{src: endpoints["db"].v4, dst: far, proto: ProtoTCP, sport: 41000, dport: 9000, flags: tcpSyn}
+	if !e.FromPod(syn.bytes()) {
+		t.Fatal("db -> far denied")
+	}
+	if !e.FromUplink(syn.reply().bytes()) {
+		t.Error("far's SYN-ACK to db's connection denied")
+	}
+}

@@ -200,6 +200,13 @@ type Table struct {
 // Allows reports whether peer may exchange a packet of proto with the
 // destination port (hasPort false: a packet without ports).
 func (t *Table) Allows(peer netip.Addr, proto uint8, port uint16, hasPort bool) bool {
+	set, ok := t.find(peer)
+	return ok && t.sets[set].allows(proto, port, hasPort)
+}
+
+// find returns the index of the port set of the span holding peer, or
+// false when no rule has it as a peer.
+func (t *Table) find(peer netip.Addr) (int32, bool) {
 	spans := t.v4
 	if peer.Is6() {
 		spans = t.v6
@@ -215,9 +222,70 @@ func (t *Table) Allows(peer netip.Addr, proto uint8, port uint16, hasPort bool) 
 		}
 	}
 	if lo == len(spans) || n.less(spans[lo].lo) {
-		return false
+		return 0, false
 	}
-	return t.sets[spans[lo].set].allows(proto, port, hasPort)
+	return spans[lo].set, true
+}
+
+// explain says why Allows denies peer a packet of proto to port, for the
+// debug log: peer is no rule's, or the ports it may reach.
+func (t *Table) explain(peer netip.Addr, proto uint8, port uint16, hasPort bool) string {
+	set, ok := t.find(peer)
+	switch {
+	case !ok:
+		return fmt.Sprintf("no rule has %s as a peer", peer)
+	case !hasPort:
+		return fmt.Sprintf("%s is a peer for %s only; a packet without ports (ICMP, another protocol, a later fragment) needs a rule of every port", peer, &t.sets[set])
+	}
+	return fmt.Sprintf("%s is a peer for %s only, not %s port %d", peer, &t.sets[set], protoName(proto), port)
+}
+
+// maxExplainRanges bounds the port ranges a debug line lists.
+const maxExplainRanges = 8
+
+// String lists the set's ports: "TCP 80, 1000-1005, UDP 53".
+func (p *portSet) String() string {
+	if p.all {
+		return "every port"
+	}
+	var b strings.Builder
+	proto := uint8(0)
+	for i, r := range p.ranges {
+		if i == maxExplainRanges {
+			fmt.Fprintf(&b, " and %d more", len(p.ranges)-i)
+			break
+		}
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		if r.proto != proto {
+			proto = r.proto
+			b.WriteString(protoName(proto) + " ")
+		}
+		if r.lo == r.hi {
+			fmt.Fprintf(&b, "%d", r.lo)
+		} else {
+			fmt.Fprintf(&b, "%d-%d", r.lo, r.hi)
+		}
+	}
+	return b.String()
+}
+
+// protoName names an IP protocol for the debug log.
+func protoName(p uint8) string {
+	switch p {
+	case ProtoTCP:
+		return "TCP"
+	case ProtoUDP:
+		return "UDP"
+	case ProtoSCTP:
+		return "SCTP"
+	case ProtoICMP:
+		return "ICMP"
+	case ProtoICMPv6:
+		return "ICMPv6"
+	}
+	return fmt.Sprintf("protocol %d", p)
 }
 
 // Len returns the number of spans, for tests and the operator's view.

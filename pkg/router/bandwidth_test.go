@@ -20,8 +20,8 @@ import (
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
-// packetOf returns a packet of n bytes whose first 4 carry id.
-func packetOf(id, n int) *stack.PacketBuffer {
+// shaperPacket returns a packet of n bytes whose first 4 carry id.
+func shaperPacket(id, n int) *stack.PacketBuffer {
 	b := make([]byte, n)
 	binary.BigEndian.PutUint32(b, uint32(id))
 	return stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(b)})
@@ -60,7 +60,7 @@ func TestShaperBucketAndQueue(t *testing.T) {
 	}
 	now := time.Now()
 	admit := func(id, size int) bool {
-		pkt := packetOf(id, size)
+		pkt := shaperPacket(id, size)
 		defer pkt.DecRef()
 		return s.admit(now, header.IPv4ProtocolNumber, pkt, size)
 	}
@@ -88,7 +88,7 @@ func TestShaperSendsInOrder(t *testing.T) {
 	const n, size = 180, 1000 // 65 pass, 115 held
 	var passed []int
 	for id := range n {
-		pkt := packetOf(id, size)
+		pkt := shaperPacket(id, size)
 		if s.admit(time.Now(), header.IPv4ProtocolNumber, pkt, size) {
 			passed = append(passed, id)
 		}

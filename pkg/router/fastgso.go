@@ -148,10 +148,10 @@ func (s *tcpSegment) toGSO(out *stack.PacketBuffer, mss uint16) {
 	}
 }
 
-// raiseSynMSS raises the MSS option of ip, a private copy of an IPv4 (no
-// options) or IPv6 packet, when it is a TCP SYN whose MSS is smaller than
-// what a link of IP MTU mtu carries, to that.
-func raiseSynMSS(protocol tcpip.NetworkProtocolNumber, ip []byte, mtu uint32) {
+// setSynMSS sets the MSS option of ip, a private copy of an IPv4 (no
+// options) or IPv6 packet, when it is a TCP SYN, to what a link of IP MTU
+// mtu carries: when it is smaller (raise), or larger (not raise).
+func setSynMSS(protocol tcpip.NetworkProtocolNumber, ip []byte, mtu uint32, raise bool) {
 	l3 := header.IPv4MinimumSize
 	if protocol == header.IPv6ProtocolNumber {
 		if header.IPv6(ip).NextHeader() != uint8(header.TCPProtocolNumber) {
@@ -173,5 +173,5 @@ func raiseSynMSS(protocol tcpip.NetworkProtocolNumber, ip []byte, mtu uint32) {
 		return
 	}
 	mss := uint16(min(int(mtu), maxMTU) - l3 - header.TCPMinimumSize)
-	setMSS(t, i, func(old uint16) bool { return old < mss }, mss)
+	setMSS(t, i, func(old uint16) bool { return (old < mss) == raise && old != mss }, mss)
 }

@@ -96,6 +96,10 @@ type fastCounters struct {
 // filter.
 type fastPath struct {
 	links atomic.Pointer[fastLinks] // nil when disabled
+	// hairpin holds the connections the host turned back, whose replies
+	// go to the uplink (hairpin.go), with or without the fast path.
+	// Immutable pointer.
+	hairpin *hairpinTable
 }
 
 // rebuildFastLocked publishes the fast-path table of the current links, and
@@ -134,9 +138,33 @@ func (r *Router) rebuildFastLocked() {
 // it did; false leaves pkt to the stack. The caller keeps its reference to
 // pkt either way.
 func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) bool {
-	self := src.counters
 	links := f.links.Load()
-	if links == nil || pkt.GSOOptions.Type != stack.GSONone {
+	if links == nil {
+		return false
+	}
+	return f.route(src, links, nil, protocol, pkt)
+}
+
+// toHost sends pkt, which the link of src received, its filter passed and
+// the hairpin table claimed, to the uplink, whatever its size (the host
+// forwards it on: fragments it, or answers ICMP), or drops it when the
+// router has no uplink or would not forward its headers as they are.
+func (f *fastPath) toHost(src *fastDst, protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	t := f.hairpin
+	if up := t.up.Load(); up != nil && f.route(src, nil, up, protocol, pkt) {
+		t.diverted.Add(1)
+		return
+	}
+	t.dropped.Add(1)
+}
+
+// route is forward's work: to a pod link of links, or to the uplink for
+// what the pod sends beyond the node; or, with to set, to that (the
+// uplink, for a connection the host turned back: toHost), taking a TCP SYN's
+// MSS down to what to carries.
+func (f *fastPath) route(src *fastDst, links *fastLinks, to *fastDst, protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) bool {
+	self := src.counters
+	if pkt.GSOOptions.Type != stack.GSONone {
 		return false
 	}
 	// A kernel pod's TCP super-packet, its checksum partial (gso.go in
@@ -172,7 +200,10 @@ func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, p
 	default:
 		return false
 	}
-	d := links.dsts[dst]
+	d := to
+	if d == nil {
+		d = links.dsts[dst]
+	}
 	if d == nil {
 		if links.unassigned(dst) {
 			self.rxPackets.Add(1)
@@ -197,12 +228,19 @@ func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, p
 		if tcp = parseTCPSegment(protocol, pkt, size); tcp == nil || size > maxMTU || (!d.tcpGSO && uint32(size) > d.mtu) {
 			return false
 		}
-	case uint32(size) > d.mtu:
+	case uint32(size) > d.mtu && to == nil:
 		// Too big for the destination: a TCP segment is handed to a
 		// link that takes TCP GSO as a super-packet; anything else goes
 		// to gVisor (ICMP, fragments).
 		if tcp = parseTCPSegment(protocol, pkt, size); tcp == nil || !d.tcpGSO || size > maxMTU {
 			return false
+		}
+	case uint32(size) > d.mtu:
+		// Too big for the uplink, toward the host: a TCP segment the
+		// host's kernel segments (the uplink takes GSO), anything else
+		// as it is.
+		if tcp = parseTCPSegment(protocol, pkt, size); tcp != nil && (!d.tcpGSO || size > maxMTU) {
+			tcp = nil
 		}
 	}
 
@@ -247,12 +285,16 @@ func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, p
 		h := header.IPv6(hb)
 		h.SetHopLimit(h.HopLimit() - 1)
 	}
-	if tcp == nil && src.tcpGSO && d.mtu > src.mtu && size <= fastCopyMax {
+	if to != nil && tcp == nil && size <= fastCopyMax {
+		// A SYN-ACK toward the host: the client's segments to it cross
+		// the uplink (pmtu.go).
+		setSynMSS(protocol, hb, d.mtu, false)
+	} else if tcp == nil && src.tcpGSO && d.mtu > src.mtu && size <= fastCopyMax {
 		// A SYN from a kernel pod to a link of a larger MTU (a sandbox):
 		// raise its MSS so that the sandbox sends segments as large as
 		// its link carries, which come back here as super-packets for
 		// the kernel pod (gsoSegment).
-		raiseSynMSS(protocol, hb, d.mtu)
+		setSynMSS(protocol, hb, d.mtu, true)
 	}
 	mss := uint16(0)
 	if tcp != nil {

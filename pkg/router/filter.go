@@ -186,6 +186,11 @@ func (e *filterEndpoint) DeliverNetworkPacket(protocol tcpip.NetworkProtocolNumb
 	if !policyAllows(e.policy, true, protocol, pkt) {
 		return // counted by the enforcer, per pod and direction
 	}
+	if e.fast.hairpin.reply(protocol, pkt) {
+		// A reply the host must see (hairpin.go).
+		e.fast.toHost(e.self, protocol, pkt)
+		return
+	}
 	if e.fast.forward(e.self, protocol, pkt) {
 		return
 	}

@@ -152,7 +152,8 @@ func (r *Router) ensureMasquerade(c *nftables.Conn) error {
 }
 
 // keepHost runs checkHost every interval until stop is closed, and lets the
-// policy's connection tracker give back what expired since.
+// policy's connection tracker and the hairpin table give back what expired
+// since.
 func (r *Router) keepHost(stop <-chan struct{}, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
@@ -163,6 +164,7 @@ func (r *Router) keepHost(stop <-chan struct{}, interval time.Duration) {
 		case <-t.C:
 			r.checkHost()
 			r.policy.Tracker().Expire()
+			r.fast.hairpin.expire()
 		}
 	}
 }

@@ -29,26 +29,19 @@ func masqTable() *nftables.Table {
 }
 
 // installMasquerade replaces the host's shm-cni table, atomically, by one
-// whose postrouting NAT chain
+// whose postrouting NAT chain, with Config.Masquerade, masquerades traffic
+// from the pod CIDRs to anything not in the pod CIDRs or cluster CIDRs that
+// does not leave through the uplink:
 //
-//   - masquerades pod traffic that the host sends back to the pods it came
-//     from, through the uplink: a pod's connection to a Service whose
-//     endpoint is a pod of this node, DNATed by kube-proxy in the host.
-//     Without it the endpoint's reply would go straight to the client pod
-//     through the router, never meeting the host's connection tracking that
-//     undoes the DNAT, and the client would drop it. With it the reply goes
-//     to the node gateway, the host's address on the uplink, and back
-//     through the host. (The endpoint then sees the node gateway as its
-//     client, as kube-proxy's own hairpin masquerade does.) Always on;
+//	oifname "shm0" return
+//	ip daddr <each pod/cluster CIDR> return   (ip6 alike)
+//	ip saddr <each pod CIDR> masquerade       (ip6 alike)
 //
-//   - with Config.Masquerade, masquerades traffic from the pod CIDRs to
-//     anything not in the pod CIDRs or cluster CIDRs that does not leave
-//     through the uplink:
-//
-//     iifname "shm0" oifname "shm0" ip saddr <each pod CIDR> masquerade   (ip6 alike)
-//     oifname "shm0" return
-//     ip daddr <each pod/cluster CIDR> return   (ip6 alike)
-//     ip saddr <each pod CIDR> masquerade       (ip6 alike)
+// A pod's connection to a Service whose endpoint is a pod of this node
+// comes back through the uplink unchanged: the router sends its replies
+// back through the host (hairpin.go). (The table used to masquerade such
+// connections to the node gateway, which hid the client from the
+// endpoint's NetworkPolicy.)
 func installMasquerade(c *nftables.Conn, cfg Config) error {
 	t := masqTable()
 	// Add (a no-op when it exists), delete, add: one transaction that
@@ -85,18 +78,10 @@ func removeMasquerade(c *nftables.Conn) error {
 
 // masqRules returns the chain's rules in order.
 func masqRules(cfg Config) [][]expr.Any {
-	var rules [][]expr.Any
-	for _, p := range cfg.PodCIDRs {
-		rules = append(rules, append([]expr.Any{
-			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(cfg.UplinkName)},
-			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(cfg.UplinkName)},
-		}, append(matchPrefix(p, true), &expr.Masq{})...))
-	}
 	if !cfg.Masquerade {
-		return rules
+		return nil
 	}
+	var rules [][]expr.Any
 	rules = append(rules, []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(cfg.UplinkName)},

@@ -39,6 +39,15 @@ type linkMTUs struct {
 	uplinkNIC atomic.Uint32
 }
 
+// isPod reports whether a is a pod link's address.
+func (m *linkMTUs) isPod(a netip.Addr) bool {
+	if pods := m.pods.Load(); pods != nil {
+		_, ok := (*pods)[a]
+		return ok
+	}
+	return false
+}
+
 // mtuTo returns the MTU of the link the router sends packets for dst to.
 func (m *linkMTUs) mtuTo(dst netip.Addr) uint32 {
 	if pods := m.pods.Load(); pods != nil {

@@ -2,6 +2,7 @@ package router
 
 import (
 	"fmt"
+	"log/slog"
 	"net/netip"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -55,9 +56,17 @@ func (r *Router) PolicyCounts() []policy.PodCounts {
 	return r.policy.Counts()
 }
 
+// NetworkPolicyCounts returns the packets denied against each policy
+// isolating a local pod, by direction.
+func (r *Router) NetworkPolicyCounts() []policy.PolicyCounts {
+	return r.policy.PolicyCounts()
+}
+
 // newPolicyEnforcer returns the router's enforcer: no policy yet, the
-// default tracker limits, the node gateways let in.
-func newPolicyEnforcer(cfg Config) (*policy.Enforcer, error) {
+// default tracker limits, the node gateways let in; with log at debug
+// level, a rate-limited line for every packet it denies
+// (policy.Enforcer.LogDenials).
+func newPolicyEnforcer(cfg Config, log *slog.Logger) (*policy.Enforcer, error) {
 	var nodes []netip.Addr
 	for _, p := range cfg.PodCIDRs {
 		gw, _ := NodeGateway(p) // checked by Config.Validate
@@ -67,6 +76,7 @@ func newPolicyEnforcer(cfg Config) (*policy.Enforcer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("policy enforcer: %w", err)
 	}
+	e.LogDenials(log)
 	return e, nil
 }
 

@@ -136,7 +136,7 @@ func New(cfg Config, log *slog.Logger) (*Router, error) {
 	cfg.PodCIDRs = append([]netip.Prefix(nil), cfg.PodCIDRs...)
 	cfg.ClusterCIDRs = append([]netip.Prefix(nil), cfg.ClusterCIDRs...)
 
-	enf, err := newPolicyEnforcer(cfg)
+	enf, err := newPolicyEnforcer(cfg, log)
 	if err != nil {
 		return nil, fmt.Errorf("new router: %w", err)
 	}
@@ -154,7 +154,7 @@ func New(cfg Config, log *slog.Logger) (*Router, error) {
 		hostNS: hostNS,
 		hole:   &blackhole{},
 		holds:  holds,
-		fast:   &fastPath{},
+		fast:   &fastPath{hairpin: newHairpinTable(mtus.isPod)},
 		policy: enf,
 		links:  make(map[string]*link),
 		owners: make(map[netip.Addr]string),
@@ -305,7 +305,7 @@ func (r *Router) Start() error {
 	if err != nil {
 		return fmt.Errorf("start router: %w", err)
 	}
-	ep := newHoldingEndpoint(newPolicyEndpoint(raw, r.policy), r.holds)
+	ep := newHoldingEndpoint(newHairpinEndpoint(newPolicyEndpoint(raw, r.policy), r.fast.hairpin), r.holds)
 	r.up.ep = ep
 	id := r.stack.NextNICID()
 	if err := r.stack.CreateNICWithOptions(id, ep, stack.NICOptions{Name: uplinkNICName}); err != nil {
@@ -314,6 +314,7 @@ func (r *Router) Start() error {
 	r.up.nicID = id
 	r.up.fast = &fastDst{ep: ep, mtu: uint32(r.cfg.UplinkMTU), tcpGSO: takesTCPGSO(raw), counters: &fastCounters{}}
 	r.mtus.uplinkNIC.Store(uint32(id))
+	r.fast.hairpin.up.Store(r.up.fast)
 	// The uplink needs a source address of each family for the stack
 	// to forward to it (see addBlackhole) and for ICMP errors to the host.
 	if err := addGatewayAddrs(r.stack, id); err != nil {
@@ -326,8 +327,8 @@ func (r *Router) Start() error {
 		r.stack.AddRoute(tcpip.Route{Destination: toSubnet(netip.PrefixFrom(gw, gw.BitLen())), NIC: id})
 		r.stack.AddRoute(tcpip.Route{Destination: defaultSubnet(p.Addr()), NIC: id})
 	}
-	// The NAT table: hairpin masquerade always, egress masquerade with
-	// Config.Masquerade (masq_linux.go).
+	// The NAT table: egress masquerade with Config.Masquerade
+	// (masq_linux.go).
 	r.masqOn.Store(true) // before: a partial install is removed
 	if err := r.withNFT(func(c *nftables.Conn) error { return installMasquerade(c, r.cfg) }); err != nil {
 		return fmt.Errorf("start router: %w", err)
@@ -425,6 +426,7 @@ func (r *Router) stopUplinkLocked() error {
 	}
 	r.up.stopping.Store(true)
 	r.mtus.uplinkNIC.Store(0)
+	r.fast.hairpin.up.Store(nil)
 	if r.up.nicID != 0 {
 		// Removes the NIC's routes; detaches and closes the endpoint.
 		if err := r.stack.RemoveNIC(r.up.nicID); err != nil {

@@ -40,7 +40,7 @@ type bench struct {
 
 // newBench builds the programs into a fresh scratch directory.
 func newBench(ctx context.Context, cfg config, log *slog.Logger) (_ *bench, err error) {
-	if cfg.cases["tput"] {
+	if cfg.cases["tput"] || cfg.cases["policy"] {
 		if _, err := exec.LookPath("iperf3"); err != nil {
 			return nil, errors.New("iperf3 not found: run hack/bench-deps.sh (make bench does)")
 		}
@@ -179,6 +179,11 @@ func (b *bench) run(ctx context.Context) (*report, error) {
 			return rep, err
 		}
 	}
+	if b.cfg.cases["policy"] {
+		if err := b.runPolicy(ctx, rep); err != nil {
+			return rep, err
+		}
+	}
 	return rep, nil
 }
 
@@ -206,6 +211,7 @@ func (c config) describe() map[string]string {
 		"cni-pods":    fmt.Sprint(c.cniPods),
 		"idle-pods":   fmt.Sprint(c.idlePods),
 		"idle-window": c.idleWindow.String(),
+		"policies":    fmt.Sprint(c.policies),
 		"mtu":         fmt.Sprint(c.mtu),
 		"shm-mtu":     shmMTUString(c.shmMTU),
 		"agent-args":  strings.Join(c.agentArgs, " "),

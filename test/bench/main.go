@@ -7,9 +7,11 @@
 //	go run ./test/bench                          # everything, ~10 minutes
 //	go run ./test/bench -cases tput,rtt -reps 5  # a subset
 //	go run ./test/bench -idle-pods 0,50 -idle-window 9s
+//	go run ./test/bench -cases policy -reps 7   # NetworkPolicy's cost, 0/100/1000 policies
 //
 // Each case runs -reps times (at least 3) and reports its median and its
-// ratio to the reference (veth for traffic, bridge for CNI latency),
+// ratio to the reference (veth for traffic, bridge for CNI latency, the
+// same pairs without policy for the policy case: policy.go),
 // with the project's goals marked met or not met. The table goes to
 // stdout and to <out>/bench.md, the numbers to <out>/bench.json. A number
 // never makes it fail: only a broken setup does.
@@ -47,6 +49,7 @@ type config struct {
 	rttCount   int
 	cniPods    int
 	idlePods   []int
+	policies   []int
 	idleWindow time.Duration
 	mtu        int
 	shmMTU     int
@@ -60,7 +63,7 @@ type config struct {
 
 func parseFlags() (config, error) {
 	var c config
-	cases := flag.String("cases", "tput,rtt,cni,idle", "cases to run: tput, rtt, cni, idle")
+	cases := flag.String("cases", "tput,rtt,cni,idle,policy", "cases to run: tput, rtt, cni, idle, policy")
 	flag.IntVar(&c.reps, "reps", 3, "repetitions of each case (the median is reported; at least 3)")
 	streams := flag.String("streams", "1,4", "parallel TCP streams of the throughput cases")
 	flag.DurationVar(&c.iperfTime, "iperf-time", 3*time.Second, "iperf3 duration of each throughput measurement")
@@ -68,6 +71,7 @@ func parseFlags() (config, error) {
 	flag.IntVar(&c.rttCount, "rtt-count", 5000, "64-byte round trips per latency measurement")
 	flag.IntVar(&c.cniPods, "cni-pods", 100, "pods added (then deleted) concurrently per CNI latency measurement")
 	idle := flag.String("idle-pods", "0,110,250", "attached idle tap pods at which the agent's RSS and CPU are measured")
+	policies := flag.String("policies", "0,100,1000", "NetworkPolicy counts of the policy case (the first must be 0: the ratios' reference)")
 	flag.DurationVar(&c.idleWindow, "idle-window", 30*time.Second, "CPU measurement window per pod count (split into -reps parts)")
 	flag.IntVar(&c.mtu, "mtu", 1500, "MTU of shm-cni's kernel pods' links and uplink in the traffic cases (the veth, ptp and bridge references stay at 1500)")
 	flag.IntVar(&c.shmMTU, "shm-mtu", 0, "MTU of shm-cni's sandbox links (the agent's --shm-mtu); 0 leaves the agent's default")
@@ -88,7 +92,7 @@ func parseFlags() (config, error) {
 	for _, k := range strings.Split(*cases, ",") {
 		k = strings.TrimSpace(k)
 		switch k {
-		case "tput", "rtt", "cni", "idle":
+		case "tput", "rtt", "cni", "idle", "policy":
 			c.cases[k] = true
 		case "":
 		default:
@@ -101,6 +105,12 @@ func parseFlags() (config, error) {
 	}
 	if c.idlePods, err = intList(*idle); err != nil {
 		return c, fmt.Errorf("-idle-pods: %w", err)
+	}
+	if c.policies, err = intList(*policies); err != nil {
+		return c, fmt.Errorf("-policies: %w", err)
+	}
+	if len(c.policies) == 0 || c.policies[0] != 0 {
+		return c, fmt.Errorf("-policies %q: the first count must be 0 (the ratios' reference)", *policies)
 	}
 	if c.reps < 3 {
 		return c, fmt.Errorf("-reps %d: want at least 3", c.reps)

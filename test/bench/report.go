@@ -23,6 +23,7 @@ type report struct {
 	Latency    []rttRow          `json:"latency,omitempty"`
 	CNI        []cniRow          `json:"cni,omitempty"`
 	Idle       []idleRow         `json:"idle,omitempty"`
+	Policy     []policyRow       `json:"policy,omitempty"`
 	Goals      []goal            `json:"goals"`
 }
 
@@ -217,6 +218,27 @@ func (r *report) evaluateGoals() {
 		s := r.rtt(c.name)
 		add("64 B RTT p50 "+c.label, "≤ 2.0x veth", s != nil && s.RatioP50 > 0, ratioOf(s), fmt.Sprintf("%.2fx", ratioOf(s)), ratioOf(s) <= 2.0)
 	}
+	// NetworkPolicy's cost on the fast path (issue 16): the worst of
+	// the pairs' throughput and p50 round trip at the largest count.
+	{
+		worst, count, measured := 1.0, 0, false
+		for _, p := range r.Policy {
+			count = max(count, p.Policies)
+		}
+		for _, p := range r.Policy {
+			if p.Policies != count || count == 0 || p.Ratio <= 0 || p.Measure == "p99 µs" {
+				continue
+			}
+			measured = true
+			cost := p.Ratio // latency: slower is more
+			if p.Measure == "Gbit/s" {
+				cost = 1 / p.Ratio
+			}
+			worst = max(worst, cost)
+		}
+		add(fmt.Sprintf("fast path with %d NetworkPolicies (throughput, 64 B RTT p50)", count), "≤ 1.10x the cost without policy", measured, worst,
+			fmt.Sprintf("%.2fx", worst), worst <= 1.10)
+	}
 	var shm *cniRow
 	for i := range r.CNI {
 		if strings.HasPrefix(r.CNI[i].Plugin, "shm-cni") && r.CNI[i].AddP99Ratio > 0 {
@@ -338,6 +360,9 @@ func (r *report) markdown(b *strings.Builder) {
 		}
 		b.WriteString("\n")
 	}
+	if len(r.Policy) > 0 {
+		r.policyMarkdown(b)
+	}
 	fmt.Fprintf(b, "## Goals\n\n| goal | want | got | |\n|---|---|---|---|\n")
 	for _, g := range r.Goals {
 		mark := "not measured"
@@ -356,4 +381,21 @@ func fmtList(xs []float64, f string) string {
 		s[i] = fmt.Sprintf(f, x)
 	}
 	return strings.Join(s, " ")
+}
+
+// policyMarkdown writes the policy case's table: each pair's measure at
+// each policy count, with its ratio to 0 policies.
+func (r *report) policyMarkdown(b *strings.Builder) {
+	fmt.Fprintf(b, "## NetworkPolicy on the fast path (ratio to the same pair with no policy, same run)\n\n")
+	fmt.Fprintf(b, "The agent process reads the cluster (its pods, %d pods of other nodes, namespaces and %s NetworkPolicies) from the bench's list/watch server through its informers; the real compiler and enforcer. A tenth of the policies select the measured pods (a third of those restrict egress too), one lets them talk; the others select other pods. With 0 the agent has a snapshot without policy (a packet's headers are read and its pods looked up). Established connections' packets are tracker hits, whatever the count; the count weighs on a connection's first packet and on compiles. One stream; CPU is the agent's own per GiB.\n\n", remotePods, strings.ReplaceAll(strings.Trim(r.Config["policies"], "[]"), " ", "/"))
+	fmt.Fprintf(b, "| case | measure | policies | median | vs 0 | runs | agent CPU-s per GiB | vs 0 |\n|---|---|---:|---:|---:|---|---:|---:|\n")
+	for _, p := range r.Policy {
+		cpu, cpuRatio := "", ""
+		if len(p.AgentCPUPerGiB) > 0 {
+			cpu, cpuRatio = fmt.Sprintf("%.2f", p.MedianAgentCPUPerGiB), fmt.Sprintf("%.2fx", p.AgentCPURatio)
+		}
+		fmt.Fprintf(b, "| %s | %s | %d | %.2f | %.2fx | %s | %s | %s |%s\n", p.Case, p.Measure, p.Policies, p.Median, p.Ratio,
+			fmtList(p.Values, "%.2f"), cpu, cpuRatio, errNote(p.Error))
+	}
+	b.WriteString("\n")
 }

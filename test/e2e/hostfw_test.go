@@ -382,8 +382,9 @@ func TestHostForwardingOff(t *testing.T) {
 // pod of the same node works, as kube-proxy makes it: a DNAT in the host
 // (here an nftables rule from a Service address to the endpoint). Kernel
 // pods and sandboxes as clients and as endpoints, IPv4 and IPv6; the
-// endpoint sees the node gateway (the router's hairpin masquerade), since
-// its reply must go back through the host that undoes the DNAT.
+// endpoint sees the client pod's own address (NetworkPolicy judges it by
+// that), and its replies go back through the host that undoes the DNAT:
+// the router's hairpin table sends them there, as its metrics count.
 func TestSameNodeService(t *testing.T) {
 	ctx := testContext(t)
 	n := newNode(t, node.Options{})
@@ -408,10 +409,28 @@ func TestSameNodeService(t *testing.T) {
 					t.Errorf("%s -> Service %s (endpoint %s): %v", c.Name, vip[e][i], e.Name, err)
 					continue
 				}
-				if want := n.Gateway(v6); tr.From != want {
-					t.Errorf("%s -> Service %s: the endpoint saw %s, want the node gateway %s", c.Name, vip[e][i], tr.From, want)
+				want := c.Addr4
+				if v6 {
+					want = c.Addr6
+				}
+				if tr.From != want {
+					t.Errorf("%s -> Service %s: the endpoint saw %s, want the client %s", c.Name, vip[e][i], tr.From, want)
 				}
 			}
 		}
+	}
+	// Eight connections (two clients, two endpoints, two families),
+	// each remembered once, their replies sent back to the host.
+	for metric, min := range map[string]float64{"shm_cni_hairpin_connections_total": 8, "shm_cni_hairpin_packets_total": 8} {
+		got, err := n.Metric(ctx, metric, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got < min {
+			t.Errorf("%s = %v, want at least %v", metric, got, min)
+		}
+	}
+	if got, err := n.Metric(ctx, "shm_cni_hairpin_dropped_packets_total", nil); err != nil || got != 0 {
+		t.Errorf("shm_cni_hairpin_dropped_packets_total = %v (%v), want 0", got, err)
 	}
 }

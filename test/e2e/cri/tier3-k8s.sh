@@ -365,8 +365,9 @@ fi
 
 # --- ClusterIP Services through kube-proxy --------------------------------------
 # kube-proxy DNATs in the host; the endpoint's reply must go back through
-# the host to be un-DNATed, so it sees the node gateway (the agent's
-# hairpin masquerade), as for every same-node Service.
+# the host to be un-DNATed: the agent's router sends it there (its hairpin
+# table), so the endpoint sees the client's own address, which its
+# NetworkPolicy judges.
 svc_ip() { kubectl_ get svc "$1" -o jsonpath='{.spec.clusterIP}'; }
 # in_pod_retry CTR CMD: CMD's output once it prints something (kube-proxy
 # programs a new Service within a second or so).
@@ -380,17 +381,17 @@ in_pod_retry() {
 }
 check "kube-proxy programmed its nftables table" 1 "$(nft list tables | grep -c '^table ip kube-proxy$')"
 SVC_WEB2=$(svc_ip web2)
-check "web1 -> Service web2 ($SVC_WEB2:80), web2 sees the node gateway" "$GATEWAY" \
+check "web1 -> Service web2 ($SVC_WEB2:80), web2 sees web1" "${IP[web1]}" \
 	"$(in_pod_retry "${CTR[web1]}" "$(peer_cmd "$SVC_WEB2" 80)")"
 check "web1 <- Service web2 4 MiB, MD5" "$(in_pod "${CTR[web2]}" 'cat /www/blob.md5')" \
 	"$(in_pod "${CTR[web1]}" "$(blob_cmd "$SVC_WEB2" 80)")"
 if [ "$RUNSC" = yes ]; then
-	check "gvisor -> Service web2 (runc pod behind it), web2 sees the node gateway" "$GATEWAY" \
+	check "gvisor -> Service web2 (runc pod behind it), web2 sees gvisor" "${IP[gvisor]}" \
 		"$(in_pod_retry "${CTR[gvisor]}" "$(peer_cmd "$SVC_WEB2" 80)")"
 	check "gvisor <- Service web2 4 MiB, MD5" "$(in_pod "${CTR[web2]}" 'cat /www/blob.md5')" \
 		"$(in_pod "${CTR[gvisor]}" "$(blob_cmd "$SVC_WEB2" 80)")"
 	SVC_GVISOR=$(svc_ip gvisor)
-	check "web1 -> Service gvisor ($SVC_GVISOR:80), gvisor sees the node gateway" "$GATEWAY" \
+	check "web1 -> Service gvisor ($SVC_GVISOR:80), gvisor sees web1" "${IP[web1]}" \
 		"$(in_pod_retry "${CTR[web1]}" "$(peer_cmd "$SVC_GVISOR" 80)")"
 fi
 

@@ -323,8 +323,8 @@ check "pod c -> outside ($OUT_IP) masqueraded to its node's address" "${NODEIP[$
 # it. Pod hp on $W2 has a hostPort, reached at $W2's address from a pod on
 # the other node (masqueraded to its node's address on the way out, as to
 # any address outside the cluster CIDRs), from the machine (its own
-# address), from a pod on $W2 (the agent's hairpin masquerade: the uplink's
-# address), and from $W2 itself at its address and at 127.0.0.1 (portmap's
+# address), from a pod on $W2 (its own address: the router sends the
+# replies back through the host, which undoes the DNAT), and from $W2 itself at its address and at 127.0.0.1 (portmap's
 # masquerade). Deleting hp removes its rules: portmap's own chains
 # (CNI-HOSTPORT-*) stay, as portmap leaves them, with nothing of hp.
 HOSTPORT=28080
@@ -358,8 +358,7 @@ if kubectl_ -n "$NS" wait --for=condition=Ready pod/hp --timeout="$TIMEOUT" >/de
 	me=$(ip -4 -o route get "${NODEIP[$W2]}" | sed -n 's/.* src \([0-9.]*\).*/\1/p')
 	check "hostPort: the machine -> $HP reaches hp, which sees the machine's address $me" "hp $me" \
 		"$(curl -fsS --max-time 5 "http://$HP/hostname") $(seen "$(curl -fsS --max-time 5 "http://$HP/clientip")")"
-	uplink=$(docker exec "$W2" ip -4 -o addr show dev shm0 | awk '{print $4}' | cut -d/ -f1)
-	check "hostPort: pod c on $W2 -> $HP reaches hp, which sees $W2's uplink address $uplink (hairpin)" "hp $uplink" \
+	check "hostPort: pod c on $W2 -> $HP reaches hp, which sees c's own address ${IP[c]} (the router sends hp's replies back through the host)" "hp ${IP[c]}" \
 		"$(in_pod c "curl -fsS --max-time 5 http://$HP/hostname") $(seen "$(in_pod c "curl -fsS --max-time 5 http://$HP/clientip")")"
 	check "hostPort: node $W2 -> $HP and 127.0.0.1:$HOSTPORT reach hp" "hp hp" \
 		"$(docker exec "$W2" curl -fsS --max-time 5 "http://$HP/hostname") $(docker exec "$W2" curl -fsS --max-time 5 "http://127.0.0.1:$HOSTPORT/hostname")"
