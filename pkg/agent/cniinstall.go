@@ -127,7 +127,9 @@ func withKind(data []byte, kind string) ([]byte, error) {
 // or already be in CNIBinDir: a runtime would fail every pod's ADD (and a
 // CNI 1.1.0 runtime's STATUS, keeping the node NotReady) for a missing
 // one. An agentSocket other than the agent's is only logged: the conflist
-// names the path the runtime sees, which a container may mount elsewhere.
+// names the path the runtime sees, which a container may mount elsewhere;
+// so is a shm-cni entry without the bandwidth capability, which runtimes
+// then do not pass (pods' bandwidth annotations would be ignored).
 func (a *Agent) checkConflist(data []byte) error {
 	list, err := libcni.ConfListFromBytes(data)
 	if err != nil {
@@ -145,6 +147,9 @@ func (a *Agent) checkConflist(data []byte) error {
 		}
 		if c.AgentSocket != a.cfg.SocketPath {
 			a.log.Warn("the conflist's agentSocket is not the agent's --socket", "agentSocket", c.AgentSocket, "socket", a.cfg.SocketPath)
+		}
+		if !p.Network.Capabilities[cni.BandwidthCapability] {
+			a.log.Warn(`the conflist's shm-cni entry does not declare "capabilities": {"bandwidth": true}: runtimes will not pass pods' bandwidth limits`, "plugin", i)
 		}
 	}
 	if !found {

@@ -119,6 +119,10 @@ func (a *Agent) attachLink(k linkspec.Key, req *agentapi.AttachRequest, files []
 		MTU:         req.MTU,
 		PodMAC:      req.MAC,
 	}
+	if req.Bandwidth != nil && !req.Bandwidth.IsZero() {
+		bw := *req.Bandwidth
+		rec.Bandwidth = &bw
+	}
 	kind, err := kindOf(req.Kind)
 	if err != nil {
 		return nil, nil, invalid("%v", err)
@@ -242,8 +246,9 @@ func (a *Agent) detachLocked(k linkspec.Key) error {
 	return nil
 }
 
-// check verifies that the attachment exists, holds the IPs given and, for a
-// tap link, still has its device.
+// check verifies that the attachment exists, holds the IPs given, enforces
+// the bandwidth limit given (when given) and, for a tap link, still has its
+// device.
 func (a *Agent) check(req *agentapi.CheckRequest) error {
 	k := req.Key()
 	a.mu.Lock()
@@ -264,6 +269,15 @@ func (a *Agent) check(req *agentapi.CheckRequest) error {
 		}
 		if missing, extra := diffAddrs(want, att.rec.Addrs); len(missing) > 0 || len(extra) > 0 {
 			return noSuch("addresses differ: the agent has %v, not %v; it lacks %v", att.rec.Addrs, extra, missing)
+		}
+	}
+	if req.Bandwidth != nil {
+		var have linkspec.Bandwidth
+		if att.rec.Bandwidth != nil {
+			have = *att.rec.Bandwidth
+		}
+		if have != *req.Bandwidth {
+			return noSuch("bandwidth limit differs: the agent enforces %s, not %s", have, *req.Bandwidth)
 		}
 	}
 	if err := att.link.check(); err != nil {

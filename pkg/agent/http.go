@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/policy"
 	"github.com/shm-cni/shm-cni/pkg/router"
 )
@@ -28,6 +29,9 @@ type LinkStatus struct {
 	MTU          int          `json:"mtu"`
 	// SocketPath is a shm link's sandbox socket.
 	SocketPath string `json:"socketPath,omitempty"`
+	// Bandwidth is the pod's bandwidth limit (bits per second and bits),
+	// absent when it has none; Router counts what it dropped.
+	Bandwidth *linkspec.Bandwidth `json:"bandwidth,omitempty"`
 	// Up is set while the link is attached to the router.
 	Up bool `json:"up"`
 	// Router and Endpoint are the link's counters while it is up.
@@ -52,7 +56,7 @@ func (a *Agent) linkStatus() []LinkStatus {
 		st := LinkStatus{
 			ContainerID: r.ContainerID, IfName: r.IfName, Kind: r.Kind,
 			PodNamespace: r.PodNS, PodName: r.PodName, Netns: r.Netns,
-			Addrs: r.Addrs, PodMAC: r.PodMAC, MTU: r.MTU,
+			Addrs: r.Addrs, PodMAC: r.PodMAC, MTU: r.MTU, Bandwidth: r.Bandwidth,
 		}
 		att.link.status(&st)
 		out = append(out, st)

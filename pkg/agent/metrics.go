@@ -40,6 +40,12 @@ var (
 		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
 	descThrottled = prometheus.NewDesc("shm_cni_link_receive_throttled_total",
 		"Pauses of the agent's reading from the pod's link because the pod sent more than its limit (--link-max-pps, --link-max-bytes).", linkLabels, nil)
+	descBandwidthDelayed = prometheus.NewDesc("shm_cni_link_bandwidth_delayed_total",
+		"Packets the pod's bandwidth limit (the CNI bandwidth capability) held until its token bucket covered them, by direction (ingress: to the pod; egress: from the pod); 0 for a pod without a limit.",
+		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
+	descBandwidthDrops = prometheus.NewDesc("shm_cni_link_bandwidth_drops_total",
+		"Packets the pod's bandwidth limit dropped because its queue was full, by direction (ingress: to the pod; egress: from the pod); 0 for a pod without a limit.",
+		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
 	descLinkUp = prometheus.NewDesc("shm_cni_link_up",
 		"1 when the link is attached to the router (a shm link: a sandbox is connected), else 0.", linkLabels, nil)
 	descAttachments = prometheus.NewDesc("shm_cni_attachments",
@@ -121,7 +127,7 @@ var _ prometheus.Collector = (*linkCollector)(nil)
 // Describe implements prometheus.Collector.Describe.
 func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRxPackets, descRxBytes, descTxPackets, descTxBytes,
-		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descFast, descLinkUp, descAttachments, descUnrouted,
+		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descFast, descBandwidthDelayed, descBandwidthDrops, descLinkUp, descAttachments, descUnrouted,
 		descHairpinConns, descHairpinAdded, descHairpinRefused, descHairpinPackets, descHairpinDropped, descHostForwarding, descHostRepairs,
 		descPolicyDenied, descNetworkPolicyDenied, descPolicyRefused, descPolicyConns, descPolicyProblems} {
 		ch <- d
@@ -151,6 +157,10 @@ func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
 			counter(descDrops, r.TxDrops, "transmit")
 			counter(descFast, r.FastRxPackets, "receive")
 			counter(descFast, r.FastTxPackets, "transmit")
+			counter(descBandwidthDelayed, r.BandwidthIngressDelayed, "ingress")
+			counter(descBandwidthDelayed, r.BandwidthEgressDelayed, "egress")
+			counter(descBandwidthDrops, r.BandwidthIngressDrops, "ingress")
+			counter(descBandwidthDrops, r.BandwidthEgressDrops, "egress")
 			for _, reason := range router.DropReasons() {
 				counter(descFiltered, r.Filtered[reason], reason.String())
 			}

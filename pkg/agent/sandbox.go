@@ -181,7 +181,7 @@ func newSandboxLink(path, linkID string, rec *record, pair *queue.Pair, limit en
 	}
 	s := &sandboxLink{
 		linkID: linkID,
-		link:   router.Link{Addrs: rec.Addrs, PodMAC: macOf(rec.PodMAC), GatewayMAC: GatewayMAC},
+		link:   rec.routerLink(),
 		config: linkConfigFor(rec),
 		sizes:  *rec.Queue,
 		limit:  limit,

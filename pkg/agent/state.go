@@ -15,6 +15,7 @@ import (
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
+	"github.com/shm-cni/shm-cni/pkg/router"
 )
 
 // recordVersion is the version of the attachment files.
@@ -54,6 +55,18 @@ type record struct {
 	// it was opened with a virtio-net header.
 	TAPName string `json:"tapName,omitempty"`
 	VnetHdr bool   `json:"vnetHdr,omitempty"`
+	// Bandwidth is the pod's bandwidth limit, nil when it has none: kept
+	// so that the limit holds across agent restarts.
+	Bandwidth *linkspec.Bandwidth `json:"bandwidth,omitempty"`
+}
+
+// routerLink is the router's view of the record's link.
+func (r *record) routerLink() router.Link {
+	l := router.Link{Addrs: r.Addrs, PodMAC: macOf(r.PodMAC), GatewayMAC: GatewayMAC}
+	if r.Bandwidth != nil {
+		l.Bandwidth = *r.Bandwidth
+	}
+	return l
 }
 
 func (r *record) key() linkspec.Key {
@@ -74,7 +87,7 @@ func (r *record) validate() error {
 	// The request validation covers IDs, names, netns and kind.
 	req := agentapi.Request{Version: agentapi.Version, Op: agentapi.OpAttach, Attach: &agentapi.AttachRequest{
 		ContainerID: r.ContainerID, IfName: r.IfName, Netns: r.Netns, Network: r.Network, Kind: r.Kind,
-		MTU: r.MTU, PodNamespace: r.PodNS, PodName: r.PodName, MAC: r.PodMAC,
+		MTU: r.MTU, PodNamespace: r.PodNS, PodName: r.PodName, MAC: r.PodMAC, Bandwidth: r.Bandwidth,
 	}}
 	if r.Queue != nil {
 		req.Attach.Queue = &agentapi.QueueSizes{DataSize: r.Queue.DataSize, PipeSize: r.Queue.PipeSize, BufferSize: r.Queue.BufferSize}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -18,6 +19,7 @@ func testRecord() *record {
 		Version: recordVersion, ContainerID: "c1", IfName: "eth0", Kind: "shm", Netns: "/var/run/netns/c1",
 		Network: "net", PodNS: "default", PodName: "p", Addrs: []netip.Addr{netip.MustParseAddr("10.244.1.2")},
 		Allocated: true, MTU: 1500, PodMAC: "02:53:0a:f4:01:02", Queue: &sz,
+		Bandwidth: &linkspec.Bandwidth{EgressRate: 5_000_000, EgressBurst: 1_000_000},
 	}
 }
 
@@ -31,6 +33,10 @@ var recordCases = []struct {
 		`"allocated":true,"mtu":1500,"podMAC":"02:53:0a:f4:01:02","queue":{"dataSize":1048576,"pipeSize":65536,"bufferSize":2048}}`, ""},
 	{"tap", `{"version":1,"containerID":"c1","ifName":"eth0","kind":"tap","netns":"/n","network":"net","addrs":["10.244.1.2","2001:db8::2"],` +
 		`"allocated":false,"mtu":1500,"podMAC":"02:00:00:00:00:01","tapName":"eth0","vnetHdr":true}`, ""},
+	{"tap with bandwidth", `{"version":1,"containerID":"c1","ifName":"eth0","kind":"tap","netns":"/n","network":"net","addrs":["10.244.1.2"],` +
+		`"mtu":1500,"podMAC":"02:00:00:00:00:01","tapName":"eth0","bandwidth":{"ingressRate":1000000,"ingressBurst":1000000,"egressRate":0,"egressBurst":0}}`, ""},
+	{"bad bandwidth", `{"version":1,"containerID":"c1","ifName":"eth0","kind":"tap","netns":"/n","network":"net","addrs":["10.244.1.2"],` +
+		`"mtu":1500,"podMAC":"02:00:00:00:00:01","tapName":"eth0","bandwidth":{"ingressRate":1000000}}`, "attach.bandwidth.ingressBurst"},
 	{"tap without device", `{"version":1,"containerID":"c1","ifName":"eth0","kind":"tap","netns":"/n","network":"net","addrs":["10.244.1.2"],` +
 		`"mtu":1500,"podMAC":"02:00:00:00:00:01"}`, "device name"},
 	{"unknown field", `{"version":1,"bogus":1}`, "unknown field"},

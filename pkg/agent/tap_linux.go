@@ -17,7 +17,6 @@ import (
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint/tap"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
-	"github.com/shm-cni/shm-cni/pkg/router"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
@@ -132,8 +131,7 @@ func (a *Agent) attachTAP(rec *record, f *os.File) (*tapLink, error) {
 		return nil, opErr
 	}
 	l.ep = ep
-	link := router.Link{Addrs: rec.Addrs, PodMAC: macOf(rec.PodMAC), GatewayMAC: GatewayMAC}
-	if err := a.router.AddLink(l.linkID, ep, link); err != nil {
+	if err := a.router.AddLink(l.linkID, ep, rec.routerLink()); err != nil {
 		// AddLink does not always close the endpoint on failure.
 		ep.Close()
 		ep.Wait()

@@ -81,6 +81,7 @@ func decodeCases() []decodeCase {
 		{name: "status with whitespace", in: " \n{ \"version\" : 1 , \"op\" : \"status\" }\n\t"},
 		{name: "gc with empty list", in: `{"version":1,"op":"gc","gc":{"valid":[]}}`},
 		{name: "attach with null optional", in: attachJSON(set("ips", nil))},
+		{name: "attach with bandwidth", in: attachJSON(set("bandwidth", map[string]any{"ingressRate": 1e6, "ingressBurst": 1e6}))},
 
 		{name: "empty", in: ``, code: CodeDecodingFailure},
 		{name: "garbage", in: `not json at all`, code: CodeDecodingFailure, sub: []string{"cannot decode request"}},
@@ -132,6 +133,11 @@ func decodeCases() []decodeCase {
 		{name: "duplicate ip", in: attachJSON(set("ips", []string{"10.0.0.3/24", "10.0.0.3/32"})), code: CodeInvalidConfig, sub: []string{"attach.ips[1]", "repeats", "attach.ips[0]"}},
 		{name: "bad mac", in: attachJSON(set("mac", "zz:zz")), code: CodeInvalidConfig, sub: []string{"attach.mac"}},
 		{name: "multicast mac", in: attachJSON(set("mac", "01:00:5e:00:00:01")), code: CodeInvalidConfig, sub: []string{"attach.mac", "multicast"}},
+		{name: "bandwidth rate without burst", in: attachJSON(set("bandwidth", map[string]any{"ingressRate": 1e6})), code: CodeInvalidConfig,
+			sub: []string{"attach.bandwidth.ingressBurst: required when ingressRate is set"}},
+		{name: "bandwidth burst too large", in: attachJSON(set("bandwidth", map[string]any{"egressRate": 1e6, "egressBurst": 1e12})), code: CodeInvalidConfig,
+			sub: []string{"attach.bandwidth.egressBurst: 1000000000000 bits is more than"}},
+		{name: "negative bandwidth", in: attachJSON(set("bandwidth", map[string]any{"egressRate": -1})), code: CodeDecodingFailure},
 		{name: "pod name with slash", in: attachJSON(set("podName", "a/b")), code: CodeInvalidConfig, sub: []string{"attach.podName"}},
 		{name: "many problems", in: attachJSON(func(_, a map[string]any) {
 			a["containerID"] = ""
@@ -139,6 +145,7 @@ func decodeCases() []decodeCase {
 			a["kind"] = "vhost"
 		}), code: CodeInvalidConfig, sub: []string{"attach.containerID", "attach.ifName", "attach.kind"}},
 		{name: "detach bad ifname", in: `{"version":1,"op":"detach","detach":{"containerID":"c","ifName":""}}`, code: CodeInvalidConfig, sub: []string{"detach.ifName"}},
+		{name: "check bad bandwidth", in: `{"version":1,"op":"check","check":{"containerID":"c","ifName":"eth0","bandwidth":{"egressBurst":8}}}`, code: CodeInvalidConfig, sub: []string{"check.bandwidth.egressRate: required"}},
 		{name: "check bad ip", in: `{"version":1,"op":"check","check":{"containerID":"c","ifName":"eth0","ips":["nope"]}}`, code: CodeInvalidConfig, sub: []string{"check.ips[0]"}},
 		{name: "gc bad entry", in: `{"version":1,"op":"gc","gc":{"valid":[{"containerID":"c","ifName":"eth0"},{"containerID":"","ifName":"eth0"}]}}`, code: CodeInvalidConfig, sub: []string{"gc.valid[1].containerID: required"}},
 	}

@@ -85,6 +85,10 @@ type AttachRequest struct {
 	// MAC is the pod-side MAC of a TAP link, so the agent can pin a static
 	// neighbor entry. Optional.
 	MAC string `json:"mac,omitempty"`
+	// Bandwidth is the pod's bandwidth limit (the CNI bandwidth
+	// capability), which the agent enforces on the link; nil or zero
+	// limits nothing.
+	Bandwidth *linkspec.Bandwidth `json:"bandwidth,omitempty"`
 }
 
 // QueueSizes are the sizes of a shm link's queues, in bytes.
@@ -102,11 +106,13 @@ type DetachRequest struct {
 }
 
 // CheckRequest asks the agent whether an attachment exists and holds IPs
-// (CIDR strings; empty skips the address check).
+// (CIDR strings; empty skips the address check) and, when Bandwidth is
+// set, enforces exactly that limit (zero: none).
 type CheckRequest struct {
-	ContainerID string   `json:"containerID"`
-	IfName      string   `json:"ifName"`
-	IPs         []string `json:"ips,omitempty"`
+	ContainerID string              `json:"containerID"`
+	IfName      string              `json:"ifName"`
+	IPs         []string            `json:"ips,omitempty"`
+	Bandwidth   *linkspec.Bandwidth `json:"bandwidth,omitempty"`
 }
 
 // GCRequest asks the agent to release every attachment (and its addresses)

@@ -61,6 +61,7 @@ func (r *Request) Validate() error {
 		} else {
 			validateID(&p, "check", r.Check.ContainerID, r.Check.IfName)
 			validateIPs(&p, "check.ips", r.Check.IPs)
+			validateBandwidth(&p, "check.bandwidth", r.Check.Bandwidth)
 		}
 	case OpGC:
 		if r.GC == nil {
@@ -175,6 +176,28 @@ func (a *AttachRequest) validate(p *problems) {
 			p.add("attach.mac", "%s is all zeroes", untrusted.Quote(a.MAC))
 		}
 	}
+	validateBandwidth(p, "attach.bandwidth", a.Bandwidth)
+}
+
+// validateBandwidth checks an optional bandwidth limit, naming each field
+// under prefix.
+func validateBandwidth(p *problems, prefix string, bw *linkspec.Bandwidth) {
+	if bw == nil {
+		return
+	}
+	if err := bw.Validate(); err != nil {
+		for _, e := range unjoin(err) {
+			*p = append(*p, prefix+"."+e.Error())
+		}
+	}
+}
+
+// unjoin returns the errors an errors.Join joined, or err alone.
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
 }
 
 // validateID checks a container ID and interface name as the CNI library

@@ -54,6 +54,10 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	bandwidth, err := conf.PodBandwidth()
+	if err != nil {
+		return nil, err
+	}
 	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
 		return nil, newError(agentapi.CodeDecodingFailure, "prevResult: %v", err)
 	}
@@ -101,6 +105,7 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 		IPs:          ipamIPs,
 		PodNamespace: string(podArgs.K8S_POD_NAMESPACE),
 		PodName:      string(podArgs.K8S_POD_NAME),
+		Bandwidth:    bandwidth,
 	}
 	var (
 		tap    *os.File

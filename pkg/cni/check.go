@@ -15,11 +15,13 @@ import (
 
 	"github.com/shm-cni/shm-cni/internal/untrusted"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
 // Check implements CNI CHECK: the interface of prevResult exists in the pod
 // netns with its MAC, MTU, addresses and routes, the agent has the
-// attachment with those addresses, and a delegated IPAM plugin agrees.
+// attachment with those addresses and the bandwidth limit of the runtime
+// config (none when it has none), and a delegated IPAM plugin agrees.
 func (p *Plugin) Check(args *skel.CmdArgs) error {
 	c, err := p.begin("CHECK", args)
 	if err != nil {
@@ -41,6 +43,13 @@ func (c *call) check(args *skel.CmdArgs) error {
 	kind, err := conf.PodKind(podArgs)
 	if err != nil {
 		return err
+	}
+	bandwidth, err := conf.PodBandwidth()
+	if err != nil {
+		return err
+	}
+	if bandwidth == nil {
+		bandwidth = &linkspec.Bandwidth{} // the pod must have no limit
 	}
 	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
 		return newError(agentapi.CodeDecodingFailure, "prevResult: %v", err)
@@ -76,7 +85,7 @@ func (c *call) check(args *skel.CmdArgs) error {
 	}
 	_, err = agentapi.Call(c.ctx, conf.AgentSocket, &agentapi.Request{
 		Op:    agentapi.OpCheck,
-		Check: &agentapi.CheckRequest{ContainerID: args.ContainerID, IfName: args.IfName, IPs: ips},
+		Check: &agentapi.CheckRequest{ContainerID: args.ContainerID, IfName: args.IfName, IPs: ips, Bandwidth: bandwidth},
 	}, nil)
 	if err != nil {
 		return fmt.Errorf("agent check %s/%s: %w", args.ContainerID, args.IfName, err)

@@ -109,6 +109,48 @@ type RuntimeConfig struct {
 	// PodAnnotations are the pod's annotations, when the runtime passes
 	// them (CRI-O does).
 	PodAnnotations map[string]string `json:"io.kubernetes.cri.pod-annotations,omitempty"`
+	// Bandwidth is the CNI "bandwidth" capability (a linkspec.Bandwidth),
+	// passed when the conflist entry declares it; Kubernetes runtimes fill
+	// it from the pod annotations kubernetes.io/ingress-bandwidth and
+	// kubernetes.io/egress-bandwidth. Kept raw and read by
+	// Config.PodBandwidth on ADD alone, as the pod's kind, so that a
+	// value ADD refused never stops the pod's DEL.
+	Bandwidth json.RawMessage `json:"bandwidth,omitempty"`
+}
+
+// BandwidthCapability is the capability (and runtimeConfig key) of the
+// per-pod bandwidth limit.
+const BandwidthCapability = "bandwidth"
+
+// PodBandwidth returns the pod's bandwidth limit from runtimeConfig, or
+// nil when there is none or it limits nothing. A value of the wrong JSON
+// type (a negative or fractional rate, say) or one linkspec.Bandwidth's
+// Validate refuses is a *types.Error with agentapi.CodeInvalidConfig
+// naming the field ("runtimeConfig.bandwidth.ingressBurst: ...").
+func (c *Config) PodBandwidth() (*linkspec.Bandwidth, error) {
+	const field = "runtimeConfig." + BandwidthCapability
+	if c.RuntimeConfig == nil || len(c.RuntimeConfig.Bandwidth) == 0 || bytes.Equal(c.RuntimeConfig.Bandwidth, []byte("null")) {
+		return nil, nil
+	}
+	var bw linkspec.Bandwidth
+	if err := json.Unmarshal(c.RuntimeConfig.Bandwidth, &bw); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) && te.Field != "" {
+			return nil, newError(agentapi.CodeInvalidConfig, "invalid shm-cni config: %s.%s: got a JSON %s, want a %s", field, te.Field, te.Value, te.Type)
+		}
+		return nil, newError(agentapi.CodeInvalidConfig, "invalid shm-cni config: %s: %v", field, err)
+	}
+	if err := bw.Validate(); err != nil {
+		var details []string
+		for _, e := range unjoin(err) {
+			details = append(details, field+"."+e.Error())
+		}
+		return nil, types.NewError(agentapi.CodeInvalidConfig, "invalid shm-cni config", strings.Join(details, "; "))
+	}
+	if bw.IsZero() {
+		return nil, nil
+	}
+	return &bw, nil
 }
 
 // DefaultConfig returns a Config holding every default.

@@ -8,6 +8,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -151,6 +152,63 @@ func TestPodKind(t *testing.T) {
 			}
 			if kind != tc.want {
 				t.Errorf("kind = %q, want %q", kind, tc.want)
+			}
+		})
+	}
+}
+
+// TestPodBandwidth checks the bandwidth capability from runtimeConfig: the
+// CNI conventions' object, the reference plugin's rules, every refusal
+// code 7 naming its field; and that ParseConfig (which DEL runs) accepts
+// what PodBandwidth (which ADD runs) refuses.
+func TestPodBandwidth(t *testing.T) {
+	const base = `{"name":"pods","runtimeConfig":{"bandwidth":`
+	for _, tc := range []struct {
+		name   string
+		bw     string
+		want   *linkspec.Bandwidth
+		errHas []string
+	}{
+		{"none", `null`, nil, nil},
+		{"empty", `{}`, nil, nil},
+		{"conventions' example", `{"ingressRate":2048,"ingressBurst":1600,"egressRate":4096,"egressBurst":1600}`,
+			&linkspec.Bandwidth{IngressRate: 2048, IngressBurst: 1600, EgressRate: 4096, EgressBurst: 1600}, nil},
+		{"containerd's annotation", `{"ingressRate":10000000,"ingressBurst":4294967295}`,
+			&linkspec.Bandwidth{IngressRate: 10_000_000, IngressBurst: 1<<32 - 1}, nil},
+		{"CRI-O's annotation", `{"egressRate":10000000,"egressBurst":34359738359}`,
+			&linkspec.Bandwidth{EgressRate: 10_000_000, EgressBurst: 34359738359}, nil},
+		{"negative rate", `{"ingressRate":-1,"ingressBurst":1000}`, nil, []string{"runtimeConfig.bandwidth.ingressRate: got a JSON number -1, want a uint64"}},
+		{"fractional burst", `{"egressRate":1000,"egressBurst":1.5}`, nil, []string{"runtimeConfig.bandwidth.egressBurst: got a JSON number 1.5"}},
+		{"rate as string", `{"egressRate":"10M","egressBurst":1000}`, nil, []string{"runtimeConfig.bandwidth.egressRate: got a JSON string"}},
+		{"not an object", `[1]`, nil, []string{"runtimeConfig.bandwidth"}},
+		{"rate without burst", `{"ingressRate":1000000}`, nil, []string{"runtimeConfig.bandwidth.ingressBurst: required when ingressRate is set"}},
+		{"burst without rate", `{"egressBurst":1000000}`, nil, []string{"runtimeConfig.bandwidth.egressRate: required when egressBurst is set"}},
+		{"burst over 4 GB", `{"ingressRate":1000000,"ingressBurst":34359738360}`, nil, []string{"runtimeConfig.bandwidth.ingressBurst: 34359738360 bits is more than"}},
+		{"rate over 1 Pbit/s", `{"egressRate":1000000000000001,"egressBurst":1000}`, nil, []string{"runtimeConfig.bandwidth.egressRate: 1000000000000001 bit/s is not in"}},
+		{"two problems", `{"ingressRate":1,"egressBurst":8}`, nil, []string{"ingressRate: 1 bit/s", "ingressBurst: required", "egressRate: required"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := ParseConfig([]byte(base + tc.bw + `}}`))
+			if err != nil {
+				t.Fatalf("ParseConfig: %v", err)
+			}
+			got, err := c.PodBandwidth()
+			if len(tc.errHas) > 0 {
+				if code := codeOf(err); code != agentapi.CodeInvalidConfig {
+					t.Fatalf("PodBandwidth() = %v, %v; want code %d", got, err, agentapi.CodeInvalidConfig)
+				}
+				for _, s := range tc.errHas {
+					if !strings.Contains(err.Error(), s) {
+						t.Errorf("error %q does not contain %q", err, s)
+					}
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("PodBandwidth: %v", err)
+			}
+			if (got == nil) != (tc.want == nil) || (got != nil && *got != *tc.want) {
+				t.Errorf("PodBandwidth() = %v, want %v", got, tc.want)
 			}
 		})
 	}

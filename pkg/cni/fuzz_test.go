@@ -20,6 +20,8 @@ func FuzzParseConfig(f *testing.F) {
 	}
 	f.Add([]byte(`{"name":"p","args":{"cni":{"kind":"shm"}}}`), "IgnoreUnknown=1;SHM_CNI_KIND=tap")
 	f.Add([]byte(`{"name":"p","runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"shm-cni.io/kind":"shm"}}}`), "K8S_POD_NAME=x")
+	f.Add([]byte(`{"name":"p","runtimeConfig":{"bandwidth":{"ingressRate":1000000,"ingressBurst":4294967295,"egressRate":-1}}}`), "")
+	f.Add([]byte(`{"name":"p","runtimeConfig":{"bandwidth":{"egressRate":1e3,"egressBurst":8}}}`), "")
 	f.Fuzz(func(t *testing.T, data []byte, cniArgs string) {
 		c, err := ParseConfig(data)
 		if err != nil {
@@ -39,6 +41,14 @@ func FuzzParseConfig(f *testing.F) {
 		}
 		if err := c.Queue.Validate(); err != nil {
 			t.Fatalf("accepted queue sizes %+v: %v", c.Queue, err)
+		}
+		// The bandwidth capability: refused with code 7, or valid.
+		if bw, err := c.PodBandwidth(); err != nil {
+			if codeOf(err) != agentapi.CodeInvalidConfig {
+				t.Fatalf("bandwidth: code %d: %v", codeOf(err), err)
+			}
+		} else if bw != nil && (bw.IsZero() || bw.Validate() != nil) {
+			t.Fatalf("bandwidth %+v accepted", *bw)
 		}
 		a, err := ParsePodArgs(cniArgs)
 		if err != nil {

@@ -10,6 +10,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/shm-cni/shm-cni/internal/tcpipx"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
 // Link describes a pod link's addressing.
@@ -26,6 +27,9 @@ type Link struct {
 	// the router answers ARP and NDP for the gateway with on this link.
 	// Empty keeps the endpoint's own.
 	GatewayMAC tcpip.LinkAddress
+	// Bandwidth limits the pod's traffic in each direction (bandwidth.go);
+	// zero limits nothing. It must pass linkspec.Bandwidth.Validate.
+	Bandwidth linkspec.Bandwidth
 }
 
 // link is a pod link the router has.
@@ -36,13 +40,15 @@ type link struct {
 	addrs  []netip.Addr
 	// fast is where the fast path writes to this link, and its counters.
 	fast *fastDst
+	// bw enforces the link's bandwidth limit; nil when it has none.
+	bw *bandwidthEndpoint
 }
 
 // AddLink attaches ep as a new pod link named id: it creates a NIC, puts the
 // link-local gateway addresses on it, adds a host route and (for links that
 // need resolution) a static neighbor entry for each pod address. ep must not
 // be attached to any stack; the router wraps it (see filter.go: only what
-// the pod may send reaches the stack; forwardhold.go), and
+// the pod may send reaches the stack; bandwidth.go; forwardhold.go), and
 // every lifecycle call reaches ep unchanged. On failure nothing is left
 // behind and ep has been detached, closed and waited for, as by RemoveLink;
 // the caller still owns what backs it.
@@ -69,7 +75,12 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 
 	resolves := ep.Capabilities()&stack.CapabilityResolutionRequired != 0
 	counters := &fastCounters{}
-	filter := newFilterEndpoint(ep, newPodIdentity(l, resolves), r.fast, counters, r.policy)
+	var limited stack.LinkEndpoint = ep
+	bw := newBandwidthEndpoint(ep, l.Bandwidth)
+	if bw != nil {
+		limited = bw
+	}
+	filter := newFilterEndpoint(limited, newPodIdentity(l, resolves), r.fast, counters, r.policy)
 	wrapped := newHoldingEndpoint(filter, r.holds)
 	fast := &fastDst{ep: wrapped, mtu: ep.MTU(), gwMAC: ep.LinkAddress(), counters: counters, tcpGSO: takesTCPGSO(ep)}
 	if resolves {
@@ -80,7 +91,7 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 	if err := r.stack.CreateNICWithOptions(nicID, wrapped, stack.NICOptions{Name: podNICPrefix + id}); err != nil {
 		return fmt.Errorf("add link %s: create NIC: %s", id, err)
 	}
-	lk := &link{ep: wrapped, filter: filter, nicID: nicID, addrs: append([]netip.Addr(nil), l.Addrs...), fast: fast}
+	lk := &link{ep: wrapped, filter: filter, bw: bw, nicID: nicID, addrs: append([]netip.Addr(nil), l.Addrs...), fast: fast}
 	success := false
 	defer func() {
 		if !success {
@@ -104,7 +115,7 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 	r.links[id] = lk
 	r.rebuildFastLocked()
 	success = true
-	r.log.Info("link added", "link", id, "nic", nicID, "addrs", l.Addrs, "podMAC", l.PodMAC.String())
+	r.log.Info("link added", "link", id, "nic", nicID, "addrs", l.Addrs, "podMAC", l.PodMAC.String(), "bandwidth", l.Bandwidth.String())
 	return nil
 }
 
@@ -150,6 +161,9 @@ func (r *Router) checkLink(id string, ep stack.LinkEndpoint, l Link) error {
 	}
 	if l.GatewayMAC != "" && !header.IsValidUnicastEthernetAddress(l.GatewayMAC) {
 		errs = append(errs, fmt.Errorf("gateway MAC %q: not a unicast Ethernet address", l.GatewayMAC))
+	}
+	if err := l.Bandwidth.Validate(); err != nil {
+		errs = append(errs, fmt.Errorf("bandwidth: %w", err))
 	}
 	return errors.Join(errs...)
 }

@@ -30,6 +30,13 @@ type LinkStats struct {
 	// Filtered counts, by reason, what the pod sent that the router's
 	// anti-spoofing filter dropped before the stack saw it (filter.go).
 	Filtered FilterDrops
+	// The link's bandwidth limit (bandwidth.go), to the pod (ingress) and
+	// from it (egress): packets it held until its bucket covered them, and
+	// packets it dropped because its queue was full. What it took to the
+	// pod is part of TxPackets (handed to the link), what it took from the
+	// pod part of RxPackets once sent on (dropped ones never are).
+	BandwidthIngressDelayed, BandwidthIngressDrops uint64
+	BandwidthEgressDelayed, BandwidthEgressDrops   uint64
 }
 
 // Add returns the sums of s's and o's counters (a link's sessions, say).
@@ -39,6 +46,10 @@ func (s LinkStats) Add(o LinkStats) LinkStats {
 		TxPackets: s.TxPackets + o.TxPackets, TxBytes: s.TxBytes + o.TxBytes,
 		FastRxPackets: s.FastRxPackets + o.FastRxPackets, FastTxPackets: s.FastTxPackets + o.FastTxPackets,
 		RxDrops: s.RxDrops + o.RxDrops, TxDrops: s.TxDrops + o.TxDrops,
+		BandwidthIngressDelayed: s.BandwidthIngressDelayed + o.BandwidthIngressDelayed,
+		BandwidthIngressDrops:   s.BandwidthIngressDrops + o.BandwidthIngressDrops,
+		BandwidthEgressDelayed:  s.BandwidthEgressDelayed + o.BandwidthEgressDelayed,
+		BandwidthEgressDrops:    s.BandwidthEgressDrops + o.BandwidthEgressDrops,
 	}
 	for i := range out.Filtered {
 		out.Filtered[i] = s.Filtered[i] + o.Filtered[i]
@@ -60,6 +71,7 @@ func (r *Router) LinkStats(id string) (LinkStats, error) {
 	}
 	st := nicStats(info)
 	st.Filtered = lk.filter.Drops()
+	lk.bw.addCounts(&st)
 	c := lk.fast.counters
 	st.FastRxPackets, st.FastTxPackets = c.rxPackets.Load(), c.txPackets.Load()
 	st.RxPackets += st.FastRxPackets

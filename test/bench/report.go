@@ -209,6 +209,7 @@ func (r *report) evaluateGoals() {
 		add("sandbox → outside throughput (1 stream) against sandbox → kernel pod", "≥ 0.9x", ok, v, fmt.Sprintf("%.2fx", v), v >= 0.9)
 	}
 	tputGoal("shm-cni tap pod → tap pod", "kernel↔kernel", 0.9)
+	limitGoal(r, add)
 	tputGoal("shm-cni host → tap pod", "host↔pod", 0.9)
 	for _, c := range []struct{ name, label string }{
 		{"shm-cni sandbox → sandbox", "sandbox↔sandbox"},

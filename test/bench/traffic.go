@@ -79,6 +79,10 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	if err != nil {
 		return err
 	}
+	kbw, err := n.AddPodWith(ctx, "kbw", node.KindTap, map[string]any{"bandwidth": benchLimit})
+	if err != nil {
+		return err
+	}
 	// s0 receives; s1..sN send (one sandbox per link); e0 serves echo;
 	// c0 is the in-process netstack client's link.
 	maxStreams := 1
@@ -123,13 +127,14 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	host := kend{"host", n.Host, n.Gateway4}
 	kk1 := kend{"k1", k1.NS, k1.Addr4}
 	kk2 := kend{"k2", k2.NS, k2.Addr4}
+	kkbw := kend{"kbw", kbw.NS, kbw.Addr4}
 	// Beyond the node: the outside namespace behind the host, reached
 	// through the uplink and the host's routing (masqueraded).
 	outside := kend{"outside", n.Outside, node.Outside4.Addr()}
 	e0Addr := netip.AddrPortFrom(e0.Addr4, echoPort)
 
 	if b.cfg.cases["tput"] {
-		for _, e := range []kend{vb, pb, bb, kk2, outside} {
+		for _, e := range []kend{vb, pb, bb, kk2, kkbw, outside} {
 			if err := b.iperfServer(ctx, e); err != nil {
 				return err
 			}
@@ -162,6 +167,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 			{"shm-cni sandbox → sandbox", "sandbox send/sink", false, xfer(sandboxPeers, n.PodPeer(s0))},
 			{"shm-cni tap pod → outside", "iperf3", false, iperf(kk1, outside)},
 			{"shm-cni sandbox → outside", "sandbox send", false, xfer(sandboxPeers, n.OutsidePeer())},
+			{limitedCase, "iperf3", false, iperf(kk1, kkbw)},
 		}
 		for _, pk := range pkts {
 			cases = append(cases, tputCase{pk.name("sandbox → sandbox (bridge)"), "sandbox send/sink", true,

@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
 // MetricsAddr is the agent's --metrics-addr, in the host namespace.
@@ -311,6 +312,8 @@ type Attachment struct {
 	SocketPath  string       `json:"socketPath"`
 	// Up is set while the link is attached to the router.
 	Up bool `json:"up"`
+	// Bandwidth is the pod's bandwidth limit, nil when it has none.
+	Bandwidth *linkspec.Bandwidth `json:"bandwidth"`
 }
 
 // Attachments lists the agent's attachments (/attachments).

@@ -34,14 +34,15 @@ const (
 )
 
 // PluginConfig returns the node's shm-cni plugin entry: kind tap by default,
-// the node's MTU (PodMTU, else MTU) and agent socket, debug logs to LogDir()/cni.log. Tests
-// edit a copy to make bad configs.
+// the node's MTU (PodMTU, else MTU) and agent socket, debug logs to LogDir()/cni.log,
+// the bandwidth capability (as deploy/ declares it). Tests edit a copy to
+// make bad configs.
 func (n *Node) PluginConfig() map[string]any {
 	mtu := n.opts.MTU
 	if n.opts.PodMTU != 0 {
 		mtu = n.opts.PodMTU
 	}
-	return map[string]any{
+	m := map[string]any{
 		"type":        "shm-cni",
 		"kind":        KindTap,
 		"mtu":         mtu,
@@ -49,6 +50,8 @@ func (n *Node) PluginConfig() map[string]any {
 		"logFile":     filepath.Join(n.LogDir(), "cni.log"),
 		"logLevel":    "debug",
 	}
+	m["capabilities"] = map[string]any{"bandwidth": true}
+	return m
 }
 
 // Conflist returns a cniVersion 1.1.0 conflist named NetworkName with the
@@ -210,11 +213,18 @@ func (p *Pod) Addr(v6 bool) netip.Addr {
 // AddPod makes a pod: a fresh netns and a CNI ADD (through libcni with the
 // node's conflist and cache) of kind. Close deletes it.
 func (n *Node) AddPod(ctx context.Context, name, kind string) (*Pod, error) {
+	return n.AddPodWith(ctx, name, kind, nil)
+}
+
+// AddPodWith is AddPod with the runtime's capability arguments caps (for
+// example {"bandwidth": linkspec.Bandwidth{...}}), passed on its ADD and
+// DEL as a runtime passes them for the capabilities the conflist declares.
+func (n *Node) AddPodWith(ctx context.Context, name, kind string, caps map[string]any) (*Pod, error) {
 	x, err := NewNetNS()
 	if err != nil {
 		return nil, fmt.Errorf("add pod %s: %w", name, err)
 	}
-	p, err := n.addPod(ctx, name, kind, x, true)
+	p, err := n.addPod(ctx, name, kind, x, true, caps)
 	if err != nil {
 		DeleteNetNS(x)
 		return nil, err
@@ -225,11 +235,12 @@ func (n *Node) AddPod(ctx context.Context, name, kind string) (*Pod, error) {
 // AddPodIn is AddPod in an existing netns x, which stays the caller's.
 // The container ID is "e2e-" and name.
 func (n *Node) AddPodIn(ctx context.Context, name, kind string, x ns.NetNS) (*Pod, error) {
-	return n.addPod(ctx, name, kind, x, false)
+	return n.addPod(ctx, name, kind, x, false, nil)
 }
 
-func (n *Node) addPod(ctx context.Context, name, kind string, x ns.NetNS, own bool) (*Pod, error) {
+func (n *Node) addPod(ctx context.Context, name, kind string, x ns.NetNS, own bool, caps map[string]any) (*Pod, error) {
 	p := &Pod{Name: name, Kind: kind, NS: x, n: n, ownNS: own, RT: RuntimeConf(name, "e2e-"+name, x.Path(), kind)}
+	p.RT.CapabilityArgs = caps
 	l, err := n.NetworkList()
 	if err != nil {
 		return nil, fmt.Errorf("add pod %s: %w", name, err)
