@@ -39,7 +39,9 @@
 #     ways (each server sees the client's pod address); 16 MiB both ways
 #     with runc, runsc on TAP, runsc-shm and the host, with matching MD5;
 #     runsc-shm -> outside masqueraded; the agent's metrics count at least
-#     those bytes each way on the shm link, and no protocol violation;
+#     those bytes each way on the shm link, and no protocol violation; the
+#     Sentry's stream to a runc pod (MSS 1460) reaches the agent in frames
+#     larger than a segment on average (TCP segmentation offload, txGSO);
 #   - IPv6 (the node is dual-stack, POD_CIDR6): every pod has an address
 #     from the IPv6 pod CIDR, gVisor's eth0 of a runsc-shm pod carries it;
 #     runsc-shm <-> runsc-shm, <-> runc, runsc on TAP -> runsc-shm TCP (each
@@ -261,7 +263,18 @@ big_s1=$(make_big "${CTR[s1]}")
 for p in k g1 s2; do
 	big=$(make_big "${CTR[$p]}")
 	check "runsc-shm s1 <- $p 16 MiB, MD5" "$big" "$(in_pod "${CTR[s1]}" "$(big_cmd "${IP[$p]}" 8080)")"
+	frames0=$(link_metric shm_cni_link_receive_packets_total s1)
+	bytes0=$(link_metric shm_cni_link_receive_bytes_total s1)
 	check "$p <- runsc-shm s1 16 MiB, MD5" "$big_s1" "$(in_pod "${CTR[$p]}" "$(big_cmd "${IP[s1]}" 8080)")"
+	if [ "$p" = k ]; then
+		frames=$(($(link_metric shm_cni_link_receive_packets_total s1) - frames0))
+		bytes=$(($(link_metric shm_cni_link_receive_bytes_total s1) - bytes0))
+		say "s1's shm link while s1 sent 16 MiB to runc k (MSS 1460): $frames frames, $bytes bytes"
+		# k's MSS cuts s1's stream into frames of at most 1514 bytes,
+		# unless the Sentry hands the agent TCP super-packets (txGSO,
+		# patches 0010 and 0011 of hack/runsc).
+		check "agent: s1's frames to runc k are larger than one segment on average (the Sentry's TCP super-packets)" 1 "$((frames > 0 && bytes > 1514 * frames))"
+	fi
 done
 check "host <- runsc-shm s1 16 MiB, MD5" "$big_s1" "$(/bin/busybox sh -c "$(big_cmd "${IP[s1]}" 8080)")"
 head -c "$BIG" /dev/urandom >"$S/www-host/big"
