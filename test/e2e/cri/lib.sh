@@ -368,6 +368,7 @@ write_conflist() {
     "type": "shm-cni",
     "kind": "tap",
     "mtu": 1500,
+    "capabilities": {"bandwidth": true},
     "agentSocket": "$S/agent.sock",
     "logFile": "$S/logs/shm-cni.log",
     "logLevel": "debug"
@@ -399,11 +400,15 @@ start_containerd() {
 	done
 }
 
-# pod_json NAME: a pod sandbox config, written to $S/pods/NAME.json.
+# pod_json NAME [ANNOTATIONS]: a pod sandbox config, written to
+# $S/pods/NAME.json; ANNOTATIONS is a JSON object.
 pod_json() {
+	local annotations=${2:-}
+	[ -n "$annotations" ] || annotations='{}'
 	mkdir -p "$S/logs/pods/$1"
 	cat >"$S/pods/$1.json" <<EOF
 {"metadata": {"name": "$1", "namespace": "shm-cri", "uid": "uid-$1", "attempt": 0},
+ "annotations": $annotations,
  "log_directory": "$S/logs/pods/$1", "linux": {}}
 EOF
 }

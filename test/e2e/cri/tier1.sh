@@ -9,6 +9,7 @@
 #   - pod <-> pod TCP both ways (the server sees the client's pod address)
 #     and a 4 MiB transfer with matching MD5;
 #   - host -> pod and pod -> host TCP, and the transfer host <- pod;
+#   - a pod's bandwidth annotations reach the agent as its link's limit;
 #   - pod -> an "outside" namespace beyond the host: the outside sees the
 #     host's address (masquerade), and it has no route to the pods;
 #   - 50 pods created (5 at a time) all answer the host's ping, then
@@ -76,8 +77,18 @@ check "pod b -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" 
 # the baseline is read, so lazily started work is part of it.
 check "host -> pods a, b: ping answered" "" "$(for ip in "${IP[a]}" "${IP[b]}"; do /bin/busybox ping -c 1 -W 5 "$ip" >/dev/null 2>&1 || echo "$ip"; done)"
 
-say "remove the two pods"
-agent_baseline "the two pods"
+# Per-pod bandwidth from the pod's annotations: containerd reads them and
+# passes the CNI bandwidth capability (the conflist declares it), with its
+# own burst (2^32-1 bits); the agent limits the pod's link with them.
+say "pod bw, annotated kubernetes.io/ingress-bandwidth 10M, egress-bandwidth 20M"
+pod_json bw '{"kubernetes.io/ingress-bandwidth": "10M", "kubernetes.io/egress-bandwidth": "20M"}'
+crictl_ runp "$S/pods/bw.json" >/dev/null 2>>"$S/logs/crictl.log" || fail "run pod bw: $(tail -3 "$S/logs/shm-cni.log")"
+check "agent: pod bw's link limited as annotated (bits per second, containerd's burst)" \
+	'"bandwidth":{"ingressRate":10000000,"ingressBurst":4294967295,"egressRate":20000000,"egressBurst":4294967295}' \
+	"$(http_get "$METRICS_ADDR" /attachments | tr -d ' \n' | grep -o '"bandwidth":{[^}]*}' || true)"
+
+say "remove the three pods"
+agent_baseline "the three pods"
 
 say "$CHURN pods, $CHURN_PARALLEL at a time"
 churn_create() {
