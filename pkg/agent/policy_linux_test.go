@@ -38,21 +38,7 @@ const deniedDial = 2 * time.Second
 // agent, its informers, the router and the pods' kernel stacks are real.
 func TestKubeNetworkPolicy(t *testing.T) {
 	e := newEnv(t)
-	apiPod := func(name, app string) *corev1.Pod {
-		return &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Labels: map[string]string{"app": app}},
-			Spec:       corev1.PodSpec{NodeName: "self"},
-			Status:     corev1.PodStatus{Phase: corev1.PodRunning},
-		}
-	}
-	client := fake.NewClientset(
-		&corev1.Node{
-			ObjectMeta: metav1.ObjectMeta{Name: "self"},
-			Spec:       corev1.NodeSpec{PodCIDR: podCIDR4.String(), PodCIDRs: []string{podCIDR4.String()}},
-		},
-		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "default"}},
-		apiPod("pod-pod-a", "a"), apiPod("pod-pod-b", "b"), // newTapPod's pod names
-	)
+	client := twoPodCluster()
 	cfg := e.config()
 	cfg.NodeName = "self"
 	r := e.startWith(t, cfg, WithKubeClient(client))
@@ -157,6 +143,28 @@ func TestKubeNetworkPolicy(t *testing.T) {
 	if err := dial(); err != nil {
 		t.Errorf("a -> b once the policies are deleted: %v", err)
 	}
+}
+
+// twoPodCluster is a fake clientset's cluster: the node "self" with the
+// agent's IPv4 pod CIDR, the namespace default and two pods of the node
+// without addresses, pod-pod-a (app=a) and pod-pod-b (app=b): newTapPod's
+// pod names for the containers pod-a and pod-b.
+func twoPodCluster() *fake.Clientset {
+	apiPod := func(name, app string) *corev1.Pod {
+		return &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Labels: map[string]string{"app": app}},
+			Spec:       corev1.PodSpec{NodeName: "self"},
+			Status:     corev1.PodStatus{Phase: corev1.PodRunning},
+		}
+	}
+	return fake.NewClientset(
+		&corev1.Node{
+			ObjectMeta: metav1.ObjectMeta{Name: "self"},
+			Spec:       corev1.NodeSpec{PodCIDR: podCIDR4.String(), PodCIDRs: []string{podCIDR4.String()}},
+		},
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "default"}},
+		apiPod("pod-pod-a", "a"), apiPod("pod-pod-b", "b"),
+	)
 }
 
 // waitIngressPolicies waits until the agent's /policy at base shows want

@@ -10,10 +10,8 @@ import (
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/router"
@@ -35,21 +33,7 @@ import (
 // kernel stacks are real.
 func TestKubeNetworkPolicyServices(t *testing.T) {
 	e := newEnv(t)
-	apiPod := func(name, app string) *corev1.Pod {
-		return &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Labels: map[string]string{"app": app}},
-			Spec:       corev1.PodSpec{NodeName: "self"},
-			Status:     corev1.PodStatus{Phase: corev1.PodRunning},
-		}
-	}
-	client := fake.NewClientset(
-		&corev1.Node{
-			ObjectMeta: metav1.ObjectMeta{Name: "self"},
-			Spec:       corev1.NodeSpec{PodCIDR: podCIDR4.String(), PodCIDRs: []string{podCIDR4.String()}},
-		},
-		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "default"}},
-		apiPod("pod-pod-a", "a"), apiPod("pod-pod-b", "b"),
-	)
+	client := twoPodCluster()
 	cfg := e.config()
 	cfg.NodeName = "self"
 	cfg.ServiceCIDRs = []netip.Prefix{netip.MustParsePrefix("10.96.0.0/16")}
