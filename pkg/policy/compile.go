@@ -272,16 +272,16 @@ func Compile(in Input, prev *Snapshot) *Snapshot {
 		if pi.local {
 			for d := range p.tables {
 				p.tables[d] = c.table(pi, Direction(d), &p.policies[d])
+				if p.tables[d] != nil {
+					p.groups[d] = sc.group(Direction(d), p.policies[d])
+				}
 			}
 		} else if p.tables[Egress] = c.table(pi, Egress, &p.policies[Egress]); p.tables[Egress] != nil {
+			// Its egress only, counted against no policy: the
+			// policies' counts are of local pods.
 			into = s.remote
 		} else {
 			continue
-		}
-		for d := range p.tables {
-			if p.tables[d] != nil {
-				p.groups[d] = sc.group(Direction(d), p.policies[d])
-			}
 		}
 		for _, a := range pi.addrs {
 			into[a] = p
