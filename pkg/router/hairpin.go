@@ -155,6 +155,21 @@ func flowOf(protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) (poli
 	return policy.ParseFlow(b)
 }
 
+// sourceOf returns the source address of pkt, an IPv4 or IPv6 packet.
+func sourceOf(protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) (netip.Addr, bool) {
+	switch protocol {
+	case header.IPv4ProtocolNumber:
+		if b, ok := pkt.Data().PullUp(header.IPv4MinimumSize); ok {
+			return netip.AddrFrom4([4]byte(b[ipv4SrcOffset : ipv4SrcOffset+4])), true
+		}
+	case header.IPv6ProtocolNumber:
+		if b, ok := pkt.Data().PullUp(header.IPv6MinimumSize); ok {
+			return netip.AddrFrom16([16]byte(b[ipv6SrcOffset : ipv6SrcOffset+16])), true
+		}
+	}
+	return netip.Addr{}, false
+}
+
 // hasPorts reports whether proto is a transport protocol Services carry.
 func hasPorts(proto uint8) bool {
 	return proto == uint8(header.TCPProtocolNumber) || proto == uint8(header.UDPProtocolNumber) || proto == sctpProtocol
@@ -167,6 +182,11 @@ const sctpProtocol = 132
 // a local pod to a local pod (see above), and reports whether it may pass:
 // false when its connection is new and the table has no room for it.
 func (t *hairpinTable) fromUplink(protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) bool {
+	// Most of what the host sends is not from a local pod: its source
+	// address alone says so, before the whole flow is parsed.
+	if src, ok := sourceOf(protocol, pkt); !ok || !t.local(src) {
+		return true
+	}
 	f, ok := flowOf(protocol, pkt)
 	if !ok || !f.Ports || !hasPorts(f.Proto) || !t.local(f.Src) || !t.local(f.Dst) {
 		return true
