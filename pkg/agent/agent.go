@@ -109,6 +109,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Agent, error) {
 		ForwardAccept:     cfg.ForwardAccept,
 		IPForward:         cfg.IPForward,
 		HostCheckInterval: cfg.HostCheckInterval,
+		UplinkPoll:        cfg.pollOption(),
 	}, log.With("component", "router"))
 	if err != nil {
 		hostNS.Close()

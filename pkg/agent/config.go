@@ -106,6 +106,11 @@ type Config struct {
 	// CPU, not the agent's, and other pods keep theirs. See
 	// endpoint.RxLimit; DefaultLinkMaxPPS and zero bytes are the defaults.
 	LinkRxLimit endpoint.RxLimit
+	// PollMax is the longest a link's receive loop in the agent polls an
+	// empty source (a pod's TAP device, a sandbox's ring, the uplink)
+	// before it sleeps (--poll-max); within it, how long follows the gaps
+	// between the link's frames (endpoint.Poll). Zero never polls.
+	PollMax time.Duration
 	// LogLevel is the level of the agent's logs (--log-level); the caller
 	// builds the logger.
 	LogLevel slog.Level
@@ -162,6 +167,7 @@ func DefaultConfig() Config {
 		ForwardAccept:     true,
 		HostCheckInterval: router.DefaultHostCheckInterval,
 		LinkRxLimit:       endpoint.RxLimit{PacketsPerSecond: DefaultLinkMaxPPS},
+		PollMax:           endpoint.DefaultPollMax,
 		LogLevel:          slog.LevelInfo,
 		CNIBinDir:         DefaultCNIBinDir,
 		CNIConfDir:        DefaultCNIConfDir,
@@ -191,6 +197,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 		fmt.Sprintf("frames per second one pod may send into the router (a TCP super-packet is one); 0 is unlimited, else at least %d", endpoint.MinRxPacketsPerSecond))
 	fs.Float64Var(&c.LinkRxLimit.BytesPerSecond, "link-max-bytes", c.LinkRxLimit.BytesPerSecond,
 		fmt.Sprintf("bytes per second one pod may send into the router; 0 is unlimited, else at least %d", endpoint.MinRxBytesPerSecond))
+	fs.DurationVar(&c.PollMax, "poll-max", c.PollMax, "longest a link's receive loop polls an empty source before it sleeps, following the gaps between the link's frames: busy links trade CPU for wake-ups, idle links never poll; 0 never polls")
 	fs.TextVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn, error")
 	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "Kubernetes node name: pod CIDRs from its Node (without --pod-cidr) and routes to the other nodes' pod CIDRs")
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", c.Kubeconfig, "kubeconfig file; empty means the in-cluster configuration")
@@ -260,6 +267,9 @@ func (c Config) Validate() error {
 	}
 	if c.LinkRxLimit.BytesPerSecond != 0 && !(c.LinkRxLimit.BytesPerSecond >= endpoint.MinRxBytesPerSecond) {
 		bad("link-max-bytes", "%v: want 0 (unlimited) or at least %d", c.LinkRxLimit.BytesPerSecond, endpoint.MinRxBytesPerSecond)
+	}
+	if c.PollMax < 0 || c.PollMax > maxPollMax {
+		bad("poll-max", "%s: want 0 (never poll) up to %s", c.PollMax, maxPollMax)
 	}
 	if c.HostCheckInterval <= 0 {
 		bad("host-check-interval", "%s: want a positive duration", c.HostCheckInterval)
@@ -396,4 +406,17 @@ func (l *pathList) Set(v string) error {
 		}
 	}
 	return nil
+}
+
+// maxPollMax bounds --poll-max: a receive loop that polls longer than a
+// millisecond holds a CPU through gaps a sleep would cost nothing across.
+const maxPollMax = time.Millisecond
+
+// pollOption is PollMax as the endpoints' Options.Poll take it (there zero
+// means the default and a negative value never polling).
+func (c Config) pollOption() time.Duration {
+	if c.PollMax == 0 {
+		return -1
+	}
+	return c.PollMax
 }

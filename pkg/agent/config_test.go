@@ -53,6 +53,8 @@ func TestConfigValidate(t *testing.T) {
 			c.LinkRxLimit = endpoint.RxLimit{PacketsPerSecond: 10, BytesPerSecond: -1}
 		}, []string{"--link-max-pps: 10: want 0 (unlimited) or at least 1000", "--link-max-bytes: -1"}},
 		{"host check interval", func(c *Config) { c.HostCheckInterval = 0 }, []string{"--host-check-interval: 0s: want a positive duration"}},
+		{"negative poll", func(c *Config) { c.PollMax = -time.Microsecond }, []string{"--poll-max: -1µs: want 0 (never poll) up to 1ms"}},
+		{"long poll", func(c *Config) { c.PollMax = 2 * time.Millisecond }, []string{"--poll-max: 2ms: want 0 (never poll) up to 1ms"}},
 		{"shm conf dir", func(c *Config) {
 			c.CNIConfSource, c.CNIConfDir, c.CNIShmConfDir = "/etc/shm-cni/10-shm-cni.conflist", "/etc/cni/net.d", "/etc/cni/net.d/"
 		}, []string{"--cni-shm-conf-dir: \"/etc/cni/net.d/\" is --cni-conf-dir"}},
@@ -112,7 +114,7 @@ func TestConfigFlags(t *testing.T) {
 		"--uplink", "up0", "--mtu", "9000", "--shm-mtu", "16000", "--socket", "/run/x.sock", "--state-dir", "/var/lib/x", "--sandbox-dir", "/run/x",
 		"--metrics-addr", ":9999", "--masquerade=false", "--log-level", "debug",
 		"--link-max-pps", "20000", "--link-max-bytes", "1e8", "--fast-path=false",
-		"--forward-accept=false", "--ip-forward", "--host-check-interval", "5s",
+		"--forward-accept=false", "--ip-forward", "--host-check-interval", "5s", "--poll-max", "50us",
 		"--cni-chained-binaries", "/usr/local/bin/portmap, /usr/local/bin/tuning", "--cni-chained-binaries", "/usr/local/bin/bandwidth",
 	})
 	if err != nil {
@@ -125,7 +127,7 @@ func TestConfigFlags(t *testing.T) {
 		Uplink:       "up0", MTU: 9000, ShmMTU: 16000, SocketPath: "/run/x.sock", StateDir: "/var/lib/x", SandboxDir: "/run/x",
 		MetricsAddr: ":9999", Masquerade: false, LogLevel: slog.LevelDebug,
 		LinkRxLimit:   endpoint.RxLimit{PacketsPerSecond: 20000, BytesPerSecond: 1e8},
-		ForwardAccept: false, IPForward: true, HostCheckInterval: 5 * time.Second,
+		ForwardAccept: false, IPForward: true, HostCheckInterval: 5 * time.Second, PollMax: 50 * time.Microsecond,
 		CNIChainedBinaries: []string{"/usr/local/bin/portmap", "/usr/local/bin/tuning", "/usr/local/bin/bandwidth"},
 	}
 	if got := c; !equalConfig(got, want) {
@@ -155,6 +157,6 @@ func equalConfig(a, b Config) bool {
 		a.SocketPath == b.SocketPath && a.StateDir == b.StateDir && a.SandboxDir == b.SandboxDir &&
 		a.MetricsAddr == b.MetricsAddr && a.Masquerade == b.Masquerade && a.LogLevel == b.LogLevel &&
 		a.LinkRxLimit == b.LinkRxLimit && a.FastPath == b.FastPath && a.ForwardAccept == b.ForwardAccept &&
-		a.IPForward == b.IPForward && a.HostCheckInterval == b.HostCheckInterval &&
+		a.IPForward == b.IPForward && a.HostCheckInterval == b.HostCheckInterval && a.PollMax == b.PollMax &&
 		slices.Equal(a.CNIChainedBinaries, b.CNIChainedBinaries)
 }

@@ -106,7 +106,7 @@ func (a *Agent) attachSandbox(rec *record, files []*os.File) (*sandboxLink, erro
 func (a *Agent) startSandbox(rec *record, pair *queue.Pair) (*sandboxLink, error) {
 	id := rec.key().String()
 	path := sandboxSocketPath(a.cfg.SandboxDir, rec.key())
-	return newSandboxLink(path, id, rec, pair, a.cfg.LinkRxLimit, a.router, a.log.With("link", id))
+	return newSandboxLink(path, id, rec, pair, a.cfg.LinkRxLimit, a.cfg.pollOption(), a.router, a.log.With("link", id))
 }
 
 // sandboxLink is a sandbox's shared-memory link (a podLink): it accepts
@@ -126,6 +126,7 @@ type sandboxLink struct {
 	config shm.LinkConfig    // what each sandbox gets; immutable
 	sizes  queue.Sizes       // immutable
 	limit  endpoint.RxLimit  // each session's receive limit; immutable
+	poll   time.Duration     // each session's shm.Options.Poll; immutable
 	path   string            // the socket's path; immutable
 	router *router.Router    // immutable
 	log    *slog.Logger      // immutable
@@ -171,7 +172,7 @@ func sandboxSocketPath(dir string, k linkspec.Key) string {
 // newSandboxLink listens on path and starts accepting sandboxes. pair, if not
 // nil, is the first session's queue pair; the link owns it from the call
 // on, whether it succeeds or not.
-func newSandboxLink(path, linkID string, rec *record, pair *queue.Pair, limit endpoint.RxLimit, r *router.Router, log *slog.Logger) (*sandboxLink, error) {
+func newSandboxLink(path, linkID string, rec *record, pair *queue.Pair, limit endpoint.RxLimit, poll time.Duration, r *router.Router, log *slog.Logger) (*sandboxLink, error) {
 	ln, err := agentapi.Listen(path)
 	if err != nil {
 		if pair != nil {
@@ -185,6 +186,7 @@ func newSandboxLink(path, linkID string, rec *record, pair *queue.Pair, limit en
 		config: linkConfigFor(rec),
 		sizes:  *rec.Queue,
 		limit:  limit,
+		poll:   poll,
 		path:   path,
 		router: r,
 		log:    log,
@@ -286,6 +288,7 @@ func (s *sandboxLink) serve(conn *net.UnixConn) {
 				// As the link config offers (linkConfigFor).
 				TxGSO:   true,
 				RxLimit: s.limit,
+				Poll:    s.poll,
 				// OnClosed runs on the endpoint's goroutine and must
 				// not wait for it: end the session on our own.
 				OnClosed: func(reason error) {

@@ -121,6 +121,7 @@ func (a *Agent) attachTAP(rec *record, f *os.File) (*tapLink, error) {
 			VnetHdr:        info.VnetHdr,
 			Forwarding:     true,
 			RxLimit:        a.cfg.LinkRxLimit,
+			Poll:           a.cfg.pollOption(),
 			OnClosed:       l.deviceGone,
 			Logger:         l.log,
 		})

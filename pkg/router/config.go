@@ -83,6 +83,11 @@ type Config struct {
 	// instead of the fast path (fastpath.go); for comparison and
 	// debugging.
 	NoFastPath bool
+
+	// UplinkPoll is the uplink reader's tap.Options.Poll: the longest it
+	// polls the TUN device after finding it empty. Zero means
+	// endpoint.DefaultPollMax; negative means never poll.
+	UplinkPoll time.Duration
 }
 
 // withDefaults returns c with its zero fields set to their defaults.

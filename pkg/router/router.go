@@ -299,7 +299,7 @@ func (r *Router) Start() error {
 	if err := configureHostUplink(r.nl, r.cfg); err != nil {
 		return fmt.Errorf("start router: %w", err)
 	}
-	raw, err := newUplinkEndpoint(fd, uint32(r.cfg.UplinkMTU), func(err error) {
+	raw, err := newUplinkEndpoint(fd, uint32(r.cfg.UplinkMTU), r.cfg.UplinkPoll, func(err error) {
 		up.readerStopped(r.log, err)
 	})
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"sync/atomic"
+	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
@@ -61,12 +62,13 @@ func (u *uplink) readerStopped(log *slog.Logger, err error) {
 // RemoveNIC holds the stack lock (a reader delivering a host packet needs that
 // lock: Close could hang), it only signals its reader there; Wait waits.
 // onStop is called once if the device goes away under the endpoint.
-func newUplinkEndpoint(fd int, mtu uint32, onStop func(error)) (stack.LinkEndpoint, error) {
+func newUplinkEndpoint(fd int, mtu uint32, poll time.Duration, onStop func(error)) (stack.LinkEndpoint, error) {
 	ep, err := tap.New(tap.Options{
 		FD:         fd,
 		MTU:        mtu,
 		VnetHdr:    true,
 		Forwarding: true,
+		Poll:       poll,
 		OnClosed:   onStop,
 	})
 	if err != nil {

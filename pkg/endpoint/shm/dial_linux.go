@@ -22,8 +22,8 @@ type DialOptions struct {
 	// when the agent went away (ErrPeerClosed) or broke the protocol. A
 	// sandbox typically dials again then.
 	OnClosed func(error)
-	// Spin is the client endpoint's Options.Spin.
-	Spin time.Duration
+	// Poll is the client endpoint's Options.Poll.
+	Poll time.Duration
 	// Logger receives the endpoint's rare events; nil discards them.
 	Logger *slog.Logger
 	// NoTxGSO keeps the client to plain frames where the agent offers TCP
@@ -67,7 +67,7 @@ func Dial(ctx context.Context, socketPath string, opts DialOptions) (*Client, Li
 			PeerFD:      int(fd),
 			TxGSO:       cfg.TxGSO && !opts.NoTxGSO,
 			OnClosed:    opts.OnClosed,
-			Spin:        opts.Spin,
+			Poll:        opts.Poll,
 			Logger:      opts.Logger,
 		})
 	}); err != nil {

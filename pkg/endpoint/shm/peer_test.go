@@ -101,7 +101,7 @@ func peerMain(cfg peerConfig) error {
 	var ep stack.LinkEndpoint
 	switch cfg.Impl {
 	case ours:
-		ep, err = NewClient(Options{Pair: pair, MTU: cfg.MTU, BufferSize: cfg.BufferSize, PeerFD: sock, Logger: testLogger(), Spin: testSpin(),
+		ep, err = NewClient(Options{Pair: pair, MTU: cfg.MTU, BufferSize: cfg.BufferSize, PeerFD: sock, Logger: testLogger(), Poll: testPoll(),
 			OnClosed: func(error) { os.Exit(3) }})
 		pair.Close()
 	case gvisor:
@@ -193,7 +193,7 @@ func startTwoProcess(t testing.TB, serverImpl string, cfg peerConfig, sizes queu
 	var ep stack.LinkEndpoint
 	switch serverImpl {
 	case ours:
-		ep, err = NewServer(Options{Pair: pair, MTU: cfg.MTU, PeerFD: sp[0], Logger: testLogger(), Spin: testSpin()})
+		ep, err = NewServer(Options{Pair: pair, MTU: cfg.MTU, PeerFD: sp[0], Logger: testLogger(), Poll: testPoll()})
 	case gvisor:
 		tx, _ := sharedmem.QueueConfigFromFDs(pair.TX.FDs())
 		rx, _ := sharedmem.QueueConfigFromFDs(pair.RX.FDs())
@@ -306,8 +306,8 @@ func testLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
-// testSpin lets a benchmark run try other polling times (SHM_SPIN=20us).
-func testSpin() time.Duration {
-	d, _ := time.ParseDuration(os.Getenv("SHM_SPIN"))
+// testPoll lets a benchmark run try other polling bounds (SHM_POLL=20us).
+func testPoll() time.Duration {
+	d, _ := time.ParseDuration(os.Getenv("SHM_POLL"))
 	return d
 }

@@ -22,13 +22,6 @@ import (
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
-// DefaultSpin is how long a link's receive loop keeps polling an empty ring
-// before it sleeps on the eventfd. A wakeup through the eventfd costs a
-// write by the peer and a scheduler round trip (~10-50 us here); polling for
-// a little longer than one round trip lets a request/response exchange run
-// without sleeping, and costs nothing when the link is idle.
-const DefaultSpin = 50 * time.Microsecond
-
 // rxBatch is the number of frames copied out of a ring before its slots are
 // handed back and the frames delivered to the stack.
 const rxBatch = 64
@@ -84,9 +77,11 @@ type Options struct {
 	// RxLimit bounds what the peer can make this endpoint receive (see
 	// endpoint.RxLimit); the zero value limits nothing.
 	RxLimit endpoint.RxLimit
-	// Spin is how long to poll an empty ring before sleeping. Zero means
-	// DefaultSpin; negative means never poll.
-	Spin time.Duration
+	// Poll is the longest the receive loop polls an empty ring before it
+	// sleeps on the eventfd (endpoint.Poll: how long within that follows
+	// the gaps between the link's frames). Zero means
+	// endpoint.DefaultPollMax; negative means never poll.
+	Poll time.Duration
 	// Logger receives the endpoint's rare events (violations, peer loss).
 	Logger *slog.Logger
 }
@@ -103,16 +98,6 @@ func (o *Options) validate() error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
-}
-
-func (o *Options) spin() time.Duration {
-	switch {
-	case o.Spin == 0:
-		return DefaultSpin
-	case o.Spin < 0:
-		return 0
-	}
-	return o.Spin
 }
 
 // ringReader is the consuming half of a link: a Receiver or a Poster.
@@ -151,7 +136,7 @@ type queueEndpoint struct {
 	addr     tcpip.LinkAddress              // immutable
 	framing  endpoint.Framing               // immutable: Ethernet when addr is set
 	caps     stack.LinkEndpointCapabilities // immutable
-	spin     time.Duration                  // immutable
+	poll     time.Duration                  // immutable: Options.Poll
 	coalesce bool                           // immutable: join TCP segments (coalesce.go)
 	gsoTx    bool                           // immutable: client sending TCP super-packets (tso.go)
 	gsoRx    bool                           // immutable: server accepting them
@@ -200,7 +185,7 @@ func newQueueEndpoint(o *Options, rx ringReader, tx ringWriter, rxEventFD, txEve
 	l := &queueEndpoint{
 		mtu:      o.MTU,
 		addr:     o.LinkAddress,
-		spin:     o.spin(),
+		poll:     o.Poll,
 		onClosed: o.OnClosed,
 		log:      o.Logger,
 		rx:       rx,
@@ -447,6 +432,7 @@ func (l *queueEndpoint) receiveLoop(d stack.NetworkDispatcher, done chan<- struc
 			return cur.AsSlice()
 		}
 	)
+	poll := endpoint.NewPoll(l.poll)
 	l.rx.DisableNotification()
 	for !l.stopping.Load() {
 		n := 0
@@ -464,6 +450,7 @@ func (l *queueEndpoint) receiveLoop(d stack.NetworkDispatcher, done chan<- struc
 			n++
 		}
 		if n > 0 {
+			poll.Arrived()
 			l.rx.Flush()
 			size := 0
 			for i := range n {
@@ -489,7 +476,7 @@ func (l *queueEndpoint) receiveLoop(d stack.NetworkDispatcher, done chan<- struc
 		if n > 0 {
 			continue
 		}
-		if l.poll() {
+		if poll.Wait(l.rx.Ready, l.stopping.Load) {
 			continue
 		}
 		l.rx.EnableNotification()
@@ -505,25 +492,6 @@ func (l *queueEndpoint) receiveLoop(d stack.NetworkDispatcher, done chan<- struc
 			return
 		}
 		l.rx.DisableNotification()
-	}
-}
-
-// poll watches the ring for up to l.spin and reports whether it became ready.
-func (l *queueEndpoint) poll() bool {
-	if l.spin <= 0 {
-		return false
-	}
-	deadline := time.Now().Add(l.spin)
-	for i := 0; ; i++ {
-		if l.rx.Ready() {
-			return true
-		}
-		if i%16 == 15 {
-			if l.stopping.Load() || time.Now().After(deadline) {
-				return false
-			}
-			runtime.Gosched()
-		}
 	}
 }
 

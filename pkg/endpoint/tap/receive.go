@@ -34,7 +34,7 @@ const tapChargeEvery = 16
 // Close) or the device goes away. It closes the fd unless only detached.
 func (e *Endpoint) readLoop() {
 	defer e.wg.Done()
-	rd, err := newTAPReader(e.file)
+	rd, err := newTAPReader(e.file, e.poll)
 	if err != nil {
 		e.stopGone(err)
 		return

@@ -57,6 +57,11 @@ type Options struct {
 	// value limits nothing. Beyond it the kernel's queue for the device
 	// fills and the kernel drops.
 	RxLimit endpoint.RxLimit
+	// Poll is the longest the reader polls the device after finding it
+	// empty before it parks on the runtime's poller (endpoint.Poll: how
+	// long within that follows the gaps between the link's frames). Zero
+	// means endpoint.DefaultPollMax; negative means never poll.
+	Poll time.Duration
 	// OnClosed, if set, is called once, on the endpoint's goroutine, when
 	// the device goes away under the endpoint (it was deleted, or a read
 	// failed for good); the endpoint has then stopped and closed its fd.
@@ -123,6 +128,7 @@ type Endpoint struct {
 	onClosed   func(error)
 	log        *slog.Logger
 	limit      *endpoint.RxLimiter // used by the reader only
+	poll       time.Duration
 
 	stats   endpoint.Stats
 	offload OffloadStats
@@ -212,6 +218,7 @@ func New(opts Options) (*Endpoint, error) {
 		gsoMaxSize: opts.GSOMaxSize,
 		forwarding: opts.Forwarding,
 		onClosed:   opts.OnClosed,
+		poll:       opts.Poll,
 		log:        log.With("link", info.Name),
 	}
 	e.limit = endpoint.NewRxLimiter(opts.RxLimit, tapChargeEvery, readBufSize, &e.stats)

@@ -6,11 +6,13 @@ import (
 	"io"
 	"os"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/rawfile"
 
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
@@ -68,6 +70,7 @@ type tapReader struct {
 	// allocate a closure; it reads into iovs and leaves its result in
 	// got and errno.
 	readFn func(fd uintptr) bool
+	poll   endpoint.Poll
 	iovs   [2]unix.Iovec
 	got    int
 	errno  unix.Errno
@@ -77,19 +80,29 @@ type tapReader struct {
 // largest pooled chunk (buffer.MaxChunkSize, 64 KiB).
 const tapReadChunk = buffer.MaxChunkSize
 
-func newTAPReader(f *os.File) (*tapReader, error) {
+func newTAPReader(f *os.File, poll time.Duration) (*tapReader, error) {
 	rc, err := f.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
 	r := &tapReader{
+		poll: endpoint.NewPoll(poll),
 		rc:   rc,
 		tail: make([]byte, readBufSize-tapReadChunk),
 		big:  make([]byte, readBufSize),
 	}
-	r.readFn = func(fd uintptr) bool {
-		r.got, r.errno = readv(int(fd), r.iovs[:])
+	var fd int
+	try := func() bool {
+		r.got, r.errno = readv(fd, r.iovs[:])
 		return r.errno != unix.EAGAIN
+	}
+	r.readFn = func(rfd uintptr) bool {
+		fd = int(rfd)
+		if try() || r.poll.Wait(try, nil) {
+			r.poll.Arrived()
+			return true
+		}
+		return false
 	}
 	return r, nil
 }

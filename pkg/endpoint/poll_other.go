@@ -1,0 +1,7 @@
+//go:build !linux
+
+package endpoint
+
+// osYield does nothing where sched_yield is not at hand: the runtime's
+// yield (runtime.Gosched) stays.
+func osYield() {}

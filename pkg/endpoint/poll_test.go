@@ -1,0 +1,162 @@
+package endpoint
+
+import (
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// arrivals feeds p n frames, each gap after the source went empty.
+func arrivals(p *Poll, n int, gap time.Duration) {
+	for range n {
+		p.idleSince = monotonic()
+		time.Sleep(gap)
+		p.Arrived()
+	}
+}
+
+func TestPollNeverPollsASparseLink(t *testing.T) {
+	p := NewPoll(200 * time.Microsecond)
+	if b := p.Budget(); b != 0 {
+		t.Fatalf("a new Poll polls for %v, want 0 (no gaps measured yet)", b)
+	}
+	calls := 0
+	if p.Wait(func() bool { calls++; return false }, nil) {
+		t.Fatal("Wait found a frame")
+	}
+	if calls != 0 {
+		t.Errorf("Wait checked the source %d times on a sparse link, want 0", calls)
+	}
+	// Gaps of 5 ms, far beyond the 200 µs bound, keep it from polling.
+	arrivals(&p, 3, 5*time.Millisecond)
+	if b := p.Budget(); b != 0 {
+		t.Errorf("after 5 ms gaps the budget is %v, want 0", b)
+	}
+}
+
+func TestPollFollowsShortGaps(t *testing.T) {
+	const max = 50 * time.Millisecond
+	p := NewPoll(max)
+	// Gaps of about 1 ms, a tenth of the bound: the smoothed gap falls
+	// from the bound towards them and the budget opens.
+	arrivals(&p, 20, time.Millisecond)
+	b := p.Budget()
+	if b == 0 || b >= max {
+		t.Fatalf("after 1 ms gaps the budget is %v, want between 0 and %v", b, max)
+	}
+	// A frame that turns up within the budget is found by polling.
+	var ready atomic.Bool
+	go func() {
+		time.Sleep(b / 4)
+		ready.Store(true)
+	}()
+	if !p.Wait(ready.Load, nil) {
+		t.Fatalf("Wait with a budget of %v missed a frame that came after %v", b, b/4)
+	}
+	p.Arrived()
+	// One that does not turn up ends the poll within about the budget.
+	start := time.Now()
+	if p.Wait(func() bool { return false }, nil) {
+		t.Fatal("Wait found a frame in an empty source")
+	}
+	if took := time.Since(start); took < p.Budget()/2 {
+		t.Errorf("Wait gave up after %v, budget %v", took, p.Budget())
+	}
+	// Long gaps again close it.
+	arrivals(&p, 6, 2*max)
+	if b := p.Budget(); b != 0 {
+		t.Errorf("after gaps of twice the bound the budget is %v, want 0", b)
+	}
+}
+
+func TestPollStop(t *testing.T) {
+	p := NewPoll(time.Hour)
+	p.gap = int64(time.Minute) // a budget of two minutes
+	var stopped atomic.Bool
+	time.AfterFunc(10*time.Millisecond, func() { stopped.Store(true) })
+	done := make(chan bool)
+	go func() { done <- p.Wait(func() bool { return false }, stopped.Load) }()
+	select {
+	case found := <-done:
+		if found {
+			t.Fatal("Wait reported a frame")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("stop did not end the poll")
+	}
+}
+
+func TestPollDisabled(t *testing.T) {
+	p := NewPoll(-1)
+	p.gap = 1
+	if b := p.Budget(); b != 0 {
+		t.Errorf("NewPoll(-1) polls for %v", b)
+	}
+	var zero Poll
+	if zero.Wait(func() bool { t.Fatal("the zero Poll checked the source"); return true }, nil) {
+		t.Error("the zero Poll found a frame")
+	}
+	if d := NewPoll(0); d.max != int64(DefaultPollMax) {
+		t.Errorf("NewPoll(0) polls up to %v, want DefaultPollMax", time.Duration(d.max))
+	}
+}
+
+// TestPollersBounded: no more loops poll at once than the process has
+// processors; the others sleep at once.
+func TestPollersBounded(t *testing.T) {
+	procs := runtime.GOMAXPROCS(0)
+	loops := procs + 3
+	var (
+		release atomic.Bool
+		polling atomic.Int32
+		peak    atomic.Int32
+		refused atomic.Int32
+		wg      sync.WaitGroup
+	)
+	for range loops {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p := NewPoll(time.Hour)
+			p.gap = int64(time.Minute)
+			counted := false
+			found := p.Wait(func() bool {
+				if !counted {
+					counted = true
+					n := polling.Add(1)
+					for {
+						m := peak.Load()
+						if n <= m || peak.CompareAndSwap(m, n) {
+							break
+						}
+					}
+				}
+				return release.Load()
+			}, nil)
+			if counted {
+				polling.Add(-1)
+			}
+			if !found {
+				refused.Add(1)
+			}
+		}()
+	}
+	// Wait until every slot is taken and the rest were refused.
+	deadline := time.Now().Add(30 * time.Second)
+	for refused.Load() < int32(loops-procs) && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	release.Store(true)
+	wg.Wait()
+	if got := refused.Load(); got != int32(loops-procs) {
+		t.Errorf("%d of %d loops were refused a polling slot, want %d", got, loops, loops-procs)
+	}
+	if got := peak.Load(); got > int32(procs) {
+		t.Errorf("%d loops polled at once, GOMAXPROCS is %d", got, procs)
+	}
+	if n := pollers.Load(); n != 0 {
+		t.Errorf("%d polling slots still taken after every Wait returned", n)
+	}
+}
