@@ -286,7 +286,9 @@ func (s *sandboxLink) serve(conn *net.UnixConn) {
 				// The router forwards only: keep forwarded checksums.
 				Forwarding: true,
 				// As the link config offers (linkConfigFor).
-				TxGSO:   true,
+				TxGSO: true,
+				// As the link config offers too.
+				RxGSO:   true,
 				RxLimit: s.limit,
 				Poll:    s.poll,
 				// OnClosed runs on the endpoint's goroutine and must
@@ -461,8 +463,11 @@ func linkConfigFor(rec *record) shm.LinkConfig {
 		MAC:        rec.PodMAC,
 		GatewayMAC: net.HardwareAddr(GatewayMAC).String(),
 		MTU:        uint32(rec.MTU),
-		// The server takes TCP super-packets (shm.Options.TxGSO).
+		// The server takes TCP super-packets (shm.Options.TxGSO) and
+		// sends partial checksums to a client that takes them
+		// (shm.Options.RxGSO).
 		TxGSO: true,
+		RxGSO: true,
 	}
 	if rec.Queue != nil {
 		c.BufferSize = rec.Queue.BufferSize

@@ -26,7 +26,9 @@ import "encoding/binary"
 // RX queue, RxPipe (server to client), one per frame:
 //
 //	0  size      u32   frame length
-//	4  reserved  u32
+//	4  meta      u32   reserved (zero) in gVisor's format; a word about
+//	                   the frame the link config may give a meaning
+//	                   (pkg/endpoint/shm: checksum offload to the client)
 //	8  buffers   {offset u64, size u32, userData u64, id u64} x n, 28 B each
 const (
 	txPacketHeaderSize = 16
@@ -127,6 +129,7 @@ func encodePosted(b []byte, d BufferDesc) {
 // RxDesc is an RX completion read into private memory.
 type RxDesc struct {
 	Size    uint32
+	Meta    uint32
 	Buffers []BufferDesc
 }
 
@@ -141,6 +144,7 @@ func decodeRxCompletion(b []byte, d *RxDesc) error {
 		return violation("RX completion with %d buffers, want 1..%d", n, MaxBuffersPerFrame)
 	}
 	d.Size = le.Uint32(b[0:])
+	d.Meta = le.Uint32(b[4:])
 	d.Buffers = d.Buffers[:0]
 	for i := range n {
 		o := rxCompletionHeaderSize + i*rxCompletionBufferSize
@@ -154,10 +158,11 @@ func decodeRxCompletion(b []byte, d *RxDesc) error {
 	return nil
 }
 
-// encodeRxCompletion writes an RX completion of size with bufs into b.
-func encodeRxCompletion(b []byte, size uint32, bufs []BufferDesc) {
+// encodeRxCompletion writes an RX completion of size and meta with bufs
+// into b.
+func encodeRxCompletion(b []byte, size, meta uint32, bufs []BufferDesc) {
 	le.PutUint32(b[0:], size)
-	le.PutUint32(b[4:], 0)
+	le.PutUint32(b[4:], meta)
 	for i, buf := range bufs {
 		o := rxCompletionHeaderSize + i*rxCompletionBufferSize
 		le.PutUint64(b[o:], buf.Offset)

@@ -34,6 +34,12 @@ func NewFiller(q QueueFDs, opts MapOptions) (*Filler, error) {
 // has not consumed its completions: the caller drops the frame. The frame is
 // published by Flush. An error is a violation by the client.
 func (f *Filler) Send(parts [][]byte, total int) (bool, error) {
+	return f.SendMeta(parts, total, 0)
+}
+
+// SendMeta is Send with the completion's meta word (see desc.go): non-zero
+// only where the link config gives it a meaning the client accepted.
+func (f *Filler) SendMeta(parts [][]byte, total int, meta uint32) (bool, error) {
 	if total <= 0 {
 		return false, nil
 	}
@@ -69,7 +75,7 @@ func (f *Filler) Send(parts [][]byte, total int) (bool, error) {
 		return false, nil
 	}
 	copyToBuffers(f.m.data, bufs, parts)
-	encodeRxCompletion(c, uint32(total), bufs)
+	encodeRxCompletion(c, uint32(total), meta, bufs)
 	// Consume the posted slots now: an Abort for a later frame must not
 	// give these buffers out twice.
 	f.posted.Flush()
@@ -170,6 +176,9 @@ func (p *Poster) Recv(alloc func(n int) []byte) ([]byte, error) {
 	copyFromBuffers(frame, p.m.data, p.d.Buffers)
 	return frame, nil
 }
+
+// Meta returns the meta word of the frame Recv returned last (see desc.go).
+func (p *Poster) Meta() uint32 { return p.d.Meta }
 
 // Flush returns the pulled completions' slots and posts the consumed
 // buffers again.

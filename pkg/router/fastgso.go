@@ -32,8 +32,12 @@ import (
 // segment the sandbox's TCP receives as one. gVisor's forwarding would copy
 // each (64 KiB) and, for a sandbox, the link would copy it again to flatten
 // it; the fast path copies the headers and the link copies the segment into
-// its queue. Only a super-packet for a link that takes no GSO and that it
-// does not fit still goes through gVisor, whose link cuts it into segments.
+// its queue. A sandbox's link that took checksum offload (shm.Options.RxGSO)
+// gets the super-packet with its checksum partial, as a virtio-net guest
+// would: neither the router nor the sandbox sums its 64 KiB. Only a
+// super-packet for a link that takes no GSO and that it does not fit still
+// goes through gVisor, whose link cuts it into segments (or, with checksum
+// offload, writes it whole).
 //
 // The sandbox's own checksum is replaced by the partial one: a sandbox that
 // sends a bad checksum gets its own data through unchecked, which is all a
@@ -43,6 +47,19 @@ import (
 // a kernel that takes them (tap.Endpoint).
 type tcpGSOWriter interface {
 	WritesTCPGSO() bool
+}
+
+// partialChecksumWriter is a link endpoint that may write TCP packets with
+// a partial checksum whole, for its peer to take as they are (a
+// shm.Server whose sandbox took checksum offload).
+type partialChecksumWriter interface {
+	TakesPartialTCPChecksum() bool
+}
+
+// partialWriter returns ep as a partialChecksumWriter, or nil.
+func partialWriter(ep stack.LinkEndpoint) partialChecksumWriter {
+	w, _ := ep.(partialChecksumWriter)
+	return w
 }
 
 // takesTCPGSO reports whether ep writes TCP super-packets whole to a

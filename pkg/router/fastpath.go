@@ -79,7 +79,11 @@ type fastDst struct {
 	// tcpGSO says the endpoint writes TCP super-packets whole to a kernel
 	// that segments them (a TAP device with a virtio-net header): see
 	// gsoSegment.
-	tcpGSO   bool
+	tcpGSO bool
+	// partial, when not nil, says whether the endpoint now writes TCP
+	// packets with a partial checksum whole, leaving the checksum to its
+	// peer (a sandbox's link with checksum offload): see gsoSegment.
+	partial  partialChecksumWriter
 	gwMAC    tcpip.LinkAddress // the router's MAC on the link
 	podMAC   tcpip.LinkAddress // empty on links without Ethernet headers
 	counters *fastCounters     // the destination link's
@@ -299,9 +303,10 @@ func (f *fastPath) route(src *fastDst, links *fastLinks, to *fastDst, protocol t
 	mss := uint16(0)
 	if tcp != nil {
 		mss = tcp.mssFor(d.mtu, gsoMSS, super)
-		if super && !d.tcpGSO {
+		if super && !d.tcpGSO && (d.partial == nil || !d.partial.TakesPartialTCPChecksum()) {
 			// A link without GSO, which the super-packet fits whole
-			// (a sandbox's): it gets a plain segment.
+			// (a sandbox's): it gets a plain segment. One that takes
+			// partial checksums gets it as it is (GSO options).
 			tcp.completeChecksum(hb, &payload)
 			tcp = nil
 		}

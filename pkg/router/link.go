@@ -82,7 +82,7 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 	}
 	filter := newFilterEndpoint(limited, newPodIdentity(l, resolves), r.fast, counters, r.policy)
 	wrapped := newHoldingEndpoint(filter, r.holds)
-	fast := &fastDst{ep: wrapped, mtu: ep.MTU(), gwMAC: ep.LinkAddress(), counters: counters, tcpGSO: takesTCPGSO(ep)}
+	fast := &fastDst{ep: wrapped, mtu: ep.MTU(), gwMAC: ep.LinkAddress(), counters: counters, tcpGSO: takesTCPGSO(ep), partial: partialWriter(ep)}
 	if resolves {
 		fast.podMAC = l.PodMAC
 	}

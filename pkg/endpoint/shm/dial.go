@@ -21,9 +21,10 @@ import (
 // path is the socketPath of the CNI result). A sandbox connects and reads
 // exactly one record: a JSON LinkConfig with, attached as SCM_RIGHTS, the
 // queue.FDsPerPair descriptors of a fresh queue pair (queue.Pair.FDs order).
-// Neither side writes anything else: from then on the connection only
-// tells each side that the other is alive (end of file means it is gone,
-// see Options.PeerFD). A refused connection gets a LinkConfig whose
+// Neither side writes anything else, but for one byte a sandbox may write
+// to take an offload the config offers (LinkConfig.RxGSO): from then on the
+// connection only tells each side that the other is alive (end of file
+// means it is gone, see Options.PeerFD). A refused connection gets a LinkConfig whose
 // Error is set and no descriptors.
 
 // LinkConfigVersion is the version of the dial protocol in LinkConfig.Version.
@@ -61,6 +62,10 @@ type LinkConfig struct {
 	// descriptor's meta word (tso.go): a client may send them
 	// (Options.TxGSO), or plain frames only.
 	TxGSO bool `json:"txGSO,omitempty"`
+	// RxGSO says the agent sends TCP packets with partial checksums,
+	// flagged in the RX completion's meta word, to a client that accepts
+	// them on the peer socket (tso.go; Options.RxGSO).
+	RxGSO bool `json:"rxGSO,omitempty"`
 }
 
 // LinkRoute is one route of a LinkConfig.

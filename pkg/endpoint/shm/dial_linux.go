@@ -29,6 +29,9 @@ type DialOptions struct {
 	// NoTxGSO keeps the client to plain frames where the agent offers TCP
 	// segmentation offload (LinkConfig.TxGSO): for comparisons.
 	NoTxGSO bool
+	// NoRxGSO keeps the client to full checksums where the agent offers
+	// checksum offload (LinkConfig.RxGSO): for comparisons.
+	NoRxGSO bool
 }
 
 // Dial connects to the agent's per-link socket at socketPath (the
@@ -66,6 +69,7 @@ func Dial(ctx context.Context, socketPath string, opts DialOptions) (*Client, Li
 			LinkAddress: tcpip.LinkAddress(mac),
 			PeerFD:      int(fd),
 			TxGSO:       cfg.TxGSO && !opts.NoTxGSO,
+			RxGSO:       cfg.RxGSO && !opts.NoRxGSO,
 			OnClosed:    opts.OnClosed,
 			Poll:        opts.Poll,
 			Logger:      opts.Logger,

@@ -74,6 +74,14 @@ type Options struct {
 	// On a Server, it accepts them; without it a flagged frame is a
 	// protocol violation.
 	TxGSO bool
+	// RxGSO turns on checksum offload from server to client (tso.go).
+	// On a Server, it offers the client TCP packets whole with a partial
+	// checksum, flagged in the RX completion's meta word, once the client
+	// accepted them on the peer socket (LinkConfig.RxGSO; needs PeerFD);
+	// before that, and for a client that never accepts, packets go with
+	// full checksums. On a Client, it accepts them: set it when the server
+	// offers it; the client then takes flagged packets as checksummed.
+	RxGSO bool
 	// RxLimit bounds what the peer can make this endpoint receive (see
 	// endpoint.RxLimit); the zero value limits nothing.
 	RxLimit endpoint.RxLimit
@@ -139,15 +147,24 @@ type queueEndpoint struct {
 	poll     time.Duration                  // immutable: Options.Poll
 	coalesce bool                           // immutable: join TCP segments (coalesce.go)
 	gsoTx    bool                           // immutable: client sending TCP super-packets (tso.go)
-	gsoRx    bool                           // immutable: server accepting them
-	onClosed func(error)                    // immutable
-	log      *slog.Logger                   // immutable
-	limit    *endpoint.RxLimiter            // owned by the receive loop
+	gsoRx    bool                           // immutable: accepting flagged frames from the peer (tso.go)
+	// offerRx is a server's Options.RxGSO (immutable); rxOffload is set
+	// once the client accepted (watchPeer), and only then does WritePackets
+	// flag frames.
+	offerRx   bool
+	rxOffload atomic.Bool
+	// checked is set by a client's receive loop while it delivers a
+	// frame flagged for checksum offload: see Capabilities.
+	checked  atomic.Bool
+	forward  bool                // immutable: Options.Forwarding
+	onClosed func(error)         // immutable
+	log      *slog.Logger        // immutable
+	limit    *endpoint.RxLimiter // owned by the receive loop
 	stats    endpoint.Stats
 
 	rx ringReader // owned by the receive loop once started
 	// rxMeta returns the meta word of the frame rx returned last (a
-	// server's receiver), nil for a client; immutable.
+	// server's, or a client's that accepts RxGSO), nil otherwise; immutable.
 	rxMeta  func() uint32
 	rxEvent *queue.Event // the eventfd the receive loop sleeps on; immutable
 	txEvent *queue.Event // the eventfd the peer sleeps on; immutable
@@ -200,12 +217,19 @@ func newQueueEndpoint(o *Options, rx ringReader, tx ringWriter, rxEventFD, txEve
 	if o.Forwarding {
 		l.caps |= stack.CapabilityTXChecksumOffload
 		l.coalesce = true
+		l.forward = true
 	}
-	if r, ok := rx.(interface{ Meta() uint32 }); ok {
+	switch r := rx.(type) {
+	case *queue.Receiver: // a server
 		l.rxMeta = r.Meta
 		l.gsoRx = o.TxGSO
-	} else if _, ok := tx.(metaWriter); ok {
+		l.offerRx = o.RxGSO
+	case *queue.Poster: // a client
 		l.gsoTx = o.TxGSO
+		if o.RxGSO {
+			l.rxMeta = r.Meta
+			l.gsoRx = true
+		}
 	}
 	l.limit = endpoint.NewRxLimiter(o.RxLimit, rxBatch, l.maxFrame(), &l.stats)
 	ok := false
@@ -232,12 +256,31 @@ func newQueueEndpoint(o *Options, rx ringReader, tx ringWriter, rxEventFD, txEve
 		}
 		l.peer = os.NewFile(uintptr(fd), "peer")
 	}
+	if _, client := rx.(*queue.Poster); client && o.RxGSO && l.peer != nil {
+		if _, err := l.peer.Write([]byte{rxOffloadAccept}); err != nil {
+			return nil, fmt.Errorf("accept checksum offload on the peer socket: %w", err)
+		}
+	}
 	ok = true
 	return l, nil
 }
 
 // maxFrame is the largest frame the link carries.
 func (l *queueEndpoint) maxFrame() uint32 { return l.mtu + l.framing.HeaderLength() }
+
+// maxOffloadFrame is the largest frame flagged for checksum offload to a
+// client (RxGSO) in framing of hdr bytes: the largest IP packet, an IPv6
+// header and 64 KiB of payload.
+func maxOffloadFrame(hdr uint32) uint32 {
+	return hdr + header.IPv6MinimumSize + header.IPv6MaximumPayloadSize
+}
+
+// TakesPartialTCPChecksum reports whether the link writes TCP packets with
+// a partial checksum (GSO options with NeedsCsum) whole, of up to the
+// largest IP packet, leaving the checksum to the peer: a server whose
+// client took checksum offload (Options.RxGSO). It may change when the
+// client changes.
+func (l *queueEndpoint) TakesPartialTCPChecksum() bool { return l.rxOffload.Load() }
 
 // Stats returns the link's counters.
 func (l *queueEndpoint) Stats() *endpoint.Stats { return &l.stats }
@@ -260,7 +303,18 @@ func (l *queueEndpoint) LinkAddress() tcpip.LinkAddress { return l.addr }
 func (l *queueEndpoint) SetLinkAddress(tcpip.LinkAddress) {}
 
 // Capabilities implements stack.LinkEndpoint.Capabilities.
-func (l *queueEndpoint) Capabilities() stack.LinkEndpointCapabilities { return l.caps }
+//
+// A client that took checksum offload (Options.RxGSO) claims RX checksum
+// offload while it delivers a frame the server flagged, and only then:
+// gVisor's NIC takes a packet's RXChecksumValidated from this capability
+// (stack's nic.DeliverNetworkPacket), and no other part of the stack reads
+// that bit; the link's other frames are checked by the stack as before.
+func (l *queueEndpoint) Capabilities() stack.LinkEndpointCapabilities {
+	if l.checked.Load() {
+		return l.caps | stack.CapabilityRXChecksumOffload
+	}
+	return l.caps
+}
 
 // SupportedGSO implements stack.GSOEndpoint: host GSO on a client with
 // TxGSO (tso.go), none otherwise.
@@ -407,16 +461,29 @@ func (l *queueEndpoint) watchPeer(done chan<- struct{}) {
 		return
 	}
 	var b [1]byte
-	_, err := l.peer.Read(b[:])
-	if l.stopping.Load() {
+	for {
+		n, err := l.peer.Read(b[:])
+		if l.stopping.Load() {
+			return
+		}
+		if err == nil && n == 1 && b[0] == rxOffloadAccept && l.offerRx && !l.rxOffload.Load() {
+			// The client takes partial checksums (Options.RxGSO).
+			l.rxOffload.Store(true)
+			continue
+		}
+		switch {
+		case err == nil:
+			// Anything else a peer writes ends the link, as its end of
+			// file does (dial.go: neither side writes more).
+			err = fmt.Errorf("%w: it wrote on the peer socket", ErrPeerClosed)
+		case errors.Is(err, io.EOF):
+			err = ErrPeerClosed
+		default:
+			err = fmt.Errorf("%w: %v", ErrPeerClosed, err)
+		}
+		l.stop(err)
 		return
 	}
-	if err == nil || errors.Is(err, io.EOF) {
-		err = ErrPeerClosed
-	} else {
-		err = fmt.Errorf("%w: %v", ErrPeerClosed, err)
-	}
-	l.stop(err)
 }
 
 // receiveLoop copies frames out of the receive ring and delivers them,
@@ -606,8 +673,19 @@ func (l *queueEndpoint) deliverPayload(d stack.NetworkDispatcher, proto tcpip.Ne
 	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: payload})
 	defer pkt.DecRef()
 	l.framing.ConsumeHeader(pkt)
-	if mss != 0 {
+	switch {
+	case mss == 0:
+	case l.forward:
 		endpoint.MarkForwardedGSO(pkt, mss)
+	default:
+		// A stack of our own (a sandbox's): the checksum is partial
+		// by the link's contract, the headers were checked
+		// (offloadFrame). gVisor's NIC sets RXChecksumValidated of
+		// every packet from the link's RX checksum offload capability
+		// as it delivers it, on this goroutine: the link claims it
+		// for this packet only.
+		l.checked.Store(true)
+		defer l.checked.Store(false)
 	}
 	l.stats.RxPackets.Add(uint64(frames))
 	l.stats.RxBytes.Add(uint64(size))
@@ -638,6 +716,17 @@ func (l *queueEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Er
 		if l.gsoTx && endpoint.IsTCPGSO(pkt) && pkt.GSOOptions.NeedsCsum {
 			// Our own stack's TCP, with the offload (tso.go).
 			if violation = l.sendOffloadLocked(pkt, &waited); violation != nil {
+				l.stats.TxDrops.Add(uint64(len(all) - i - 1))
+				return len(all), nil
+			}
+			continue
+		}
+		if endpoint.IsTCPGSO(pkt) && pkt.GSOOptions.NeedsCsum && pkt.GSOOptions.MSS != 0 && l.rxOffload.Load() {
+			// A TCP packet with a partial checksum, to a client that
+			// takes them (RxGSO, tso.go): whole.
+			parts, total := endpoint.AppendSlices(l.txParts[:0], pkt)
+			l.txParts = parts
+			if violation = l.sendLocked(parts, total, encodeTxOffload(&pkt.GSOOptions), &waited); violation != nil {
 				l.stats.TxDrops.Add(uint64(len(all) - i - 1))
 				return len(all), nil
 			}
@@ -714,7 +803,7 @@ func (l *queueEndpoint) sendOffloadLocked(pkt *stack.PacketBuffer, waited *time.
 //
 // +checklocks:l.txMu
 func (l *queueEndpoint) sendLocked(parts [][]byte, total int, meta uint32, waited *time.Duration) error {
-	if uint32(total) > l.maxFrame() {
+	if uint32(total) > l.maxFrame() && (meta == 0 || !l.offerRx || uint32(total) > maxOffloadFrame(l.framing.HeaderLength())) {
 		l.stats.TxDrops.Add(1)
 		return nil
 	}

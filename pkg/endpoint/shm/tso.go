@@ -41,11 +41,30 @@ import (
 // A packet the stack gives the link that is no larger than one segment goes
 // as a plain frame, its checksum completed by the link: nothing changes for
 // a peer with a large MSS (another sandbox).
+//
+// Checksum offload from the router to a sandbox (RxGSO) is the same word in
+// the other direction, in the RX completion's reserved word: a TCP packet
+// whose checksum field holds the pseudo-header sum, to be taken as checked.
+// The router forwards TCP packets from kernels (a kernel pod's super-packets,
+// whose checksums the kernel left partial, as a virtio-net device gets them)
+// and checks nothing of their data: completing a 64 KiB sum for the sandbox
+// to verify it again costs both sides a pass over every byte, which the
+// kernel does not make for a veth peer either. The frame may be larger than
+// the link's MTU (a super-packet up to the largest IP packet): the sandbox's
+// TCP takes it as one segment. The server offers it in the link config
+// (LinkConfig.RxGSO); a client that takes it says so by writing the byte
+// rxOffloadAccept on the peer socket, its only write there, and the server
+// flags frames from then on. A client that does not know it never writes,
+// and gets full checksums.
 const (
 	txOffloadTCP = 1 << 31
 	txOffloadV6  = 1 << 16
 	txOffloadMSS = 1<<16 - 1
 )
+
+// rxOffloadAccept is what a client writes on the peer socket to take
+// checksum offload (RxGSO).
+const rxOffloadAccept = 'C'
 
 // encodeTxOffload is the meta word of a super-packet of gso.
 func encodeTxOffload(gso *stack.GSO) uint32 {
