@@ -780,13 +780,18 @@ func (l *queueEndpoint) sendSoftwareGSOLocked(pkt *stack.PacketBuffer, waited *t
 }
 
 // sendOffloadLocked sends a TCP packet of the link's own stack built for
-// host GSO: a super-packet whole with its meta word, anything no larger
-// than a segment as a plain frame with its checksum completed (tso.go).
+// host GSO whole with its meta word, its checksum partial: a super-packet,
+// or a packet of one segment, whose checksum the router leaves to whoever
+// takes partial ones (a kernel, a sandbox with checksum offload) or
+// completes (tso.go). A packet without data (gVisor's TCP builds its ACKs,
+// SYNs and FINs for host GSO too) or without an MSS goes plain, its
+// checksum completed: there is nothing to offload, and a kernel takes no
+// GSO packet without a payload.
 //
 // +checklocks:l.txMu
 func (l *queueEndpoint) sendOffloadLocked(pkt *stack.PacketBuffer, waited *time.Duration) error {
 	var meta uint32
-	if mss := int(pkt.GSOOptions.MSS); mss > 0 && pkt.Data().Size() > mss {
+	if pkt.GSOOptions.MSS > 0 && pkt.Data().Size() > 0 {
 		meta = encodeTxOffload(&pkt.GSOOptions)
 	} else {
 		completeTCPChecksum(pkt)

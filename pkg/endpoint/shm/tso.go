@@ -38,9 +38,13 @@ import (
 // checked as any frame's: one whose headers do not parse as TCP of the
 // flagged version is dropped.
 //
-// A packet the stack gives the link that is no larger than one segment goes
-// as a plain frame, its checksum completed by the link: nothing changes for
-// a peer with a large MSS (another sandbox).
+// A packet the stack gives the link that is no larger than one segment is
+// flagged the same way, its checksum partial too: the router passes it on
+// as a super-packet of one segment, so that the checksum of a sandbox's
+// 64 KiB segment to a kernel pod, the host or another sandbox that takes
+// checksum offload is never summed at all (the kernel takes a partial
+// checksum for local delivery as it does from a veth peer), and one to a
+// link that takes neither is completed by the router.
 //
 // Checksum offload from the router to a sandbox (RxGSO) is the same word in
 // the other direction, in the RX completion's reserved word: a TCP packet

@@ -81,8 +81,8 @@ func offloadPair(t *testing.T, clientGSO, serverGSO bool) (*Client, *Server, *re
 // TestTxOffload sends, as a client's stack with host GSO would, a TCP
 // super-packet and a packet of one segment: the first reaches the server's
 // stack whole, marked with its MSS and its checksum partial, and segments
-// into the very payload with valid checksums; the second arrives plain with
-// its checksum completed by the client.
+// into the very payload with valid checksums; the second arrives marked
+// too, its checksum partial, and completes into the segment sent.
 func TestTxOffload(t *testing.T) {
 	for _, v6 := range []bool{false, true} {
 		t.Run(fmt.Sprintf("v6=%t", v6), func(t *testing.T) {
@@ -98,11 +98,12 @@ func TestTxOffload(t *testing.T) {
 			var pkts stack.PacketBufferList
 			pkts.PushBack(hostGSOPacket(v6, 1000, payload, mss))
 			pkts.PushBack(hostGSOPacket(v6, 1000+uint32(len(payload)), payload[:500], mss))
-			if n, err := cli.WritePackets(pkts); n != 2 || err != nil {
+			pkts.PushBack(hostGSOPacket(v6, 1500+uint32(len(payload)), nil, mss)) // an ACK
+			if n, err := cli.WritePackets(pkts); n != 3 || err != nil {
 				t.Fatalf("WritePackets = %d, %v", n, err)
 			}
 			pkts.DecRef()
-			waitFor(t, "two packets delivered", func() bool { return rec.count() == 2 })
+			waitFor(t, "three packets delivered", func() bool { return rec.count() == 3 })
 			rec.mu.Lock()
 			defer rec.mu.Unlock()
 			if rec.mss[0] != mss {
@@ -124,13 +125,31 @@ func TestTxOffload(t *testing.T) {
 			if !ok || !bytes.Equal(got, payload) {
 				t.Fatalf("the super-packet segments into %d bytes, not the %d sent", len(got), len(payload))
 			}
-			if rec.mss[1] != 0 {
-				t.Fatal("a one-segment packet arrived marked")
+			// The packet of one segment arrives marked as well, its
+			// checksum partial: completed, it is the segment sent.
+			if rec.mss[1] != mss {
+				t.Fatalf("one-segment packet marked with MSS %d, want %d", rec.mss[1], mss)
 			}
-			if s, err := frametest.ParseSegment(rec.pkts[1], v6, false); err != nil || !bytes.Equal(s.Payload, payload[:500]) {
+			if _, err := frametest.ParseSegment(rec.pkts[1], v6, false); err == nil {
+				t.Fatal("one-segment packet arrived with its checksum complete, want it partial")
+			}
+			var one [][]byte
+			ok = endpoint.SoftwareGSO(bytes.Clone(rec.pkts[1]), false, stack.GSO{Type: typ, NeedsCsum: true, CsumOffset: header.TCPChecksumOffset, MSS: mss}, 1500,
+				func(b []byte, _ bool) { one = append(one, bytes.Clone(b)) })
+			if !ok || len(one) != 1 {
+				t.Fatalf("the one-segment packet completes into %d segments, want 1", len(one))
+			}
+			if s, err := frametest.ParseSegment(one[0], v6, false); err != nil || !bytes.Equal(s.Payload, payload[:500]) {
 				t.Fatalf("one-segment packet: %v", err)
 			}
-			if st := srv.Stats().Snapshot(); st.RxPackets != 2 || st.Violations != 0 || st.RxDrops != 0 {
+			// A packet without data goes plain, its checksum complete.
+			if rec.mss[2] != 0 {
+				t.Fatal("a packet without data arrived marked")
+			}
+			if s, err := frametest.ParseSegment(rec.pkts[2], v6, false); err != nil || len(s.Payload) != 0 {
+				t.Fatalf("packet without data: %v", err)
+			}
+			if st := srv.Stats().Snapshot(); st.RxPackets != 3 || st.Violations != 0 || st.RxDrops != 0 {
 				t.Fatalf("server stats %+v", st)
 			}
 		})
