@@ -280,59 +280,45 @@ func TestUnsealedRegionRefused(t *testing.T) {
 	}
 }
 
-// TestTxMeta carries each frame's meta word to the receiver, and zero for
-// a frame sent without one (gVisor's format).
-func TestTxMeta(t *testing.T) {
-	snd, rcv, _, _ := newTestPair(t, smallSizes(), 2000)
-	for i, meta := range []uint32{0, 1, 0x8001_05a8, 0xffff_ffff, 0} {
-		frame := bytes.Repeat([]byte{byte(i)}, 300*(i+1))
-		var ok bool
-		var err error
-		if meta == 0 && i == 0 {
-			ok, err = snd.Send([][]byte{frame}, len(frame))
-		} else {
-			ok, err = snd.SendMeta([][]byte{frame}, len(frame), meta)
+// TestMeta carries each frame's meta word to the receiving side, in the TX
+// descriptor (client to server) and in the RX completion's reserved word
+// (server to client), and zero for a frame sent without one (gVisor's
+// format).
+func TestMeta(t *testing.T) {
+	snd, rcv, fill, post := newTestPair(t, smallSizes(), 2000)
+	for _, dir := range []struct {
+		name string
+		send func(parts [][]byte, total int) (bool, error)
+		meta func(parts [][]byte, total int, meta uint32) (bool, error)
+		pub  func() bool
+		recv func(func(int) []byte) ([]byte, error)
+		got  func() uint32
+		done func()
+	}{
+		{"TX", snd.Send, snd.SendMeta, snd.Flush, rcv.Recv, rcv.Meta, rcv.Flush},
+		{"RX", fill.Send, fill.SendMeta, fill.Flush, post.Recv, post.Meta, post.Flush},
+	} {
+		for i, meta := range []uint32{0, 1, 0x8001_05a8, 0xffff_ffff, 0} {
+			frame := bytes.Repeat([]byte{byte(i + 1)}, 300*(i+1))
+			var ok bool
+			var err error
+			if meta == 0 && i == 0 {
+				ok, err = dir.send([][]byte{frame}, len(frame))
+			} else {
+				ok, err = dir.meta([][]byte{frame}, len(frame), meta)
+			}
+			if !ok || err != nil {
+				t.Fatalf("%s frame %d: send = %v, %v", dir.name, i, ok, err)
+			}
+			dir.pub()
+			got, err := dir.recv(alloc)
+			if err != nil || !bytes.Equal(got, frame) {
+				t.Fatalf("%s frame %d: Recv = %d bytes, %v", dir.name, i, len(got), err)
+			}
+			if m := dir.got(); m != meta {
+				t.Errorf("%s frame %d: meta %#x, want %#x", dir.name, i, m, meta)
+			}
+			dir.done()
 		}
-		if !ok || err != nil {
-			t.Fatalf("frame %d: send = %v, %v", i, ok, err)
-		}
-		snd.Flush()
-		got, err := rcv.Recv(alloc)
-		if err != nil || !bytes.Equal(got, frame) {
-			t.Fatalf("frame %d: Recv = %d bytes, %v", i, len(got), err)
-		}
-		if m := rcv.Meta(); m != meta {
-			t.Errorf("frame %d: meta %#x, want %#x", i, m, meta)
-		}
-		rcv.Flush()
-	}
-}
-
-// TestRxMeta carries each frame's meta word from the server to the client
-// in the RX completion's reserved word, and zero for a frame sent without
-// one (gVisor's format).
-func TestRxMeta(t *testing.T) {
-	_, _, fill, post := newTestPair(t, smallSizes(), 2000)
-	for i, meta := range []uint32{0, 1, 0x8001_05a8, 0xffff_ffff, 0} {
-		frame := bytes.Repeat([]byte{byte(i + 1)}, 300*(i+1))
-		var ok bool
-		var err error
-		if meta == 0 && i == 0 {
-			ok, err = fill.Send([][]byte{frame}, len(frame))
-		} else {
-			ok, err = fill.SendMeta([][]byte{frame}, len(frame), meta)
-		}
-		if !ok || err != nil {
-			t.Fatalf("frame %d: send = %v, %v", i, ok, err)
-		}
-		fill.Flush()
-		got, err := post.Recv(alloc)
-		if err != nil || !bytes.Equal(got, frame) {
-			t.Fatalf("frame %d: Recv = %d bytes, %v", i, len(got), err)
-		}
-		if m := post.Meta(); m != meta {
-			t.Errorf("frame %d: meta %#x, want %#x", i, m, meta)
-		}
-		post.Flush()
 	}
 }

@@ -67,14 +67,7 @@ func rxOffloadPair(t *testing.T, accept bool) (*Client, *Server, *checkRecorder,
 		t.Fatal(err)
 	}
 	rec := &checkRecorder{ep: cli}
-	srv.Attach(&recorder{})
-	cli.Attach(rec)
-	t.Cleanup(func() {
-		cli.Close()
-		srv.Close()
-		cli.Wait()
-		srv.Wait()
-	})
+	attachPair(t, cli, rec, srv, &recorder{})
 	return cli, srv, rec, reason
 }
 

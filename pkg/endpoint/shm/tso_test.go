@@ -67,15 +67,21 @@ func offloadPair(t *testing.T, clientGSO, serverGSO bool) (*Client, *Server, *re
 		t.Fatal(err)
 	}
 	rec := &recorder{}
-	srv.Attach(rec)
-	cli.Attach(&recorder{})
+	attachPair(t, cli, &recorder{}, srv, rec)
+	return cli, srv, rec, reason
+}
+
+// attachPair attaches a client and a server to their dispatchers and
+// closes both at the end of t.
+func attachPair(t *testing.T, cli *Client, cd stack.NetworkDispatcher, srv *Server, sd stack.NetworkDispatcher) {
+	srv.Attach(sd)
+	cli.Attach(cd)
 	t.Cleanup(func() {
 		cli.Close()
 		srv.Close()
 		cli.Wait()
 		srv.Wait()
 	})
-	return cli, srv, rec, reason
 }
 
 // TestTxOffload sends, as a client's stack with host GSO would, a TCP
