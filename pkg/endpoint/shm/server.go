@@ -71,10 +71,6 @@ func NewClient(opts Options) (*Client, error) {
 	// gVisor's own server reports frames padded to a whole number of
 	// buffers: accept the padding (the IP layer trims it).
 	maxFrame := opts.MTU + hdrSize(&opts)
-	if opts.RxGSO {
-		// Flagged packets may be larger than the MTU (tso.go).
-		maxFrame = max(maxFrame, maxOffloadFrame(hdrSize(&opts)))
-	}
 	maxFrame = (maxFrame + opts.BufferSize - 1) / opts.BufferSize * opts.BufferSize
 	rx, err := queue.NewPoster(opts.Pair.RX, opts.BufferSize, maxFrame, queue.MapOptions{})
 	if err != nil {

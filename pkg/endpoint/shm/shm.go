@@ -268,18 +268,10 @@ func newQueueEndpoint(o *Options, rx ringReader, tx ringWriter, rxEventFD, txEve
 // maxFrame is the largest frame the link carries.
 func (l *queueEndpoint) maxFrame() uint32 { return l.mtu + l.framing.HeaderLength() }
 
-// maxOffloadFrame is the largest frame flagged for checksum offload to a
-// client (RxGSO) in framing of hdr bytes: the largest IP packet, an IPv6
-// header and 64 KiB of payload.
-func maxOffloadFrame(hdr uint32) uint32 {
-	return hdr + header.IPv6MinimumSize + header.IPv6MaximumPayloadSize
-}
-
 // TakesPartialTCPChecksum reports whether the link writes TCP packets with
-// a partial checksum (GSO options with NeedsCsum) whole, of up to the
-// largest IP packet, leaving the checksum to the peer: a server whose
-// client took checksum offload (Options.RxGSO). It may change when the
-// client changes.
+// a partial checksum (GSO options with NeedsCsum) that fit its MTU whole,
+// leaving the checksum to the peer: a server whose client took checksum
+// offload (Options.RxGSO). It may change when the client changes.
 func (l *queueEndpoint) TakesPartialTCPChecksum() bool { return l.rxOffload.Load() }
 
 // Stats returns the link's counters.
@@ -721,9 +713,12 @@ func (l *queueEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Er
 			}
 			continue
 		}
-		if endpoint.IsTCPGSO(pkt) && pkt.GSOOptions.NeedsCsum && pkt.GSOOptions.MSS != 0 && l.rxOffload.Load() {
-			// A TCP packet with a partial checksum, to a client that
-			// takes them (RxGSO, tso.go): whole.
+		if endpoint.IsTCPGSO(pkt) && pkt.GSOOptions.NeedsCsum && pkt.GSOOptions.MSS != 0 && l.rxOffload.Load() &&
+			uint32(pkt.Size()) <= l.maxFrame() {
+			// A TCP packet with a partial checksum that fits the link,
+			// to a client that takes them (RxGSO, tso.go): whole. A
+			// larger one is cut below: a frame beyond the MTU might
+			// need more buffers than a client's ring gives a frame.
 			parts, total := endpoint.AppendSlices(l.txParts[:0], pkt)
 			l.txParts = parts
 			if violation = l.sendLocked(parts, total, encodeTxOffload(&pkt.GSOOptions), &waited); violation != nil {
@@ -808,7 +803,7 @@ func (l *queueEndpoint) sendOffloadLocked(pkt *stack.PacketBuffer, waited *time.
 //
 // +checklocks:l.txMu
 func (l *queueEndpoint) sendLocked(parts [][]byte, total int, meta uint32, waited *time.Duration) error {
-	if uint32(total) > l.maxFrame() && (meta == 0 || !l.offerRx || uint32(total) > maxOffloadFrame(l.framing.HeaderLength())) {
+	if uint32(total) > l.maxFrame() {
 		l.stats.TxDrops.Add(1)
 		return nil
 	}

@@ -53,9 +53,10 @@ import (
 // whose checksums the kernel left partial, as a virtio-net device gets them)
 // and checks nothing of their data: completing a 64 KiB sum for the sandbox
 // to verify it again costs both sides a pass over every byte, which the
-// kernel does not make for a veth peer either. The frame may be larger than
-// the link's MTU (a super-packet up to the largest IP packet): the sandbox's
-// TCP takes it as one segment. The server offers it in the link config
+// kernel does not make for a veth peer either. A flagged frame fits the
+// link's MTU, as every frame does (a super-packet that does not fit is cut
+// into segments with full checksums): the sandbox's TCP takes it as one
+// segment. The server offers it in the link config
 // (LinkConfig.RxGSO); a client that takes it says so by writing the byte
 // rxOffloadAccept on the peer socket, its only write there, and the server
 // flags frames from then on. A client that does not know it never writes,
