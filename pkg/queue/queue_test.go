@@ -322,3 +322,80 @@ func TestMeta(t *testing.T) {
 		}
 	}
 }
+
+// TestRecvHead holds frames in the client's buffers: the head copied out and
+// the rest in place make the frame, across buffer boundaries; the buffers
+// come back to the client only with Complete, in any order; frames hold
+// declines are copied whole and completed at once.
+func TestRecvHead(t *testing.T) {
+	s := smallSizes() // 512-byte buffers, 128 of them
+	snd, rcv, _, _ := newTestPair(t, s, 16<<10)
+	frame := func(i, n int) []byte {
+		f := make([]byte, n)
+		for j := range f {
+			f[j] = byte(i*7 + j*13)
+		}
+		return f
+	}
+	sizes := []int{100, 3000, 512, 513, 9000}
+	for i, n := range sizes {
+		if ok, err := snd.SendMeta([][]byte{frame(i, n)}, n, uint32(i+1)); !ok || err != nil {
+			t.Fatalf("send %d: %v, %v", i, ok, err)
+		}
+	}
+	snd.Flush()
+	const head = 300
+	hold := func(size, meta uint32) int {
+		if meta%2 == 0 { // frames 1 and 3: whole
+			return 0
+		}
+		return head
+	}
+	helds := make([]*Held, len(sizes))
+	for i, n := range sizes {
+		h := &Held{}
+		got, held, err := rcv.RecvHead(alloc, hold, h)
+		if err != nil {
+			t.Fatalf("frame %d: %v", i, err)
+		}
+		want := frame(i, n)
+		if wantHeld := i%2 == 0 && n > head; held != wantHeld {
+			t.Fatalf("frame %d of %d bytes: held %v, want %v", i, n, held, wantHeld)
+		}
+		if !held {
+			if !bytes.Equal(got, want) {
+				t.Fatalf("frame %d copied whole: differs", i)
+			}
+			continue
+		}
+		whole := append([]byte(nil), got...)
+		for _, p := range h.Rest() {
+			whole = append(whole, p...)
+		}
+		if len(got) != head || h.RestSize() != n-head || !bytes.Equal(whole, want) {
+			t.Fatalf("frame %d: head %d + rest %d bytes, equal %v", i, len(got), h.RestSize(), bytes.Equal(whole, want))
+		}
+		helds[i] = h
+	}
+	rcv.Flush()
+	// Only the frames copied whole are back (0, 1 and 3): frames 2 and 4
+	// hold 1 + 18 buffers of 128.
+	if err := snd.reclaim(); err != nil {
+		t.Fatal(err)
+	}
+	if want := 128 - 1 - 18; snd.nFree != want {
+		t.Fatalf("client has %d free buffers before Complete, want %d", snd.nFree, want)
+	}
+	for _, i := range []int{4, 2} {
+		if err := rcv.Complete(helds[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rcv.Flush()
+	if err := snd.reclaim(); err != nil {
+		t.Fatal(err)
+	}
+	if snd.nFree != 128 {
+		t.Fatalf("client has %d free buffers after Complete, want 128", snd.nFree)
+	}
+}

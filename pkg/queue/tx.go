@@ -171,38 +171,112 @@ func (r *Receiver) Ready() bool { return r.descs.Ready() }
 // returns it, or nil when the queue is empty. An error is a violation by the
 // client.
 func (r *Receiver) Recv(alloc func(n int) []byte) ([]byte, error) {
+	f, _, err := r.RecvHead(alloc, nil, nil)
+	return f, err
+}
+
+// Held is a frame RecvHead left in the client's buffers: its head was copied
+// out, the rest stays where the client wrote it until Complete hands the
+// buffers back. The rest's bounds were checked against the data region; its
+// bytes are the client's, which may change them at any moment: they are to
+// be copied, never parsed.
+type Held struct {
+	id   uint64
+	rest [][]byte // the frame past its head, slices of the data region
+	size int      // bytes in rest
+}
+
+// Rest returns the frame's bytes past its head, in the client's buffers,
+// valid until Complete or Close.
+func (h *Held) Rest() [][]byte { return h.rest }
+
+// RestSize returns how many bytes Rest holds.
+func (h *Held) RestSize() int { return h.size }
+
+// Truncate keeps the first n bytes of the rest (no more than it has): the
+// frame is shorter than its descriptor said (link-layer padding).
+func (h *Held) Truncate(n int) {
+	if n >= h.size {
+		return
+	}
+	left := n
+	for i, p := range h.rest {
+		if len(p) >= left {
+			h.rest[i] = p[:left]
+			clear(h.rest[i+1:])
+			h.rest = h.rest[:i+1]
+			break
+		}
+		left -= len(p)
+	}
+	h.size = n
+}
+
+// RecvHead is Recv for a server that may forward a frame without copying it
+// whole. For each frame, hold (if not nil) is given its size and meta word
+// and returns how many of its first bytes to copy out, or 0 for all of
+// them. A frame copied in part (held true) is described in h: the caller
+// reads the rest in place and hands its buffers back with Complete (until
+// then the client cannot reuse them). A frame copied whole is completed
+// here, as by Recv.
+func (r *Receiver) RecvHead(alloc func(n int) []byte, hold func(size, meta uint32) int, h *Held) (frame []byte, held bool, err error) {
 	shared, err := r.descs.Pull()
 	if err != nil || shared == nil {
-		return nil, err
+		return nil, false, err
 	}
 	if len(shared) > len(r.raw) {
-		return nil, violation("TX descriptor of %d bytes, more than %d", len(shared), len(r.raw))
+		return nil, false, violation("TX descriptor of %d bytes, more than %d", len(shared), len(r.raw))
 	}
 	raw := r.raw[:copy(r.raw[:], shared)]
 	if err := decodeTxDesc(raw, &r.d); err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if r.d.Size == 0 || r.d.Size > r.maxFrame {
-		return nil, violation("TX frame of %d bytes, want 1..%d", r.d.Size, r.maxFrame)
+		return nil, false, violation("TX frame of %d bytes, want 1..%d", r.d.Size, r.maxFrame)
 	}
 	var sum uint64
 	for _, b := range r.d.Buffers {
 		if !inRegion(b.Offset, b.Size, len(r.m.data)) {
-			return nil, violation("TX buffer [%d, +%d) outside the %d-byte data region", b.Offset, b.Size, len(r.m.data))
+			return nil, false, violation("TX buffer [%d, +%d) outside the %d-byte data region", b.Offset, b.Size, len(r.m.data))
 		}
 		sum += uint64(b.Size)
 	}
 	if sum < uint64(r.d.Size) {
-		return nil, violation("TX buffers hold %d bytes of a %d-byte frame", sum, r.d.Size)
+		return nil, false, violation("TX buffers hold %d bytes of a %d-byte frame", sum, r.d.Size)
 	}
-	frame := alloc(int(r.d.Size))[:r.d.Size]
+	n := int(r.d.Size)
+	if hold != nil {
+		if head := hold(r.d.Size, r.d.Meta); head > 0 && head < n {
+			frame = alloc(head)[:head]
+			copyFromBuffers(frame, r.m.data, r.d.Buffers)
+			h.id = r.d.ID
+			h.rest, h.size = sliceBuffers(h.rest[:0], r.m.data, r.d.Buffers, head, n), n-head
+			return frame, true, nil
+		}
+	}
+	frame = alloc(n)[:n]
 	copyFromBuffers(frame, r.m.data, r.d.Buffers)
+	if err := r.complete(r.d.ID); err != nil {
+		return nil, false, err
+	}
+	return frame, false, nil
+}
+
+// Complete hands the buffers of a frame RecvHead held back to the client
+// (published by Flush). h's rest is invalid from then on.
+func (r *Receiver) Complete(h *Held) error {
+	clear(h.rest)
+	h.rest, h.size = h.rest[:0], 0
+	return r.complete(h.id)
+}
+
+func (r *Receiver) complete(id uint64) error {
 	c := r.comps.Push(txCompletionSize)
 	if c == nil {
-		return nil, violation("TX completion ring full: the client does not reclaim")
+		return violation("TX completion ring full: the client does not reclaim")
 	}
-	le.PutUint64(c, r.d.ID)
-	return frame, nil
+	le.PutUint64(c, id)
+	return nil
 }
 
 // Meta returns the meta word of the frame Recv returned last (see
@@ -233,6 +307,24 @@ func copyToBuffers(data []byte, bufs []BufferDesc, parts [][]byte) {
 			}
 		}
 	}
+}
+
+// sliceBuffers appends to dst the bytes [from, to) of the frame in the data
+// region's buffers, as slices of data. The buffers are in bounds and hold at
+// least to bytes.
+func sliceBuffers(dst [][]byte, data []byte, bufs []BufferDesc, from, to int) [][]byte {
+	off := 0
+	for _, b := range bufs {
+		if off >= to {
+			break
+		}
+		lo, hi := max(from-off, 0), min(int(b.Size), to-off)
+		if lo < hi {
+			dst = append(dst, data[b.Offset+uint64(lo):b.Offset+uint64(hi)])
+		}
+		off += int(b.Size)
+	}
+	return dst
 }
 
 // copyFromBuffers fills frame from the data region's buffers in order. The
