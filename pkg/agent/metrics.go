@@ -40,6 +40,8 @@ var (
 		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
 	descThrottled = prometheus.NewDesc("shm_cni_link_receive_throttled_total",
 		"Pauses of the agent's reading from the pod's link because the pod sent more than its limit (--link-max-pps, --link-max-bytes).", linkLabels, nil)
+	descOneCopy = prometheus.NewDesc("shm_cni_link_one_copy_total",
+		"Frames the agent wrote to the pod straight from a sandbox's shared memory, copied once (large TCP segments on the fast path; the rest cross private memory).", linkLabels, nil)
 	descBandwidthDelayed = prometheus.NewDesc("shm_cni_link_bandwidth_delayed_total",
 		"Packets the pod's bandwidth limit (the CNI bandwidth capability) held until its token bucket covered them, by direction (ingress: to the pod; egress: from the pod); 0 for a pod without a limit.",
 		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
@@ -127,7 +129,7 @@ var _ prometheus.Collector = (*linkCollector)(nil)
 // Describe implements prometheus.Collector.Describe.
 func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRxPackets, descRxBytes, descTxPackets, descTxBytes,
-		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descFast, descBandwidthDelayed, descBandwidthDrops, descLinkUp, descAttachments, descUnrouted,
+		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descOneCopy, descFast, descBandwidthDelayed, descBandwidthDrops, descLinkUp, descAttachments, descUnrouted,
 		descHairpinConns, descHairpinAdded, descHairpinRefused, descHairpinPackets, descHairpinDropped, descHostForwarding, descHostRepairs,
 		descPolicyDenied, descNetworkPolicyDenied, descPolicyRefused, descPolicyConns, descPolicyProblems} {
 		ch <- d
@@ -170,6 +172,7 @@ func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
 			counter(descEndpointDrops, e.TxDrops, "transmit")
 			counter(descViolations, e.Violations)
 			counter(descThrottled, e.RxThrottled)
+			counter(descOneCopy, e.TxOneCopy)
 		}
 	}
 	kinds := make([]string, 0, len(byKind))

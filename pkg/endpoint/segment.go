@@ -39,59 +39,72 @@ func (f *ParsedTCP) HeaderLength() int { return f.L2 + f.L3 + f.L4 }
 // the IP packet's length (link-layer padding removed). It never reads
 // outside frame.
 func ParseTCPFrame(frame []byte, ethernet, v6 bool) (ParsedTCP, error) {
+	f, n, err := ParseTCPHead(frame, len(frame), ethernet, v6)
+	if err != nil {
+		return ParsedTCP{}, err
+	}
+	f.Frame = frame[:n]
+	return f, nil
+}
+
+// ParseTCPHead is ParseTCPFrame for a frame of size bytes of which only the
+// head is at hand (the rest is data it does not read): the headers must be
+// in head. It returns them (Frame is nil) and the frame's length without
+// link-layer padding.
+func ParseTCPHead(head []byte, size int, ethernet, v6 bool) (ParsedTCP, int, error) {
+	if size < len(head) {
+		return ParsedTCP{}, 0, ErrBadGSOFrame
+	}
 	l2 := 0
 	if ethernet {
-		if len(frame) < header.EthernetMinimumSize {
-			return ParsedTCP{}, ErrBadGSOFrame
+		if len(head) < header.EthernetMinimumSize {
+			return ParsedTCP{}, 0, ErrBadGSOFrame
 		}
 		want := header.IPv4ProtocolNumber
 		if v6 {
 			want = header.IPv6ProtocolNumber
 		}
-		if header.Ethernet(frame).Type() != want {
-			return ParsedTCP{}, ErrBadGSOFrame // VLAN tags included: not offered by tuntap.Open
+		if header.Ethernet(head).Type() != want {
+			return ParsedTCP{}, 0, ErrBadGSOFrame // VLAN tags included: not offered by tuntap.Open
 		}
 		l2 = header.EthernetMinimumSize
 	}
-	ip := frame[l2:]
-	var l3 int
+	ip, ipSize := head[l2:], size-l2
+	var l3, total int
 	if v6 {
 		if len(ip) < header.IPv6MinimumSize || header.IPVersion(ip) != header.IPv6Version {
-			return ParsedTCP{}, ErrBadGSOFrame
+			return ParsedTCP{}, 0, ErrBadGSOFrame
 		}
 		h := header.IPv6(ip)
 		if h.NextHeader() != uint8(header.TCPProtocolNumber) {
-			return ParsedTCP{}, ErrBadGSOFrame // extension headers
+			return ParsedTCP{}, 0, ErrBadGSOFrame // extension headers
 		}
 		l3 = header.IPv6MinimumSize
-		total := l3 + int(h.PayloadLength())
-		if total > len(ip) {
-			return ParsedTCP{}, ErrBadGSOFrame
+		total = l3 + int(h.PayloadLength())
+		if total > ipSize {
+			return ParsedTCP{}, 0, ErrBadGSOFrame
 		}
-		ip = ip[:total]
 	} else {
 		if len(ip) < header.IPv4MinimumSize || header.IPVersion(ip) != header.IPv4Version {
-			return ParsedTCP{}, ErrBadGSOFrame
+			return ParsedTCP{}, 0, ErrBadGSOFrame
 		}
 		h := header.IPv4(ip)
 		l3 = int(h.HeaderLength())
-		total := int(h.TotalLength())
-		if l3 < header.IPv4MinimumSize || total < l3 || total > len(ip) ||
+		total = int(h.TotalLength())
+		if l3 < header.IPv4MinimumSize || total < l3 || total > ipSize ||
 			h.Protocol() != uint8(header.TCPProtocolNumber) ||
 			h.Flags()&header.IPv4FlagMoreFragments != 0 || h.FragmentOffset() != 0 {
-			return ParsedTCP{}, ErrBadGSOFrame
+			return ParsedTCP{}, 0, ErrBadGSOFrame
 		}
-		ip = ip[:total]
 	}
-	tcp := ip[l3:]
-	if len(tcp) < header.TCPMinimumSize {
-		return ParsedTCP{}, ErrBadGSOFrame
+	if total-l3 < header.TCPMinimumSize || len(ip) < l3+header.TCPMinimumSize {
+		return ParsedTCP{}, 0, ErrBadGSOFrame
 	}
-	l4 := int(header.TCP(tcp).DataOffset())
-	if l4 < header.TCPMinimumSize || l4 > len(tcp) {
-		return ParsedTCP{}, ErrBadGSOFrame
+	l4 := int(header.TCP(ip[l3:]).DataOffset())
+	if l4 < header.TCPMinimumSize || l4 > total-l3 || l3+l4 > len(ip) {
+		return ParsedTCP{}, 0, ErrBadGSOFrame
 	}
-	return ParsedTCP{Frame: frame[:l2+len(ip)], L2: l2, L3: l3, L4: l4, V6: v6}, nil
+	return ParsedTCP{L2: l2, L3: l3, L4: l4, V6: v6}, l2 + total, nil
 }
 
 // SegmentTCP cuts the TCP super-packet in frame into segments of gsoSize

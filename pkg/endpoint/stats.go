@@ -25,13 +25,16 @@ type Stats struct {
 	// RxThrottled counts the receiver's pauses for its RxLimit: the
 	// peer sent faster than its budget.
 	RxThrottled atomic.Uint64
+	// TxOneCopy counts the frames of TxPackets that were copied to the
+	// peer straight from another peer's shared memory (shm's direct.go).
+	TxOneCopy atomic.Uint64
 }
 
 // StatsSnapshot is a plain copy of Stats.
 type StatsSnapshot struct {
 	RxPackets, RxBytes, TxPackets, TxBytes uint64
 	RxDrops, TxDrops, Violations           uint64
-	RxThrottled                            uint64
+	RxThrottled, TxOneCopy                 uint64
 }
 
 // Snapshot returns a copy of the counters.
@@ -45,6 +48,7 @@ func (s *Stats) Snapshot() StatsSnapshot {
 		TxDrops:     s.TxDrops.Load(),
 		Violations:  s.Violations.Load(),
 		RxThrottled: s.RxThrottled.Load(),
+		TxOneCopy:   s.TxOneCopy.Load(),
 	}
 }
 
@@ -56,5 +60,6 @@ func (s StatsSnapshot) Add(o StatsSnapshot) StatsSnapshot {
 		RxDrops: s.RxDrops + o.RxDrops, TxDrops: s.TxDrops + o.TxDrops,
 		Violations:  s.Violations + o.Violations,
 		RxThrottled: s.RxThrottled + o.RxThrottled,
+		TxOneCopy:   s.TxOneCopy + o.TxOneCopy,
 	}
 }

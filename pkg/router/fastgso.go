@@ -152,11 +152,17 @@ func (s *tcpSegment) toGSO(out *stack.PacketBuffer, mss uint16) {
 	tcp := header.TCP(th)
 	tcp.SetChecksum(header.PseudoHeaderChecksum(header.TCPProtocolNumber, s.src, s.dst, uint16(out.Data().Size()+s.l4)))
 	out.TransportProtocolNumber = header.TCPProtocolNumber
+	out.GSOOptions = s.gsoOptions(mss)
+}
+
+// gsoOptions are the GSO options of the segment as a super-packet to be cut
+// at mss, its checksum partial.
+func (s *tcpSegment) gsoOptions(mss uint16) stack.GSO {
 	typ := stack.GSOTCPv4
 	if s.v6 {
 		typ = stack.GSOTCPv6
 	}
-	out.GSOOptions = stack.GSO{
+	return stack.GSO{
 		Type:       typ,
 		NeedsCsum:  true,
 		CsumOffset: header.TCPChecksumOffset,

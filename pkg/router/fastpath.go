@@ -83,7 +83,11 @@ type fastDst struct {
 	// partial, when not nil, says whether the endpoint now writes TCP
 	// packets with a partial checksum whole, leaving the checksum to its
 	// peer (a sandbox's link with checksum offload): see gsoSegment.
-	partial  partialChecksumWriter
+	partial partialChecksumWriter
+	// held, when not nil, delivers large frames held in the pod's memory,
+	// and direct writes frames to the pod in one copy (direct.go).
+	held     heldSource
+	direct   frameWriter
 	gwMAC    tcpip.LinkAddress // the router's MAC on the link
 	podMAC   tcpip.LinkAddress // empty on links without Ethernet headers
 	counters *fastCounters     // the destination link's
@@ -246,6 +250,15 @@ func (f *fastPath) route(src *fastDst, links *fastLinks, to *fastDst, protocol t
 		if tcp = parseTCPSegment(protocol, pkt, size); tcp != nil && (!d.tcpGSO || size > maxMTU) {
 			tcp = nil
 		}
+	}
+
+	if src.held != nil {
+		// A held packet goes whole from one sandbox's memory to
+		// another's, or has its data copied out (direct.go).
+		if tcp != nil && to == nil && super && writeDirect(src, d, protocol, pkt, tcp, tcp.mssFor(d.mtu, gsoMSS, super), size) {
+			return true
+		}
+		src.held.CopyHeld(pkt)
 	}
 
 	// Small packets are copied whole into a fresh buffer (one view). A

@@ -188,12 +188,14 @@ func (e *filterEndpoint) DeliverNetworkPacket(protocol tcpip.NetworkProtocolNumb
 	}
 	if e.fast.hairpin.reply(protocol, pkt) {
 		// A reply the host must see (hairpin.go).
+		e.self.copyHeld(pkt)
 		e.fast.toHost(e.self, protocol, pkt)
 		return
 	}
 	if e.fast.forward(e.self, protocol, pkt) {
 		return
 	}
+	e.self.copyHeld(pkt)
 	e.Endpoint.DeliverNetworkPacket(protocol, pkt)
 }
 

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/shm-cni/shm-cni/internal/tcpipx"
 	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -29,7 +31,19 @@ const sandboxMTU = 65000
 // the agent attaches a sandbox, and the pod's stack the client end.
 type sandboxPod struct {
 	s     *stack.Stack
+	srv   *shm.Server
 	addrs []netip.Addr
+}
+
+// sandboxOpts vary a sandbox pod's link.
+type sandboxOpts struct {
+	// mac is the last byte of the pod's MAC.
+	mac byte
+	// rxGSO has the pod take checksum offload from the router (over a
+	// peer socket, as the agent's links do).
+	rxGSO bool
+	// bandwidth limits the pod's link.
+	bandwidth linkspec.Bandwidth
 }
 
 // newSandboxPod attaches a sandbox link with addrs to r as link id and
@@ -38,13 +52,27 @@ type sandboxPod struct {
 // the gateway MAC). Everything is removed when t ends.
 func newSandboxPod(t testing.TB, r *Router, id string, addrs ...netip.Addr) *sandboxPod {
 	t.Helper()
+	return newSandboxPodWith(t, r, id, sandboxOpts{mac: 0x30}, addrs...)
+}
+
+// newSandboxPodWith is newSandboxPod with o.
+func newSandboxPodWith(t testing.TB, r *Router, id string, o sandboxOpts, addrs ...netip.Addr) *sandboxPod {
+	t.Helper()
 	pair, err := queue.NewPair(queue.DefaultSizes())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer pair.Close() // the endpoints keep their own mappings and descriptors
-	podMAC := tcpip.LinkAddress("\x02\x00\x00\x00\x00\x30")
-	cli, err := shm.NewClient(shm.Options{Pair: pair, MTU: sandboxMTU, LinkAddress: podMAC, PeerFD: -1, TxGSO: true})
+	peer := [2]int{-1, -1}
+	if o.rxGSO {
+		if peer, err = unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0); err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(peer[0]) // the endpoints keep their own duplicates
+		defer unix.Close(peer[1])
+	}
+	podMAC := tcpip.LinkAddress([]byte{2, 0, 0, 0, 0, o.mac})
+	cli, err := shm.NewClient(shm.Options{Pair: pair, MTU: sandboxMTU, LinkAddress: podMAC, PeerFD: peer[1], TxGSO: true, RxGSO: o.rxGSO})
 	if err != nil {
 		t.Fatalf("shm client: %v", err)
 	}
@@ -64,12 +92,12 @@ func newSandboxPod(t testing.TB, r *Router, id string, addrs ...netip.Addr) *san
 		s.Close()
 		s.Wait()
 	})
-	srv, err := shm.NewServer(shm.Options{Pair: pair, MTU: sandboxMTU, LinkAddress: gatewayMAC, PeerFD: -1,
-		Forwarding: true, TxGSO: true})
+	srv, err := shm.NewServer(shm.Options{Pair: pair, MTU: sandboxMTU, LinkAddress: gatewayMAC, PeerFD: peer[0],
+		Forwarding: true, TxGSO: true, RxGSO: o.rxGSO})
 	if err != nil {
 		t.Fatalf("shm server: %v", err)
 	}
-	if err := r.AddLink(id, srv, Link{Addrs: addrs, PodMAC: podMAC, GatewayMAC: gatewayMAC}); err != nil {
+	if err := r.AddLink(id, srv, Link{Addrs: addrs, PodMAC: podMAC, GatewayMAC: gatewayMAC, Bandwidth: o.bandwidth}); err != nil {
 		srv.Close()
 		srv.Wait()
 		t.Fatalf("add link: %v", err)
@@ -96,7 +124,7 @@ func newSandboxPod(t testing.TB, r *Router, id string, addrs ...netip.Addr) *san
 	if err := cfg.Configure(s, 1); err != nil {
 		t.Fatal(err)
 	}
-	return &sandboxPod{s: s, addrs: addrs}
+	return &sandboxPod{s: s, srv: srv, addrs: addrs}
 }
 
 // fullAddress is addr:port on the sandbox's NIC.

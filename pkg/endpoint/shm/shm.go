@@ -163,6 +163,14 @@ type queueEndpoint struct {
 	stats    endpoint.Stats
 
 	rx ringReader // owned by the receive loop once started
+	// recv is rx when it is a server's, nil otherwise; immutable.
+	recv *queue.Receiver
+	// holding is set by HoldFrames: the receive loop holds large frames
+	// flagged for offload in the client's buffers (direct.go).
+	holding atomic.Bool
+	// held is the receive loop's record of held frames (direct.go), nil
+	// until holding is first used.
+	held *heldState
 	// rxMeta returns the meta word of the frame rx returned last (a
 	// server's, or a client's that accepts RxGSO), nil otherwise; immutable.
 	rxMeta  func() uint32
@@ -221,6 +229,7 @@ func newQueueEndpoint(o *Options, rx ringReader, tx ringWriter, rxEventFD, txEve
 	}
 	switch r := rx.(type) {
 	case *queue.Receiver: // a server
+		l.recv = r
 		l.rxMeta = r.Meta
 		l.gsoRx = o.TxGSO
 		l.offerRx = o.RxGSO
@@ -485,6 +494,7 @@ func (l *queueEndpoint) receiveLoop(d stack.NetworkDispatcher, done chan<- struc
 	var (
 		views  [rxBatch]*buffer.View
 		metas  [rxBatch]uint32
+		sizes  [rxBatch]int
 		cur    *buffer.View
 		allocs = func(n int) []byte {
 			cur = buffer.NewViewSize(n)
@@ -492,32 +502,46 @@ func (l *queueEndpoint) receiveLoop(d stack.NetworkDispatcher, done chan<- struc
 		}
 	)
 	poll := endpoint.NewPoll(l.poll)
+	hold := l.holdFunc()
 	l.rx.DisableNotification()
 	for !l.stopping.Load() {
-		n := 0
+		n, size := 0, 0
 		var err error
+		holding := hold != nil && l.holding.Load()
+		if holding && l.held == nil {
+			l.held = &heldState{}
+		}
 		for n < rxBatch {
 			var f []byte
-			f, err = l.rx.Recv(allocs)
+			held := false
+			if holding && l.held.n < maxHeld {
+				f, held, err = l.recv.RecvHead(allocs, hold, &l.held.frames[l.held.n])
+			} else {
+				f, err = l.rx.Recv(allocs)
+			}
 			if err != nil || f == nil {
 				break
 			}
-			views[n] = cur
+			views[n], sizes[n] = cur, len(f)
+			if held {
+				sizes[n] += l.held.frames[l.held.n].RestSize()
+				l.held.n++
+			}
 			if l.rxMeta != nil {
 				metas[n] = l.rxMeta()
 			}
+			size += sizes[n]
 			n++
 		}
 		if n > 0 {
 			poll.Arrived()
 			l.rx.Flush()
-			size := 0
-			for i := range n {
-				size += views[i].Size()
-			}
-			verr := l.deliverBatch(d, views[:n], metas[:n])
+			verr := l.deliverBatch(d, views[:n], metas[:n], sizes[:n])
 			clear(views[:n])
 			clear(metas[:n])
+			if verr == nil && holding {
+				verr = l.completeHeld()
+			}
 			if verr != nil {
 				l.stats.Violations.Add(1)
 				l.stop(verr)
@@ -585,12 +609,14 @@ func framePayload(v *buffer.View) buffer.Buffer {
 	return payload
 }
 
-// deliverBatch hands the frames of one receive batch, with their meta words,
-// to the stack in order: TCP super-packets from the peer's offload (tso.go)
-// as such, the others as deliverPlain does. It returns a protocol violation
-// of the peer; the frames it did not deliver then are dropped.
-func (l *queueEndpoint) deliverBatch(d stack.NetworkDispatcher, views []*buffer.View, metas []uint32) error {
-	start := 0
+// deliverBatch hands the frames of one receive batch, with their meta words
+// and sizes, to the stack in order: TCP super-packets from the peer's offload (tso.go)
+// as such, the others as deliverPlain does. A frame whose view is shorter
+// than its size is held (direct.go): the next of l.held's frames. It
+// returns a protocol violation of the peer; the frames it did not deliver
+// then are dropped.
+func (l *queueEndpoint) deliverBatch(d stack.NetworkDispatcher, views []*buffer.View, metas []uint32, sizes []int) error {
+	start, held := 0, 0
 	for i, m := range metas {
 		if m == 0 {
 			continue
@@ -601,21 +627,81 @@ func (l *queueEndpoint) deliverBatch(d stack.NetworkDispatcher, views []*buffer.
 			l.stats.RxDrops.Add(uint64(len(views) - i))
 			return fmt.Errorf("%w: TX meta word %#08x on a link without offloads", queue.ErrViolation, m)
 		}
-		mss, ok, err := offloadFrame(views[i], l.framing == endpoint.Ethernet, m)
+		mss, n, err := offloadFrame(views[i], sizes[i], l.framing == endpoint.Ethernet, m)
 		if err != nil {
 			l.stats.RxDrops.Add(uint64(len(views) - i))
 			return err
 		}
-		if !ok {
+		var h *queue.Held
+		if views[i].Size() < sizes[i] {
+			h = &l.held.frames[held]
+			held++
+		}
+		if n == 0 {
 			l.stats.RxDrops.Add(1)
 			continue
 		}
 		proto, _ := l.framing.Protocol(views[i].AsSlice()) // an IP packet: checked
-		size := views[i].Size()
-		l.deliverPayload(d, proto, framePayload(views[i]), 1, size, mss)
+		if h != nil && n <= views[i].Size() {
+			views[i].CapLength(n) // all padding past the head
+			h = nil
+		}
+		if h == nil {
+			l.deliverPayload(d, proto, framePayload(views[i]), 1, n, mss)
+			continue
+		}
+		h.Truncate(n - views[i].Size())
+		l.deliverHeld(d, proto, views[i], h, n, mss)
 	}
 	l.deliverPlain(d, views[start:])
 	return nil
+}
+
+// deliverHeld hands the stack a held frame of size bytes (direct.go): its
+// head in v, the rest in h.
+func (l *queueEndpoint) deliverHeld(d stack.NetworkDispatcher, proto tcpip.NetworkProtocolNumber, v *buffer.View, h *queue.Held, size int, mss uint16) {
+	st := l.held
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: heldPayload(v, size)})
+	defer pkt.DecRef()
+	l.framing.ConsumeHeader(pkt)
+	st.pkt, st.frame, st.head = pkt, h, v.Size()-int(l.framing.HeaderLength())
+	defer func() { st.pkt, st.frame = nil, nil }()
+	endpoint.MarkForwardedGSO(pkt, mss)
+	l.stats.RxPackets.Add(1)
+	l.stats.RxBytes.Add(uint64(size))
+	d.DeliverNetworkPacket(proto, pkt)
+}
+
+// completeHeld hands the buffers of the batch's held frames back to the
+// client.
+func (l *queueEndpoint) completeHeld() error {
+	st := l.held
+	for i := range st.n {
+		if err := l.recv.Complete(&st.frames[i]); err != nil {
+			return err
+		}
+	}
+	if st.n > 0 {
+		st.n = 0
+		l.rx.Flush()
+	}
+	return nil
+}
+
+// holdFunc returns what decides, for the receive loop, which frames to hold
+// in the client's buffers once HoldFrames was called, or nil for an
+// endpoint that never holds (direct.go): a server's TCP frames flagged for
+// segmentation offload of at least splitFrom bytes, up to maxHeld a batch.
+func (l *queueEndpoint) holdFunc() func(size, meta uint32) int {
+	if l.recv == nil || !l.gsoRx || !l.forward {
+		return nil
+	}
+	return func(size, meta uint32) int {
+		if meta == 0 || size < splitFrom {
+			return 0
+		}
+		return headerSplit
+	}
 }
 
 // deliverPlain hands frames to the stack, in order: on a Forwarding link

@@ -101,18 +101,22 @@ func completeTCPChecksum(pkt *stack.PacketBuffer) {
 	t.SetChecksum(^checksum.Checksum(t, pkt.Data().Checksum()))
 }
 
-// offloadFrame checks the frame v, flagged by meta, for delivery as a TCP
-// super-packet and returns its MSS; ok is false for a frame to drop. err is
-// a protocol violation.
-func offloadFrame(v *buffer.View, ethernet bool, meta uint32) (mss uint16, ok bool, err error) {
+// offloadFrame checks the frame v of size bytes (v may hold only its head:
+// direct.go), flagged by meta, for delivery as a TCP super-packet and
+// returns its MSS and its length without link-layer padding (v is trimmed
+// to it when whole); n is 0 for a frame to drop. err is a protocol
+// violation.
+func offloadFrame(v *buffer.View, size int, ethernet bool, meta uint32) (mss uint16, n int, err error) {
 	mss, v6, err := decodeTxOffload(meta)
 	if err != nil {
-		return 0, false, err
+		return 0, 0, err
 	}
-	f, perr := endpoint.ParseTCPFrame(v.AsSlice(), ethernet, v6)
+	_, n, perr := endpoint.ParseTCPHead(v.AsSlice(), size, ethernet, v6)
 	if perr != nil {
-		return 0, false, nil
+		return 0, 0, nil
 	}
-	v.CapLength(len(f.Frame)) // link-layer padding
-	return mss, true, nil
+	if v.Size() == size {
+		v.CapLength(n) // link-layer padding
+	}
+	return mss, n, nil
 }

@@ -140,20 +140,23 @@ func (e *Endpoint) writeIovecsLocked(iovs []unix.Iovec, size int) bool {
 // must complete and, when it is larger than one segment, how to segment it.
 // Segments are at most the MSS and at most what fits the link's MTU.
 func (e *Endpoint) txVnetHdr(pkt *stack.PacketBuffer) virtioNetHdr {
-	var h virtioNetHdr
-	opts := pkt.GSOOptions
-	var typ uint8
-	switch opts.Type {
-	case stack.GSOTCPv4:
-		typ = virtioNetHdrGSOTCPv4
-	case stack.GSOTCPv6:
-		typ = virtioNetHdrGSOTCPv6
+	switch pkt.GSOOptions.Type {
+	case stack.GSOTCPv4, stack.GSOTCPv6:
 	default:
-		return h
+		return virtioNetHdr{}
+	}
+	return e.gsoVnetHdr(&pkt.GSOOptions, len(pkt.NetworkHeader().Slice()), tcpHeaderOf(pkt), pkt.Size())
+}
+
+// gsoVnetHdr is txVnetHdr for a TCP packet of size bytes with GSO options
+// opts, l3 bytes of IP header and TCP header t (nil if malformed).
+func (e *Endpoint) gsoVnetHdr(opts *stack.GSO, l3 int, t header.TCP, size int) virtioNetHdr {
+	var h virtioNetHdr
+	typ := uint8(virtioNetHdrGSOTCPv4)
+	if opts.Type == stack.GSOTCPv6 {
+		typ = virtioNetHdrGSOTCPv6
 	}
 	l2 := int(e.framing.HeaderLength())
-	l3 := len(pkt.NetworkHeader().Slice())
-	t := tcpHeaderOf(pkt)
 	l4 := header.TCPMinimumSize
 	if t != nil {
 		l4 = int(t.DataOffset())
@@ -167,7 +170,7 @@ func (e *Endpoint) txVnetHdr(pkt *stack.PacketBuffer) virtioNetHdr {
 		h.csumOffset = opts.CsumOffset
 	}
 	mss := min(int(opts.MSS), int(e.MTU())-l3-l4)
-	if mss > 0 && pkt.Size()-int(h.hdrLen) > mss {
+	if mss > 0 && size-int(h.hdrLen) > mss {
 		h.gsoType = typ
 		h.gsoSize = uint16(mss)
 		if t != nil && t.Flags()&header.TCPFlagCwr != 0 {
@@ -175,6 +178,66 @@ func (e *Endpoint) txVnetHdr(pkt *stack.PacketBuffer) virtioNetHdr {
 		}
 	}
 	return h
+}
+
+// WriteFrame writes one frame made of parts (total bytes: the link's
+// framing, then an IP packet, with every header in parts[0]) with one
+// writev, the kernel copying parts once: with gso, a TCP packet whose
+// checksum the kernel completes and which it segments where larger than
+// the MSS. It reports false, having written nothing, when the device does
+// not take the frame as it is (no virtio-net header for a gso packet, too
+// many parts): the caller then writes the packet the usual way. A device
+// that refuses it drops it and counts it, as WritePackets does.
+func (e *Endpoint) WriteFrame(parts [][]byte, total int, gso *stack.GSO) bool {
+	var h virtioNetHdr
+	switch gso.Type {
+	case stack.GSONone:
+	case stack.GSOTCPv4, stack.GSOTCPv6:
+		l2, l3 := int(e.framing.HeaderLength()), int(gso.L3HdrLen)
+		if !e.vnetHdr || len(parts) == 0 || len(parts[0]) < l2+l3+header.TCPMinimumSize {
+			return false
+		}
+		t := header.TCP(parts[0][l2+l3:])
+		if off := int(t.DataOffset()); off < header.TCPMinimumSize || l2+l3+off > len(parts[0]) {
+			return false
+		}
+		h = e.gsoVnetHdr(gso, l3, t, total)
+	default:
+		return false
+	}
+	if len(parts)+1 > txIovecs || total <= 0 {
+		return false
+	}
+	e.fdMu.RLock()
+	defer e.fdMu.RUnlock()
+	if e.fdClosed {
+		e.stats.TxDrops.Add(1)
+		return true
+	}
+	var vnetBuf [virtioNetHdrLen]byte
+	var iovArr [txIovecs]unix.Iovec
+	n := 0
+	if e.vnetHdr {
+		h.encode(&vnetBuf)
+		iovArr[n] = unix.Iovec{Base: &vnetBuf[0]}
+		iovArr[n].SetLen(virtioNetHdrLen)
+		n++
+	}
+	for _, s := range parts {
+		if len(s) == 0 {
+			continue
+		}
+		iovArr[n] = unix.Iovec{Base: &s[0]}
+		iovArr[n].SetLen(len(s))
+		n++
+	}
+	if e.writeIovecsLocked(iovArr[:n], total) {
+		e.stats.TxOneCopy.Add(1)
+		if h.gsoType != virtioNetHdrGSONone {
+			e.offload.TxGSOPackets.Add(1)
+		}
+	}
+	return true
 }
 
 // tcpHeaderOf returns pkt's TCP header: the parsed transport header of the

@@ -1,0 +1,125 @@
+package router
+
+import (
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// One copy from a sandbox.
+//
+// A sandbox's link (shm.Server) can deliver a large TCP frame with only its
+// headers copied out of the sandbox's memory, the rest left in its buffers
+// (held: see the shm package's direct.go). When the fast path sends such a
+// packet whole, its checksum partial, to a link that takes it (another
+// sandbox's that took checksum offload; a kernel pod's TAP device or the
+// uplink, with a virtio-net header), it writes the frame straight from the
+// sandbox's buffers: into the other sandbox's, or with one writev that the
+// kernel copies from. The headers come from the private copy the router
+// checked and rewrote; the data is copied once. Every other way out of the
+// router first copies the held data into private memory (copyHeld): the
+// filter before the router's stack and the hairpin, the fast path before
+// any other destination. A link with a bandwidth limit neither holds (its
+// shaper may keep a packet past its delivery) nor is written this way (its
+// shaper sees every packet written to it).
+
+// heldSource is a link endpoint that may deliver packets whose data past
+// their headers is still in its peer's memory (shm.Server).
+type heldSource interface {
+	// HoldFrames turns holding on: the router promises to copy the data of
+	// every packet it does not write on with frameWriter (copyHeld).
+	HoldFrames()
+	// HeldRest returns where the data of pkt past its first head bytes
+	// is, if pkt is held.
+	HeldRest(pkt *stack.PacketBuffer) (head int, rest [][]byte, ok bool)
+	// CopyHeld copies a held packet's data into private memory.
+	CopyHeld(pkt *stack.PacketBuffer)
+}
+
+// frameWriter is a link endpoint that writes a frame given as parts to its
+// peer in one copy (shm.Server, tap.Endpoint).
+type frameWriter interface {
+	// WriteFrame writes the frame (its headers, link to TCP, in
+	// parts[0]), or reports false without writing when the link does not
+	// take it as it is.
+	WriteFrame(parts [][]byte, total int, gso *stack.GSO) bool
+}
+
+// setDirect gives the fast path's view of a new link the endpoint's held
+// frames and one-copy writes, when the link has no bandwidth limit and the
+// fast path is on.
+func setDirect(d *fastDst, ep stack.LinkEndpoint, limited, noFastPath bool) {
+	if limited || noFastPath {
+		return
+	}
+	if h, ok := ep.(heldSource); ok {
+		h.HoldFrames()
+		d.held = h
+	}
+	if w, ok := ep.(frameWriter); ok {
+		d.direct = w
+	}
+}
+
+// copyHeld copies pkt's data out of the peer's memory if src delivered it
+// held.
+func (src *fastDst) copyHeld(pkt *stack.PacketBuffer) {
+	if src.held != nil {
+		src.held.CopyHeld(pkt)
+	}
+}
+
+// maxDirectHeaders bounds the headers writeDirect rewrites: Ethernet, IPv6
+// or IPv4 (no options: the fast path's) and TCP with options.
+const maxDirectHeaders = header.EthernetMinimumSize + header.IPv6MinimumSize + header.TCPHeaderMaximumSize
+
+// writeDirect writes pkt, a TCP super-packet of size bytes that src holds
+// and the fast path routes whole to d with a partial checksum, as one frame
+// from src's peer memory to d's peer, and reports whether d took it. It makes the
+// rewrites route makes of a copy: the TTL or hop limit, the IPv4 header
+// checksum, the TCP checksum's pseudo-header sum.
+func writeDirect(src, d *fastDst, protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer, tcp *tcpSegment, mss uint16, size int) bool {
+	if d.direct == nil || (!d.tcpGSO && (d.partial == nil || !d.partial.TakesPartialTCPChecksum())) {
+		return false
+	}
+	head, rest, ok := src.held.HeldRest(pkt)
+	hdrLen := tcp.l3 + tcp.l4
+	if !ok || head < hdrLen {
+		return false
+	}
+	ip, ok := pkt.Data().PullUp(head) // the private head
+	if !ok {
+		return false
+	}
+	var hbuf [maxDirectHeaders]byte
+	eth := 0
+	if d.podMAC != "" {
+		header.Ethernet(hbuf[:]).Encode(&header.EthernetFields{SrcAddr: d.gwMAC, DstAddr: d.podMAC, Type: protocol})
+		eth = header.EthernetMinimumSize
+	}
+	hb := hbuf[eth : eth+hdrLen]
+	copy(hb, ip)
+	if protocol == header.IPv4ProtocolNumber {
+		h := header.IPv4(hb)
+		h.SetTTL(h.TTL() - 1)
+		h.SetChecksum(0)
+		h.SetChecksum(^h.CalculateChecksum())
+	} else {
+		h := header.IPv6(hb)
+		h.SetHopLimit(h.HopLimit() - 1)
+	}
+	th := header.TCP(hb[tcp.l3:])
+	th.SetChecksum(header.PseudoHeaderChecksum(header.TCPProtocolNumber, tcp.src, tcp.dst, uint16(size-tcp.l3)))
+	var partsBuf [2 + 40][]byte
+	parts := append(partsBuf[:0], hbuf[:eth+hdrLen], ip[hdrLen:head])
+	parts = append(parts, rest...)
+	gso := tcp.gsoOptions(mss)
+	if !d.direct.WriteFrame(parts, eth+size, &gso) {
+		return false
+	}
+	src.counters.rxPackets.Add(1)
+	src.counters.rxBytes.Add(uint64(size))
+	d.counters.txPackets.Add(1)
+	d.counters.txBytes.Add(uint64(size))
+	return true
+}
