@@ -106,6 +106,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Agent, error) {
 		UplinkMTU:         cfg.MTU,
 		Masquerade:        cfg.Masquerade,
 		NoFastPath:        !cfg.FastPath,
+		OneCopy:           cfg.OneCopy,
 		ForwardAccept:     cfg.ForwardAccept,
 		IPForward:         cfg.IPForward,
 		HostCheckInterval: cfg.HostCheckInterval,

@@ -100,6 +100,10 @@ type Config struct {
 	// FastPath forwards plain pod-to-pod packets without gVisor's
 	// forwarding (--fast-path; router.Config.NoFastPath). On by default.
 	FastPath bool
+	// OneCopy writes sandboxes' large TCP segments from their shared
+	// memory straight to the next link (--one-copy;
+	// router.Config.OneCopy). Off by default.
+	OneCopy bool
 	// LinkRxLimit bounds what one pod can make the router receive on its
 	// link (--link-max-pps, --link-max-bytes): beyond it the agent stops
 	// reading that link for a while, so that a flooding pod spends its own
@@ -193,6 +197,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.IPForward, "ip-forward", c.IPForward, "turn the host's IP forwarding on at start (net.ipv4.ip_forward, net.ipv6.conf.all.forwarding); without it the agent only says when it is off")
 	fs.DurationVar(&c.HostCheckInterval, "host-check-interval", c.HostCheckInterval, "how often to check the agent's rules and the forwarding state on the host, putting back what another program removed")
 	fs.BoolVar(&c.FastPath, "fast-path", c.FastPath, "forward plain pod-to-pod packets without the netstack's forwarding (false: everything through it)")
+	fs.BoolVar(&c.OneCopy, "one-copy", c.OneCopy, "on the fast path, copy a sandbox's large TCP segments once, from its shared memory straight to the next link, instead of through the agent's memory")
 	fs.Float64Var(&c.LinkRxLimit.PacketsPerSecond, "link-max-pps", c.LinkRxLimit.PacketsPerSecond,
 		fmt.Sprintf("frames per second one pod may send into the router (a TCP super-packet is one); 0 is unlimited, else at least %d", endpoint.MinRxPacketsPerSecond))
 	fs.Float64Var(&c.LinkRxLimit.BytesPerSecond, "link-max-bytes", c.LinkRxLimit.BytesPerSecond,

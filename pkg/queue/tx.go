@@ -181,9 +181,10 @@ func (r *Receiver) Recv(alloc func(n int) []byte) ([]byte, error) {
 // bytes are the client's, which may change them at any moment: they are to
 // be copied, never parsed.
 type Held struct {
-	id   uint64
-	rest [][]byte // the frame past its head, slices of the data region
-	size int      // bytes in rest
+	id      uint64
+	pending bool     // not completed yet
+	rest    [][]byte // the frame past its head, slices of the data region
+	size    int      // bytes in rest
 }
 
 // Rest returns the frame's bytes past its head, in the client's buffers,
@@ -249,7 +250,7 @@ func (r *Receiver) RecvHead(alloc func(n int) []byte, hold func(size, meta uint3
 		if head := hold(r.d.Size, r.d.Meta); head > 0 && head < n {
 			frame = alloc(head)[:head]
 			copyFromBuffers(frame, r.m.data, r.d.Buffers)
-			h.id = r.d.ID
+			h.id, h.pending = r.d.ID, true
 			h.rest, h.size = sliceBuffers(h.rest[:0], r.m.data, r.d.Buffers, head, n), n-head
 			return frame, true, nil
 		}
@@ -263,10 +264,14 @@ func (r *Receiver) RecvHead(alloc func(n int) []byte, hold func(size, meta uint3
 }
 
 // Complete hands the buffers of a frame RecvHead held back to the client
-// (published by Flush). h's rest is invalid from then on.
+// (published by Flush), once: a second call does nothing. h's rest is
+// invalid from then on.
 func (r *Receiver) Complete(h *Held) error {
+	if !h.pending {
+		return nil
+	}
 	clear(h.rest)
-	h.rest, h.size = h.rest[:0], 0
+	h.rest, h.size, h.pending = h.rest[:0], 0, false
 	return r.complete(h.id)
 }
 

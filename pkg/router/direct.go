@@ -46,10 +46,10 @@ type frameWriter interface {
 }
 
 // setDirect gives the fast path's view of a new link the endpoint's held
-// frames and one-copy writes, when the link has no bandwidth limit and the
-// fast path is on.
-func setDirect(d *fastDst, ep stack.LinkEndpoint, limited, noFastPath bool) {
-	if limited || noFastPath {
+// frames and one-copy writes, when the router has them on (Config.OneCopy)
+// and the fast path, and the link has no bandwidth limit.
+func setDirect(d *fastDst, ep stack.LinkEndpoint, limited bool, cfg *Config) {
+	if limited || cfg.NoFastPath || !cfg.OneCopy {
 		return
 	}
 	if h, ok := ep.(heldSource); ok {

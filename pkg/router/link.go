@@ -86,7 +86,7 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 	if resolves {
 		fast.podMAC = l.PodMAC
 	}
-	setDirect(fast, ep, bw != nil, r.cfg.NoFastPath)
+	setDirect(fast, ep, bw != nil, &r.cfg)
 	filter.self = fast
 	nicID := r.stack.NextNICID()
 	if err := r.stack.CreateNICWithOptions(nicID, wrapped, stack.NICOptions{Name: podNICPrefix + id}); err != nil {

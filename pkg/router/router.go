@@ -313,7 +313,7 @@ func (r *Router) Start() error {
 	}
 	r.up.nicID = id
 	r.up.fast = &fastDst{ep: ep, mtu: uint32(r.cfg.UplinkMTU), tcpGSO: takesTCPGSO(raw), counters: &fastCounters{}}
-	setDirect(r.up.fast, raw, false, r.cfg.NoFastPath)
+	setDirect(r.up.fast, raw, false, &r.cfg)
 	r.mtus.uplinkNIC.Store(uint32(id))
 	r.fast.hairpin.up.Store(r.up.fast)
 	// The uplink needs a source address of each family for the stack

@@ -146,6 +146,9 @@ func TestFastPath(t *testing.T) {
 			s2Fast := metric(s2, "shm_cni_link_fast_path_packets_total", "direction", "transmit")
 			k2Fast := metric(k2, "shm_cni_link_fast_path_packets_total", "direction", "receive")
 			t.Logf("s1 sent %.0f packets, %.0f on the fast path; s2 got %.0f on it; k2 sent %.0f on it", s1Rx, s1Fast, s2Fast, k2Fast)
+			if oneCopy := metric(s2, "shm_cni_link_one_copy_total"); oneCopy != 0 {
+				t.Errorf("without --one-copy, s2 got %.0f frames in one copy", oneCopy)
+			}
 			if !fast {
 				if s1Fast+s2Fast+k2Fast != 0 {
 					t.Errorf("fast path off, yet it carried %.0f packets", s1Fast+s2Fast+k2Fast)
@@ -161,5 +164,35 @@ func TestFastPath(t *testing.T) {
 				t.Errorf("fast path: s2 received %.0f, k2 sent %.0f; want both > 0", s2Fast, k2Fast)
 			}
 		})
+	}
+}
+
+// TestOneCopy runs the agent with --one-copy: verified transfers from a
+// sandbox to a sandbox, to a kernel pod and beyond the node arrive whole,
+// in both families, and the links to the sandbox and the kernel pod count
+// frames written straight from the sender's shared memory
+// (shm_cni_link_one_copy_total); the links of the default agent count none
+// (TestFastPath's node).
+func TestOneCopy(t *testing.T) {
+	n := newNode(t, node.Options{ExtraAgentArgs: []string{"--one-copy"}})
+	ctx := testContext(t)
+	k1, _, s1, s2 := fourPods(t, ctx, n)
+	for _, v6 := range []bool{false, true} {
+		for _, dst := range []*node.Peer{n.PodPeer(s2), n.PodPeer(k1), n.OutsidePeer()} {
+			if _, err := n.Transfer(ctx, n.PodPeer(s1), dst, v6, 16<<20); err != nil {
+				t.Fatalf("s1 -> %s (IPv6 %t): %v", dst.Name, v6, err)
+			}
+		}
+	}
+	for _, p := range []*node.Pod{s2, k1} {
+		v, err := n.Metric(ctx, "shm_cni_link_one_copy_total", map[string]string{"container_id": p.RT.ContainerID})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// 32 MiB in segments of up to 64 KiB: at least a frame per
+		// 128 KiB on average.
+		if v < 256 {
+			t.Errorf("%s: %.0f frames in one copy, want at least 256", p.Name, v)
+		}
 	}
 }

@@ -651,29 +651,37 @@ func (l *queueEndpoint) deliverBatch(d stack.NetworkDispatcher, views []*buffer.
 			continue
 		}
 		h.Truncate(n - views[i].Size())
-		l.deliverHeld(d, proto, views[i], h, n, mss)
+		if err := l.deliverHeld(d, proto, views[i], h, n, mss); err != nil {
+			l.stats.RxDrops.Add(uint64(len(views) - i - 1))
+			return err
+		}
 	}
 	l.deliverPlain(d, views[start:])
 	return nil
 }
 
 // deliverHeld hands the stack a held frame of size bytes (direct.go): its
-// head in v, the rest in h.
-func (l *queueEndpoint) deliverHeld(d stack.NetworkDispatcher, proto tcpip.NetworkProtocolNumber, v *buffer.View, h *queue.Held, size int, mss uint16) {
+// head in v, the rest in h, whose buffers it hands back to the client as
+// soon as the delivery returned (the client may be waiting for them). It
+// returns a protocol violation of the peer.
+func (l *queueEndpoint) deliverHeld(d stack.NetworkDispatcher, proto tcpip.NetworkProtocolNumber, v *buffer.View, h *queue.Held, size int, mss uint16) error {
 	st := l.held
 	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: heldPayload(v, size)})
-	defer pkt.DecRef()
 	l.framing.ConsumeHeader(pkt)
 	st.pkt, st.frame, st.head = pkt, h, v.Size()-int(l.framing.HeaderLength())
-	defer func() { st.pkt, st.frame = nil, nil }()
 	endpoint.MarkForwardedGSO(pkt, mss)
 	l.stats.RxPackets.Add(1)
 	l.stats.RxBytes.Add(uint64(size))
 	d.DeliverNetworkPacket(proto, pkt)
+	st.pkt, st.frame = nil, nil
+	pkt.DecRef()
+	err := l.recv.Complete(h)
+	l.rx.Flush()
+	return err
 }
 
-// completeHeld hands the buffers of the batch's held frames back to the
-// client.
+// completeHeld hands the buffers of the batch's held frames that were not
+// delivered (dropped) back to the client.
 func (l *queueEndpoint) completeHeld() error {
 	st := l.held
 	for i := range st.n {
