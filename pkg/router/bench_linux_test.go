@@ -44,17 +44,7 @@ func BenchmarkForwardKernelPods(b *testing.B) {
 				return err
 			})
 			defer ln.Close()
-			done := make(chan int64, 1)
-			go func() {
-				c, err := ln.Accept()
-				if err != nil {
-					done <- -1
-					return
-				}
-				defer c.Close()
-				n, _ := io.Copy(io.Discard, c)
-				done <- n
-			}()
+			done := sinkOne(ln)
 			var c net.Conn
 			testutil.Do(b, e.a.ns, func() error {
 				var err error

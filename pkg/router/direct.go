@@ -99,15 +99,7 @@ func writeDirect(src, d *fastDst, protocol tcpip.NetworkProtocolNumber, pkt *sta
 	}
 	hb := hbuf[eth : eth+hdrLen]
 	copy(hb, ip)
-	if protocol == header.IPv4ProtocolNumber {
-		h := header.IPv4(hb)
-		h.SetTTL(h.TTL() - 1)
-		h.SetChecksum(0)
-		h.SetChecksum(^h.CalculateChecksum())
-	} else {
-		h := header.IPv6(hb)
-		h.SetHopLimit(h.HopLimit() - 1)
-	}
+	decrementTTL(protocol, hb)
 	th := header.TCP(hb[tcp.l3:])
 	th.SetChecksum(header.PseudoHeaderChecksum(header.TCPProtocolNumber, tcp.src, tcp.dst, uint16(size-tcp.l3)))
 	var partsBuf [2 + 40][]byte

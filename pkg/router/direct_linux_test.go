@@ -30,6 +30,12 @@ var (
 // serveStream echoes every byte of every connection to ln back, until ln is
 // closed.
 func serveStream(ln net.Listener) {
+	serveEach(ln, func(c net.Conn) { io.Copy(c, c) })
+}
+
+// serveEach serves every connection to ln with serve, on a goroutine of its
+// own, and closes it after; until ln is closed.
+func serveEach(ln net.Listener, serve func(net.Conn)) {
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -38,10 +44,27 @@ func serveStream(ln net.Listener) {
 			}
 			go func() {
 				defer c.Close()
-				io.Copy(c, c)
+				serve(c)
 			}()
 		}
 	}()
+}
+
+// sinkOne reads the first connection to ln to its end and sends how many
+// bytes it read, or -1 when none came.
+func sinkOne(ln net.Listener) <-chan int64 {
+	done := make(chan int64, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			done <- -1
+			return
+		}
+		defer c.Close()
+		n, _ := io.Copy(io.Discard, c)
+		done <- n
+	}()
+	return done
 }
 
 // echoStream sends n random bytes on c and reports whether the same bytes
@@ -185,18 +208,7 @@ func BenchmarkSandboxToSandbox(b *testing.B) {
 			r := newHostRouter(b, testutil.NewNS(b), cfg)
 			src := newSandboxPodWith(b, r, "pod-s", sandboxOpts{mac: 0x30, rxGSO: true}, podS4, podS6)
 			dst := newSandboxPodWith(b, r, "pod-s1", sandboxOpts{mac: 0x31, rxGSO: true}, podS14, podS16)
-			ln := dst.listen(b, podS14, 7000)
-			done := make(chan int64, 1)
-			go func() {
-				c, err := ln.Accept()
-				if err != nil {
-					done <- -1
-					return
-				}
-				defer c.Close()
-				n, _ := io.Copy(io.Discard, c)
-				done <- n
-			}()
+			done := sinkOne(dst.listen(b, podS14, 7000))
 			conn, err := src.dial(podS14, 7000, ioDeadline)
 			if err != nil {
 				b.Fatal(err)

@@ -166,6 +166,20 @@ func (f *fastPath) toHost(src *fastDst, protocol tcpip.NetworkProtocolNumber, pk
 	t.dropped.Add(1)
 }
 
+// decrementTTL takes one off the TTL of an IPv4 header (and updates its
+// checksum) or the hop limit of an IPv6 header, in hb, a private copy.
+func decrementTTL(protocol tcpip.NetworkProtocolNumber, hb []byte) {
+	if protocol == header.IPv4ProtocolNumber {
+		h := header.IPv4(hb)
+		h.SetTTL(h.TTL() - 1)
+		h.SetChecksum(0)
+		h.SetChecksum(^h.CalculateChecksum())
+		return
+	}
+	h := header.IPv6(hb)
+	h.SetHopLimit(h.HopLimit() - 1)
+}
+
 // route is forward's work: to a pod link of links, or to the uplink for
 // what the pod sends beyond the node; or, with to set, to that (the
 // uplink, for a connection the host turned back: toHost), taking a TCP SYN's
@@ -293,15 +307,7 @@ func (f *fastPath) route(src *fastDst, links *fastLinks, to *fastDst, protocol t
 		rest.TrimFront(int64(hdrLen))
 		payload.Merge(&rest)
 	}
-	if protocol == header.IPv4ProtocolNumber {
-		h := header.IPv4(hb)
-		h.SetTTL(h.TTL() - 1)
-		h.SetChecksum(0)
-		h.SetChecksum(^h.CalculateChecksum())
-	} else {
-		h := header.IPv6(hb)
-		h.SetHopLimit(h.HopLimit() - 1)
-	}
+	decrementTTL(protocol, hb)
 	if to != nil && tcp == nil && size <= fastCopyMax {
 		// A SYN-ACK toward the host: the client's segments to it cross
 		// the uplink (pmtu.go).

@@ -84,27 +84,18 @@ func echoServer(t testing.TB, n ns.NetNS, addr netip.Addr, port uint16) {
 // serveEcho echoes every line of every connection to ln back, until ln is
 // closed.
 func serveEcho(ln net.Listener) {
-	go func() {
+	serveEach(ln, func(c net.Conn) {
+		r := bufio.NewReader(c)
 		for {
-			c, err := ln.Accept()
+			line, err := r.ReadBytes('\n')
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				r := bufio.NewReader(c)
-				for {
-					line, err := r.ReadBytes('\n')
-					if err != nil {
-						return
-					}
-					if _, err := c.Write(line); err != nil {
-						return
-					}
-				}
-			}()
+			if _, err := c.Write(line); err != nil {
+				return
+			}
 		}
-	}()
+	})
 }
 
 // dialFrom dials addr:port from inside n, giving up after wait.
