@@ -94,18 +94,7 @@ func BenchmarkForwardPolicies(b *testing.B) {
 		return err
 	})
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(io.Discard, c)
-			}()
-		}
-	}()
+	serveEach(ln, func(c net.Conn) { io.Copy(io.Discard, c) })
 	for _, n := range []int{-1, 0, 100, 1000} {
 		name := fmt.Sprintf("policies=%d", n)
 		if n < 0 {
