@@ -6,11 +6,11 @@ import (
 	"net"
 	"os"
 
+	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
-	"github.com/containernetworking/plugins/pkg/ipam"
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
@@ -75,16 +75,18 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 	}
 
 	// IPAM: a delegated plugin's addresses go to the agent; without one
-	// the agent allocates.
+	// the agent allocates. The delegations (here and in DEL, CHECK and
+	// STATUS) run without the command's deadline (context.TODO); GC's
+	// has it.
 	var ipamIPs []string
 	if conf.DelegatesIPAM() {
-		r, err := ipam.ExecAdd(conf.IPAM.Type, args.StdinData)
+		r, err := invoke.DelegateAdd(context.TODO(), conf.IPAM.Type, args.StdinData, nil)
 		if err != nil {
 			return nil, fmt.Errorf("ipam %s ADD: %w", conf.IPAM.Type, err)
 		}
 		defer func() {
 			if !success {
-				if err := ipam.ExecDel(conf.IPAM.Type, args.StdinData); err != nil {
+				if err := invoke.DelegateDel(context.TODO(), conf.IPAM.Type, args.StdinData, nil); err != nil {
 					log.Warn("rollback: ipam DEL failed", "ipam", conf.IPAM.Type, "err", err)
 				}
 			}

@@ -2,16 +2,17 @@ package cni
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"slices"
 
+	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/skel"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
-	"github.com/containernetworking/plugins/pkg/ipam"
 
 	"github.com/shm-cni/shm-cni/internal/untrusted"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
@@ -91,7 +92,7 @@ func (c *call) check(args *skel.CmdArgs) error {
 		return fmt.Errorf("agent check %s/%s: %w", args.ContainerID, args.IfName, err)
 	}
 	if conf.DelegatesIPAM() {
-		if err := ipam.ExecCheck(conf.IPAM.Type, args.StdinData); err != nil {
+		if err := invoke.DelegateCheck(context.TODO(), conf.IPAM.Type, args.StdinData, nil); err != nil {
 			return fmt.Errorf("ipam %s CHECK: %w", conf.IPAM.Type, err)
 		}
 	}

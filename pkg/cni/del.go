@@ -1,10 +1,11 @@
 package cni
 
 import (
+	"context"
 	"fmt"
 
+	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/skel"
-	"github.com/containernetworking/plugins/pkg/ipam"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 )
@@ -60,7 +61,7 @@ func (c *call) del(args *skel.CmdArgs) error {
 		return fmt.Errorf("detach %s/%s: %w", args.ContainerID, args.IfName, agentErr)
 	}
 	if conf.DelegatesIPAM() {
-		if err := ipam.ExecDel(conf.IPAM.Type, args.StdinData); err != nil {
+		if err := invoke.DelegateDel(context.TODO(), conf.IPAM.Type, args.StdinData, nil); err != nil {
 			return fmt.Errorf("ipam %s DEL: %w", conf.IPAM.Type, err)
 		}
 	}

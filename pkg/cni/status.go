@@ -1,12 +1,12 @@
 package cni
 
 import (
+	"context"
 	"errors"
 	"fmt"
 
 	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/skel"
-	"github.com/containernetworking/plugins/pkg/ipam"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 )
@@ -36,7 +36,7 @@ func (c *call) status(args *skel.CmdArgs) error {
 		return newError(agentapi.CodeNotAvailable, "shm-agent not ready: %s", resp.Status.Reason)
 	}
 	if conf.DelegatesIPAM() {
-		if err := ipam.ExecStatus(conf.IPAM.Type, args.StdinData); err != nil {
+		if err := invoke.DelegateStatus(context.TODO(), conf.IPAM.Type, args.StdinData, nil); err != nil {
 			return fmt.Errorf("ipam %s STATUS: %w", conf.IPAM.Type, err)
 		}
 	}
