@@ -55,6 +55,12 @@ type Options struct {
 	// without resurrecting one somebody deleted. The check and the attach
 	// are two steps, not one atomic operation.
 	MustExist bool
+	// Exclusive makes Open fail with an error wrapping unix.EEXIST when
+	// any interface called name exists in the current network namespace,
+	// instead of attaching to it (IFF_TUN_EXCL): the way to create a
+	// device and nothing else, the check and the creation one atomic
+	// step. It excludes MustExist.
+	Exclusive bool
 }
 
 // tapOffloadFlags are the TUNSETOFFLOAD flags Open sets with Offload.
@@ -88,6 +94,9 @@ func Open(name string, opts Options) (*os.File, error) {
 	if opts.Offload && !opts.VnetHdr {
 		return nil, fmt.Errorf("open tap %q: offload needs the virtio-net header (VnetHdr)", name)
 	}
+	if opts.MustExist && opts.Exclusive {
+		return nil, fmt.Errorf("open tap %q: MustExist and Exclusive exclude each other", name)
+	}
 	ifr, err := unix.NewIfreq(name)
 	if err != nil || name == "" {
 		return nil, fmt.Errorf("open tap %q: invalid interface name (1 to %d bytes)", name, unix.IFNAMSIZ-1)
@@ -116,8 +125,16 @@ func Open(name string, opts Options) (*os.File, error) {
 	if opts.VnetHdr {
 		flags |= unix.IFF_VNET_HDR
 	}
+	if opts.Exclusive {
+		flags |= unix.IFF_TUN_EXCL
+	}
 	ifr.SetUint16(flags)
 	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+		if opts.Exclusive && errors.Is(err, unix.EBUSY) {
+			// tun_set_iff's answer for an existing name with
+			// IFF_TUN_EXCL, before it looks at the device's kind.
+			return nil, fmt.Errorf("open tap %q: TUNSETIFF: %w (an interface of that name exists)", name, unix.EEXIST)
+		}
 		if errors.Is(err, unix.EINVAL) {
 			return nil, fmt.Errorf("open tap %q: TUNSETIFF: %w (does it exist as another kind of device, or as tun vs tap?)", name, err)
 		}

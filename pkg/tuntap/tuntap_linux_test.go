@@ -96,6 +96,48 @@ func TestOpen(t *testing.T) {
 	}
 }
 
+// TestOpenExclusive checks that Exclusive creates a device and refuses
+// every existing interface of the name with EEXIST, attached or not, TAP
+// or not, leaving it as it was.
+func TestOpenExclusive(t *testing.T) {
+	testutil.RequireRoot(t)
+	netns := testutil.NewNS(t)
+	err := netns.Do(func(ns.NetNS) error {
+		excl := Options{VnetHdr: true, Offload: true, Persist: true, Exclusive: true}
+		f, err := Open("xtap0", excl)
+		if err != nil {
+			return fmt.Errorf("create: %w", err)
+		}
+		if info, err := Inspect(rawFD(t, f)); err != nil || info != (Info{Name: "xtap0", VnetHdr: true, VnetHdrSize: VnetHdrLen, Persist: true}) {
+			t.Errorf("Inspect = %+v, %v", info, err)
+		}
+		if _, err := Open("xtap0", excl); !errors.Is(err, unix.EEXIST) {
+			t.Errorf("exclusive open of an attached device: %v, want EEXIST", err)
+		}
+		f.Close()
+		if _, err := Open("xtap0", excl); !errors.Is(err, unix.EEXIST) {
+			t.Errorf("exclusive open of a detached persistent device: %v, want EEXIST", err)
+		}
+		if _, err := Open("lo", Options{Exclusive: true}); !errors.Is(err, unix.EEXIST) {
+			t.Errorf("exclusive open of lo: %v, want EEXIST", err)
+		}
+		l, err := netlink.LinkByName("xtap0")
+		if err != nil {
+			return fmt.Errorf("the refused opens removed the device: %w", err)
+		}
+		if l.Type() != "tuntap" {
+			t.Errorf("xtap0 is a %s device", l.Type())
+		}
+		if _, err := Open("ytap0", Options{MustExist: true, Exclusive: true}); err == nil {
+			t.Errorf("MustExist with Exclusive accepted")
+		}
+		return netlink.LinkDel(l)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
 // rawFD returns f's descriptor without switching it to blocking mode (as
 // f.Fd would).
 func rawFD(t *testing.T, f *os.File) int {
