@@ -3,7 +3,6 @@ package cni
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 
 	"github.com/containernetworking/cni/pkg/invoke"
@@ -12,6 +11,7 @@ import (
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/queue"
@@ -110,13 +110,13 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 		Bandwidth:    bandwidth,
 	}
 	var (
-		tap    *os.File
-		tapMAC net.HardwareAddr
-		pair   queue.Pair
+		tap  *os.File
+		link netlink.Link // the pod's interface, once made
+		pair queue.Pair
 	)
 	switch kind {
 	case KindTap:
-		if tap, tapMAC, err = createTAP(netns, args.IfName, conf.tapGSOMaxSize()); err != nil {
+		if tap, link, err = createTAP(netns, args.IfName, conf.tapGSOMaxSize()); err != nil {
 			return nil, err
 		}
 		// Our fd only; the agent keeps its own duplicate.
@@ -130,7 +130,7 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 				}
 			}
 		}()
-		req.MAC = tapMAC.String()
+		req.MAC = link.Attrs().HardwareAddr.String()
 	case KindShm:
 		if err := netns.Do(func(ns.NetNS) error { return ifNameFree(args.IfName) }); err != nil {
 			return nil, linkErr(err)
@@ -178,10 +178,9 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 	iface := &types100.Interface{Name: args.IfName, Sandbox: args.Netns, Mtu: at.MTU}
 	switch kind {
 	case KindTap:
-		iface.Mac = tapMAC.String()
+		iface.Mac = link.Attrs().HardwareAddr.String()
 	case KindShm:
-		mac, err := createPlaceholder(netns, args.IfName, at.MAC, at.MTU, at.SocketPath)
-		if err != nil {
+		if link, err = createPlaceholder(netns, args.IfName, at.MAC, at.MTU, at.SocketPath); err != nil {
 			return nil, err
 		}
 		defer func() {
@@ -191,10 +190,10 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 				}
 			}
 		}()
-		iface.Mac = mac.String()
+		iface.Mac = link.Attrs().HardwareAddr.String()
 		iface.SocketPath = at.SocketPath
 	}
-	if err := configureLink(netns, args.IfName, at.linkConfig()); err != nil {
+	if err := configureLink(netns, link, at.linkConfig()); err != nil {
 		return nil, err
 	}
 

@@ -98,16 +98,24 @@ func ifNameFreeH(h netlinksafe.Handle, name string) error {
 	case err != nil:
 		return fmt.Errorf("look up interface %s: %w", name, err)
 	}
+	return errIfNameExists(name)
+}
+
+// errIfNameExists is the error of an ADD whose CNI_IFNAME exists in the
+// pod's netns.
+func errIfNameExists(name string) error {
 	return newError(agentapi.CodeInterfaceExists, "CNI_IFNAME %s already exists in the pod's network namespace", untrusted.Quote(name))
 }
 
 // createTAP creates the persistent TAP device name in netns, with a
-// virtio-net header and offloads, and returns its fd and MAC. It fails if
-// name exists. On error nothing is left behind.
-func createTAP(netns ns.NetNS, name string, gsoMaxSize int) (*os.File, net.HardwareAddr, error) {
+// virtio-net header and offloads, and returns its fd and its link (MAC,
+// index, MTU) for configureLink. It fails with agentapi.CodeInterfaceExists
+// if name exists, which the creation itself checks (tuntap's Exclusive).
+// On error nothing is left behind.
+func createTAP(netns ns.NetNS, name string, gsoMaxSize int) (*os.File, netlink.Link, error) {
 	var (
-		f   *os.File
-		mac net.HardwareAddr
+		f *os.File
+		l netlink.Link
 	)
 	err := netns.Do(func(ns.NetNS) error {
 		h, err := newHandle()
@@ -115,14 +123,14 @@ func createTAP(netns ns.NetNS, name string, gsoMaxSize int) (*os.File, net.Hardw
 			return err
 		}
 		defer h.Close()
-		if err := ifNameFreeH(h, name); err != nil {
-			return err
+		f, err = tuntap.Open(name, tuntap.Options{VnetHdr: true, Offload: true, Persist: true, Exclusive: true})
+		if errors.Is(err, unix.EEXIST) {
+			return errIfNameExists(name)
 		}
-		f, err = tuntap.Open(name, tuntap.Options{VnetHdr: true, Offload: true, Persist: true})
 		if err != nil {
 			return fmt.Errorf("create tap %s: %w", name, err)
 		}
-		l, err := h.LinkByName(name)
+		l, err = h.LinkByName(name)
 		if err == nil && len(l.Attrs().HardwareAddr) != 6 {
 			err = fmt.Errorf("device has MAC %q, not an Ethernet address", l.Attrs().HardwareAddr)
 		}
@@ -131,10 +139,9 @@ func createTAP(netns ns.NetNS, name string, gsoMaxSize int) (*os.File, net.Hardw
 				h.LinkDel(l)
 			}
 			f.Close()
-			f = nil
+			f, l = nil, nil
 			return fmt.Errorf("read tap %s: %w", name, err)
 		}
-		mac = l.Attrs().HardwareAddr
 		if gsoMaxSize > 0 {
 			// Speed only (Config.tapGSOMaxSize): a kernel that cannot
 			// set it keeps its default, and the pod works.
@@ -145,35 +152,38 @@ func createTAP(netns ns.NetNS, name string, gsoMaxSize int) (*os.File, net.Hardw
 	if err != nil {
 		return nil, nil, linkErr(err)
 	}
-	return f, mac, nil
+	return f, l, nil
 }
 
 // createPlaceholder creates the placeholder interface of a shm link in
 // netns, with mac (nil: the kernel picks one), mtu and the alias
-// AttachSocketAliasPrefix+socketPath, and returns its MAC. It is a dummy
-// device, or, on kernels built without dummy support (CONFIG_DUMMY), a
-// persistent TAP device nobody attaches to: both only carry the
-// configuration for runtimes that read the netns. It fails if name exists.
-func createPlaceholder(netns ns.NetNS, name string, mac net.HardwareAddr, mtu int, socketPath string) (net.HardwareAddr, error) {
-	var got net.HardwareAddr
+// AttachSocketAliasPrefix+socketPath, and returns its link (MAC, index,
+// MTU) for configureLink. It is a dummy device, or, on kernels built
+// without dummy support (CONFIG_DUMMY), a persistent TAP device nobody
+// attaches to: both only carry the configuration for runtimes that read
+// the netns. It fails with agentapi.CodeInterfaceExists if name exists,
+// which the creation itself checks (the link is added with NLM_F_EXCL, the
+// TAP device with tuntap's Exclusive).
+func createPlaceholder(netns ns.NetNS, name string, mac net.HardwareAddr, mtu int, socketPath string) (netlink.Link, error) {
+	var l netlink.Link
 	err := netns.Do(func(ns.NetNS) error {
 		h, err := newHandle()
 		if err != nil {
 			return err
 		}
 		defer h.Close()
-		if err := ifNameFreeH(h, name); err != nil {
-			return err
-		}
 		d := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu, HardwareAddr: mac}}
 		err = h.LinkAdd(d)
 		if errors.Is(err, unix.EOPNOTSUPP) {
 			err = createTAPPlaceholder(name, mac, mtu)
 		}
+		if errors.Is(err, unix.EEXIST) {
+			return errIfNameExists(name)
+		}
 		if err != nil {
 			return fmt.Errorf("create placeholder %s: %w", name, err)
 		}
-		l, err := h.LinkByName(name)
+		l, err = h.LinkByName(name)
 		if err == nil {
 			if err = h.LinkSetAlias(l, AttachSocketAliasPrefix+socketPath); err != nil {
 				err = fmt.Errorf("set alias: %w", err)
@@ -185,21 +195,21 @@ func createPlaceholder(netns ns.NetNS, name string, mac net.HardwareAddr, mtu in
 			} else {
 				h.LinkDel(d)
 			}
+			l = nil
 			return fmt.Errorf("placeholder %s: %w", name, err)
 		}
-		got = l.Attrs().HardwareAddr
 		return nil
 	})
 	if err != nil {
 		return nil, linkErr(err)
 	}
-	return got, nil
+	return l, nil
 }
 
 // createTAPPlaceholder creates a persistent TAP device name in the calling
 // thread's netns with mac and mtu and closes its fd.
 func createTAPPlaceholder(name string, mac net.HardwareAddr, mtu int) error {
-	f, err := tuntap.Open(name, tuntap.Options{Persist: true})
+	f, err := tuntap.Open(name, tuntap.Options{Persist: true, Exclusive: true})
 	if err != nil {
 		return err
 	}
@@ -220,21 +230,18 @@ func createTAPPlaceholder(name string, mac net.HardwareAddr, mtu int) error {
 	return nil
 }
 
-// configureLink applies lc to the interface name in netns: MTU, addresses,
-// link up, an on-link route to every IPv4 gateway, the routes, and
-// permanent neighbour entries for the gateways, all through one netlink
-// socket.
-func configureLink(netns ns.NetNS, name string, lc linkConfig) error {
+// configureLink applies lc to l, the interface createTAP or
+// createPlaceholder made in netns: MTU, addresses, link up, an on-link
+// route to every IPv4 gateway, the routes, and permanent neighbour entries
+// for the gateways, all through one netlink socket.
+func configureLink(netns ns.NetNS, l netlink.Link, lc linkConfig) error {
+	name := l.Attrs().Name
 	err := netns.Do(func(ns.NetNS) error {
 		h, err := newHandle()
 		if err != nil {
 			return err
 		}
 		defer h.Close()
-		l, err := h.LinkByName(name)
-		if err != nil {
-			return fmt.Errorf("look up %s: %w", name, err)
-		}
 		if l.Attrs().MTU != lc.MTU {
 			if err := h.LinkSetMTU(l, lc.MTU); err != nil {
 				return fmt.Errorf("set %s mtu %d: %w", name, lc.MTU, err)
