@@ -312,7 +312,8 @@ func configureLink(netns ns.NetNS, l netlink.Link, lc linkConfig) error {
 
 // deleteLink deletes the interface name from the netns at path, if both
 // still exist and the interface is a TAP or dummy device (the kinds
-// shm-cni creates; anything else is left alone). It reports what it did.
+// shm-cni creates; anything else is left alone), through one netlink
+// socket. It reports what it did.
 // A missing netns or interface is not an error: DEL must succeed when
 // the resources are already gone.
 func deleteLink(path, name string) (string, error) {
@@ -321,7 +322,12 @@ func deleteLink(path, name string) (string, error) {
 	}
 	outcome := ""
 	err := ns.WithNetNSPath(path, func(ns.NetNS) error {
-		l, err := netlinksafe.LinkByName(name)
+		h, err := newHandle()
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		l, err := h.LinkByName(name)
 		var nf netlink.LinkNotFoundError
 		switch {
 		case errors.As(err, &nf):
@@ -334,7 +340,7 @@ func deleteLink(path, name string) (string, error) {
 			outcome = fmt.Sprintf("interface is a %s device, not shm-cni's; left alone", t)
 			return nil
 		}
-		if err := netlink.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+		if err := h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
 			return fmt.Errorf("delete %s: %w", name, err)
 		}
 		outcome = "interface deleted"
