@@ -10,8 +10,6 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
-	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/vishvananda/netlink"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/queue"
@@ -111,14 +109,15 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 	}
 	var (
 		tap  *os.File
-		link netlink.Link // the pod's interface, once made
+		pod  *podIface
 		pair queue.Pair
 	)
 	switch kind {
 	case KindTap:
-		if tap, link, err = createTAP(netns, args.IfName, conf.tapGSOMaxSize()); err != nil {
+		if tap, pod, err = createTAP(netns, args.IfName, conf.tapGSOMaxSize()); err != nil {
 			return nil, err
 		}
+		defer pod.Close()
 		// Our fd only; the agent keeps its own duplicate.
 		defer tap.Close()
 		defer func() {
@@ -130,11 +129,12 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 				}
 			}
 		}()
-		req.MAC = link.Attrs().HardwareAddr.String()
+		req.MAC = pod.link.Attrs().HardwareAddr.String()
 	case KindShm:
-		if err := netns.Do(func(ns.NetNS) error { return ifNameFree(args.IfName) }); err != nil {
-			return nil, linkErr(err)
+		if pod, err = openPodIface(netns, args.IfName); err != nil {
+			return nil, err
 		}
+		defer pod.Close()
 		if pair, err = queue.NewPair(conf.Queue); err != nil {
 			return nil, fmt.Errorf("create queue pair: %w", err)
 		}
@@ -178,9 +178,9 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 	iface := &types100.Interface{Name: args.IfName, Sandbox: args.Netns, Mtu: at.MTU}
 	switch kind {
 	case KindTap:
-		iface.Mac = link.Attrs().HardwareAddr.String()
+		iface.Mac = pod.link.Attrs().HardwareAddr.String()
 	case KindShm:
-		if link, err = createPlaceholder(netns, args.IfName, at.MAC, at.MTU, at.SocketPath); err != nil {
+		if err := pod.createPlaceholder(netns, at.MAC, at.MTU, at.SocketPath); err != nil {
 			return nil, err
 		}
 		defer func() {
@@ -190,10 +190,10 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 				}
 			}
 		}()
-		iface.Mac = link.Attrs().HardwareAddr.String()
+		iface.Mac = pod.link.Attrs().HardwareAddr.String()
 		iface.SocketPath = at.SocketPath
 	}
-	if err := configureLink(netns, link, at.linkConfig()); err != nil {
+	if err := pod.configure(at.linkConfig()); err != nil {
 		return nil, err
 	}
 

@@ -66,17 +66,6 @@ func openNetNS(path string) (ns.NetNS, error) {
 	return netns, nil
 }
 
-// ifNameFree fails with agentapi.CodeInterfaceExists when name exists in the
-// calling thread's netns.
-func ifNameFree(name string) error {
-	h, err := newHandle()
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	return ifNameFreeH(h, name)
-}
-
 // newHandle returns a netlink handle in the calling thread's netns: one
 // socket for all of an operation's requests, where the package-level
 // functions open one per request.
@@ -88,122 +77,143 @@ func newHandle() (netlinksafe.Handle, error) {
 	return h, nil
 }
 
-// ifNameFreeH is ifNameFree through h.
-func ifNameFreeH(h netlinksafe.Handle, name string) error {
-	_, err := h.LinkByName(name)
-	var nf netlink.LinkNotFoundError
-	switch {
-	case errors.As(err, &nf):
-		return nil
-	case err != nil:
-		return fmt.Errorf("look up interface %s: %w", name, err)
-	}
-	return errIfNameExists(name)
-}
-
 // errIfNameExists is the error of an ADD whose CNI_IFNAME exists in the
 // pod's netns.
 func errIfNameExists(name string) error {
 	return newError(agentapi.CodeInterfaceExists, "CNI_IFNAME %s already exists in the pod's network namespace", untrusted.Quote(name))
 }
 
+// podIface is the pod's interface as ADD makes it: a netlink handle made
+// inside the pod's netns, and the interface's link once created. A netlink
+// socket keeps the netns it was made in, so the handle's requests act
+// there from any thread: ADD enters the netns once (ns.NetNS.Do: a
+// goroutine on a locked thread, two setns), to make the handle and, for a
+// TAP device, open /dev/net/tun, which binds the device to the opener's
+// netns the same way. Close it when ADD is done.
+type podIface struct {
+	// All immutable once made, but link, which the create methods set.
+	h    netlinksafe.Handle
+	name string
+	link netlink.Link // nil until created
+}
+
+// Close closes the handle; the interface stays.
+func (p *podIface) Close() { p.h.Close() }
+
+// openPodIface opens a podIface for the interface name in netns, which
+// must not exist yet (agentapi.CodeInterfaceExists), for a shm link's
+// placeholder (createPlaceholder).
+func openPodIface(netns ns.NetNS, name string) (*podIface, error) {
+	var h netlinksafe.Handle
+	err := netns.Do(func(ns.NetNS) error {
+		var err error
+		h, err = newHandle()
+		return err
+	})
+	if err != nil {
+		return nil, linkErr(err)
+	}
+	_, err = h.LinkByName(name)
+	var nf netlink.LinkNotFoundError
+	switch {
+	case errors.As(err, &nf):
+		return &podIface{h: h, name: name}, nil
+	case err != nil:
+		err = fmt.Errorf("look up interface %s: %w", name, err)
+	default:
+		err = errIfNameExists(name)
+	}
+	h.Close()
+	return nil, linkErr(err)
+}
+
 // createTAP creates the persistent TAP device name in netns, with a
-// virtio-net header and offloads, and returns its fd and its link (MAC,
-// index, MTU) for configureLink. It fails with agentapi.CodeInterfaceExists
-// if name exists, which the creation itself checks (tuntap's Exclusive).
-// On error nothing is left behind.
-func createTAP(netns ns.NetNS, name string, gsoMaxSize int) (*os.File, netlink.Link, error) {
+// virtio-net header and offloads, and returns its fd and its podIface. It
+// fails with agentapi.CodeInterfaceExists if name exists, which the
+// creation itself checks (tuntap's Exclusive). On error nothing is left
+// behind.
+func createTAP(netns ns.NetNS, name string, gsoMaxSize int) (*os.File, *podIface, error) {
 	var (
 		f *os.File
-		l netlink.Link
+		h netlinksafe.Handle
 	)
 	err := netns.Do(func(ns.NetNS) error {
-		h, err := newHandle()
-		if err != nil {
+		var err error
+		if h, err = newHandle(); err != nil {
 			return err
 		}
-		defer h.Close()
 		f, err = tuntap.Open(name, tuntap.Options{VnetHdr: true, Offload: true, Persist: true, Exclusive: true})
+		if err != nil {
+			h.Close()
+		}
 		if errors.Is(err, unix.EEXIST) {
 			return errIfNameExists(name)
 		}
 		if err != nil {
 			return fmt.Errorf("create tap %s: %w", name, err)
 		}
-		l, err = h.LinkByName(name)
-		if err == nil && len(l.Attrs().HardwareAddr) != 6 {
-			err = fmt.Errorf("device has MAC %q, not an Ethernet address", l.Attrs().HardwareAddr)
-		}
-		if err != nil {
-			if l != nil {
-				h.LinkDel(l)
-			}
-			f.Close()
-			f, l = nil, nil
-			return fmt.Errorf("read tap %s: %w", name, err)
-		}
-		if gsoMaxSize > 0 {
-			// Speed only (Config.tapGSOMaxSize): a kernel that cannot
-			// set it keeps its default, and the pod works.
-			_ = h.LinkSetGSOMaxSize(l, gsoMaxSize)
-		}
 		return nil
 	})
 	if err != nil {
 		return nil, nil, linkErr(err)
 	}
-	return f, l, nil
+	l, err := h.LinkByName(name)
+	if err == nil && len(l.Attrs().HardwareAddr) != 6 {
+		err = fmt.Errorf("device has MAC %q, not an Ethernet address", l.Attrs().HardwareAddr)
+	}
+	if err != nil {
+		if l != nil {
+			h.LinkDel(l)
+		}
+		f.Close()
+		h.Close()
+		return nil, nil, linkErr(fmt.Errorf("read tap %s: %w", name, err))
+	}
+	if gsoMaxSize > 0 {
+		// Speed only (Config.tapGSOMaxSize): a kernel that cannot set it
+		// keeps its default, and the pod works.
+		_ = h.LinkSetGSOMaxSize(l, gsoMaxSize)
+	}
+	return f, &podIface{h: h, name: name, link: l}, nil
 }
 
 // createPlaceholder creates the placeholder interface of a shm link in
-// netns, with mac (nil: the kernel picks one), mtu and the alias
-// AttachSocketAliasPrefix+socketPath, and returns its link (MAC, index,
-// MTU) for configureLink. It is a dummy device, or, on kernels built
-// without dummy support (CONFIG_DUMMY), a persistent TAP device nobody
-// attaches to: both only carry the configuration for runtimes that read
-// the netns. It fails with agentapi.CodeInterfaceExists if name exists,
-// which the creation itself checks (the link is added with NLM_F_EXCL, the
-// TAP device with tuntap's Exclusive).
-func createPlaceholder(netns ns.NetNS, name string, mac net.HardwareAddr, mtu int, socketPath string) (netlink.Link, error) {
-	var l netlink.Link
-	err := netns.Do(func(ns.NetNS) error {
-		h, err := newHandle()
-		if err != nil {
-			return err
-		}
-		defer h.Close()
-		d := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu, HardwareAddr: mac}}
-		err = h.LinkAdd(d)
-		if errors.Is(err, unix.EOPNOTSUPP) {
-			err = createTAPPlaceholder(name, mac, mtu)
-		}
-		if errors.Is(err, unix.EEXIST) {
-			return errIfNameExists(name)
-		}
-		if err != nil {
-			return fmt.Errorf("create placeholder %s: %w", name, err)
-		}
-		l, err = h.LinkByName(name)
-		if err == nil {
-			if err = h.LinkSetAlias(l, AttachSocketAliasPrefix+socketPath); err != nil {
-				err = fmt.Errorf("set alias: %w", err)
-			}
-		}
-		if err != nil {
-			if l != nil {
-				h.LinkDel(l)
-			} else {
-				h.LinkDel(d)
-			}
-			l = nil
-			return fmt.Errorf("placeholder %s: %w", name, err)
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, linkErr(err)
+// netns (p's), with mac (nil: the kernel picks one), mtu and the alias
+// AttachSocketAliasPrefix+socketPath. It is a dummy device, or, on kernels
+// built without dummy support (CONFIG_DUMMY), a persistent TAP device
+// nobody attaches to: both only carry the configuration for runtimes that
+// read the netns. It fails with agentapi.CodeInterfaceExists if the name
+// exists, which the creation itself checks (the link is added with
+// NLM_F_EXCL, the TAP device with tuntap's Exclusive).
+func (p *podIface) createPlaceholder(netns ns.NetNS, mac net.HardwareAddr, mtu int, socketPath string) error {
+	name := p.name
+	d := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu, HardwareAddr: mac}}
+	err := p.h.LinkAdd(d)
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		err = netns.Do(func(ns.NetNS) error { return createTAPPlaceholder(name, mac, mtu) })
 	}
-	return l, nil
+	if errors.Is(err, unix.EEXIST) {
+		return linkErr(errIfNameExists(name))
+	}
+	if err != nil {
+		return linkErr(fmt.Errorf("create placeholder %s: %w", name, err))
+	}
+	l, err := p.h.LinkByName(name)
+	if err == nil {
+		if err = p.h.LinkSetAlias(l, AttachSocketAliasPrefix+socketPath); err != nil {
+			err = fmt.Errorf("set alias: %w", err)
+		}
+	}
+	if err != nil {
+		if l != nil {
+			p.h.LinkDel(l)
+		} else {
+			p.h.LinkDel(d)
+		}
+		return linkErr(fmt.Errorf("placeholder %s: %w", name, err))
+	}
+	p.link = l
+	return nil
 }
 
 // createTAPPlaceholder creates a persistent TAP device name in the calling
@@ -230,84 +240,75 @@ func createTAPPlaceholder(name string, mac net.HardwareAddr, mtu int) error {
 	return nil
 }
 
-// configureLink applies lc to l, the interface createTAP or
-// createPlaceholder made in netns: MTU, addresses, link up, an on-link
-// route to every IPv4 gateway, the routes, and permanent neighbour entries
-// for the gateways, all through one netlink socket.
-func configureLink(netns ns.NetNS, l netlink.Link, lc linkConfig) error {
-	name := l.Attrs().Name
-	err := netns.Do(func(ns.NetNS) error {
-		h, err := newHandle()
-		if err != nil {
-			return err
+// configure applies lc to the interface createTAP or createPlaceholder
+// made: MTU, addresses, link up, an on-link route to every IPv4 gateway,
+// the routes, and permanent neighbour entries for the gateways.
+func (p *podIface) configure(lc linkConfig) error {
+	h, l, name := p.h, p.link, p.name
+	if l.Attrs().MTU != lc.MTU {
+		if err := h.LinkSetMTU(l, lc.MTU); err != nil {
+			return linkErr(fmt.Errorf("set %s mtu %d: %w", name, lc.MTU, err))
 		}
-		defer h.Close()
-		if l.Attrs().MTU != lc.MTU {
-			if err := h.LinkSetMTU(l, lc.MTU); err != nil {
-				return fmt.Errorf("set %s mtu %d: %w", name, lc.MTU, err)
-			}
+	}
+	for _, a := range lc.Addrs {
+		addr := &netlink.Addr{IPNet: ipNet(a)}
+		if a.Addr().Is6() {
+			// The agent owns the address plan: duplicate address
+			// detection would only hold the address tentative.
+			addr.Flags = unix.IFA_F_NODAD
 		}
-		for _, a := range lc.Addrs {
-			addr := &netlink.Addr{IPNet: ipNet(a)}
-			if a.Addr().Is6() {
-				// The agent owns the address plan: duplicate address
-				// detection would only hold the address tentative.
-				addr.Flags = unix.IFA_F_NODAD
-			}
-			if err := h.AddrAdd(l, addr); err != nil {
-				return fmt.Errorf("add address %s to %s: %w", a, name, err)
-			}
+		if err := h.AddrAdd(l, addr); err != nil {
+			return linkErr(fmt.Errorf("add address %s to %s: %w", a, name, err))
 		}
-		if err := h.LinkSetUp(l); err != nil {
-			return fmt.Errorf("set %s up: %w", name, err)
+	}
+	if err := h.LinkSetUp(l); err != nil {
+		return linkErr(fmt.Errorf("set %s up: %w", name, err))
+	}
+	idx := l.Attrs().Index
+	onLink := map[netip.Addr]bool{}
+	for _, r := range lc.Routes {
+		if !r.GW.IsValid() || !r.GW.Is4() || onLink[r.GW] {
+			continue
 		}
-		idx := l.Attrs().Index
-		onLink := map[netip.Addr]bool{}
-		for _, r := range lc.Routes {
-			if !r.GW.IsValid() || !r.GW.Is4() || onLink[r.GW] {
-				continue
-			}
-			onLink[r.GW] = true
-			// 169.254.1.1 dev eth0 scope link: the gateway is on the link
-			// although no address prefix covers it.
-			gw := &netlink.Route{LinkIndex: idx, Dst: ipNet(netip.PrefixFrom(r.GW, 32)), Scope: netlink.SCOPE_LINK}
-			if err := h.RouteReplace(gw); err != nil {
-				return fmt.Errorf("add route %s dev %s scope link: %w", r.GW, name, err)
-			}
+		onLink[r.GW] = true
+		// 169.254.1.1 dev eth0 scope link: the gateway is on the link
+		// although no address prefix covers it.
+		gw := &netlink.Route{LinkIndex: idx, Dst: ipNet(netip.PrefixFrom(r.GW, 32)), Scope: netlink.SCOPE_LINK}
+		if err := h.RouteReplace(gw); err != nil {
+			return linkErr(fmt.Errorf("add route %s dev %s scope link: %w", r.GW, name, err))
 		}
-		for _, r := range lc.Routes {
-			nr := &netlink.Route{LinkIndex: idx, Dst: ipNet(r.Dst), MTU: r.MTU}
-			switch {
-			case !r.GW.IsValid():
-				nr.Scope = netlink.SCOPE_LINK
-			case r.GW.Is6():
-				// fe80::1 is on the link; onlink spares waiting for the
-				// kernel's fe80::/64 route.
-				nr.Gw = net.IP(r.GW.AsSlice())
-				nr.Flags = int(netlink.FLAG_ONLINK)
-			default:
-				nr.Gw = net.IP(r.GW.AsSlice())
-			}
-			if err := h.RouteReplace(nr); err != nil {
-				return fmt.Errorf("add route %s via %s dev %s: %w", r.Dst, r.GW, name, err)
-			}
+	}
+	for _, r := range lc.Routes {
+		nr := &netlink.Route{LinkIndex: idx, Dst: ipNet(r.Dst), MTU: r.MTU}
+		switch {
+		case !r.GW.IsValid():
+			nr.Scope = netlink.SCOPE_LINK
+		case r.GW.Is6():
+			// fe80::1 is on the link; onlink spares waiting for the
+			// kernel's fe80::/64 route.
+			nr.Gw = net.IP(r.GW.AsSlice())
+			nr.Flags = int(netlink.FLAG_ONLINK)
+		default:
+			nr.Gw = net.IP(r.GW.AsSlice())
 		}
-		if len(lc.GatewayMAC) == 0 {
-			return nil
+		if err := h.RouteReplace(nr); err != nil {
+			return linkErr(fmt.Errorf("add route %s via %s dev %s: %w", r.Dst, r.GW, name, err))
 		}
-		for _, gw := range lc.Gateways {
-			fam := unix.AF_INET
-			if gw.Is6() {
-				fam = unix.AF_INET6
-			}
-			n := &netlink.Neigh{LinkIndex: idx, Family: fam, State: netlink.NUD_PERMANENT, IP: net.IP(gw.AsSlice()), HardwareAddr: lc.GatewayMAC}
-			if err := h.NeighSet(n); err != nil {
-				return fmt.Errorf("add neighbour %s lladdr %s dev %s: %w", gw, lc.GatewayMAC, name, err)
-			}
-		}
+	}
+	if len(lc.GatewayMAC) == 0 {
 		return nil
-	})
-	return linkErr(err)
+	}
+	for _, gw := range lc.Gateways {
+		fam := unix.AF_INET
+		if gw.Is6() {
+			fam = unix.AF_INET6
+		}
+		n := &netlink.Neigh{LinkIndex: idx, Family: fam, State: netlink.NUD_PERMANENT, IP: net.IP(gw.AsSlice()), HardwareAddr: lc.GatewayMAC}
+		if err := h.NeighSet(n); err != nil {
+			return linkErr(fmt.Errorf("add neighbour %s lladdr %s dev %s: %w", gw, lc.GatewayMAC, name, err))
+		}
+	}
+	return nil
 }
 
 // deleteLink deletes the interface name from the netns at path, if both
