@@ -77,6 +77,21 @@ func newHandle() (netlinksafe.Handle, error) {
 	return h, nil
 }
 
+// newHandleIn returns a netlink handle made inside netns (one
+// ns.NetNS.Do): a netlink socket keeps the netns it was made in, so the
+// handle's requests act there from any thread, and the work on their
+// answers runs on the caller's goroutine, whose stack has grown for them
+// already, not on the new one Do starts.
+func newHandleIn(netns ns.NetNS) (netlinksafe.Handle, error) {
+	var h netlinksafe.Handle
+	err := netns.Do(func(ns.NetNS) error {
+		var err error
+		h, err = newHandle()
+		return err
+	})
+	return h, err
+}
+
 // errIfNameExists is the error of an ADD whose CNI_IFNAME exists in the
 // pod's netns.
 func errIfNameExists(name string) error {
@@ -104,12 +119,7 @@ func (p *podIface) Close() { p.h.Close() }
 // must not exist yet (agentapi.CodeInterfaceExists), for a shm link's
 // placeholder (createPlaceholder).
 func openPodIface(netns ns.NetNS, name string) (*podIface, error) {
-	var h netlinksafe.Handle
-	err := netns.Do(func(ns.NetNS) error {
-		var err error
-		h, err = newHandle()
-		return err
-	})
+	h, err := newHandleIn(netns)
 	if err != nil {
 		return nil, linkErr(err)
 	}
@@ -314,39 +324,14 @@ func (p *podIface) configure(lc linkConfig) error {
 // deleteLink deletes the interface name from the netns at path, if both
 // still exist and the interface is a TAP or dummy device (the kinds
 // shm-cni creates; anything else is left alone), through one netlink
-// socket. It reports what it did.
-// A missing netns or interface is not an error: DEL must succeed when
-// the resources are already gone.
+// handle made in the netns. It reports what it did. A missing netns or
+// interface is not an error: DEL must succeed when the resources are
+// already gone.
 func deleteLink(path, name string) (string, error) {
 	if path == "" {
 		return "no netns given", nil
 	}
-	outcome := ""
-	err := ns.WithNetNSPath(path, func(ns.NetNS) error {
-		h, err := newHandle()
-		if err != nil {
-			return err
-		}
-		defer h.Close()
-		l, err := h.LinkByName(name)
-		var nf netlink.LinkNotFoundError
-		switch {
-		case errors.As(err, &nf):
-			outcome = "interface already gone"
-			return nil
-		case err != nil:
-			return fmt.Errorf("look up %s: %w", name, err)
-		}
-		if t := l.Type(); t != linkTypeTAP && t != linkTypeDummy {
-			outcome = fmt.Sprintf("interface is a %s device, not shm-cni's; left alone", t)
-			return nil
-		}
-		if err := h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
-			return fmt.Errorf("delete %s: %w", name, err)
-		}
-		outcome = "interface deleted"
-		return nil
-	})
+	netns, err := ns.GetNS(path)
 	var notExist ns.NSPathNotExistErr
 	var notNS ns.NSPathNotNSErr
 	if errors.As(err, &notExist) || errors.As(err, &notNS) {
@@ -355,7 +340,27 @@ func deleteLink(path, name string) (string, error) {
 	if err != nil {
 		return "", linkErr(err)
 	}
-	return outcome, nil
+	h, err := newHandleIn(netns)
+	netns.Close()
+	if err != nil {
+		return "", linkErr(err)
+	}
+	defer h.Close()
+	l, err := h.LinkByName(name)
+	var nf netlink.LinkNotFoundError
+	switch {
+	case errors.As(err, &nf):
+		return "interface already gone", nil
+	case err != nil:
+		return "", linkErr(fmt.Errorf("look up %s: %w", name, err))
+	}
+	if t := l.Type(); t != linkTypeTAP && t != linkTypeDummy {
+		return fmt.Sprintf("interface is a %s device, not shm-cni's; left alone", t), nil
+	}
+	if err := h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+		return "", linkErr(fmt.Errorf("delete %s: %w", name, err))
+	}
+	return "interface deleted", nil
 }
 
 // linkState is what CHECK reads back from the pod's interface.
