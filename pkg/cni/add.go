@@ -73,18 +73,20 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 	}
 
 	// IPAM: a delegated plugin's addresses go to the agent; without one
-	// the agent allocates. The delegations (here and in DEL, CHECK and
-	// STATUS) run without the command's deadline (context.TODO); GC's
-	// has it.
+	// the agent allocates. A delegation runs within the command's
+	// deadline (here and in DEL, CHECK, STATUS and GC), its rollback
+	// within cleanupTimeout.
 	var ipamIPs []string
 	if conf.DelegatesIPAM() {
-		r, err := invoke.DelegateAdd(context.TODO(), conf.IPAM.Type, args.StdinData, nil)
+		r, err := invoke.DelegateAdd(c.ctx, conf.IPAM.Type, args.StdinData, nil)
 		if err != nil {
 			return nil, fmt.Errorf("ipam %s ADD: %w", conf.IPAM.Type, err)
 		}
 		defer func() {
 			if !success {
-				if err := invoke.DelegateDel(context.TODO(), conf.IPAM.Type, args.StdinData, nil); err != nil {
+				ctx, cancel := rollbackCtx()
+				defer cancel()
+				if err := invoke.DelegateDel(ctx, conf.IPAM.Type, args.StdinData, nil); err != nil {
 					log.Warn("rollback: ipam DEL failed", "ipam", conf.IPAM.Type, "err", err)
 				}
 			}

@@ -2,7 +2,6 @@ package cni
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -92,7 +91,7 @@ func (c *call) check(args *skel.CmdArgs) error {
 		return fmt.Errorf("agent check %s/%s: %w", args.ContainerID, args.IfName, err)
 	}
 	if conf.DelegatesIPAM() {
-		if err := invoke.DelegateCheck(context.TODO(), conf.IPAM.Type, args.StdinData, nil); err != nil {
+		if err := invoke.DelegateCheck(c.ctx, conf.IPAM.Type, args.StdinData, nil); err != nil {
 			return fmt.Errorf("ipam %s CHECK: %w", conf.IPAM.Type, err)
 		}
 	}

@@ -1,7 +1,6 @@
 package cni
 
 import (
-	"context"
 	"fmt"
 
 	"github.com/containernetworking/cni/pkg/invoke"
@@ -61,7 +60,7 @@ func (c *call) del(args *skel.CmdArgs) error {
 		return fmt.Errorf("detach %s/%s: %w", args.ContainerID, args.IfName, agentErr)
 	}
 	if conf.DelegatesIPAM() {
-		if err := invoke.DelegateDel(context.TODO(), conf.IPAM.Type, args.StdinData, nil); err != nil {
+		if err := invoke.DelegateDel(c.ctx, conf.IPAM.Type, args.StdinData, nil); err != nil {
 			return fmt.Errorf("ipam %s DEL: %w", conf.IPAM.Type, err)
 		}
 	}

@@ -1,6 +1,7 @@
 package cni
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -683,4 +684,35 @@ func hostLinks(t *testing.T) []string {
 	}
 	slices.Sort(names)
 	return names
+}
+
+// TestIPAMDelegationDeadline: a delegated IPAM plugin that never answers
+// is killed at the command's deadline (Plugin.Timeout): ADD fails naming
+// the plugin and leaves nothing behind (no attachment, no interface, the
+// plugin's process gone: it is the sleep itself). Without the deadline ADD
+// would wait for the plugin as long as it runs.
+func TestIPAMDelegationDeadline(t *testing.T) {
+	e := newPluginEnv(t)
+	e.cniPath = t.TempDir()
+	if err := os.WriteFile(filepath.Join(e.cniPath, "hang-ipam"), []byte("#!/bin/sh\nexec sleep 3600\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	netns := testutil.NewNS(t)
+	args := cmdArgs(netns, "ipam-hang", e.conf(`"ipam":{"type":"hang-ipam"}`))
+	e.setEnv("ADD", args)
+	var out bytes.Buffer
+	p := &Plugin{Stdout: &out, Stderr: t.Output(), Timeout: time.Second}
+	err := p.Add(args)
+	if err == nil || !strings.Contains(err.Error(), "ipam hang-ipam ADD") {
+		t.Fatalf("ADD with an IPAM plugin that never answers: %v, want an error naming it", err)
+	}
+	if n := e.agent.count(); n != 0 {
+		t.Errorf("%d attachments left", n)
+	}
+	testutil.Do(t, netns, func() error {
+		if _, err := netlink.LinkByName("eth0"); err == nil {
+			t.Error("eth0 left in the pod's netns")
+		}
+		return nil
+	})
 }

@@ -1,7 +1,6 @@
 package cni
 
 import (
-	"context"
 	"errors"
 	"fmt"
 
@@ -36,7 +35,7 @@ func (c *call) status(args *skel.CmdArgs) error {
 		return newError(agentapi.CodeNotAvailable, "shm-agent not ready: %s", resp.Status.Reason)
 	}
 	if conf.DelegatesIPAM() {
-		if err := invoke.DelegateStatus(context.TODO(), conf.IPAM.Type, args.StdinData, nil); err != nil {
+		if err := invoke.DelegateStatus(c.ctx, conf.IPAM.Type, args.StdinData, nil); err != nil {
 			return fmt.Errorf("ipam %s STATUS: %w", conf.IPAM.Type, err)
 		}
 	}
