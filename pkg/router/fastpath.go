@@ -80,6 +80,9 @@ type fastDst struct {
 	// that segments them (a TAP device with a virtio-net header): see
 	// gsoSegment.
 	tcpGSO bool
+	// uplink marks the uplink's entry: what it brings for a pod takes the
+	// fast path only as uplinkTransport allows (fastuplink.go).
+	uplink bool
 	// partial, when not nil, says whether the endpoint now writes TCP
 	// packets with a partial checksum whole, leaving the checksum to its
 	// peer (a sandbox's link with checksum offload): see gsoSegment.
@@ -141,10 +144,10 @@ func (r *Router) rebuildFastLocked() {
 	r.fast.links.Store(t)
 }
 
-// forward sends pkt, which the link with counters self received and its
-// filter passed, straight to its destination pod link, and reports whether
-// it did; false leaves pkt to the stack. The caller keeps its reference to
-// pkt either way.
+// forward sends pkt, which the link of src received and its filter (for the
+// uplink, its policy and hairpin checks) passed, straight to its destination
+// link, and reports whether it did; false leaves pkt to the stack. The
+// caller keeps its reference to pkt either way.
 func (f *fastPath) forward(src *fastDst, protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) bool {
 	links := f.links.Load()
 	if links == nil {
@@ -237,6 +240,9 @@ func (f *fastPath) route(src *fastDst, links *fastLinks, to *fastDst, protocol t
 		if d = links.toUplink(dst); d == nil || d == src || (!super && uint32(size) > d.mtu) || !uplinkTransport(protocol, pkt, size) {
 			return false
 		}
+	} else if src.uplink && !uplinkTransport(protocol, pkt, size) {
+		// From the uplink to a pod: see fastuplink.go.
+		return false
 	}
 	if d.counters == self {
 		return false

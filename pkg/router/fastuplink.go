@@ -5,6 +5,7 @@ import (
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/nested"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
@@ -28,6 +29,18 @@ import (
 // Anything else (ICMP, a packet too big, which gets ICMP from gVisor, the
 // router's own addresses, link-local, multicast and broadcast) takes the
 // slow path as before.
+//
+// The way back takes it too. What the host sends to a pod (the replies and
+// ACKs of the pods' connections beyond the node, the host's own traffic,
+// kubelet's probes among it, and the Services' traffic it turns back) took
+// gVisor's forwarding for every packet. So the uplink's packets for a pod
+// link take the fast path as well, after the uplink's policy check and
+// hairpin table (the nested endpoints below it), when they carry what the
+// way out carries (uplinkTransport): TCP other than a SYN or SYN-ACK, whose
+// MSS the slow path clamps (pmtu.go), and UDP; unfragmented; within the pod
+// link's MTU, or a super-packet of the host's that the link takes whole.
+// Anything else, and anything for the router itself or an address no pod
+// link has, takes the slow path as before.
 
 // toUplink returns the uplink's fast destination for a packet to dst that
 // no pod link has, or nil.
@@ -71,4 +84,33 @@ func uplinkTransport(protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuff
 		return ok && header.TCP(b[l3:]).Flags()&header.TCPFlagSyn == 0
 	}
 	return false
+}
+
+// uplinkFastEndpoint wraps the uplink's endpoint: what it delivers for a
+// pod link goes there on the fast path when it can (route, with the
+// uplink's entry as the source), the rest to the stack.
+type uplinkFastEndpoint struct {
+	nested.Endpoint
+	// fast is the router's fast path. Immutable.
+	fast *fastPath
+	// self is the uplink's fast-path entry, set before the endpoint is
+	// attached to its NIC, and so before it delivers anything.
+	self *fastDst
+}
+
+var _ stack.LinkEndpoint = (*uplinkFastEndpoint)(nil)
+var _ stack.NetworkDispatcher = (*uplinkFastEndpoint)(nil)
+
+func newUplinkFastEndpoint(ep stack.LinkEndpoint, fast *fastPath) *uplinkFastEndpoint {
+	e := &uplinkFastEndpoint{fast: fast}
+	e.Endpoint.Init(ep, e)
+	return e
+}
+
+// DeliverNetworkPacket implements stack.NetworkDispatcher.
+func (e *uplinkFastEndpoint) DeliverNetworkPacket(protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	if e.fast.forward(e.self, protocol, pkt) {
+		return
+	}
+	e.Endpoint.DeliverNetworkPacket(protocol, pkt)
 }

@@ -305,15 +305,17 @@ func (r *Router) Start() error {
 	if err != nil {
 		return fmt.Errorf("start router: %w", err)
 	}
-	ep := newHoldingEndpoint(newHairpinEndpoint(newPolicyEndpoint(raw, r.policy), r.fast.hairpin), r.holds)
+	fastIn := newUplinkFastEndpoint(newHairpinEndpoint(newPolicyEndpoint(raw, r.policy), r.fast.hairpin), r.fast)
+	ep := newHoldingEndpoint(fastIn, r.holds)
 	r.up.ep = ep
+	r.up.fast = &fastDst{ep: ep, mtu: uint32(r.cfg.UplinkMTU), tcpGSO: takesTCPGSO(raw), uplink: true, counters: &fastCounters{}}
+	setDirect(r.up.fast, raw, false, &r.cfg)
+	fastIn.self = r.up.fast
 	id := r.stack.NextNICID()
 	if err := r.stack.CreateNICWithOptions(id, ep, stack.NICOptions{Name: uplinkNICName}); err != nil {
 		return fmt.Errorf("start router: create uplink NIC: %s", err)
 	}
 	r.up.nicID = id
-	r.up.fast = &fastDst{ep: ep, mtu: uint32(r.cfg.UplinkMTU), tcpGSO: takesTCPGSO(raw), counters: &fastCounters{}}
-	setDirect(r.up.fast, raw, false, &r.cfg)
 	r.mtus.uplinkNIC.Store(uint32(id))
 	r.fast.hairpin.up.Store(r.up.fast)
 	// The uplink needs a source address of each family for the stack

@@ -100,10 +100,14 @@ func (r *Router) UplinkStats() LinkStats {
 	}
 	st := nicStats(info)
 	if fast != nil {
-		// What the fast path wrote to the host (fastuplink.go).
-		st.FastTxPackets = fast.counters.txPackets.Load()
+		// What the fast path wrote to the host, and took from it to
+		// the pods (fastuplink.go).
+		c := fast.counters
+		st.FastRxPackets, st.FastTxPackets = c.rxPackets.Load(), c.txPackets.Load()
+		st.RxPackets += st.FastRxPackets
+		st.RxBytes += c.rxBytes.Load()
 		st.TxPackets += st.FastTxPackets
-		st.TxBytes += fast.counters.txBytes.Load()
+		st.TxBytes += c.txBytes.Load()
 	}
 	return st
 }

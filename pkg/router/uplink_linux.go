@@ -28,8 +28,8 @@ type uplink struct {
 	ep stack.LinkEndpoint
 	// nicID is ep's NIC, 0 until the NIC exists.
 	nicID tcpip.NICID
-	// fast is the fast path's destination for ep (fastuplink.go), nil
-	// until the NIC exists.
+	// fast is the fast path's entry for ep (fastuplink.go), as a
+	// destination and as a source; set just before the NIC is made.
 	fast *fastDst
 	// stopping is set before the router stops the uplink, so that the
 	// reader stopping then is not reported as a failure.
