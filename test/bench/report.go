@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/shm-cni/shm-cni/test/e2e/node"
 )
 
 // report is everything one run measured.
@@ -49,7 +51,11 @@ type tputRow struct {
 	MedianAgentCPUPerGiB   float64   `json:"medianAgentCPUSecondsPerGiB,omitempty"`
 	SandboxCPUPerGiB       []float64 `json:"sandboxCPUSecondsPerGiB,omitempty"`
 	MedianSandboxCPUPerGiB float64   `json:"medianSandboxCPUSecondsPerGiB,omitempty"`
-	Error                  string    `json:"error,omitempty"`
+	// Senders is, per run of a case whose senders are sandbox programs,
+	// how their netstacks' TCP fared: loss recoveries, those found
+	// spurious, retransmissions, segments and ACKs.
+	Senders []node.SenderTCP `json:"sandboxSenders,omitempty"`
+	Error   string           `json:"error,omitempty"`
 }
 
 // rttRow is a latency case; ratios are to the veth pair's.
@@ -335,6 +341,7 @@ func (r *report) markdown(b *strings.Builder) {
 				fmtList(t.Gbps, "%.2f"), t.MedianCPUPerGiB, t.CPURatio, agent, sandboxes, errNote(t.Error))
 		}
 		b.WriteString("\n")
+		r.senderMarkdown(b)
 	}
 	if len(r.Latency) > 0 {
 		fmt.Fprintf(b, "## 64 B TCP request/response latency (ratio to the veth pair)\n\n")
@@ -396,6 +403,39 @@ func (r *report) policyMarkdown(b *strings.Builder) {
 		}
 		fmt.Fprintf(b, "| %s | %s | %d | %.2f | %.2fx | %s | %s | %s |%s\n", p.Case, p.Measure, p.Policies, p.Median, p.Ratio,
 			fmtList(p.Values, "%.2f"), cpu, cpuRatio, errNote(p.Error))
+	}
+	b.WriteString("\n")
+}
+
+// senderMarkdown lists, for the cases sandbox programs send in, their
+// TCP's loss recoveries per run: a recovery cuts the sender's window, one
+// found spurious afterwards (late ACKs, no loss) too, and for good with
+// the pinned gVisor (the runsc patch series undoes it, hack/runsc).
+func (r *report) senderMarkdown(b *strings.Builder) {
+	var rows []tputRow
+	for _, t := range r.Throughput {
+		if len(t.Senders) > 0 {
+			rows = append(rows, t)
+		}
+	}
+	if len(rows) == 0 {
+		return
+	}
+	fmt.Fprintf(b, "Sandbox senders' TCP, per run: loss recoveries (of them found spurious: late ACKs, nothing lost), retransmitted segments, and segments sent per ACK received. Each recovery cuts the sender's congestion window; gVisor keeps the cut even when it finds the recovery spurious, so a run that has some runs slower from then on.\n\n")
+	fmt.Fprintf(b, "| case | streams | Gbit/s | recoveries (spurious) | retransmits | segments per ACK |\n|---|---:|---|---|---|---|\n")
+	for _, t := range rows {
+		var rec, rtx, per []string
+		for _, s := range t.Senders {
+			rec = append(rec, fmt.Sprintf("%d (%d)", s.Recoveries, s.Spurious))
+			rtx = append(rtx, fmt.Sprintf("%d", s.Retransmits))
+			if s.Acks > 0 {
+				per = append(per, fmt.Sprintf("%.1f", float64(s.Segments)/float64(s.Acks)))
+			} else {
+				per = append(per, "-")
+			}
+		}
+		fmt.Fprintf(b, "| %s | %d | %s | %s | %s | %s |\n", t.Case, t.Streams, fmtList(t.Gbps, "%.2f"),
+			strings.Join(rec, " "), strings.Join(rtx, " "), strings.Join(per, " "))
 	}
 	b.WriteString("\n")
 }

@@ -21,10 +21,12 @@ type tputCase struct {
 	measure    func(ctx context.Context, streams int) (tputSample, error)
 }
 
-// tputSample is one throughput measurement: the rate and the bytes moved.
+// tputSample is one throughput measurement: the rate and the bytes moved;
+// with sandbox senders, how their TCP fared (summed over the streams).
 type tputSample struct {
 	bitsPerSecond float64
 	bytes         float64
+	sender        *node.SenderTCP
 }
 
 // rttCase measures 64-byte round trips.
@@ -181,6 +183,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 		agentCPUs := make([][]float64, len(results))
 		sandboxCPUs := make([][]float64, len(results))
 		errs := make([]string, len(results))
+		senders := make([][]node.SenderTCP, len(results))
 		for r := range b.cfg.reps {
 			for i, c := range cases {
 				for j, s := range b.cfg.streams {
@@ -199,6 +202,9 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 						continue
 					}
 					results[k] = append(results[k], v.bitsPerSecond/1e9)
+					if v.sender != nil {
+						senders[k] = append(senders[k], *v.sender)
+					}
 					perGiB := 0.0
 					if cerr0 == nil && cerr1 == nil && v.bytes > 0 {
 						perGiB = (cpu1 - cpu0) / (v.bytes / (1 << 30))
@@ -221,7 +227,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 					Streams: s, Gbps: results[k], Median: median(results[k]),
 					CPUPerGiB: cpus[k], MedianCPUPerGiB: median(cpus[k]),
 					AgentCPUPerGiB: agentCPUs[k], MedianAgentCPUPerGiB: median(agentCPUs[k]),
-					SandboxCPUPerGiB: sandboxCPUs[k], MedianSandboxCPUPerGiB: median(sandboxCPUs[k]), Error: errs[k]})
+					SandboxCPUPerGiB: sandboxCPUs[k], MedianSandboxCPUPerGiB: median(sandboxCPUs[k]), Senders: senders[k], Error: errs[k]})
 			}
 		}
 		rep.rateThroughput()
@@ -305,11 +311,12 @@ func selected[C any](b *bench, cases []C, id func(C) (name string, ref bool)) []
 // sender-measured duration.
 func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.Peer, streams int, size int64) (tputSample, error) {
 	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		total int64
-		long  time.Duration
-		errs  []error
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		total  int64
+		long   time.Duration
+		errs   []error
+		sender *node.SenderTCP
 	)
 	for i := range streams {
 		src := srcs[min(i, len(srcs)-1)]
@@ -323,11 +330,22 @@ func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.P
 			}
 			total += tr.Bytes
 			long = max(long, tr.Duration)
+			if t := tr.Sender; t != nil {
+				if sender == nil {
+					sender = &node.SenderTCP{}
+				}
+				sender.Recoveries += t.Recoveries
+				sender.Spurious += t.Spurious
+				sender.Retransmits += t.Retransmits
+				sender.Timeouts += t.Timeouts
+				sender.Segments += t.Segments
+				sender.Acks += t.Acks
+			}
 		})
 	}
 	wg.Wait()
 	if len(errs) > 0 {
 		return tputSample{}, errs[0]
 	}
-	return tputSample{bitsPerSecond: float64(total) * 8 / long.Seconds(), bytes: float64(total)}, nil
+	return tputSample{bitsPerSecond: float64(total) * 8 / long.Seconds(), bytes: float64(total), sender: sender}, nil
 }

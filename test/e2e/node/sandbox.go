@@ -207,3 +207,39 @@ func ParseSentLine(l string) (int64, time.Duration, error) {
 	}
 	return n, d, nil
 }
+
+// SenderTCP is how a sandbox sender's TCP fared over a transfer, from its
+// netstack's counters.
+type SenderTCP struct {
+	// Segments and Acks are the segments sent and received.
+	Segments    int64 `json:"segments"`
+	Acks        int64 `json:"acks"`
+	Retransmits int64 `json:"retransmits"`
+	// Recoveries counts the loss recoveries the sender entered (each
+	// cuts its congestion window); Spurious those it found needless
+	// afterwards (DSACK, timestamps), which the pinned gVisor does not
+	// undo (the runsc patch series does).
+	Recoveries int64 `json:"recoveries"`
+	Spurious   int64 `json:"spurious"`
+	Timeouts   int64 `json:"timeouts"`
+}
+
+// tcpLine matches a sandbox sender's TCP report.
+var tcpLine = regexp.MustCompile(`^tcp: segments (\d+), acks (\d+), retransmits (\d+), recoveries (\d+), spurious (\d+), timeouts (\d+)$`)
+
+// ParseTCPLine parses a sandbox sender's TCP report:
+// "tcp: segments N, acks N, retransmits N, recoveries N, spurious N, timeouts N".
+func ParseTCPLine(l string) (SenderTCP, error) {
+	m := tcpLine.FindStringSubmatch(l)
+	if m == nil {
+		return SenderTCP{}, fmt.Errorf("not a TCP report: %q", l)
+	}
+	var v [6]int64
+	for i := range v {
+		var err error
+		if v[i], err = strconv.ParseInt(m[i+1], 10, 64); err != nil {
+			return SenderTCP{}, fmt.Errorf("TCP report %q: %w", l, err)
+		}
+	}
+	return SenderTCP{Segments: v[0], Acks: v[1], Retransmits: v[2], Recoveries: v[3], Spurious: v[4], Timeouts: v[5]}, nil
+}

@@ -112,6 +112,8 @@ type Transfer struct {
 	Duration time.Duration
 	// From is the source address the receiver saw.
 	From netip.Addr
+	// Sender is how a sandbox sender's TCP fared; nil for other senders.
+	Sender *SenderTCP
 }
 
 // MiBps is the transfer's throughput in MiB/s.
@@ -192,9 +194,10 @@ func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64
 
 	// The sender.
 	var d time.Duration
+	var sender *SenderTCP
 	var err error
 	if src.Kind == PeerSandbox {
-		d, err = n.sandboxSend(ctx, src.Pod, to, size)
+		d, sender, err = n.sandboxSend(ctx, src.Pod, to, size)
 	} else {
 		d, err = sendFrom(ctx, src.NS, to, size, !n.opts.NoVerify)
 	}
@@ -202,7 +205,7 @@ func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64
 		return Transfer{}, fmt.Errorf("send: %w", err)
 	}
 	got, from, err := recv()
-	tr := Transfer{Bytes: got, Duration: d, From: from}
+	tr := Transfer{Bytes: got, Duration: d, From: from, Sender: sender}
 	if err != nil {
 		return tr, fmt.Errorf("receive: %w", err)
 	}
@@ -313,7 +316,7 @@ func sendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64, ve
 // sandboxSend runs a sandbox on p's link that sends size pattern bytes to
 // to, and returns the time it reports from connection to the receiver's
 // close.
-func (n *Node) sandboxSend(ctx context.Context, p *Pod, to netip.AddrPort, size int64) (time.Duration, error) {
+func (n *Node) sandboxSend(ctx context.Context, p *Pod, to netip.AddrPort, size int64) (time.Duration, *SenderTCP, error) {
 	args := []string{"--mode", "send", "--to", to.String(), "--bytes", strconv.FormatInt(size, 10),
 		"--verify=" + strconv.FormatBool(!n.opts.NoVerify)}
 	if dl, ok := ctx.Deadline(); ok && time.Until(dl) > time.Second {
@@ -321,21 +324,29 @@ func (n *Node) sandboxSend(ctx context.Context, p *Pod, to netip.AddrPort, size 
 	}
 	s, err := n.StartSandbox(p, args...)
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	l, lerr := s.nextLine(ctx, "sent ")
+	var tl string
+	if lerr == nil {
+		tl, lerr = s.nextLine(ctx, "tcp: ")
+	}
 	if err := s.Wait(ctx); err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	if lerr != nil {
-		return 0, lerr
+		return 0, nil, lerr
 	}
 	got, d, err := ParseSentLine(l)
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	if got != size {
-		return 0, fmt.Errorf("sandbox sent %d bytes, want %d", got, size)
+		return 0, nil, fmt.Errorf("sandbox sent %d bytes, want %d", got, size)
 	}
-	return d, nil
+	tcp, err := ParseTCPLine(tl)
+	if err != nil {
+		return 0, nil, err
+	}
+	return d, &tcp, nil
 }

@@ -14,7 +14,9 @@
 //	                                                 (the benchmark's reference)
 //
 // Servers print "ready" on stdout once they listen and run until SIGTERM or
-// SIGINT. The pattern byte at offset i is byte((i * 0x9E3779B1) >> 24).
+// SIGINT. A sender prints "sent ..." once the receiver closed, then its
+// netstack's TCP counters ("tcp: segments N, acks N, retransmits N,
+// recoveries N, spurious N, timeouts N"). The pattern byte at offset i is byte((i * 0x9E3779B1) >> 24).
 package main
 
 import (
@@ -262,5 +264,11 @@ func client(ctx context.Context, s *stack.Stack, mode, to string, n int64, verif
 	}
 	d := time.Since(start)
 	fmt.Printf("sent %d bytes to %s in %v (%.1f Mbit/s)\n", n, to, d.Round(time.Millisecond), float64(n)*8/d.Seconds()/1e6)
+	// How the sender's TCP fared: a loss recovery found spurious
+	// afterwards still cut its congestion window (gVisor undoes none).
+	t := s.Stats().TCP
+	fmt.Printf("tcp: segments %d, acks %d, retransmits %d, recoveries %d, spurious %d, timeouts %d\n",
+		t.SegmentsSent.Value(), t.ValidSegmentsReceived.Value(), t.Retransmits.Value(),
+		t.FastRecovery.Value()+t.SACKRecovery.Value(), t.SpuriousRecovery.Value(), t.Timeouts.Value())
 	return nil
 }

@@ -1,0 +1,33 @@
+package main
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/shm-cni/shm-cni/test/e2e/node"
+)
+
+// TestSenderMarkdown checks the sandbox senders' table: one line per case
+// whose senders are sandbox programs, their runs in order, and none
+// without any.
+func TestSenderMarkdown(t *testing.T) {
+	r := &report{Throughput: []tputRow{
+		{Case: "veth pair", Streams: 1, Gbps: []float64{18}},
+		{Case: "shm-cni sandbox → outside", Streams: 1, Gbps: []float64{3.25, 6.1},
+			Senders: []node.SenderTCP{{Segments: 12000, Acks: 6000, Retransmits: 5, Recoveries: 4, Spurious: 3}, {Segments: 8200, Acks: 2050}}},
+	}}
+	var b strings.Builder
+	r.senderMarkdown(&b)
+	out := b.String()
+	if want := "| shm-cni sandbox → outside | 1 | 3.25 6.10 | 4 (3) 0 (0) | 5 0 | 2.0 4.0 |\n"; !strings.Contains(out, want) {
+		t.Errorf("sender table lacks %q:\n%s", want, out)
+	}
+	if strings.Contains(out, "veth pair") {
+		t.Errorf("sender table lists a case without sandbox senders:\n%s", out)
+	}
+	b.Reset()
+	(&report{Throughput: r.Throughput[:1]}).senderMarkdown(&b)
+	if b.Len() != 0 {
+		t.Errorf("sender table without sandbox senders: %q, want nothing", b.String())
+	}
+}
