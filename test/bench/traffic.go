@@ -340,6 +340,7 @@ func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.P
 				sender.Timeouts += t.Timeouts
 				sender.Segments += t.Segments
 				sender.Acks += t.Acks
+				sender.LinkDrops += t.LinkDrops
 			}
 		})
 	}

@@ -75,12 +75,12 @@ func TestParseTCPLine(t *testing.T) {
 		want    SenderTCP
 		wantErr bool
 	}{
-		{"tcp: segments 8204, acks 2541, retransmits 3, recoveries 2, spurious 1, timeouts 0",
-			SenderTCP{Segments: 8204, Acks: 2541, Retransmits: 3, Recoveries: 2, Spurious: 1}, false},
-		{"tcp: segments 1, acks 1, retransmits 0, recoveries 0, spurious 0, timeouts 7", SenderTCP{Segments: 1, Acks: 1, Timeouts: 7}, false},
-		{"tcp: segments 1, acks 1, retransmits 0, recoveries 0, spurious 0", SenderTCP{}, true},
-		{"tcp: segments -1, acks 1, retransmits 0, recoveries 0, spurious 0, timeouts 0", SenderTCP{}, true},
-		{"tcp: segments 99999999999999999999, acks 1, retransmits 0, recoveries 0, spurious 0, timeouts 0", SenderTCP{}, true},
+		{"tcp: segments 8204, acks 2541, retransmits 3, recoveries 2, spurious 1, timeouts 0, link drops 4",
+			SenderTCP{Segments: 8204, Acks: 2541, Retransmits: 3, Recoveries: 2, Spurious: 1, LinkDrops: 4}, false},
+		{"tcp: segments 1, acks 1, retransmits 0, recoveries 0, spurious 0, timeouts 7, link drops 0", SenderTCP{Segments: 1, Acks: 1, Timeouts: 7}, false},
+		{"tcp: segments 1, acks 1, retransmits 0, recoveries 0, spurious 0, timeouts 0", SenderTCP{}, true},
+		{"tcp: segments -1, acks 1, retransmits 0, recoveries 0, spurious 0, timeouts 0, link drops 0", SenderTCP{}, true},
+		{"tcp: segments 99999999999999999999, acks 1, retransmits 0, recoveries 0, spurious 0, timeouts 0, link drops 0", SenderTCP{}, true},
 		{"sent 1 bytes to 10.244.0.3:7000 in 1s (0.0 Mbit/s)", SenderTCP{}, true},
 	} {
 		got, err := ParseTCPLine(tt.line)

@@ -222,24 +222,27 @@ type SenderTCP struct {
 	Recoveries int64 `json:"recoveries"`
 	Spurious   int64 `json:"spurious"`
 	Timeouts   int64 `json:"timeouts"`
+	// LinkDrops counts the frames the sender's link dropped for want of
+	// room in its ring: losses the link caused.
+	LinkDrops int64 `json:"linkDrops"`
 }
 
 // tcpLine matches a sandbox sender's TCP report.
-var tcpLine = regexp.MustCompile(`^tcp: segments (\d+), acks (\d+), retransmits (\d+), recoveries (\d+), spurious (\d+), timeouts (\d+)$`)
+var tcpLine = regexp.MustCompile(`^tcp: segments (\d+), acks (\d+), retransmits (\d+), recoveries (\d+), spurious (\d+), timeouts (\d+), link drops (\d+)$`)
 
 // ParseTCPLine parses a sandbox sender's TCP report:
-// "tcp: segments N, acks N, retransmits N, recoveries N, spurious N, timeouts N".
+// "tcp: segments N, acks N, retransmits N, recoveries N, spurious N, timeouts N, link drops N".
 func ParseTCPLine(l string) (SenderTCP, error) {
 	m := tcpLine.FindStringSubmatch(l)
 	if m == nil {
 		return SenderTCP{}, fmt.Errorf("not a TCP report: %q", l)
 	}
-	var v [6]int64
+	var v [7]int64
 	for i := range v {
 		var err error
 		if v[i], err = strconv.ParseInt(m[i+1], 10, 64); err != nil {
 			return SenderTCP{}, fmt.Errorf("TCP report %q: %w", l, err)
 		}
 	}
-	return SenderTCP{Segments: v[0], Acks: v[1], Retransmits: v[2], Recoveries: v[3], Spurious: v[4], Timeouts: v[5]}, nil
+	return SenderTCP{Segments: v[0], Acks: v[1], Retransmits: v[2], Recoveries: v[3], Spurious: v[4], Timeouts: v[5], LinkDrops: v[6]}, nil
 }

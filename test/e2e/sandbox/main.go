@@ -15,8 +15,8 @@
 //
 // Servers print "ready" on stdout once they listen and run until SIGTERM or
 // SIGINT. A sender prints "sent ..." once the receiver closed, then its
-// netstack's TCP counters ("tcp: segments N, acks N, retransmits N,
-// recoveries N, spurious N, timeouts N"). The pattern byte at offset i is byte((i * 0x9E3779B1) >> 24).
+// netstack's TCP counters and its link's drops ("tcp: segments N, acks N,
+// retransmits N, recoveries N, spurious N, timeouts N, link drops N"). The pattern byte at offset i is byte((i * 0x9E3779B1) >> 24).
 package main
 
 import (
@@ -42,6 +42,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"github.com/shm-cni/shm-cni/test/e2e/packetlink"
 	"github.com/shm-cni/shm-cni/test/e2e/pattern"
@@ -110,7 +111,7 @@ func run() int {
 	case "send", "connect":
 		cctx, cancel := context.WithTimeout(ctx, *timeout)
 		defer cancel()
-		err = client(cctx, s, *mode, *to, *n, *verify)
+		err = client(cctx, s, ep, *mode, *to, *n, *verify)
 	default:
 		err = fmt.Errorf("unknown mode %q", *mode)
 	}
@@ -226,7 +227,7 @@ func serveListener(ln net.Listener, mode string, verify bool) error {
 }
 
 // client runs the send or connect mode.
-func client(ctx context.Context, s *stack.Stack, mode, to string, n int64, verify bool) error {
+func client(ctx context.Context, s *stack.Stack, ep stack.LinkEndpoint, mode, to string, n int64, verify bool) error {
 	ap, err := netip.ParseAddrPort(to)
 	if err != nil {
 		return fmt.Errorf("--to: %w", err)
@@ -264,11 +265,16 @@ func client(ctx context.Context, s *stack.Stack, mode, to string, n int64, verif
 	}
 	d := time.Since(start)
 	fmt.Printf("sent %d bytes to %s in %v (%.1f Mbit/s)\n", n, to, d.Round(time.Millisecond), float64(n)*8/d.Seconds()/1e6)
-	// How the sender's TCP fared: a loss recovery found spurious
-	// afterwards still cut its congestion window (gVisor undoes none).
+	// How the sender's TCP fared (a loss recovery cuts its congestion
+	// window), and the frames its link dropped for want of room in the
+	// ring (losses the link caused).
 	t := s.Stats().TCP
-	fmt.Printf("tcp: segments %d, acks %d, retransmits %d, recoveries %d, spurious %d, timeouts %d\n",
+	var linkDrops uint64
+	if st, ok := ep.(interface{ Stats() *endpoint.Stats }); ok {
+		linkDrops = st.Stats().TxDrops.Load()
+	}
+	fmt.Printf("tcp: segments %d, acks %d, retransmits %d, recoveries %d, spurious %d, timeouts %d, link drops %d\n",
 		t.SegmentsSent.Value(), t.ValidSegmentsReceived.Value(), t.Retransmits.Value(),
-		t.FastRecovery.Value()+t.SACKRecovery.Value(), t.SpuriousRecovery.Value(), t.Timeouts.Value())
+		t.FastRecovery.Value()+t.SACKRecovery.Value(), t.SpuriousRecovery.Value(), t.Timeouts.Value(), linkDrops)
 	return nil
 }
