@@ -421,7 +421,7 @@ func (r *report) senderMarkdown(b *strings.Builder) {
 	if len(rows) == 0 {
 		return
 	}
-	fmt.Fprintf(b, "Sandbox senders' TCP, per run: loss recoveries (of them found spurious: late ACKs, nothing lost), frames the sender's link dropped for want of room in its ring, retransmitted segments, and segments sent per ACK received. Each recovery cuts the sender's congestion window, and the pinned gVisor the sandbox program runs keeps the cut even when it finds the recovery spurious (runsc as shm-cni builds it undoes that: hack/runsc, patch 0012); a run with recoveries often runs slower from then on.\n\n")
+	fmt.Fprintf(b, "Sandbox senders' TCP, per run: loss recoveries (of them found spurious: late ACKs, nothing lost), frames the sender's link dropped for want of room in its ring, retransmitted segments, and segments sent per ACK received. Each recovery cuts the sender's congestion window; the sandbox program's gVisor carries the runsc patch series (hack/runsc), whose 0012 undoes the cut of a recovery it finds spurious, but not of one it does not (a connection's first, before any DSACK), and a run with such a recovery often runs slower from then on.\n\n")
 	fmt.Fprintf(b, "| case | streams | Gbit/s | recoveries (spurious) | link drops | retransmits | segments per ACK |\n|---|---:|---|---|---|---|---|\n")
 	for _, t := range rows {
 		var rec, drops, rtx, per []string

@@ -3,11 +3,15 @@ package node
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 )
 
@@ -19,7 +23,9 @@ type Binaries struct {
 	CNI string
 	// Agent is shm-agent.
 	Agent string
-	// Sandbox is the sandbox workload program.
+	// Sandbox is the sandbox workload program, built against gVisor with
+	// the runsc patch series applied (patchedGVisor): its netstack is the
+	// one runsc pods get from shm-cni's runsc.
 	Sandbox string
 	// Hostile is the hostile sandbox program (test/e2e/hostile).
 	Hostile string
@@ -62,7 +68,16 @@ func Build(ctx context.Context, outDir string, opts BuildOptions) (Binaries, err
 	if err := goBuild(ctx, goBin, root, outDir, false, "./cmd/shm-cni"); err != nil {
 		return Binaries{}, err
 	}
-	if err := goBuild(ctx, goBin, root, outDir, opts.Race, "./cmd/shm-agent", "./test/e2e/sandbox"); err != nil {
+	if err := goBuild(ctx, goBin, root, outDir, opts.Race, "./cmd/shm-agent"); err != nil {
+		return Binaries{}, err
+	}
+	// The sandbox's netstack is gVisor's as the runsc shm-cni builds
+	// carries it: with the patch series applied (its TCP fixes among it).
+	work, err := patchedGVisor(ctx, goBin, root, outDir)
+	if err != nil {
+		return Binaries{}, err
+	}
+	if err := goBuild(ctx, goBin, root, outDir, opts.Race, "GOWORK="+work, "./test/e2e/sandbox"); err != nil {
 		return Binaries{}, err
 	}
 	if err := goBuild(ctx, goBin, root, outDir, false, "./test/e2e/hostile"); err != nil {
@@ -89,8 +104,17 @@ func moduleRoot(ctx context.Context, goBin string) (string, error) {
 var ReleaseFlags = []string{"-trimpath", "-buildvcs=false", "-ldflags=-s"}
 
 // goBuild builds pkgs into outDir as shipped (ReleaseFlags, without cgo),
-// or with the race detector, which needs cgo.
+// or with the race detector, which needs cgo. An argument NAME=VALUE is an
+// environment variable of the build instead.
 func goBuild(ctx context.Context, goBin, root, outDir string, race bool, pkgs ...string) error {
+	var env []string
+	pkgs = slices.DeleteFunc(slices.Clone(pkgs), func(p string) bool {
+		if strings.Contains(p, "=") {
+			env = append(env, p)
+			return true
+		}
+		return false
+	})
 	args := []string{"build", "-o", outDir + string(filepath.Separator)}
 	cgo := "0"
 	if race {
@@ -102,11 +126,108 @@ func goBuild(ctx context.Context, goBin, root, outDir string, race bool, pkgs ..
 	args = append(args, pkgs...)
 	cmd := exec.CommandContext(ctx, goBin, args...)
 	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "CGO_ENABLED="+cgo)
+	cmd.Env = append(append(os.Environ(), "CGO_ENABLED="+cgo), env...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
 		return fmt.Errorf("go %s: %w\n%s", strings.Join(args, " "), err, out.Bytes())
+	}
+	return nil
+}
+
+// gvisorModule is the module the runsc patch series (hack/runsc) patches.
+const gvisorModule = "gvisor.dev/gvisor"
+
+// patchedGVisor returns a Go workspace file, in outDir, that builds the
+// module at root against the pinned gVisor with the runsc patch series
+// (hack/runsc/NNNN-*.patch) applied in order, as hack/cri-deps.sh builds
+// runsc. The patched source is made once per gVisor version and series, in
+// the user's cache directory (shm-cni/gvisor-HASH), from a copy of the
+// module source with git apply; builds that race to make it agree, the
+// first rename wins.
+func patchedGVisor(ctx context.Context, goBin, root, outDir string) (string, error) {
+	cmd := exec.CommandContext(ctx, goBin, "list", "-m", "-f", "{{.Dir}} {{.Version}}", gvisorModule)
+	cmd.Dir = root
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("go list -m %s: %w", gvisorModule, err)
+	}
+	src, version, ok := strings.Cut(strings.TrimSpace(string(out)), " ")
+	if !ok || src == "" {
+		return "", fmt.Errorf("go list -m %s: no source directory (%q): run go mod download", gvisorModule, out)
+	}
+	series, err := filepath.Glob(filepath.Join(root, "hack", "runsc", "[0-9][0-9][0-9][0-9]-*.patch"))
+	if err != nil || len(series) == 0 {
+		return "", fmt.Errorf("the runsc patch series in %s: none found (%v)", filepath.Join(root, "hack", "runsc"), err)
+	}
+	slices.Sort(series)
+	h := sha256.New()
+	io.WriteString(h, version)
+	for _, p := range series {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return "", fmt.Errorf("the runsc patch series: %w", err)
+		}
+		h.Write(b)
+	}
+	cache, err := os.UserCacheDir()
+	if err != nil {
+		cache = os.TempDir()
+	}
+	dir := filepath.Join(cache, "shm-cni", fmt.Sprintf("gvisor-%x", h.Sum(nil)[:8]))
+	if _, err := os.Stat(filepath.Join(dir, "go.mod")); err != nil {
+		if err := applySeries(ctx, src, dir, series); err != nil {
+			return "", fmt.Errorf("apply the runsc patch series to %s@%s: %w", gvisorModule, version, err)
+		}
+	}
+	work := filepath.Join(outDir, "go.work")
+	if err := os.Remove(work); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return "", err
+	}
+	for _, args := range [][]string{
+		{"work", "init", root},
+		{"work", "edit", "-replace", gvisorModule + "=" + dir},
+	} {
+		cmd := exec.CommandContext(ctx, goBin, args...)
+		cmd.Dir = outDir
+		cmd.Env = append(os.Environ(), "GOWORK="+work)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return "", fmt.Errorf("go %s: %w\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	return work, nil
+}
+
+// applySeries copies the module source src to a fresh directory beside
+// dir, applies the series there and renames it to dir.
+func applySeries(ctx context.Context, src, dir string, series []string) error {
+	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp(filepath.Dir(dir), filepath.Base(dir)+".tmp-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp) // nothing left once renamed
+	// CopyFS makes the files writable (the module cache's are not).
+	if err := os.CopyFS(tmp, os.DirFS(src)); err != nil {
+		return fmt.Errorf("copy %s: %w", src, err)
+	}
+	// Its own repository, so that git apply resolves the patches' paths
+	// against the copy wherever it is.
+	if out, err := exec.CommandContext(ctx, "git", "-C", tmp, "init", "-q").CombinedOutput(); err != nil {
+		return fmt.Errorf("git init: %w\n%s", err, out)
+	}
+	for _, p := range series {
+		if out, err := exec.CommandContext(ctx, "git", "-C", tmp, "apply", p).CombinedOutput(); err != nil {
+			return fmt.Errorf("%s does not apply: %w\n%s", filepath.Base(p), err, out)
+		}
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		if _, serr := os.Stat(filepath.Join(dir, "go.mod")); serr == nil {
+			return nil // another build made it first
+		}
+		return err
 	}
 	return nil
 }

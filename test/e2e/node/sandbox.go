@@ -217,8 +217,8 @@ type SenderTCP struct {
 	Retransmits int64 `json:"retransmits"`
 	// Recoveries counts the loss recoveries the sender entered (each
 	// cuts its congestion window); Spurious those it found needless
-	// afterwards (DSACK, timestamps), which the pinned gVisor does not
-	// undo (the runsc patch series does).
+	// afterwards (DSACK, timestamps), whose cut the runsc patch series'
+	// gVisor undoes (hack/runsc 0012).
 	Recoveries int64 `json:"recoveries"`
 	Spurious   int64 `json:"spurious"`
 	Timeouts   int64 `json:"timeouts"`
