@@ -334,13 +334,7 @@ func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.P
 				if sender == nil {
 					sender = &node.SenderTCP{}
 				}
-				sender.Recoveries += t.Recoveries
-				sender.Spurious += t.Spurious
-				sender.Retransmits += t.Retransmits
-				sender.Timeouts += t.Timeouts
-				sender.Segments += t.Segments
-				sender.Acks += t.Acks
-				sender.LinkDrops += t.LinkDrops
+				sender.Add(*t)
 			}
 		})
 	}

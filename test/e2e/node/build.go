@@ -65,10 +65,10 @@ func Build(ctx context.Context, outDir string, opts BuildOptions) (Binaries, err
 	}
 	// The CNI binary is never raced: it runs hundreds of times per test
 	// run and is short lived.
-	if err := goBuild(ctx, goBin, root, outDir, false, "./cmd/shm-cni"); err != nil {
+	if err := goBuild(ctx, goBin, root, outDir, false, nil, "./cmd/shm-cni"); err != nil {
 		return Binaries{}, err
 	}
-	if err := goBuild(ctx, goBin, root, outDir, opts.Race, "./cmd/shm-agent"); err != nil {
+	if err := goBuild(ctx, goBin, root, outDir, opts.Race, nil, "./cmd/shm-agent"); err != nil {
 		return Binaries{}, err
 	}
 	// The sandbox's netstack is gVisor's as the runsc shm-cni builds
@@ -77,10 +77,10 @@ func Build(ctx context.Context, outDir string, opts BuildOptions) (Binaries, err
 	if err != nil {
 		return Binaries{}, err
 	}
-	if err := goBuild(ctx, goBin, root, outDir, opts.Race, "GOWORK="+work, "./test/e2e/sandbox"); err != nil {
+	if err := goBuild(ctx, goBin, root, outDir, opts.Race, []string{"GOWORK=" + work}, "./test/e2e/sandbox"); err != nil {
 		return Binaries{}, err
 	}
-	if err := goBuild(ctx, goBin, root, outDir, false, "./test/e2e/hostile"); err != nil {
+	if err := goBuild(ctx, goBin, root, outDir, false, nil, "./test/e2e/hostile"); err != nil {
 		return Binaries{}, err
 	}
 	return b, nil
@@ -104,17 +104,9 @@ func moduleRoot(ctx context.Context, goBin string) (string, error) {
 var ReleaseFlags = []string{"-trimpath", "-buildvcs=false", "-ldflags=-s"}
 
 // goBuild builds pkgs into outDir as shipped (ReleaseFlags, without cgo),
-// or with the race detector, which needs cgo. An argument NAME=VALUE is an
-// environment variable of the build instead.
-func goBuild(ctx context.Context, goBin, root, outDir string, race bool, pkgs ...string) error {
-	var env []string
-	pkgs = slices.DeleteFunc(slices.Clone(pkgs), func(p string) bool {
-		if strings.Contains(p, "=") {
-			env = append(env, p)
-			return true
-		}
-		return false
-	})
+// or with the race detector, which needs cgo; env is added to the build's
+// environment.
+func goBuild(ctx context.Context, goBin, root, outDir string, race bool, env []string, pkgs ...string) error {
 	args := []string{"build", "-o", outDir + string(filepath.Separator)}
 	cgo := "0"
 	if race {

@@ -227,6 +227,17 @@ type SenderTCP struct {
 	LinkDrops int64 `json:"linkDrops"`
 }
 
+// Add adds o's counters to s's (the streams of one measurement).
+func (s *SenderTCP) Add(o SenderTCP) {
+	s.Segments += o.Segments
+	s.Acks += o.Acks
+	s.Retransmits += o.Retransmits
+	s.Recoveries += o.Recoveries
+	s.Spurious += o.Spurious
+	s.Timeouts += o.Timeouts
+	s.LinkDrops += o.LinkDrops
+}
+
 // tcpLine matches a sandbox sender's TCP report.
 var tcpLine = regexp.MustCompile(`^tcp: segments (\d+), acks (\d+), retransmits (\d+), recoveries (\d+), spurious (\d+), timeouts (\d+), link drops (\d+)$`)
 
