@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"regexp"
 	"sort"
 	"time"
 
@@ -105,7 +106,11 @@ func newMetrics(a *Agent) *metrics {
 	m.reg.MustRegister(
 		m.attachDuration,
 		&linkCollector{a: a},
-		collectors.NewGoCollector(),
+		// The default set plus the live heap as of the last collection
+		// (go_gc_heap_live_bytes), which, unlike the in-use heap, does not
+		// count the garbage made since.
+		collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(
+			collectors.GoRuntimeMetricsRule{Matcher: regexp.MustCompile(`^/gc/heap/live:bytes$`)})),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
 	return m
