@@ -408,9 +408,10 @@ func (r *report) policyMarkdown(b *strings.Builder) {
 }
 
 // senderMarkdown lists, for the cases sandbox programs send in, their
-// TCP's loss recoveries per run: a recovery cuts the sender's window, one
-// found spurious afterwards (late ACKs, no loss) too, and for good with
-// the pinned gVisor (the runsc patch series undoes it, hack/runsc).
+// TCP's loss recoveries and timeouts per run: a recovery cuts the
+// sender's window, one found spurious afterwards (late ACKs, no loss) too,
+// and for good with the pinned gVisor (the runsc patch series undoes it,
+// hack/runsc); a timeout cuts it to one segment.
 func (r *report) senderMarkdown(b *strings.Builder) {
 	var rows []tputRow
 	for _, t := range r.Throughput {
@@ -421,12 +422,13 @@ func (r *report) senderMarkdown(b *strings.Builder) {
 	if len(rows) == 0 {
 		return
 	}
-	fmt.Fprintf(b, "Sandbox senders' TCP, per run: loss recoveries (of them found spurious: late ACKs, nothing lost), frames the sender's link dropped for want of room in its ring, retransmitted segments, and segments sent per ACK received. Each recovery cuts the sender's congestion window; the sandbox program's gVisor carries the runsc patch series (hack/runsc), whose 0012 undoes the cut of a recovery it finds spurious, but not of one it does not (a connection's first, before any DSACK), and a run with such a recovery often runs slower from then on.\n\n")
-	fmt.Fprintf(b, "| case | streams | Gbit/s | recoveries (spurious) | link drops | retransmits | segments per ACK |\n|---|---:|---|---|---|---|---|\n")
+	fmt.Fprintf(b, "Sandbox senders' TCP, per run: loss recoveries (of them found spurious: late ACKs, nothing lost), retransmission timeouts, frames the sender's link dropped for want of room in its ring, retransmitted segments, and segments sent per ACK received. Each recovery cuts the sender's congestion window, each timeout to one segment. The sandbox program's gVisor carries the runsc patch series (hack/runsc): 0012 undoes the cut of a recovery it finds spurious, 0013 takes no tail loss probe answered by late ACKs for a loss, and 0014 retransmits a lost tail a window at a time (it sent one or two segments per timeout, tens of timeouts in a row).\n\n")
+	fmt.Fprintf(b, "| case | streams | Gbit/s | recoveries (spurious) | timeouts | link drops | retransmits | segments per ACK |\n|---|---:|---|---|---|---|---|---|\n")
 	for _, t := range rows {
-		var rec, drops, rtx, per []string
+		var rec, tos, drops, rtx, per []string
 		for _, s := range t.Senders {
 			rec = append(rec, fmt.Sprintf("%d (%d)", s.Recoveries, s.Spurious))
+			tos = append(tos, fmt.Sprintf("%d", s.Timeouts))
 			drops = append(drops, fmt.Sprintf("%d", s.LinkDrops))
 			rtx = append(rtx, fmt.Sprintf("%d", s.Retransmits))
 			if s.Acks > 0 {
@@ -435,8 +437,8 @@ func (r *report) senderMarkdown(b *strings.Builder) {
 				per = append(per, "-")
 			}
 		}
-		fmt.Fprintf(b, "| %s | %d | %s | %s | %s | %s | %s |\n", t.Case, t.Streams, fmtList(t.Gbps, "%.2f"),
-			strings.Join(rec, " "), strings.Join(drops, " "), strings.Join(rtx, " "), strings.Join(per, " "))
+		fmt.Fprintf(b, "| %s | %d | %s | %s | %s | %s | %s | %s |\n", t.Case, t.Streams, fmtList(t.Gbps, "%.2f"),
+			strings.Join(rec, " "), strings.Join(tos, " "), strings.Join(drops, " "), strings.Join(rtx, " "), strings.Join(per, " "))
 	}
 	b.WriteString("\n")
 }

@@ -14,12 +14,12 @@ func TestSenderMarkdown(t *testing.T) {
 	r := &report{Throughput: []tputRow{
 		{Case: "veth pair", Streams: 1, Gbps: []float64{18}},
 		{Case: "shm-cni sandbox → outside", Streams: 1, Gbps: []float64{3.25, 6.1},
-			Senders: []node.SenderTCP{{Segments: 12000, Acks: 6000, Retransmits: 5, Recoveries: 4, Spurious: 3, LinkDrops: 1}, {Segments: 8200, Acks: 2050}}},
+			Senders: []node.SenderTCP{{Segments: 12000, Acks: 6000, Retransmits: 5, Recoveries: 4, Spurious: 3, Timeouts: 2, LinkDrops: 1}, {Segments: 8200, Acks: 2050}}},
 	}}
 	var b strings.Builder
 	r.senderMarkdown(&b)
 	out := b.String()
-	if want := "| shm-cni sandbox → outside | 1 | 3.25 6.10 | 4 (3) 0 (0) | 1 0 | 5 0 | 2.0 4.0 |\n"; !strings.Contains(out, want) {
+	if want := "| shm-cni sandbox → outside | 1 | 3.25 6.10 | 4 (3) 0 (0) | 2 0 | 1 0 | 5 0 | 2.0 4.0 |\n"; !strings.Contains(out, want) {
 		t.Errorf("sender table lacks %q:\n%s", want, out)
 	}
 	if strings.Contains(out, "veth pair") {

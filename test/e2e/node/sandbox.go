@@ -218,7 +218,8 @@ type SenderTCP struct {
 	// Recoveries counts the loss recoveries the sender entered (each
 	// cuts its congestion window); Spurious those it found needless
 	// afterwards (DSACK, timestamps), whose cut the runsc patch series'
-	// gVisor undoes (hack/runsc 0012).
+	// gVisor undoes (hack/runsc 0012); Timeouts the retransmission
+	// timeouts, each of which cuts the window to one segment.
 	Recoveries int64 `json:"recoveries"`
 	Spurious   int64 `json:"spurious"`
 	Timeouts   int64 `json:"timeouts"`
