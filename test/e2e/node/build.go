@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"time"
 )
 
 // Binaries are the programs a Node runs.
@@ -136,7 +137,7 @@ const gvisorModule = "gvisor.dev/gvisor"
 // runsc. The patched source is made once per gVisor version and series, in
 // the user's cache directory (shm-cni/gvisor-HASH), from a copy of the
 // module source with git apply; builds that race to make it agree, the
-// first rename wins.
+// first rename wins. Copies of other series are pruned (pruneGVisorCopies).
 func patchedGVisor(ctx context.Context, goBin, root, outDir string) (string, error) {
 	cmd := exec.CommandContext(ctx, goBin, "list", "-m", "-f", "{{.Dir}} {{.Version}}", gvisorModule)
 	cmd.Dir = root
@@ -172,6 +173,15 @@ func patchedGVisor(ctx context.Context, goBin, root, outDir string) (string, err
 			return "", fmt.Errorf("apply the runsc patch series to %s@%s: %w", gvisorModule, version, err)
 		}
 	}
+	// Mark it used, and let go of copies of other series (about 70 MB
+	// each) that no build has used for a while.
+	now := time.Now()
+	if err := os.Chtimes(dir, now, now); err != nil {
+		return "", err
+	}
+	if err := pruneGVisorCopies(filepath.Dir(dir), keepGVisorCopies, now.Add(-gvisorCopyIdle)); err != nil {
+		return "", err
+	}
 	work := filepath.Join(outDir, "go.work")
 	if err := os.Remove(work); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return "", err
@@ -188,6 +198,57 @@ func patchedGVisor(ctx context.Context, goBin, root, outDir string) (string, err
 		}
 	}
 	return work, nil
+}
+
+const (
+	// keepGVisorCopies is how many patched copies of gVisor (the most
+	// recently used) stay in the cache whatever their age: a few series
+	// built in turn (worktrees, a bisection) keep theirs.
+	keepGVisorCopies = 3
+	// gvisorCopyIdle is how long a copy beyond those stays unused before
+	// it is removed (and a copy left half made by a build that died).
+	gvisorCopyIdle = 24 * time.Hour
+)
+
+// pruneGVisorCopies removes, from the cache directory dir, the patched
+// gVisor copies (gvisor-HASH) beyond the keep most recently used, and
+// the half-made ones (gvisor-HASH.tmp-*), that were last used (modified)
+// before idle.
+func pruneGVisorCopies(dir string, keep int, idle time.Time) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	type copyDir struct {
+		path string
+		used time.Time
+		tmp  bool
+	}
+	var copies []copyDir
+	for _, e := range entries {
+		if !e.IsDir() || !strings.HasPrefix(e.Name(), "gvisor-") {
+			continue
+		}
+		info, err := e.Info()
+		if err != nil {
+			continue // removed meanwhile
+		}
+		copies = append(copies, copyDir{filepath.Join(dir, e.Name()), info.ModTime(), strings.Contains(e.Name(), ".tmp-")})
+	}
+	slices.SortFunc(copies, func(a, b copyDir) int { return b.used.Compare(a.used) })
+	kept := 0
+	for _, c := range copies {
+		if !c.tmp && kept < keep {
+			kept++
+			continue
+		}
+		if c.used.Before(idle) {
+			if err := os.RemoveAll(c.path); err != nil {
+				return fmt.Errorf("remove the unused patched gVisor %s: %w", c.path, err)
+			}
+		}
+	}
+	return nil
 }
 
 // applySeries copies the module source src to a fresh directory beside
