@@ -174,13 +174,11 @@ func patchedGVisor(ctx context.Context, goBin, root, outDir string) (string, err
 		}
 	}
 	// Mark it used, and let go of copies of other series (about 70 MB
-	// each) that no build has used for a while.
+	// each) that no build has used for a while. Both are best effort: a
+	// cache that cannot be tidied still builds.
 	now := time.Now()
-	if err := os.Chtimes(dir, now, now); err != nil {
-		return "", err
-	}
-	if err := pruneGVisorCopies(filepath.Dir(dir), keepGVisorCopies, now.Add(-gvisorCopyIdle)); err != nil {
-		return "", err
+	if err := os.Chtimes(dir, now, now); err == nil {
+		_ = pruneGVisorCopies(filepath.Dir(dir), keepGVisorCopies, now.Add(-gvisorCopyIdle))
 	}
 	work := filepath.Join(outDir, "go.work")
 	if err := os.Remove(work); err != nil && !errors.Is(err, os.ErrNotExist) {
