@@ -18,6 +18,10 @@ type Stats struct {
 	// TxDrops counts frames for the peer that were dropped because its queue
 	// was full (no posted buffers, no descriptor space) or the link was down.
 	TxDrops atomic.Uint64
+	// TxWaits counts frames that found the peer's queue full and waited
+	// for room before they were sent or dropped: back-pressure the writer
+	// met (a client waits, a server drops at once).
+	TxWaits atomic.Uint64
 	// Violations counts protocol violations by the peer: descriptors or
 	// ring headers that point outside the peer's own region or break the
 	// ring's rules. A violation cuts the peer off.
@@ -33,7 +37,7 @@ type Stats struct {
 // StatsSnapshot is a plain copy of Stats.
 type StatsSnapshot struct {
 	RxPackets, RxBytes, TxPackets, TxBytes uint64
-	RxDrops, TxDrops, Violations           uint64
+	RxDrops, TxDrops, TxWaits, Violations  uint64
 	RxThrottled, TxOneCopy                 uint64
 }
 
@@ -46,6 +50,7 @@ func (s *Stats) Snapshot() StatsSnapshot {
 		TxBytes:     s.TxBytes.Load(),
 		RxDrops:     s.RxDrops.Load(),
 		TxDrops:     s.TxDrops.Load(),
+		TxWaits:     s.TxWaits.Load(),
 		Violations:  s.Violations.Load(),
 		RxThrottled: s.RxThrottled.Load(),
 		TxOneCopy:   s.TxOneCopy.Load(),
@@ -58,6 +63,7 @@ func (s StatsSnapshot) Add(o StatsSnapshot) StatsSnapshot {
 		RxPackets: s.RxPackets + o.RxPackets, RxBytes: s.RxBytes + o.RxBytes,
 		TxPackets: s.TxPackets + o.TxPackets, TxBytes: s.TxBytes + o.TxBytes,
 		RxDrops: s.RxDrops + o.RxDrops, TxDrops: s.TxDrops + o.TxDrops,
+		TxWaits:     s.TxWaits + o.TxWaits,
 		Violations:  s.Violations + o.Violations,
 		RxThrottled: s.RxThrottled + o.RxThrottled,
 		TxOneCopy:   s.TxOneCopy + o.TxOneCopy,

@@ -95,8 +95,9 @@ func TestRxLimitBoundsSandbox(t *testing.T) {
 	// loop charges a batch after delivering it: at most one batch more.
 	bound := int64(pps*elapsed.Seconds()) + 2*rxBatch
 	st := srv.Stats().Snapshot()
-	t.Logf("client wrote %d frames (%d dropped on its side), server delivered %d in %v (bound %d), paused %d times",
-		sent, cli.Stats().TxDrops.Load(), delivered, elapsed.Round(time.Millisecond), bound, st.RxThrottled)
+	cst := cli.Stats().Snapshot()
+	t.Logf("client wrote %d frames (%d waited for room, %d dropped on its side), server delivered %d in %v (bound %d), paused %d times",
+		sent, cst.TxWaits, cst.TxDrops, delivered, elapsed.Round(time.Millisecond), bound, st.RxThrottled)
 	if delivered == 0 {
 		t.Fatal("nothing delivered")
 	}
@@ -106,7 +107,9 @@ func TestRxLimitBoundsSandbox(t *testing.T) {
 	if st.RxThrottled == 0 {
 		t.Error("the server never paused for its limit")
 	}
-	if cli.Stats().TxDrops.Load() == 0 {
+	// Back-pressure: the client's writer found its ring full and waited
+	// (or, past its wait, dropped).
+	if cst.TxWaits == 0 && cst.TxDrops == 0 {
 		t.Error("the flooding client met no back-pressure")
 	}
 }
@@ -155,5 +158,40 @@ func TestRxLimitStopWhilePaused(t *testing.T) {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close and Wait did not return while the receive loop was paused")
+	}
+}
+
+// TestClientWaitsThenDrops writes from a client whose server never takes a
+// frame (a stuck agent): once the TX ring is full, the writer waits for room
+// (TxWaits) and, past its wait, drops (TxDrops) and returns instead of
+// blocking the sandbox's stack.
+func TestClientWaitsThenDrops(t *testing.T) {
+	srv, cli := newLinkPair(t, 1500, queue.Sizes{DataSize: 64 << 10, PipeSize: 16 << 10, BufferSize: 2048})
+	defer func() {
+		srv.Close()
+		cli.Close()
+		srv.Wait()
+		cli.Wait()
+	}()
+	cli.Attach(discard{})
+	// The ring holds 32 buffers: 100 batches fill it many times over. The
+	// bound is a hang guard, not a timing.
+	sent := 0
+	for i := 0; i < 100 && cli.Stats().TxDrops.Load() == 0; i++ {
+		pkts := ipPackets(rxBatch, 1000)
+		n, _ := cli.WritePackets(pkts)
+		pkts.Reset()
+		sent += n
+	}
+	st := cli.Stats().Snapshot()
+	t.Logf("client took %d frames: %+v", sent, st)
+	if st.TxPackets == 0 || st.TxPackets > 32 {
+		t.Errorf("client put %d frames on a ring of 32 buffers that nobody completes", st.TxPackets)
+	}
+	if st.TxWaits == 0 {
+		t.Error("the writer never waited for room on a full ring")
+	}
+	if st.TxDrops == 0 {
+		t.Error("the writer never dropped on a ring that stays full")
 	}
 }

@@ -46,10 +46,15 @@ func NewServer(opts Options) (*Server, error) {
 	return &Server{l}, nil
 }
 
-// DefaultClientTxWait is how long a client's writer waits for the server to
-// complete frames when its TX queue is full, before it drops. A sandbox's
-// own TCP then sees back-pressure instead of loss.
-const DefaultClientTxWait = 2 * time.Millisecond
+// DefaultClientTxWait is how long a client's writer waits, in all for one
+// batch, for the server to complete frames when its TX queue is full, before
+// it drops. A sandbox's own TCP then sees back-pressure instead of loss. It
+// is long enough to ride out an agent that is busy with other links on a
+// loaded node (2 ms was not: four streams from one sandbox lost frames on
+// their own link and their retransmissions with them, and spent half their
+// rate in loss recovery and timeouts), and short enough that a stuck agent
+// costs a writer little before it drops.
+const DefaultClientTxWait = 20 * time.Millisecond
 
 // Client is a sandbox's side of its queue pair: a gVisor link endpoint for
 // the sandbox's own netstack. It checks what the server writes too.

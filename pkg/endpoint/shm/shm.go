@@ -902,6 +902,9 @@ func (l *queueEndpoint) sendLocked(parts [][]byte, total int, meta uint32, waite
 		return nil
 	}
 	ok, err := l.sendFrameLocked(parts, total, meta)
+	if !ok && err == nil && *waited < l.txWait {
+		l.stats.TxWaits.Add(1)
+	}
 	for !ok && err == nil && *waited < l.txWait {
 		// The client's ring is full of frames the server has not
 		// completed yet: publish what we have and give the server a
