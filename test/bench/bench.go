@@ -205,7 +205,7 @@ func commit(ctx context.Context) string {
 func (c config) describe() map[string]string {
 	return map[string]string{
 		"streams":     fmt.Sprint(c.streams),
-		"iperf-time":  c.iperfTime.String(),
+		"time":        c.tputTime.String(),
 		"bytes":       fmt.Sprint(c.bytes),
 		"rtt-count":   fmt.Sprint(c.rttCount),
 		"cni-pods":    fmt.Sprint(c.cniPods),

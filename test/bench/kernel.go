@@ -64,7 +64,7 @@ func (b *bench) iperfServer(ctx context.Context, e kend) error {
 // iperfClient runs `iperf3 -c` from src to dst's server and returns the
 // receiver's bit/s.
 func (b *bench) iperfClient(ctx context.Context, src, dst kend, streams int) (tputSample, error) {
-	secs := strconv.Itoa(int(b.cfg.iperfTime / time.Second))
+	secs := strconv.Itoa(int(b.cfg.tputTime / time.Second))
 	var lastErr error
 	for range 3 { // the server takes one test at a time; a busy one refuses
 		cmd := exec.CommandContext(ctx, "ip", "netns", "exec", nsName(src.ns), "iperf3", "-J",
@@ -99,11 +99,11 @@ func (b *bench) iperfClient(ctx context.Context, src, dst kend, streams int) (tp
 	return tputSample{}, lastErr
 }
 
-// kernelTransfers runs streams transfers of size bytes from src to dst with
+// kernelTransfers runs streams transfers of amt from src to dst with
 // kernel sockets, sending zeros and counting them as the sandboxes do in
 // the benchmark: the same Go code as theirs, for a like-for-like kernel
 // figure.
-func kernelTransfers(ctx context.Context, src, dst kend, streams int, size int64) (tputSample, error) {
+func kernelTransfers(ctx context.Context, src, dst kend, streams int, amt node.Amount) (tputSample, error) {
 	ln, err := node.ListenIn(dst.ns, netip.AddrPortFrom(dst.addr, 0))
 	if err != nil {
 		return tputSample{}, err
@@ -113,10 +113,11 @@ func kernelTransfers(ctx context.Context, src, dst kend, streams int, size int64
 	defer stop()
 	to := netip.AddrPortFrom(dst.addr, uint16(ln.Addr().(*net.TCPAddr).Port))
 	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		long time.Duration
-		errs []error
+		wg        sync.WaitGroup
+		mu        sync.Mutex
+		long      time.Duration
+		sent, got int64
+		errs      []error
 	)
 	fail := func(err error) {
 		mu.Lock()
@@ -131,16 +132,16 @@ func kernelTransfers(ctx context.Context, src, dst kend, streams int, size int64
 				return
 			}
 			defer c.Close()
-			got, err := io.Copy(io.Discard, c)
-			if err == nil && got != size {
-				err = fmt.Errorf("received %d bytes, want %d", got, size)
-			}
+			n, err := io.Copy(io.Discard, c)
 			if err != nil {
 				fail(err)
 			}
+			mu.Lock()
+			got += n
+			mu.Unlock()
 		})
 		wg.Go(func() {
-			d, err := node.SendZerosFrom(ctx, src.ns, to, size)
+			n, d, err := node.SendZerosFrom(ctx, src.ns, to, amt)
 			if err != nil {
 				fail(err)
 				ln.Close()
@@ -148,15 +149,18 @@ func kernelTransfers(ctx context.Context, src, dst kend, streams int, size int64
 			}
 			mu.Lock()
 			long = max(long, d)
+			sent += n
 			mu.Unlock()
 		})
 	}
 	wg.Wait()
+	if len(errs) == 0 && got != sent {
+		errs = append(errs, fmt.Errorf("received %d bytes, want the %d sent", got, sent))
+	}
 	if len(errs) > 0 {
 		return tputSample{}, errs[0]
 	}
-	total := float64(size) * float64(streams)
-	return tputSample{bitsPerSecond: total * 8 / long.Seconds(), bytes: total}, nil
+	return tputSample{bitsPerSecond: float64(got) * 8 / long.Seconds(), bytes: float64(got)}, nil
 }
 
 // kernelRTT serves echo on dst with kernel sockets and measures from src.

@@ -35,6 +35,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/shm-cni/shm-cni/test/e2e/node"
 )
 
 func main() { os.Exit(run()) }
@@ -44,7 +46,7 @@ type config struct {
 	cases      map[string]bool
 	reps       int
 	streams    []int
-	iperfTime  time.Duration
+	tputTime   time.Duration
 	bytes      int64
 	rttCount   int
 	cniPods    int
@@ -66,8 +68,8 @@ func parseFlags() (config, error) {
 	cases := flag.String("cases", "tput,rtt,cni,idle,policy", "cases to run: tput, rtt, cni, idle, policy")
 	flag.IntVar(&c.reps, "reps", 3, "repetitions of each case (the median is reported; at least 3)")
 	streams := flag.String("streams", "1,4", "parallel TCP streams of the throughput cases")
-	flag.DurationVar(&c.iperfTime, "iperf-time", 3*time.Second, "iperf3 duration of each throughput measurement")
-	flag.Int64Var(&c.bytes, "bytes", 64<<20, "bytes of each verified transfer with a sandbox end")
+	flag.DurationVar(&c.tputTime, "time", 3*time.Second, "duration of each throughput measurement: iperf3's, and the Go and sandbox programs' timed transfers")
+	flag.Int64Var(&c.bytes, "bytes", 0, "when set, the Go and sandbox programs' transfers send this many bytes instead of sending for -time")
 	flag.IntVar(&c.rttCount, "rtt-count", 5000, "64-byte round trips per latency measurement")
 	flag.IntVar(&c.cniPods, "cni-pods", 100, "pods added (then deleted) concurrently per CNI latency measurement")
 	idle := flag.String("idle-pods", "0,110,250", "attached idle tap pods at which the agent's RSS and CPU are measured")
@@ -121,10 +123,20 @@ func parseFlags() (config, error) {
 	if c.shmMTU != 0 && (c.shmMTU < 1280 || c.shmMTU > 65535) {
 		return c, fmt.Errorf("-shm-mtu %d: want 0 (the agent's default) or 1280..65535", c.shmMTU)
 	}
-	if c.bytes <= 0 || c.rttCount <= 0 || c.cniPods <= 0 || c.idleWindow <= 0 || c.iperfTime < time.Second {
-		return c, fmt.Errorf("sizes must be positive (and -iperf-time at least 1s)")
+	if c.bytes < 0 || c.rttCount <= 0 || c.cniPods <= 0 || c.idleWindow <= 0 || c.tputTime < time.Second {
+		return c, fmt.Errorf("sizes must be positive (-bytes 0 or more, -time at least 1s)")
 	}
 	return c, nil
+}
+
+// amount is what one Go or sandbox transfer sends: for -time, as long as
+// iperf3 measures beside it (a stream's start then weighs the same on
+// every row), or -bytes when set.
+func (c config) amount() node.Amount {
+	if c.bytes > 0 {
+		return node.Amount{Bytes: c.bytes}
+	}
+	return node.Amount{Duration: c.tputTime}
 }
 
 func intList(s string) ([]int, error) {

@@ -198,21 +198,22 @@ func (r *packetRef) start(ctx context.Context, e kend, args ...string) (*lineRea
 	return lr, nil
 }
 
-// transfer sends size bytes from streams sender sandboxes at once to the
-// sink sandbox and returns the aggregate rate, as transfers does for
-// shm-cni's sandboxes.
-func (r *packetRef) transfer(ctx context.Context, streams int, size int64) (tputSample, error) {
+// transfer sends amt from streams sender sandboxes at once to the sink
+// sandbox and returns the aggregate rate, as transfers does for shm-cni's
+// sandboxes.
+func (r *packetRef) transfer(ctx context.Context, streams int, amt node.Amount) (tputSample, error) {
 	to := netip.AddrPortFrom(r.sink.addr, packetSinkPort)
 	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		long time.Duration
-		errs []error
+		wg        sync.WaitGroup
+		mu        sync.Mutex
+		long      time.Duration
+		sent, got int64
+		errs      []error
 	)
 	for i := range streams {
 		e := r.senders[min(i, len(r.senders)-1)]
 		wg.Go(func() {
-			d, err := r.send(ctx, e, to, size)
+			n, d, err := r.send(ctx, e, to, amt)
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
@@ -220,6 +221,7 @@ func (r *packetRef) transfer(ctx context.Context, streams int, size int64) (tput
 				return
 			}
 			long = max(long, d)
+			sent += n
 		})
 	}
 	wg.Wait()
@@ -230,40 +232,46 @@ func (r *packetRef) transfer(ctx context.Context, streams int, size int64) (tput
 			errs = append(errs, fmt.Errorf("%s: %w", r.sink.name, err))
 			break
 		}
-		got, _, _, err := node.ParseSinkLine(l)
-		if err == nil && got != size {
-			err = fmt.Errorf("sink got %d bytes, want %d", got, size)
-		}
+		n, _, _, err := node.ParseSinkLine(l)
 		if err != nil {
 			errs = append(errs, err)
 		}
+		got += n
+	}
+	if len(errs) == 0 && got != sent {
+		errs = append(errs, fmt.Errorf("sink got %d bytes, want the %d sent", got, sent))
 	}
 	if len(errs) > 0 {
 		return tputSample{}, errs[0]
 	}
-	total := float64(size) * float64(streams)
-	return tputSample{bitsPerSecond: total * 8 / long.Seconds(), bytes: total}, nil
+	return tputSample{bitsPerSecond: float64(got) * 8 / long.Seconds(), bytes: float64(got)}, nil
 }
 
-// send runs one sender sandbox in e's namespace and returns the time it
-// reports.
-func (r *packetRef) send(ctx context.Context, e kend, to netip.AddrPort, size int64) (time.Duration, error) {
-	lr, err := r.start(ctx, e, "--mode", "send", "--to", to.String(), "--bytes", strconv.FormatInt(size, 10), "--verify=false")
+// send runs one sender sandbox in e's namespace and returns the bytes it
+// sent and the time it reports.
+func (r *packetRef) send(ctx context.Context, e kend, to netip.AddrPort, amt node.Amount) (int64, time.Duration, error) {
+	args := []string{"--mode", "send", "--to", to.String(), "--verify=false"}
+	if amt.Duration > 0 {
+		args = append(args, "--duration", amt.Duration.String())
+	} else {
+		args = append(args, "--bytes", strconv.FormatInt(amt.Bytes, 10))
+	}
+	lr, err := r.start(ctx, e, args...)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	l, lerr := lr.next(ctx, "sent ")
 	if err := lr.cmd.Wait(); err != nil {
-		return 0, fmt.Errorf("sender: %w: %s", err, r.logTail(e))
+		return 0, 0, fmt.Errorf("sender: %w: %s", err, r.logTail(e))
 	}
 	if lerr != nil {
-		return 0, lerr
+		return 0, 0, lerr
 	}
 	got, d, err := node.ParseSentLine(l)
-	if err == nil && got != size {
-		err = fmt.Errorf("sent %d bytes, want %d", got, size)
+	if err == nil && amt.Duration == 0 && got != amt.Bytes {
+		err = fmt.Errorf("sent %d bytes, want %d", got, amt.Bytes)
 	}
-	return d, err
+	return got, d, err
 }
 
 // rtt measures round trips from an in-process netstack on the client pod's

@@ -316,7 +316,7 @@ func (b *bench) runPolicy(ctx context.Context, rep *report) error {
 			func(ctx context.Context) ([]time.Duration, error) { return kernelRTT(ctx, k1, k2, b.cfg.rttCount) }},
 		{"sandbox → sandbox",
 			func(ctx context.Context) (tputSample, error) {
-				return transfers(ctx, n, []*node.Peer{n.PodPeer(pods["ps1"])}, n.PodPeer(pods["ps0"]), 1, b.cfg.bytes)
+				return transfers(ctx, n, []*node.Peer{n.PodPeer(pods["ps1"])}, n.PodPeer(pods["ps0"]), 1, b.cfg.amount())
 			},
 			func(ctx context.Context) ([]time.Duration, error) {
 				return netstackRTT(ctx, pods["pc0"].SocketPath, e0Addr, b.cfg.rttCount)

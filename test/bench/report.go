@@ -330,6 +330,7 @@ func (r *report) markdown(b *strings.Builder) {
 	}
 	if len(r.Throughput) > 0 {
 		fmt.Fprintf(b, "## TCP throughput (IPv4; ratio to the veth pair's iperf3 figure)\n\n")
+		fmt.Fprintf(b, "%s ", transferLength(r.Config))
 		fmt.Fprintf(b, "Sandbox ends and the Go transfer send zeros and count what arrives (the tests verify data). CPU is the whole machine's busy time per GiB moved (agent, sandboxes, kernel, the tools themselves), lower is better; for shm-cni's cases, the agent's and the sandbox programs' own parts of it follow (from their CPU times: exact even on a busy machine; the rest is the kernel and the tools).\n\n")
 		fmt.Fprintf(b, "| case | tool | streams | median Gbit/s | vs veth | runs | CPU-s per GiB | vs veth | agent | sandboxes |\n|---|---|---:|---:|---:|---|---:|---:|---:|---:|\n")
 		for _, t := range r.Throughput {
@@ -441,4 +442,16 @@ func (r *report) senderMarkdown(b *strings.Builder) {
 			strings.Join(rec, " "), strings.Join(tos, " "), strings.Join(drops, " "), strings.Join(rtx, " "), strings.Join(per, " "))
 	}
 	b.WriteString("\n")
+}
+
+// transferLength says how long each measurement ran, from the config.
+func transferLength(c map[string]string) string {
+	t := c["time"]
+	if t == "" {
+		t = c["iperf-time"] // reports before -time
+	}
+	if n := c["bytes"]; n != "" && n != "0" {
+		return fmt.Sprintf("iperf3 runs for %s; the Go and sandbox programs' transfers send %s bytes each (-bytes).", t, n)
+	}
+	return fmt.Sprintf("Every measurement runs for %s (-time): iperf3, and the Go and sandbox programs' transfers, so that a stream's start (its window's growth, a fresh sender's warm-up) weighs the same on every row.", t)
 }

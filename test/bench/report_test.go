@@ -31,3 +31,20 @@ func TestSenderMarkdown(t *testing.T) {
 		t.Errorf("sender table without sandbox senders: %q, want nothing", b.String())
 	}
 }
+
+// TestTransferLength checks the report's sentence on how long each
+// throughput measurement ran: timed by default, fixed bytes with -bytes.
+func TestTransferLength(t *testing.T) {
+	for _, c := range []struct {
+		cfg  map[string]string
+		want string
+	}{
+		{map[string]string{"time": "3s", "bytes": "0"}, "runs for 3s (-time)"},
+		{map[string]string{"time": "3s", "bytes": "1073741824"}, "send 1073741824 bytes each (-bytes)"},
+		{map[string]string{"iperf-time": "3s", "bytes": "67108864"}, "iperf3 runs for 3s; the Go and sandbox programs' transfers send 67108864 bytes"},
+	} {
+		if got := transferLength(c.cfg); !strings.Contains(got, c.want) {
+			t.Errorf("transferLength(%v) = %q, want it to say %q", c.cfg, got, c.want)
+		}
+	}
+}

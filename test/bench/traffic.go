@@ -148,7 +148,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 		}
 		xfer := func(srcs []*node.Peer, dst *node.Peer) func(context.Context, int) (tputSample, error) {
 			return func(ctx context.Context, streams int) (tputSample, error) {
-				return transfers(ctx, n, srcs, dst, streams, b.cfg.bytes)
+				return transfers(ctx, n, srcs, dst, streams, b.cfg.amount())
 			}
 		}
 		sandboxPeers := make([]*node.Peer, len(senders))
@@ -158,7 +158,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 		cases := []tputCase{
 			{"veth pair", "iperf3", true, iperf(va, vb)},
 			{"veth pair", "Go transfer", true, func(ctx context.Context, streams int) (tputSample, error) {
-				return kernelTransfers(ctx, va, vb, streams, b.cfg.bytes)
+				return kernelTransfers(ctx, va, vb, streams, b.cfg.amount())
 			}},
 			{"ptp pod → pod", "iperf3", true, iperf(pa, pb)},
 			{"bridge pod → pod", "iperf3", true, iperf(ba, bb)},
@@ -174,7 +174,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 		for _, pk := range pkts {
 			cases = append(cases, tputCase{pk.name("sandbox → sandbox (bridge)"), "sandbox send/sink", true,
 				func(ctx context.Context, streams int) (tputSample, error) {
-					return pk.transfer(ctx, streams, b.cfg.bytes)
+					return pk.transfer(ctx, streams, b.cfg.amount())
 				}})
 		}
 		cases = selected(b, cases, func(c tputCase) (string, bool) { return c.name, c.ref })
@@ -309,11 +309,12 @@ func selected[C any](b *bench, cases []C, id func(C) (name string, ref bool)) []
 // checking them: Options.NoVerify), from srcs[i] (the first when there is
 // one) to dst, and returns the aggregate rate: all bytes over the longest
 // sender-measured duration.
-func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.Peer, streams int, size int64) (tputSample, error) {
+func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.Peer, streams int, amt node.Amount) (tputSample, error) {
 	var (
 		wg     sync.WaitGroup
 		mu     sync.Mutex
 		total  int64
+		sent   int64
 		long   time.Duration
 		errs   []error
 		sender *node.SenderTCP
@@ -321,7 +322,7 @@ func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.P
 	for i := range streams {
 		src := srcs[min(i, len(srcs)-1)]
 		wg.Go(func() {
-			tr, err := n.Transfer(ctx, src, dst, false, size)
+			tr, err := n.TransferAmount(ctx, src, dst, false, amt, netip.Addr{})
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
@@ -329,6 +330,7 @@ func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.P
 				return
 			}
 			total += tr.Bytes
+			sent += tr.Sent
 			long = max(long, tr.Duration)
 			if t := tr.Sender; t != nil {
 				if sender == nil {
@@ -339,6 +341,10 @@ func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.P
 		})
 	}
 	wg.Wait()
+	if len(errs) == 0 && total != sent {
+		// Timed transfers are checked here, by their sums (TransferAmount).
+		errs = append(errs, fmt.Errorf("%d streams to %s: received %d bytes, want the %d sent", streams, dst.Name, total, sent))
+	}
 	if len(errs) > 0 {
 		return tputSample{}, errs[0]
 	}

@@ -107,6 +107,8 @@ func (n *Node) ExpectedSource(src, dst *Peer, v6 bool) netip.Addr {
 type Transfer struct {
 	// Bytes the receiver verified.
 	Bytes int64
+	// Sent is the bytes the sender sent: Bytes, once checked.
+	Sent int64
 	// Duration from the sender's connection to the receiver's close, as
 	// the sender measured it.
 	Duration time.Duration
@@ -114,6 +116,13 @@ type Transfer struct {
 	From netip.Addr
 	// Sender is how a sandbox sender's TCP fared; nil for other senders.
 	Sender *SenderTCP
+}
+
+// Amount is how much a transfer sends: Bytes, or whatever it sends in
+// Duration when that is set (a benchmark's timed transfer).
+type Amount struct {
+	Bytes    int64
+	Duration time.Duration
 }
 
 // MiBps is the transfer's throughput in MiB/s.
@@ -137,14 +146,23 @@ func (n *Node) Transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64
 // port) instead of dst's address: an address the network translates to
 // dst's, such as a Service's. The zero via is dst's address.
 func (n *Node) TransferVia(ctx context.Context, src, dst *Peer, v6 bool, size int64, via netip.Addr) (Transfer, error) {
-	tr, err := n.transfer(ctx, src, dst, v6, size, via)
+	return n.TransferAmount(ctx, src, dst, v6, Amount{Bytes: size}, via)
+}
+
+// TransferAmount is TransferVia sending amt. With amt.Duration set, the
+// sender sends for that long and the caller checks that Bytes is Sent: a
+// sandbox sink reports its connections in the order they end, so
+// concurrent timed transfers to one sandbox may each read another's
+// report, and only their sums must agree.
+func (n *Node) TransferAmount(ctx context.Context, src, dst *Peer, v6 bool, amt Amount, via netip.Addr) (Transfer, error) {
+	tr, err := n.transfer(ctx, src, dst, v6, amt, via)
 	if err != nil {
 		return tr, fmt.Errorf("%s -> %s %s: %w", src.Name, dst.Name, family(v6), err)
 	}
 	return tr, nil
 }
 
-func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64, via netip.Addr) (Transfer, error) {
+func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, amt Amount, via netip.Addr) (Transfer, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	if src.Kind == PeerSandbox {
@@ -193,24 +211,30 @@ func (n *Node) transfer(ctx context.Context, src, dst *Peer, v6 bool, size int64
 	}
 
 	// The sender.
-	var d time.Duration
-	var sender *SenderTCP
-	var err error
+	var (
+		sent   int64
+		d      time.Duration
+		sender *SenderTCP
+		err    error
+	)
 	if src.Kind == PeerSandbox {
-		d, sender, err = n.sandboxSend(ctx, src.Pod, to, size)
+		sent, d, sender, err = n.sandboxSend(ctx, src.Pod, to, amt)
 	} else {
-		d, err = sendFrom(ctx, src.NS, to, size, !n.opts.NoVerify)
+		sent, d, err = sendFrom(ctx, src.NS, to, amt, !n.opts.NoVerify)
+	}
+	if err == nil && sent == 0 {
+		err = fmt.Errorf("sent nothing in %v", amt.Duration)
 	}
 	if err != nil {
 		return Transfer{}, fmt.Errorf("send: %w", err)
 	}
 	got, from, err := recv()
-	tr := Transfer{Bytes: got, Duration: d, From: from, Sender: sender}
+	tr := Transfer{Bytes: got, Sent: sent, Duration: d, From: from, Sender: sender}
 	if err != nil {
 		return tr, fmt.Errorf("receive: %w", err)
 	}
-	if got != size {
-		return tr, fmt.Errorf("receiver got %d bytes, want %d", got, size)
+	if amt.Duration == 0 && got != sent {
+		return tr, fmt.Errorf("receiver got %d bytes, want %d", got, sent)
 	}
 	return tr, nil
 }
@@ -273,17 +297,19 @@ func sinkOnce(ctx context.Context, ln *net.TCPListener, verify bool) <-chan sink
 // its side and waits for the receiver to close: everything arrived. It
 // returns the time from the connection to the receiver's close.
 func SendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64) (time.Duration, error) {
-	return sendFrom(ctx, n, to, size, true)
+	_, d, err := sendFrom(ctx, n, to, Amount{Bytes: size}, true)
+	return d, err
 }
 
-// SendZerosFrom is SendFrom with zeros for the pattern: for benchmarks.
-func SendZerosFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64) (time.Duration, error) {
-	return sendFrom(ctx, n, to, size, false)
+// SendZerosFrom is SendFrom sending amt of zeros instead of the pattern:
+// for benchmarks. It returns the bytes sent too.
+func SendZerosFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, amt Amount) (int64, time.Duration, error) {
+	return sendFrom(ctx, n, to, amt, false)
 }
 
-// sendFrom is SendFrom, sending zeros instead of the pattern without
-// verify.
-func sendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64, verify bool) (time.Duration, error) {
+// sendFrom is SendFrom sending amt, zeros instead of the pattern without
+// verify; it returns the bytes sent too.
+func sendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, amt Amount, verify bool) (int64, time.Duration, error) {
 	var c net.Conn
 	err := n.Do(func(ns.NetNS) error {
 		var err error
@@ -291,40 +317,48 @@ func sendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, size int64, ve
 		return err
 	})
 	if err != nil {
-		return 0, fmt.Errorf("connect to %s: %w", to, err)
+		return 0, 0, fmt.Errorf("connect to %s: %w", to, err)
 	}
 	defer c.Close()
 	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
 	defer stop()
 	start := time.Now()
-	send := pattern.Send
-	if !verify {
-		send = pattern.SendZeros
+	sent := amt.Bytes
+	if amt.Duration > 0 {
+		sent, err = pattern.SendFor(c, amt.Duration, !verify)
+	} else if verify {
+		err = pattern.Send(c, sent)
+	} else {
+		err = pattern.SendZeros(c, sent)
 	}
-	if err := send(c, size); err != nil {
-		return 0, err
+	if err != nil {
+		return 0, 0, err
 	}
 	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
-		return 0, fmt.Errorf("close write: %w", err)
+		return 0, 0, fmt.Errorf("close write: %w", err)
 	}
 	if _, err := io.Copy(io.Discard, c); err != nil {
-		return 0, fmt.Errorf("wait for the receiver: %w", err)
+		return 0, 0, fmt.Errorf("wait for the receiver: %w", err)
 	}
-	return time.Since(start), nil
+	return sent, time.Since(start), nil
 }
 
-// sandboxSend runs a sandbox on p's link that sends size pattern bytes to
-// to, and returns the time it reports from connection to the receiver's
-// close.
-func (n *Node) sandboxSend(ctx context.Context, p *Pod, to netip.AddrPort, size int64) (time.Duration, *SenderTCP, error) {
-	args := []string{"--mode", "send", "--to", to.String(), "--bytes", strconv.FormatInt(size, 10),
-		"--verify=" + strconv.FormatBool(!n.opts.NoVerify)}
+// sandboxSend runs a sandbox on p's link that sends amt of the pattern to
+// to, and returns the bytes it sent and the time it reports from
+// connection to the receiver's close.
+func (n *Node) sandboxSend(ctx context.Context, p *Pod, to netip.AddrPort, amt Amount) (int64, time.Duration, *SenderTCP, error) {
+	args := []string{"--mode", "send", "--to", to.String(), "--verify=" + strconv.FormatBool(!n.opts.NoVerify)}
+	if amt.Duration > 0 {
+		args = append(args, "--duration", amt.Duration.String())
+	} else {
+		args = append(args, "--bytes", strconv.FormatInt(amt.Bytes, 10))
+	}
 	if dl, ok := ctx.Deadline(); ok && time.Until(dl) > time.Second {
 		args = append(args, "--timeout", time.Until(dl).Round(time.Second).String())
 	}
 	s, err := n.StartSandbox(p, args...)
 	if err != nil {
-		return 0, nil, err
+		return 0, 0, nil, err
 	}
 	l, lerr := s.nextLine(ctx, "sent ")
 	var tl string
@@ -332,21 +366,21 @@ func (n *Node) sandboxSend(ctx context.Context, p *Pod, to netip.AddrPort, size 
 		tl, lerr = s.nextLine(ctx, "tcp: ")
 	}
 	if err := s.Wait(ctx); err != nil {
-		return 0, nil, err
+		return 0, 0, nil, err
 	}
 	if lerr != nil {
-		return 0, nil, lerr
+		return 0, 0, nil, lerr
 	}
 	got, d, err := ParseSentLine(l)
 	if err != nil {
-		return 0, nil, err
+		return 0, 0, nil, err
 	}
-	if got != size {
-		return 0, nil, fmt.Errorf("sandbox sent %d bytes, want %d", got, size)
+	if amt.Duration == 0 && got != amt.Bytes {
+		return 0, 0, nil, fmt.Errorf("sandbox sent %d bytes, want %d", got, amt.Bytes)
 	}
 	tcp, err := ParseTCPLine(tl)
 	if err != nil {
-		return 0, nil, err
+		return 0, 0, nil, err
 	}
-	return d, &tcp, nil
+	return got, d, &tcp, nil
 }

@@ -9,6 +9,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
+	"time"
 )
 
 // Byte is the pattern's byte at offset off: byte((off * 0x9E3779B1) >> 24).
@@ -16,39 +18,48 @@ func Byte(off int64) byte { return byte((uint64(off) * 0x9E3779B1) >> 24) }
 
 // Send writes the first n bytes of the pattern to w.
 func Send(w io.Writer, n int64) error {
-	buf := make([]byte, 64<<10)
-	for off := int64(0); off < n; {
-		c := min(int64(len(buf)), n-off)
-		for i := range c {
-			buf[i] = Byte(off + i)
-		}
-		if _, err := w.Write(buf[:c]); err != nil {
-			return fmt.Errorf("write at %d: %w", off, err)
-		}
-		off += c
-	}
-	return nil
+	_, err := send(w, n, time.Time{}, false)
+	return err
 }
 
 // SendZeros writes n zero bytes to w: what a benchmark sends, without the
 // cost of making the pattern.
 func SendZeros(w io.Writer, n int64) error {
-	// 64 KiB writes, as the pattern's.
-	_, err := io.CopyBuffer(w, io.LimitReader(zeros{}, n), make([]byte, 64<<10))
+	_, err := send(w, n, time.Time{}, true)
 	return err
+}
+
+// SendFor writes the pattern (zeros: zero bytes) to w until d has passed,
+// and returns how many bytes it wrote: a benchmark's timed transfer, as
+// long as an iperf3 measurement beside it, so that a stream's start (its
+// window's growth, a fresh process's warm-up) weighs the same on both.
+func SendFor(w io.Writer, d time.Duration, zeros bool) (int64, error) {
+	return send(w, math.MaxInt64, time.Now().Add(d), zeros)
+}
+
+// send writes n bytes of the pattern or zeros to w in 64 KiB writes,
+// stopping early at until (when not zero), and returns how many it wrote.
+func send(w io.Writer, n int64, until time.Time, zeros bool) (int64, error) {
+	buf := make([]byte, 64<<10)
+	off := int64(0)
+	for off < n && (until.IsZero() || time.Now().Before(until)) {
+		c := min(int64(len(buf)), n-off)
+		if !zeros {
+			for i := range c {
+				buf[i] = Byte(off + i)
+			}
+		}
+		if _, err := w.Write(buf[:c]); err != nil {
+			return off, fmt.Errorf("write at %d: %w", off, err)
+		}
+		off += c
+	}
+	return off, nil
 }
 
 // Count reads r to its end and counts the bytes: what a benchmark's sink
 // does, without the cost of checking them.
 func Count(r io.Reader) (int64, error) { return io.Copy(io.Discard, r) }
-
-// zeros reads as an endless run of zero bytes.
-type zeros struct{}
-
-func (zeros) Read(p []byte) (int, error) {
-	clear(p)
-	return len(p), nil
-}
 
 // Check reads r to its end and checks every byte against the
 // pattern; it returns how many bytes were right.

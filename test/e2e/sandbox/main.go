@@ -8,6 +8,7 @@
 //	sandbox ... --verify=false                       sink: count only; send: zeros (benchmarks)
 //	sandbox --socket S --mode http --port 8080      a tiny HTTP server
 //	sandbox --socket S --mode send --to A:P --bytes N   send N pattern bytes
+//	sandbox ... --mode send --duration D              send for D instead (benchmarks)
 //	sandbox --socket S --mode connect --to A:P      one TCP connection, then exit
 //	sandbox --packet eth0 [--packet-gso] --mode ...  the same netstack on a kernel
 //	                                                 interface through AF_PACKET
@@ -58,6 +59,7 @@ func run() int {
 	port := flag.Int("port", 7000, "port to serve on")
 	to := flag.String("to", "", "address:port to connect to (send, connect)")
 	n := flag.Int64("bytes", 1<<20, "bytes to send (send)")
+	dur := flag.Duration("duration", 0, "send: send for this long instead of --bytes (a benchmark's timed transfer); 0: --bytes")
 	timeout := flag.Duration("timeout", 2*time.Minute, "bound of dialing the link and of client modes")
 	verify := flag.Bool("verify", true, "sink: check every byte against the pattern (false: count only); send: send the pattern (false: zeros). Benchmarks measure the path with false; tests verify")
 	packet := flag.String("packet", "", "instead of --socket: run on this kernel interface of the current network namespace through an AF_PACKET socket, as runsc's network=sandbox does (the benchmark's reference for a sandbox without shm-cni); the interface's addresses are the netstack's until the program exits")
@@ -111,7 +113,7 @@ func run() int {
 	case "send", "connect":
 		cctx, cancel := context.WithTimeout(ctx, *timeout)
 		defer cancel()
-		err = client(cctx, s, ep, *mode, *to, *n, *verify)
+		err = client(cctx, s, ep, *mode, *to, *n, *dur, *verify)
 	default:
 		err = fmt.Errorf("unknown mode %q", *mode)
 	}
@@ -227,7 +229,7 @@ func serveListener(ln net.Listener, mode string, verify bool) error {
 }
 
 // client runs the send or connect mode.
-func client(ctx context.Context, s *stack.Stack, ep stack.LinkEndpoint, mode, to string, n int64, verify bool) error {
+func client(ctx context.Context, s *stack.Stack, ep stack.LinkEndpoint, mode, to string, n int64, dur time.Duration, verify bool) error {
 	ap, err := netip.ParseAddrPort(to)
 	if err != nil {
 		return fmt.Errorf("--to: %w", err)
@@ -249,12 +251,18 @@ func client(ctx context.Context, s *stack.Stack, ep stack.LinkEndpoint, mode, to
 		c.SetDeadline(dl)
 	}
 	start := time.Now()
-	send := pattern.Send
-	if !verify {
-		send = pattern.SendZeros
-	}
-	if err := send(c, n); err != nil {
-		return err
+	if dur > 0 {
+		if n, err = pattern.SendFor(c, dur, !verify); err != nil {
+			return err
+		}
+	} else {
+		send := pattern.Send
+		if !verify {
+			send = pattern.SendZeros
+		}
+		if err := send(c, n); err != nil {
+			return err
+		}
 	}
 	if err := c.CloseWrite(); err != nil {
 		return fmt.Errorf("close write: %w", err)
