@@ -102,7 +102,8 @@ type Config struct {
 	FastPath bool
 	// OneCopy writes sandboxes' large TCP segments from their shared
 	// memory straight to the next link (--one-copy;
-	// router.Config.OneCopy). Off by default.
+	// router.Config.OneCopy). On by default; --one-copy=false copies them
+	// through the agent's memory.
 	OneCopy bool
 	// LinkRxLimit bounds what one pod can make the router receive on its
 	// link (--link-max-pps, --link-max-bytes): beyond it the agent stops
@@ -168,6 +169,7 @@ func DefaultConfig() Config {
 		MetricsAddr:       DefaultMetricsAddr,
 		Masquerade:        true,
 		FastPath:          true,
+		OneCopy:           true,
 		ForwardAccept:     true,
 		HostCheckInterval: router.DefaultHostCheckInterval,
 		LinkRxLimit:       endpoint.RxLimit{PacketsPerSecond: DefaultLinkMaxPPS},

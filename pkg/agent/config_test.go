@@ -113,7 +113,7 @@ func TestConfigFlags(t *testing.T) {
 		"--service-cidr", "10.96.0.0/12,fd00:10:96::/108",
 		"--uplink", "up0", "--mtu", "9000", "--shm-mtu", "16000", "--socket", "/run/x.sock", "--state-dir", "/var/lib/x", "--sandbox-dir", "/run/x",
 		"--metrics-addr", ":9999", "--masquerade=false", "--log-level", "debug",
-		"--link-max-pps", "20000", "--link-max-bytes", "1e8", "--fast-path=false", "--one-copy",
+		"--link-max-pps", "20000", "--link-max-bytes", "1e8", "--fast-path=false", "--one-copy=false",
 		"--forward-accept=false", "--ip-forward", "--host-check-interval", "5s", "--poll-max", "50us",
 		"--cni-chained-binaries", "/usr/local/bin/portmap, /usr/local/bin/tuning", "--cni-chained-binaries", "/usr/local/bin/bandwidth",
 	})
@@ -127,7 +127,7 @@ func TestConfigFlags(t *testing.T) {
 		Uplink:       "up0", MTU: 9000, ShmMTU: 16000, SocketPath: "/run/x.sock", StateDir: "/var/lib/x", SandboxDir: "/run/x",
 		MetricsAddr: ":9999", Masquerade: false, LogLevel: slog.LevelDebug,
 		LinkRxLimit:   endpoint.RxLimit{PacketsPerSecond: 20000, BytesPerSecond: 1e8},
-		ForwardAccept: false, IPForward: true, HostCheckInterval: 5 * time.Second, PollMax: 50 * time.Microsecond, OneCopy: true,
+		ForwardAccept: false, IPForward: true, HostCheckInterval: 5 * time.Second, PollMax: 50 * time.Microsecond, OneCopy: false,
 		CNIChainedBinaries: []string{"/usr/local/bin/portmap", "/usr/local/bin/tuning", "/usr/local/bin/bandwidth"},
 	}
 	if got := c; !equalConfig(got, want) {

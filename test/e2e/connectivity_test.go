@@ -115,11 +115,12 @@ func TestEgressWithoutMasquerade(t *testing.T) {
 // (shm_cni_link_fast_path_packets_total): every packet from sandbox to
 // sandbox, and the acknowledgements of a kernel pod's stream (its data, the
 // kernel's TCP super-packets, cross through the netstack, see pkg/endpoint/gso.go); with
-// --fast-path=false the same transfers pass and nothing takes it.
+// --fast-path=false the same transfers pass and nothing takes it. Its
+// agents run with --one-copy=false, and no frame goes in one copy.
 func TestFastPath(t *testing.T) {
 	for _, fast := range []bool{true, false} {
 		t.Run(fmt.Sprintf("fast-path=%t", fast), func(t *testing.T) {
-			n := newNode(t, node.Options{ExtraAgentArgs: []string{fmt.Sprintf("--fast-path=%t", fast)}})
+			n := newNode(t, node.Options{ExtraAgentArgs: []string{fmt.Sprintf("--fast-path=%t", fast), "--one-copy=false"}})
 			ctx := testContext(t)
 			k1, k2, s1, s2 := fourPods(t, ctx, n)
 			metric := func(p *node.Pod, name string, labels ...string) float64 {
@@ -147,7 +148,7 @@ func TestFastPath(t *testing.T) {
 			k2Fast := metric(k2, "shm_cni_link_fast_path_packets_total", "direction", "receive")
 			t.Logf("s1 sent %.0f packets, %.0f on the fast path; s2 got %.0f on it; k2 sent %.0f on it", s1Rx, s1Fast, s2Fast, k2Fast)
 			if oneCopy := metric(s2, "shm_cni_link_one_copy_total"); oneCopy != 0 {
-				t.Errorf("without --one-copy, s2 got %.0f frames in one copy", oneCopy)
+				t.Errorf("with --one-copy=false, s2 got %.0f frames in one copy", oneCopy)
 			}
 			if !fast {
 				if s1Fast+s2Fast+k2Fast != 0 {
@@ -167,14 +168,14 @@ func TestFastPath(t *testing.T) {
 	}
 }
 
-// TestOneCopy runs the agent with --one-copy: verified transfers from a
-// sandbox to a sandbox, to a kernel pod and beyond the node arrive whole,
-// in both families, and the links to the sandbox and the kernel pod count
-// frames written straight from the sender's shared memory
-// (shm_cni_link_one_copy_total); the links of the default agent count none
-// (TestFastPath's node).
+// TestOneCopy runs the default agent (--one-copy on): verified transfers
+// from a sandbox to a sandbox, to a kernel pod and beyond the node arrive
+// whole, in both families, and the links to the sandbox and the kernel pod
+// count frames written straight from the sender's shared memory
+// (shm_cni_link_one_copy_total); with --one-copy=false they count none
+// (TestFastPath's nodes).
 func TestOneCopy(t *testing.T) {
-	n := newNode(t, node.Options{ExtraAgentArgs: []string{"--one-copy"}})
+	n := newNode(t, node.Options{})
 	ctx := testContext(t)
 	k1, _, s1, s2 := fourPods(t, ctx, n)
 	for _, v6 := range []bool{false, true} {
