@@ -55,7 +55,7 @@ FUZZ_TARGETS ?= \
 	./test/e2e/node:FuzzParseSinkLine \
 	./test/e2e/node:FuzzParseSentLine
 
-.PHONY: all build deps test test-unit test-full lint fuzz bench bench-snapshot bench-endpoint bench-hostile demo image clean
+.PHONY: all build deps test test-unit test-full lint fuzz bench bench-snapshot bench-runsc-snapshot bench-endpoint bench-hostile demo image clean
 
 all: build
 
@@ -96,8 +96,10 @@ fuzz:
 	done
 
 # bench writes $(BIN)/bench.md, bench.json and bench.svg; never part of test.
-# bench-snapshot copies the latest results (make bench, make bench-runsc)
-# into docs/bench, the committed snapshot.
+# bench-snapshot copies make bench's latest results into docs/bench, the
+# committed snapshot; bench-runsc-snapshot copies make bench-runsc's. Apart,
+# so that a partial run of one (NETWORKS=..., REPS=...) left in $(BIN) never
+# rides along with a snapshot of the other.
 bench: deps
 	@hack/bench-deps.sh
 	$(GO) run ./test/bench -out $(BIN) $(BENCH_FLAGS)
@@ -105,7 +107,10 @@ bench: deps
 bench-snapshot:
 	@test -f $(BIN)/bench.md || { echo "no $(BIN)/bench.md: run make bench first"; exit 1; }
 	cp $(BIN)/bench.md $(BIN)/bench.json $(BIN)/bench.svg docs/bench/
-	@if [ -f $(BIN)/bench-runsc.md ]; then cp $(BIN)/bench-runsc.md docs/bench/; fi
+
+bench-runsc-snapshot:
+	@test -f $(BIN)/bench-runsc.md || { echo "no $(BIN)/bench-runsc.md: run make bench-runsc first"; exit 1; }
+	cp $(BIN)/bench-runsc.md docs/bench/
 
 bench-endpoint: deps
 	@mkdir -p $(BIN)
