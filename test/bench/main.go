@@ -126,6 +126,10 @@ func parseFlags() (config, error) {
 	if c.bytes < 0 || c.rttCount <= 0 || c.cniPods <= 0 || c.idleWindow <= 0 || c.tputTime < time.Second {
 		return c, fmt.Errorf("sizes must be positive (-bytes 0 or more, -time at least 1s)")
 	}
+	if c.tputTime%time.Second != 0 {
+		// iperf3 takes whole seconds; the timed transfers must run as long.
+		return c, fmt.Errorf("-time %v: want whole seconds (iperf3's -t)", c.tputTime)
+	}
 	return c, nil
 }
 

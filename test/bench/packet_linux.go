@@ -250,13 +250,7 @@ func (r *packetRef) transfer(ctx context.Context, streams int, amt node.Amount) 
 // send runs one sender sandbox in e's namespace and returns the bytes it
 // sent and the time it reports.
 func (r *packetRef) send(ctx context.Context, e kend, to netip.AddrPort, amt node.Amount) (int64, time.Duration, error) {
-	args := []string{"--mode", "send", "--to", to.String(), "--verify=false"}
-	if amt.Duration > 0 {
-		args = append(args, "--duration", amt.Duration.String())
-	} else {
-		args = append(args, "--bytes", strconv.FormatInt(amt.Bytes, 10))
-	}
-	lr, err := r.start(ctx, e, args...)
+	lr, err := r.start(ctx, e, append([]string{"--mode", "send", "--to", to.String(), "--verify=false"}, amt.SenderArgs()...)...)
 	if err != nil {
 		return 0, 0, err
 	}

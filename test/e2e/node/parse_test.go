@@ -2,6 +2,7 @@ package node
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 )
@@ -120,4 +121,21 @@ func FuzzParseSentLine(f *testing.F) {
 			t.Errorf("ParseSentLine(%q) = %d without error", line, n)
 		}
 	})
+}
+
+// TestAmountSenderArgs checks the sandbox program's flags for an amount:
+// a duration when set, else bytes.
+func TestAmountSenderArgs(t *testing.T) {
+	for _, c := range []struct {
+		a    Amount
+		want string
+	}{
+		{Amount{Bytes: 1 << 20}, "--bytes 1048576"},
+		{Amount{Duration: 3 * time.Second}, "--duration 3s"},
+		{Amount{Bytes: 5, Duration: time.Second}, "--duration 1s"},
+	} {
+		if got := strings.Join(c.a.SenderArgs(), " "); got != c.want {
+			t.Errorf("%+v: %q, want %q", c.a, got, c.want)
+		}
+	}
 }

@@ -125,6 +125,14 @@ type Amount struct {
 	Duration time.Duration
 }
 
+// SenderArgs are the sandbox program's flags for sending a.
+func (a Amount) SenderArgs() []string {
+	if a.Duration > 0 {
+		return []string{"--duration", a.Duration.String()}
+	}
+	return []string{"--bytes", strconv.FormatInt(a.Bytes, 10)}
+}
+
 // MiBps is the transfer's throughput in MiB/s.
 func (t Transfer) MiBps() float64 {
 	if t.Duration <= 0 {
@@ -347,12 +355,7 @@ func sendFrom(ctx context.Context, n ns.NetNS, to netip.AddrPort, amt Amount, ve
 // to, and returns the bytes it sent and the time it reports from
 // connection to the receiver's close.
 func (n *Node) sandboxSend(ctx context.Context, p *Pod, to netip.AddrPort, amt Amount) (int64, time.Duration, *SenderTCP, error) {
-	args := []string{"--mode", "send", "--to", to.String(), "--verify=" + strconv.FormatBool(!n.opts.NoVerify)}
-	if amt.Duration > 0 {
-		args = append(args, "--duration", amt.Duration.String())
-	} else {
-		args = append(args, "--bytes", strconv.FormatInt(amt.Bytes, 10))
-	}
+	args := append([]string{"--mode", "send", "--to", to.String(), "--verify=" + strconv.FormatBool(!n.opts.NoVerify)}, amt.SenderArgs()...)
 	if dl, ok := ctx.Deadline(); ok && time.Until(dl) > time.Second {
 		args = append(args, "--timeout", time.Until(dl).Round(time.Second).String())
 	}
