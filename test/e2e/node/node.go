@@ -31,6 +31,10 @@ var (
 	Outside6 = netip.MustParsePrefix("2001:db8:2::2/64")
 )
 
+// closeGrace is how long Close gives the sandbox programs to exit after
+// SIGTERM before it kills them.
+const closeGrace = time.Second
+
 // Interface names in the host and outside namespaces.
 const (
 	// Uplink is the agent's TUN device in the host namespace.
@@ -217,9 +221,18 @@ func (n *Node) Close() error {
 	for _, p := range pods {
 		p.stopServer()
 	}
+	// SIGTERM first, so that a sandbox program ends as it would in a
+	// pod (and writes its profile, see the sandbox command); a second
+	// later, those still running are killed.
+	var wg sync.WaitGroup
 	for _, s := range sandboxes {
-		s.proc.kill()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.proc.stopWithin(closeGrace)
+		}()
 	}
+	wg.Wait()
 	if a != nil {
 		a.proc.kill()
 	}

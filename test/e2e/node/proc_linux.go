@@ -158,7 +158,10 @@ func (p *process) exited() (bool, error) {
 // stop sends SIGTERM to the process (by its pid), waits for it to exit and
 // kills it if it does not within stopGrace. It returns the exit error: nil
 // when the process exited with status 0.
-func (p *process) stop() error {
+func (p *process) stop() error { return p.stopWithin(stopGrace) }
+
+// stopWithin is stop with a grace of d.
+func (p *process) stopWithin(d time.Duration) error {
 	p.stopOnce.Do(func() {
 		if ok, _ := p.exited(); ok {
 			return
@@ -168,7 +171,7 @@ func (p *process) stop() error {
 		}
 		select {
 		case <-p.done:
-		case <-time.After(stopGrace):
+		case <-time.After(d):
 			p.cmd.Process.Kill()
 			<-p.done
 		}

@@ -18,6 +18,10 @@
 // SIGINT. A sender prints "sent ..." once the receiver closed, then its
 // netstack's TCP counters and its link's drops ("tcp: segments N, acks N,
 // retransmits N, recoveries N, spurious N, timeouts N, link drops N"). The pattern byte at offset i is byte((i * 0x9E3779B1) >> 24).
+//
+// With SHM_SANDBOX_CPUPROFILE=DIR in its environment (which the tests and
+// the benchmark pass on to it), the program writes a CPU profile of its
+// whole run to DIR/sandbox-MODE-PID.pprof, for go tool pprof.
 package main
 
 import (
@@ -30,6 +34,8 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"runtime/pprof"
 	"syscall"
 	"time"
 
@@ -106,6 +112,15 @@ func run() int {
 		s.Wait()
 	}()
 	fmt.Fprintf(os.Stderr, "sandbox: link up: mac %s, addresses %v, mtu %d\n", cfg.MAC, cfg.Addresses, cfg.MTU)
+	// Stopped before the link's teardown, which may not end well.
+	if dir := os.Getenv("SHM_SANDBOX_CPUPROFILE"); dir != "" {
+		stopProfile, err := startCPUProfile(filepath.Join(dir, fmt.Sprintf("sandbox-%s-%d.pprof", *mode, os.Getpid())))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "sandbox:", err)
+			return 1
+		}
+		defer stopProfile()
+	}
 
 	switch *mode {
 	case "echo", "sink", "http":
@@ -122,6 +137,25 @@ func run() int {
 		return 1
 	}
 	return 0
+}
+
+// startCPUProfile profiles the program's CPU into path until the returned
+// function runs.
+func startCPUProfile(path string) (func(), error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		if err := f.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "sandbox: cpu profile:", err)
+		}
+	}, nil
 }
 
 // newStack returns the sandbox's netstack, without NIC.
