@@ -1,6 +1,8 @@
 package router
 
 import (
+	"sync"
+
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
@@ -73,6 +75,23 @@ func (src *fastDst) copyHeld(pkt *stack.PacketBuffer) {
 // or IPv4 (no options: the fast path's) and TCP with options.
 const maxDirectHeaders = header.EthernetMinimumSize + header.IPv6MinimumSize + header.TCPHeaderMaximumSize
 
+// directScratch is writeDirect's room for a frame's rewritten headers, its
+// parts and its GSO options, which would otherwise be allocated for every
+// frame (they reach an interface method).
+type directScratch struct {
+	headers [maxDirectHeaders]byte
+	parts   [2 + 40][]byte
+	gso     stack.GSO
+}
+
+var directScratches = sync.Pool{New: func() any { return new(directScratch) }}
+
+// put returns sc to the pool, holding no packet's memory.
+func (sc *directScratch) put() {
+	clear(sc.parts[:])
+	directScratches.Put(sc)
+}
+
 // writeDirect writes pkt, a TCP super-packet of size bytes that src holds
 // and the fast path routes whole to d with a partial checksum, as one frame
 // from src's peer memory to d's peer, and reports whether d took it. It makes the
@@ -91,7 +110,9 @@ func writeDirect(src, d *fastDst, protocol tcpip.NetworkProtocolNumber, pkt *sta
 	if !ok {
 		return false
 	}
-	var hbuf [maxDirectHeaders]byte
+	sc := directScratches.Get().(*directScratch)
+	defer sc.put()
+	hbuf := &sc.headers
 	eth := 0
 	if d.podMAC != "" {
 		header.Ethernet(hbuf[:]).Encode(&header.EthernetFields{SrcAddr: d.gwMAC, DstAddr: d.podMAC, Type: protocol})
@@ -102,11 +123,10 @@ func writeDirect(src, d *fastDst, protocol tcpip.NetworkProtocolNumber, pkt *sta
 	decrementTTL(protocol, hb)
 	th := header.TCP(hb[tcp.l3:])
 	th.SetChecksum(header.PseudoHeaderChecksum(header.TCPProtocolNumber, tcp.src, tcp.dst, uint16(size-tcp.l3)))
-	var partsBuf [2 + 40][]byte
-	parts := append(partsBuf[:0], hbuf[:eth+hdrLen], ip[hdrLen:head])
+	parts := append(sc.parts[:0], hbuf[:eth+hdrLen], ip[hdrLen:head])
 	parts = append(parts, rest...)
-	gso := tcp.gsoOptions(mss)
-	if !d.direct.WriteFrame(parts, eth+size, &gso) {
+	sc.gso = tcp.gsoOptions(mss)
+	if !d.direct.WriteFrame(parts, eth+size, &sc.gso) {
 		return false
 	}
 	src.counters.rxPackets.Add(1)

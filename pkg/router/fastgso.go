@@ -77,12 +77,12 @@ type tcpSegment struct {
 	src, dst tcpip.Address
 }
 
-// parseTCPSegment returns pkt (size bytes, its IP header checked by the
+// parseTCPSegment parses pkt (size bytes, its IP header checked by the
 // fast path: IPv4 without options or IPv6 without hop-by-hop options) as a
-// TCP segment with data, or nil: not TCP, an IPv4 fragment, a TCP header
-// that does not parse, or no data past it.
-func parseTCPSegment(protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer, size int) *tcpSegment {
-	s := &tcpSegment{}
+// TCP segment with data into s, and returns s, or nil: not TCP, an IPv4
+// fragment, a TCP header that does not parse, or no data past it. s is the
+// caller's (on its stack: one allocation less per packet).
+func parseTCPSegment(s *tcpSegment, protocol tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer, size int) *tcpSegment {
 	switch protocol {
 	case header.IPv4ProtocolNumber:
 		b, _ := pkt.Data().PullUp(header.IPv4MinimumSize) // checked by forward

@@ -247,27 +247,28 @@ func (f *fastPath) route(src *fastDst, links *fastLinks, to *fastDst, protocol t
 	if d.counters == self {
 		return false
 	}
+	var seg tcpSegment
 	var tcp *tcpSegment
 	switch {
 	case super:
 		// Whole to a link that takes TCP GSO, or whole with its
 		// checksum completed to one whose MTU it fits; anything else
 		// goes to gVisor, and the link cuts it into segments.
-		if tcp = parseTCPSegment(protocol, pkt, size); tcp == nil || size > maxMTU || (!d.tcpGSO && uint32(size) > d.mtu) {
+		if tcp = parseTCPSegment(&seg, protocol, pkt, size); tcp == nil || size > maxMTU || (!d.tcpGSO && uint32(size) > d.mtu) {
 			return false
 		}
 	case uint32(size) > d.mtu && to == nil:
 		// Too big for the destination: a TCP segment is handed to a
 		// link that takes TCP GSO as a super-packet; anything else goes
 		// to gVisor (ICMP, fragments).
-		if tcp = parseTCPSegment(protocol, pkt, size); tcp == nil || !d.tcpGSO || size > maxMTU {
+		if tcp = parseTCPSegment(&seg, protocol, pkt, size); tcp == nil || !d.tcpGSO || size > maxMTU {
 			return false
 		}
 	case uint32(size) > d.mtu:
 		// Too big for the uplink, toward the host: a TCP segment the
 		// host's kernel segments (the uplink takes GSO), anything else
 		// as it is.
-		if tcp = parseTCPSegment(protocol, pkt, size); tcp != nil && (!d.tcpGSO || size > maxMTU) {
+		if tcp = parseTCPSegment(&seg, protocol, pkt, size); tcp != nil && (!d.tcpGSO || size > maxMTU) {
 			tcp = nil
 		}
 	}

@@ -146,13 +146,21 @@ func follows(first, s *segment, n int) bool {
 		bytes.Equal(tA[header.TCPMinimumSize:a.L4], tB[header.TCPMinimumSize:b.L4]) // options
 }
 
+// runScratch is the room coalesceRuns keeps a run in: the receive loop's
+// own, so that a batch allocates nothing (on the heap, as it must be, since
+// deliver is a function value, a run cost an allocation of its full size
+// per batch, a tenth of the agent's CPU between two sandboxes).
+type runScratch [rxBatch]segment
+
 // coalesceRuns calls deliver once per frame of views, in order, for each
 // frame that joins no other, and once per run of at least two, with the run's
-// frames (see above). deliver takes ownership of the views it is given.
-func coalesceRuns(views []*buffer.View, ethernet bool, deliver func(run []segment, single *buffer.View)) {
+// frames (see above), kept in scratch. deliver takes ownership of the views
+// it is given.
+func coalesceRuns(views []*buffer.View, ethernet bool, scratch *runScratch, deliver func(run []segment, single *buffer.View)) {
 	var run []segment
-	var runBytes [rxBatch]segment
-	n := 0 // payload bytes in run
+	n := 0    // payload bytes in run
+	used := 0 // of scratch, cleared on return (it holds views)
+	defer func() { clear(scratch[:used]) }()
 	flush := func() {
 		switch len(run) {
 		case 0:
@@ -161,9 +169,10 @@ func coalesceRuns(views []*buffer.View, ethernet bool, deliver func(run []segmen
 		default:
 			deliver(run, nil)
 		}
-		run, n = runBytes[:0], 0
+		used = max(used, len(run))
+		run, n = scratch[:0], 0
 	}
-	run = runBytes[:0]
+	run = scratch[:0]
 	for _, v := range views {
 		s, ok := coalescable(v, ethernet)
 		if !ok {

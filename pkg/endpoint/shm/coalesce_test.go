@@ -55,7 +55,7 @@ func runCoalesce(vs []*buffer.View, ethernet bool) ([]delivery, [][]byte, []uint
 	var got []delivery
 	var joined [][]byte
 	var mss []uint16
-	coalesceRuns(vs, ethernet, func(run []segment, single *buffer.View) {
+	coalesceRuns(vs, ethernet, new(runScratch), func(run []segment, single *buffer.View) {
 		if single != nil {
 			got = append(got, delivery{single})
 			joined = append(joined, nil)
@@ -302,7 +302,7 @@ func FuzzCoalesce(f *testing.F) {
 		vs := views(frames)
 		in := slices.Clone(vs)
 		var order []*buffer.View
-		coalesceRuns(vs, ethernet, func(run []segment, single *buffer.View) {
+		coalesceRuns(vs, ethernet, new(runScratch), func(run []segment, single *buffer.View) {
 			if single != nil {
 				order = append(order, single)
 				return
@@ -428,5 +428,40 @@ func TestCoalesceOverQueue(t *testing.T) {
 				t.Fatalf("super-packet does not carry the stream (%v)", err)
 			}
 		})
+	}
+}
+
+// TestCoalesceRunsAllocatesNothing: a receive batch with a run and frames
+// delivered alone costs no allocation (the run is kept in the receive
+// loop's scratch), and the scratch holds no view once the batch is done.
+func TestCoalesceRunsAllocatesNothing(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates")
+	}
+	payload := bytes.Repeat([]byte{7}, 8*1460)
+	frames := stream(false, true, 12, payload, 1460)
+	arp := make([]byte, header.EthernetMinimumSize+header.ARPSize)
+	header.Ethernet(arp).Encode(&header.EthernetFields{Type: header.ARPProtocolNumber})
+	frames = append(frames, arp)
+	vs := views(frames)
+	scratch := new(runScratch)
+	runs, singles := 0, 0
+	deliver := func(run []segment, single *buffer.View) {
+		if single != nil {
+			singles++
+		} else {
+			runs++
+		}
+	}
+	if allocs := testing.AllocsPerRun(100, func() { coalesceRuns(vs, true, scratch, deliver) }); allocs != 0 {
+		t.Errorf("coalesceRuns allocated %v times a batch, want 0", allocs)
+	}
+	if runs == 0 || singles == 0 {
+		t.Fatalf("%d runs and %d frames alone: the batch did not exercise both", runs, singles)
+	}
+	for i := range scratch {
+		if scratch[i].v != nil {
+			t.Fatalf("scratch[%d] still holds a view after the batch", i)
+		}
 	}
 }

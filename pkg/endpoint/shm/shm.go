@@ -171,6 +171,9 @@ type queueEndpoint struct {
 	// held is the receive loop's record of held frames (direct.go), nil
 	// until holding is first used.
 	held *heldState
+	// runs is the receive loop's room for coalescing (coalesce.go), nil
+	// on a link that does not coalesce.
+	runs *runScratch
 	// rxMeta returns the meta word of the frame rx returned last (a
 	// server's, or a client's that accepts RxGSO), nil otherwise; immutable.
 	rxMeta  func() uint32
@@ -225,6 +228,7 @@ func newQueueEndpoint(o *Options, rx ringReader, tx ringWriter, rxEventFD, txEve
 	if o.Forwarding {
 		l.caps |= stack.CapabilityTXChecksumOffload
 		l.coalesce = true
+		l.runs = new(runScratch)
 		l.forward = true
 	}
 	switch r := rx.(type) {
@@ -721,7 +725,7 @@ func (l *queueEndpoint) deliverPlain(d stack.NetworkDispatcher, views []*buffer.
 		}
 		return
 	}
-	coalesceRuns(views, l.framing == endpoint.Ethernet, func(run []segment, single *buffer.View) {
+	coalesceRuns(views, l.framing == endpoint.Ethernet, l.runs, func(run []segment, single *buffer.View) {
 		if single != nil {
 			l.deliver(d, single)
 			return
