@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -137,10 +138,27 @@ func (b *bench) close() error {
 	b.procs, b.nodes, b.netns = nil, nil, nil
 	b.mu.Unlock()
 	var errs []error
+	// SIGTERM first, so that the sandbox programs end as they would in a
+	// pod (and write their profiles: SHM_SANDBOX_CPUPROFILE); a second
+	// later, those still running are killed.
+	var wg sync.WaitGroup
 	for _, p := range procs {
-		p.Process.Kill()
-		p.Wait()
+		p.Process.Signal(syscall.SIGTERM)
+		wg.Go(func() {
+			done := make(chan struct{})
+			go func() {
+				p.Wait()
+				close(done)
+			}()
+			select {
+			case <-done:
+			case <-time.After(time.Second):
+				p.Process.Kill()
+				<-done
+			}
+		})
 	}
+	wg.Wait()
 	for _, n := range nodes {
 		errs = append(errs, n.Close())
 	}
