@@ -41,6 +41,8 @@ var (
 		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
 	descThrottled = prometheus.NewDesc("shm_cni_link_receive_throttled_total",
 		"Pauses of the agent's reading from the pod's link because the pod sent more than its limit (--link-max-pps, --link-max-bytes).", linkLabels, nil)
+	descTxWaits = prometheus.NewDesc("shm_cni_link_transmit_waits_total",
+		"Frames for the pod that found its receive queue full and waited for room (--shm-tx-wait) instead of being dropped at once.", linkLabels, nil)
 	descOneCopy = prometheus.NewDesc("shm_cni_link_one_copy_total",
 		"Frames the agent wrote to the pod straight from a sandbox's shared memory, copied once (large TCP segments on the fast path; the rest cross private memory).", linkLabels, nil)
 	descBandwidthDelayed = prometheus.NewDesc("shm_cni_link_bandwidth_delayed_total",
@@ -134,7 +136,7 @@ var _ prometheus.Collector = (*linkCollector)(nil)
 // Describe implements prometheus.Collector.Describe.
 func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRxPackets, descRxBytes, descTxPackets, descTxBytes,
-		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descOneCopy, descFast, descBandwidthDelayed, descBandwidthDrops, descLinkUp, descAttachments, descUnrouted,
+		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descOneCopy, descTxWaits, descFast, descBandwidthDelayed, descBandwidthDrops, descLinkUp, descAttachments, descUnrouted,
 		descHairpinConns, descHairpinAdded, descHairpinRefused, descHairpinPackets, descHairpinDropped, descHostForwarding, descHostRepairs,
 		descPolicyDenied, descNetworkPolicyDenied, descPolicyRefused, descPolicyConns, descPolicyProblems} {
 		ch <- d
@@ -178,6 +180,7 @@ func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
 			counter(descViolations, e.Violations)
 			counter(descThrottled, e.RxThrottled)
 			counter(descOneCopy, e.TxOneCopy)
+			counter(descTxWaits, e.TxWaits)
 		}
 	}
 	kinds := make([]string, 0, len(byKind))

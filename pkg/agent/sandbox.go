@@ -106,7 +106,8 @@ func (a *Agent) attachSandbox(rec *record, files []*os.File) (*sandboxLink, erro
 func (a *Agent) startSandbox(rec *record, pair *queue.Pair) (*sandboxLink, error) {
 	id := rec.key().String()
 	path := sandboxSocketPath(a.cfg.SandboxDir, rec.key())
-	return newSandboxLink(path, id, rec, pair, a.cfg.LinkRxLimit, a.cfg.pollOption(), a.router, a.log.With("link", id))
+	tuning := serverTuning{limit: a.cfg.LinkRxLimit, poll: a.cfg.pollOption(), txWait: a.cfg.ShmTxWait}
+	return newSandboxLink(path, id, rec, pair, tuning, a.router, a.log.With("link", id))
 }
 
 // sandboxLink is a sandbox's shared-memory link (a podLink): it accepts
@@ -125,8 +126,7 @@ type sandboxLink struct {
 	link   router.Link       // the router link's addressing; immutable
 	config shm.LinkConfig    // what each sandbox gets; immutable
 	sizes  queue.Sizes       // immutable
-	limit  endpoint.RxLimit  // each session's receive limit; immutable
-	poll   time.Duration     // each session's shm.Options.Poll; immutable
+	tuning serverTuning      // each session's; immutable
 	path   string            // the socket's path; immutable
 	router *router.Router    // immutable
 	log    *slog.Logger      // immutable
@@ -172,7 +172,14 @@ func sandboxSocketPath(dir string, k linkspec.Key) string {
 // newSandboxLink listens on path and starts accepting sandboxes. pair, if not
 // nil, is the first session's queue pair; the link owns it from the call
 // on, whether it succeeds or not.
-func newSandboxLink(path, linkID string, rec *record, pair *queue.Pair, limit endpoint.RxLimit, poll time.Duration, r *router.Router, log *slog.Logger) (*sandboxLink, error) {
+// serverTuning is how a sandbox link's server endpoints run: their
+// shm.Options RxLimit, Poll and TxWait.
+type serverTuning struct {
+	limit        endpoint.RxLimit
+	poll, txWait time.Duration
+}
+
+func newSandboxLink(path, linkID string, rec *record, pair *queue.Pair, tuning serverTuning, r *router.Router, log *slog.Logger) (*sandboxLink, error) {
 	ln, err := agentapi.Listen(path)
 	if err != nil {
 		if pair != nil {
@@ -185,8 +192,7 @@ func newSandboxLink(path, linkID string, rec *record, pair *queue.Pair, limit en
 		link:   rec.routerLink(),
 		config: linkConfigFor(rec),
 		sizes:  *rec.Queue,
-		limit:  limit,
-		poll:   poll,
+		tuning: tuning,
 		path:   path,
 		router: r,
 		log:    log,
@@ -289,8 +295,9 @@ func (s *sandboxLink) serve(conn *net.UnixConn) {
 				TxGSO: true,
 				// As the link config offers too.
 				RxGSO:   true,
-				RxLimit: s.limit,
-				Poll:    s.poll,
+				RxLimit: s.tuning.limit,
+				Poll:    s.tuning.poll,
+				TxWait:  s.tuning.txWait,
 				// OnClosed runs on the endpoint's goroutine and must
 				// not wait for it: end the session on our own.
 				OnClosed: func(reason error) {

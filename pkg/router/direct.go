@@ -47,6 +47,22 @@ type frameWriter interface {
 	WriteFrame(parts [][]byte, total int, gso *stack.GSO) bool
 }
 
+// packetsWaiter is a link endpoint whose writes may wait a little for room
+// in its peer's ring (shm.Server): the fast path writes a pod's packets to
+// it so, and the pod's link waits, not the router's shared ones.
+type packetsWaiter interface {
+	WritePacketsWaiting(pkts stack.PacketBufferList) (int, tcpip.Error)
+}
+
+// setWaiter gives the fast path's view of a new link the endpoint's waiting
+// writes, when it has them and no bandwidth limit (whose shaper must see
+// every packet written to the link).
+func setWaiter(d *fastDst, ep stack.LinkEndpoint, limited bool) {
+	if w, ok := ep.(packetsWaiter); ok && !limited {
+		d.waiter = w
+	}
+}
+
 // setDirect gives the fast path's view of a new link the endpoint's held
 // frames and one-copy writes, when the router has them on (Config.OneCopy)
 // and the fast path, and the link has no bandwidth limit.

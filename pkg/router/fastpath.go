@@ -89,8 +89,11 @@ type fastDst struct {
 	partial partialChecksumWriter
 	// held, when not nil, delivers large frames held in the pod's memory,
 	// and direct writes frames to the pod in one copy (direct.go).
-	held     heldSource
-	direct   frameWriter
+	held   heldSource
+	direct frameWriter
+	// waiter, when not nil, writes packets from a pod's link to this one
+	// waiting for room (direct.go); the uplink's go through ep.
+	waiter   packetsWaiter
 	gwMAC    tcpip.LinkAddress // the router's MAC on the link
 	podMAC   tcpip.LinkAddress // empty on links without Ethernet headers
 	counters *fastCounters     // the destination link's
@@ -355,8 +358,17 @@ func (f *fastPath) route(src *fastDst, links *fastLinks, to *fastDst, protocol t
 	var l stack.PacketBufferList
 	l.PushBack(out)
 	// Our endpoints take every packet (a full queue drops and counts in
-	// the endpoint's own stats), as they do from the slow path.
-	if n, err := d.ep.WritePackets(l); n == 1 && err == nil {
+	// the endpoint's own stats), as they do from the slow path; a pod's
+	// packet to a sandbox whose ring is full first waits a little,
+	// holding up its own link only.
+	var n int
+	var err tcpip.Error
+	if d.waiter != nil && !src.uplink {
+		n, err = d.waiter.WritePacketsWaiting(l)
+	} else {
+		n, err = d.ep.WritePackets(l)
+	}
+	if n == 1 && err == nil {
 		d.counters.txPackets.Add(1)
 		d.counters.txBytes.Add(uint64(size))
 	}

@@ -87,6 +87,7 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 		fast.podMAC = l.PodMAC
 	}
 	setDirect(fast, ep, bw != nil, &r.cfg)
+	setWaiter(fast, ep, bw != nil)
 	filter.self = fast
 	nicID := r.stack.NextNICID()
 	if err := r.stack.CreateNICWithOptions(nicID, wrapped, stack.NICOptions{Name: podNICPrefix + id}); err != nil {

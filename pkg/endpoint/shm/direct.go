@@ -1,8 +1,6 @@
 package shm
 
 import (
-	"time"
-
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
@@ -116,7 +114,8 @@ func heldPayload(head *buffer.View, size int) buffer.Buffer {
 // having written nothing, when the link does not take the frame as it is (a
 // partial checksum the client did not accept, a frame larger than the
 // link's): the caller then writes the packet the usual way. A full queue
-// drops the frame and counts it, as WritePackets does.
+// waits up to Options.TxWait as WritePacketsWaiting does, then drops the
+// frame and counts it.
 func (s *Server) WriteFrame(parts [][]byte, total int, gso *stack.GSO) bool {
 	var meta uint32
 	if gso.Type != stack.GSONone {
@@ -142,7 +141,7 @@ func (s *Server) WriteFrame(parts [][]byte, total int, gso *stack.GSO) bool {
 		return true
 	}
 	sent := s.stats.TxPackets.Load()
-	var waited time.Duration
+	waited := txWaiting{limit: s.podWait}
 	if violation = s.sendLocked(parts, total, meta, &waited); violation != nil {
 		return true
 	}

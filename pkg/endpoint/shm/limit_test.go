@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
@@ -193,5 +194,96 @@ func TestClientWaitsThenDrops(t *testing.T) {
 	}
 	if st.TxDrops == 0 {
 		t.Error("the writer never dropped on a ring that stays full")
+	}
+}
+
+// serverClientPair is newLinkPair with the server's TxWait.
+func serverClientPair(t *testing.T, txWait time.Duration) (*Server, *Client) {
+	t.Helper()
+	// 32 buffers of 2 KiB: the client posts them all at the start.
+	p, err := queue.NewPair(queue.Sizes{DataSize: 64 << 10, PipeSize: 16 << 10, BufferSize: 2048})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	srv, err := NewServer(Options{Pair: p, MTU: 1500, PeerFD: -1, TxWait: txWait})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := NewClient(Options{Pair: p, MTU: 1500, BufferSize: 2048, PeerFD: -1})
+	if err != nil {
+		srv.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		srv.Close()
+		cli.Close()
+		srv.Wait()
+		cli.Wait()
+	})
+	return srv, cli
+}
+
+// TestServerTxWaitStuckClient: with a client that takes nothing (its
+// receive loop never runs), WritePackets fills the ring and drops without
+// waiting (the router's slow path); WritePacketsWaiting waits once, drops,
+// and then waits no more until the client frees room: a stuck sandbox costs
+// the pods writing to it one wait, not one per frame.
+func TestServerTxWaitStuckClient(t *testing.T) {
+	srv, cli := serverClientPair(t, 5*time.Millisecond)
+	write := func(f func(stack.PacketBufferList) (int, tcpip.Error), n int) {
+		pkts := ipPackets(n, 1000)
+		f(pkts)
+		pkts.Reset()
+	}
+	write(srv.WritePackets, 40)
+	st := srv.Stats().Snapshot()
+	if st.TxPackets != 32 || st.TxDrops != 8 || st.TxWaits != 0 {
+		t.Fatalf("WritePackets of 40 frames to a ring of 32 free buffers: %d sent, %d dropped, %d waited; want 32, 8, 0", st.TxPackets, st.TxDrops, st.TxWaits)
+	}
+	write(srv.WritePacketsWaiting, 1)
+	write(srv.WritePacketsWaiting, 5)
+	write(srv.WritePacketsWaiting, 1)
+	st = srv.Stats().Snapshot()
+	if st.TxPackets != 32 || st.TxDrops != 15 || st.TxWaits != 1 {
+		t.Errorf("7 waiting writes to the full ring: %d sent, %d dropped, %d waited; want 32, 15, 1 (one wait, then none)", st.TxPackets, st.TxDrops, st.TxWaits)
+	}
+	// The client comes back: it takes its 32 frames and posts the
+	// buffers again, and frames go once more.
+	got := &counter{}
+	cli.Attach(got)
+	deadline := time.Now().Add(time.Minute) // a hang guard
+	for got.n.Load() < 32 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	for srv.Stats().TxPackets.Load() == 32 && time.Now().Before(deadline) {
+		write(srv.WritePacketsWaiting, 1)
+	}
+	if st := srv.Stats().Snapshot(); st.TxPackets != 33 {
+		t.Errorf("after the client took its frames: %d sent, want 33", st.TxPackets)
+	}
+}
+
+// TestServerTxWaitDrainingClient: WritePacketsWaiting of more frames than
+// the ring holds, to a client that takes them, waits for room and drops
+// nothing.
+func TestServerTxWaitDrainingClient(t *testing.T) {
+	// The wait is a hang guard, never reached: the client drains.
+	srv, cli := serverClientPair(t, time.Minute)
+	got := &counter{}
+	cli.Attach(got)
+	pkts := ipPackets(200, 1000)
+	srv.WritePacketsWaiting(pkts)
+	pkts.Reset()
+	st := srv.Stats().Snapshot()
+	if st.TxPackets != 200 || st.TxDrops != 0 || st.TxWaits == 0 {
+		t.Errorf("200 frames through a ring of 32 buffers: %d sent, %d dropped, %d waited; want 200, 0 and some waits", st.TxPackets, st.TxDrops, st.TxWaits)
+	}
+	deadline := time.Now().Add(time.Minute) // a hang guard
+	for got.n.Load() < 200 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if n := got.n.Load(); n != 200 {
+		t.Errorf("the client received %d frames, want 200", n)
 	}
 }

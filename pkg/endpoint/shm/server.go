@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
@@ -43,7 +44,19 @@ func NewServer(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("shared-memory server: %w", err)
 	}
+	l.podWait = max(opts.TxWait, 0)
 	return &Server{l}, nil
+}
+
+// WritePacketsWaiting is WritePackets waiting up to Options.TxWait for room
+// in the client's receive ring, as WriteFrame does. The router's fast path
+// writes a pod's packets this way: the wait holds up the pod's own link
+// (its receive loop), and the pod's TCP sees back-pressure where a full
+// ring would drop (four streams into one sandbox lost a thousand segments
+// a second to it). The router's slow path, which serves every link, writes
+// with WritePackets and never waits.
+func (s *Server) WritePacketsWaiting(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	return s.writePackets(pkts, s.podWait)
 }
 
 // DefaultClientTxWait is how long a client's writer waits, in all for one

@@ -85,6 +85,14 @@ type Options struct {
 	// RxLimit bounds what the peer can make this endpoint receive (see
 	// endpoint.RxLimit); the zero value limits nothing.
 	RxLimit endpoint.RxLimit
+	// TxWait is, for a server, the longest WriteFrame and
+	// WritePacketsWaiting wait for room in the client's full receive ring
+	// (the writes of a pod's own traffic: see Server.WritePacketsWaiting),
+	// in all for one call; zero never waits. Once a wait ran out, the
+	// server waits no more until the client frees room: a client that
+	// stopped reading costs one wait, not one per frame. A client's writes
+	// always wait up to DefaultClientTxWait.
+	TxWait time.Duration
 	// Poll is the longest the receive loop polls an empty ring before it
 	// sleeps on the eventfd (endpoint.Poll: how long within that follows
 	// the gaps between the link's frames). Zero means
@@ -187,9 +195,16 @@ type queueEndpoint struct {
 	tx ringWriter // nil once released
 	// +checklocks:txMu
 	txParts [][]byte
-	// txWait is how long a writer may wait for room (the client waits
-	// briefly for completions; the router never waits). Immutable.
+	// txWait is how long WritePackets may wait for room (the client waits
+	// briefly for completions; the router's slow path never waits).
+	// Immutable.
 	txWait time.Duration
+	// podWait is a server's Options.TxWait; immutable.
+	podWait time.Duration
+	// txStalled is set when a server's wait ran out, and cleared when a
+	// frame found room: until then its writes do not wait.
+	// +checklocks:txMu
+	txStalled bool
 
 	// mu guards the lifecycle fields below.
 	mu sync.Mutex
@@ -787,6 +802,11 @@ func (l *queueEndpoint) deliverPayload(d stack.NetworkDispatcher, proto tcpip.Ne
 // (which gVisor's IPv4 forwarding does not expect): the return value is
 // always the number of packets given.
 func (l *queueEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	return l.writePackets(pkts, l.txWait)
+}
+
+// writePackets is WritePackets waiting up to wait in all for room.
+func (l *queueEndpoint) writePackets(pkts stack.PacketBufferList, wait time.Duration) (int, tcpip.Error) {
 	all := pkts.AsSlice()
 	var violation error
 	defer func() {
@@ -801,7 +821,7 @@ func (l *queueEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Er
 		l.stats.TxDrops.Add(uint64(len(all)))
 		return len(all), nil
 	}
-	var waited time.Duration
+	waited := txWaiting{limit: wait}
 	for i, pkt := range all {
 		if l.gsoTx && endpoint.IsTCPGSO(pkt) && pkt.GSOOptions.NeedsCsum {
 			// Our own stack's TCP, with the offload (tso.go).
@@ -851,7 +871,7 @@ func (l *queueEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Er
 // peer, after which the link's tx is gone.
 //
 // +checklocks:l.txMu
-func (l *queueEndpoint) sendSoftwareGSOLocked(pkt *stack.PacketBuffer, waited *time.Duration) error {
+func (l *queueEndpoint) sendSoftwareGSOLocked(pkt *stack.PacketBuffer, w *txWaiting) error {
 	flat := pkt.ToView()
 	defer flat.Release()
 	var violation error
@@ -862,9 +882,9 @@ func (l *queueEndpoint) sendSoftwareGSOLocked(pkt *stack.PacketBuffer, waited *t
 			l.stats.TxDrops.Add(1)
 			return
 		}
-		parts := append(l.txParts[:0], frame)                  // +checklocksignore
-		l.txParts = parts                                      // +checklocksignore
-		violation = l.sendLocked(parts, len(frame), 0, waited) // +checklocksignore
+		parts := append(l.txParts[:0], frame)             // +checklocksignore
+		l.txParts = parts                                 // +checklocksignore
+		violation = l.sendLocked(parts, len(frame), 0, w) // +checklocksignore
 	})
 	if !ok {
 		l.stats.TxDrops.Add(1)
@@ -882,7 +902,7 @@ func (l *queueEndpoint) sendSoftwareGSOLocked(pkt *stack.PacketBuffer, waited *t
 // GSO packet without a payload.
 //
 // +checklocks:l.txMu
-func (l *queueEndpoint) sendOffloadLocked(pkt *stack.PacketBuffer, waited *time.Duration) error {
+func (l *queueEndpoint) sendOffloadLocked(pkt *stack.PacketBuffer, w *txWaiting) error {
 	var meta uint32
 	if pkt.GSOOptions.MSS > 0 && pkt.Data().Size() > 0 {
 		meta = encodeTxOffload(&pkt.GSOOptions)
@@ -891,33 +911,54 @@ func (l *queueEndpoint) sendOffloadLocked(pkt *stack.PacketBuffer, waited *time.
 	}
 	parts, total := endpoint.AppendSlices(l.txParts[:0], pkt)
 	l.txParts = parts
-	return l.sendLocked(parts, total, meta, waited)
+	return l.sendLocked(parts, total, meta, w)
+}
+
+// txWaiting is how long one write call may wait for room in the peer's
+// ring, and has waited.
+type txWaiting struct {
+	limit, waited time.Duration
 }
 
 // sendLocked puts one frame (parts, total bytes, with meta: see tso.go) on
-// the TX ring, waiting up to l.txWait in all for room, and counts it sent or
+// the TX ring, waiting while w allows for room, and counts it sent or
 // dropped. It returns a protocol violation of the peer, after which tx is
 // closed and nil.
 //
 // +checklocks:l.txMu
-func (l *queueEndpoint) sendLocked(parts [][]byte, total int, meta uint32, waited *time.Duration) error {
+func (l *queueEndpoint) sendLocked(parts [][]byte, total int, meta uint32, w *txWaiting) error {
 	if uint32(total) > l.maxFrame() {
 		l.stats.TxDrops.Add(1)
 		return nil
 	}
+	server := l.recv != nil
+	limit := w.limit
+	if l.txStalled {
+		limit = 0
+	}
 	ok, err := l.sendFrameLocked(parts, total, meta)
-	if !ok && err == nil && *waited < l.txWait {
+	if !ok && err == nil && w.waited < limit {
 		l.stats.TxWaits.Add(1)
 	}
-	for !ok && err == nil && *waited < l.txWait {
-		// The client's ring is full of frames the server has not
-		// completed yet: publish what we have and give the server a
-		// moment.
+	for !ok && err == nil && w.waited < limit {
+		// The peer's ring is full of frames it has not taken (a
+		// client's to the server) or of buffers it has not posted
+		// back (a server's to the client): publish what we have and
+		// give the peer a moment, and a server the peer its CPU.
 		l.flushTxLocked()
 		start := time.Now()
 		runtime.Gosched()
-		*waited += time.Since(start)
+		if server {
+			endpoint.Yield()
+		}
+		w.waited += time.Since(start)
 		ok, err = l.sendFrameLocked(parts, total, meta)
+	}
+	switch {
+	case ok:
+		l.txStalled = false
+	case server && err == nil && limit > 0:
+		l.txStalled = true // the wait ran out
 	}
 	if err != nil {
 		l.stats.Violations.Add(1)
