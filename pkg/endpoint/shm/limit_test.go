@@ -39,18 +39,27 @@ func ipPackets(n, size int) stack.PacketBufferList {
 // limitedPair makes a queue pair and its endpoints, the server with lim,
 // both stopped at the end of t.
 func limitedPair(t *testing.T, lim endpoint.RxLimit) (*Server, *Client) {
+	return pairWith(t, queue.DefaultSizes(), Options{MTU: 1500, RxLimit: lim})
+}
+
+// pairWith makes a queue pair of sizes, a server on it with srvOpts (its
+// Pair and PeerFD set here) and a client of the server's MTU, both stopped
+// at the end of t.
+func pairWith(t *testing.T, sizes queue.Sizes, srvOpts Options) (*Server, *Client) {
 	t.Helper()
-	p, err := queue.NewPair(queue.DefaultSizes())
+	p, err := queue.NewPair(sizes)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	srv, err := NewServer(Options{Pair: p, MTU: 1500, PeerFD: -1, RxLimit: lim})
+	srvOpts.Pair, srvOpts.PeerFD = p, -1
+	srv, err := NewServer(srvOpts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cli, err := NewClient(Options{Pair: p, MTU: 1500, PeerFD: -1})
+	cli, err := NewClient(Options{Pair: p, MTU: srvOpts.MTU, BufferSize: sizes.BufferSize, PeerFD: -1})
 	if err != nil {
+		srv.Close()
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -197,31 +206,10 @@ func TestClientWaitsThenDrops(t *testing.T) {
 	}
 }
 
-// serverClientPair is newLinkPair with the server's TxWait.
+// serverClientPair is a pair whose server waits up to txWait, on a ring
+// of 32 buffers of 2 KiB (the client posts them all at the start).
 func serverClientPair(t *testing.T, txWait time.Duration) (*Server, *Client) {
-	t.Helper()
-	// 32 buffers of 2 KiB: the client posts them all at the start.
-	p, err := queue.NewPair(queue.Sizes{DataSize: 64 << 10, PipeSize: 16 << 10, BufferSize: 2048})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
-	srv, err := NewServer(Options{Pair: p, MTU: 1500, PeerFD: -1, TxWait: txWait})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cli, err := NewClient(Options{Pair: p, MTU: 1500, BufferSize: 2048, PeerFD: -1})
-	if err != nil {
-		srv.Close()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		srv.Close()
-		cli.Close()
-		srv.Wait()
-		cli.Wait()
-	})
-	return srv, cli
+	return pairWith(t, queue.Sizes{DataSize: 64 << 10, PipeSize: 16 << 10, BufferSize: 2048}, Options{MTU: 1500, TxWait: txWait})
 }
 
 // TestServerTxWaitStuckClient: with a client that takes nothing (its
