@@ -90,8 +90,9 @@ type Options struct {
 	// (the writes of a pod's own traffic: see Server.WritePacketsWaiting),
 	// in all for one call; zero never waits. Once a wait ran out, the
 	// server waits no more until the client frees room: a client that
-	// stopped reading costs one wait, not one per frame. A client's writes
-	// always wait up to DefaultClientTxWait.
+	// stopped reading costs one wait, not one per frame. The wait holds
+	// the link's transmit lock: the link's other writers queue behind it.
+	// A client's writes always wait up to DefaultClientTxWait.
 	TxWait time.Duration
 	// Poll is the longest the receive loop polls an empty ring before it
 	// sleeps on the eventfd (endpoint.Poll: how long within that follows
