@@ -145,17 +145,9 @@ func (b *bench) close() error {
 	for _, p := range procs {
 		p.Process.Signal(syscall.SIGTERM)
 		wg.Go(func() {
-			done := make(chan struct{})
-			go func() {
-				p.Wait()
-				close(done)
-			}()
-			select {
-			case <-done:
-			case <-time.After(time.Second):
-				p.Process.Kill()
-				<-done
-			}
+			kill := time.AfterFunc(time.Second, func() { p.Process.Kill() })
+			p.Wait()
+			kill.Stop()
 		})
 	}
 	wg.Wait()
