@@ -212,7 +212,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.Float64Var(&c.LinkRxLimit.BytesPerSecond, "link-max-bytes", c.LinkRxLimit.BytesPerSecond,
 		fmt.Sprintf("bytes per second one pod may send into the router; 0 is unlimited, else at least %d", endpoint.MinRxBytesPerSecond))
 	fs.DurationVar(&c.PollMax, "poll-max", c.PollMax, "longest a link's receive loop polls an empty source before it sleeps, following the gaps between the link's frames: busy links trade CPU for wake-ups, idle links never poll; 0 never polls")
-	fs.DurationVar(&c.ShmTxWait, "shm-tx-wait", c.ShmTxWait, "longest the fast path waits, per packet, for a sandbox with a full receive ring to take it, holding up the sending pod's link (back-pressure instead of loss; the wait holds the sandbox link's transmit lock, so only for trusted sandboxes); 0 drops at once")
+	fs.DurationVar(&c.ShmTxWait, "shm-tx-wait", c.ShmTxWait, "longest the fast path waits, per packet, for a sandbox with a full receive ring to take it, holding up the sending pod's link only (back-pressure instead of loss); 0 drops at once")
 	fs.TextVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn, error")
 	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "Kubernetes node name: pod CIDRs from its Node (without --pod-cidr) and routes to the other nodes' pod CIDRs")
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", c.Kubeconfig, "kubeconfig file; empty means the in-cluster configuration")
@@ -426,18 +426,16 @@ func (l *pathList) Set(v string) error {
 	return nil
 }
 
-// DefaultShmTxWait is --shm-tx-wait's default: off. Four streams from
-// other sandboxes into one sandbox lost about a thousand segments per 3 s
-// to its full ring without a wait (100-120 loss recoveries); with a
-// millisecond about 50, at 1.2 times the rate and less CPU per GiB (make
-// bench's sandbox → sandbox row, 4 streams). But a wait holds the
-// destination link's transmit lock, so the other writers to that sandbox,
-// the uplink's reader among them, queue behind it: a sandbox that frees its
-// buffers just slowly enough, with a pod sending to it, could hold the
-// uplink up for a millisecond per packet sent to it from beyond the node.
-// Until the wait lets go of the lock, it is for nodes that trust their
-// sandboxes.
-const DefaultShmTxWait = 0
+// DefaultShmTxWait is --shm-tx-wait's default. Four streams from other
+// sandboxes into one sandbox lost about a thousand segments per 3 s to its
+// full ring without a wait (100-120 loss recoveries); with a millisecond
+// about 50, at 1.2 times the rate and less CPU per GiB (make bench's
+// sandbox → sandbox row, 4 streams). The wait holds up only the sending
+// pod's link: it lets go of the sandbox link's transmit lock between tries,
+// so the link's other writers, the uplink's reader among them, never queue
+// behind it (shm.Options.TxWait), and a sandbox that frees nothing costs one
+// wait until it frees room.
+const DefaultShmTxWait = time.Millisecond
 
 // maxShmTxWait bounds --shm-tx-wait: a pod's link held up longer stalls the
 // pod's other traffic for longer than a retransmission would take.

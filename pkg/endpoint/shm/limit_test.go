@@ -275,3 +275,97 @@ func TestServerTxWaitDrainingClient(t *testing.T) {
 		t.Errorf("the client received %d frames, want 200", n)
 	}
 }
+
+// waitingWriter starts a WritePacketsWaiting of one frame to srv, whose
+// client's ring is full, and returns once it waits; the channel is closed
+// when it returns.
+func waitingWriter(t *testing.T, srv *Server) <-chan struct{} {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		pkts := ipPackets(1, 1000)
+		srv.WritePacketsWaiting(pkts)
+		pkts.Reset()
+	}()
+	deadline := time.Now().Add(time.Minute) // a hang guard
+	for srv.Stats().TxWaits.Load() == 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if srv.Stats().TxWaits.Load() == 0 {
+		t.Fatal("the waiting writer never waited")
+	}
+	return done
+}
+
+// TestServerTxWaitLetsOthersThrough: while a pod's frame waits for room in
+// a sandbox's full ring, the link's other writers (the uplink's, the
+// router's slow path: WritePackets) are not held up behind it: they drop at
+// once. The waiter then sends once the client frees room. (With the link's
+// transmit lock held through the wait, the other writer would return only
+// when the wait ran out, the waiter having dropped.)
+func TestServerTxWaitLetsOthersThrough(t *testing.T) {
+	// The wait is a hang guard: the test ends it by draining the client.
+	srv, cli := serverClientPair(t, 10*time.Second)
+	pkts := ipPackets(32, 1000)
+	srv.WritePackets(pkts)
+	pkts.Reset()
+	done := waitingWriter(t, srv)
+	for range 3 {
+		pkts := ipPackets(2, 1000)
+		srv.WritePackets(pkts)
+		pkts.Reset()
+	}
+	select {
+	case <-done:
+		t.Fatal("the waiting writer returned before the other writer's frames went: it held the link through its wait")
+	default:
+	}
+	if st := srv.Stats().Snapshot(); st.TxPackets != 32 || st.TxDrops != 6 {
+		t.Fatalf("3 writes of 2 frames beside a waiting writer: %d sent, %d dropped; want 32, 6", st.TxPackets, st.TxDrops)
+	}
+	got := &counter{}
+	cli.Attach(got)
+	<-done
+	if st := srv.Stats().Snapshot(); st.TxPackets != 33 || st.TxDrops != 6 || st.TxWaits != 1 {
+		t.Errorf("after the client drained: %d sent, %d dropped, %d waited; want 33, 6, 1", st.TxPackets, st.TxDrops, st.TxWaits)
+	}
+	deadline := time.Now().Add(time.Minute) // a hang guard
+	for got.n.Load() < 33 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if n := got.n.Load(); n != 33 {
+		t.Errorf("the client received %d frames, want 33", n)
+	}
+}
+
+// TestServerTxWaitClosed: a link closed while a frame waits for room ends
+// the wait: the frame is dropped, nothing is written to the released ring.
+// (With the link's transmit lock held through the wait, closing it would
+// block until the hour-long wait ran out.)
+func TestServerTxWaitClosed(t *testing.T) {
+	srv, _ := serverClientPair(t, time.Hour)
+	pkts := ipPackets(32, 1000)
+	srv.WritePackets(pkts)
+	pkts.Reset()
+	done := waitingWriter(t, srv)
+	closed := make(chan struct{})
+	go func() {
+		srv.Close()
+		srv.Wait()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(time.Minute): // a hang guard
+		t.Fatal("closing the link waited for the waiting writer")
+	}
+	select {
+	case <-done:
+	case <-time.After(time.Minute): // a hang guard
+		t.Fatal("the waiting writer went on waiting on a closed link")
+	}
+	if st := srv.Stats().Snapshot(); st.TxPackets != 32 || st.TxDrops != 1 {
+		t.Errorf("a waiting frame on a closed link: %d sent, %d dropped; want 32, 1", st.TxPackets, st.TxDrops)
+	}
+}

@@ -90,9 +90,10 @@ type Options struct {
 	// (the writes of a pod's own traffic: see Server.WritePacketsWaiting),
 	// in all for one call; zero never waits. Once a wait ran out, the
 	// server waits no more until the client frees room: a client that
-	// stopped reading costs one wait, not one per frame. The wait holds
-	// the link's transmit lock: the link's other writers queue behind it.
-	// A client's writes always wait up to DefaultClientTxWait.
+	// stopped reading costs one wait, not one per frame. The wait lets go
+	// of the link's transmit lock between tries: the link's other writers
+	// (which do not wait) go on meanwhile. A client's writes always wait
+	// up to DefaultClientTxWait, holding its lock: the sandbox's own.
 	TxWait time.Duration
 	// Poll is the longest the receive loop polls an empty ring before it
 	// sleeps on the eventfd (endpoint.Poll: how long within that follows
@@ -928,7 +929,8 @@ type txWaiting struct {
 //
 // +checklocks:l.txMu
 func (l *queueEndpoint) sendLocked(parts [][]byte, total int, meta uint32, w *txWaiting) error {
-	if uint32(total) > l.maxFrame() {
+	if l.tx == nil || uint32(total) > l.maxFrame() {
+		// Gone while an earlier frame of this write waited (see below).
 		l.stats.TxDrops.Add(1)
 		return nil
 	}
@@ -948,9 +950,26 @@ func (l *queueEndpoint) sendLocked(parts [][]byte, total int, meta uint32, w *tx
 		// give the peer a moment, and a server the peer its CPU.
 		l.flushTxLocked()
 		start := time.Now()
-		runtime.Gosched()
 		if server {
+			// A server lets go of the link while it waits: its
+			// other writers (the uplink, the router's slow path,
+			// other pods) try their frames meanwhile, and drop them
+			// at once if the ring is still full, instead of queueing
+			// behind this one (a client that frees buffers just
+			// slowly enough would otherwise hold them all up). They
+			// may use the link's parts scratch, which parts may be:
+			// this writer keeps it, and the link takes a new one.
+			l.txParts = nil
+			l.txMu.Unlock()
+			runtime.Gosched()
 			endpoint.Yield()
+			l.txMu.Lock()
+			if l.tx == nil || l.stopping.Load() {
+				l.stats.TxDrops.Add(1) // closed meanwhile
+				return nil
+			}
+		} else {
+			runtime.Gosched()
 		}
 		w.waited += time.Since(start)
 		ok, err = l.sendFrameLocked(parts, total, meta)
@@ -991,7 +1010,7 @@ func (l *queueEndpoint) sendFrameLocked(parts [][]byte, total int, meta uint32) 
 //
 // +checklocks:l.txMu
 func (l *queueEndpoint) flushTxLocked() {
-	if l.tx.Flush() {
+	if l.tx != nil && l.tx.Flush() {
 		l.txEvent.Notify()
 	}
 }
