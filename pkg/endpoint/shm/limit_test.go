@@ -1,9 +1,11 @@
 package shm
 
 import (
+	"encoding/binary"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
@@ -367,5 +369,51 @@ func TestServerTxWaitClosed(t *testing.T) {
 	}
 	if st := srv.Stats().Snapshot(); st.TxPackets != 32 || st.TxDrops != 1 {
 		t.Errorf("a waiting frame on a closed link: %d sent, %d dropped; want 32, 1", st.TxPackets, st.TxDrops)
+	}
+}
+
+// TestTxWaitWakesPeerOnce: a writer waiting for room in a full ring wakes
+// its peer once, not once per try: it publishes nothing more while it
+// waits. The client here writes to a server that never reads (not even its
+// eventfd), so the eventfd's counter is the number of wake-ups written:
+// one for the frames that filled the ring, one when the next waited, one
+// at the end of that write (the frame dropped). Writing the eventfd on
+// every try of the 20 ms wait made it hundreds.
+func TestTxWaitWakesPeerOnce(t *testing.T) {
+	sizes := queue.Sizes{DataSize: 64 << 10, PipeSize: 16 << 10, BufferSize: 2048}
+	p, err := queue.NewPair(sizes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	// The server's receive eventfd, which the client's writes wake.
+	efd, err := unix.Dup(p.TX.Event)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(efd)
+	cli, err := NewClient(Options{Pair: p, MTU: 1500, BufferSize: sizes.BufferSize, PeerFD: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		cli.Close()
+		cli.Wait()
+	}()
+	for _, n := range []int{32, 1} {
+		pkts := ipPackets(n, 1000)
+		cli.WritePackets(pkts)
+		pkts.Reset()
+	}
+	st := cli.Stats().Snapshot()
+	if st.TxPackets != 32 || st.TxDrops != 1 || st.TxWaits != 1 {
+		t.Fatalf("33 frames to a ring of 32 buffers nobody reads: %d sent, %d dropped, %d waited; want 32, 1, 1", st.TxPackets, st.TxDrops, st.TxWaits)
+	}
+	var b [8]byte
+	if _, err := unix.Read(efd, b[:]); err != nil {
+		t.Fatalf("read the eventfd: %v", err)
+	}
+	if n := binary.NativeEndian.Uint64(b[:]); n != 3 {
+		t.Errorf("the server's eventfd was written %d times, want 3 (the full ring, the wait, the write's end)", n)
 	}
 }

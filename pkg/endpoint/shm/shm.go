@@ -941,14 +941,18 @@ func (l *queueEndpoint) sendLocked(parts [][]byte, total int, meta uint32, w *tx
 	}
 	ok, err := l.sendFrameLocked(parts, total, meta)
 	if !ok && err == nil && w.waited < limit {
-		l.stats.TxWaits.Add(1)
-	}
-	for !ok && err == nil && w.waited < limit {
 		// The peer's ring is full of frames it has not taken (a
 		// client's to the server) or of buffers it has not posted
 		// back (a server's to the client): publish what we have and
-		// give the peer a moment, and a server the peer its CPU.
+		// wake the peer, once (it then sees every frame published so
+		// far, and this writer publishes nothing more while it waits;
+		// a flush per try wrote the eventfd per try, half a sandbox's
+		// CPU with four senders into one pod), and give it a moment
+		// and the CPU.
+		l.stats.TxWaits.Add(1)
 		l.flushTxLocked()
+	}
+	for !ok && err == nil && w.waited < limit {
 		start := time.Now()
 		if server {
 			// A server lets go of the link while it waits: its
@@ -970,6 +974,7 @@ func (l *queueEndpoint) sendLocked(parts [][]byte, total int, meta uint32, w *tx
 			}
 		} else {
 			runtime.Gosched()
+			endpoint.Yield()
 		}
 		w.waited += time.Since(start)
 		ok, err = l.sendFrameLocked(parts, total, meta)
