@@ -18,9 +18,23 @@ import (
 // tracks the gaps between the link's recent arrivals (from the moment the
 // source went empty to its next frame) and polls for twice the recent gap
 // when that is shorter than the most it may poll, and not at all when frames
-// come further apart. An idle link therefore never polls (its gaps are
-// long), a request/response exchange polls across its round trip, and a
-// stream, whose source seldom empties, polls across the short gaps it has.
+// come further apart (but for rare probes, below). An idle link therefore
+// hardly polls (its gaps are long), a request/response exchange polls
+// across its round trip, and a stream, whose source seldom empties, polls
+// across the short gaps it has.
+//
+// The gaps a loop measures after it slept include its wake-up, so a link
+// that stopped polling can stay stopped though its frames come close
+// together: a request/response exchange whose round trip with wake-ups is
+// longer than the bound never measures the short gaps polling would see
+// (between two sandboxes, the first few hundred round trips of a connection
+// took five times as long as the rest, and a few hiccups in a row could
+// trap it again). So a loop that does not poll still probes now and then: it
+// polls once for the bound after every probeMin-th sleep; a probe that finds
+// a frame measures a true gap and makes the next wait a probe too, until the
+// smoothed gap lets the link poll as usual; one that finds nothing doubles
+// the sleeps until the next, up to probeMax. An idle link probes only after
+// frames, ever more rarely.
 //
 // Between checks a polling loop yields its processor, to the runtime's
 // other goroutines and to the kernel's other threads on its CPU
@@ -42,7 +56,17 @@ type Poll struct {
 	gap int64
 	// idleSince is when the source was found empty (0: it was not).
 	idleSince int64
+	// slept counts the waits that did not poll since the last probe;
+	// probeEvery is how many there are between probes.
+	slept, probeEvery int32
 }
+
+// probeMin and probeMax bound the number of waits without polling between
+// two probes (see above).
+const (
+	probeMin = 8
+	probeMax = 1024
+)
 
 // NewPoll returns a Poll that polls at most max at a time: max == 0 means
 // DefaultPollMax, max < 0 never polling (the convention of the endpoints'
@@ -55,7 +79,7 @@ func NewPoll(max time.Duration) Poll {
 		return Poll{}
 	}
 	// Until gaps are measured the link counts as sparse: no polling.
-	return Poll{max: int64(max), gap: int64(max)}
+	return Poll{max: int64(max), gap: int64(max), probeEvery: probeMin}
 }
 
 // pollers counts the receive loops polling now, process-wide.
@@ -97,20 +121,36 @@ func (p *Poll) Wait(ready func() bool, stop func() bool) bool {
 		p.idleSince = now
 	}
 	budget := p.Budget()
+	probe := false
 	if budget == 0 {
-		return false
+		if p.max == 0 {
+			return false
+		}
+		if p.slept++; p.slept < p.probeEvery {
+			return false
+		}
+		budget, probe = time.Duration(p.max), true
 	}
 	if pollers.Add(1) > int32(runtime.GOMAXPROCS(0)) {
 		pollers.Add(-1)
 		return false
 	}
 	defer pollers.Add(-1)
+	if probe {
+		p.slept = 0
+	}
 	deadline := now + int64(budget)
 	for i := 0; ; i++ {
 		if ready() {
+			if probe {
+				p.probeEvery = 1
+			}
 			return true
 		}
 		if i%8 == 7 && ((stop != nil && stop()) || monotonic() > deadline) {
+			if probe {
+				p.probeEvery = min(max(2*p.probeEvery, probeMin), probeMax)
+			}
 			return false
 		}
 		runtime.Gosched()

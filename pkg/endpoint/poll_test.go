@@ -160,3 +160,59 @@ func TestPollersBounded(t *testing.T) {
 		t.Errorf("%d polling slots still taken after every Wait returned", n)
 	}
 }
+
+// TestPollProbesOutOfATrap: a link whose measured gaps are long only
+// because it sleeps (each wake-up here takes twice the bound) but whose
+// frames come soon after the source empties is not left sleeping: it
+// probes, finds the frames, and polls again as usual. Without probes its
+// budget stays 0 for good.
+func TestPollProbesOutOfATrap(t *testing.T) {
+	const max = 5 * time.Millisecond
+	p := NewPoll(max)
+	opened := -1
+	for i := range probeMin + 20 {
+		// The next frame comes 200 µs after the source went empty.
+		var ready atomic.Bool
+		time.AfterFunc(200*time.Microsecond, func() { ready.Store(true) })
+		p.idleSince = 0
+		if !p.Wait(ready.Load, nil) {
+			// Slept: the wake-up comes late.
+			time.Sleep(2 * max)
+		}
+		p.Arrived()
+		if p.Budget() > 0 {
+			opened = i
+			break
+		}
+	}
+	if opened < 0 {
+		t.Fatalf("after %d frames 200 µs apart, each slept through to a wake-up of %v, the budget is still 0", probeMin+20, 2*max)
+	}
+	if opened < probeMin-1 {
+		t.Errorf("the budget opened after %d frames, before the first probe (%d)", opened+1, probeMin)
+	}
+}
+
+// TestPollProbesBackOff: a source that stays empty is probed ever more
+// rarely: the sleeps between probes double from probeMin to probeMax.
+func TestPollProbesBackOff(t *testing.T) {
+	p := NewPoll(20 * time.Microsecond)
+	probes := 0
+	const waits = 2100
+	for range waits {
+		checked := false
+		if p.Wait(func() bool { checked = true; return false }, nil) {
+			t.Fatal("Wait found a frame in an empty source")
+		}
+		if checked {
+			probes++
+		}
+	}
+	// Probes after waits 8, 24, 56, 120, 248, 504, 1016, 2040: 8.
+	if probes != 8 {
+		t.Errorf("%d waits on an empty source probed it %d times, want 8 (doubling from %d)", waits, probes, probeMin)
+	}
+	if p.probeEvery != probeMax {
+		t.Errorf("after them a probe comes every %d waits, want %d", p.probeEvery, probeMax)
+	}
+}
