@@ -399,3 +399,65 @@ func TestRecvHead(t *testing.T) {
 		t.Fatalf("client has %d free buffers after Complete, want 128", snd.nFree)
 	}
 }
+
+// fillUntilFull sends one-buffer frames from fil until the client's posted
+// buffers run out and returns how many it sent.
+func fillUntilFull(t *testing.T, fil *Filler) int {
+	t.Helper()
+	frame := [][]byte{make([]byte, 100)}
+	for n := 0; ; n++ {
+		ok, err := fil.Send(frame, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			fil.Flush()
+			return n
+		}
+	}
+}
+
+// TestPosterWindow: a Poster posts the first postWindow buffers of its
+// region, not all of it; a link that takes one frame at a time recycles
+// those and never touches another buffer; one whose server fills the
+// window between two of its Flushes doubles it, up to the whole region.
+func TestPosterWindow(t *testing.T) {
+	s := DefaultSizes() // 2048 buffers of 2 KiB
+	_, _, fil, pst := newTestPair(t, s, 1514)
+	frame := [][]byte{make([]byte, 100)}
+	highest := uint64(0)
+	for i := range 10 * postWindow {
+		if ok, err := fil.Send(frame, 100); err != nil || !ok {
+			t.Fatalf("frame %d: Send = %v, %v", i, ok, err)
+		}
+		fil.Flush()
+		if got, err := pst.Recv(alloc); err != nil || got == nil {
+			t.Fatalf("frame %d: Recv = %v, %v", i, got, err)
+		}
+		for _, b := range pst.d.Buffers {
+			highest = max(highest, b.ID)
+		}
+		pst.Flush()
+	}
+	if highest != postWindow-1 {
+		t.Errorf("%d frames one at a time used buffers up to %d, want up to %d (the window, recycled)", 10*postWindow, highest, postWindow-1)
+	}
+	// The server fills the window; the client takes it all: it doubles.
+	want := postWindow
+	for range 5 {
+		if n := fillUntilFull(t, fil); n != want {
+			t.Fatalf("the server filled %d buffers, want %d", n, want)
+		}
+		for {
+			got, err := pst.Recv(alloc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got == nil {
+				break
+			}
+		}
+		pst.Flush()
+		want = min(2*want, int(s.Buffers()))
+	}
+}
