@@ -242,13 +242,11 @@ func TestServerTxWaitStuckClient(t *testing.T) {
 	// buffers again, and frames go once more.
 	got := &counter{}
 	cli.Attach(got)
-	deadline := time.Now().Add(time.Minute) // a hang guard
-	for got.n.Load() < 32 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
-	for srv.Stats().TxPackets.Load() == 32 && time.Now().Before(deadline) {
+	waitFor(t, "the client to receive 32 frames", func() bool { return got.n.Load() >= 32 })
+	waitFor(t, "a frame to go once more", func() bool {
 		write(srv.WritePacketsWaiting, 1)
-	}
+		return srv.Stats().TxPackets.Load() > 32
+	})
 	if st := srv.Stats().Snapshot(); st.TxPackets != 33 {
 		t.Errorf("after the client took its frames: %d sent, want 33", st.TxPackets)
 	}
@@ -269,10 +267,7 @@ func TestServerTxWaitDrainingClient(t *testing.T) {
 	if st.TxPackets != 200 || st.TxDrops != 0 || st.TxWaits == 0 {
 		t.Errorf("200 frames through a ring of 32 buffers: %d sent, %d dropped, %d waited; want 200, 0 and some waits", st.TxPackets, st.TxDrops, st.TxWaits)
 	}
-	deadline := time.Now().Add(time.Minute) // a hang guard
-	for got.n.Load() < 200 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
+	waitFor(t, "the client to receive 200 frames", func() bool { return got.n.Load() >= 200 })
 	if n := got.n.Load(); n != 200 {
 		t.Errorf("the client received %d frames, want 200", n)
 	}
@@ -290,13 +285,7 @@ func waitingWriter(t *testing.T, srv *Server) <-chan struct{} {
 		srv.WritePacketsWaiting(pkts)
 		pkts.Reset()
 	}()
-	deadline := time.Now().Add(time.Minute) // a hang guard
-	for srv.Stats().TxWaits.Load() == 0 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
-	if srv.Stats().TxWaits.Load() == 0 {
-		t.Fatal("the waiting writer never waited")
-	}
+	waitFor(t, "the writer to wait", func() bool { return srv.Stats().TxWaits.Load() > 0 })
 	return done
 }
 
@@ -332,10 +321,7 @@ func TestServerTxWaitLetsOthersThrough(t *testing.T) {
 	if st := srv.Stats().Snapshot(); st.TxPackets != 33 || st.TxDrops != 6 || st.TxWaits != 1 {
 		t.Errorf("after the client drained: %d sent, %d dropped, %d waited; want 33, 6, 1", st.TxPackets, st.TxDrops, st.TxWaits)
 	}
-	deadline := time.Now().Add(time.Minute) // a hang guard
-	for got.n.Load() < 33 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
+	waitFor(t, "the client to receive 33 frames", func() bool { return got.n.Load() >= 33 })
 	if n := got.n.Load(); n != 33 {
 		t.Errorf("the client received %d frames, want 33", n)
 	}
