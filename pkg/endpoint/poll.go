@@ -26,15 +26,14 @@ import (
 // The gaps a loop measures after it slept include its wake-up, so a link
 // that stopped polling can stay stopped though its frames come close
 // together: a request/response exchange whose round trip with wake-ups is
-// longer than the bound never measures the short gaps polling would see
-// (between two sandboxes, the first few hundred round trips of a connection
-// took five times as long as the rest, and a few hiccups in a row could
-// trap it again). So a loop that does not poll still probes now and then: it
-// polls once for the bound after every probeMin-th sleep; a probe that finds
-// a frame measures a true gap and makes the next wait a probe too, until the
-// smoothed gap lets the link poll as usual; one that finds nothing doubles
-// the sleeps until the next, up to probeMax. An idle link probes only after
-// frames, ever more rarely.
+// longer than the bound never measures the short gaps polling would see (a
+// fresh link starts out so, counted sparse, and a few hiccups in a row can
+// put a polling one there). So a loop that does not poll still probes now
+// and then: it polls once for the bound after every probeMin-th sleep; a
+// probe that finds a frame measures a true gap and makes the next wait a
+// probe too, until the smoothed gap lets the link poll as usual; one that
+// finds nothing doubles the sleeps until the next, up to probeMax. An idle
+// link probes only after frames, ever more rarely.
 //
 // Between checks a polling loop yields its processor, to the runtime's
 // other goroutines and to the kernel's other threads on its CPU
