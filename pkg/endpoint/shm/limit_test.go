@@ -160,6 +160,13 @@ func TestRxLimitStopWhilePaused(t *testing.T) {
 	cli.Attach(discard{})
 	floodFor(cli, 100, time.Now(), 200*time.Millisecond)
 	waitFor(t, "the server to pause", func() bool { return srv.Stats().RxThrottled.Load() > 0 })
+	closeWithin(t, srv, "while the receive loop was paused")
+}
+
+// closeWithin closes srv and waits for it, failing if that hangs (a
+// minute: a hang guard, not a timing).
+func closeWithin(t *testing.T, srv *Server, what string) {
+	t.Helper()
 	done := make(chan struct{})
 	go func() {
 		srv.Close()
@@ -168,8 +175,8 @@ func TestRxLimitStopWhilePaused(t *testing.T) {
 	}()
 	select {
 	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("Close and Wait did not return while the receive loop was paused")
+	case <-time.After(time.Minute):
+		t.Fatalf("Close and Wait did not return %s", what)
 	}
 }
 
@@ -337,17 +344,7 @@ func TestServerTxWaitClosed(t *testing.T) {
 	srv.WritePackets(pkts)
 	pkts.Reset()
 	done := waitingWriter(t, srv)
-	closed := make(chan struct{})
-	go func() {
-		srv.Close()
-		srv.Wait()
-		close(closed)
-	}()
-	select {
-	case <-closed:
-	case <-time.After(time.Minute): // a hang guard
-		t.Fatal("closing the link waited for the waiting writer")
-	}
+	closeWithin(t, srv, "while a writer waited for room")
 	select {
 	case <-done:
 	case <-time.After(time.Minute): // a hang guard
