@@ -461,3 +461,31 @@ func TestPosterWindow(t *testing.T) {
 		want = min(2*want, int(s.Buffers()))
 	}
 }
+
+// TestSenderReusesFreedBuffers checks that a client sending one frame at a
+// time, each completed before the next, keeps to the buffers it freed last
+// instead of cycling through the data region.
+func TestSenderReusesFreedBuffers(t *testing.T) {
+	s := DefaultSizes() // 2048 buffers of 2 KiB
+	snd, rcv, _, _ := newTestPair(t, s, 9000)
+	frame := [][]byte{make([]byte, 5000)} // three buffers
+	used := map[uint64]bool{}
+	for i := range 4 * int(s.Buffers()) {
+		if ok, err := snd.Send(frame, 5000); err != nil || !ok {
+			t.Fatalf("frame %d: Send = %v, %v", i, ok, err)
+		}
+		snd.Flush()
+		if got, err := rcv.Recv(alloc); err != nil || got == nil {
+			t.Fatalf("frame %d: Recv = %v, %v", i, got, err)
+		}
+		for _, b := range rcv.d.Buffers {
+			used[b.Offset] = true
+		}
+		rcv.Flush()
+	}
+	// Frames take buffers until reclaimWindow are in use; then the
+	// completed ones are freed and used again, the last freed first.
+	if want := reclaimWindow + 3; len(used) > want {
+		t.Errorf("%d frames of three buffers, each completed before the next, used %d buffers, want at most %d", 4*s.Buffers(), len(used), want)
+	}
+}

@@ -10,6 +10,19 @@ import "fmt"
 // noBuffer ends a buffer chain.
 const noBuffer = -1
 
+// reclaimWindow is how many buffers a Sender uses before it frees the frames
+// the server completed, at the first Send after a Flush. The free list is a
+// stack: frames freed last, which the server has just read, go out first.
+// A Sender that freed only when the list ran dry had a stream cycle through
+// the whole data region (4 MiB by default), every buffer cold in the cache
+// and, on a link's first pass, every page a fresh one (see postWindow): a
+// sandbox's copy into the region cost five times its copy of the same
+// bytes into its netstack's own pooled buffers. Freeing after every Flush
+// would cost a link of small frames (a receiver's ACKs) a pass over the
+// completion ring, whose lines the server writes, for every frame; after
+// reclaimWindow buffers it is a pass per reclaimWindow buffers at most.
+const reclaimWindow = postWindow
+
 // Sender is the client (producer) side of the TX queue. It is not safe for
 // concurrent use.
 type Sender struct {
@@ -27,6 +40,9 @@ type Sender struct {
 	free     int32 // head of the free list
 	nFree    int
 	scratch  []BufferDesc
+	// reclaimDue asks the next Send to take the completed frames back
+	// first; Flush sets it. See SendMeta.
+	reclaimDue bool
 }
 
 // NewSender maps the TX queue q for a client using buffers of bufSize bytes.
@@ -64,7 +80,11 @@ func (s *Sender) SendMeta(parts [][]byte, total int, meta uint32) (bool, error) 
 	if total <= 0 || need > MaxBuffersPerFrame {
 		return false, nil
 	}
-	if s.nFree < need {
+	// Once reclaimWindow buffers are in use, the first Send after a Flush
+	// frees the completed frames, even with buffers to spare: see
+	// reclaimWindow.
+	if s.nFree < need || (s.reclaimDue && len(s.next)-s.nFree >= reclaimWindow) {
+		s.reclaimDue = false
 		if err := s.reclaim(); err != nil {
 			return false, err
 		}
@@ -131,6 +151,7 @@ func (s *Sender) reclaim() error {
 // the server asked to be notified (the caller then writes the eventfd).
 func (s *Sender) Flush() (notify bool) {
 	s.descs.Flush()
+	s.reclaimDue = true
 	return s.peer.wantsNotification()
 }
 
