@@ -314,11 +314,14 @@ run_agent() {
 	[ "$(http_get "$METRICS_ADDR" /readyz)" = ok ] || die "the agent is not ready after 30 s"
 }
 
-# start_agent_bg NAME: the agent on the run's state, started as NAME.
+# start_agent_bg NAME: the agent on the run's state, started as NAME, with
+# SHM_AGENT_ARGS (words, optional) after the run's own flags: to measure
+# or try the agent's options (SHM_AGENT_ARGS=--poll-max=0 make bench-runsc).
 start_agent_bg() {
 	local cidrs=$POD_CIDR${POD_CIDR6:+,$POD_CIDR6}
+	# shellcheck disable=SC2086 # SHM_AGENT_ARGS is words
 	start_bg "$1" "$REPO/bin/shm-agent" --pod-cidr "$cidrs" --cluster-cidr "$cidrs" --uplink "$UPLINK" \
-		--socket "$S/agent.sock" --state-dir "$S/state" --sandbox-dir "$S/sb" --metrics-addr "$METRICS_ADDR" --log-level debug
+		--socket "$S/agent.sock" --state-dir "$S/state" --sandbox-dir "$S/sb" --metrics-addr "$METRICS_ADDR" --log-level debug ${SHM_AGENT_ARGS:-}
 }
 
 # clean_after_killed_agent: an agent killed (restart_agent KILL) and not
