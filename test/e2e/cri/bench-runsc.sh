@@ -73,6 +73,8 @@ write_containerd_config 2 true
 shm_handler
 
 # conflist NETWORK: the network's conflist, alone in the CNI config dir.
+# SHM_CNI_CONF (optional) adds fields to shm-cni's plugin config:
+# SHM_CNI_CONF='"queue": {"dataSize": 8388608}'.
 conflist() {
 	rm -f "$S"/cni/net.d/*
 	case $1 in
@@ -80,7 +82,7 @@ conflist() {
 		cat >"$S/cni/net.d/10-bench.conflist" <<EOF
 {"cniVersion": "1.1.0", "name": "$CNI_NETWORK", "plugins": [{
   "type": "shm-cni", "kind": "tap", "mtu": 1500, "agentSocket": "$S/agent.sock",
-  "logFile": "$S/logs/shm-cni.log", "logLevel": "info"}]}
+  "logFile": "$S/logs/shm-cni.log", "logLevel": "info"${SHM_CNI_CONF:+, $SHM_CNI_CONF}}]}
 EOF
 		;;
 	bridge)
