@@ -424,21 +424,12 @@ func fillUntilFull(t *testing.T, fil *Filler) int {
 func TestPosterWindow(t *testing.T) {
 	s := DefaultSizes() // 2048 buffers of 2 KiB
 	_, _, fil, pst := newTestPair(t, s, 1514)
-	frame := [][]byte{make([]byte, 100)}
 	highest := uint64(0)
-	for i := range 10 * postWindow {
-		if ok, err := fil.Send(frame, 100); err != nil || !ok {
-			t.Fatalf("frame %d: Send = %v, %v", i, ok, err)
-		}
-		fil.Flush()
-		if got, err := pst.Recv(alloc); err != nil || got == nil {
-			t.Fatalf("frame %d: Recv = %v, %v", i, got, err)
-		}
+	oneAtATime(t, 10*postWindow, 100, fil, pst, func() {
 		for _, b := range pst.d.Buffers {
 			highest = max(highest, b.ID)
 		}
-		pst.Flush()
-	}
+	})
 	if highest != postWindow-1 {
 		t.Errorf("%d frames one at a time used buffers up to %d, want up to %d (the window, recycled)", 10*postWindow, highest, postWindow-1)
 	}
@@ -468,24 +459,44 @@ func TestPosterWindow(t *testing.T) {
 func TestSenderReusesFreedBuffers(t *testing.T) {
 	s := DefaultSizes() // 2048 buffers of 2 KiB
 	snd, rcv, _, _ := newTestPair(t, s, 9000)
-	frame := [][]byte{make([]byte, 5000)} // three buffers
 	used := map[uint64]bool{}
-	for i := range 4 * int(s.Buffers()) {
-		if ok, err := snd.Send(frame, 5000); err != nil || !ok {
-			t.Fatalf("frame %d: Send = %v, %v", i, ok, err)
-		}
-		snd.Flush()
-		if got, err := rcv.Recv(alloc); err != nil || got == nil {
-			t.Fatalf("frame %d: Recv = %v, %v", i, got, err)
-		}
+	oneAtATime(t, 4*int(s.Buffers()), 5000, snd, rcv, func() { // three buffers a frame
 		for _, b := range rcv.d.Buffers {
 			used[b.Offset] = true
 		}
-		rcv.Flush()
-	}
+	})
 	// Frames take buffers until reclaimWindow are in use; then the
 	// completed ones are freed and used again, the last freed first.
 	if want := reclaimWindow + 3; len(used) > want {
 		t.Errorf("%d frames of three buffers, each completed before the next, used %d buffers, want at most %d", 4*s.Buffers(), len(used), want)
+	}
+}
+
+// frameSender and frameReceiver are the two ends of a queue, either one.
+type frameSender interface {
+	Send(parts [][]byte, total int) (bool, error)
+	Flush() bool
+}
+
+type frameReceiver interface {
+	Recv(alloc func(n int) []byte) ([]byte, error)
+	Flush()
+}
+
+// oneAtATime passes n frames of size bytes from w to r, each received and
+// flushed back before the next is sent, and calls seen after each receive.
+func oneAtATime(t *testing.T, n, size int, w frameSender, r frameReceiver, seen func()) {
+	t.Helper()
+	frame := [][]byte{make([]byte, size)}
+	for i := range n {
+		if ok, err := w.Send(frame, size); err != nil || !ok {
+			t.Fatalf("frame %d: Send = %v, %v", i, ok, err)
+		}
+		w.Flush()
+		if got, err := r.Recv(alloc); err != nil || got == nil {
+			t.Fatalf("frame %d: Recv = %v, %v", i, got, err)
+		}
+		seen()
+		r.Flush()
 	}
 }
