@@ -26,6 +26,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/shm-cni/shm-cni/test/e2e/pattern"
 )
 
 // Ports of serve.
@@ -71,26 +73,11 @@ func serve() error {
 		return err
 	}
 	errc := make(chan error, 2)
-	go func() { errc <- accept(sink, discard) }()
+	// pattern.Count reads 128 KiB at a time: io.Copy to io.Discard reads
+	// 8 KiB, and in a runsc pod each read is a system call the Sentry serves.
+	go func() { errc <- accept(sink, func(c net.Conn) { pattern.Count(c) }) }()
 	go func() { errc <- accept(echo, func(c net.Conn) { io.Copy(c, c) }) }()
 	return <-errc
-}
-
-// sinkReadSize is what the sink reads at a time: the client's write size
-// (and iperf3's). io.Copy to io.Discard reads 8 KiB at a time, and in a
-// runsc pod each read is a system call the Sentry serves (under systrap,
-// a trap and two context switches): the sink, not the network, set the
-// rate of every stream into a runsc pod.
-const sinkReadSize = 128 << 10
-
-// discard reads c until its end and drops what it read.
-func discard(c net.Conn) {
-	buf := make([]byte, sinkReadSize)
-	for {
-		if _, err := c.Read(buf); err != nil {
-			return
-		}
-	}
 }
 
 func accept(ln net.Listener, handle func(net.Conn)) error {
