@@ -136,16 +136,44 @@ cpu_between() {
 		END { if (a != "" && b != "") printf "cpu_s=%.3f\n", (b - a) / hz }' "$S/logs/cpu.log"
 }
 
+# cpu_ticks PID...: the CPU time the processes have used, in clock ticks
+# (user and system, all threads; a process gone counts nothing).
+cpu_ticks() {
+	local pid f sum=0
+	for pid in "$@"; do
+		f=$(stat_fields "$pid")
+		[ -n "$f" ] || continue
+		# After the command name: state is the 1st field, utime the
+		# 12th, stime the 13th.
+		sum=$((sum + $(awk '{print $12 + $13}' <<<"$f")))
+	done
+	echo "$sum"
+}
+
+# sentries: the PIDs of the runsc pods' Sentries (the sandbox processes,
+# whose argv[0] runsc sets to runsc-sandbox).
+sentries() { pgrep -f '^runsc-sandbox' || true; }
+
 # measure NETWORK PAIR SRC DST: REPS of each measurement from SRC to DST.
+# Beside the machine's CPU, a 1-stream run records the agent's and the
+# runsc pods' Sentries' own CPU seconds (agent_s, sentry_s).
 measure() {
-	local network=$1 pair=$2 src=${CTR[$3]} dst=${IP[$4]} rep streams line start end
+	local network=$1 pair=$2 src=${CTR[$3]} dst=${IP[$4]} rep streams line start end own a0 s0
+	local hz agent
+	hz=$(getconf CLK_TCK)
+	agent=$(pid_of agent)
 	for rep in $(seq "$REPS"); do
 		for streams in 1 4; do
+			# shellcheck disable=SC2046 # one PID per word
+			a0=$(cpu_ticks "$agent") s0=$(cpu_ticks $(sentries))
 			line=$(tool "$src" send -to "$dst" -streams "$streams" -time "$TIME") || die "$pair send: $line"
+			# shellcheck disable=SC2046
+			own=$(awk -v a="$(($(cpu_ticks "$agent") - a0))" -v s="$(($(cpu_ticks $(sentries)) - s0))" -v hz="$hz" \
+				'BEGIN { printf "agent_s=%.2f sentry_s=%.2f", a / hz, s / hz }')
 			start=$(fields "$line" start)
 			end=$(fields "$line" end)
 			sleep 0.1 # a CPU sample after the end
-			echo "network=$network pair=$pair metric=tput streams=$streams $line $(cpu_between "$start" "$end")" >>"$S/raw"
+			echo "network=$network pair=$pair metric=tput streams=$streams $line $(cpu_between "$start" "$end") $own" >>"$S/raw"
 		done
 		line=$(tool "$src" rr -to "$dst" -count "$RTT_COUNT") || die "$pair rr: $line"
 		echo "network=$network pair=$pair metric=rr $line" >>"$S/raw"

@@ -13,17 +13,20 @@ import (
 
 // A raw line of the benchmark script, one per measurement:
 //
-//	network=tap pair=runsc-runc metric=tput streams=1 bytes=N seconds=S cpu_s=C
+//	network=tap pair=runsc-runc metric=tput streams=1 bytes=N seconds=S cpu_s=C agent_s=A sentry_s=G
 //	network=tap pair=runsc-runc metric=rr p50_us=P p99_us=Q
 //
 // cpu_s is the whole machine's busy CPU time during the transfer (agent,
-// sandboxes, kernel and anything else running).
+// sandboxes, kernel and anything else running); agent_s and sentry_s
+// (optional) are the agent's and the runsc pods' Sentries' own part of it.
 
 // row is one network and pair: every measurement of it.
 type row struct {
 	network, pair string
 	gbps          map[int][]float64 // by streams
 	cpuPerGiB     []float64         // 1 stream
+	agentPerGiB   []float64         // 1 stream, the agent's own
+	sentryPerGiB  []float64         // 1 stream, the Sentries' own
 	p50, p99      []float64
 }
 
@@ -43,9 +46,9 @@ func report(args []string, in io.Reader, out io.Writer) error {
 	if !ok {
 		return fmt.Errorf("report: no reference row %s", *ref)
 	}
-	fmt.Fprintf(out, "Medians; in brackets the ratio to %s (throughput: higher is better; CPU and round trip: lower is better).\n\n", *ref)
-	fmt.Fprintln(out, "| network | pair | Gbit/s, 1 stream | Gbit/s, 4 streams | CPU-s per GiB (1 stream) | 64 B RTT p50 µs | p99 µs |")
-	fmt.Fprintln(out, "|---|---|---|---|---|---|---|")
+	fmt.Fprintf(out, "Medians; in brackets the ratio to %s (throughput: higher is better; CPU and round trip: lower is better). CPU is the machine's busy time per GiB moved by one stream; the agent's and the runsc pods' Sentries' own parts of it follow.\n\n", *ref)
+	fmt.Fprintln(out, "| network | pair | Gbit/s, 1 stream | Gbit/s, 4 streams | CPU-s per GiB (1 stream) | agent | Sentries | 64 B RTT p50 µs | p99 µs |")
+	fmt.Fprintln(out, "|---|---|---|---|---|---|---|---|---|")
 	for _, k := range order {
 		r := rows[k]
 		cell := func(v, ref []float64, prec int) string {
@@ -59,9 +62,10 @@ func report(args []string, in io.Reader, out io.Writer) error {
 			}
 			return s
 		}
-		fmt.Fprintf(out, "| %s | %s | %s | %s | %s | %s | %s |\n", r.network, r.pair,
+		fmt.Fprintf(out, "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", r.network, r.pair,
 			cell(r.gbps[1], r0.gbps[1], 2), cell(r.gbps[4], r0.gbps[4], 2),
-			cell(r.cpuPerGiB, r0.cpuPerGiB, 2), cell(r.p50, r0.p50, 0), cell(r.p99, r0.p99, 0))
+			cell(r.cpuPerGiB, r0.cpuPerGiB, 2), cell(r.agentPerGiB, nil, 2), cell(r.sentryPerGiB, nil, 2),
+			cell(r.p50, r0.p50, 0), cell(r.p99, r0.p99, 0))
 	}
 	return nil
 }
@@ -109,14 +113,18 @@ func parseRaw(in io.Reader) (map[string]*row, []string, error) {
 				return nil, nil, fmt.Errorf("line %d: seconds %v", n, secs)
 			}
 			r.gbps[streams] = append(r.gbps[streams], bytes*8/secs/1e9)
-			if streams == 1 && f["cpu_s"] != "" {
-				cpu, err := num("cpu_s")
+			for _, c := range []struct {
+				key string
+				to  *[]float64
+			}{{"cpu_s", &r.cpuPerGiB}, {"agent_s", &r.agentPerGiB}, {"sentry_s", &r.sentryPerGiB}} {
+				if streams != 1 || f[c.key] == "" || bytes <= 0 {
+					continue
+				}
+				cpu, err := num(c.key)
 				if err != nil {
 					return nil, nil, err
 				}
-				if bytes > 0 {
-					r.cpuPerGiB = append(r.cpuPerGiB, cpu/(bytes/(1<<30)))
-				}
+				*c.to = append(*c.to, cpu/(bytes/(1<<30)))
 			}
 		case "rr":
 			p50, err1 := num("p50_us")
