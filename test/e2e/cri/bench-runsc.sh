@@ -68,7 +68,8 @@ routed "$BRIDGE_CIDR" && die "$BRIDGE_CIDR is routed on this machine already; se
 setup_outside
 start_agent
 write_conflist 1.1.0 # the crictl config, and the runsc-shm handler's conflist
-write_runsc_config "" ""
+# RUNSC_PROFILE=1: runsc --profile, for runsc debug --profile-cpu (README).
+write_runsc_config "" "${RUNSC_PROFILE:+  profile = \"true\"}"
 write_containerd_config 2 true
 shm_handler
 
