@@ -156,8 +156,10 @@ cpu_ticks() {
 sentries() { pgrep -f '^runsc-sandbox' || true; }
 
 # measure NETWORK PAIR SRC DST: REPS of each measurement from SRC to DST.
-# Beside the machine's CPU, a 1-stream run records the agent's and the
-# runsc pods' Sentries' own CPU seconds (agent_s, sentry_s).
+# Beside the machine's CPU over the transfer, each run records the agent's
+# and the runsc pods' Sentries' own CPU seconds (agent_s, sentry_s) over the
+# whole crictl exec of the sender, its start in its pod included; the
+# report takes them from the 1-stream runs.
 measure() {
 	local network=$1 pair=$2 src=${CTR[$3]} dst=${IP[$4]} rep streams line start end own a0 s0
 	local hz agent
