@@ -142,11 +142,11 @@ cpu_between() {
 cpu_ticks() {
 	local pid f sum=0
 	for pid in "$@"; do
-		f=$(stat_fields "$pid")
-		[ -n "$f" ] || continue
+		read -ra f <<<"$(stat_fields "$pid")"
+		[ "${#f[@]}" -ge 13 ] || continue
 		# After the command name: state is the 1st field, utime the
 		# 12th, stime the 13th.
-		sum=$((sum + $(awk '{print $12 + $13}' <<<"$f")))
+		sum=$((sum + f[11] + f[12]))
 	done
 	echo "$sum"
 }
