@@ -19,7 +19,11 @@ import (
 // for a sandbox's stream to the world that was most of the agent's work.
 // So the fast path also takes a pod's packet to an address off the node's
 // pod CIDRs, a global unicast one, straight to the uplink, when gVisor would
-// do nothing more than forward it:
+// do nothing more than forward it; and a packet to a node gateway, the
+// host's own address inside the pod CIDRs, where the host's connections to
+// pods come from (kubelet's probes, the host's clients and servers): those
+// went through gVisor's forwarding too, which copied every packet of a
+// pod's stream to the host. It takes them when they are
 //   - TCP other than a SYN (a SYN crossing the uplink gets its MSS clamped
 //     to the uplink's MTU, pmtu.go), or UDP; unfragmented;
 //   - no larger than the uplink's MTU, or a TCP super-packet (a kernel's,
@@ -43,10 +47,16 @@ import (
 // link has, takes the slow path as before.
 
 // toUplink returns the uplink's fast destination for a packet to dst that
-// no pod link has, or nil.
+// no pod link has, or nil: beyond the node, or the host itself at a node
+// gateway address.
 func (t *fastLinks) toUplink(dst netip.Addr) *fastDst {
 	if t.uplink == nil || !dst.IsGlobalUnicast() {
 		return nil
+	}
+	for _, gw := range t.nodeGWs {
+		if dst == gw {
+			return t.uplink
+		}
 	}
 	for _, p := range t.podCIDRs {
 		if p.Contains(dst) {

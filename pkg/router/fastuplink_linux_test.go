@@ -30,6 +30,29 @@ func TestFastPathToUplink(t *testing.T) {
 	}
 }
 
+// TestFastPathToHost proves, with real traffic, that a pod's TCP stream to
+// the host itself, at the node gateway address inside the pod CIDRs, takes
+// the fast path to the uplink but for its SYN (the MSS clamp), as a stream
+// beyond the node does, and arrives whole (SHA-256) from the pod's own
+// address. (The slow path forwarded all of it before.)
+func TestFastPathToHost(t *testing.T) {
+	e := newEnv(t, dualStackConfig(true))
+	for _, f := range families {
+		t.Run(f.name, func(t *testing.T) {
+			before := e.r.UplinkStats()
+			if got := tcpTransfer(t, e.a.ns, e.host, f.nodeGW); got != f.a {
+				t.Errorf("the host saw client %s, want the pod's %s", got, f.a)
+			}
+			after := e.r.UplinkStats()
+			tx, fast := after.TxPackets-before.TxPackets, after.FastTxPackets-before.FastTxPackets
+			t.Logf("to the host: %d packets, %d on the fast path", tx, fast)
+			if fast == 0 || tx-fast < 1 || tx-fast > 2 {
+				t.Errorf("%d of %d packets to the uplink took the fast path; want all but the SYN (and at most one more)", fast, tx)
+			}
+		})
+	}
+}
+
 // TestFastPathFromUplink proves, with real traffic from an outside
 // namespace through the host, that what the uplink brings for a pod takes
 // the fast path, all but the SYN (whose MSS the slow path clamps), to a

@@ -216,7 +216,8 @@ func (r *report) evaluateGoals() {
 	}
 	tputGoal("shm-cni tap pod → tap pod", "kernel↔kernel", 0.9)
 	limitGoal(r, add)
-	tputGoal("shm-cni host → tap pod", "host↔pod", 0.9)
+	tputGoal("shm-cni host → tap pod", "host → pod", 0.9)
+	tputGoal("shm-cni tap pod → host", "pod → host", 0.9)
 	for _, c := range []struct{ name, label string }{
 		{"shm-cni sandbox → sandbox", "sandbox↔sandbox"},
 		{"shm-cni tap pod → tap pod", "tap↔tap"},

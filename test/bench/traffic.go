@@ -136,7 +136,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	e0Addr := netip.AddrPortFrom(e0.Addr4, echoPort)
 
 	if b.cfg.cases["tput"] {
-		for _, e := range []kend{vb, pb, bb, kk2, kkbw, outside} {
+		for _, e := range []kend{vb, pb, bb, kk2, kkbw, host, outside} {
 			if err := b.iperfServer(ctx, e); err != nil {
 				return err
 			}
@@ -164,6 +164,8 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 			{"bridge pod → pod", "iperf3", true, iperf(ba, bb)},
 			{"shm-cni tap pod → tap pod", "iperf3", false, iperf(kk1, kk2)},
 			{"shm-cni host → tap pod", "iperf3", false, iperf(host, kk2)},
+			{"shm-cni tap pod → host", "iperf3", false, iperf(kk1, host)},
+			{"shm-cni sandbox → host", "sandbox send", false, xfer(sandboxPeers, n.HostPeer())},
 			{"shm-cni tap pod → sandbox", "sandbox sink", false, xfer([]*node.Peer{n.PodPeer(k1)}, n.PodPeer(s0))},
 			{"shm-cni sandbox → tap pod", "sandbox send", false, xfer(sandboxPeers, n.PodPeer(k2))},
 			{"shm-cni sandbox → sandbox", "sandbox send/sink", false, xfer(sandboxPeers, n.PodPeer(s0))},
