@@ -5,51 +5,41 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/containernetworking/plugins/pkg/ns"
+
 	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
-// TestFastPathToUplink proves, with real traffic through the host to an
-// outside namespace, that a pod's TCP stream beyond the node takes the fast
-// path to the uplink, its SYN aside (the MSS clamp), that the data arrives
-// whole (SHA-256) and masqueraded.
+// TestFastPathToUplink proves, with real traffic, that a pod's TCP stream
+// takes the fast path to the uplink, its SYN aside (the MSS clamp), and
+// arrives whole (SHA-256): beyond the node, through the host to an outside
+// namespace (masqueraded), and to the host itself at the node gateway
+// address, inside the pod CIDRs (from the pod's own address; the slow path
+// forwarded all of it before).
 func TestFastPathToUplink(t *testing.T) {
 	e := newEnv(t, dualStackConfig(true))
 	for _, f := range families {
-		t.Run(f.name, func(t *testing.T) {
-			before := e.r.UplinkStats()
-			if got := tcpTransfer(t, e.a.ns, e.outside, f.outside); got != f.hostSide {
-				t.Errorf("the outside saw %s, want the host's %s", got, f.hostSide)
-			}
-			after := e.r.UplinkStats()
-			tx, fast := after.TxPackets-before.TxPackets, after.FastTxPackets-before.FastTxPackets
-			t.Logf("to the host: %d packets, %d on the fast path", tx, fast)
-			if fast == 0 || tx-fast < 1 || tx-fast > 2 {
-				t.Errorf("%d of %d packets to the uplink took the fast path; want all but the SYN (and at most one more)", fast, tx)
-			}
-		})
-	}
-}
-
-// TestFastPathToHost proves, with real traffic, that a pod's TCP stream to
-// the host itself, at the node gateway address inside the pod CIDRs, takes
-// the fast path to the uplink but for its SYN (the MSS clamp), as a stream
-// beyond the node does, and arrives whole (SHA-256) from the pod's own
-// address. (The slow path forwarded all of it before.)
-func TestFastPathToHost(t *testing.T) {
-	e := newEnv(t, dualStackConfig(true))
-	for _, f := range families {
-		t.Run(f.name, func(t *testing.T) {
-			before := e.r.UplinkStats()
-			if got := tcpTransfer(t, e.a.ns, e.host, f.nodeGW); got != f.a {
-				t.Errorf("the host saw client %s, want the pod's %s", got, f.a)
-			}
-			after := e.r.UplinkStats()
-			tx, fast := after.TxPackets-before.TxPackets, after.FastTxPackets-before.FastTxPackets
-			t.Logf("to the host: %d packets, %d on the fast path", tx, fast)
-			if fast == 0 || tx-fast < 1 || tx-fast > 2 {
-				t.Errorf("%d of %d packets to the uplink took the fast path; want all but the SYN (and at most one more)", fast, tx)
-			}
-		})
+		for _, c := range []struct {
+			name     string
+			server   ns.NetNS
+			to, from netip.Addr // from: the client the server must see
+		}{
+			{"beyond the node", e.outside, f.outside, f.hostSide},
+			{"to the host", e.host, f.nodeGW, f.a},
+		} {
+			t.Run(f.name+"/"+c.name, func(t *testing.T) {
+				before := e.r.UplinkStats()
+				if got := tcpTransfer(t, e.a.ns, c.server, c.to); got != c.from {
+					t.Errorf("the server saw client %s, want %s", got, c.from)
+				}
+				after := e.r.UplinkStats()
+				tx, fast := after.TxPackets-before.TxPackets, after.FastTxPackets-before.FastTxPackets
+				t.Logf("to the uplink: %d packets, %d on the fast path", tx, fast)
+				if fast == 0 || tx-fast < 1 || tx-fast > 2 {
+					t.Errorf("%d of %d packets to the uplink took the fast path; want all but the SYN (and at most one more)", fast, tx)
+				}
+			})
+		}
 	}
 }
 
