@@ -2,6 +2,7 @@ package router
 
 import (
 	"net/netip"
+	"slices"
 	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/buffer"
@@ -59,10 +60,8 @@ type fastLinks struct {
 // unassigned reports whether a, not a link's address, is one of the node's
 // pod addresses without a link: gVisor would route it to the blackhole.
 func (t *fastLinks) unassigned(a netip.Addr) bool {
-	for _, gw := range t.nodeGWs {
-		if a == gw {
-			return false
-		}
+	if slices.Contains(t.nodeGWs, a) {
+		return false
 	}
 	for _, p := range t.podCIDRs {
 		if p.Contains(a) {

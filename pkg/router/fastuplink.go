@@ -2,6 +2,7 @@ package router
 
 import (
 	"net/netip"
+	"slices"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -53,10 +54,8 @@ func (t *fastLinks) toUplink(dst netip.Addr) *fastDst {
 	if t.uplink == nil || !dst.IsGlobalUnicast() {
 		return nil
 	}
-	for _, gw := range t.nodeGWs {
-		if dst == gw {
-			return t.uplink
-		}
+	if slices.Contains(t.nodeGWs, dst) {
+		return t.uplink
 	}
 	for _, p := range t.podCIDRs {
 		if p.Contains(dst) {
