@@ -27,6 +27,13 @@
 //   - tap: a kernel-stack pod. The CNI binary creates a TAP device in the pod
 //     netns and sends its fd; the agent drives it (tap.New) as a router
 //     link at once.
+//   - veth: a kernel-stack pod the host's kernel routes. The CNI binary
+//     creates a veth pair (the host side named linkspec.HostVethName) and
+//     sends no descriptor; the agent routes the pod's addresses to the
+//     host side, in the host and in the router (through the uplink), and
+//     deletes the host side when the attachment goes (veth_linux.go).
+//     Refused with a Kubernetes client (NetworkPolicy) and with a
+//     bandwidth limit, which such links do not carry yet.
 //   - shm: a sandbox. The CNI binary sends a queue pair; the agent answers
 //     with a per-link socket (<sandbox-dir>/<containerID>-<ifName>.sock,
 //     mode 0600). The sandbox dials it (shm.Dial), gets the link config
@@ -35,7 +42,8 @@
 //     the next connection gets a fresh queue pair. One sandbox at a time.
 //
 // The attachment holds its link as a podLink (link.go), implemented by
-// tapLink (tap_linux.go) and sandboxLink (sandbox.go); kindOf is the one
+// tapLink (tap_linux.go), vethLink (veth_linux.go) and sandboxLink
+// (sandbox.go); kindOf is the one
 // place that chooses between them. A new link kind is a new linkKind.
 //
 // Every pod address is a /32 or /128 behind the link-local gateway
@@ -46,7 +54,8 @@
 // Each attachment is recorded in <state-dir>/attachments/<containerID>:
 // <ifName>.json, written atomically before the attach is answered. On start
 // the agent re-adopts them: a tap link's persistent device is re-opened in
-// the recorded netns, a shm link gets a fresh socket and pair. Attachments
+// the recorded netns, a veth link's routes are put back, a shm link gets a
+// fresh socket and pair. Attachments
 // whose netns or device is gone are released (addresses and record).
 //
 // # NetworkPolicy

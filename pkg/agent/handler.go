@@ -229,6 +229,7 @@ func (a *Agent) detachLocked(k linkspec.Key) error {
 		return a.store.remove(k)
 	}
 	att.stop()
+	att.link.release()
 	if att.rec.Allocated {
 		// On failure the attachment stays, stopped, for a retried DEL.
 		if err := a.ipam.Release(k); err != nil {

@@ -9,14 +9,20 @@ import (
 )
 
 // podLink is a pod's link as an attachment holds it, whatever its kind: a
-// kernel pod's TAP device (tapLink, tap_linux.go) or a sandbox's
-// shared-memory link (sandboxLink, sandbox.go). The handlers, re-adoption
+// kernel pod's TAP device (tapLink, tap_linux.go) or veth pair (vethLink,
+// veth_linux.go), or a sandbox's shared-memory link (sandboxLink,
+// sandbox.go). The handlers, re-adoption
 // and the HTTP endpoints speak to a link only through it.
 type podLink interface {
 	// stop removes the link from the router and releases its descriptors
 	// (and socket). It is called once, with the agent's opMu held (or by
 	// the only owner of the link).
 	stop()
+	// release gives back what the link holds on the node beyond the
+	// agent's life, once the attachment goes (DEL, GC; not when the agent
+	// stops): a veth link's host side. It runs after stop, with the opMu
+	// held, and may run again (a retried DEL).
+	release()
 	// check says why the link cannot carry the pod's traffic any more (its
 	// TAP device went away), or nil.
 	check() error
@@ -45,7 +51,7 @@ type linkKind interface {
 	readopt(a *Agent, rec *record) (podLink, error)
 	// orphan is the link kept for a recorded attachment that could not be
 	// re-adopted, until DEL or GC removes it.
-	orphan(rec *record) podLink
+	orphan(a *Agent, rec *record) podLink
 }
 
 // kindOf returns the linkKind of a record's or a request's kind: where the
@@ -56,6 +62,8 @@ func kindOf(kind string) (linkKind, error) {
 		return tapKind{}, nil
 	case agentapi.KindShm:
 		return sandboxKind{}, nil
+	case agentapi.KindVeth:
+		return vethKind{}, nil
 	}
 	return nil, fmt.Errorf("unknown kind %q", kind)
 }
@@ -70,7 +78,7 @@ func (a *Agent) readoptLink(rec *record) (podLink, error) {
 	}
 	l, err := kind.readopt(a, rec)
 	if err != nil {
-		return kind.orphan(rec), err
+		return kind.orphan(a, rec), err
 	}
 	return l, nil
 }
@@ -80,6 +88,7 @@ func (a *Agent) readoptLink(rec *record) (podLink, error) {
 type noLink struct{ checkErr error }
 
 func (noLink) stop()                           {}
+func (noLink) release()                        {}
 func (l noLink) check() error                  { return l.checkErr }
 func (noLink) answer(*agentapi.AttachResponse) {}
 func (noLink) status(*LinkStatus)              {}

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net"
 	"net/http"
 	"net/netip"
@@ -18,6 +19,9 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/shm-cni/shm-cni/internal/testutil"
+	"github.com/shm-cni/shm-cni/pkg/agentapi"
 )
 
 // deniedDial is how long a connection NetworkPolicy denies is given to
@@ -216,4 +220,32 @@ metrics:
 	}
 	t.Fatalf("%s%v not in /metrics", name, labels)
 	return 0
+}
+
+// TestKubeRefusesVeth: an agent that enforces a cluster's NetworkPolicy
+// refuses a veth link, whose traffic between kernel pods and to the host
+// would not cross the router, with code 7 saying why, and keeps nothing
+// of it (no attachment, no address taken).
+func TestKubeRefusesVeth(t *testing.T) {
+	e := newEnv(t)
+	cfg := e.config()
+	cfg.NodeName = "self"
+	r := e.startWith(t, cfg, WithKubeClient(twoPodCluster()))
+	x := testutil.NewNS(t)
+	_, err := r.call(t, &agentapi.Request{Op: agentapi.OpAttach, Attach: &agentapi.AttachRequest{
+		ContainerID: "veth-pod", IfName: "eth0", Netns: x.Path(), Network: "pods",
+		Kind: agentapi.KindVeth, MAC: "02:00:00:00:00:01",
+	}}, nil)
+	var ae *agentapi.Error
+	if !errors.As(err, &ae) || ae.Code != agentapi.CodeInvalidConfig || !strings.Contains(ae.Error(), "NetworkPolicy") {
+		t.Errorf("attach of kind veth: %v, want code %d naming NetworkPolicy", err, agentapi.CodeInvalidConfig)
+	}
+	if n := r.count(); n != 0 {
+		t.Errorf("%d attachments after the refusal, want none", n)
+	}
+	// The address the refusal did not take is the first one's.
+	p := r.newTapPod(t, "pod-after", true)
+	if got, want := p.addr(true), netip.MustParseAddr("10.244.1.2"); got != want {
+		t.Errorf("the next pod got %s, want %s (the refusal took an address)", got, want)
+	}
 }

@@ -68,7 +68,7 @@ func (sandboxKind) readopt(a *Agent, rec *record) (podLink, error) {
 
 // orphan implements linkKind.orphan: CHECK passes, as for a link whose
 // sandbox is away.
-func (sandboxKind) orphan(*record) podLink { return noLink{} }
+func (sandboxKind) orphan(*Agent, *record) podLink { return noLink{} }
 
 // attachSandbox checks the queue pair of files and starts serving rec's
 // sandbox socket with it.
@@ -376,6 +376,9 @@ func (s *sandboxLink) removeLinkLocked() {
 		s.log.Warn("remove sandbox link", "err", err)
 	}
 }
+
+// release implements podLink.release: stop gave back everything.
+func (s *sandboxLink) release() {}
 
 // stop ends any session, closes and removes the socket, waits for the
 // link's goroutines and closes the prepared pair. It is idempotent.

@@ -51,7 +51,7 @@ func (tapKind) readopt(a *Agent, rec *record) (podLink, error) {
 
 // orphan implements linkKind.orphan: without its endpoint the link has
 // no device.
-func (tapKind) orphan(rec *record) podLink {
+func (tapKind) orphan(_ *Agent, rec *record) podLink {
 	return noLink{checkErr: tapGoneError(rec)}
 }
 
@@ -170,6 +170,10 @@ func (l *tapLink) stop() {
 		l.log.Warn("remove link", "err", err)
 	}
 }
+
+// release implements podLink.release: the TAP device goes with the pod's
+// netns (or DEL).
+func (l *tapLink) release() {}
 
 // check implements podLink.check.
 func (l *tapLink) check() error {

@@ -40,9 +40,14 @@ func validRequests() map[string]*Request {
 	return map[string]*Request{
 		"attach shm": {Version: Version, Op: OpAttach, Attach: shmAttach()},
 		"attach tap": {Version: Version, Op: OpAttach, Attach: tapAttach()},
-		"detach":     {Version: Version, Op: OpDetach, Detach: &DetachRequest{ContainerID: "c1", IfName: "eth0"}},
-		"check":      {Version: Version, Op: OpCheck, Check: &CheckRequest{ContainerID: "c1", IfName: "net1", IPs: []string{"10.0.0.5/32"}}},
-		"status":     {Version: Version, Op: OpStatus},
+		"attach veth": {Version: Version, Op: OpAttach, Attach: func() *AttachRequest {
+			a := tapAttach()
+			a.Kind = KindVeth
+			return a
+		}()},
+		"detach": {Version: Version, Op: OpDetach, Detach: &DetachRequest{ContainerID: "c1", IfName: "eth0"}},
+		"check":  {Version: Version, Op: OpCheck, Check: &CheckRequest{ContainerID: "c1", IfName: "net1", IPs: []string{"10.0.0.5/32"}}},
+		"status": {Version: Version, Op: OpStatus},
 		"gc": {Version: Version, Op: OpGC, GC: &GCRequest{Valid: []Attachment{
 			{ContainerID: "c1", IfName: "eth0"}, {ContainerID: "c2", IfName: "eth0"},
 		}}},
@@ -120,7 +125,7 @@ func decodeCases() []decodeCase {
 		{name: "relative netns", in: attachJSON(set("netns", "netns/x")), code: CodeInvalidConfig, sub: []string{"attach.netns: \"netns/x\" is not an absolute path"}},
 		{name: "bad network", in: attachJSON(set("network", "my net")), code: CodeInvalidConfig, sub: []string{"attach.network"}},
 		{name: "no kind", in: attachJSON(set("kind", "")), code: CodeInvalidConfig, sub: []string{"attach.kind: required"}},
-		{name: "unknown kind", in: attachJSON(set("kind", "xyz")), code: CodeInvalidConfig, sub: []string{`attach.kind: "xyz" is not one of shm, tap`}},
+		{name: "unknown kind", in: attachJSON(set("kind", "xyz")), code: CodeInvalidConfig, sub: []string{`attach.kind: "xyz" is not one of shm, tap, veth`}},
 		{name: "shm without queue", in: attachJSON(set("queue", nil)), code: CodeInvalidConfig, sub: []string{"attach.queue: required for kind shm"}},
 		{name: "zero data size", in: attachJSON(queue("dataSize", 0)), code: CodeInvalidConfig, sub: []string{"attach.queue.dataSize: required"}},
 		{name: "zero pipe and buffer size", in: attachJSON(func(_, a map[string]any) {
@@ -231,6 +236,8 @@ func TestValidateFDs(t *testing.T) {
 		{"attach tap", 1, ""},
 		{"attach tap", 2, `attach kind "tap" needs 1 file descriptors, got 2`},
 		{"attach tap", 0, `got 0`},
+		{"attach veth", 0, ""},
+		{"attach veth", 1, `attach kind "veth" needs 0 file descriptors, got 1`},
 		{"detach", 0, ""},
 		{"detach", 1, `op "detach" needs 0 file descriptors, got 1`},
 		{"status", 3, `op "status" needs 0`},

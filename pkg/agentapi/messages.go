@@ -36,6 +36,11 @@ const (
 	// KindTap is a TAP device in the pod netns for a kernel-stack pod. The
 	// request carries TapFDs descriptors.
 	KindTap = "tap"
+	// KindVeth is a veth pair for a kernel-stack pod: its host side
+	// (linkspec.HostVethName) in the host netns, where the kernel routes
+	// the pod's traffic; the agent routes to it through the uplink. The
+	// request carries no descriptor.
+	KindVeth = "veth"
 )
 
 const (

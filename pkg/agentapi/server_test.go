@@ -180,7 +180,7 @@ func TestRejectedRequestsCloseFDs(t *testing.T) {
 		{"unknown field with fds", `{"version":1,"op":"status","bogus":1}`, 2, CodeUnsupportedField, `unknown field "bogus"`},
 		{"wrong version with fds", `{"version":9,"op":"status"}`, 2, CodeVersionMismatch, "request has version 9, this side speaks version 1"},
 		{"oversized with fds", status + strings.Repeat(" ", MaxMessageSize), 10, CodeDecodingFailure, "request is 65563 bytes, more than the limit of 65536"},
-		{"invalid with fds", `{"version":1,"op":"attach","attach":{"kind":"xyz"}}`, 1, CodeInvalidConfig, `attach.kind: "xyz" is not one of shm, tap`},
+		{"invalid with fds", `{"version":1,"op":"attach","attach":{"kind":"xyz"}}`, 1, CodeInvalidConfig, `attach.kind: "xyz" is not one of shm, tap, veth`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

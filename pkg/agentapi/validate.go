@@ -96,6 +96,8 @@ func (a *AttachRequest) WantFDs() int {
 		return ShmFDs
 	case KindTap:
 		return TapFDs
+	case KindVeth:
+		return 0
 	}
 	return -1
 }
@@ -150,14 +152,14 @@ func (a *AttachRequest) validate(p *problems) {
 				p.add("attach.queue.bufferSize", "required")
 			}
 		}
-	case KindTap:
+	case KindTap, KindVeth:
 		if a.Queue != nil {
 			p.add("attach.queue", "only for kind %s", KindShm)
 		}
 	case "":
 		p.add("attach.kind", "required")
 	default:
-		p.add("attach.kind", "%s is not one of %s, %s", untrusted.Quote(a.Kind), KindShm, KindTap)
+		p.add("attach.kind", "%s is not one of %s, %s, %s", untrusted.Quote(a.Kind), KindShm, KindTap, KindVeth)
 	}
 	if err := linkspec.CheckMTU(a.MTU, linkspec.MinMTU); a.MTU != 0 && err != nil {
 		p.add("attach.mtu", "%v (or 0, the default)", err)

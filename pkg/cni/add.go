@@ -12,11 +12,12 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
 // Add implements CNI ADD: it creates the pod's link (a TAP device in the pod
-// netns, or a shared-memory queue pair), hands it to the agent, configures
+// netns, a veth pair, or a shared-memory queue pair), hands it to the agent, configures
 // the pod netns from the agent's answer and prints the result. Any failure
 // undoes everything done before it.
 func (p *Plugin) Add(args *skel.CmdArgs) error {
@@ -132,6 +133,23 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 			}
 		}()
 		req.MAC = pod.link.Attrs().HardwareAddr.String()
+	case KindVeth:
+		if pod, err = openPodIface(netns, args.IfName); err != nil {
+			return nil, err
+		}
+		defer pod.Close()
+		hostName := linkspec.HostVethName(req.Key())
+		if err := pod.createVeth(netns, hostName, conf.tapGSOMaxSize()); err != nil {
+			return nil, err
+		}
+		defer func() {
+			if !success {
+				if err := deleteHostVeth(hostName); err != nil {
+					log.Warn("rollback: delete veth failed", "err", err)
+				}
+			}
+		}()
+		req.MAC = pod.link.Attrs().HardwareAddr.String()
 	case KindShm:
 		if pod, err = openPodIface(netns, args.IfName); err != nil {
 			return nil, err
@@ -150,9 +168,12 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 		resp, err = agentapi.Call(c.ctx, conf.AgentSocket, &agentapi.Request{Op: agentapi.OpAttach, Attach: req}, fds)
 		return err
 	}
-	if kind == KindTap {
+	switch kind {
+	case KindTap:
 		err = withFD(tap, func(fd int) error { return call([]int{fd}) })
-	} else {
+	case KindVeth:
+		err = call(nil)
+	default:
 		err = call(pair.FDs())
 		// The agent has its duplicates (or nothing): ours go now.
 		if cerr := pair.Close(); cerr != nil {
@@ -179,7 +200,7 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 	// Pod netns configuration from the answer.
 	iface := &types100.Interface{Name: args.IfName, Sandbox: args.Netns, Mtu: at.MTU}
 	switch kind {
-	case KindTap:
+	case KindTap, KindVeth:
 		iface.Mac = pod.link.Attrs().HardwareAddr.String()
 	case KindShm:
 		if err := pod.createPlaceholder(netns, at.MAC, at.MTU, at.SocketPath); err != nil {

@@ -175,9 +175,7 @@ func expectedLink(prev *types100.Result, ifName, netns string) (*wantLink, error
 // compareLink reports every difference between want and got.
 func compareLink(kind string, want *wantLink, got *linkState) error {
 	var errs []error
-	// A shm link's placeholder is a dummy, or a TAP where the kernel has
-	// no dummy devices.
-	if got.Type != linkTypeTAP && (kind == KindTap || got.Type != linkTypeDummy) {
+	if !kindMakes(kind, got.Type) {
 		errs = append(errs, fmt.Errorf("type is %s, not what kind %s creates", got.Type, kind))
 	}
 	if want.MAC != nil && !bytes.Equal(want.MAC, got.MAC) {
@@ -213,4 +211,18 @@ func compareLink(kind string, want *wantLink, got *linkState) error {
 		b.WriteString(e.Error())
 	}
 	return newError(agentapi.CodeCheckFailed, "CHECK: interface not as in prevResult: %s", b.String())
+}
+
+// kindMakes reports whether an interface of type typ is what ADD makes for
+// kind: a TAP device for a tap link, a veth for a veth link, and for a shm
+// link's placeholder a dummy, or a TAP where the kernel has no dummy
+// devices.
+func kindMakes(kind, typ string) bool {
+	switch kind {
+	case KindTap:
+		return typ == linkTypeTAP
+	case KindVeth:
+		return typ == linkTypeVeth
+	}
+	return typ == linkTypeDummy || typ == linkTypeTAP
 }

@@ -24,6 +24,12 @@ const (
 	// KindShm gives the pod a shared-memory queue pair for a sandbox's
 	// userspace stack, and a placeholder dummy interface in its netns.
 	KindShm = agentapi.KindShm
+	// KindVeth gives a kernel-stack pod a veth pair whose host side the
+	// host's kernel routes (linkspec.HostVethName), as the ptp plugin's:
+	// its traffic to kernel pods of the same kind, the host and the world
+	// does not cross the agent. Not where the agent enforces
+	// NetworkPolicy or a bandwidth limit (it refuses the attach).
+	KindVeth = agentapi.KindVeth
 )
 
 // AttachSocketAliasPrefix starts the interface alias of a shm link's
@@ -64,10 +70,10 @@ const maxSocketPath = 107
 type Config struct {
 	types.PluginConf
 
-	// Kind is the default link kind, KindTap or KindShm. Pods may
+	// Kind is the default link kind, KindTap, KindShm or KindVeth. Pods may
 	// override it (see Config.PodKind).
 	Kind string `json:"kind,omitempty"`
-	// MTU is the IP MTU of a kernel-stack pod's link (kind tap),
+	// MTU is the IP MTU of a kernel-stack pod's link (kind tap or veth),
 	// 68..65535, unless the agent answers with another.
 	MTU int `json:"mtu,omitempty"`
 	// ShmMTU is the IP MTU of a sandbox's link (kind shm), 1280..65535
@@ -352,10 +358,10 @@ func (c *Config) PodKind(a *PodArgs) (string, error) {
 
 func validKind(k string) error {
 	switch k {
-	case KindTap, KindShm:
+	case KindTap, KindShm, KindVeth:
 		return nil
 	}
-	return fmt.Errorf("unknown link kind %s (want %s or %s)", untrusted.Quote(k), KindTap, KindShm)
+	return fmt.Errorf("unknown link kind %s (want %s, %s or %s)", untrusted.Quote(k), KindTap, KindShm, KindVeth)
 }
 
 // parseLevel parses a logLevel value.

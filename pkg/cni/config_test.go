@@ -118,6 +118,8 @@ func TestPodKind(t *testing.T) {
 	}{
 		{"default", base + `}`, "", KindTap, 0, ""},
 		{"config kind", base + `,"kind":"shm"}`, "", KindShm, 0, ""},
+		{"config kind veth", base + `,"kind":"veth"}`, "", KindVeth, 0, ""},
+		{"cni args veth", base + `}`, "SHM_CNI_KIND=veth", KindVeth, 0, ""},
 		{"cni args", base + `}`, "IgnoreUnknown=1;K8S_POD_NAME=p;SHM_CNI_KIND=shm", KindShm, 0, ""},
 		{"cni args known keys only", base + `}`, "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;SHM_CNI_KIND=shm", KindShm, 0, ""},
 		{"args.cni.kind", base + `,"args":{"cni":{"kind":"shm"}}}`, "", KindShm, 0, ""},

@@ -9,6 +9,9 @@
 //   - kind "tap" (the default, kernel-stack pods): a persistent TAP device
 //     named CNI_IFNAME in the pod netns, opened with a virtio-net header and
 //     offloads; its fd goes to the agent, which drives it;
+//   - kind "veth" (kernel-stack pods the host's kernel routes): a veth
+//     pair, CNI_IFNAME in the pod netns and linkspec.HostVethName in the
+//     host's; the agent routes to its host side;
 //   - kind "shm" (sandboxed pods with a userspace stack): a shared-memory
 //     queue pair whose 10 fds go to the agent, and a placeholder dummy
 //     interface in the pod netns carrying the same addresses, routes and
@@ -17,7 +20,7 @@
 //     placeholder's alias names it too ("sharedmem:<socketPath>", see
 //     AttachSocketAliasPrefix), for runtimes that find their link there.
 //
-// In both cases the pod gets its addresses as /32 and /128, an on-link
+// In every case the pod gets its addresses as /32 and /128, an on-link
 // route to 169.254.1.1 and default routes via 169.254.1.1 and fe80::1 (or
 // what the agent answers), and permanent neighbour entries for the gateways.
 //
@@ -32,7 +35,7 @@
 //	  "logFile": "/var/log/shm-cni.log", "logLevel": "info"
 //	}
 //
-// "mtu" is the MTU of tap links; "shmMtu" the one of shm links, which the
+// "mtu" is the MTU of tap and veth links; "shmMtu" the one of shm links, which the
 // agent chooses when it is left out (its --shm-mtu).
 //
 // Without "ipam" the agent allocates the addresses; with it, the named IPAM

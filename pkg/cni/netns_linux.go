@@ -22,6 +22,7 @@ import (
 const (
 	linkTypeTAP   = "tuntap"
 	linkTypeDummy = "dummy"
+	linkTypeVeth  = "veth"
 )
 
 // linkConfig is what the pod's interface gets.
@@ -117,7 +118,7 @@ func (p *podIface) Close() { p.h.Close() }
 
 // openPodIface opens a podIface for the interface name in netns, which
 // must not exist yet (agentapi.CodeInterfaceExists), for a shm link's
-// placeholder (createPlaceholder).
+// placeholder (createPlaceholder) or a veth link's pod side (createVeth).
 func openPodIface(netns ns.NetNS, name string) (*podIface, error) {
 	h, err := newHandleIn(netns)
 	if err != nil {
@@ -185,6 +186,71 @@ func createTAP(netns ns.NetNS, name string, gsoMaxSize int) (*os.File, *podIface
 		_ = h.LinkSetGSOMaxSize(l, gsoMaxSize)
 	}
 	return f, &podIface{h: h, name: name, link: l}, nil
+}
+
+// createVeth creates the veth pair of a veth link: hostName in the calling
+// thread's netns (the host's, the plugin's), its peer p.name in p's netns,
+// which openPodIface found free. It fails with agentapi.CodeInterfaceExists
+// if hostName exists (the link is added with NLM_F_EXCL). On error nothing
+// is left behind. The agent sets the host side up and routes to it.
+// gsoMaxSize, when not 0, is the pod side's gso_max_size, as for a TAP
+// device (Config.tapGSOMaxSize): the host forwards the pod's TCP
+// super-packets as they are, through the uplink to the router, which hands
+// those that fit a sandbox's link to it whole.
+func (p *podIface) createVeth(netns ns.NetNS, hostName string, gsoMaxSize int) error {
+	h, err := newHandle()
+	if err != nil {
+		return linkErr(err)
+	}
+	defer h.Close()
+	v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostName}, PeerName: p.name, PeerNamespace: netlink.NsFd(int(netns.Fd()))}
+	err = h.LinkAdd(v)
+	if errors.Is(err, unix.EEXIST) {
+		return newError(agentapi.CodeInterfaceExists, "the host side %s of the veth link already exists", untrusted.Quote(hostName))
+	}
+	if err != nil {
+		return linkErr(fmt.Errorf("create veth %s (peer %s): %w", hostName, p.name, err))
+	}
+	l, err := p.h.LinkByName(p.name)
+	if err == nil && len(l.Attrs().HardwareAddr) != 6 {
+		err = fmt.Errorf("device has MAC %q, not an Ethernet address", l.Attrs().HardwareAddr)
+	}
+	if err != nil {
+		if hl, herr := h.LinkByName(hostName); herr == nil {
+			h.LinkDel(hl)
+		}
+		return linkErr(fmt.Errorf("read veth peer %s: %w", p.name, err))
+	}
+	if gsoMaxSize > 0 {
+		// Speed only, as in createTAP.
+		_ = p.h.LinkSetGSOMaxSize(l, gsoMaxSize)
+	}
+	p.link = l
+	return nil
+}
+
+// deleteHostVeth deletes the veth named name from the calling thread's
+// netns (the host's), if it exists: the rollback of createVeth.
+func deleteHostVeth(name string) error {
+	h, err := newHandle()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	l, err := h.LinkByName(name)
+	var nf netlink.LinkNotFoundError
+	switch {
+	case errors.As(err, &nf):
+		return nil
+	case err != nil:
+		return fmt.Errorf("look up %s: %w", name, err)
+	case l.Type() != linkTypeVeth:
+		return nil
+	}
+	if err := h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	return nil
 }
 
 // createPlaceholder creates the placeholder interface of a shm link in
@@ -322,8 +388,9 @@ func (p *podIface) configure(lc linkConfig) error {
 }
 
 // deleteLink deletes the interface name from the netns at path, if both
-// still exist and the interface is a TAP or dummy device (the kinds
-// shm-cni creates; anything else is left alone), through one netlink
+// still exist and the interface is a TAP, dummy or veth device (the kinds
+// shm-cni creates; anything else is left alone; a veth's host side goes
+// with it), through one netlink
 // handle made in the netns. It reports what it did. A missing netns or
 // interface is not an error: DEL must succeed when the resources are
 // already gone.
@@ -354,7 +421,7 @@ func deleteLink(path, name string) (string, error) {
 	case err != nil:
 		return "", linkErr(fmt.Errorf("look up %s: %w", name, err))
 	}
-	if t := l.Type(); t != linkTypeTAP && t != linkTypeDummy {
+	if t := l.Type(); t != linkTypeTAP && t != linkTypeDummy && t != linkTypeVeth {
 		return fmt.Sprintf("interface is a %s device, not shm-cni's; left alone", t), nil
 	}
 	if err := h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {

@@ -127,8 +127,8 @@ func parseAttach(r *agentapi.AttachResponse, kind string, defaultMTU int) (*atta
 			return nil, bad("gatewayMAC: %v", err)
 		}
 	}
-	if kind == KindTap {
-		// The MAC of a tap link's pod side is the TAP's own.
+	if kind == KindTap || kind == KindVeth {
+		// The MAC of a tap or veth link's pod side is the device's own.
 		at.MAC = nil
 	}
 	if kind == KindShm && (!filepath.IsAbs(at.SocketPath) || len(at.SocketPath) > maxSocketPath) {

@@ -1,6 +1,8 @@
 package linkspec
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"unicode"
@@ -27,4 +29,20 @@ func CheckIfName(name string) error {
 		}
 	}
 	return nil
+}
+
+// HostVethPrefix starts the name of every host-side veth device of a
+// kernel pod's veth link (HostVethName), so that the host's firewall
+// rules can match them all ("shmv*" in nftables, "shmv+" in iptables).
+const HostVethPrefix = "shmv"
+
+// HostVethName is the host side's name of k's veth link: HostVethPrefix
+// and the first 11 hex digits of the SHA-256 of k (4 + 11 = MaxIfNameLen
+// bytes), as the plugin creates it and the agent finds it. 44 bits make a
+// collision between two pods of a node unlikely (about 1 in 10^8 with
+// 250 pods); the plugin's creation is exclusive, so a collision fails
+// the ADD rather than taking another pod's device.
+func HostVethName(k Key) string {
+	sum := sha256.Sum256([]byte(k.String()))
+	return HostVethPrefix + hex.EncodeToString(sum[:])[:MaxIfNameLen-len(HostVethPrefix)]
 }

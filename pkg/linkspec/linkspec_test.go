@@ -66,3 +66,22 @@ func TestKeyString(t *testing.T) {
 		t.Errorf("String() = %q, want %q", got, want)
 	}
 }
+
+// TestHostVethName: a veth link's host side is named from its key alone,
+// HostVethPrefix first, as long as an interface name may be, and differs
+// for another container or interface.
+func TestHostVethName(t *testing.T) {
+	k := Key{"0123456789abcdef", "eth0"}
+	got := HostVethName(k)
+	if err := CheckIfName(got); err != nil || len(got) != MaxIfNameLen || !strings.HasPrefix(got, HostVethPrefix) {
+		t.Errorf("HostVethName(%v) = %q (%v), want %d bytes starting %q", k, got, err, MaxIfNameLen, HostVethPrefix)
+	}
+	if again := HostVethName(k); again != got {
+		t.Errorf("HostVethName(%v) = %q, then %q", k, got, again)
+	}
+	for _, o := range []Key{{"0123456789abcdeg", "eth0"}, {"0123456789abcdef", "eth1"}} {
+		if HostVethName(o) == got {
+			t.Errorf("HostVethName(%v) = HostVethName(%v) = %q", o, k, got)
+		}
+	}
+}

@@ -54,6 +54,9 @@ type fastLinks struct {
 	uplink   *fastDst
 	podCIDRs []netip.Prefix
 	nodeGWs  []netip.Addr
+	// hosted are the addresses of the pods the host routes (hostlink.go),
+	// which the uplink reaches.
+	hosted   map[netip.Addr]struct{}
 	unrouted *atomic.Uint64 // the blackhole's counter
 }
 
@@ -61,6 +64,9 @@ type fastLinks struct {
 // pod addresses without a link: gVisor would route it to the blackhole.
 func (t *fastLinks) unassigned(a netip.Addr) bool {
 	if slices.Contains(t.nodeGWs, a) {
+		return false
+	}
+	if _, ok := t.hosted[a]; ok {
 		return false
 	}
 	for _, p := range t.podCIDRs {
@@ -138,6 +144,11 @@ func (r *Router) rebuildFastLocked() {
 	for a, id := range r.owners {
 		if lk := r.links[id]; lk != nil {
 			t.dsts[a] = lk.fast
+		} else if _, ok := r.hostLinks[id]; ok {
+			if t.hosted == nil {
+				t.hosted = make(map[netip.Addr]struct{})
+			}
+			t.hosted[a] = struct{}{}
 		}
 	}
 	if r.up != nil {

@@ -48,13 +48,16 @@ import (
 // link has, takes the slow path as before.
 
 // toUplink returns the uplink's fast destination for a packet to dst that
-// no pod link has, or nil: beyond the node, or the host itself at a node
-// gateway address.
+// no pod link has, or nil: beyond the node, the host itself at a node
+// gateway address, or a pod the host routes (hostlink.go).
 func (t *fastLinks) toUplink(dst netip.Addr) *fastDst {
 	if t.uplink == nil || !dst.IsGlobalUnicast() {
 		return nil
 	}
 	if slices.Contains(t.nodeGWs, dst) {
+		return t.uplink
+	}
+	if _, ok := t.hosted[dst]; ok {
 		return t.uplink
 	}
 	for _, p := range t.podCIDRs {

@@ -144,7 +144,10 @@ func (r *Router) ensureMasquerade(c *nftables.Conn) error {
 	t := masqTable()
 	rules, err := c.GetRules(t, &nftables.Chain{Name: masqChainName, Table: t})
 	if err == nil && len(rules) == len(masqRules(r.cfg)) {
-		return nil
+		rules, err = c.GetRules(t, &nftables.Chain{Name: antiSpoofChainName, Table: t})
+		if err == nil && len(rules) == 1 {
+			return nil
+		}
 	}
 	r.log.Warn("masquerade: put back the nftables table that another program removed or changed", "table", "inet "+masqTableName)
 	r.fwRepairs.Add(1)

@@ -15,6 +15,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
+
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
 // The host's forward path.
@@ -36,11 +38,13 @@ import (
 //
 //     -A SHM-CNI-FORWARD -i shm0 -s <pod CIDR> -j ACCEPT   (from pods)
 //     -A SHM-CNI-FORWARD -o shm0 -d <pod CIDR> -j ACCEPT   (to pods)
+//     -A SHM-CNI-FORWARD -i shmv+ -s <pod CIDR> -j ACCEPT  (the same on
+//     -A SHM-CNI-FORWARD -o shmv+ -d <pod CIDR> -j ACCEPT   veth links)
 //
 //     jumped to from the first rule of FORWARD and, where Docker made it, of
 //     DOCKER-USER (where Docker's documentation has administrators drop
 //     traffic from outside, which would drop the pods' replies);
-//   - nftables: the same two rules at the head of every other base chain of
+//   - nftables: the same four rules at the head of every other base chain of
 //     the forward hook whose policy is drop (type filter, families inet, ip
 //     and ip6), with the comment "shm-cni: ...". Chains whose policy is
 //     accept are other programs' rule sets (kube-proxy's nftables mode
@@ -73,13 +77,21 @@ type fwRule struct {
 	// (in through the uplink).
 	out  bool
 	cidr netip.Prefix
+	// veth: through the host sides of the pods' veth links
+	// (hostlink.go), every device named linkspec.HostVethPrefix and
+	// more, instead of the uplink.
+	veth bool
 }
 
 func (r fwRule) comment() string {
+	c := fwCommentPrefix + ": from pods"
 	if r.out {
-		return fwCommentPrefix + ": to pods"
+		c = fwCommentPrefix + ": to pods"
 	}
-	return fwCommentPrefix + ": from pods"
+	if r.veth {
+		c += " on veth links"
+	}
+	return c
 }
 
 // iptablesSpec is r as iptables rule arguments.
@@ -88,7 +100,11 @@ func (r fwRule) iptablesSpec(uplink string) []string {
 	if r.out {
 		dir, addr = "-o", "-d"
 	}
-	return []string{dir, uplink, addr, r.cidr.String(), "-m", "comment", "--comment", r.comment(), "-j", "ACCEPT"}
+	dev := uplink
+	if r.veth {
+		dev = linkspec.HostVethPrefix + "+" // iptables' wildcard
+	}
+	return []string{dir, dev, addr, r.cidr.String(), "-m", "comment", "--comment", r.comment(), "-j", "ACCEPT"}
 }
 
 // nftRule is r as nftables expressions and user data, for a table of
@@ -100,9 +116,15 @@ func (r fwRule) nftRule(uplink string, fam nftables.TableFamily) ([]expr.Any, []
 	if r.out {
 		key = expr.MetaKeyOIFNAME
 	}
+	dev := ifname(uplink)
+	if r.veth {
+		// A prefix without its NUL: the wildcard ("shmv*"), as
+		// iptables-nft writes "shmv+".
+		dev = []byte(linkspec.HostVethPrefix)
+	}
 	exprs := []expr.Any{
 		&expr.Meta{Key: key, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(uplink)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: dev},
 	}
 	match := matchPrefix(r.cidr, !r.out)
 	if fam != nftables.TableFamilyINet {
@@ -145,7 +167,7 @@ type iptFamily struct {
 func newHostFirewall(cfg Config, hostNS ns.NetNS, log *slog.Logger) *hostFirewall {
 	f := &hostFirewall{uplink: cfg.UplinkName, hostNS: hostNS, log: log}
 	for _, p := range cfg.PodCIDRs {
-		rs := []fwRule{{out: false, cidr: p}, {out: true, cidr: p}}
+		rs := []fwRule{{out: false, cidr: p}, {out: true, cidr: p}, {out: false, cidr: p, veth: true}, {out: true, cidr: p, veth: true}}
 		if p.Addr().Is4() {
 			f.rules4 = rs
 		} else {

@@ -64,6 +64,9 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 	if _, ok := r.links[id]; ok {
 		return r.refuse(ep, fmt.Errorf("add link %s: link exists", id))
 	}
+	if _, ok := r.hostLinks[id]; ok {
+		return r.refuse(ep, fmt.Errorf("add link %s: link exists", id))
+	}
 	for _, a := range l.Addrs {
 		if owner, ok := r.owners[a]; ok {
 			return r.refuse(ep, fmt.Errorf("add link %s: address %s is in use by link %s", id, a, owner))
@@ -185,6 +188,9 @@ func (r *Router) RemoveLink(id string) error {
 
 // +checklocks:r.mu
 func (r *Router) removeLinkLocked(id string) error {
+	if r.removeHostLinkLocked(id) {
+		return nil
+	}
 	lk, ok := r.links[id]
 	if !ok {
 		return nil

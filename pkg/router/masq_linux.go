@@ -7,6 +7,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
 // masqTableName names the router's nftables table (inet family) in the host.
@@ -14,6 +16,11 @@ const masqTableName = "shm-cni"
 
 // masqChainName names the table's postrouting NAT chain.
 const masqChainName = "postrouting"
+
+// antiSpoofChainName names the table's prerouting filter chain that drops
+// what a veth link's pod sends from an address the host would not route
+// back to it (antiSpoofRule).
+const antiSpoofChainName = "antispoof"
 
 // IPv4 and IPv6 header offsets of the source and destination addresses.
 const (
@@ -29,7 +36,7 @@ func masqTable() *nftables.Table {
 }
 
 // installMasquerade replaces the host's shm-cni table, atomically, by one
-// whose postrouting NAT chain, with Config.Masquerade, masquerades traffic
+// with the anti-spoofing of veth links (antiSpoofRule) and whose postrouting NAT chain, with Config.Masquerade, masquerades traffic
 // from the pod CIDRs to anything not in the pod CIDRs or cluster CIDRs that
 // does not leave through the uplink:
 //
@@ -59,10 +66,42 @@ func installMasquerade(c *nftables.Conn, cfg Config) error {
 	for _, exprs := range masqRules(cfg) {
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: exprs})
 	}
+	as := c.AddChain(&nftables.Chain{
+		Name:     antiSpoofChainName,
+		Table:    t,
+		Type:     nftables.ChainTypeFilter,
+		Hooknum:  nftables.ChainHookPrerouting,
+		Priority: nftables.ChainPriorityRaw,
+	})
+	c.AddRule(&nftables.Rule{Table: t, Chain: as, Exprs: antiSpoofRule()})
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("install nftables table inet %s: %w", masqTableName, err)
 	}
 	return nil
+}
+
+// antiSpoofRule is the anti-spoofing of the pods on veth links (the
+// agent's kind veth), whose packets reach the host's kernel without
+// crossing the router's filter: a strict reverse path check on every
+// host side of such a link, for both families, as rp_filter=1 does for
+// IPv4 alone:
+//
+//	iifname "shmv*" fib saddr . iif oif missing counter drop
+//
+// The host routes a pod's addresses (and no other) to its veth, so a
+// packet from any other source is dropped: another pod's address, the
+// host's, the world's. IPv6 link-local sources pass (the kernel's fe80::/64
+// route on each device).
+func antiSpoofRule() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+		// A prefix without its NUL: nftables' wildcard "shmv*".
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte(linkspec.HostVethPrefix)},
+		&expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, ResultOIF: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0, 0, 0}},
+		&expr.Counter{},
+		&expr.Verdict{Kind: expr.VerdictDrop},
+	}
 }
 
 // removeMasquerade deletes the host's shm-cni table if it exists.

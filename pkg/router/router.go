@@ -94,7 +94,11 @@ type Router struct {
 	state state
 	// links maps link ids to links. Guarded by mu.
 	links map[string]*link
-	// owners maps every pod address in use to its link id. Guarded by mu.
+	// hostLinks maps the ids of the pods the host routes (hostlink.go)
+	// to their addresses. Guarded by mu.
+	hostLinks map[string][]netip.Addr
+	// owners maps every pod address in use to its link id (a link's or
+	// a host link's). Guarded by mu.
 	owners map[netip.Addr]string
 	// up is the uplink; nil before Start and after Close. Guarded by mu.
 	up *uplink
@@ -147,17 +151,18 @@ func New(cfg Config, log *slog.Logger) (*Router, error) {
 	holds := newForwardHolds()
 	mtus := &linkMTUs{uplink: uint32(cfg.UplinkMTU)}
 	r := &Router{
-		cfg:    cfg,
-		log:    log,
-		mtus:   mtus,
-		stack:  newStack(holds, mtus),
-		hostNS: hostNS,
-		hole:   &blackhole{},
-		holds:  holds,
-		fast:   &fastPath{hairpin: newHairpinTable(mtus.isPod)},
-		policy: enf,
-		links:  make(map[string]*link),
-		owners: make(map[netip.Addr]string),
+		cfg:       cfg,
+		log:       log,
+		mtus:      mtus,
+		stack:     newStack(holds, mtus),
+		hostNS:    hostNS,
+		hole:      &blackhole{},
+		holds:     holds,
+		fast:      &fastPath{hairpin: newHairpinTable(mtus.isPod)},
+		policy:    enf,
+		links:     make(map[string]*link),
+		hostLinks: make(map[string][]netip.Addr),
+		owners:    make(map[netip.Addr]string),
 	}
 	if err := r.addBlackhole(); err != nil {
 		r.stack.Destroy()
@@ -330,6 +335,9 @@ func (r *Router) Start() error {
 		r.stack.AddRoute(tcpip.Route{Destination: toSubnet(netip.PrefixFrom(gw, gw.BitLen())), NIC: id})
 		r.stack.AddRoute(tcpip.Route{Destination: defaultSubnet(p.Addr()), NIC: id})
 	}
+	for _, addrs := range r.hostLinks {
+		r.addHostRoutesLocked(addrs)
+	}
 	// The NAT table: egress masquerade with Config.Masquerade
 	// (masq_linux.go).
 	r.masqOn.Store(true) // before: a partial install is removed
@@ -489,7 +497,7 @@ func (r *Router) Close() error {
 	return nil
 }
 
-// Links returns the ids of the router's links, sorted.
+// Links returns the ids of the router's links and host links, sorted.
 func (r *Router) Links() []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -498,8 +506,11 @@ func (r *Router) Links() []string {
 
 // +checklocks:r.mu
 func (r *Router) linkIDsLocked() []string {
-	ids := make([]string, 0, len(r.links))
+	ids := make([]string, 0, len(r.links)+len(r.hostLinks))
 	for id := range r.links {
+		ids = append(ids, id)
+	}
+	for id := range r.hostLinks {
 		ids = append(ids, id)
 	}
 	sort.Strings(ids)

@@ -203,6 +203,8 @@ func (r *report) evaluateGoals() {
 	}
 	tputGoal("shm-cni tap pod → sandbox", "kernel pod → sandbox", 0.7)
 	tputGoal("shm-cni sandbox → tap pod", "sandbox → kernel pod", 0.7)
+	tputGoal("shm-cni veth pod → sandbox", "kernel pod on a veth link → sandbox", 0.7)
+	tputGoal("shm-cni sandbox → veth pod", "sandbox → kernel pod on a veth link", 0.7)
 	// Traffic leaving the node: a sandbox's path through the uplink in
 	// line with its path to a kernel pod.
 	{
@@ -218,9 +220,14 @@ func (r *report) evaluateGoals() {
 	limitGoal(r, add)
 	tputGoal("shm-cni host → tap pod", "host → pod", 0.9)
 	tputGoal("shm-cni tap pod → host", "pod → host", 0.9)
+	// The same with kernel pods on veth links (kind veth).
+	tputGoal("shm-cni veth pod → veth pod", "kernel↔kernel on veth links", 0.9)
+	tputGoal("shm-cni host → veth pod", "host → pod on a veth link", 0.9)
+	tputGoal("shm-cni veth pod → host", "pod on a veth link → host", 0.9)
 	for _, c := range []struct{ name, label string }{
 		{"shm-cni sandbox → sandbox", "sandbox↔sandbox"},
 		{"shm-cni tap pod → tap pod", "tap↔tap"},
+		{"shm-cni veth pod → veth pod", "veth↔veth"},
 	} {
 		s := r.rtt(c.name)
 		add("64 B RTT p50 "+c.label, "≤ 2.0x veth", s != nil && s.RatioP50 > 0, ratioOf(s), fmt.Sprintf("%.2fx", ratioOf(s)), ratioOf(s) <= 2.0)

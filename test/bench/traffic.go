@@ -85,6 +85,15 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	if err != nil {
 		return err
 	}
+	// Kernel pods on veth links: the host's kernel routes them.
+	v1, err := add("v1", node.KindVeth)
+	if err != nil {
+		return err
+	}
+	v2, err := add("v2", node.KindVeth)
+	if err != nil {
+		return err
+	}
 	// s0 receives; s1..sN send (one sandbox per link); e0 serves echo;
 	// c0 is the in-process netstack client's link.
 	maxStreams := 1
@@ -130,13 +139,15 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	kk1 := kend{"k1", k1.NS, k1.Addr4}
 	kk2 := kend{"k2", k2.NS, k2.Addr4}
 	kkbw := kend{"kbw", kbw.NS, kbw.Addr4}
+	vv1 := kend{"v1", v1.NS, v1.Addr4}
+	vv2 := kend{"v2", v2.NS, v2.Addr4}
 	// Beyond the node: the outside namespace behind the host, reached
 	// through the uplink and the host's routing (masqueraded).
 	outside := kend{"outside", n.Outside, node.Outside4.Addr()}
 	e0Addr := netip.AddrPortFrom(e0.Addr4, echoPort)
 
 	if b.cfg.cases["tput"] {
-		for _, e := range []kend{vb, pb, bb, kk2, kkbw, host, outside} {
+		for _, e := range []kend{vb, pb, bb, kk2, kkbw, vv2, host, outside} {
 			if err := b.iperfServer(ctx, e); err != nil {
 				return err
 			}
@@ -172,6 +183,12 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 			{"shm-cni tap pod → outside", "iperf3", false, iperf(kk1, outside)},
 			{"shm-cni sandbox → outside", "sandbox send", false, xfer(sandboxPeers, n.OutsidePeer())},
 			{limitedCase, "iperf3", false, iperf(kk1, kkbw)},
+			{"shm-cni veth pod → veth pod", "iperf3", false, iperf(vv1, vv2)},
+			{"shm-cni host → veth pod", "iperf3", false, iperf(host, vv2)},
+			{"shm-cni veth pod → host", "iperf3", false, iperf(vv1, host)},
+			{"shm-cni veth pod → sandbox", "sandbox sink", false, xfer([]*node.Peer{n.PodPeer(v1)}, n.PodPeer(s0))},
+			{"shm-cni sandbox → veth pod", "sandbox send", false, xfer(sandboxPeers, n.PodPeer(v2))},
+			{"shm-cni veth pod → outside", "iperf3", false, iperf(vv1, outside)},
 		}
 		for _, pk := range pkts {
 			cases = append(cases, tputCase{pk.name("sandbox → sandbox (bridge)"), "sandbox send/sink", true,
@@ -249,6 +266,10 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 			{"shm-cni host → tap pod", "Go echo", false, kernel(host, kk2)},
 			{"shm-cni tap pod → sandbox", "sandbox echo", false, func(ctx context.Context) ([]time.Duration, error) {
 				return dialRTT(ctx, kk1, e0Addr, b.cfg.rttCount)
+			}},
+			{"shm-cni veth pod → veth pod", "Go echo", false, kernel(vv1, vv2)},
+			{"shm-cni veth pod → sandbox", "sandbox echo", false, func(ctx context.Context) ([]time.Duration, error) {
+				return dialRTT(ctx, vv1, e0Addr, b.cfg.rttCount)
 			}},
 			{"shm-cni sandbox → sandbox", "netstack client, sandbox echo", false, func(ctx context.Context) ([]time.Duration, error) {
 				return netstackRTT(ctx, c0.SocketPath, e0Addr, b.cfg.rttCount)

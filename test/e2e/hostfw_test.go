@@ -138,6 +138,7 @@ func testForwardPolicyDrop(t *testing.T, fw hostFirewall) {
 		}
 	}
 	ka, sa := addPod(t, ctx, a, "ka", node.KindTap), addPod(t, ctx, a, "sa", node.KindShm)
+	va := addPod(t, ctx, a, "va", node.KindVeth)
 	kb := addPod(t, ctx, b, "kb", node.KindTap)
 
 	traffic := func(t *testing.T) {
@@ -152,6 +153,9 @@ func testForwardPolicyDrop(t *testing.T, fw hostFirewall) {
 			{"sandbox to outside", a, a.PodPeer(sa), a.OutsidePeer(), nil},
 			{"kernel pod a to kernel pod b", a, a.PodPeer(ka), b.PodPeer(kb), func(v6 bool) netip.Addr { return a.PodPeer(ka).Addr(v6) }},
 			{"kernel pod b to sandbox a", b, b.PodPeer(kb), a.PodPeer(sa), func(v6 bool) netip.Addr { return b.PodPeer(kb).Addr(v6) }},
+			{"veth pod to outside", a, a.PodPeer(va), a.OutsidePeer(), nil},
+			{"veth pod a to kernel pod b", a, a.PodPeer(va), b.PodPeer(kb), func(v6 bool) netip.Addr { return a.PodPeer(va).Addr(v6) }},
+			{"kernel pod b to veth pod a", b, b.PodPeer(kb), a.PodPeer(va), func(v6 bool) netip.Addr { return b.PodPeer(kb).Addr(v6) }},
 		} {
 			for _, v6 := range []bool{false, true} {
 				tr, err := tc.n.Transfer(ctx, tc.src, tc.dst, v6, 1<<20)
@@ -204,8 +208,13 @@ func testForwardPolicyDrop(t *testing.T, fw hostFirewall) {
 		// Written natively into iptables-nft's chain, the rules must
 		// read back through the iptables command, comment and all.
 		out := sh(t, ctx, a.Host, "iptables -S FORWARD")
-		if !strings.Contains(out, `-s 10.244.0.0/24 -i shm0 -m comment --comment "shm-cni: from pods" -j ACCEPT`) {
-			t.Errorf("iptables -S FORWARD does not show the agent's accept as iptables would write it:\n%s", out)
+		for _, want := range []string{
+			`-s 10.244.0.0/24 -i shm0 -m comment --comment "shm-cni: from pods" -j ACCEPT`,
+			`-s 10.244.0.0/24 -i shmv+ -m comment --comment "shm-cni: from pods on veth links" -j ACCEPT`,
+		} {
+			if !strings.Contains(out, want) {
+				t.Errorf("iptables -S FORWARD does not show the agent's accept %s as iptables would write it:\n%s", want, out)
+			}
 		}
 	}
 

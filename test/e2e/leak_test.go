@@ -60,7 +60,7 @@ func settledFootprint(ctx context.Context, n *node.Node, base agentFootprint) (a
 }
 
 // TestAddDelCyclesLeakNothing runs 200 ADD/DEL cycles in one pod netns,
-// alternating kinds, with a sandbox session and traffic on every tenth shm
+// alternating kinds (shm, tap, shm, veth), with a sandbox session and traffic on every tenth shm
 // link: afterwards the agent holds no more fds, memfd mappings or
 // goroutines than after the first cycles, no attachment or address, and
 // neither the pod netns nor the host has a device left behind.
@@ -76,8 +76,11 @@ func TestAddDelCyclesLeakNothing(t *testing.T) {
 	var base agentFootprint
 	cycle := func(i int) error {
 		kind := node.KindTap
-		if i%2 == 1 {
+		switch {
+		case i%2 == 1:
 			kind = node.KindShm
+		case i%4 == 2:
+			kind = node.KindVeth
 		}
 		p, err := n.AddPodIn(ctx, fmt.Sprintf("cycle%d", i), kind, x)
 		if err != nil {
@@ -106,8 +109,8 @@ func TestAddDelCyclesLeakNothing(t *testing.T) {
 				t.Errorf("footprint with a sandbox connected: %v, want more of each than %v", live, base)
 			}
 		}
-		// And a kernel pod receives.
-		if kind == node.KindTap && i%20 == 0 {
+		// And a kernel pod receives, on either kind of link.
+		if kind != node.KindShm && i%20 <= 2 {
 			if _, err := n.Transfer(ctx, host, n.PodPeer(p), true, 64<<10); err != nil {
 				return err
 			}

@@ -14,6 +14,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/test/e2e/node"
 )
 
@@ -111,13 +112,26 @@ func wantLinks(t *testing.T, x ns.NetNS, want ...string) {
 	}
 }
 
+// wantHostLink checks that the node's host namespace has the interface
+// name, or has not.
+func wantHostLink(t *testing.T, n *node.Node, name string, want bool) {
+	t.Helper()
+	got, err := node.LinkNames(n.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if has := slices.Contains(got, name); has != want {
+		t.Errorf("host has %s: %t, want %t (links %v)", name, has, want, got)
+	}
+}
+
 // TestAddCheckDelDel runs a pod through ADD, CHECK, DEL and DEL again for
 // each kind: the result describes the link, CHECK passes on a healthy pod
 // and fails once its addresses are gone, and DEL removes everything (the
-// interface, the agent's attachment, record, addresses and socket), once
-// and again.
+// interface, a veth's host side, the agent's attachment, record, addresses
+// and socket), once and again.
 func TestAddCheckDelDel(t *testing.T) {
-	for _, kind := range []string{node.KindTap, node.KindShm} {
+	for _, kind := range []string{node.KindTap, node.KindShm, node.KindVeth} {
 		t.Run(kind, func(t *testing.T) {
 			n := newNode(t, node.Options{})
 			ctx := testContext(t)
@@ -145,6 +159,8 @@ func TestAddCheckDelDel(t *testing.T) {
 			}
 			wantLinks(t, p.NS, "lo", node.IfName)
 			wantAttachments(t, ctx, n, p.RT.ContainerID)
+			hostVeth := linkspec.HostVethName(linkspec.Key{ContainerID: p.RT.ContainerID, IfName: node.IfName})
+			wantHostLink(t, n, hostVeth, kind == node.KindVeth)
 
 			if err := n.CNICheck(ctx, cni, l, p.RT); err != nil {
 				t.Errorf("CHECK of a healthy pod: %v", err)
@@ -178,6 +194,7 @@ func TestAddCheckDelDel(t *testing.T) {
 				}
 				wantLinks(t, p.NS, "lo")
 				wantNoAttachments(t, ctx, n)
+				wantHostLink(t, n, hostVeth, false)
 				if _, err := os.Stat(p.SocketPath); kind == node.KindShm && !os.IsNotExist(err) {
 					t.Errorf("sandbox socket after DEL: %v, want it gone", err)
 				}
@@ -190,7 +207,7 @@ func TestAddCheckDelDel(t *testing.T) {
 // as a runtime may after a crash: DEL succeeds and the agent lets go of
 // everything.
 func TestDelAfterNetnsGone(t *testing.T) {
-	for _, kind := range []string{node.KindTap, node.KindShm} {
+	for _, kind := range []string{node.KindTap, node.KindShm, node.KindVeth} {
 		t.Run(kind, func(t *testing.T) {
 			n := newNode(t, node.Options{})
 			ctx := testContext(t)
@@ -202,6 +219,7 @@ func TestDelAfterNetnsGone(t *testing.T) {
 				t.Fatalf("DEL with the netns gone: %v", err)
 			}
 			wantNoAttachments(t, ctx, n)
+			wantHostLink(t, n, linkspec.HostVethName(linkspec.Key{ContainerID: p.RT.ContainerID, IfName: node.IfName}), false)
 		})
 	}
 }
@@ -263,9 +281,10 @@ func TestAgentDown(t *testing.T) {
 }
 
 // TestGCReleasesLeaked leaks attachments the runtime forgot (added through
-// another libcni cache, their netns deleted) beside ones it knows: GC with
-// one valid attachment DELs the runtime's stale ones (libcni) and releases
-// the leaked ones (the agent), and leaves the valid pod working.
+// another libcni cache, their netns deleted, but a veth link's) beside ones
+// it knows: GC with one valid attachment DELs the runtime's stale ones
+// (libcni) and releases the leaked ones (the agent, which deletes a veth
+// link's host side), and leaves the valid pod working.
 func TestGCReleasesLeaked(t *testing.T) {
 	n := newNode(t, node.Options{})
 	ctx := testContext(t)
@@ -273,9 +292,10 @@ func TestGCReleasesLeaked(t *testing.T) {
 	cni := n.CNI("")
 	keep := addPod(t, ctx, n, "keep", node.KindShm)
 	stale := addPod(t, ctx, n, "stale", node.KindTap)
+	staleVeth := addPod(t, ctx, n, "stale-veth", node.KindVeth)
 	forgetful := n.CNI(t.TempDir())
 	var leaked []string
-	for _, kind := range []string{node.KindTap, node.KindShm} {
+	for _, kind := range []string{node.KindTap, node.KindShm, node.KindVeth} {
 		x, err := n.NewPodNetNS()
 		if err != nil {
 			t.Fatal(err)
@@ -284,12 +304,18 @@ func TestGCReleasesLeaked(t *testing.T) {
 		if _, err := n.CNIAdd(ctx, forgetful, l, rt); err != nil {
 			t.Fatal(err)
 		}
+		leaked = append(leaked, rt.ContainerID)
+		if kind == node.KindVeth {
+			// Its netns stays, and the host side with it: the agent
+			// deletes that.
+			t.Cleanup(func() { node.DeleteNetNS(x) })
+			continue
+		}
 		if err := node.DeleteNetNS(x); err != nil {
 			t.Fatal(err)
 		}
-		leaked = append(leaked, rt.ContainerID)
 	}
-	wantAttachments(t, ctx, n, append([]string{keep.RT.ContainerID, stale.RT.ContainerID}, leaked...)...)
+	wantAttachments(t, ctx, n, append([]string{keep.RT.ContainerID, stale.RT.ContainerID, staleVeth.RT.ContainerID}, leaked...)...)
 
 	valid := []types.GCAttachment{{ContainerID: keep.RT.ContainerID, IfName: node.IfName}}
 	if err := n.CNIGC(ctx, cni, l, valid); err != nil {
@@ -297,6 +323,10 @@ func TestGCReleasesLeaked(t *testing.T) {
 	}
 	wantAttachments(t, ctx, n, keep.RT.ContainerID)
 	wantLinks(t, stale.NS, "lo")
+	wantLinks(t, staleVeth.NS, "lo")
+	for _, cid := range []string{staleVeth.RT.ContainerID, "e2e-leak-" + node.KindVeth} {
+		wantHostLink(t, n, linkspec.HostVethName(linkspec.Key{ContainerID: cid, IfName: node.IfName}), false)
+	}
 	if err := n.CNICheck(ctx, cni, l, keep.RT); err != nil {
 		t.Errorf("CHECK of the valid pod after GC: %v", err)
 	}

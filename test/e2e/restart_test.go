@@ -149,7 +149,7 @@ func waitExchanges(ctx context.Context, p *pinger, t time.Time, n int) error {
 // SIGKILL) while two kernel pods exchange data on one TCP connection: the
 // TAP links are re-adopted and the connection carries on; IP allocations
 // and attachments are kept; the sandbox's link re-attaches when a sandbox
-// dials it again. The outage (the longest pause between exchanges) is
+// dials it again, and reaches a veth pod, whose link is re-adopted too. The outage (the longest pause between exchanges) is
 // logged, not asserted.
 func TestAgentRestartKeepsConnections(t *testing.T) {
 	for _, how := range []string{"SIGTERM", "SIGKILL"} {
@@ -157,6 +157,7 @@ func TestAgentRestartKeepsConnections(t *testing.T) {
 			ctx := testContext(t)
 			n := newNode(t, node.Options{})
 			k1, k2, s1, _ := fourPods(t, ctx, n)
+			v := addPod(t, ctx, n, "v", node.KindVeth)
 			if _, err := n.Transfer(ctx, n.PodPeer(k1), n.PodPeer(s1), false, 1<<20); err != nil {
 				t.Fatal(err)
 			}
@@ -197,13 +198,17 @@ func TestAgentRestartKeepsConnections(t *testing.T) {
 			}
 			// The sandbox that held s1's link lost it with the agent;
 			// a new one re-attaches and gets the same addresses.
+			// The router reaches the veth pod again (its host link is
+			// re-adopted).
 			s1.StopServer()
 			for _, v6 := range []bool{false, true} {
-				tr, err := n.Transfer(ctx, n.PodPeer(s1), n.PodPeer(k2), v6, 8<<20)
-				if err != nil {
-					t.Errorf("sandbox after the restart: %v", err)
-				} else if tr.From != s1.Addr(v6) {
-					t.Errorf("sandbox after the restart sends from %s, want %s", tr.From, s1.Addr(v6))
+				for _, dst := range []*node.Pod{k2, v} {
+					tr, err := n.Transfer(ctx, n.PodPeer(s1), n.PodPeer(dst), v6, 8<<20)
+					if err != nil {
+						t.Errorf("sandbox after the restart: %v", err)
+					} else if tr.From != s1.Addr(v6) {
+						t.Errorf("sandbox after the restart sends from %s, want %s", tr.From, s1.Addr(v6))
+					}
 				}
 			}
 		})

@@ -18,8 +18,9 @@ import (
 
 // Link kinds, as the conflist and SHM_CNI_KIND spell them.
 const (
-	KindTap = "tap"
-	KindShm = "shm"
+	KindTap  = "tap"
+	KindShm  = "shm"
+	KindVeth = "veth"
 )
 
 const (
@@ -177,7 +178,7 @@ func ErrorCode(err error) uint {
 // its ADD result.
 type Pod struct {
 	Name string // immutable
-	// Kind is KindTap or KindShm. Immutable.
+	// Kind is KindTap, KindShm or KindVeth. Immutable.
 	Kind string
 	// NS is the pod's network namespace. Immutable.
 	NS ns.NetNS

@@ -1,0 +1,228 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
+	"github.com/shm-cni/shm-cni/pkg/router"
+)
+
+// vethKind is the kind of a kernel pod's veth link: the plugin makes a veth
+// pair, the pod's side in its netns, the host's (linkspec.HostVethName) in
+// the host netns; the agent routes the pod's addresses to the host side, in
+// the host (a device route and a permanent neighbour entry per address, so
+// the host never resolves them) and in the router (through the uplink:
+// Router.AddHostLink). The host's kernel then carries the pod's traffic to
+// and from kernel pods of the same kind, the host and the world by itself,
+// as the ptp plugin's veth pairs do: no system call of the agent's per
+// packet, where a TAP link costs a read and a write. The agent's anti-spoofing
+// for it is the host's (a strict reverse path check on every host side,
+// masq_linux.go); NetworkPolicy and bandwidth limits are not carried yet,
+// so prepare refuses such links where the agent would have to enforce
+// them.
+type vethKind struct{}
+
+// prepare implements linkKind.prepare: the agent's MTU unless the
+// conflist sets one; refused with a Kubernetes client (whose NetworkPolicy
+// the agent enforces in the router, which a veth link's traffic between
+// kernel pods and to the host does not cross) and with a bandwidth limit.
+func (vethKind) prepare(a *Agent, _ linkspec.Key, rec *record, req *agentapi.AttachRequest) error {
+	if a.kube != nil {
+		return invalid("kind %s: the agent enforces NetworkPolicy, which veth links do not carry yet: use kind %s or %s", agentapi.KindVeth, agentapi.KindTap, agentapi.KindShm)
+	}
+	if rec.Bandwidth != nil {
+		return invalid("kind %s: bandwidth limits are not carried on veth links yet", agentapi.KindVeth)
+	}
+	if req.MAC == "" {
+		return invalid("attach.mac: required for kind %s (the pod side's MAC)", agentapi.KindVeth)
+	}
+	if rec.MTU == 0 {
+		rec.MTU = a.cfg.MTU
+	}
+	return nil
+}
+
+// attach implements linkKind.attach: no descriptor comes with it.
+func (vethKind) attach(a *Agent, rec *record, _ []*os.File) (podLink, error) {
+	return a.attachVeth(rec)
+}
+
+// readopt implements linkKind.readopt: the host side must still be there;
+// its routes are put back (they went with nothing but the device).
+func (vethKind) readopt(a *Agent, rec *record) (podLink, error) {
+	return a.attachVeth(rec)
+}
+
+// orphan implements linkKind.orphan: a link whose host side, if any is
+// left, DEL or GC still deletes.
+func (vethKind) orphan(a *Agent, rec *record) podLink {
+	return vethOrphan{noLink: noLink{checkErr: vethGoneError(rec)}, a: a, name: linkspec.HostVethName(rec.key())}
+}
+
+// vethOrphan is a veth link that could not be re-adopted.
+type vethOrphan struct {
+	noLink
+	a    *Agent
+	name string
+}
+
+// release implements podLink.release.
+func (o vethOrphan) release() { o.a.deleteHostVeth(o.name) }
+
+// vethGoneError is what CHECK says of a veth link without its host side.
+func vethGoneError(rec *record) error {
+	return fmt.Errorf("the host side %s of the veth link is gone", linkspec.HostVethName(rec.key()))
+}
+
+// vethLink is a kernel pod's veth link.
+type vethLink struct {
+	a      *Agent       // immutable
+	rec    *record      // immutable
+	linkID string       // the router's id of the host link; immutable
+	name   string       // the host side's name; immutable
+	mac    string       // the host side's MAC; immutable
+	log    *slog.Logger // immutable
+}
+
+// attachVeth routes rec's addresses to the host side of its veth pair, in
+// the host and in the router. It returns an error wrapping errGone when
+// the host side does not exist. On failure the host's routes stay with the
+// device (the plugin's rollback deletes it); the router has nothing.
+func (a *Agent) attachVeth(rec *record) (*vethLink, error) {
+	name := linkspec.HostVethName(rec.key())
+	h, err := netlink.NewHandleAt(netns.NsHandle(a.hostNS.Fd()))
+	if err != nil {
+		return nil, fmt.Errorf("netlink in the host netns: %w", err)
+	}
+	defer h.Close()
+	l, err := h.LinkByName(name)
+	var nf netlink.LinkNotFoundError
+	switch {
+	case errors.As(err, &nf):
+		return nil, fmt.Errorf("%w: %v", errGone, vethGoneError(rec))
+	case err != nil:
+		return nil, fmt.Errorf("look up %s: %w", name, err)
+	case l.Type() != "veth":
+		return nil, invalid("host side %s of the veth link is a %s device", name, l.Type())
+	}
+	podMAC, err := net.ParseMAC(rec.PodMAC)
+	if err != nil {
+		return nil, invalid("attach.mac: %v", err)
+	}
+	if l.Attrs().MTU != rec.MTU {
+		if err := h.LinkSetMTU(l, rec.MTU); err != nil {
+			return nil, fmt.Errorf("set %s mtu %d: %w", name, rec.MTU, err)
+		}
+	}
+	if err := h.LinkSetUp(l); err != nil {
+		return nil, fmt.Errorf("set %s up: %w", name, err)
+	}
+	idx := l.Attrs().Index
+	for _, ad := range rec.Addrs {
+		dst := &net.IPNet{IP: ad.AsSlice(), Mask: net.CIDRMask(ad.BitLen(), ad.BitLen())}
+		rt := &netlink.Route{LinkIndex: idx, Dst: dst, Scope: netlink.SCOPE_LINK}
+		// The host's own packets to the pod leave from the node
+		// gateway, as to a pod on any other kind of link (where the
+		// uplink's route gives it): the address NetworkPolicy lets
+		// in, kubelet's probes' source.
+		for _, p := range a.cfg.PodCIDRs {
+			if gw, err := router.NodeGateway(p); err == nil && p.Contains(ad) {
+				rt.Src = gw.AsSlice()
+			}
+		}
+		if err := h.RouteReplace(rt); err != nil {
+			return nil, fmt.Errorf("route %s dev %s: %w", ad, name, err)
+		}
+		n := &netlink.Neigh{LinkIndex: idx, Family: familyOf(ad), State: netlink.NUD_PERMANENT, IP: ad.AsSlice(), HardwareAddr: podMAC}
+		if err := h.NeighSet(n); err != nil {
+			return nil, fmt.Errorf("neighbour %s lladdr %s dev %s: %w", ad, podMAC, name, err)
+		}
+	}
+	id := rec.key().String()
+	if err := a.router.AddHostLink(id, rec.Addrs); err != nil {
+		return nil, err
+	}
+	return &vethLink{a: a, rec: rec, linkID: id, name: name, mac: l.Attrs().HardwareAddr.String(), log: a.log.With("link", id)}, nil
+}
+
+// familyOf is a's netlink address family.
+func familyOf(a netip.Addr) int {
+	if a.Is4() {
+		return unix.AF_INET
+	}
+	return unix.AF_INET6
+}
+
+// stop implements podLink.stop: the router forgets the pod's addresses.
+// The host side stays, with its routes: a restarted agent re-adopts it,
+// and the pod's traffic through the host's kernel carries on meanwhile.
+func (l *vethLink) stop() {
+	if err := l.a.router.RemoveLink(l.linkID); err != nil {
+		l.log.Warn("remove host link", "err", err)
+	}
+}
+
+// release implements podLink.release: the host side goes, with the pod's
+// side and the host's routes to the pod, if still there (DEL deletes the
+// pair from the pod's side too; GC only here).
+func (l *vethLink) release() { l.a.deleteHostVeth(l.name) }
+
+// deleteHostVeth deletes the veth name from the host netns if it exists.
+func (a *Agent) deleteHostVeth(name string) {
+	h, err := netlink.NewHandleAt(netns.NsHandle(a.hostNS.Fd()))
+	if err != nil {
+		a.log.Warn("delete the host side of a veth link", "name", name, "err", err)
+		return
+	}
+	defer h.Close()
+	dev, err := h.LinkByName(name)
+	var nf netlink.LinkNotFoundError
+	switch {
+	case errors.As(err, &nf):
+		return
+	case err == nil && dev.Type() == "veth":
+		err = h.LinkDel(dev)
+	}
+	if err != nil && !errors.Is(err, unix.ENODEV) {
+		a.log.Warn("delete the host side of a veth link", "name", name, "err", err)
+	}
+}
+
+// check implements podLink.check: the host side must be there and up.
+func (l *vethLink) check() error {
+	h, err := netlink.NewHandleAt(netns.NsHandle(l.a.hostNS.Fd()))
+	if err != nil {
+		return fmt.Errorf("netlink in the host netns: %w", err)
+	}
+	defer h.Close()
+	dev, err := h.LinkByName(l.name)
+	var nf netlink.LinkNotFoundError
+	switch {
+	case errors.As(err, &nf):
+		return vethGoneError(l.rec)
+	case err != nil:
+		return fmt.Errorf("look up %s: %w", l.name, err)
+	case dev.Attrs().Flags&net.FlagUp == 0:
+		return fmt.Errorf("the host side %s of the veth link is down", l.name)
+	}
+	return nil
+}
+
+// answer implements podLink.answer: the pod's gateways are the host side.
+func (l *vethLink) answer(resp *agentapi.AttachResponse) { resp.GatewayMAC = l.mac }
+
+// status implements podLink.status: the router has no counters of it.
+func (l *vethLink) status(st *LinkStatus) { st.Up = l.check() == nil }
+
+// socketPath implements podLink.socketPath: a veth link has none.
+func (l *vethLink) socketPath() string { return "" }

@@ -1,0 +1,92 @@
+package router
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+
+	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
+
+	"github.com/shm-cni/shm-cni/internal/testutil"
+)
+
+// Addresses of a pod the host routes (AddHostLink), inside the pod CIDRs.
+var (
+	hostPod4 = netip.MustParseAddr("10.244.1.30")
+	hostPod6 = netip.MustParseAddr("2001:db8:0:1::30")
+)
+
+// TestHostLink: a pod the host routes (here its addresses sit on the host's
+// loopback, where a veth link's pod sits behind a device route) is reached
+// from a pod link through the uplink, on the fast path but for the SYN,
+// and sees the client's own address, in both families. Without the host
+// link the router takes its addresses for unassigned ones of its own and
+// drops what is sent to them; with it, no link may take them; removed, they
+// are dropped again.
+func TestHostLink(t *testing.T) {
+	e := newEnv(t, dualStackConfig(true))
+	testutil.Do(t, e.host, func() error {
+		return upWithAddrs("lo", netip.PrefixFrom(hostPod4, 32), netip.PrefixFrom(hostPod6, 128))
+	})
+	unreachable := func(t *testing.T) {
+		t.Helper()
+		for _, a := range []netip.Addr{hostPod4, hostPod6} {
+			before := e.r.UnroutedDrops()
+			if err := pingOnce(e.a.ns, a); err == nil {
+				t.Errorf("pod to %s without a host link: answered, want it dropped", a)
+			}
+			if e.r.UnroutedDrops() == before {
+				t.Errorf("pod to %s without a host link: not counted as unrouted", a)
+			}
+		}
+	}
+	unreachable(t)
+
+	if err := e.r.AddHostLink("host-pod", []netip.Addr{hostPod4, hostPod6}); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		to := hostPod4
+		if f.a.Is6() {
+			to = hostPod6
+		}
+		t.Run(f.name, func(t *testing.T) {
+			before := e.r.UplinkStats()
+			if got := tcpTransfer(t, e.a.ns, e.host, to); got != f.a {
+				t.Errorf("the server saw client %s, want %s", got, f.a)
+			}
+			after := e.r.UplinkStats()
+			tx, fast := after.TxPackets-before.TxPackets, after.FastTxPackets-before.FastTxPackets
+			t.Logf("to the uplink: %d packets, %d on the fast path", tx, fast)
+			if fast == 0 || tx-fast < 1 || tx-fast > 2 {
+				t.Errorf("%d of %d packets to the uplink took the fast path; want all but the SYN (and at most one more)", fast, tx)
+			}
+		})
+	}
+
+	for _, tc := range []struct {
+		name string
+		add  func() error
+	}{
+		{"a link", func() error {
+			return e.r.AddLink("pod-c", channel.New(1, 1500, ""), Link{Addrs: []netip.Addr{hostPod4}})
+		}},
+		{"a host link", func() error { return e.r.AddHostLink("host-pod-2", []netip.Addr{hostPod6}) }},
+		{"the same id", func() error { return e.r.AddHostLink("host-pod", []netip.Addr{netip.MustParseAddr("10.244.1.31")}) }},
+	} {
+		if err := tc.add(); err == nil || !strings.Contains(err.Error(), "in use") && !strings.Contains(err.Error(), "exists") {
+			t.Errorf("%s at a host link's address or id: %v, want refused", tc.name, err)
+		}
+	}
+	if err := e.r.AddHostLink("host-pod-3", []netip.Addr{netip.MustParseAddr("10.9.9.9")}); err == nil {
+		t.Error("a host link outside the pod CIDRs: accepted, want refused")
+	}
+
+	if err := e.r.RemoveLink("host-pod"); err != nil {
+		t.Fatal(err)
+	}
+	unreachable(t)
+	if err := e.r.RemoveLink("host-pod"); err != nil {
+		t.Errorf("removing it again: %v", err)
+	}
+}
