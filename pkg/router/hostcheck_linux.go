@@ -139,11 +139,14 @@ func (r *Router) checkHost() {
 }
 
 // ensureMasquerade reinstalls the masquerade table when it or its rules
-// are gone.
+// (or the anti-spoofing of veth links, when it was installed) are gone.
 func (r *Router) ensureMasquerade(c *nftables.Conn) error {
 	t := masqTable()
 	rules, err := c.GetRules(t, &nftables.Chain{Name: masqChainName, Table: t})
 	if err == nil && len(rules) == len(masqRules(r.cfg)) {
+		if !r.antiSpoofOn.Load() {
+			return nil
+		}
 		rules, err = c.GetRules(t, &nftables.Chain{Name: antiSpoofChainName, Table: t})
 		if err == nil && len(rules) == 1 {
 			return nil
@@ -151,7 +154,13 @@ func (r *Router) ensureMasquerade(c *nftables.Conn) error {
 	}
 	r.log.Warn("masquerade: put back the nftables table that another program removed or changed", "table", "inet "+masqTableName)
 	r.fwRepairs.Add(1)
-	return installMasquerade(c, r.cfg)
+	if err := installMasquerade(c, r.cfg); err != nil {
+		return err
+	}
+	if r.antiSpoofOn.Load() {
+		return installAntiSpoof(c)
+	}
+	return nil
 }
 
 // keepHost runs checkHost every interval until stop is closed, and lets the

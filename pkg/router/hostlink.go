@@ -23,9 +23,15 @@ import (
 // sandbox's egress rules; the pod's packets come in through the uplink as
 // the host's do.
 
+// ErrNoAntiSpoof is AddHostLink's error on a host whose nftables cannot
+// check a veth link's sources (installAntiSpoof).
+var ErrNoAntiSpoof = errors.New("no anti-spoofing for veth links on this host")
+
 // AddHostLink registers id as a pod the host routes, at addrs (each inside
 // one of the node's pod CIDRs and used by no other link). RemoveLink
-// removes it. The router keeps the routes across its uplink's restarts.
+// removes it. The router keeps the routes across its uplink's restarts. It
+// fails with ErrNoAntiSpoof where the host would not drop what such a pod
+// sends from another address (installAntiSpoof).
 func (r *Router) AddHostLink(id string, addrs []netip.Addr) error {
 	if err := r.checkHostLink(id, addrs); err != nil {
 		return fmt.Errorf("add host link %s: %w", id, err)
@@ -34,6 +40,9 @@ func (r *Router) AddHostLink(id string, addrs []netip.Addr) error {
 	defer r.mu.Unlock()
 	if r.state == stateClosed {
 		return fmt.Errorf("add host link %s: %w", id, ErrClosed)
+	}
+	if !r.antiSpoofOn.Load() {
+		return fmt.Errorf("add host link %s: %w (the agent's log says why)", id, ErrNoAntiSpoof)
 	}
 	if _, ok := r.links[id]; ok {
 		return fmt.Errorf("add host link %s: link exists", id)
@@ -116,4 +125,16 @@ func (r *Router) removeHostLinkLocked(id string) bool {
 	})
 	r.log.Info("host link removed", "link", id)
 	return true
+}
+
+// installAntiSpoofLocked adds the anti-spoofing of veth links to the
+// router's table (installAntiSpoof), or records why it could not.
+//
+// +checklocks:r.mu
+func (r *Router) installAntiSpoofLocked() {
+	err := r.withNFT(installAntiSpoof)
+	r.antiSpoofOn.Store(err == nil)
+	if err != nil {
+		r.log.Error("veth links refused: the host's nftables cannot check their sources", "err", err)
+	}
 }

@@ -36,7 +36,7 @@ func masqTable() *nftables.Table {
 }
 
 // installMasquerade replaces the host's shm-cni table, atomically, by one
-// with the anti-spoofing of veth links (antiSpoofRule) and whose postrouting NAT chain, with Config.Masquerade, masquerades traffic
+// whose postrouting NAT chain, with Config.Masquerade, masquerades traffic
 // from the pod CIDRs to anything not in the pod CIDRs or cluster CIDRs that
 // does not leave through the uplink:
 //
@@ -66,16 +66,29 @@ func installMasquerade(c *nftables.Conn, cfg Config) error {
 	for _, exprs := range masqRules(cfg) {
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: exprs})
 	}
-	as := c.AddChain(&nftables.Chain{
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("install nftables table inet %s: %w", masqTableName, err)
+	}
+	return nil
+}
+
+// installAntiSpoof adds the anti-spoofing of veth links (antiSpoofRule) to
+// the table installMasquerade made, in a transaction of its own: a kernel
+// without nftables' fib expression (CONFIG_NFT_FIB_INET) refuses it, and
+// the router then works on without it but refuses veth links
+// (Router.AddHostLink).
+func installAntiSpoof(c *nftables.Conn) error {
+	t := masqTable()
+	ch := c.AddChain(&nftables.Chain{
 		Name:     antiSpoofChainName,
 		Table:    t,
 		Type:     nftables.ChainTypeFilter,
 		Hooknum:  nftables.ChainHookPrerouting,
 		Priority: nftables.ChainPriorityRaw,
 	})
-	c.AddRule(&nftables.Rule{Table: t, Chain: as, Exprs: antiSpoofRule()})
+	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: antiSpoofRule()})
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("install nftables table inet %s: %w", masqTableName, err)
+		return fmt.Errorf("add chain inet %s %s: %w", masqTableName, antiSpoofChainName, err)
 	}
 	return nil
 }

@@ -107,6 +107,10 @@ type Router struct {
 	// masqOn reports whether the masquerade table is installed; written
 	// under mu.
 	masqOn atomic.Bool
+	// antiSpoofOn reports whether the table has the anti-spoofing of
+	// veth links (installAntiSpoof), without which AddHostLink refuses
+	// them; written under mu.
+	antiSpoofOn atomic.Bool
 
 	// fwMu serialises the router's work on the host's firewall and
 	// forwarding state: Start and stop (under mu) and the periodic check
@@ -344,6 +348,7 @@ func (r *Router) Start() error {
 	if err := r.withNFT(func(c *nftables.Conn) error { return installMasquerade(c, r.cfg) }); err != nil {
 		return fmt.Errorf("start router: %w", err)
 	}
+	r.installAntiSpoofLocked()
 	if err := r.startHostLocked(); err != nil {
 		return fmt.Errorf("start router: %w", err)
 	}
