@@ -4,6 +4,9 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/google/nftables"
 
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 
@@ -88,5 +91,45 @@ func TestHostLink(t *testing.T) {
 	unreachable(t)
 	if err := e.r.RemoveLink("host-pod"); err != nil {
 		t.Errorf("removing it again: %v", err)
+	}
+}
+
+// TestAntiSpoofPutBack: the periodic host check puts back the anti-spoofing
+// of veth links when another program flushes its chain, and counts the
+// repair.
+func TestAntiSpoofPutBack(t *testing.T) {
+	testutil.RequireRoot(t)
+	host := testutil.NewNS(t)
+	cfg := dualStackConfig(true)
+	cfg.HostCheckInterval = 50 * time.Millisecond
+	r := newHostRouter(t, host, cfg)
+	c, err := nftables.New(nftables.WithNetNSFd(int(host.Fd())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain := &nftables.Chain{Name: antiSpoofChainName, Table: masqTable()}
+	rules := func() int {
+		rs, err := c.GetRules(chain.Table, chain)
+		if err != nil {
+			return -1
+		}
+		return len(rs)
+	}
+	if got := rules(); got != 1 {
+		t.Fatalf("anti-spoofing rules after Start: %d, want 1", got)
+	}
+	c.FlushChain(chain)
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for rules() != 1 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := rules(); got != 1 {
+		t.Errorf("anti-spoofing rules after a flush: %d, want 1 put back", got)
+	}
+	if r.HostRepairs() == 0 {
+		t.Error("the repair was not counted")
 	}
 }
