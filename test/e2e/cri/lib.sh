@@ -292,7 +292,9 @@ start_agent() {
 		check "host FORWARD policy DROP, the agent's accepts first (IPv4)" "DROP -j $FW_CHAIN" \
 			"$(iptables -S FORWARD | awk '$1 == "-P" {p = $3} $1 == "-A" && !n++ {j = $(NF-1) " " $NF} END {print p, j}')"
 		check "the agent's accepts of the pod CIDR, from and to the uplink" 2 \
-			"$(iptables -S "$FW_CHAIN" | grep -c -- "-[sd] $POD_CIDR .*-j ACCEPT")"
+			"$(iptables -S "$FW_CHAIN" | grep -- "-[sd] $POD_CIDR .*-j ACCEPT" | grep -c -- "-[io] $UPLINK ")"
+		check "the agent's accepts of the pod CIDR, from and to veth links' host sides" 2 \
+			"$(iptables -S "$FW_CHAIN" | grep -- "-[sd] $POD_CIDR .*-j ACCEPT" | grep -c -- "-[io] shmv+ ")"
 	fi
 	GATEWAY=$(ip -4 -o addr show dev "$UPLINK" | awk '{print $4}' | cut -d/ -f1)
 	[ -n "$GATEWAY" ] || die "the uplink $UPLINK has no IPv4 address"
