@@ -27,19 +27,26 @@ func TestFastPathToUplink(t *testing.T) {
 			{"beyond the node", e.outside, f.outside, f.hostSide},
 			{"to the host", e.host, f.nodeGW, f.a},
 		} {
-			t.Run(f.name+"/"+c.name, func(t *testing.T) {
-				before := e.r.UplinkStats()
-				if got := tcpTransfer(t, e.a.ns, c.server, c.to); got != c.from {
-					t.Errorf("the server saw client %s, want %s", got, c.from)
-				}
-				after := e.r.UplinkStats()
-				tx, fast := after.TxPackets-before.TxPackets, after.FastTxPackets-before.FastTxPackets
-				t.Logf("to the uplink: %d packets, %d on the fast path", tx, fast)
-				if fast == 0 || tx-fast < 1 || tx-fast > 2 {
-					t.Errorf("%d of %d packets to the uplink took the fast path; want all but the SYN (and at most one more)", fast, tx)
-				}
-			})
+			t.Run(f.name+"/"+c.name, func(t *testing.T) { transferFastToUplink(t, e, c.server, c.to, c.from) })
 		}
+	}
+}
+
+// transferFastToUplink sends a TCP stream from e's pod a to "to" in server
+// (tcpTransfer), which must see the client from; every packet of it that
+// went to the uplink but the SYN (and at most one more) must have taken
+// the fast path.
+func transferFastToUplink(t *testing.T, e *env, server ns.NetNS, to, from netip.Addr) {
+	t.Helper()
+	before := e.r.UplinkStats()
+	if got := tcpTransfer(t, e.a.ns, server, to); got != from {
+		t.Errorf("the server saw client %s, want %s", got, from)
+	}
+	after := e.r.UplinkStats()
+	tx, fast := after.TxPackets-before.TxPackets, after.FastTxPackets-before.FastTxPackets
+	t.Logf("to the uplink: %d packets, %d on the fast path", tx, fast)
+	if fast == 0 || tx-fast < 1 || tx-fast > 2 {
+		t.Errorf("%d of %d packets to the uplink took the fast path; want all but the SYN (and at most one more)", fast, tx)
 	}
 }
 

@@ -53,18 +53,7 @@ func TestHostLink(t *testing.T) {
 		if f.a.Is6() {
 			to = hostPod6
 		}
-		t.Run(f.name, func(t *testing.T) {
-			before := e.r.UplinkStats()
-			if got := tcpTransfer(t, e.a.ns, e.host, to); got != f.a {
-				t.Errorf("the server saw client %s, want %s", got, f.a)
-			}
-			after := e.r.UplinkStats()
-			tx, fast := after.TxPackets-before.TxPackets, after.FastTxPackets-before.FastTxPackets
-			t.Logf("to the uplink: %d packets, %d on the fast path", tx, fast)
-			if fast == 0 || tx-fast < 1 || tx-fast > 2 {
-				t.Errorf("%d of %d packets to the uplink took the fast path; want all but the SYN (and at most one more)", fast, tx)
-			}
-		})
+		t.Run(f.name, func(t *testing.T) { transferFastToUplink(t, e, e.host, to, f.a) })
 	}
 
 	for _, tc := range []struct {

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"testing"
 
@@ -17,16 +18,25 @@ func TestConnectivityMatrix(t *testing.T) {
 	n := newNode(t, node.Options{})
 	ctx := testContext(t)
 	k1, k2, s1, s2 := fourPods(t, ctx, n)
-	pods := []*node.Peer{n.PodPeer(k1), n.PodPeer(k2), n.PodPeer(s1), n.PodPeer(s2)}
-	srcs := append(pods, n.HostPeer())
-	dsts := append(append([]*node.Peer{}, srcs...), n.OutsidePeer())
+	matrix(t, ctx, n, k1, k2, s1, s2)
+}
 
+// matrix checks every path between pods and the host, and from each of
+// them to the outside, both families (node.Matrix), logs the table and
+// fails t for every path that failed.
+func matrix(t *testing.T, ctx context.Context, n *node.Node, pods ...*node.Pod) {
+	t.Helper()
+	srcs := []*node.Peer{n.HostPeer()}
+	for _, p := range pods {
+		srcs = append(srcs, n.PodPeer(p))
+	}
+	dsts := append(append([]*node.Peer{}, srcs...), n.OutsidePeer())
 	checks := n.Matrix(ctx, srcs, dsts, 1<<20)
 	var table bytes.Buffer
 	node.PrintMatrix(&table, srcs, dsts, checks)
 	t.Logf("connectivity (IPv4/IPv6):\n%s", table.String())
-	// 5 sources x (4 other peers + outside), both families.
-	if got, want := len(checks), 2*5*5; got != want {
+	// Every source to every other peer and the outside, both families.
+	if got, want := len(checks), 2*len(srcs)*len(srcs); got != want {
 		t.Errorf("ran %d checks, want %d", got, want)
 	}
 	for _, c := range checks {

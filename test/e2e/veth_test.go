@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"net"
@@ -30,22 +29,7 @@ func TestVethMatrix(t *testing.T) {
 	ctx := testContext(t)
 	v1, v2 := addPod(t, ctx, n, "v1", node.KindVeth), addPod(t, ctx, n, "v2", node.KindVeth)
 	k, s := addPod(t, ctx, n, "k", node.KindTap), addPod(t, ctx, n, "s", node.KindShm)
-	pods := []*node.Peer{n.PodPeer(v1), n.PodPeer(v2), n.PodPeer(k), n.PodPeer(s)}
-	srcs := append(pods, n.HostPeer())
-	dsts := append(append([]*node.Peer{}, srcs...), n.OutsidePeer())
-
-	checks := n.Matrix(ctx, srcs, dsts, 1<<20)
-	var table bytes.Buffer
-	node.PrintMatrix(&table, srcs, dsts, checks)
-	t.Logf("connectivity (IPv4/IPv6):\n%s", table.String())
-	if got, want := len(checks), 2*5*5; got != want {
-		t.Errorf("ran %d checks, want %d", got, want)
-	}
-	for _, c := range checks {
-		if c.Err != nil {
-			t.Error(c.Err)
-		}
-	}
+	matrix(t, ctx, n, v1, v2, k, s)
 }
 
 // TestVethAntiSpoof: a pod on a veth link that sends from another pod's
