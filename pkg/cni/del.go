@@ -7,6 +7,7 @@ import (
 	"github.com/containernetworking/cni/pkg/skel"
 
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 )
 
 // Del implements CNI DEL.
@@ -23,7 +24,9 @@ import (
 //     whose interface is gone. Any other agent error fails DEL after the
 //     netns cleanup, without releasing the IPAM addresses, since the agent
 //     may still route them to this pod; the runtime retries DEL;
-//  2. the interface is deleted from the pod's netns, if both still exist;
+//  2. the interface is deleted from the pod's netns, if both still exist
+//     (a TAP device or a placeholder), and a veth link's pair through its
+//     host side, if it still exists;
 //  3. a delegated IPAM plugin releases the addresses.
 func (p *Plugin) Del(args *skel.CmdArgs) error {
 	c, err := p.begin("DEL", args)
@@ -55,6 +58,12 @@ func (c *call) del(args *skel.CmdArgs) error {
 		return fmt.Errorf("delete %s in %s: %w", args.IfName, args.Netns, err)
 	}
 	log.Debug("pod interface", "outcome", what)
+	// A veth link's pair, whatever kind the pod asks for now: the agent
+	// deletes it on detach, but not while it is down.
+	hostVeth := linkspec.HostVethName(linkspec.Key{ContainerID: args.ContainerID, IfName: args.IfName})
+	if err := deleteHostVeth(hostVeth); err != nil {
+		return fmt.Errorf("delete %s: %w", hostVeth, linkErr(err))
+	}
 
 	if agentErr != nil {
 		return fmt.Errorf("detach %s/%s: %w", args.ContainerID, args.IfName, agentErr)

@@ -230,7 +230,11 @@ func (p *podIface) createVeth(netns ns.NetNS, hostName string, gsoMaxSize int) e
 }
 
 // deleteHostVeth deletes the veth named name from the calling thread's
-// netns (the host's), if it exists: the rollback of createVeth.
+// netns (the host's), if it exists, and with it its peer in the pod's
+// netns: the rollback of createVeth, and DEL's. The name is the link's
+// own (linkspec.HostVethName), so the pair is shm-cni's; a veth named
+// CNI_IFNAME in the pod's netns may be another program's and is left
+// alone (deleteLink).
 func deleteHostVeth(name string) error {
 	h, err := newHandle()
 	if err != nil {
@@ -388,9 +392,9 @@ func (p *podIface) configure(lc linkConfig) error {
 }
 
 // deleteLink deletes the interface name from the netns at path, if both
-// still exist and the interface is a TAP, dummy or veth device (the kinds
-// shm-cni creates; anything else is left alone; a veth's host side goes
-// with it), through one netlink
+// still exist and the interface is a TAP or dummy device (the kinds
+// shm-cni creates there; anything else is left alone: a veth link's pair
+// goes with its host side, deleteHostVeth), through one netlink
 // handle made in the netns. It reports what it did. A missing netns or
 // interface is not an error: DEL must succeed when the resources are
 // already gone.
@@ -421,7 +425,7 @@ func deleteLink(path, name string) (string, error) {
 	case err != nil:
 		return "", linkErr(fmt.Errorf("look up %s: %w", name, err))
 	}
-	if t := l.Type(); t != linkTypeTAP && t != linkTypeDummy && t != linkTypeVeth {
+	if t := l.Type(); t != linkTypeTAP && t != linkTypeDummy {
 		return fmt.Sprintf("interface is a %s device, not shm-cni's; left alone", t), nil
 	}
 	if err := h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {

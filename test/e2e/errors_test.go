@@ -59,6 +59,10 @@ func TestBadConfigsAndEnvironments(t *testing.T) {
 			rt.IfName = "lo"
 			rt.Args = append(rt.Args, [2]string{"SHM_CNI_KIND", "shm"})
 		}, want: codeInterfaceExists},
+		{name: "CNI_IFNAME exists (veth)", rt: func(rt *libcni.RuntimeConf) {
+			rt.IfName = "lo"
+			rt.Args = append(rt.Args, [2]string{"SHM_CNI_KIND", "veth"})
+		}, want: codeInterfaceExists},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			plugin := maps.Clone(n.PluginConfig())

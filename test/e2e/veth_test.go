@@ -144,3 +144,33 @@ func TestVethBandwidthRefused(t *testing.T) {
 	wantHostLink(t, n, linkspec.HostVethName(linkspec.Key{ContainerID: rt.ContainerID, IfName: node.IfName}), false)
 	wantNoAttachments(t, ctx, n)
 }
+
+// TestVethLeavesForeignVethAlone: a pod netns whose CNI_IFNAME is already
+// another program's veth refuses an ADD of kind veth (code 121), and the
+// DEL the runtime then runs succeeds and leaves that veth alone, both its
+// ends: DEL deletes a veth pair only through the host side named for the
+// link.
+func TestVethLeavesForeignVethAlone(t *testing.T) {
+	n := newNode(t, node.Options{})
+	ctx := testContext(t)
+	x, err := n.NewPodNetNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Host.Do(func(ns.NetNS) error {
+		return netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "foreign0"}, PeerName: node.IfName, PeerNamespace: netlink.NsFd(int(x.Fd()))})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	rt := node.RuntimeConf("foreign", "e2e-foreign", x.Path(), node.KindVeth)
+	l := networkList(t, n)
+	_, err = n.CNIAdd(ctx, n.CNI(t.TempDir()), l, rt)
+	wantCode(t, "ADD", err, codeInterfaceExists)
+	if err := n.CNIDel(ctx, n.CNI(t.TempDir()), l, rt); err != nil {
+		t.Errorf("DEL: %v", err)
+	}
+	wantLinks(t, x, "lo", node.IfName)
+	wantHostLink(t, n, "foreign0", true)
+	wantHostLink(t, n, linkspec.HostVethName(linkspec.Key{ContainerID: rt.ContainerID, IfName: node.IfName}), false)
+	wantNoAttachments(t, ctx, n)
+}
