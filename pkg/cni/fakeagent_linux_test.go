@@ -222,6 +222,28 @@ func (a *fakeAgent) attachment(containerID, ifName string) (fakeAttachment, bool
 	return *at, true
 }
 
+// dupFile duplicates the i-th descriptor the attachment came with, under
+// the agent's lock: the agent closes its files when a DEL detaches, on its
+// own goroutine, and the race detector sees no order between that and a
+// test's use of them through the socket's system calls.
+func (a *fakeAgent) dupFile(containerID, ifName string, i int) (int, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	at, ok := a.attachments[containerID+"/"+ifName]
+	if !ok || i >= len(at.files) {
+		return -1, fmt.Errorf("no descriptor %d of %s/%s", i, containerID, ifName)
+	}
+	rc, err := at.files[i].SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	dup := -1
+	if cerr := rc.Control(func(fd uintptr) { dup, err = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); cerr != nil {
+		return -1, cerr
+	}
+	return dup, err
+}
+
 // forget drops an attachment as an agent that lost its state would.
 func (a *fakeAgent) forget(containerID, ifName string) {
 	a.mu.Lock()

@@ -136,7 +136,7 @@ func TestTapAddCheckDelDel(t *testing.T) {
 
 	// A datagram from the pod to a far address goes out through the TAP
 	// to the gateway's MAC, without ARP.
-	wantFrameOnTap(t, netns, at)
+	wantFrameOnTap(t, netns, e.agent, at)
 
 	check := cmdArgs(netns, "tap-1", withPrevResult(t, conf, r))
 	if err := e.run("CHECK", check); err != nil {
@@ -161,10 +161,10 @@ func TestTapAddCheckDelDel(t *testing.T) {
 
 // wantFrameOnTap sends a UDP datagram from the pod netns to 192.0.2.1
 // (TEST-NET-1; the frame never leaves the TAP fd the test reads) and reads
-// the agent's TAP fd until the frame arrives.
-func wantFrameOnTap(t *testing.T, netns ns.NetNS, at fakeAttachment) {
+// a duplicate of the agent's TAP fd of at until the frame arrives.
+func wantFrameOnTap(t *testing.T, netns ns.NetNS, agent *fakeAgent, at fakeAttachment) {
 	t.Helper()
-	dup, err := unix.FcntlInt(at.files[0].Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	dup, err := agent.dupFile(at.req.ContainerID, at.req.IfName, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
