@@ -72,20 +72,7 @@ func (r *Router) checkHostLink(id string, addrs []netip.Addr) error {
 	if id == "" {
 		errs = append(errs, errors.New("empty link id"))
 	}
-	if len(addrs) == 0 {
-		errs = append(errs, errors.New("no pod address"))
-	}
-	seen := make(map[netip.Addr]bool)
-	for _, a := range addrs {
-		if err := r.cfg.podAddrError(a); err != nil {
-			errs = append(errs, err)
-		}
-		if seen[a] {
-			errs = append(errs, fmt.Errorf("pod address %s: listed twice", a))
-		}
-		seen[a] = true
-	}
-	return errors.Join(errs...)
+	return errors.Join(append(errs, r.podAddrsErrors(addrs)...)...)
 }
 
 // addHostRoutesLocked routes addrs to the uplink NIC, if the router has

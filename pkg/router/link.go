@@ -146,19 +146,7 @@ func (r *Router) checkLink(id string, ep stack.LinkEndpoint, l Link) error {
 	} else if ep.IsAttached() {
 		errs = append(errs, errors.New("endpoint already attached"))
 	}
-	if len(l.Addrs) == 0 {
-		errs = append(errs, errors.New("no pod address"))
-	}
-	seen := make(map[netip.Addr]bool)
-	for _, a := range l.Addrs {
-		if err := r.cfg.podAddrError(a); err != nil {
-			errs = append(errs, err)
-		}
-		if seen[a] {
-			errs = append(errs, fmt.Errorf("pod address %s: listed twice", a))
-		}
-		seen[a] = true
-	}
+	errs = append(errs, r.podAddrsErrors(l.Addrs)...)
 	if ep != nil && ep.Capabilities()&stack.CapabilityResolutionRequired != 0 {
 		if !header.IsValidUnicastEthernetAddress(l.PodMAC) {
 			errs = append(errs, fmt.Errorf("pod MAC %q: not a unicast Ethernet address", l.PodMAC))
@@ -171,6 +159,27 @@ func (r *Router) checkLink(id string, ep stack.LinkEndpoint, l Link) error {
 		errs = append(errs, fmt.Errorf("bandwidth: %w", err))
 	}
 	return errors.Join(errs...)
+}
+
+// podAddrsErrors says what is wrong with the addresses of a new link or
+// host link: none at all, one that cannot be a pod address (podAddrError),
+// one listed twice.
+func (r *Router) podAddrsErrors(addrs []netip.Addr) []error {
+	var errs []error
+	if len(addrs) == 0 {
+		errs = append(errs, errors.New("no pod address"))
+	}
+	seen := make(map[netip.Addr]bool)
+	for _, a := range addrs {
+		if err := r.cfg.podAddrError(a); err != nil {
+			errs = append(errs, err)
+		}
+		if seen[a] {
+			errs = append(errs, fmt.Errorf("pod address %s: listed twice", a))
+		}
+		seen[a] = true
+	}
+	return errs
 }
 
 // RemoveLink removes the link id: its NIC, and with it the NIC's routes,
