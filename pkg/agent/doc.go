@@ -30,10 +30,11 @@
 //   - veth: a kernel-stack pod the host's kernel routes. The CNI binary
 //     creates a veth pair (the host side named linkspec.HostVethName) and
 //     sends no descriptor; the agent routes the pod's addresses to the
-//     host side, in the host and in the router (through the uplink), and
-//     deletes the host side when the attachment goes (veth_linux.go).
-//     Refused with a Kubernetes client (NetworkPolicy) and with a
-//     bandwidth limit, which such links do not carry yet.
+//     host side, in the host and in the router (through the uplink),
+//     installs the pod's bandwidth limit as tbf qdiscs (vethbw_linux.go),
+//     and deletes the host side when the attachment goes (veth_linux.go).
+//     Refused with a Kubernetes client: such links do not carry
+//     NetworkPolicy yet.
 //   - shm: a sandbox. The CNI binary sends a queue pair; the agent answers
 //     with a per-link socket (<sandbox-dir>/<containerID>-<ifName>.sock,
 //     mode 0600). The sandbox dials it (shm.Dial), gets the link config

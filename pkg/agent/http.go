@@ -34,7 +34,10 @@ type LinkStatus struct {
 	Bandwidth *linkspec.Bandwidth `json:"bandwidth,omitempty"`
 	// Up is set while the link is attached to the router.
 	Up bool `json:"up"`
-	// Router and Endpoint are the link's counters while it is up.
+	// Router and Endpoint are the link's counters while it is up. A veth
+	// link has Router only, from its host side (Rx what the pod sent, Tx
+	// what it was sent; no fast path, no filter: the host's kernel
+	// forwards and filters) and its bandwidth limit's tbf qdiscs.
 	Router   *router.LinkStats       `json:"router,omitempty"`
 	Endpoint *endpoint.StatsSnapshot `json:"endpoint,omitempty"`
 }

@@ -46,10 +46,10 @@ var (
 	descOneCopy = prometheus.NewDesc("shm_cni_link_one_copy_total",
 		"Frames the agent wrote to the pod straight from a sandbox's shared memory, copied once (large TCP segments on the fast path; the rest cross private memory).", linkLabels, nil)
 	descBandwidthDelayed = prometheus.NewDesc("shm_cni_link_bandwidth_delayed_total",
-		"Packets the pod's bandwidth limit (the CNI bandwidth capability) held until its token bucket covered them, by direction (ingress: to the pod; egress: from the pod); 0 for a pod without a limit.",
+		"Packets the pod's bandwidth limit (the CNI bandwidth capability) held until its token bucket covered them, by direction (ingress: to the pod; egress: from the pod); 0 for a pod without a limit. On a veth link, the times its tbf qdisc's head packet waited for tokens (the qdisc's overlimits).",
 		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
 	descBandwidthDrops = prometheus.NewDesc("shm_cni_link_bandwidth_drops_total",
-		"Packets the pod's bandwidth limit dropped because its queue was full, by direction (ingress: to the pod; egress: from the pod); 0 for a pod without a limit.",
+		"Packets the pod's bandwidth limit dropped because its queue was full, by direction (ingress: to the pod; egress: from the pod); 0 for a pod without a limit. On a veth link, its tbf qdisc's drops.",
 		append(linkLabels[:len(linkLabels):len(linkLabels)], "direction"), nil)
 	descLinkUp = prometheus.NewDesc("shm_cni_link_up",
 		"1 when the link is attached to the router (a shm link: a sandbox is connected), else 0.", linkLabels, nil)
@@ -145,7 +145,7 @@ func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect implements prometheus.Collector.Collect.
 func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
-	byKind := map[string]int{"tap": 0, "shm": 0}
+	byKind := map[string]int{"tap": 0, "shm": 0, "veth": 0}
 	for _, st := range c.a.linkStatus() {
 		byKind[st.Kind]++
 		l := []string{st.PodNamespace, st.PodName, st.ContainerID, st.IfName, st.Kind}

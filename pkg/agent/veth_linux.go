@@ -27,21 +27,18 @@ import (
 // as the ptp plugin's veth pairs do: no system call of the agent's per
 // packet, where a TAP link costs a read and a write. The agent's anti-spoofing
 // for it is the host's (a strict reverse path check on every host side,
-// masq_linux.go); NetworkPolicy and bandwidth limits are not carried yet,
-// so prepare refuses such links where the agent would have to enforce
-// them.
+// masq_linux.go); its bandwidth limit is the host's too: tbf qdiscs, as
+// the reference bandwidth plugin's (vethbw_linux.go). NetworkPolicy is not
+// carried yet, so prepare refuses such links where the agent enforces it.
 type vethKind struct{}
 
 // prepare implements linkKind.prepare: the agent's MTU unless the
 // conflist sets one; refused with a Kubernetes client (whose NetworkPolicy
 // the agent enforces in the router, which a veth link's traffic between
-// kernel pods and to the host does not cross) and with a bandwidth limit.
+// kernel pods and to the host does not cross).
 func (vethKind) prepare(a *Agent, _ linkspec.Key, rec *record, req *agentapi.AttachRequest) error {
 	if a.kube != nil {
 		return invalid("kind %s: the agent enforces NetworkPolicy, which veth links do not carry yet: use kind %s or %s", agentapi.KindVeth, agentapi.KindTap, agentapi.KindShm)
-	}
-	if rec.Bandwidth != nil {
-		return invalid("kind %s: bandwidth limits are not carried on veth links yet", agentapi.KindVeth)
 	}
 	if req.MAC == "" {
 		return invalid("attach.mac: required for kind %s (the pod side's MAC)", agentapi.KindVeth)
@@ -66,18 +63,18 @@ func (vethKind) readopt(a *Agent, rec *record) (podLink, error) {
 // orphan implements linkKind.orphan: a link whose host side, if any is
 // left, DEL or GC still deletes.
 func (vethKind) orphan(a *Agent, rec *record) podLink {
-	return vethOrphan{noLink: noLink{checkErr: vethGoneError(rec)}, a: a, name: linkspec.HostVethName(rec.key())}
+	return vethOrphan{noLink: noLink{checkErr: vethGoneError(rec)}, a: a, key: rec.key()}
 }
 
 // vethOrphan is a veth link that could not be re-adopted.
 type vethOrphan struct {
 	noLink
-	a    *Agent
-	name string
+	a   *Agent
+	key linkspec.Key
 }
 
 // release implements podLink.release.
-func (o vethOrphan) release() { o.a.deleteHostVeth(o.name) }
+func (o vethOrphan) release() { o.a.deleteHostVeth(o.key) }
 
 // vethGoneError is what CHECK says of a veth link without its host side.
 func vethGoneError(rec *record) error {
@@ -95,9 +92,10 @@ type vethLink struct {
 }
 
 // attachVeth routes rec's addresses to the host side of its veth pair, in
-// the host and in the router. It returns an error wrapping errGone when
-// the host side does not exist. On failure the host's routes stay with the
-// device (the plugin's rollback deletes it); the router has nothing.
+// the host and in the router, and installs the pod's bandwidth limit. It
+// returns an error wrapping errGone when the host side does not exist. On
+// failure the host's routes and qdiscs stay with the device (the plugin's
+// rollback deletes it, and the ifb device); the router has nothing.
 func (a *Agent) attachVeth(rec *record) (*vethLink, error) {
 	name := linkspec.HostVethName(rec.key())
 	h, err := netlink.NewHandleAt(netns.NsHandle(a.hostNS.Fd()))
@@ -126,6 +124,9 @@ func (a *Agent) attachVeth(rec *record) (*vethLink, error) {
 	}
 	if err := h.LinkSetUp(l); err != nil {
 		return nil, fmt.Errorf("set %s up: %w", name, err)
+	}
+	if err := shapeVeth(h, l, rec); err != nil {
+		return nil, err
 	}
 	idx := l.Attrs().Index
 	for _, ad := range rec.Addrs {
@@ -174,27 +175,23 @@ func (l *vethLink) stop() {
 
 // release implements podLink.release: the host side goes, with the pod's
 // side and the host's routes to the pod, if still there (DEL deletes the
-// pair from the pod's side too; GC only here).
-func (l *vethLink) release() { l.a.deleteHostVeth(l.name) }
+// pair from the pod's side too; GC only here), and the ifb device of its
+// egress limit.
+func (l *vethLink) release() { l.a.deleteHostVeth(l.rec.key()) }
 
-// deleteHostVeth deletes the veth name from the host netns if it exists.
-func (a *Agent) deleteHostVeth(name string) {
+// deleteHostVeth deletes the host side of k's veth link and its ifb device
+// from the host netns, those that exist.
+func (a *Agent) deleteHostVeth(k linkspec.Key) {
 	h, err := netlink.NewHandleAt(netns.NsHandle(a.hostNS.Fd()))
 	if err != nil {
-		a.log.Warn("delete the host side of a veth link", "name", name, "err", err)
+		a.log.Warn("delete the host side of a veth link", "link", k, "err", err)
 		return
 	}
 	defer h.Close()
-	dev, err := h.LinkByName(name)
-	var nf netlink.LinkNotFoundError
-	switch {
-	case errors.As(err, &nf):
-		return
-	case err == nil && dev.Type() == "veth":
-		err = h.LinkDel(dev)
-	}
-	if err != nil && !errors.Is(err, unix.ENODEV) {
-		a.log.Warn("delete the host side of a veth link", "name", name, "err", err)
+	for _, d := range []struct{ name, typ string }{{linkspec.HostVethName(k), "veth"}, {linkspec.HostIfbName(k), "ifb"}} {
+		if err := deleteLinkOfType(h, d.name, d.typ); err != nil {
+			a.log.Warn("delete the host side of a veth link", "link", k, "err", err)
+		}
 	}
 }
 
@@ -215,14 +212,37 @@ func (l *vethLink) check() error {
 	case dev.Attrs().Flags&net.FlagUp == 0:
 		return fmt.Errorf("the host side %s of the veth link is down", l.name)
 	}
-	return nil
+	return checkShaped(h, dev, l.rec)
 }
 
 // answer implements podLink.answer: the pod's gateways are the host side.
 func (l *vethLink) answer(resp *agentapi.AttachResponse) { resp.GatewayMAC = l.mac }
 
-// status implements podLink.status: the router has no counters of it.
-func (l *vethLink) status(st *LinkStatus) { st.Up = l.check() == nil }
+// status implements podLink.status: the counters are the host side's (Rx
+// what the pod sent, Tx what it was sent) and its bandwidth limit's tbf
+// qdiscs' (vethbw_linux.go); the router has none of it.
+func (l *vethLink) status(st *LinkStatus) {
+	st.Up = l.check() == nil
+	h, err := netlink.NewHandleAt(netns.NsHandle(l.a.hostNS.Fd()))
+	if err != nil {
+		return
+	}
+	defer h.Close()
+	dev, err := h.LinkByName(l.name)
+	if err != nil || dev.Attrs().Statistics == nil {
+		return
+	}
+	ds := dev.Attrs().Statistics
+	rs := router.LinkStats{
+		RxPackets: ds.RxPackets, RxBytes: ds.RxBytes, TxPackets: ds.TxPackets, TxBytes: ds.TxBytes,
+		RxDrops: ds.RxDropped, TxDrops: ds.TxDropped,
+	}
+	rs.BandwidthIngressDelayed, rs.BandwidthIngressDrops = tbfCounts(h, dev)
+	if ifb, err := h.LinkByName(linkspec.HostIfbName(l.rec.key())); err == nil && ifb.Type() == "ifb" {
+		rs.BandwidthEgressDelayed, rs.BandwidthEgressDrops = tbfCounts(h, ifb)
+	}
+	st.Router = &rs
+}
 
 // socketPath implements podLink.socketPath: a veth link has none.
 func (l *vethLink) socketPath() string { return "" }

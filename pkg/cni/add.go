@@ -144,7 +144,7 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 		}
 		defer func() {
 			if !success {
-				if err := deleteHostVeth(hostName); err != nil {
+				if err := deleteHostVeth(req.Key()); err != nil {
 					log.Warn("rollback: delete veth failed", "err", err)
 				}
 			}

@@ -58,11 +58,10 @@ func (c *call) del(args *skel.CmdArgs) error {
 		return fmt.Errorf("delete %s in %s: %w", args.IfName, args.Netns, err)
 	}
 	log.Debug("pod interface", "outcome", what)
-	// A veth link's pair, whatever kind the pod asks for now: the agent
-	// deletes it on detach, but not while it is down.
-	hostVeth := linkspec.HostVethName(linkspec.Key{ContainerID: args.ContainerID, IfName: args.IfName})
-	if err := deleteHostVeth(hostVeth); err != nil {
-		return fmt.Errorf("delete %s: %w", hostVeth, linkErr(err))
+	// A veth link's pair and ifb device, whatever kind the pod asks for
+	// now: the agent deletes them on detach, but not while it is down.
+	if err := deleteHostVeth(linkspec.Key{ContainerID: args.ContainerID, IfName: args.IfName}); err != nil {
+		return fmt.Errorf("veth link: %w", linkErr(err))
 	}
 
 	if agentErr != nil {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/shm-cni/shm-cni/internal/untrusted"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
 
@@ -229,30 +230,33 @@ func (p *podIface) createVeth(netns ns.NetNS, hostName string, gsoMaxSize int) e
 	return nil
 }
 
-// deleteHostVeth deletes the veth named name from the calling thread's
-// netns (the host's), if it exists, and with it its peer in the pod's
-// netns: the rollback of createVeth, and DEL's. The name is the link's
-// own (linkspec.HostVethName), so the pair is shm-cni's; a veth named
-// CNI_IFNAME in the pod's netns may be another program's and is left
-// alone (deleteLink).
-func deleteHostVeth(name string) error {
+// deleteHostVeth deletes the host side of k's veth link from the calling
+// thread's netns (the host's), if it exists, and with it its peer in the
+// pod's netns, and the ifb device of its egress bandwidth limit, which the
+// agent makes: the rollback of createVeth, and DEL's. The names are the
+// link's own (linkspec.HostVethName, linkspec.HostIfbName), so the devices
+// are shm-cni's; a veth named CNI_IFNAME in the pod's netns may be another
+// program's and is left alone (deleteLink).
+func deleteHostVeth(k linkspec.Key) error {
 	h, err := newHandle()
 	if err != nil {
 		return err
 	}
 	defer h.Close()
-	l, err := h.LinkByName(name)
-	var nf netlink.LinkNotFoundError
-	switch {
-	case errors.As(err, &nf):
-		return nil
-	case err != nil:
-		return fmt.Errorf("look up %s: %w", name, err)
-	case l.Type() != linkTypeVeth:
-		return nil
-	}
-	if err := h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
-		return fmt.Errorf("delete %s: %w", name, err)
+	for _, d := range []struct{ name, typ string }{{linkspec.HostVethName(k), linkTypeVeth}, {linkspec.HostIfbName(k), "ifb"}} {
+		l, err := h.LinkByName(d.name)
+		var nf netlink.LinkNotFoundError
+		switch {
+		case errors.As(err, &nf):
+			continue
+		case err != nil:
+			return fmt.Errorf("look up %s: %w", d.name, err)
+		case l.Type() != d.typ:
+			continue
+		}
+		if err := h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+			return fmt.Errorf("delete %s: %w", d.name, err)
+		}
 	}
 	return nil
 }

@@ -43,6 +43,24 @@ const HostVethPrefix = "shmv"
 // 250 pods); the plugin's creation is exclusive, so a collision fails
 // the ADD rather than taking another pod's device.
 func HostVethName(k Key) string {
+	return hostName(HostVethPrefix, k)
+}
+
+// HostIfbPrefix starts the name of the ifb device that carries a veth
+// link's egress bandwidth limit (HostIfbName).
+const HostIfbPrefix = "shmb"
+
+// HostIfbName is the name of the ifb device of k's veth link when the pod
+// has an egress bandwidth limit: the agent redirects what the pod sends to
+// it and shapes it there, as the reference bandwidth plugin does. It has
+// the same digest as HostVethName, so one is found from the other.
+func HostIfbName(k Key) string {
+	return hostName(HostIfbPrefix, k)
+}
+
+// hostName is prefix and as many hex digits of the SHA-256 of k as fill
+// MaxIfNameLen.
+func hostName(prefix string, k Key) string {
 	sum := sha256.Sum256([]byte(k.String()))
-	return HostVethPrefix + hex.EncodeToString(sum[:])[:MaxIfNameLen-len(HostVethPrefix)]
+	return prefix + hex.EncodeToString(sum[:])[:MaxIfNameLen-len(prefix)]
 }

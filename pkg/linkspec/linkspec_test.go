@@ -85,3 +85,17 @@ func TestHostVethName(t *testing.T) {
 		}
 	}
 }
+
+// TestHostIfbName: a veth link's ifb device is named as its host side,
+// with HostIfbPrefix for HostVethPrefix, so that neither name is ever the
+// other's.
+func TestHostIfbName(t *testing.T) {
+	k := Key{"0123456789abcdef", "eth0"}
+	got, veth := HostIfbName(k), HostVethName(k)
+	if err := CheckIfName(got); err != nil || len(got) != MaxIfNameLen || !strings.HasPrefix(got, HostIfbPrefix) {
+		t.Errorf("HostIfbName(%v) = %q (%v), want %d bytes starting %q", k, got, err, MaxIfNameLen, HostIfbPrefix)
+	}
+	if got[len(HostIfbPrefix):] != veth[len(HostVethPrefix):] || got == veth {
+		t.Errorf("HostIfbName(%v) = %q, HostVethName %q: want the same digest after other prefixes", k, got, veth)
+	}
+}

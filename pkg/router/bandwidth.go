@@ -75,6 +75,16 @@ func queueLimit(rateBits, burstBits uint64) int {
 	return int(min(max(b, minQueueBytes), maxQueueBytes))
 }
 
+// ShaperSize returns the token bucket and the queue, in bytes, of a
+// direction limited to rateBits bit/s with a burst of burstBits, as the
+// router's shapers size them (above): the burst, but at least the largest
+// packet; queueLatency at the rate plus the burst, within bounds. The
+// agent sizes the tbf qdiscs of veth links by it, so that a limit means
+// the same on every kind of link.
+func ShaperSize(rateBits, burstBits uint64) (bucket, queue int) {
+	return int(max(burstBits/8, minBucketBytes)), queueLimit(rateBits, burstBits)
+}
+
 // held is a packet in a shaper's queue.
 type held struct {
 	protocol tcpip.NetworkProtocolNumber
@@ -124,10 +134,10 @@ func newShaper(rateBits, burstBits uint64, send func([]held)) *shaper {
 	if rateBits == 0 {
 		return nil
 	}
-	burst := max(burstBits/8, minBucketBytes)
+	bucket, queue := ShaperSize(rateBits, burstBits)
 	return &shaper{
-		lim:   rate.NewLimiter(rate.Limit(float64(rateBits)/8), int(burst)),
-		limit: queueLimit(rateBits, burstBits),
+		lim:   rate.NewLimiter(rate.Limit(float64(rateBits)/8), bucket),
+		limit: queue,
 		send:  send,
 		wake:  make(chan struct{}, 1),
 		stop:  make(chan struct{}),

@@ -94,6 +94,10 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	if err != nil {
 		return err
 	}
+	vbw, err := n.AddPodWith(ctx, "vbw", node.KindVeth, map[string]any{"bandwidth": benchLimit})
+	if err != nil {
+		return err
+	}
 	// s0 receives; s1..sN send (one sandbox per link); e0 serves echo;
 	// c0 is the in-process netstack client's link.
 	maxStreams := 1
@@ -141,13 +145,14 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	kkbw := kend{"kbw", kbw.NS, kbw.Addr4}
 	vv1 := kend{"v1", v1.NS, v1.Addr4}
 	vv2 := kend{"v2", v2.NS, v2.Addr4}
+	vvbw := kend{"vbw", vbw.NS, vbw.Addr4}
 	// Beyond the node: the outside namespace behind the host, reached
 	// through the uplink and the host's routing (masqueraded).
 	outside := kend{"outside", n.Outside, node.Outside4.Addr()}
 	e0Addr := netip.AddrPortFrom(e0.Addr4, echoPort)
 
 	if b.cfg.cases["tput"] {
-		for _, e := range []kend{vb, pb, bb, kk2, kkbw, vv2, host, outside} {
+		for _, e := range []kend{vb, pb, bb, kk2, kkbw, vv2, vvbw, host, outside} {
 			if err := b.iperfServer(ctx, e); err != nil {
 				return err
 			}
@@ -189,6 +194,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 			{"shm-cni veth pod → sandbox", "sandbox sink", false, xfer([]*node.Peer{n.PodPeer(v1)}, n.PodPeer(s0))},
 			{"shm-cni sandbox → veth pod", "sandbox send", false, xfer(sandboxPeers, n.PodPeer(v2))},
 			{"shm-cni veth pod → outside", "iperf3", false, iperf(vv1, outside)},
+			{vethLimitedCase, "iperf3", false, iperf(vv1, vvbw)},
 		}
 		for _, pk := range pkts {
 			cases = append(cases, tputCase{pk.name("sandbox → sandbox (bridge)"), "sandbox send/sink", true,

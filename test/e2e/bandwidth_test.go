@@ -74,8 +74,8 @@ func wantBandwidths(t *testing.T, ctx context.Context, n *node.Node, want map[*n
 
 // TestBandwidth: pods given the bandwidth capability (runtimeConfig
 // bandwidth, as a runtime passes the kubernetes.io/*-bandwidth annotations)
-// get it enforced on their link, kernel pods' and sandboxes' alike, both
-// ways. Each bulk transfer to and from a limited pod arrives intact
+// get it enforced on their link, kernel pods' (on tap and veth links) and
+// sandboxes' alike, both ways. Each bulk transfer to and from a limited pod arrives intact
 // (verified byte for byte) while the pod's counters for that direction
 // (packets held, dropped) rise; the unlimited pods' counters stay 0.
 // /attachments shows the limits; after an agent restart they still hold
@@ -93,13 +93,13 @@ func TestBandwidth(t *testing.T) {
 		}
 		return p
 	}
-	kl, sl := addLimited("kl", node.KindTap), addLimited("sl", node.KindShm)
-	k2, s2 := addPod(t, ctx, n, "k2", node.KindTap), addPod(t, ctx, n, "s2", node.KindShm)
-	wantBandwidths(t, ctx, n, map[*node.Pod]*linkspec.Bandwidth{kl: &bandwidthLimit, sl: &bandwidthLimit, k2: nil, s2: nil})
+	kl, sl, vl := addLimited("kl", node.KindTap), addLimited("sl", node.KindShm), addLimited("vl", node.KindVeth)
+	k2, s2, v2 := addPod(t, ctx, n, "k2", node.KindTap), addPod(t, ctx, n, "s2", node.KindShm), addPod(t, ctx, n, "v2", node.KindVeth)
+	wantBandwidths(t, ctx, n, map[*node.Pod]*linkspec.Bandwidth{kl: &bandwidthLimit, sl: &bandwidthLimit, vl: &bandwidthLimit, k2: nil, s2: nil, v2: nil})
 	// CHECK passes with the runtime config of ADD, and fails (102, no
 	// such attachment) with another limit or none.
 	l := networkList(t, n)
-	for _, p := range []*node.Pod{kl, sl, k2, s2} {
+	for _, p := range []*node.Pod{kl, sl, vl, k2, s2, v2} {
 		if err := n.CNICheck(ctx, n.CNI(""), l, p.RT); err != nil {
 			t.Errorf("CHECK %s: %v", p.Name, err)
 		}
@@ -123,6 +123,9 @@ func TestBandwidth(t *testing.T) {
 		{kl, k2, kl, "egress"},
 		{s2, sl, sl, "ingress"},
 		{sl, s2, sl, "egress"},
+		// A veth pod's limits are the host's tbf qdiscs.
+		{v2, vl, vl, "ingress"},
+		{vl, v2, vl, "egress"},
 		// Both limits at once: kl's egress shapes the flow to the rate
 		// first, so sl's ingress may have nothing left to do.
 		{kl, sl, kl, "egress"},
@@ -144,7 +147,7 @@ func TestBandwidth(t *testing.T) {
 					when, f.src.Name, f.dst.Name, f.limited.Name, f.dir, after)
 			}
 		}
-		for _, p := range []*node.Pod{k2, s2} {
+		for _, p := range []*node.Pod{k2, s2, v2} {
 			for _, dir := range []string{"ingress", "egress"} {
 				if v := bandwidthCounts(t, ctx, n, p, dir); v != (limited{}) {
 					t.Errorf("%s: unlimited pod %s's %s limit counts %v", when, p.Name, dir, v)
@@ -160,11 +163,11 @@ func TestBandwidth(t *testing.T) {
 	if err := n.StartAgent(ctx); err != nil {
 		t.Fatal(err)
 	}
-	wantBandwidths(t, ctx, n, map[*node.Pod]*linkspec.Bandwidth{kl: &bandwidthLimit, sl: &bandwidthLimit, k2: nil, s2: nil})
+	wantBandwidths(t, ctx, n, map[*node.Pod]*linkspec.Bandwidth{kl: &bandwidthLimit, sl: &bandwidthLimit, vl: &bandwidthLimit, k2: nil, s2: nil, v2: nil})
 	// sl's sandbox lost its link with the agent; a new one dials it.
 	sl.StopServer()
 	s2.StopServer()
-	run("after the restart", flows[:3])
+	run("after the restart", flows[:6])
 }
 
 // TestBandwidthRefused: an ADD whose bandwidth capability the reference
@@ -186,7 +189,7 @@ func TestBandwidthRefused(t *testing.T) {
 		{"rate over 1 Pbit/s", map[string]any{"egressRate": uint64(2e15), "egressBurst": 1000}, "runtimeConfig.bandwidth.egressRate: 2000000000000000 bit/s is not in"},
 		{"not an object", "10M", "runtimeConfig.bandwidth"},
 	} {
-		for _, kind := range []string{node.KindTap, node.KindShm} {
+		for _, kind := range []string{node.KindTap, node.KindShm, node.KindVeth} {
 			t.Run(tc.name+"/"+kind, func(t *testing.T) {
 				plugin := maps.Clone(n.PluginConfig())
 				b, err := json.Marshal(map[string]any{"cniVersion": "1.1.0", "name": node.NetworkName, "plugins": []any{plugin}})
@@ -210,6 +213,7 @@ func TestBandwidthRefused(t *testing.T) {
 				}
 				t.Logf("ADD: %v", err)
 				wantLinks(t, x, "lo")
+				wantLinks(t, n.Host, "lo", node.Uplink, "out0")
 				wantNoAttachments(t, ctx, n)
 				// DEL does not read the capability: the runtime can
 				// always clean up.

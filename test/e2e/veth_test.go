@@ -37,11 +37,17 @@ func TestVethMatrix(t *testing.T) {
 // dropped by the host before anything sees it, in both families, while the
 // same datagram from its own address arrives. UDP, so that nothing but the
 // drop could keep the datagram from the receiver (a spoofed TCP SYN would
-// fail anyway, its answer going to the real owner).
+// fail anyway, its answer going to the real owner). v1 has an egress
+// bandwidth limit: what it sends crosses its ifb device first, which must
+// not hide the host side it came in on.
 func TestVethAntiSpoof(t *testing.T) {
 	n := newNode(t, node.Options{})
 	ctx := testContext(t)
-	v1, v2 := addPod(t, ctx, n, "v1", node.KindVeth), addPod(t, ctx, n, "v2", node.KindVeth)
+	v1, err := n.AddPodWith(ctx, "v1", node.KindVeth, map[string]any{"bandwidth": bandwidthLimit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v2 := addPod(t, ctx, n, "v2", node.KindVeth)
 	host := n.HostPeer()
 	for _, v6 := range []bool{false, true} {
 		spoofed := v2.Addr(v6)
@@ -122,27 +128,126 @@ func udpOnce(ctx context.Context, srcNS ns.NetNS, src netip.Addr, dstNS ns.NetNS
 	return true, nil
 }
 
-// TestVethBandwidthRefused: a veth link does not carry a bandwidth limit
-// yet, so an ADD of kind veth that asks for one fails with code 7 saying
-// so, and leaves nothing behind: no interface in the pod netns, no host
-// side, no attachment, record or address in the agent.
-func TestVethBandwidthRefused(t *testing.T) {
+// TestVethBandwidth: a veth link's bandwidth limit is the host's, as the
+// reference bandwidth plugin's: a tbf qdisc at the root of the host side
+// (to the pod), and (from the pod) an ifb device the host side's ingress
+// qdisc redirects to, with a tbf at its root; a pod limited one way only
+// gets only that. CHECK fails once a piece is gone, an agent restart puts
+// it back, and DEL leaves neither device. (TestBandwidth shows the limits
+// act on traffic.)
+func TestVethBandwidth(t *testing.T) {
 	n := newNode(t, node.Options{})
 	ctx := testContext(t)
-	x, err := n.NewPodNetNS()
+	l := networkList(t, n)
+	both, err := n.AddPodWith(ctx, "both", node.KindVeth, map[string]any{"bandwidth": bandwidthLimit})
 	if err != nil {
 		t.Fatal(err)
 	}
-	rt := node.RuntimeConf("bw", "e2e-bw", x.Path(), node.KindVeth)
-	rt.CapabilityArgs = map[string]any{"bandwidth": map[string]any{"ingressRate": 1_000_000, "ingressBurst": 100_000}}
-	_, err = n.CNIAdd(ctx, n.CNI(t.TempDir()), networkList(t, n), rt)
-	wantCode(t, "ADD", err, codeInvalidConfig)
-	if err != nil && !strings.Contains(err.Error(), "bandwidth limits are not carried on veth links") {
-		t.Errorf("ADD: %v; want it to say why", err)
+	in := linkspec.Bandwidth{IngressRate: bandwidthLimit.IngressRate, IngressBurst: bandwidthLimit.IngressBurst}
+	ingress, err := n.AddPodWith(ctx, "ingress", node.KindVeth, map[string]any{"bandwidth": in})
+	if err != nil {
+		t.Fatal(err)
 	}
-	wantLinks(t, x, "lo")
-	wantHostLink(t, n, linkspec.HostVethName(linkspec.Key{ContainerID: rt.ContainerID, IfName: node.IfName}), false)
+	names := func(p *node.Pod) (veth, ifb string) {
+		k := linkspec.Key{ContainerID: p.RT.ContainerID, IfName: node.IfName}
+		return linkspec.HostVethName(k), linkspec.HostIfbName(k)
+	}
+	// shaped reports the host's qdiscs of p's link: a root tbf on the
+	// host side, an ifb with a root tbf, a filter redirecting to it.
+	type shaping struct{ hostTBF, ifbTBF, redirect bool }
+	shaped := func(p *node.Pod) (s shaping) {
+		veth, ifb := names(p)
+		if err := n.Host.Do(func(ns.NetNS) error {
+			h, err := netlink.LinkByName(veth)
+			if err != nil {
+				return err
+			}
+			s.hostTBF = hasRootTBF(t, h)
+			b, err := netlink.LinkByName(ifb)
+			var nf netlink.LinkNotFoundError
+			if errors.As(err, &nf) {
+				return nil
+			} else if err != nil {
+				return err
+			}
+			s.ifbTBF = hasRootTBF(t, b)
+			fs, err := netlink.FilterList(h, netlink.MakeHandle(0xffff, 0))
+			if err != nil {
+				return err
+			}
+			for _, f := range fs {
+				if u, ok := f.(*netlink.U32); ok && u.RedirIndex == b.Attrs().Index {
+					s.redirect = true
+				}
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	want := func(when string, p *node.Pod, w shaping) {
+		t.Helper()
+		if got := shaped(p); got != w {
+			t.Errorf("%s: pod %s's shaping %+v, want %+v", when, p.Name, got, w)
+		}
+	}
+	want("after ADD", both, shaping{true, true, true})
+	want("after ADD", ingress, shaping{hostTBF: true})
+	wantBandwidths(t, ctx, n, map[*node.Pod]*linkspec.Bandwidth{both: &bandwidthLimit, ingress: &in})
+
+	// The host side loses its tbf: CHECK fails until an agent restart
+	// re-adopts the link and puts it back.
+	veth, ifb := names(both)
+	if err := n.Host.Do(func(ns.NetNS) error {
+		h, err := netlink.LinkByName(veth)
+		if err != nil {
+			return err
+		}
+		return netlink.QdiscDel(&netlink.Tbf{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: h.Attrs().Index, Handle: netlink.MakeHandle(1, 0), Parent: netlink.HANDLE_ROOT}})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	err = n.CNICheck(ctx, n.CNI(""), l, both.RT)
+	if err == nil || !strings.Contains(err.Error(), "tbf qdisc on "+veth+" is gone") {
+		t.Errorf("CHECK without the host side's tbf: %v, want it to say the tbf is gone", err)
+	}
+	if err := n.StopAgent(); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.StartAgent(ctx); err != nil {
+		t.Fatal(err)
+	}
+	want("after the restart", both, shaping{true, true, true})
+	for _, p := range []*node.Pod{both, ingress} {
+		if err := n.CNICheck(ctx, n.CNI(""), l, p.RT); err != nil {
+			t.Errorf("CHECK %s after the restart: %v", p.Name, err)
+		}
+	}
+
+	for _, p := range []*node.Pod{both, ingress} {
+		if err := n.DeletePod(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wantHostLink(t, n, veth, false)
+	wantHostLink(t, n, ifb, false)
 	wantNoAttachments(t, ctx, n)
+}
+
+// hasRootTBF reports whether l has a tbf qdisc at its root.
+func hasRootTBF(t *testing.T, l netlink.Link) bool {
+	t.Helper()
+	qs, err := netlink.QdiscList(l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range qs {
+		if q.Type() == "tbf" && q.Attrs().Parent == netlink.HANDLE_ROOT {
+			return true
+		}
+	}
+	return false
 }
 
 // TestVethLeavesForeignVethAlone: a pod netns whose CNI_IFNAME is already
