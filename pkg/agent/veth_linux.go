@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -129,6 +130,9 @@ func (a *Agent) attachVeth(rec *record) (*vethLink, error) {
 		return nil, err
 	}
 	idx := l.Attrs().Index
+	if err := holdGateways(h, l, rec.Addrs); err != nil {
+		return nil, err
+	}
 	for _, ad := range rec.Addrs {
 		dst := &net.IPNet{IP: ad.AsSlice(), Mask: net.CIDRMask(ad.BitLen(), ad.BitLen())}
 		rt := &netlink.Route{LinkIndex: idx, Dst: dst, Scope: netlink.SCOPE_LINK}
@@ -154,6 +158,31 @@ func (a *Agent) attachVeth(rec *record) (*vethLink, error) {
 		return nil, err
 	}
 	return &vethLink{a: a, rec: rec, linkID: id, name: name, mac: l.Attrs().HardwareAddr.String(), log: a.log.With("link", id)}, nil
+}
+
+// holdGateways puts the pod's gateways (router.GatewayV4 for an IPv4 pod,
+// router.GatewayV6 for an IPv6 one) on the host side l, as the ptp plugin
+// puts its gateway on each host veth: the pod's packets to its gateway
+// are then the host's, which answers them (a ping, as the router answers
+// on a tap link) instead of forwarding them off the node by its default
+// route. The pod resolves them to l's MAC through its permanent neighbour
+// entries, so the host never has to answer for them on the link.
+func holdGateways(h *netlink.Handle, l netlink.Link, addrs []netip.Addr) error {
+	for _, gw := range []netip.Addr{router.GatewayV4, router.GatewayV6} {
+		if !slices.ContainsFunc(addrs, func(a netip.Addr) bool { return a.Is4() == gw.Is4() }) {
+			continue
+		}
+		bits := 32
+		a := &netlink.Addr{Scope: int(netlink.SCOPE_LINK)}
+		if gw.Is6() {
+			bits, a.Flags = 64, unix.IFA_F_NODAD
+		}
+		a.IPNet = &net.IPNet{IP: gw.AsSlice(), Mask: net.CIDRMask(bits, gw.BitLen())}
+		if err := h.AddrReplace(l, a); err != nil {
+			return fmt.Errorf("gateway %s on %s: %w", gw, l.Attrs().Name, err)
+		}
+	}
+	return nil
 }
 
 // familyOf is a's netlink address family.

@@ -12,6 +12,9 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
@@ -278,4 +281,66 @@ func TestVethLeavesForeignVethAlone(t *testing.T) {
 	wantHostLink(t, n, "foreign0", true)
 	wantHostLink(t, n, linkspec.HostVethName(linkspec.Key{ContainerID: rt.ContainerID, IfName: node.IfName}), false)
 	wantNoAttachments(t, ctx, n)
+}
+
+// TestGatewayAnswers: a kernel pod's gateways (169.254.1.1, fe80::1)
+// answer its pings whatever its link: on a tap link the router, on a veth
+// link the host, which holds both on the host side (so a veth pod's packet
+// to its gateway is the host's, never forwarded off the node).
+func TestGatewayAnswers(t *testing.T) {
+	n := newNode(t, node.Options{})
+	ctx := testContext(t)
+	for _, kind := range []string{node.KindTap, node.KindVeth} {
+		p := addPod(t, ctx, n, kind, kind)
+		for _, gw := range []netip.Addr{netip.MustParseAddr("169.254.1.1"), netip.MustParseAddr("fe80::1").WithZone(node.IfName)} {
+			if err := echoOnce(p.NS, gw); err != nil {
+				t.Errorf("%s pod: ping %s: %v", kind, gw, err)
+			}
+		}
+	}
+}
+
+// echoOnce sends an ICMP echo request to dst from x and waits a second for
+// the reply from dst.
+func echoOnce(x ns.NetNS, dst netip.Addr) error {
+	return x.Do(func(ns.NetNS) error {
+		network, proto := "ip4:icmp", 1
+		var typ icmp.Type = ipv4.ICMPTypeEcho
+		if dst.Is6() {
+			network, proto, typ = "ip6:ipv6-icmp", 58, ipv6.ICMPTypeEchoRequest
+		}
+		c, err := icmp.ListenPacket(network, "")
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		req, err := (&icmp.Message{Type: typ, Body: &icmp.Echo{ID: 0x5eed, Seq: 1, Data: []byte("gateway?")}}).Marshal(nil)
+		if err != nil {
+			return err
+		}
+		to := &net.IPAddr{IP: dst.AsSlice(), Zone: dst.Zone()}
+		for range 3 {
+			if _, err := c.WriteTo(req, to); err != nil {
+				return err
+			}
+		}
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := c.ReadFrom(buf)
+			if err != nil {
+				return err
+			}
+			m, err := icmp.ParseMessage(proto, buf[:n])
+			if err != nil {
+				continue
+			}
+			if e, ok := m.Body.(*icmp.Echo); ok && e.ID == 0x5eed && (m.Type == ipv4.ICMPTypeEchoReply || m.Type == ipv6.ICMPTypeEchoReply) {
+				if got, _ := netip.AddrFromSlice(from.(*net.IPAddr).IP); got.Unmap() != dst.WithZone("") {
+					return errors.New("a reply from " + from.String())
+				}
+				return nil
+			}
+		}
+	})
 }
