@@ -115,6 +115,7 @@ func TestSeriesBuildsAndPasses(t *testing.T) {
 		{"test", "-count=1", "-run", "SharedMem", "./runsc/boot/", "./runsc/sandbox/"},
 		{"test", "-count=1", "-run", "TailLossProbe|SpuriousRecoveryUndone|TLPEpisode|LostFlightRetransmittedAfterTimeout", "./pkg/tcpip/transport/tcp/"},
 		{"test", "-count=1", "-run", "TXHostGSO|RXPartialChecksums", "./pkg/tcpip/link/sharedmem/"},
+		{"test", "-count=1", "-run", "Uncleared", "./pkg/buffer/"},
 	} {
 		cmd := exec.Command("go", args...)
 		cmd.Dir = dir
