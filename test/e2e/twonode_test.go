@@ -38,10 +38,10 @@ func peerRoutes(cidrs []netip.Prefix, via []netip.Prefix) string {
 // host netns with its own pod CIDRs, the hosts joined by a veth link and
 // each agent routing the other's pod CIDRs via the other host
 // (--peer-routes, the host-gw routes the agents keep from Node objects in
-// a cluster). Kernel pods and sandboxes on different nodes exchange
-// verified TCP both ways over IPv4 and IPv6, and every receiver sees the
-// sender's own pod address (no masquerade inside the cluster CIDRs); a
-// host reaches a pod of the other node too.
+// a cluster). Kernel pods (on tap and veth links) and sandboxes on
+// different nodes exchange verified TCP both ways over IPv4 and IPv6, and
+// every receiver sees the sender's own pod address (no masquerade inside
+// the cluster CIDRs); a host reaches a pod of the other node too.
 func TestTwoNodes(t *testing.T) {
 	a := newNode(t, node.Options{
 		DeferAgent:     true,
@@ -63,6 +63,7 @@ func TestTwoNodes(t *testing.T) {
 	}
 	ka, sa := addPod(t, ctx, a, "ka", node.KindTap), addPod(t, ctx, a, "sa", node.KindShm)
 	kb, sb := addPod(t, ctx, b, "kb", node.KindTap), addPod(t, ctx, b, "sb", node.KindShm)
+	va, vb := addPod(t, ctx, a, "va", node.KindVeth), addPod(t, ctx, b, "vb", node.KindVeth)
 	if a.PodCIDRs()[0].Contains(kb.Addr4) || !nodeBPodCIDRs[0].Contains(kb.Addr4) {
 		t.Fatalf("pod kb got %s, not from node b's pod CIDR %s", kb.Addr4, nodeBPodCIDRs[0])
 	}
@@ -79,6 +80,12 @@ func TestTwoNodes(t *testing.T) {
 		{"kernel b to sandbox a", b.PodPeer(kb), a.PodPeer(sa), b},
 		{"sandbox b to sandbox a", b.PodPeer(sb), a.PodPeer(sa), b},
 		{"host b to kernel a", b.HostPeer(), a.PodPeer(ka), b},
+		// A veth pod's traffic leaves and enters its node through the
+		// host's routing alone.
+		{"veth a to veth b", a.PodPeer(va), b.PodPeer(vb), a},
+		{"veth b to kernel a", b.PodPeer(vb), a.PodPeer(ka), b},
+		{"sandbox b to veth a", b.PodPeer(sb), a.PodPeer(va), b},
+		{"host b to veth a", b.HostPeer(), a.PodPeer(va), b},
 	} {
 		for _, v6 := range []bool{false, true} {
 			fam := map[bool]string{false: "IPv4", true: "IPv6"}[v6]
