@@ -61,7 +61,7 @@ func settledFootprint(ctx context.Context, n *node.Node, base agentFootprint) (a
 
 // TestAddDelCyclesLeakNothing runs 200 ADD/DEL cycles in one pod netns,
 // alternating kinds (shm, tap, shm, veth), with a sandbox session and traffic on every tenth shm
-// link: afterwards the agent holds no more fds, memfd mappings or
+// link and a bandwidth limit on every other veth link: afterwards the agent holds no more fds, memfd mappings or
 // goroutines than after the first cycles, no attachment or address, and
 // neither the pod netns nor the host has a device left behind.
 func TestAddDelCyclesLeakNothing(t *testing.T) {
@@ -82,7 +82,13 @@ func TestAddDelCyclesLeakNothing(t *testing.T) {
 		case i%4 == 2:
 			kind = node.KindVeth
 		}
-		p, err := n.AddPodIn(ctx, fmt.Sprintf("cycle%d", i), kind, x)
+		// Every other veth pod has a bandwidth limit: qdiscs and an
+		// ifb device on the host, which DEL must take along.
+		var caps map[string]any
+		if i%8 == 2 {
+			caps = map[string]any{"bandwidth": bandwidthLimit}
+		}
+		p, err := n.AddPodIn(ctx, fmt.Sprintf("cycle%d", i), kind, x, caps)
 		if err != nil {
 			return err
 		}

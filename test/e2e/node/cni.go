@@ -233,10 +233,10 @@ func (n *Node) AddPodWith(ctx context.Context, name, kind string, caps map[strin
 	return p, nil
 }
 
-// AddPodIn is AddPod in an existing netns x, which stays the caller's.
-// The container ID is "e2e-" and name.
-func (n *Node) AddPodIn(ctx context.Context, name, kind string, x ns.NetNS) (*Pod, error) {
-	return n.addPod(ctx, name, kind, x, false, nil)
+// AddPodIn is AddPodWith in an existing netns x, which stays the
+// caller's. The container ID is "e2e-" and name.
+func (n *Node) AddPodIn(ctx context.Context, name, kind string, x ns.NetNS, caps map[string]any) (*Pod, error) {
+	return n.addPod(ctx, name, kind, x, false, caps)
 }
 
 func (n *Node) addPod(ctx context.Context, name, kind string, x ns.NetNS, own bool, caps map[string]any) (*Pod, error) {
