@@ -224,24 +224,32 @@ func (a *Agent) deleteHostVeth(k linkspec.Key) {
 	}
 }
 
-// check implements podLink.check: the host side must be there and up.
+// check implements podLink.check: the host side must be there and up,
+// with its bandwidth limit.
 func (l *vethLink) check() error {
 	h, err := netlink.NewHandleAt(netns.NsHandle(l.a.hostNS.Fd()))
 	if err != nil {
 		return fmt.Errorf("netlink in the host netns: %w", err)
 	}
 	defer h.Close()
+	_, err = l.checkWith(h)
+	return err
+}
+
+// checkWith is check through h (the host netns); it returns the host side
+// when it found it.
+func (l *vethLink) checkWith(h *netlink.Handle) (netlink.Link, error) {
 	dev, err := h.LinkByName(l.name)
 	var nf netlink.LinkNotFoundError
 	switch {
 	case errors.As(err, &nf):
-		return vethGoneError(l.rec)
+		return nil, vethGoneError(l.rec)
 	case err != nil:
-		return fmt.Errorf("look up %s: %w", l.name, err)
+		return nil, fmt.Errorf("look up %s: %w", l.name, err)
 	case dev.Attrs().Flags&net.FlagUp == 0:
-		return fmt.Errorf("the host side %s of the veth link is down", l.name)
+		return dev, fmt.Errorf("the host side %s of the veth link is down", l.name)
 	}
-	return checkShaped(h, dev, l.rec)
+	return dev, checkShaped(h, dev, l.rec)
 }
 
 // answer implements podLink.answer: the pod's gateways are the host side.
@@ -251,14 +259,14 @@ func (l *vethLink) answer(resp *agentapi.AttachResponse) { resp.GatewayMAC = l.m
 // what the pod sent, Tx what it was sent) and its bandwidth limit's tbf
 // qdiscs' (vethbw_linux.go); the router has none of it.
 func (l *vethLink) status(st *LinkStatus) {
-	st.Up = l.check() == nil
 	h, err := netlink.NewHandleAt(netns.NsHandle(l.a.hostNS.Fd()))
 	if err != nil {
 		return
 	}
 	defer h.Close()
-	dev, err := h.LinkByName(l.name)
-	if err != nil || dev.Attrs().Statistics == nil {
+	dev, err := l.checkWith(h)
+	st.Up = err == nil
+	if dev == nil || dev.Attrs().Statistics == nil {
 		return
 	}
 	ds := dev.Attrs().Statistics
