@@ -138,10 +138,10 @@ func redirectToIfb(h *netlink.Handle, host, ifb netlink.Link) error {
 	if err != nil {
 		return fmt.Errorf("list filters: %w", err)
 	}
+	if redirectsTo(fs, ifb) {
+		return nil
+	}
 	for _, f := range fs {
-		if u, ok := f.(*netlink.U32); ok && u.RedirIndex == ifb.Attrs().Index {
-			return nil
-		}
 		if err := h.FilterDel(f); err != nil && !errors.Is(err, unix.ENOENT) {
 			return fmt.Errorf("delete a stale filter: %w", err)
 		}
@@ -175,12 +175,20 @@ func checkShaped(h *netlink.Handle, host netlink.Link, rec *record) error {
 	if err != nil {
 		return fmt.Errorf("list %s's filters: %w", host.Attrs().Name, err)
 	}
-	for _, f := range fs {
-		if u, ok := f.(*netlink.U32); ok && u.RedirIndex == ifb.Attrs().Index {
-			return nil
-		}
+	if redirectsTo(fs, ifb) {
+		return nil
 	}
 	return fmt.Errorf("the egress bandwidth limit's redirect from %s to %s is gone", host.Attrs().Name, name)
+}
+
+// redirectsTo reports whether one of fs is a u32 filter redirecting to ifb.
+func redirectsTo(fs []netlink.Filter, ifb netlink.Link) bool {
+	for _, f := range fs {
+		if u, ok := f.(*netlink.U32); ok && u.RedirIndex == ifb.Attrs().Index {
+			return true
+		}
+	}
+	return false
 }
 
 // rootTBF returns l's root tbf qdisc, or nil.
