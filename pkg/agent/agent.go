@@ -111,6 +111,7 @@ func New(cfg Config, log *slog.Logger, opts ...Option) (*Agent, error) {
 		IPForward:         cfg.IPForward,
 		HostCheckInterval: cfg.HostCheckInterval,
 		UplinkPoll:        cfg.pollOption(),
+		PolicyQueue:       uint16(cfg.PolicyQueue),
 	}, log.With("component", "router"))
 	if err != nil {
 		hostNS.Close()

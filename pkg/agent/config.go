@@ -122,6 +122,11 @@ type Config struct {
 	// that long instead of the packet being dropped, so that its TCP sees
 	// back-pressure, not loss. Zero drops at once. See shm.Options.TxWait.
 	ShmTxWait time.Duration
+	// PolicyQueue is the first of the two netfilter queues through which
+	// the host hands the agent the first packets of veth links'
+	// connections that NetworkPolicy judges (--policy-queue;
+	// router.Config.PolicyQueue). Another program must not read them.
+	PolicyQueue uint
 	// LogLevel is the level of the agent's logs (--log-level); the caller
 	// builds the logger.
 	LogLevel slog.Level
@@ -181,6 +186,7 @@ func DefaultConfig() Config {
 		LinkRxLimit:       endpoint.RxLimit{PacketsPerSecond: DefaultLinkMaxPPS},
 		PollMax:           endpoint.DefaultPollMax,
 		ShmTxWait:         DefaultShmTxWait,
+		PolicyQueue:       router.DefaultPolicyQueue,
 		LogLevel:          slog.LevelInfo,
 		CNIBinDir:         DefaultCNIBinDir,
 		CNIConfDir:        DefaultCNIConfDir,
@@ -213,6 +219,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 		fmt.Sprintf("bytes per second one pod may send into the router; 0 is unlimited, else at least %d", endpoint.MinRxBytesPerSecond))
 	fs.DurationVar(&c.PollMax, "poll-max", c.PollMax, "longest a link's receive loop polls an empty source before it sleeps, following the gaps between the link's frames: busy links trade CPU for wake-ups, idle links never poll; 0 never polls")
 	fs.DurationVar(&c.ShmTxWait, "shm-tx-wait", c.ShmTxWait, "longest the fast path waits, per packet, for a sandbox with a full receive ring to take it, holding up the sending pod's link only (back-pressure instead of loss); 0 drops at once")
+	fs.UintVar(&c.PolicyQueue, "policy-queue", c.PolicyQueue, "the first of the two netfilter queues (this one and the next) through which the host hands the agent the first packets of veth links' connections that NetworkPolicy judges; no other program may read them")
 	fs.TextVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn, error")
 	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "Kubernetes node name: pod CIDRs from its Node (without --pod-cidr) and routes to the other nodes' pod CIDRs")
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", c.Kubeconfig, "kubeconfig file; empty means the in-cluster configuration")
@@ -282,6 +289,9 @@ func (c Config) Validate() error {
 	}
 	if c.LinkRxLimit.BytesPerSecond != 0 && !(c.LinkRxLimit.BytesPerSecond >= endpoint.MinRxBytesPerSecond) {
 		bad("link-max-bytes", "%v: want 0 (unlimited) or at least %d", c.LinkRxLimit.BytesPerSecond, endpoint.MinRxBytesPerSecond)
+	}
+	if c.PolicyQueue < 1 || c.PolicyQueue > 65534 {
+		bad("policy-queue", "%d: want 1 to 65534 (the agent reads this queue and the next)", c.PolicyQueue)
 	}
 	if c.PollMax < 0 || c.PollMax > maxPollMax {
 		bad("poll-max", "%s: want 0 (never poll) up to %s", c.PollMax, maxPollMax)

@@ -55,6 +55,8 @@ func TestConfigValidate(t *testing.T) {
 		{"host check interval", func(c *Config) { c.HostCheckInterval = 0 }, []string{"--host-check-interval: 0s: want a positive duration"}},
 		{"negative poll", func(c *Config) { c.PollMax = -time.Microsecond }, []string{"--poll-max: -1µs: want 0 (never poll) up to 1ms"}},
 		{"long poll", func(c *Config) { c.PollMax = 2 * time.Millisecond }, []string{"--poll-max: 2ms: want 0 (never poll) up to 1ms"}},
+		{"last policy queue", func(c *Config) { c.PolicyQueue = 65535 }, []string{"--policy-queue: 65535: want 1 to 65534"}},
+		{"policy queue 0", func(c *Config) { c.PolicyQueue = 0 }, []string{"--policy-queue: 0: want 1 to 65534"}},
 		{"negative tx wait", func(c *Config) { c.ShmTxWait = -time.Millisecond }, []string{"--shm-tx-wait: -1ms: want 0 (never wait) up to 10ms"}},
 		{"long tx wait", func(c *Config) { c.ShmTxWait = time.Second }, []string{"--shm-tx-wait: 1s: want 0 (never wait) up to 10ms"}},
 		{"shm conf dir", func(c *Config) {
@@ -117,7 +119,7 @@ func TestConfigFlags(t *testing.T) {
 		"--metrics-addr", ":9999", "--masquerade=false", "--log-level", "debug",
 		"--link-max-pps", "20000", "--link-max-bytes", "1e8", "--fast-path=false", "--one-copy=false",
 		"--forward-accept=false", "--ip-forward", "--host-check-interval", "5s", "--poll-max", "50us",
-		"--shm-tx-wait", "3ms",
+		"--shm-tx-wait", "3ms", "--policy-queue", "100",
 		"--cni-chained-binaries", "/usr/local/bin/portmap, /usr/local/bin/tuning", "--cni-chained-binaries", "/usr/local/bin/bandwidth",
 	})
 	if err != nil {
@@ -131,7 +133,7 @@ func TestConfigFlags(t *testing.T) {
 		MetricsAddr: ":9999", Masquerade: false, LogLevel: slog.LevelDebug,
 		LinkRxLimit:   endpoint.RxLimit{PacketsPerSecond: 20000, BytesPerSecond: 1e8},
 		ForwardAccept: false, IPForward: true, HostCheckInterval: 5 * time.Second, PollMax: 50 * time.Microsecond, OneCopy: false,
-		ShmTxWait:          3 * time.Millisecond,
+		ShmTxWait: 3 * time.Millisecond, PolicyQueue: 100,
 		CNIChainedBinaries: []string{"/usr/local/bin/portmap", "/usr/local/bin/tuning", "/usr/local/bin/bandwidth"},
 	}
 	if got := c; !equalConfig(got, want) {
@@ -162,5 +164,5 @@ func equalConfig(a, b Config) bool {
 		a.MetricsAddr == b.MetricsAddr && a.Masquerade == b.Masquerade && a.LogLevel == b.LogLevel &&
 		a.LinkRxLimit == b.LinkRxLimit && a.FastPath == b.FastPath && a.ForwardAccept == b.ForwardAccept &&
 		a.IPForward == b.IPForward && a.HostCheckInterval == b.HostCheckInterval && a.PollMax == b.PollMax && a.OneCopy == b.OneCopy &&
-		a.ShmTxWait == b.ShmTxWait && slices.Equal(a.CNIChainedBinaries, b.CNIChainedBinaries)
+		a.ShmTxWait == b.ShmTxWait && a.PolicyQueue == b.PolicyQueue && slices.Equal(a.CNIChainedBinaries, b.CNIChainedBinaries)
 }

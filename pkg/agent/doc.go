@@ -33,8 +33,9 @@
 //     host side, in the host and in the router (through the uplink),
 //     installs the pod's bandwidth limit as tbf qdiscs (vethbw_linux.go),
 //     and deletes the host side when the attachment goes (veth_linux.go).
-//     Refused with a Kubernetes client: such links do not carry
-//     NetworkPolicy yet.
+//     NetworkPolicy is the router's: the host queues it the first packet
+//     of each connection policy must judge (router.Router.HostPolicy);
+//     refused with a Kubernetes client where the host cannot.
 //   - shm: a sandbox. The CNI binary sends a queue pair; the agent answers
 //     with a per-link socket (<sandbox-dir>/<containerID>-<ifName>.sock,
 //     mode 0600). The sandbox dials it (shm.Dial), gets the link config

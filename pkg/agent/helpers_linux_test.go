@@ -29,6 +29,7 @@ import (
 	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/agentapi"
 	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
+	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
 )
@@ -220,6 +221,48 @@ func (r *running) newTapPodAs(t *testing.T, cid, podNS, podName string, sendMAC 
 	for _, ip := range resp.Attach.IPs {
 		pfx := netip.MustParsePrefix(ip.Address)
 		p.addrs = append(p.addrs, pfx.Addr())
+	}
+	testutil.Do(t, p.ns, func() error { return configurePod(resp.Attach) })
+	return p
+}
+
+// newVethPodAs creates a pod namespace whose eth0 is a veth pair's peer,
+// the host side (linkspec.HostVethName) in host, attaches it as kind veth
+// for the Kubernetes pod podNS/podName and configures the namespace from
+// the answer, as the CNI binary would. It turns on forwarding in host.
+func (r *running) newVethPodAs(t *testing.T, host ns.NetNS, cid, podNS, podName string) *pod {
+	t.Helper()
+	p := &pod{ns: testutil.NewNS(t), cid: cid}
+	req := &agentapi.AttachRequest{
+		ContainerID: cid, IfName: "eth0", Netns: p.ns.Path(), Network: "shm-test", Kind: agentapi.KindVeth,
+		PodNamespace: podNS, PodName: podName,
+	}
+	testutil.Do(t, p.ns, func() error {
+		return os.WriteFile("/proc/sys/net/ipv6/conf/default/accept_dad", []byte("0"), 0o644)
+	})
+	testutil.Do(t, host, func() error {
+		// The host's kernel forwards a veth link's packets (the
+		// agent's --ip-forward, off in these tests).
+		for _, f := range []string{"/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"} {
+			if err := os.WriteFile(f, []byte("1"), 0o644); err != nil {
+				return err
+			}
+		}
+		return netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: linkspec.HostVethName(req.Key())},
+			PeerName: "eth0", PeerNamespace: netlink.NsFd(int(p.ns.Fd()))})
+	})
+	testutil.Do(t, p.ns, func() error {
+		l, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		req.MAC = l.Attrs().HardwareAddr.String()
+		return nil
+	})
+	resp := r.mustCall(t, &agentapi.Request{Op: agentapi.OpAttach, Attach: req}, nil)
+	p.resp = resp.Attach
+	for _, ip := range resp.Attach.IPs {
+		p.addrs = append(p.addrs, netip.MustParsePrefix(ip.Address).Addr())
 	}
 	testutil.Do(t, p.ns, func() error { return configurePod(resp.Attach) })
 	return p

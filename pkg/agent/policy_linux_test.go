@@ -3,7 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
-	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -19,9 +19,6 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
-
-	"github.com/shm-cni/shm-cni/internal/testutil"
-	"github.com/shm-cni/shm-cni/pkg/agentapi"
 )
 
 // deniedDial is how long a connection NetworkPolicy denies is given to
@@ -40,14 +37,32 @@ const deniedDial = 2 * time.Second
 // The API server is client-go's fake clientset: no API server runs here
 // (tier 3, test/e2e/cri/tier3-k8s.sh, runs this against a real one). The
 // agent, its informers, the router and the pods' kernel stacks are real.
+//
+// Both kinds of kernel pod: on TAP links the router judges every packet;
+// on veth links the host's kernel forwards them and queues the first
+// packet of each new connection to the router (package router,
+// hostpolicy_linux.go).
 func TestKubeNetworkPolicy(t *testing.T) {
+	for _, veth := range []bool{false, true} {
+		name := map[bool]string{false: "tap", true: "veth"}[veth]
+		t.Run(name, func(t *testing.T) { testKubeNetworkPolicy(t, veth) })
+	}
+}
+
+func testKubeNetworkPolicy(t *testing.T, veth bool) {
 	e := newEnv(t)
 	client := twoPodCluster()
 	cfg := e.config()
 	cfg.NodeName = "self"
 	r := e.startWith(t, cfg, WithKubeClient(client))
-	a := r.newTapPod(t, "pod-a", true)
-	b := r.newTapPod(t, "pod-b", true)
+	var a, b *pod
+	if veth {
+		a = r.newVethPodAs(t, e.host, "pod-a", "default", "pod-pod-a")
+		b = r.newVethPodAs(t, e.host, "pod-b", "default", "pod-pod-b")
+	} else {
+		a = r.newTapPod(t, "pod-a", true)
+		b = r.newTapPod(t, "pod-b", true)
+	}
 	ln := listenIn(t, b.ns, b.addr(true))
 	go func() {
 		for {
@@ -133,9 +148,13 @@ func TestKubeNetworkPolicy(t *testing.T) {
 		float64(*st.Policies[1].DeniedIngress) < byPolicy || st.Policies[1].DeniedEgress != nil {
 		t.Errorf("/policy's policies: %s; want allow-a and deny-b, deny-b's denied ingress at least %v", body, byPolicy)
 	}
+	// The router tracks a TAP link's connections; the host's kernel a
+	// veth link's.
 	if v := metricValue(t, base, "shm_cni_policy_tracked_connections",
-		map[string]string{"namespace": "default", "pod": "pod-pod-a"}); v < 1 {
+		map[string]string{"namespace": "default", "pod": "pod-pod-a"}); !veth && v < 1 {
 		t.Errorf("pod a's tracked connections %v, want at least 1 (the one to b it opened)", v)
+	} else if veth && v != 0 {
+		t.Errorf("pod a's tracked connections %v, want 0 (the host's kernel tracks a veth link's)", v)
 	}
 
 	for _, n := range []string{"deny-b", "allow-a"} {
@@ -222,30 +241,109 @@ metrics:
 	return 0
 }
 
-// TestKubeRefusesVeth: an agent that enforces a cluster's NetworkPolicy
-// refuses a veth link, whose traffic between kernel pods and to the host
-// would not cross the router, with code 7 saying why, and keeps nothing
-// of it (no attachment, no address taken).
-func TestKubeRefusesVeth(t *testing.T) {
+// TestVethPolicyCutsConnection: a connection between two pods on veth
+// links, open and tracked by the host's kernel, stops both ways once a new
+// policy denies it (the router revokes it and deletes it from the host's
+// connection tracking table), and carries on, its bytes intact, once a
+// later policy allows it again.
+func TestVethPolicyCutsConnection(t *testing.T) {
 	e := newEnv(t)
+	client := twoPodCluster()
 	cfg := e.config()
 	cfg.NodeName = "self"
-	r := e.startWith(t, cfg, WithKubeClient(twoPodCluster()))
-	x := testutil.NewNS(t)
-	_, err := r.call(t, &agentapi.Request{Op: agentapi.OpAttach, Attach: &agentapi.AttachRequest{
-		ContainerID: "veth-pod", IfName: "eth0", Netns: x.Path(), Network: "pods",
-		Kind: agentapi.KindVeth, MAC: "02:00:00:00:00:01",
-	}}, nil)
-	var ae *agentapi.Error
-	if !errors.As(err, &ae) || ae.Code != agentapi.CodeInvalidConfig || !strings.Contains(ae.Error(), "NetworkPolicy") {
-		t.Errorf("attach of kind veth: %v, want code %d naming NetworkPolicy", err, agentapi.CodeInvalidConfig)
+	r := e.startWith(t, cfg, WithKubeClient(client))
+	a := r.newVethPodAs(t, e.host, "pod-a", "default", "pod-pod-a")
+	b := r.newVethPodAs(t, e.host, "pod-b", "default", "pod-pod-b")
+	ln := listenIn(t, b.ns, b.addr(true))
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+	}()
+	c, err := dialFrom(a.ns, netip.MustParseAddrPort(ln.Addr().String()))
+	if err != nil {
+		t.Fatal(err)
 	}
-	if n := r.count(); n != 0 {
-		t.Errorf("%d attachments after the refusal, want none", n)
+	defer c.Close()
+	var s net.Conn
+	select {
+	case s = <-accepted:
+	case <-time.After(callTimeout):
+		t.Fatal("b accepted no connection")
 	}
-	// The address the refusal did not take is the first one's.
-	p := r.newTapPod(t, "pod-after", true)
-	if got, want := p.addr(true), netip.MustParseAddr("10.244.1.2"); got != want {
-		t.Errorf("the next pod got %s, want %s (the refusal took an address)", got, want)
+	defer s.Close()
+	// through sends one byte from a to b and reports whether it arrived
+	// within wait.
+	through := func(v byte, wait time.Duration) bool {
+		t.Helper()
+		if _, err := c.Write([]byte{v}); err != nil {
+			t.Fatalf("a writes: %v", err)
+		}
+		buf := make([]byte, 1)
+		s.SetReadDeadline(time.Now().Add(wait))
+		if _, err := io.ReadFull(s, buf); err != nil {
+			return false
+		}
+		if buf[0] != v {
+			t.Fatalf("b read %d, want %d", buf[0], v)
+		}
+		return true
+	}
+	if !through(1, callTimeout) {
+		t.Fatal("a's byte did not reach b before any policy")
+	}
+	base := "http://" + r.MetricsAddr().String()
+	pols := client.NetworkingV1().NetworkPolicies("default")
+	ctx := context.Background()
+	deny := &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "deny-b"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "b"}},
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress},
+		},
+	}
+	if _, err := pols.Create(ctx, deny, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitIngressPolicies(t, base, "default", "pod-pod-b", "default/deny-b")
+	// The walk after the snapshot is asynchronous: the connection is cut
+	// once a byte stops getting through.
+	guard := time.After(callTimeout)
+	for v := byte(2); through(v, deniedDial); v++ {
+		select {
+		case <-guard:
+			t.Fatal("the connection carried on under a policy that denies it")
+		default:
+		}
+	}
+	// Still cut: the byte a sent (and TCP's retransmissions of it) stay
+	// dropped, and b's own segments too.
+	if _, err := s.Write([]byte{0xee}); err != nil {
+		t.Fatalf("b writes: %v", err)
+	}
+	buf := make([]byte, 1)
+	c.SetReadDeadline(time.Now().Add(deniedDial))
+	if _, err := c.Read(buf); err == nil {
+		t.Errorf("a read %#x from b on the cut connection", buf[0])
+	}
+	if v := metricValue(t, base, "shm_cni_policy_denied_packets_total",
+		map[string]string{"namespace": "default", "pod": "pod-pod-b", "direction": "ingress"}); v < 1 {
+		t.Errorf("pod b's denied ingress packets %v, want at least 1", v)
+	}
+	if err := pols.Delete(ctx, "deny-b", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitIngressPolicies(t, base, "default", "pod-pod-b")
+	// TCP retransmits what was dropped: the byte a sent while cut, then
+	// b's, arrive, in order.
+	s.SetReadDeadline(time.Now().Add(truthRetry))
+	if _, err := io.ReadFull(s, buf); err != nil {
+		t.Fatalf("b read nothing once the policy was deleted: %v", err)
+	}
+	c.SetReadDeadline(time.Now().Add(truthRetry))
+	if _, err := io.ReadFull(c, buf); err != nil || buf[0] != 0xee {
+		t.Fatalf("a read %#x, %v once the policy was deleted; want 0xee", buf[0], err)
 	}
 }

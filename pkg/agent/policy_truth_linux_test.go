@@ -65,6 +65,10 @@ type truthPod struct {
 	labels   map[string]string
 	ports    []corev1.ContainerPort
 	sandbox  bool
+	// veth: a kernel pod on a veth link (the host's kernel forwards its
+	// packets; policy judges them through the host's queue); else on a
+	// TAP link.
+	veth bool
 	// Set once attached: addrs by family (0 IPv4, 1 IPv6), and the
 	// kernel pod's namespace or the sandbox's netstack.
 	addrs [2]netip.Addr
@@ -123,6 +127,8 @@ func truthPods() []*truthPod {
 		{ns: "alpha", name: "db-k", labels: map[string]string{"app": "db"}, ports: db},
 		{ns: "beta", name: "web-s", labels: map[string]string{"app": "web"}, ports: web, sandbox: true},
 		{ns: "beta", name: "cli-k", labels: map[string]string{"app": "client"}, ports: client},
+		{ns: "alpha", name: "db-v", labels: map[string]string{"app": "db"}, ports: db, veth: true},
+		{ns: "beta", name: "cli-v", labels: map[string]string{"app": "client"}, ports: client, veth: true},
 	}
 }
 
@@ -408,6 +414,9 @@ func TestPolicyTruthTable(t *testing.T) {
 				t.Fatalf("sandbox %s/%s: %v", p.ns, p.name, err)
 			}
 			p.addrs = [2]netip.Addr{p.sb.addr(true), p.sb.addr(false)}
+		} else if p.veth {
+			p.tap = r.newVethPodAs(t, e.host, cid, p.ns, p.name)
+			p.addrs = [2]netip.Addr{p.tap.addr(true), p.tap.addr(false)}
 		} else {
 			p.tap = r.newTapPodAs(t, cid, p.ns, p.name, true)
 			p.addrs = [2]netip.Addr{p.tap.addr(true), p.tap.addr(false)}

@@ -29,17 +29,18 @@ import (
 // packet, where a TAP link costs a read and a write. The agent's anti-spoofing
 // for it is the host's (a strict reverse path check on every host side,
 // masq_linux.go); its bandwidth limit is the host's too: tbf qdiscs, as
-// the reference bandwidth plugin's (vethbw_linux.go). NetworkPolicy is not
-// carried yet, so prepare refuses such links where the agent enforces it.
+// the reference bandwidth plugin's (vethbw_linux.go). NetworkPolicy is
+// the router's, in the host's kernel: it queues the first packet of each
+// connection of an isolated pod to the router, whose enforcer judges it
+// (router.Router.HostPolicy, hostpolicy_linux.go in package router).
 type vethKind struct{}
 
 // prepare implements linkKind.prepare: the agent's MTU unless the
 // conflist sets one; refused with a Kubernetes client (whose NetworkPolicy
-// the agent enforces in the router, which a veth link's traffic between
-// kernel pods and to the host does not cross).
+// the agent enforces) where the host cannot queue packets to the router.
 func (vethKind) prepare(a *Agent, _ linkspec.Key, rec *record, req *agentapi.AttachRequest) error {
-	if a.kube != nil {
-		return invalid("kind %s: the agent enforces NetworkPolicy, which veth links do not carry yet: use kind %s or %s", agentapi.KindVeth, agentapi.KindTap, agentapi.KindShm)
+	if a.kube != nil && !a.router.HostPolicy() {
+		return invalid("kind %s: the agent enforces NetworkPolicy, which the host cannot hand it for veth links here (the agent's log says why): use kind %s or %s", agentapi.KindVeth, agentapi.KindTap, agentapi.KindShm)
 	}
 	if req.MAC == "" {
 		return invalid("attach.mac: required for kind %s (the pod side's MAC)", agentapi.KindVeth)

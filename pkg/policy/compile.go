@@ -128,6 +128,27 @@ var generations atomic.Uint64
 // Pod returns the local pod with address a, or nil.
 func (s *Snapshot) Pod(a netip.Addr) *Pod { return s.pods[a] }
 
+// IsolatedAddrs returns, sorted, every address a packet must come from or
+// go to for policy to judge it: those of the local pods policy isolates in
+// either direction and those of the pods of other nodes it isolates for
+// egress (Snapshot.remote). A packet between two other addresses passes
+// unjudged.
+func (s *Snapshot) IsolatedAddrs() []netip.Addr {
+	var out []netip.Addr
+	for a, p := range s.pods {
+		if p.isolated() {
+			out = append(out, a)
+		}
+	}
+	for a := range s.remote {
+		if s.pods[a] == nil {
+			out = append(out, a)
+		}
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out
+}
+
 // Pods returns every local pod once, sorted by namespace and name.
 func (s *Snapshot) Pods() []*Pod {
 	seen := map[*Pod]bool{}

@@ -274,6 +274,34 @@ func (t *Tracker) insert(orig Tuple, flags uint8, owner *Owner, s *Snapshot) boo
 	return true
 }
 
+// revoke tracks the connection orig opened (closing: a TCP connection
+// closing) as denied under s, charged to owner (see Enforcer.Revoke); a
+// tracked one is marked so. It reports false when there is no room for it.
+func (t *Tracker) revoke(orig Tuple, closing bool, owner *Owner, s *Snapshot) bool {
+	k := canonical(orig)
+	sh := &t.shards[k.shard()]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	now := t.now()
+	c := sh.m[k]
+	if c == nil {
+		t.sweepLocked(sh, now)
+		if (owner.conns.Load() >= int64(t.cfg.PodShare) && !t.replaceLocked(sh, owner)) ||
+			t.total.Load() >= int64(t.cfg.MaxConns) {
+			return false
+		}
+		// It was answered (the kernel tracked it): the timeout of an
+		// open connection of its protocol.
+		c = &conn{orig: orig, owner: owner, replied: true, closing: closing}
+		sh.m[k] = c
+		owner.conns.Add(1)
+		t.total.Add(1)
+	}
+	c.denied, c.gen = true, s.gen
+	c.expires = now + int64(t.timeout(c))
+	return true
+}
+
 // sweepLocked removes the expired among a few of sh's entries (Go's map
 // iteration starts at a random place, so every entry's turn comes).
 //

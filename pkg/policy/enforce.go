@@ -51,7 +51,7 @@ func (e *Enforcer) FromPod(ip []byte) bool {
 	if s == nil {
 		return true
 	}
-	return e.check(s, ip, true)
+	return e.check(s, ip, true, true)
 }
 
 // FromUplink reports whether a packet from the host or beyond (the
@@ -61,10 +61,61 @@ func (e *Enforcer) FromUplink(ip []byte) bool {
 	if s == nil {
 		return true
 	}
-	return e.check(s, ip, false)
+	return e.check(s, ip, false, true)
 }
 
-func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod bool) bool {
+// FromHostLink reports whether a packet the host's kernel queued may pass:
+// one of a connection its connection tracking does not know, from a local
+// pod the host routes (fromPod; a veth link, whose source the host checked)
+// or to one. It is judged as FromPod or FromUplink judge it, but a
+// connection it lets through is not tracked here: the kernel tracks it.
+// The enforcer remembers only the connections Revoke denied.
+func (e *Enforcer) FromHostLink(ip []byte, fromPod bool) bool {
+	s := e.snap.Load()
+	if s == nil {
+		return true
+	}
+	return e.check(s, ip, fromPod, false)
+}
+
+// Allows reports whether the connection t opened may be open under the
+// installed snapshot (the node addresses the enforcer was given included).
+func (e *Enforcer) Allows(t Tuple) bool {
+	s := e.snap.Load()
+	if s == nil {
+		return true
+	}
+	return e.allowsNew(s, &t)
+}
+
+// Revoke records that the connection orig opened, which the host's kernel
+// tracked until now, is denied under the installed snapshot: once the
+// kernel forgets it, its packets come to FromHostLink again and are
+// dropped, both ways, until it falls silent for its timeout or a later
+// snapshot allows it again, as a connection the router tracked is;
+// closing: a TCP connection that was closing (the timeout of one). It
+// reports false when the tracker has no room for it (its packets are then
+// judged afresh) or no snapshot is installed.
+func (e *Enforcer) Revoke(orig Tuple, closing bool) bool {
+	s := e.snap.Load()
+	if s == nil {
+		return false
+	}
+	owner := s.pods[orig.Src]
+	if owner == nil {
+		owner = s.pods[orig.Dst]
+	}
+	if owner == nil {
+		owner = s.source(&orig)
+	}
+	if owner == nil {
+		return false
+	}
+	return e.ct.revoke(orig, closing, owner.owner, s)
+}
+
+// check judges a packet; track: a connection it lets through is tracked.
+func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod, track bool) bool {
 	f, ok := ParseFlow(ip)
 	if !f.Src.IsValid() || !f.Dst.IsValid() {
 		return true // not IP: the stack drops it
@@ -133,6 +184,10 @@ func (e *Enforcer) check(s *Snapshot, ip []byte, fromPod bool) bool {
 			return false
 		}
 		orig = rev
+	}
+	if !track {
+		e.fragPassed(&f)
+		return true
 	}
 	owner := s.pods[orig.Src]
 	if owner == nil {

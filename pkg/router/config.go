@@ -96,6 +96,12 @@ type Config struct {
 	// polls the TUN device after finding it empty. Zero means
 	// endpoint.DefaultPollMax; negative means never poll.
 	UplinkPoll time.Duration
+
+	// PolicyQueue is the first of the two netfilter queues through which
+	// the host's kernel hands the router the packets of host links that
+	// NetworkPolicy must judge (PolicyQueue and PolicyQueue+1;
+	// hostpolicy_linux.go). Zero means DefaultPolicyQueue.
+	PolicyQueue uint16
 }
 
 // withDefaults returns c with its zero fields set to their defaults.
@@ -109,6 +115,9 @@ func (c Config) withDefaults() Config {
 	if c.HostCheckInterval == 0 {
 		c.HostCheckInterval = DefaultHostCheckInterval
 	}
+	if c.PolicyQueue == 0 {
+		c.PolicyQueue = DefaultPolicyQueue
+	}
 	return c
 }
 
@@ -116,6 +125,9 @@ func (c Config) withDefaults() Config {
 func (c Config) Validate() error {
 	c = c.withDefaults()
 	var errs []error
+	if c.PolicyQueue == 65535 {
+		errs = append(errs, errors.New("policy queue 65535: the router takes two queues, this one and the next"))
+	}
 	if len(c.PodCIDRs) == 0 {
 		errs = append(errs, errors.New("no pod CIDR"))
 	}

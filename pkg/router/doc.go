@@ -51,7 +51,10 @@
 //
 // What a pod sends meets NetworkPolicy after the anti-spoofing filter, and
 // what comes from the uplink for a pod meets it in the uplink's wrapper
-// (policy.go).
+// (policy.go). The packets of host links (AddHostLink), which the host's
+// kernel forwards, meet it there: the host queues the first packet of each
+// of their connections policy must judge to the router's enforcer
+// (hostpolicy_linux.go).
 //
 // The router wraps every endpoint (gVisor's link/nested) to work around a
 // use-after-free in the pinned gVisor's IPv4 forwarding; see forwardhold.go.

@@ -141,6 +141,21 @@ func (r *Router) checkHost() {
 // ensureMasquerade reinstalls the masquerade table when it or its rules
 // (or the anti-spoofing of veth links, when it was installed) are gone.
 func (r *Router) ensureMasquerade(c *nftables.Conn) error {
+	h := r.hostPol.Load()
+	if err := r.ensureMasqueradeTable(c); err != nil || h == nil {
+		return err
+	}
+	if h.intact(c) {
+		return nil
+	}
+	r.log.Warn("NetworkPolicy on veth links: put back the policy chains that another program removed or changed", "table", "inet "+masqTableName)
+	r.fwRepairs.Add(1)
+	return h.install(c)
+}
+
+// ensureMasqueradeTable is ensureMasquerade without the policy chains,
+// which its reinstall removes (the caller puts them back).
+func (r *Router) ensureMasqueradeTable(c *nftables.Conn) error {
 	t := masqTable()
 	rules, err := c.GetRules(t, &nftables.Chain{Name: masqChainName, Table: t})
 	if err == nil && len(rules) == len(masqRules(r.cfg)) {

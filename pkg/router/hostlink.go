@@ -61,6 +61,7 @@ func (r *Router) AddHostLink(id string, addrs []netip.Addr) error {
 		r.owners[a] = id
 	}
 	r.addHostRoutesLocked(addrs)
+	r.publishHostAddrsLocked()
 	r.rebuildFastLocked()
 	r.log.Info("host link added", "link", id, "addrs", addrs)
 	return nil
@@ -101,6 +102,7 @@ func (r *Router) removeHostLinkLocked(id string) bool {
 	for _, a := range addrs {
 		delete(r.owners, a)
 	}
+	r.publishHostAddrsLocked()
 	r.rebuildFastLocked()
 	r.stack.RemoveRoutes(func(rt tcpip.Route) bool {
 		for _, a := range addrs {

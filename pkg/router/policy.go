@@ -42,6 +42,9 @@ const policyHeaderBytes = 192
 // stop.
 func (r *Router) SetPolicy(s *policy.Snapshot) {
 	r.policy.Set(s)
+	if h := r.hostPol.Load(); h != nil {
+		h.setPolicy(s)
+	}
 }
 
 // Policy returns the installed policy snapshot, or nil.

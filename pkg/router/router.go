@@ -111,6 +111,12 @@ type Router struct {
 	// veth links (installAntiSpoof), without which AddHostLink refuses
 	// them; written under mu.
 	antiSpoofOn atomic.Bool
+	// hostPol enforces NetworkPolicy on host links
+	// (hostpolicy_linux.go); nil before Start, after stop, or where the
+	// host cannot queue their packets. Written under mu.
+	hostPol atomic.Pointer[hostPolicy]
+	// hostAddrs are the host links' addresses (hostLinkAddrs).
+	hostAddrs atomic.Pointer[map[netip.Addr]bool]
 
 	// fwMu serialises the router's work on the host's firewall and
 	// forwarding state: Start and stop (under mu) and the periodic check
@@ -349,6 +355,7 @@ func (r *Router) Start() error {
 		return fmt.Errorf("start router: %w", err)
 	}
 	r.installAntiSpoofLocked()
+	r.startHostPolicyLocked()
 	if err := r.startHostLocked(); err != nil {
 		return fmt.Errorf("start router: %w", err)
 	}
@@ -430,6 +437,9 @@ func (r *Router) stopUplinkLocked() error {
 	var errs []error
 	if err := r.stopHostLocked(); err != nil {
 		errs = append(errs, err)
+	}
+	if h := r.hostPol.Swap(nil); h != nil {
+		h.stop()
 	}
 	if r.masqOn.Load() {
 		if err := r.withNFT(removeMasquerade); err != nil {

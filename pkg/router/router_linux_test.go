@@ -257,7 +257,7 @@ func TestStartReplacesTable(t *testing.T) {
 		t.Fatalf("create stale table: %v", err)
 	}
 	r := newHostRouter(t, host, dualStackConfig(true))
-	if got, want := listMasqTable(t, host), []string{masqChainName, antiSpoofChainName}; !slices.Equal(got, want) {
+	if got, want := listMasqTable(t, host), []string{masqChainName, antiSpoofChainName, hostPolicyForwardChain, hostPolicyInputChain}; !slices.Equal(got, want) {
 		t.Errorf("chains after Start = %v, want %v", got, want)
 	}
 	if err := r.Start(); err == nil {
