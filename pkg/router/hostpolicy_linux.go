@@ -415,8 +415,8 @@ func (h *hostPolicy) setPolicy(s *policy.Snapshot) {
 		}
 	}
 	h.mu.Unlock()
-	if s == nil {
-		return
+	if len(want) == 0 {
+		return // nothing isolated: the snapshot denies nothing
 	}
 	select {
 	case h.kick <- struct{}{}:
