@@ -229,7 +229,8 @@ func (r *running) newTapPodAs(t *testing.T, cid, podNS, podName string, sendMAC 
 // newVethPodAs creates a pod namespace whose eth0 is a veth pair's peer,
 // the host side (linkspec.HostVethName) in host, attaches it as kind veth
 // for the Kubernetes pod podNS/podName and configures the namespace from
-// the answer, as the CNI binary would. It turns on forwarding in host.
+// the answer, as the CNI binary would. It turns forwarding on in host (IPv4
+// on the uplink alone).
 func (r *running) newVethPodAs(t *testing.T, host ns.NetNS, cid, podNS, podName string) *pod {
 	t.Helper()
 	p := &pod{ns: testutil.NewNS(t), cid: cid}
@@ -241,9 +242,11 @@ func (r *running) newVethPodAs(t *testing.T, host ns.NetNS, cid, podNS, podName 
 		return os.WriteFile("/proc/sys/net/ipv6/conf/default/accept_dad", []byte("0"), 0o644)
 	})
 	testutil.Do(t, host, func() error {
-		// The host's kernel forwards a veth link's packets (the
-		// agent's --ip-forward, off in these tests).
-		for _, f := range []string{"/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"} {
+		// The host's kernel forwards a veth link's packets. IPv4 as
+		// the runtime tiers leave it (the host's switch off, forwarding
+		// on the uplink: the agent turns it on for each host side);
+		// IPv6 has no switch per device.
+		for _, f := range []string{"/proc/sys/net/ipv4/conf/" + r.cfg.Uplink + "/forwarding", "/proc/sys/net/ipv6/conf/all/forwarding"} {
 			if err := os.WriteFile(f, []byte("1"), 0o644); err != nil {
 				return err
 			}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"slices"
 
+	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -127,6 +128,11 @@ func (a *Agent) attachVeth(rec *record) (*vethLink, error) {
 	if err := h.LinkSetUp(l); err != nil {
 		return nil, fmt.Errorf("set %s up: %w", name, err)
 	}
+	if slices.ContainsFunc(rec.Addrs, netip.Addr.Is4) {
+		if err := a.forwardOn(name); err != nil {
+			return nil, err
+		}
+	}
 	if err := shapeVeth(h, l, rec); err != nil {
 		return nil, err
 	}
@@ -159,6 +165,21 @@ func (a *Agent) attachVeth(rec *record) (*vethLink, error) {
 		return nil, err
 	}
 	return &vethLink{a: a, rec: rec, linkID: id, name: name, mac: l.Attrs().HardwareAddr.String(), log: a.log.With("link", id)}, nil
+}
+
+// forwardOn turns IPv4 forwarding on for what arrives on the host side
+// name (net.ipv4.conf.<name>.forwarding), as Calico does on its devices:
+// the host forwards a veth pod's packets where its global switch is off
+// and forwarding is on only on the devices that need it (IPv6 has no
+// such switch per device: its forwarding is the host's,
+// net.ipv6.conf.all.forwarding, which the router's check reports).
+func (a *Agent) forwardOn(name string) error {
+	return a.hostNS.Do(func(ns.NetNS) error {
+		if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+name+"/forwarding", []byte("1"), 0o644); err != nil {
+			return fmt.Errorf("turn forwarding on for %s: %w", name, err)
+		}
+		return nil
+	})
 }
 
 // holdGateways puts the pod's gateways (router.GatewayV4 for an IPv4 pod,
