@@ -39,12 +39,15 @@
 #   - ClusterIP Services through kube-proxy: a runc pod and the gvisor pod
 #     reach one backed by a runc pod (4 MiB transfers, MD5), a runc pod one
 #     backed by the gvisor pod;
+#   - a runc pod on a veth link (annotation shm-cni.io/kind: veth) talking
+#     to a pod on a TAP link, the host, the outside and a Service;
 #   - NetworkPolicy, enforced by the agent from this API server: a
-#     default-deny ingress policy on a runc pod stops the other pods'
-#     connections to it (the agent's /policy names it, /metrics counts the
-#     denied packets) but not the host's; a policy allowing one pod's label
-#     lets that pod in and no other (the gvisor pod); deleting them opens
-#     it again;
+#     default-deny ingress policy on a runc pod on a TAP link and one on a
+#     veth link stops the other pods' connections to them (the agent's
+#     /policy names it, /metrics counts the denied packets) but not the
+#     host's; a policy allowing one pod's label lets that pod in and no
+#     other (the gvisor pod, the other runc pod); deleting them opens them
+#     again;
 #   - deleting the pods and the DaemonSet leaves no attachment, and the
 #     agent's uplink goes with it; after the run the host's firewall is as
 #     before it (kube-proxy's tables removed with kube-proxy --cleanup).
@@ -291,12 +294,15 @@ say "node pod CIDR $NODE_CIDR, uplink $UPLINK $GATEWAY"
 # --- pods --------------------------------------------------------------------
 say "pods"
 {
-	for p in web1 web2; do
+	# web3 asks for a veth link (the host's kernel forwards its packets).
+	for p in web1 web2 web3; do
+		ann=
+		[ "$p" = web3 ] && ann=", annotations: {shm-cni.io/kind: veth}"
 		cat <<EOF
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: $p, namespace: default, labels: {app: $p}}
+metadata: {name: $p, namespace: default, labels: {app: $p}$ann}
 spec:
   automountServiceAccountToken: false
   terminationGracePeriodSeconds: 1 # httpd as PID 1 ignores SIGTERM
@@ -336,7 +342,7 @@ EOF
 } >"$S/pods.yaml"
 kubectl_ apply -f "$S/pods.yaml" >/dev/null || die "apply the pods"
 kubectl_ wait --for=condition=Ready pod --all -n default --timeout=180s >/dev/null || fail "pods Ready: $(kubectl_ get pods -o wide)"
-pods=(web1 web2)
+pods=(web1 web2 web3)
 [ "$RUNSC" = yes ] && pods+=(gvisor)
 for p in "${pods[@]}"; do
 	IP[$p]=$(kubectl_ get pod "$p" -o jsonpath='{.status.podIP}')
@@ -353,6 +359,11 @@ start_host_server host "" "$GATEWAY" "$HOST_PORT"
 check "web1 -> host TCP, the host sees web1" "${IP[web1]}" "$(in_pod "${CTR[web1]}" "$(peer_cmd "$GATEWAY" "$HOST_PORT")")"
 start_host_server outside "$OUTSIDE_NS" "$OUTSIDE_PEER" 8080
 check "web1 -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[web1]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
+check "agent: pod web3 is on a veth link, up" 1 "$(http_get 127.0.0.1:9309 /metrics | awk '/^shm_cni_link_up\{/ && /pod="web3"/ && /kind="veth"/ {print $NF}')"
+check "web1 -> web3 (veth) TCP, web3 sees web1" "${IP[web1]}" "$(in_pod "${CTR[web1]}" "$(peer_cmd "${IP[web3]}" 8080)")"
+check "web3 -> web1 TCP, web1 sees web3" "${IP[web3]}" "$(in_pod "${CTR[web3]}" "$(peer_cmd "${IP[web1]}" 8080)")"
+check "host -> web3 TCP, web3 sees the host's uplink address" "$GATEWAY" "$(/bin/busybox sh -c "$(peer_cmd "${IP[web3]}" 8080)")"
+check "web3 -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[web3]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
 if [ "$RUNSC" = yes ]; then
 	check "pod gvisor runs in gVisor" 1 "$(in_pod "${CTR[gvisor]}" dmesg | grep -c 'Starting gVisor')"
 	gns=$(crictl_ inspectp "$(crictl_ pods -q --name gvisor | head -1)" | grep -m1 '"NetNSPath"' | cut -d'"' -f4)
@@ -385,6 +396,7 @@ check "web1 -> Service web2 ($SVC_WEB2:80), web2 sees web1" "${IP[web1]}" \
 	"$(in_pod_retry "${CTR[web1]}" "$(peer_cmd "$SVC_WEB2" 80)")"
 check "web1 <- Service web2 4 MiB, MD5" "$(in_pod "${CTR[web2]}" 'cat /www/blob.md5')" \
 	"$(in_pod "${CTR[web1]}" "$(blob_cmd "$SVC_WEB2" 80)")"
+check "web3 (veth) -> Service web2, web2 sees web3" "${IP[web3]}" "$(in_pod_retry "${CTR[web3]}" "$(peer_cmd "$SVC_WEB2" 80)")"
 if [ "$RUNSC" = yes ]; then
 	check "gvisor -> Service web2 (runc pod behind it), web2 sees gvisor" "${IP[gvisor]}" \
 		"$(in_pod_retry "${CTR[gvisor]}" "$(peer_cmd "$SVC_WEB2" 80)")"
@@ -397,62 +409,75 @@ fi
 
 # --- NetworkPolicy -------------------------------------------------------------
 # The agent enforces the cluster's NetworkPolicy (its informers, this API
-# server): a default-deny ingress policy on web2 stops new connections to
-# it, but not the host's (kubelet probes); one allowing app=web1 lets web1
-# (and no other pod) in; deleting both opens web2 again. A change is
-# waited for in the agent's /policy; a denied connection is one nc gives up
-# on (3 s), the agent counting its packets.
+# server) on web2, a TAP link's pod (the router judges every packet), and
+# web3, a veth link's (the host queues the first packet of each connection
+# to the router): a default-deny ingress policy on both stops new
+# connections to them, but not the host's (kubelet probes); one allowing
+# app=web1 lets web1 (and no other pod) in; deleting both opens them
+# again. A change is waited for in the agent's /policy; a denied
+# connection is one nc gives up on (3 s), the agent counting its packets.
 say "NetworkPolicy"
+sel="{matchExpressions: [{key: app, operator: In, values: [web2, web3]}]}"
 for pol in deny allow; do
 	if [ "$pol" = deny ]; then
-		spec="{podSelector: {matchLabels: {app: web2}}, policyTypes: [Ingress]}"
+		spec="{podSelector: $sel, policyTypes: [Ingress]}"
 	else
-		spec="{podSelector: {matchLabels: {app: web2}}, ingress: [{from: [{podSelector: {matchLabels: {app: web1}}}]}]}"
+		spec="{podSelector: $sel, ingress: [{from: [{podSelector: {matchLabels: {app: web1}}}]}]}"
 	fi
 	cat >"$S/netpol-$pol.yaml" <<EOF
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
-metadata: {name: $pol-web2, namespace: default}
+metadata: {name: $pol-web, namespace: default}
 spec: $spec
 EOF
 done
-# web2_ingress: the policies selecting web2 for ingress in the agent's
+# ingress_of POD: the policies selecting POD for ingress in the agent's
 # /policy, as a JSON list, or null.
-web2_ingress() {
-	http_get 127.0.0.1:9309 '/policy?namespace=default&pod=web2' | tr -d ' \n' |
+ingress_of() {
+	http_get 127.0.0.1:9309 "/policy?namespace=default&pod=$1" | tr -d ' \n' |
 		grep -o '"ingress":\(null\|\[[^]]*\]\)' | cut -d: -f2
 }
 WANT_INGRESS=
-ingress_is() { [ "$(web2_ingress)" = "$WANT_INGRESS" ]; }
-web2_denied() {
+ingress_is() { [ "$(ingress_of web2)" = "$WANT_INGRESS" ] && [ "$(ingress_of web3)" = "$WANT_INGRESS" ]; }
+denied_of() {
 	http_get 127.0.0.1:9309 /metrics |
-		awk '/^shm_cni_policy_denied_packets_total\{/ && /pod="web2"/ && /direction="ingress"/ {print $NF}'
+		awk -v pod="pod=\"$1\"" '/^shm_cni_policy_denied_packets_total\{/ && index($0, pod) && /direction="ingress"/ {print $NF}'
 }
-# to_web2 CTR: what web2's peer page says (the client's address) in
+# to_pod CTR POD: what POD's peer page says (the client's address) in
 # brackets: "[]" when the connection did not open (and the pod ran nc).
-to_web2() { in_pod "$1" "echo \"[\$(printf 'GET /cgi-bin/peer HTTP/1.0\r\n\r\n' | nc -w 3 ${IP[web2]} 8080 2>/dev/null | grep -o 'peer=.*' | cut -d= -f2)]\""; }
-check "agent: no policy selects web2 yet" null "$(web2_ingress)"
+to_pod() { in_pod "$1" "echo \"[\$(printf 'GET /cgi-bin/peer HTTP/1.0\r\n\r\n' | nc -w 3 ${IP[$2]} 8080 2>/dev/null | grep -o 'peer=.*' | cut -d= -f2)]\""; }
+check "agent: no policy selects web2 or web3 yet" "null null" "$(ingress_of web2) $(ingress_of web3)"
 kubectl_ apply -f "$S/netpol-deny.yaml" >/dev/null || fail "apply the deny policy"
-WANT_INGRESS='["default/deny-web2"]'
+WANT_INGRESS='["default/deny-web"]'
 settle ingress_is || true
-check "agent: /policy shows deny-web2 selecting web2" "$WANT_INGRESS" "$(web2_ingress)"
-check "web1 -> web2 under default-deny ingress: no connection" "[]" "$(to_web2 "${CTR[web1]}")"
-check "agent: web2's denied ingress packets counted" yes "$(awk -v n="$(web2_denied)" 'BEGIN {print (n > 0) ? "yes" : "no"}')"
-check "host -> web2 under default-deny ingress (the node's traffic passes: kubelet probes)" "$GATEWAY" \
-	"$(/bin/busybox sh -c "$(peer_cmd "${IP[web2]}" 8080)")"
-[ "$RUNSC" = yes ] && check "gvisor -> web2 under default-deny ingress: no connection" "[]" "$(to_web2 "${CTR[gvisor]}")"
+check "agent: /policy shows deny-web selecting web2 and web3" "$WANT_INGRESS $WANT_INGRESS" "$(ingress_of web2) $(ingress_of web3)"
+for d in web2 web3; do
+	check "web1 -> $d under default-deny ingress: no connection" "[]" "$(to_pod "${CTR[web1]}" "$d")"
+	check "agent: $d's denied ingress packets counted" yes "$(awk -v n="$(denied_of "$d")" 'BEGIN {print (n > 0) ? "yes" : "no"}')"
+	check "host -> $d under default-deny ingress (the node's traffic passes: kubelet probes)" "$GATEWAY" \
+		"$(/bin/busybox sh -c "$(peer_cmd "${IP[$d]}" 8080)")"
+	if [ "$RUNSC" = yes ]; then check "gvisor -> $d under default-deny ingress: no connection" "[]" "$(to_pod "${CTR[gvisor]}" "$d")"; fi
+done
+check "web3 (veth) -> web2 (tap) under default-deny ingress: no connection" "[]" "$(to_pod "${CTR[web3]}" web2)"
+check "web2 (tap) -> web3 (veth) under default-deny ingress: no connection" "[]" "$(to_pod "${CTR[web2]}" web3)"
 kubectl_ apply -f "$S/netpol-allow.yaml" >/dev/null || fail "apply the allow policy"
-WANT_INGRESS='["default/allow-web2","default/deny-web2"]'
+WANT_INGRESS='["default/allow-web","default/deny-web"]'
 settle ingress_is || true
-check "agent: /policy shows both policies selecting web2" "$WANT_INGRESS" "$(web2_ingress)"
-check "web1 -> web2 allowed by app=web1, web2 sees web1" "[${IP[web1]}]" "$(to_web2 "${CTR[web1]}")"
-[ "$RUNSC" = yes ] && check "gvisor -> web2 (not app=web1): no connection" "[]" "$(to_web2 "${CTR[gvisor]}")"
+check "agent: /policy shows both policies selecting web2 and web3" "$WANT_INGRESS $WANT_INGRESS" "$(ingress_of web2) $(ingress_of web3)"
+for d in web2 web3; do
+	check "web1 -> $d allowed by app=web1, $d sees web1" "[${IP[web1]}]" "$(to_pod "${CTR[web1]}" "$d")"
+	if [ "$RUNSC" = yes ]; then check "gvisor -> $d (not app=web1): no connection" "[]" "$(to_pod "${CTR[gvisor]}" "$d")"; fi
+done
+check "web2 -> web3 (not app=web1): no connection" "[]" "$(to_pod "${CTR[web2]}" web3)"
 kubectl_ delete -f "$S/netpol-deny.yaml" -f "$S/netpol-allow.yaml" >/dev/null || fail "delete the policies"
 WANT_INGRESS=null
 settle ingress_is || true
-check "agent: no policy selects web2 once deleted" null "$(web2_ingress)"
-check "web1 -> web2 once the policies are deleted" "[${IP[web1]}]" "$(to_web2 "${CTR[web1]}")"
-[ "$RUNSC" = yes ] && check "gvisor -> web2 once the policies are deleted" "[${IP[gvisor]}]" "$(to_web2 "${CTR[gvisor]}")"
+check "agent: no policy selects web2 or web3 once deleted" "null null" "$(ingress_of web2) $(ingress_of web3)"
+for d in web2 web3; do
+	check "web1 -> $d once the policies are deleted" "[${IP[web1]}]" "$(to_pod "${CTR[web1]}" "$d")"
+	if [ "$RUNSC" = yes ]; then check "gvisor -> $d once the policies are deleted" "[${IP[gvisor]}]" "$(to_pod "${CTR[gvisor]}" "$d")"; fi
+done
+check "web2 -> web3 once the policies are deleted" "[${IP[web2]}]" "$(to_pod "${CTR[web2]}" web3)"
 
 # --- removal -----------------------------------------------------------------
 say "delete the pods, then the DaemonSet"
