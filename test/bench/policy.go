@@ -4,10 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -22,9 +26,12 @@ import (
 // list/watch server (apiserver.go): its pods, 200 pods of other nodes in
 // 10 namespaces, and 0, 100 or 1000 NetworkPolicies (-policies), which
 // the agent's informers see change and its compiler compiles, as in a
-// cluster. For each count, rep by rep, a kernel pod pair and a sandbox
-// pair move a TCP stream and make 64 B round trips; ratios are to the
-// same pairs with no policy (0), in the same run.
+// cluster. For each count, rep by rep, a pair of kernel pods on TAP links,
+// one on veth links and a sandbox pair move a TCP stream and make 64 B
+// round trips, and the kernel pairs open connections (the first packet of
+// each is what policy judges afresh: on veth links the host queues it to
+// the agent); ratios are to the same pairs with no policy (0), in the same
+// run.
 
 const (
 	// benchNode is the node's name in the served cluster.
@@ -39,10 +46,19 @@ const (
 	selectEvery = 10
 )
 
+// connectP50 is the measure of a new connection's opening: from the
+// client's connect to its return (SYN, SYN-ACK), p50. Policy judges each
+// connection's first packet afresh, which the fast path's measures do not
+// show.
+const connectP50 = "connect p50 µs"
+
+// maxConnects bounds the connections a connect measure opens.
+const maxConnects = 500
+
 // policyRow is one pair's measure at one policy count.
 type policyRow struct {
 	Case     string    `json:"case"`
-	Measure  string    `json:"measure"` // "Gbit/s", "p50 µs", "p99 µs"
+	Measure  string    `json:"measure"` // "Gbit/s", "p50 µs", "p99 µs", connectP50
 	Policies int       `json:"policies"`
 	Values   []float64 `json:"values"`
 	Median   float64   `json:"median"`
@@ -269,7 +285,7 @@ func (b *bench) runPolicy(ctx context.Context, rep *report) error {
 	if err := api.writeKubeconfig(kubeconfig); err != nil {
 		return err
 	}
-	local := []string{"pk1", "pk2", "ps0", "ps1", "pe0", "pc0"}
+	local := []string{"pk1", "pk2", "pv1", "pv2", "ps0", "ps1", "pe0", "pc0"}
 	maxN := 0
 	for _, c := range b.cfg.policies {
 		maxN = max(maxN, c)
@@ -285,8 +301,11 @@ func (b *bench) runPolicy(ctx context.Context, rep *report) error {
 	pods := map[string]*node.Pod{}
 	for _, name := range local {
 		kind := node.KindShm
-		if name[1] == 'k' {
+		switch name[1] {
+		case 'k':
 			kind = node.KindTap
+		case 'v':
+			kind = node.KindVeth
 		}
 		if pods[name], err = n.AddPod(ctx, name, kind); err != nil {
 			return err
@@ -301,26 +320,38 @@ func (b *bench) runPolicy(ctx context.Context, rep *report) error {
 	}
 	k1 := kend{"pk1", pods["pk1"].NS, pods["pk1"].Addr4}
 	k2 := kend{"pk2", pods["pk2"].NS, pods["pk2"].Addr4}
-	if err := b.iperfServer(ctx, k2); err != nil {
-		return err
+	v1 := kend{"pv1", pods["pv1"].NS, pods["pv1"].Addr4}
+	v2 := kend{"pv2", pods["pv2"].NS, pods["pv2"].Addr4}
+	for _, e := range []kend{k2, v2} {
+		if err := b.iperfServer(ctx, e); err != nil {
+			return err
+		}
 	}
+	connects := min(b.cfg.rttCount, maxConnects)
 	e0Addr := netip.AddrPortFrom(pods["pe0"].Addr4, echoPort)
 	type pcase struct {
 		name string
 		tput func(ctx context.Context) (tputSample, error)
 		rtt  func(ctx context.Context) ([]time.Duration, error)
+		// conn times new connections; nil: not measured.
+		conn func(ctx context.Context) ([]time.Duration, error)
 	}
 	cases := []pcase{
 		{"tap pod → tap pod",
 			func(ctx context.Context) (tputSample, error) { return b.iperfClient(ctx, k1, k2, 1) },
-			func(ctx context.Context) ([]time.Duration, error) { return kernelRTT(ctx, k1, k2, b.cfg.rttCount) }},
+			func(ctx context.Context) ([]time.Duration, error) { return kernelRTT(ctx, k1, k2, b.cfg.rttCount) },
+			func(ctx context.Context) ([]time.Duration, error) { return kernelConnects(ctx, k1, k2, connects) }},
+		{"veth pod → veth pod",
+			func(ctx context.Context) (tputSample, error) { return b.iperfClient(ctx, v1, v2, 1) },
+			func(ctx context.Context) ([]time.Duration, error) { return kernelRTT(ctx, v1, v2, b.cfg.rttCount) },
+			func(ctx context.Context) ([]time.Duration, error) { return kernelConnects(ctx, v1, v2, connects) }},
 		{"sandbox → sandbox",
 			func(ctx context.Context) (tputSample, error) {
 				return transfers(ctx, n, []*node.Peer{n.PodPeer(pods["ps1"])}, n.PodPeer(pods["ps0"]), 1, b.cfg.amount())
 			},
 			func(ctx context.Context) ([]time.Duration, error) {
 				return netstackRTT(ctx, pods["pc0"].SocketPath, e0Addr, b.cfg.rttCount)
-			}},
+			}, nil},
 	}
 	type key struct {
 		c        int
@@ -366,11 +397,24 @@ func (b *bench) runPolicy(ctx context.Context, rep *report) error {
 				vals[key{i, "p99 µs", count}] = append(vals[key{i, "p99 µs", count}], percentile(ds, 99))
 				log.Info("policy latency", "case", c.name, "policies", count, "rep", r+1,
 					"p50 µs", fmt.Sprintf("%.1f", percentile(ds, 50)), "p99 µs", fmt.Sprintf("%.1f", percentile(ds, 99)))
+				if c.conn == nil {
+					continue
+				}
+				if ds, err = c.conn(ctx); err != nil {
+					log.Warn("policy connect", "case", c.name, "policies", count, "rep", r+1, "err", err)
+					errs[key{i, connectP50, count}] = err.Error()
+					continue
+				}
+				vals[key{i, connectP50, count}] = append(vals[key{i, connectP50, count}], percentile(ds, 50))
+				log.Info("policy connect", "case", c.name, "policies", count, "rep", r+1, "p50 µs", fmt.Sprintf("%.1f", percentile(ds, 50)))
 			}
 		}
 	}
 	for i, c := range cases {
-		for _, m := range []string{"Gbit/s", "p50 µs", "p99 µs"} {
+		for _, m := range []string{"Gbit/s", "p50 µs", "p99 µs", connectP50} {
+			if m == connectP50 && c.conn == nil {
+				continue
+			}
 			ref := median(vals[key{i, m, 0}])
 			refCPU := median(agentCPU[key{i, m, 0}])
 			for _, count := range b.cfg.policies {
@@ -384,4 +428,42 @@ func (b *bench) runPolicy(ctx context.Context, rep *report) error {
 		}
 	}
 	return b.closeNode(n)
+}
+
+// kernelConnects opens count TCP connections from src's namespace to a
+// listener in dst's, one after another, and returns the time each took to
+// open (the client's connect: its SYN out, the SYN-ACK back).
+func kernelConnects(ctx context.Context, src, dst kend, count int) ([]time.Duration, error) {
+	ln, err := node.ListenIn(dst.ns, netip.AddrPortFrom(dst.addr, 0))
+	if err != nil {
+		return nil, err
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer ln.Close()
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	})
+	to := netip.AddrPortFrom(dst.addr, uint16(ln.Addr().(*net.TCPAddr).Port)).String()
+	out := make([]time.Duration, 0, count)
+	err = src.ns.Do(func(ns.NetNS) error {
+		d := net.Dialer{Timeout: 5 * time.Second}
+		for i := range count {
+			start := time.Now()
+			c, err := d.DialContext(ctx, "tcp", to)
+			if err != nil {
+				return fmt.Errorf("connection %d from %s to %s: %w", i, src.name, to, err)
+			}
+			out = append(out, time.Since(start))
+			c.Close()
+		}
+		return nil
+	})
+	return out, err
 }

@@ -240,7 +240,7 @@ func (r *report) evaluateGoals() {
 			count = max(count, p.Policies)
 		}
 		for _, p := range r.Policy {
-			if p.Policies != count || count == 0 || p.Ratio <= 0 || p.Measure == "p99 µs" {
+			if p.Policies != count || count == 0 || p.Ratio <= 0 || p.Measure == "p99 µs" || p.Measure == connectP50 {
 				continue
 			}
 			measured = true
@@ -403,12 +403,15 @@ func fmtList(xs []float64, f string) string {
 // each policy count, with its ratio to 0 policies.
 func (r *report) policyMarkdown(b *strings.Builder) {
 	fmt.Fprintf(b, "## NetworkPolicy on the fast path (ratio to the same pair with no policy, same run)\n\n")
-	fmt.Fprintf(b, "The agent process reads the cluster (its pods, %d pods of other nodes, namespaces and %s NetworkPolicies) from the bench's list/watch server through its informers; the real compiler and enforcer. A tenth of the policies select the measured pods (a third of those restrict egress too), one lets them talk; the others select other pods. With 0 the agent has a snapshot without policy (a packet's headers are read and its pods looked up). Established connections' packets are tracker hits, whatever the count; the count weighs on a connection's first packet and on compiles. One stream; CPU is the agent's own per GiB.\n\n", remotePods, strings.ReplaceAll(strings.Trim(r.Config["policies"], "[]"), " ", "/"))
+	fmt.Fprintf(b, "The agent process reads the cluster (its pods, %d pods of other nodes, namespaces and %s NetworkPolicies) from the bench's list/watch server through its informers; the real compiler and enforcer. A tenth of the policies select the measured pods (a third of those restrict egress too), one lets them talk; the others select other pods. With 0 the agent has a snapshot without policy (a packet's headers are read and its pods looked up). Established connections' packets are tracker hits (on veth links, the host's), whatever the count; the count weighs on a connection's first packet (the connect measure: on veth links the host queues it to the agent) and on compiles. One stream; CPU is the agent's own per GiB.\n\n", remotePods, strings.ReplaceAll(strings.Trim(r.Config["policies"], "[]"), " ", "/"))
 	fmt.Fprintf(b, "| case | measure | policies | median | vs 0 | runs | agent CPU-s per GiB | vs 0 |\n|---|---|---:|---:|---:|---|---:|---:|\n")
 	for _, p := range r.Policy {
 		cpu, cpuRatio := "", ""
 		if len(p.AgentCPUPerGiB) > 0 {
 			cpu, cpuRatio = fmt.Sprintf("%.2f", p.MedianAgentCPUPerGiB), fmt.Sprintf("%.2fx", p.AgentCPURatio)
+			if p.AgentCPURatio <= 0 {
+				cpuRatio = "—" // the agent is not on the path (veth links)
+			}
 		}
 		fmt.Fprintf(b, "| %s | %s | %d | %.2f | %.2fx | %s | %s | %s |%s\n", p.Case, p.Measure, p.Policies, p.Median, p.Ratio,
 			fmtList(p.Values, "%.2f"), cpu, cpuRatio, errNote(p.Error))

@@ -6,6 +6,8 @@
 #   E2E=1 test/e2e/kind/run.sh        # and Kubernetes' [sig-network] [Conformance] tests
 #   KEEP=1 test/e2e/kind/run.sh       # leave the cluster and engine up, and
 #                                     # the lock held (CLEANUP=1 removes them)
+#   LINK_KIND=veth test/e2e/kind/run.sh  # kernel pods on veth links: the
+#                                     # manifest's conflist with that kind
 #
 # Before it takes the lock: hack/cri-deps.sh kind (docker.io, debootstrap,
 # kind, containerd v2, Kubernetes, etcd, CoreDNS, agnhost; e2e.test with
@@ -173,7 +175,14 @@ t=$(date +%s%N)
 kind_ load image-archive "$IMAGE_ARCHIVE" --name "$CLUSTER" >/dev/null || die "kind load image-archive"
 kind_ load image-archive "$REPO/bin/shm-cni-image-next.tar" --name "$CLUSTER" >/dev/null || die "kind load the next image"
 say "images loaded in $(since "$t") s"
-kubectl_ apply -f deploy/shm-cni.yaml >/dev/null || die "apply deploy/shm-cni.yaml"
+MANIFEST=deploy/shm-cni.yaml
+if [ -n "${LINK_KIND:-}" ]; then
+	MANIFEST=$ENGINE_STATE/shm-cni.yaml
+	sed 's/"kind": "tap"/"kind": "'"$LINK_KIND"'"/' deploy/shm-cni.yaml >"$MANIFEST"
+	grep -qF "\"kind\": \"$LINK_KIND\"" "$MANIFEST" || die "the manifest changed: no conflist kind to set (update run.sh)"
+	say "kernel pods on $LINK_KIND links (LINK_KIND)"
+fi
+kubectl_ apply -f "$MANIFEST" >/dev/null || die "apply $MANIFEST"
 kubectl_ -n shm-cni rollout status ds/shm-agent --timeout="$TIMEOUT" >/dev/null || die "the agent DaemonSet is not ready"
 kubectl_ wait --for=condition=Ready nodes --all --timeout="$TIMEOUT" >/dev/null || die "nodes not Ready"
 say "shm-cni ready, nodes Ready, $(since "$t") s after the load"
@@ -267,6 +276,8 @@ podips
 for p in a b c; do
 	n=$(kubectl_ -n "$NS" get pod "$p" -o jsonpath='{.spec.nodeName}')
 	check "pod $p address ${IP[$p]} in $n's pod CIDR" yes "$(awk -v ip="${IP[$p]}" -v net="${CIDR[$n]%.*/*}." 'BEGIN {print (index(ip, net) == 1) ? "yes" : "no"}')"
+	check "pod $p on a ${LINK_KIND:-tap} link, up" 1 \
+		"$(docker exec "$n" curl -fsS --max-time 5 http://127.0.0.1:9309/metrics | awk -v p="pod=\"$p\"" -v k="kind=\"${LINK_KIND:-tap}\"" '/^shm_cni_link_up\{/ && index($0, p) && index($0, k) {print $NF}')"
 done
 in_pod() { # in_pod POD CMD
 	local p=$1
