@@ -86,6 +86,10 @@ var (
 		"What the installed NetworkPolicy snapshot skipped (invalid selectors, CIDRs, addresses; /policy lists them).", nil, nil)
 	descHostRepairs = prometheus.NewDesc("shm_cni_host_repairs_total",
 		"The agent's rules on the host (forward-path accepts, masquerade table) that another program removed or moved and the agent put back.", nil, nil)
+	descPolicyQueued = prometheus.NewDesc("shm_cni_policy_queued_packets_total",
+		"Packets of veth links the host queued to the agent for NetworkPolicy (the first of each connection of an isolated pod), by verdict.", []string{"verdict"}, nil)
+	descPolicyRevoked = prometheus.NewDesc("shm_cni_policy_revoked_connections_total",
+		"Connections of veth links the host tracked that a new NetworkPolicy snapshot denied, deleted from the host's connection tracking.", nil, nil)
 )
 
 // metrics is the agent's Prometheus registry.
@@ -138,7 +142,7 @@ func (c *linkCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRxPackets, descRxBytes, descTxPackets, descTxBytes,
 		descDrops, descFiltered, descEndpointDrops, descViolations, descThrottled, descOneCopy, descTxWaits, descFast, descBandwidthDelayed, descBandwidthDrops, descLinkUp, descAttachments, descUnrouted,
 		descHairpinConns, descHairpinAdded, descHairpinRefused, descHairpinPackets, descHairpinDropped, descHostForwarding, descHostRepairs,
-		descPolicyDenied, descNetworkPolicyDenied, descPolicyRefused, descPolicyConns, descPolicyProblems} {
+		descPolicyQueued, descPolicyRevoked, descPolicyDenied, descNetworkPolicyDenied, descPolicyRefused, descPolicyConns, descPolicyProblems} {
 		ch <- d
 	}
 }
@@ -210,6 +214,11 @@ func (c *linkCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descHostForwarding, prometheus.GaugeValue, on, f.name)
 	}
 	ch <- prometheus.MustNewConstMetric(descHostRepairs, prometheus.CounterValue, float64(c.a.router.HostRepairs()))
+	if hp, ok := c.a.router.HostPolicyCounts(); ok {
+		ch <- prometheus.MustNewConstMetric(descPolicyQueued, prometheus.CounterValue, float64(hp.Queued-hp.Denied), "accept")
+		ch <- prometheus.MustNewConstMetric(descPolicyQueued, prometheus.CounterValue, float64(hp.Denied), "drop")
+		ch <- prometheus.MustNewConstMetric(descPolicyRevoked, prometheus.CounterValue, float64(hp.Revoked))
+	}
 	if snap := c.a.router.Policy(); snap != nil {
 		ch <- prometheus.MustNewConstMetric(descPolicyProblems, prometheus.GaugeValue, float64(len(snap.Problems())))
 	}

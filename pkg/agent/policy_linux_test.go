@@ -332,6 +332,12 @@ func TestVethPolicyCutsConnection(t *testing.T) {
 		map[string]string{"namespace": "default", "pod": "pod-pod-b", "direction": "ingress"}); v < 1 {
 		t.Errorf("pod b's denied ingress packets %v, want at least 1", v)
 	}
+	if v := metricValue(t, base, "shm_cni_policy_revoked_connections_total", nil); v < 1 {
+		t.Errorf("revoked connections %v, want at least 1", v)
+	}
+	if v := metricValue(t, base, "shm_cni_policy_queued_packets_total", map[string]string{"verdict": "drop"}); v < 1 {
+		t.Errorf("queued packets dropped %v, want at least 1 (the cut connection's)", v)
+	}
 	if err := pols.Delete(ctx, "deny-b", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}

@@ -104,6 +104,29 @@ type hostPolicy struct {
 // it, an agent that enforces policy refuses host links.
 func (r *Router) HostPolicy() bool { return r.hostPol.Load() != nil }
 
+// HostPolicyCounts are the counters of NetworkPolicy on host links.
+type HostPolicyCounts struct {
+	// Queued counts the packets the host queued to the router; Denied
+	// those of them it dropped.
+	Queued, Denied uint64
+	// Revoked counts the connections the host tracked that a new
+	// snapshot denied, deleted from its connection tracking.
+	Revoked uint64
+}
+
+// HostPolicyCounts returns the counters of NetworkPolicy on host links,
+// false where it is not enforced (HostPolicy).
+func (r *Router) HostPolicyCounts() (HostPolicyCounts, bool) {
+	h := r.hostPol.Load()
+	if h == nil {
+		return HostPolicyCounts{}, false
+	}
+	// Denied before queued: a packet is counted queued first, so that
+	// Queued-Denied never goes below zero.
+	d := h.denied.Load()
+	return HostPolicyCounts{Queued: h.queued.Load(), Denied: d, Revoked: h.revoked.Load()}, true
+}
+
 // startHostPolicyLocked opens the queues and installs the chains and sets,
 // or logs why it could not (host links then carry no policy: see
 // HostPolicy).
