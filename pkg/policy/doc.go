@@ -13,7 +13,11 @@
 //	ok = enf.FromUplink(ip)  // a packet from the host or beyond
 //
 // The router calls FromPod and FromUplink (package router); the agent
-// compiles and sets snapshots.
+// compiles and sets snapshots. For the pods the host's kernel forwards
+// (veth links), the host queues the router the first packet of each
+// connection it does not track, which FromHostLink judges without tracking
+// it (the kernel does), and the router revokes (Revoke) the connections
+// the kernel tracks that a new snapshot denies (Allows).
 //
 // # Model
 //
