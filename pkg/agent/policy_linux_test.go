@@ -95,14 +95,7 @@ func testKubeNetworkPolicy(t *testing.T, veth bool) {
 
 	pols := client.NetworkingV1().NetworkPolicies("default")
 	ctx := context.Background()
-	deny := &networkingv1.NetworkPolicy{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "deny-b"},
-		Spec: networkingv1.NetworkPolicySpec{
-			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "b"}},
-			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress},
-		},
-	}
-	if _, err := pols.Create(ctx, deny, metav1.CreateOptions{}); err != nil {
+	if _, err := pols.Create(ctx, denyB(), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	waitPolicies("default/deny-b")
@@ -165,6 +158,17 @@ func testKubeNetworkPolicy(t *testing.T, veth bool) {
 	waitPolicies()
 	if err := dial(); err != nil {
 		t.Errorf("a -> b once the policies are deleted: %v", err)
+	}
+}
+
+// denyB is the policy default/deny-b: pod b (app=b) takes nothing in.
+func denyB() *networkingv1.NetworkPolicy {
+	return &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "deny-b"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "b"}},
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress},
+		},
 	}
 }
 
@@ -297,14 +301,7 @@ func TestVethPolicyCutsConnection(t *testing.T) {
 	base := "http://" + r.MetricsAddr().String()
 	pols := client.NetworkingV1().NetworkPolicies("default")
 	ctx := context.Background()
-	deny := &networkingv1.NetworkPolicy{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "deny-b"},
-		Spec: networkingv1.NetworkPolicySpec{
-			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "b"}},
-			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress},
-		},
-	}
-	if _, err := pols.Create(ctx, deny, metav1.CreateOptions{}); err != nil {
+	if _, err := pols.Create(ctx, denyB(), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	waitIngressPolicies(t, base, "default", "pod-pod-b", "default/deny-b")

@@ -257,19 +257,30 @@ func (t *Tracker) insert(orig Tuple, flags uint8, owner *Owner, s *Snapshot) boo
 		c.gen, c.expires = s.gen, now+int64(t.timeout(c))
 		return true
 	}
-	t.sweepLocked(sh, now)
-	if owner.conns.Load() >= int64(t.cfg.PodShare) && !t.replaceLocked(sh, owner) {
+	c := &conn{orig: orig, owner: owner, gen: s.gen, closing: flags&(tcpFin|tcpRst) != 0}
+	if !t.addLocked(sh, k, c, now) {
 		owner.refused.Add(1)
+		return false
+	}
+	return true
+}
+
+// addLocked adds c, charged to c.owner, when there is room: expired
+// entries of sh swept first, one of the owner's unanswered connections
+// replaced when it is at its share. It sets c's expiry.
+//
+// +checklocks:sh.mu
+func (t *Tracker) addLocked(sh *shard, k connKey, c *conn, now int64) bool {
+	t.sweepLocked(sh, now)
+	if c.owner.conns.Load() >= int64(t.cfg.PodShare) && !t.replaceLocked(sh, c.owner) {
 		return false
 	}
 	if t.total.Load() >= int64(t.cfg.MaxConns) {
-		owner.refused.Add(1)
 		return false
 	}
-	c := &conn{orig: orig, owner: owner, gen: s.gen, closing: flags&(tcpFin|tcpRst) != 0}
 	c.expires = now + int64(t.timeout(c))
 	sh.m[k] = c
-	owner.conns.Add(1)
+	c.owner.conns.Add(1)
 	t.total.Add(1)
 	return true
 }
@@ -283,23 +294,14 @@ func (t *Tracker) revoke(orig Tuple, closing bool, owner *Owner, s *Snapshot) bo
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	now := t.now()
-	c := sh.m[k]
-	if c == nil {
-		t.sweepLocked(sh, now)
-		if (owner.conns.Load() >= int64(t.cfg.PodShare) && !t.replaceLocked(sh, owner)) ||
-			t.total.Load() >= int64(t.cfg.MaxConns) {
-			return false
-		}
-		// It was answered (the kernel tracked it): the timeout of an
-		// open connection of its protocol.
-		c = &conn{orig: orig, owner: owner, replied: true, closing: closing}
-		sh.m[k] = c
-		owner.conns.Add(1)
-		t.total.Add(1)
+	if c := sh.m[k]; c != nil {
+		c.denied, c.gen = true, s.gen
+		c.expires = now + int64(t.timeout(c))
+		return true
 	}
-	c.denied, c.gen = true, s.gen
-	c.expires = now + int64(t.timeout(c))
-	return true
+	// It was answered (the kernel tracked it): the timeout of an open
+	// connection of its protocol.
+	return t.addLocked(sh, k, &conn{orig: orig, owner: owner, gen: s.gen, replied: true, closing: closing, denied: true}, now)
 }
 
 // sweepLocked removes the expired among a few of sh's entries (Go's map

@@ -165,14 +165,23 @@ func kernelTransfers(ctx context.Context, src, dst kend, streams int, amt node.A
 
 // kernelRTT serves echo on dst with kernel sockets and measures from src.
 func kernelRTT(ctx context.Context, src, dst kend, count int) ([]time.Duration, error) {
-	ln, err := node.ListenIn(dst.ns, netip.AddrPortFrom(dst.addr, 0))
+	to, stop, err := serveIn(dst, func(c net.Conn) { io.Copy(c, c) })
 	if err != nil {
 		return nil, err
 	}
-	defer ln.Close()
+	defer stop()
+	return dialRTT(ctx, src, to, count)
+}
+
+// serveIn listens on dst's address (a port of the kernel's choice) in its
+// namespace and runs serve on each connection it accepts, closing it
+// after; stop closes the listener and waits for every serve.
+func serveIn(dst kend, serve func(net.Conn)) (_ netip.AddrPort, stop func(), _ error) {
+	ln, err := node.ListenIn(dst.ns, netip.AddrPortFrom(dst.addr, 0))
+	if err != nil {
+		return netip.AddrPort{}, nil, err
+	}
 	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer ln.Close()
 	wg.Go(func() {
 		for {
 			c, err := ln.Accept()
@@ -181,11 +190,15 @@ func kernelRTT(ctx context.Context, src, dst kend, count int) ([]time.Duration, 
 			}
 			wg.Go(func() {
 				defer c.Close()
-				io.Copy(c, c)
+				serve(c)
 			})
 		}
 	})
-	return dialRTT(ctx, src, netip.AddrPortFrom(dst.addr, uint16(ln.Addr().(*net.TCPAddr).Port)), count)
+	stop = func() {
+		ln.Close()
+		wg.Wait()
+	}
+	return netip.AddrPortFrom(dst.addr, uint16(ln.Addr().(*net.TCPAddr).Port)), stop, nil
 }
 
 // dialRTT connects from src's namespace to an echo server at to and

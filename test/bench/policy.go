@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -434,23 +433,12 @@ func (b *bench) runPolicy(ctx context.Context, rep *report) error {
 // listener in dst's, one after another, and returns the time each took to
 // open (the client's connect: its SYN out, the SYN-ACK back).
 func kernelConnects(ctx context.Context, src, dst kend, count int) ([]time.Duration, error) {
-	ln, err := node.ListenIn(dst.ns, netip.AddrPortFrom(dst.addr, 0))
+	addr, stop, err := serveIn(dst, func(net.Conn) {})
 	if err != nil {
 		return nil, err
 	}
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer ln.Close()
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	})
-	to := netip.AddrPortFrom(dst.addr, uint16(ln.Addr().(*net.TCPAddr).Port)).String()
+	defer stop()
+	to := addr.String()
 	out := make([]time.Duration, 0, count)
 	err = src.ns.Do(func(ns.NetNS) error {
 		d := net.Dialer{Timeout: 5 * time.Second}
