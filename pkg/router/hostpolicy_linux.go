@@ -95,6 +95,9 @@ type hostPolicy struct {
 	// (CONFIG_NFT_QUEUE); else xtables' NFQUEUE target does it.
 	// +checklocks:mu
 	native bool
+	// stopped: stop closed kick; a late setPolicy does nothing.
+	// +checklocks:mu
+	stopped bool
 	// Counters: packets queued, denied; connections revoked.
 	queued, denied, revoked atomic.Uint64
 }
@@ -204,7 +207,10 @@ func (h *hostPolicy) stop() {
 			q.Close()
 		}
 	}
+	h.mu.Lock()
+	h.stopped = true
 	close(h.kick)
+	h.mu.Unlock()
 	h.wg.Wait()
 }
 
@@ -421,8 +427,11 @@ func (h *hostPolicy) setPolicy(s *policy.Snapshot) {
 		want = s.IsolatedAddrs()
 	}
 	h.mu.Lock()
-	changed := !slices.Equal(h.addrs, want)
-	if changed {
+	defer h.mu.Unlock()
+	if h.stopped {
+		return // a SetPolicy that raced with the router's stop
+	}
+	if !slices.Equal(h.addrs, want) {
 		h.addrs = want
 		err := h.r.withNFT(func(c *nftables.Conn) error {
 			for i, set := range h.sets() {
@@ -437,7 +446,6 @@ func (h *hostPolicy) setPolicy(s *policy.Snapshot) {
 			h.r.log.Error("NetworkPolicy on veth links: the isolated addresses' sets not updated", "err", err)
 		}
 	}
-	h.mu.Unlock()
 	if len(want) == 0 {
 		return // nothing isolated: the snapshot denies nothing
 	}

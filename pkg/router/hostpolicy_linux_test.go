@@ -113,3 +113,25 @@ func TestHostPolicyTable(t *testing.T) {
 		t.Errorf("chains after Close = %v, want none", got)
 	}
 }
+
+// TestHostPolicySetAfterStop: a snapshot that reaches the host policy after
+// the router stopped it (SetPolicy racing with Close) is ignored, where it
+// would have sent on the walker's closed channel.
+func TestHostPolicySetAfterStop(t *testing.T) {
+	testutil.RequireRoot(t)
+	host := testutil.NewNS(t)
+	r := newHostRouter(t, host, dualStackConfig(true))
+	h := r.hostPol.Load()
+	if h == nil {
+		t.Fatal("no host policy after Start")
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	h.setPolicy(policy.Compile(policyInput(denyIngress), nil))
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(h.addrs) != 0 {
+		t.Errorf("addresses %v taken after stop", h.addrs)
+	}
+}
