@@ -247,30 +247,38 @@ func (t *Tracker) removeLocked(sh *shard, k connKey, c *conn) {
 // share and has no unanswered connection in the shard to replace, or the
 // table is full of live connections.
 func (t *Tracker) insert(orig Tuple, flags uint8, owner *Owner, s *Snapshot) bool {
-	k := canonical(orig)
-	sh := &t.shards[k.shard()]
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	now := t.now()
-	if c := sh.m[k]; c != nil {
-		// Raced with another packet of the flow: take it over.
-		c.gen, c.expires = s.gen, now+int64(t.timeout(c))
-		return true
-	}
-	c := &conn{orig: orig, owner: owner, gen: s.gen, closing: flags&(tcpFin|tcpRst) != 0}
-	if !t.addLocked(sh, k, c, now) {
+	if !t.put(&conn{orig: orig, owner: owner, gen: s.gen, closing: flags&(tcpFin|tcpRst) != 0}) {
 		owner.refused.Add(1)
 		return false
 	}
 	return true
 }
 
-// addLocked adds c, charged to c.owner, when there is room: expired
-// entries of sh swept first, one of the owner's unanswered connections
-// replaced when it is at its share. It sets c's expiry.
-//
-// +checklocks:sh.mu
-func (t *Tracker) addLocked(sh *shard, k connKey, c *conn, now int64) bool {
+// revoke tracks the connection orig opened (closing: a TCP connection
+// closing) as denied under s, charged to owner (see Enforcer.Revoke); a
+// tracked one is marked so. It reports false when there is no room for it.
+func (t *Tracker) revoke(orig Tuple, closing bool, owner *Owner, s *Snapshot) bool {
+	// It was answered (the kernel tracked it): the timeout of an open
+	// connection of its protocol.
+	return t.put(&conn{orig: orig, owner: owner, gen: s.gen, replied: true, closing: closing, denied: true})
+}
+
+// put tracks c, charged to c.owner, when there is room: expired entries of
+// its shard swept first, one of the owner's unanswered connections
+// replaced when it is at its share. A connection tracked already (another
+// packet of it raced, or the router tracks what the kernel tracked too)
+// takes c's generation and verdict instead.
+func (t *Tracker) put(c *conn) bool {
+	k := canonical(c.orig)
+	sh := &t.shards[k.shard()]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	now := t.now()
+	if old := sh.m[k]; old != nil {
+		old.gen, old.denied = c.gen, c.denied
+		old.expires = now + int64(t.timeout(old))
+		return true
+	}
 	t.sweepLocked(sh, now)
 	if c.owner.conns.Load() >= int64(t.cfg.PodShare) && !t.replaceLocked(sh, c.owner) {
 		return false
@@ -283,25 +291,6 @@ func (t *Tracker) addLocked(sh *shard, k connKey, c *conn, now int64) bool {
 	c.owner.conns.Add(1)
 	t.total.Add(1)
 	return true
-}
-
-// revoke tracks the connection orig opened (closing: a TCP connection
-// closing) as denied under s, charged to owner (see Enforcer.Revoke); a
-// tracked one is marked so. It reports false when there is no room for it.
-func (t *Tracker) revoke(orig Tuple, closing bool, owner *Owner, s *Snapshot) bool {
-	k := canonical(orig)
-	sh := &t.shards[k.shard()]
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	now := t.now()
-	if c := sh.m[k]; c != nil {
-		c.denied, c.gen = true, s.gen
-		c.expires = now + int64(t.timeout(c))
-		return true
-	}
-	// It was answered (the kernel tracked it): the timeout of an open
-	// connection of its protocol.
-	return t.addLocked(sh, k, &conn{orig: orig, owner: owner, gen: s.gen, replied: true, closing: closing, denied: true}, now)
 }
 
 // sweepLocked removes the expired among a few of sh's entries (Go's map
