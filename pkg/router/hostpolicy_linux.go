@@ -10,6 +10,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	nfqueue "github.com/florianl/go-nfqueue/v2"
 	"github.com/google/nftables"
@@ -195,7 +196,7 @@ func (r *Router) newHostPolicy() (_ *hostPolicy, err error) {
 		return nil, err
 	}
 	h.wg.Add(1)
-	go h.walker()
+	go h.walker(ctx)
 	return h, nil
 }
 
@@ -455,16 +456,27 @@ func (h *hostPolicy) setPolicy(s *policy.Snapshot) {
 	}
 }
 
+// walkGap is the least time between two walks' starts: a busy cluster's
+// snapshots come every debounce interval, and a walk reads the host's whole
+// connection tracking table; the snapshots between two walks make one.
+const walkGap = time.Second
+
 // walker walks the host's connection tracking table when kicked.
-func (h *hostPolicy) walker() {
+func (h *hostPolicy) walker(ctx context.Context) {
 	defer h.wg.Done()
 	for range h.kick {
+		next := time.After(walkGap)
 		n, err := h.walk()
 		if err != nil {
 			h.r.log.Error("NetworkPolicy on veth links: connection tracking table not checked against the new policy", "err", err)
 		}
 		if n > 0 {
 			h.r.log.Info("NetworkPolicy on veth links: connections the new policy denies cut", "connections", n)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-next:
 		}
 	}
 }
