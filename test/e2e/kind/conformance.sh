@@ -15,7 +15,10 @@ SKIP=${SKIP:-'\[Serial\]|\[Disruptive\]'}
 [ -n "${KUBECONFIG:-}" ] || { echo "conformance.sh: KUBECONFIG is not set" >&2; exit 2; }
 [ -x "$E2E_BIN" ] || { echo "conformance.sh: no $E2E_BIN: run hack/cri-deps.sh e2e" >&2; exit 2; }
 rm -rf "$OUT"
-mkdir -p "$OUT"
+mkdir -p "$OUT/tmp"
+# e2e.test's temporary files (kubectl's test-kuberc* directories, which
+# it leaves behind) go under the run's output, not the machine's /tmp.
+export TMPDIR=$PWD/$OUT/tmp
 echo "== e2e.test --ginkgo.focus='$FOCUS' --ginkgo.skip='$SKIP'"
 t0=$(date +%s)
 rc=0
