@@ -88,14 +88,10 @@ type hostPolicy struct {
 	// kick asks the walker for a walk; closed to stop it.
 	kick chan struct{}
 	wg   sync.WaitGroup
-	// mu guards addrs, the sets' elements, and native.
+	// mu guards addrs, the sets' elements, and stopped.
 	mu sync.Mutex
 	// +checklocks:mu
 	addrs []netip.Addr
-	// native: the kernel took nftables' own queue statement
-	// (CONFIG_NFT_QUEUE); else xtables' NFQUEUE target does it.
-	// +checklocks:mu
-	native bool
 	// stopped: stop closed kick; a late setPolicy does nothing.
 	// +checklocks:mu
 	stopped bool
@@ -243,13 +239,13 @@ func (h *hostPolicy) install(c *nftables.Conn) error {
 	defer h.mu.Unlock()
 	err := h.installWith(c, true)
 	if err == nil {
-		h.native = true
+		h.r.log.Debug("NetworkPolicy on veth links: packets queued with nftables' queue statement")
 		return nil
 	}
 	if err2 := h.installWith(c, false); err2 != nil {
 		return fmt.Errorf("add the policy chains to inet %s: %w (with nftables' queue: %v)", masqTableName, err2, err)
 	}
-	h.native = false
+	h.r.log.Debug("NetworkPolicy on veth links: packets queued with xtables' NFQUEUE target (no nftables queue statement here)", "err", err)
 	return nil
 }
 
