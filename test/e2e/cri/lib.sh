@@ -373,7 +373,7 @@ write_conflist() {
     "type": "shm-cni",
     "kind": "tap",
     "mtu": 1500,
-    "capabilities": {"bandwidth": true},
+    "capabilities": {"io.kubernetes.cri.pod-annotations": true, "bandwidth": true},
     "agentSocket": "$S/agent.sock",
     "logFile": "$S/logs/shm-cni.log",
     "logLevel": "debug"
@@ -429,13 +429,14 @@ EOF
 # IPv6 address (dual-stack nodes).
 declare -A POD CTR IP IP6
 
-# run_server_pod NAME [HANDLER]: a pod with the server container; sets
-# POD[NAME], CTR[NAME], IP[NAME] and IP6[NAME] (as CRI reports them).
+# run_server_pod NAME [HANDLER [ANNOTATIONS]]: a pod with the server
+# container (ANNOTATIONS a JSON object, as pod_json's); sets POD[NAME],
+# CTR[NAME], IP[NAME] and IP6[NAME] (as CRI reports them).
 # shellcheck disable=SC2034 # the tier scripts read them
 run_server_pod() {
 	local name=$1 handler=${2:-} rt=() p c ip
 	[ -n "$handler" ] && rt=(--runtime "$handler")
-	pod_json "$name"
+	pod_json "$name" "${3:-}"
 	ctr_json "$name"
 	p=$(crictl_ runp "${rt[@]}" "$S/pods/$name.json" 2>>"$S/logs/crictl.log") || die "run pod $name: $(tail -3 "$S/logs/shm-cni.log")"
 	c=$(crictl_ create "$p" "$S/pods/$name-ctr.json" "$S/pods/$name.json" 2>>"$S/logs/crictl.log") || die "create the container of $name"
@@ -761,6 +762,7 @@ check_nothing_left() {
 	check "agent: no attachment record left (state)" 0 "$(attachment_records)"
 	check "agent: no IPAM allocation left (state)" 0 "$(ipam_allocations)"
 	check "agent: TAP/TUN fds back to those it started with (the uplink's)" "$AGENT_TUN_FDS" "$(tun_fds "$AGENT")"
+	check "host: no veth link's host side (shmv*) left" "" "$(ip -o link show | awk -F': ' '$2 ~ /^shmv/ {print $2}')"
 	check "agent: fds back to the baseline" "$BASE_FDS" "$LAST_FDS"
 }
 

@@ -12,10 +12,15 @@
 #   - a pod's bandwidth annotations reach the agent as its link's limit;
 #   - pod -> an "outside" namespace beyond the host: the outside sees the
 #     host's address (masquerade), and it has no route to the pods;
-#   - 50 pods created (5 at a time) all answer the host's ping, then
-#     removed: no pod, netns mount, agent attachment (/attachments and
-#     state), IPAM allocation, libcni cache entry or TAP fd is left, and the
-#     agent's fds and goroutines are back to their baseline.
+#   - a pod annotated shm-cni.io/kind=veth (containerd passes the pod's
+#     annotations, the conflist declares the capability) on a veth link:
+#     TCP with a TAP pod both ways, with the host both ways, to the outside
+#     masqueraded, the host's kernel forwarding;
+#   - 50 pods created (5 at a time, every other one on a veth link) all
+#     answer the host's ping, then removed: no pod, netns mount, agent
+#     attachment (/attachments and state), IPAM allocation, libcni cache
+#     entry, TAP fd or veth link is left, and the agent's fds and goroutines
+#     are back to their baseline.
 # Exits non-zero on any failure. Needs root; installs what it needs
 # (hack/cri-deps.sh). Everything it starts it stops (see lib.sh).
 set -euo pipefail
@@ -73,9 +78,26 @@ check "outside: no route to the pods" "" "$(ip -n "$OUTSIDE_NS" -4 route show to
 check "pod a -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[a]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
 check "pod b -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[b]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
 
+# A kernel pod on a veth link, by its annotation: the host's kernel forwards
+# its packets, to the TAP pods through the agent's uplink.
+say "pod v, annotated shm-cni.io/kind=veth"
+run_server_pod v "" '{"shm-cni.io/kind": "veth"}'
+wait_serving "${CTR[v]}"
+check "pod v: eth0's peer is a veth link's host side (shmv*)" shmv \
+	"$(ip -o link show | awk -F': ' -v i="$(in_pod "${CTR[v]}" 'cat /sys/class/net/eth0/iflink')" '$1 == i {print substr($2, 1, 4)}')"
+check "pod v: eth0 carries the CRI address" "${IP[v]}/32" "$(in_pod "${CTR[v]}" "ip -4 -o addr show dev eth0 | awk '{print \$4}'")"
+check "agent: pod v's link is a veth link, up" 1 "$(http_get "$METRICS_ADDR" /metrics | awk '/^shm_cni_link_up\{/ && /pod="v"/ && /kind="veth"/ {print $NF}')"
+check "host: a route to pod v through its link's host side" shmv "$(ip -4 route show "${IP[v]}" | awk '{print substr($3, 1, 4)}')"
+check "pod a -> pod v TCP, v sees a's address" "${IP[a]}" "$(in_pod "${CTR[a]}" "$(peer_cmd "${IP[v]}" 8080)")"
+check "pod v -> pod a TCP, a sees v's address" "${IP[v]}" "$(in_pod "${CTR[v]}" "$(peer_cmd "${IP[a]}" 8080)")"
+check "pod v <- pod b 4 MiB, MD5" "$(in_pod "${CTR[b]}" 'cat /www/blob.md5')" "$(in_pod "${CTR[v]}" "$(blob_cmd "${IP[b]}")")"
+check "host -> pod v TCP, v sees the host's address" "$GATEWAY" "$(/bin/busybox sh -c "$(peer_cmd "${IP[v]}" 8080)")"
+check "pod v -> host TCP, the host sees v's address" "${IP[v]}" "$(in_pod "${CTR[v]}" "$(peer_cmd "$GATEWAY" "$HOST_PORT")")"
+check "pod v -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[v]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
+
 # What the churn below does to the agent (ICMP too) happens once before
 # the baseline is read, so lazily started work is part of it.
-check "host -> pods a, b: ping answered" "" "$(for ip in "${IP[a]}" "${IP[b]}"; do /bin/busybox ping -c 1 -W 5 "$ip" >/dev/null 2>&1 || echo "$ip"; done)"
+check "host -> pods a, b, v: ping answered" "" "$(for ip in "${IP[a]}" "${IP[b]}" "${IP[v]}"; do /bin/busybox ping -c 1 -W 5 "$ip" >/dev/null 2>&1 || echo "$ip"; done)"
 
 # Per-pod bandwidth from the pod's annotations: containerd reads them and
 # passes the CNI bandwidth capability (the conflist declares it), with its
@@ -87,12 +109,14 @@ check "agent: pod bw's link limited as annotated (bits per second, containerd's 
 	'"bandwidth":{"ingressRate":10000000,"ingressBurst":4294967295,"egressRate":20000000,"egressBurst":4294967295}' \
 	"$(http_get "$METRICS_ADDR" /attachments | tr -d ' \n' | grep -o '"bandwidth":{[^}]*}' || true)"
 
-say "remove the three pods"
-agent_baseline "the three pods"
+say "remove the four pods"
+agent_baseline "the four pods"
 
-say "$CHURN pods, $CHURN_PARALLEL at a time"
+say "$CHURN pods, $CHURN_PARALLEL at a time, every other one on a veth link"
 churn_create() {
-	pod_json "churn-$1"
+	local ann=
+	[ $(($1 % 2)) -eq 0 ] && ann='{"shm-cni.io/kind": "veth"}'
+	pod_json "churn-$1" "$ann"
 	crictl_ runp "$S/pods/churn-$1.json" >"$S/pods/churn-$1.id" 2>>"$S/logs/churn.log" || true
 }
 t=$(date +%s%N)
@@ -106,6 +130,7 @@ check "CRI: pods running" "$CHURN" "$(crictl_ pods -q --state ready | wc -l)"
 check "agent: attachments" "$CHURN" "$(attachments_count)"
 http_get "$METRICS_ADDR" /attachments | grep -A1 '"addrs"' | grep -oE '"[0-9.]+"' | tr -d '"' | sort -u >"$S/churn-ips"
 check "agent: distinct pod addresses" "$CHURN" "$(wc -l <"$S/churn-ips")"
+check "agent: veth links among them" $((CHURN / 2)) "$(http_get "$METRICS_ADDR" /metrics | awk '/^shm_cni_link_up\{/ && /kind="veth"/ && $NF == 1' | wc -l)"
 : >"$S/ping-failed"
 while read -r ip; do
 	{ /bin/busybox ping -c 1 -W 5 "$ip" >/dev/null 2>&1 || echo "$ip" >>"$S/ping-failed"; } &

@@ -39,8 +39,9 @@
 #   - ClusterIP Services through kube-proxy: a runc pod and the gvisor pod
 #     reach one backed by a runc pod (4 MiB transfers, MD5), a runc pod one
 #     backed by the gvisor pod;
-#   - a runc pod on a veth link (annotation shm-cni.io/kind: veth) talking
-#     to a pod on a TAP link, the host, the outside and a Service;
+#   - runc pods on TAP links (annotation shm-cni.io/kind: tap) and one on a
+#     veth link (the manifest's default kind) talking to each other, the
+#     host, the outside and a Service;
 #   - NetworkPolicy, enforced by the agent from this API server: a
 #     default-deny ingress policy on a runc pod on a TAP link and one on a
 #     veth link stops the other pods' connections to them (the agent's
@@ -294,10 +295,12 @@ say "node pod CIDR $NODE_CIDR, uplink $UPLINK $GATEWAY"
 # --- pods --------------------------------------------------------------------
 say "pods"
 {
-	# web3 asks for a veth link (the host's kernel forwards its packets).
+	# web1 and web2 ask for TAP links (the agent forwards their packets);
+	# web3 takes the manifest's default, a veth link (the host's kernel
+	# forwards its packets).
 	for p in web1 web2 web3; do
-		ann=
-		[ "$p" = web3 ] && ann=", annotations: {shm-cni.io/kind: veth}"
+		ann=", annotations: {shm-cni.io/kind: tap}"
+		[ "$p" = web3 ] && ann=
 		cat <<EOF
 ---
 apiVersion: v1
@@ -359,7 +362,8 @@ start_host_server host "" "$GATEWAY" "$HOST_PORT"
 check "web1 -> host TCP, the host sees web1" "${IP[web1]}" "$(in_pod "${CTR[web1]}" "$(peer_cmd "$GATEWAY" "$HOST_PORT")")"
 start_host_server outside "$OUTSIDE_NS" "$OUTSIDE_PEER" 8080
 check "web1 -> outside TCP, masqueraded to the host's address" "$OUTSIDE_HOST" "$(in_pod "${CTR[web1]}" "$(peer_cmd "$OUTSIDE_PEER" 8080)")"
-check "agent: pod web3 is on a veth link, up" 1 "$(http_get 127.0.0.1:9309 /metrics | awk '/^shm_cni_link_up\{/ && /pod="web3"/ && /kind="veth"/ {print $NF}')"
+check "agent: pods web1, web2 are on TAP links, up" "1 1" "$(for p in web1 web2; do http_get 127.0.0.1:9309 /metrics | awk -v p="pod=\"$p\"" '/^shm_cni_link_up\{/ && index($0, p) && /kind="tap"/ {print $NF}'; done | xargs)"
+check "agent: pod web3 (the manifest's default kind) is on a veth link, up" 1 "$(http_get 127.0.0.1:9309 /metrics | awk '/^shm_cni_link_up\{/ && /pod="web3"/ && /kind="veth"/ {print $NF}')"
 check "web1 -> web3 (veth) TCP, web3 sees web1" "${IP[web1]}" "$(in_pod "${CTR[web1]}" "$(peer_cmd "${IP[web3]}" 8080)")"
 check "web3 -> web1 TCP, web1 sees web3" "${IP[web3]}" "$(in_pod "${CTR[web3]}" "$(peer_cmd "${IP[web1]}" 8080)")"
 check "host -> web3 TCP, web3 sees the host's uplink address" "$GATEWAY" "$(/bin/busybox sh -c "$(peer_cmd "${IP[web3]}" 8080)")"

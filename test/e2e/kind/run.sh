@@ -6,8 +6,9 @@
 #   E2E=1 test/e2e/kind/run.sh        # and Kubernetes' [sig-network] [Conformance] tests
 #   KEEP=1 test/e2e/kind/run.sh       # leave the cluster and engine up, and
 #                                     # the lock held (CLEANUP=1 removes them)
-#   LINK_KIND=veth test/e2e/kind/run.sh  # kernel pods on veth links: the
-#                                     # manifest's conflist with that kind
+#   LINK_KIND=tap test/e2e/kind/run.sh   # kernel pods on tap links (through
+#                                     # the agent): the manifest's conflist
+#                                     # with that kind (veth, its default)
 #
 # Before it takes the lock: hack/cri-deps.sh kind (docker.io, debootstrap,
 # kind, containerd v2, Kubernetes, etcd, CoreDNS, agnhost; e2e.test with
@@ -178,7 +179,7 @@ say "images loaded in $(since "$t") s"
 MANIFEST=deploy/shm-cni.yaml
 if [ -n "${LINK_KIND:-}" ]; then
 	MANIFEST=$ENGINE_STATE/shm-cni.yaml
-	sed 's/"kind": "tap"/"kind": "'"$LINK_KIND"'"/' deploy/shm-cni.yaml >"$MANIFEST"
+	sed 's/"kind": "veth"/"kind": "'"$LINK_KIND"'"/' deploy/shm-cni.yaml >"$MANIFEST"
 	grep -qF "\"kind\": \"$LINK_KIND\"" "$MANIFEST" || die "the manifest changed: no conflist kind to set (update run.sh)"
 	say "kernel pods on $LINK_KIND links (LINK_KIND)"
 fi
@@ -276,8 +277,8 @@ podips
 for p in a b c; do
 	n=$(kubectl_ -n "$NS" get pod "$p" -o jsonpath='{.spec.nodeName}')
 	check "pod $p address ${IP[$p]} in $n's pod CIDR" yes "$(awk -v ip="${IP[$p]}" -v net="${CIDR[$n]%.*/*}." 'BEGIN {print (index(ip, net) == 1) ? "yes" : "no"}')"
-	check "pod $p on a ${LINK_KIND:-tap} link, up" 1 \
-		"$(docker exec "$n" curl -fsS --max-time 5 http://127.0.0.1:9309/metrics | awk -v p="pod=\"$p\"" -v k="kind=\"${LINK_KIND:-tap}\"" '/^shm_cni_link_up\{/ && index($0, p) && index($0, k) {print $NF}')"
+	check "pod $p on a ${LINK_KIND:-veth} link, up" 1 \
+		"$(docker exec "$n" curl -fsS --max-time 5 http://127.0.0.1:9309/metrics | awk -v p="pod=\"$p\"" -v k="kind=\"${LINK_KIND:-veth}\"" '/^shm_cni_link_up\{/ && index($0, p) && index($0, k) {print $NF}')"
 done
 in_pod() { # in_pod POD CMD
 	local p=$1

@@ -1,7 +1,8 @@
 // Command nodebox is shm-cni's node in a box: on one machine, without
 // touching its network, it builds a node (a host network namespace running
-// the real shm-agent, the real shm-cni binary run through libcni), two
-// kernel-stack pods and two sandbox pods, and a namespace outside the node;
+// the real shm-agent, the real shm-cni binary run through libcni), three
+// kernel-stack pods (two on veth links, the default kind, one on a TAP
+// link) and two sandbox pods, and a namespace outside the node;
 // it prints the connectivity matrix (a verified TCP transfer for every
 // source and destination, IPv4 and IPv6) and one throughput figure per
 // pair kind, then removes everything, also on Ctrl-C. Run it as root from
@@ -91,7 +92,7 @@ func demo(ctx context.Context, log *slog.Logger, size, matrixSize int64) (err er
 
 	var pods []*node.Pod
 	for _, p := range []struct{ name, kind string }{
-		{"k1", node.KindTap}, {"k2", node.KindTap}, {"s1", node.KindShm}, {"s2", node.KindShm},
+		{"k1", node.KindVeth}, {"k2", node.KindVeth}, {"t1", node.KindTap}, {"s1", node.KindShm}, {"s2", node.KindShm},
 	} {
 		pod, err := n.AddPod(ctx, p.name, p.kind)
 		if err != nil {
@@ -100,12 +101,13 @@ func demo(ctx context.Context, log *slog.Logger, size, matrixSize int64) (err er
 		pods = append(pods, pod)
 		step("pod %s (%s): %s %s", pod.Name, kindName(pod.Kind), pod.Addr4, pod.Addr6)
 	}
-	k1, k2, s1, s2 := n.PodPeer(pods[0]), n.PodPeer(pods[1]), n.PodPeer(pods[2]), n.PodPeer(pods[3])
+	k1, k2, t1 := n.PodPeer(pods[0]), n.PodPeer(pods[1]), n.PodPeer(pods[2])
+	s1, s2 := n.PodPeer(pods[3]), n.PodPeer(pods[4])
 	host, outside := n.HostPeer(), n.OutsidePeer()
 
 	step("connectivity: a verified %d MiB TCP transfer per cell, IPv4/IPv6; receivers check every byte and the source address", matrixSize>>20)
-	srcs := []*node.Peer{k1, k2, s1, s2, host}
-	dsts := []*node.Peer{k1, k2, s1, s2, host, outside}
+	srcs := []*node.Peer{k1, k2, t1, s1, s2, host}
+	dsts := []*node.Peer{k1, k2, t1, s1, s2, host, outside}
 	checks := n.Matrix(ctx, srcs, dsts, matrixSize)
 	if ctx.Err() != nil {
 		return ctx.Err()
@@ -127,12 +129,15 @@ func demo(ctx context.Context, log *slog.Logger, size, matrixSize int64) (err er
 		src, dst *node.Peer
 	}{
 		{"kernel pod  -> kernel pod", k1, k2},
+		{"tap pod     -> kernel pod", t1, k2},
 		{"sandbox     -> sandbox", s1, s2},
 		{"kernel pod  -> sandbox", k1, s2},
 		{"sandbox     -> kernel pod", s1, k2},
 		{"host        -> kernel pod", host, k1},
+		{"host        -> tap pod", host, t1},
 		{"host        -> sandbox", host, s1},
 		{"kernel pod  -> outside", k2, outside},
+		{"tap pod     -> outside", t1, outside},
 		{"sandbox     -> outside", s2, outside},
 	} {
 		tr, err := n.Transfer(ctx, p.src, p.dst, false, size)
@@ -158,5 +163,5 @@ func kindName(kind string) string {
 	if kind == node.KindShm {
 		return "sandbox, shm"
 	}
-	return "kernel stack, tap"
+	return "kernel stack, " + kind
 }
