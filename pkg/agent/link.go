@@ -20,8 +20,10 @@ type podLink interface {
 	stop()
 	// release gives back what the link holds on the node beyond the
 	// agent's life, once the attachment goes (DEL, GC; not when the agent
-	// stops): a veth link's host side. It runs after stop, with the opMu
-	// held, and may run again (a retried DEL).
+	// stops): a veth link's host side. It runs after stop, with or
+	// without the opMu (a DEL's runs without: it may wait for the
+	// kernel), and may run again or concurrently with itself (a retried
+	// DEL, GC).
 	release()
 	// check says why the link cannot carry the pod's traffic any more (its
 	// TAP device went away), or nil.

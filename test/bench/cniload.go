@@ -21,8 +21,8 @@ type cniOps struct {
 }
 
 // runCNI measures ADD and DEL latency of cniPods pods added at once, then
-// deleted at once, through libcni: shm-cni (tap pods) against ptp and
-// bridge.
+// deleted at once, through libcni: shm-cni (veth pods, the manifest's
+// kind, and tap pods) against ptp and bridge.
 func (b *bench) runCNI(ctx context.Context, rep *report) error {
 	b.log.Info("CNI latency", "pods", b.cfg.cniPods)
 	n, err := b.newNode(ctx, node.Options{PodCIDRs: idleCIDRs})
@@ -52,17 +52,17 @@ func (b *bench) runCNI(ctx context.Context, rep *report) error {
 			add: func(ctx context.Context, id string, x ns.NetNS) error { _, err := r.add(ctx, id, x); return err },
 			del: r.del}
 	}
-	cases := []cniOps{
-		{name: "shm-cni (tap)",
+	ours := func(kind string) cniOps {
+		return cniOps{name: "shm-cni (" + kind + ")",
 			add: func(ctx context.Context, id string, x ns.NetNS) error {
-				_, err := n.CNIAdd(ctx, shm, l, node.RuntimeConf(id, id, x.Path(), node.KindTap))
+				_, err := n.CNIAdd(ctx, shm, l, node.RuntimeConf(id, id, x.Path(), kind))
 				return err
 			},
 			del: func(ctx context.Context, id string, x ns.NetNS) error {
-				return n.CNIDel(ctx, shm, l, node.RuntimeConf(id, id, x.Path(), node.KindTap))
-			}},
-		ref(ptp), ref(br),
+				return n.CNIDel(ctx, shm, l, node.RuntimeConf(id, id, x.Path(), kind))
+			}}
 	}
+	cases := []cniOps{ours(node.KindVeth), ours(node.KindTap), ref(ptp), ref(br)}
 	rows := make([]cniRow, len(cases))
 	for i, c := range cases {
 		rows[i].Plugin, rows[i].Reference = c.name, c.ref

@@ -253,17 +253,21 @@ func (r *report) evaluateGoals() {
 		add(fmt.Sprintf("fast path with %d NetworkPolicies (throughput, 64 B RTT p50)", count), "≤ 1.10x the cost without policy", measured, worst,
 			fmt.Sprintf("%.2fx", worst), worst <= 1.10)
 	}
+	// The slowest of shm-cni's kinds holds the goal.
 	var shm *cniRow
 	for i := range r.CNI {
-		if strings.HasPrefix(r.CNI[i].Plugin, "shm-cni") && r.CNI[i].AddP99Ratio > 0 {
+		if strings.HasPrefix(r.CNI[i].Plugin, "shm-cni") && r.CNI[i].AddP99Ratio > 0 &&
+			(shm == nil || r.CNI[i].AddP99Ratio > shm.AddP99Ratio) {
 			shm = &r.CNI[i]
 		}
 	}
 	var cr float64
+	got := ""
 	if shm != nil {
 		cr = shm.AddP99Ratio
+		got = fmt.Sprintf("%.2fx, %s", cr, strings.TrimPrefix(shm.Plugin, "shm-cni "))
 	}
-	add("CNI ADD p99", "≤ 0.5x bridge", shm != nil, cr, fmt.Sprintf("%.2fx", cr), cr <= 0.5)
+	add("CNI ADD p99 (the slowest kind)", "≤ 0.5x bridge", shm != nil, cr, got, cr <= 0.5)
 	if len(r.Idle) > 0 {
 		last := r.Idle[len(r.Idle)-1]
 		add(fmt.Sprintf("idle agent CPU (%d pods)", last.Pods), "≤ 1% of a core", true, last.MedianCPU, fmt.Sprintf("%.2f%%", last.MedianCPU), last.MedianCPU <= 1)

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -26,13 +27,15 @@ const (
 )
 
 // TestChurn adds and deletes pods in waves of 100 concurrent ADDs then 100
-// concurrent DELs, half of each kind, while two long-lived kernel pods keep
-// one TCP connection busy and a long-lived sandbox takes transfers. Every
-// wave's pods carry traffic. It checks that no address is ever held twice,
-// that every ADD and DEL succeeds, and that afterwards the agent holds what
-// it held before the churn: the same attachments, allocations and sandbox
-// sockets, no more fds, memfd mappings or goroutines, and its heap is back
-// near its baseline.
+// concurrent DELs, a third of each kind (tap, shm, veth), while two
+// long-lived kernel pods keep one TCP connection busy and a long-lived
+// sandbox takes transfers. Every wave's pods carry traffic. It checks that
+// no address is ever held twice, that every ADD and DEL succeeds, and that
+// afterwards the agent holds what it held before the churn: the same
+// attachments, allocations and sandbox sockets, no more fds, memfd mappings
+// or goroutines, and its heap is back near its baseline; and the host no
+// veth link's host side (the agent deletes them without its operation
+// lock, concurrently).
 func TestChurn(t *testing.T) {
 	total := churnPods
 	if raceAgent() {
@@ -87,10 +90,7 @@ func TestChurn(t *testing.T) {
 		took := make([]time.Duration, size)
 		var wg sync.WaitGroup
 		for i := range size {
-			kind := node.KindTap
-			if i%2 == 1 {
-				kind = node.KindShm
-			}
+			kind := []string{node.KindTap, node.KindShm, node.KindVeth}[i%3]
 			wg.Go(func() {
 				t0 := time.Now()
 				pods[i], errs[i] = n.AddPod(ctx, fmt.Sprintf("w%d-%d", w, i), kind)
@@ -112,7 +112,7 @@ func TestChurn(t *testing.T) {
 		}
 		// Traffic on the live ones: the first and last of each kind,
 		// and the long-lived sandbox.
-		for _, tr := range [][2]*node.Pod{{pods[0], pods[size-1]}, {pods[size-1], s1}, {k2, pods[min(1, size-1)]}} {
+		for _, tr := range [][2]*node.Pod{{pods[0], pods[size-1]}, {pods[size-1], s1}, {k2, pods[min(1, size-1)]}, {pods[min(2, size-1)], pods[0]}} {
 			if _, err := n.Transfer(ctx, n.PodPeer(tr[0]), n.PodPeer(tr[1]), w%2 == 1, 1<<20); err != nil {
 				t.Errorf("wave %d: %v", w, err)
 			}
@@ -172,6 +172,11 @@ func TestChurn(t *testing.T) {
 	}
 	if got := dirEntries(t, n.SandboxDir()); fmt.Sprint(got) != fmt.Sprint(baseSockets) {
 		t.Errorf("sandbox sockets after the churn %v, want %v", got, baseSockets)
+	}
+	if links, err := node.LinkNames(n.Host); err != nil {
+		t.Error(err)
+	} else if left := slices.DeleteFunc(links, func(l string) bool { return !strings.HasPrefix(l, "shmv") && !strings.HasPrefix(l, "shmb") }); len(left) > 0 {
+		t.Errorf("veth links' host sides and ifb devices after the churn: %v", left)
 	}
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
