@@ -174,7 +174,7 @@ func (b *bench) run(ctx context.Context) (*report, error) {
 		rep.Seconds = time.Since(start).Seconds()
 		rep.evaluateGoals()
 	}()
-	if b.cfg.cases["tput"] || b.cfg.cases["rtt"] {
+	if b.cfg.cases["tput"] || b.cfg.cases["rtt"] || b.cfg.cases["trace"] {
 		if err := b.runTraffic(ctx, rep); err != nil {
 			return rep, err
 		}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/shm-cni/shm-cni/internal/hoptrace"
 	"github.com/shm-cni/shm-cni/test/e2e/node"
 )
 
@@ -234,12 +235,14 @@ func roundTrips(ctx context.Context, c net.Conn, count int) ([]time.Duration, er
 	for i := range warmup + count {
 		req[0] = byte(i)
 		start := time.Now()
+		hoptrace.Mark(hoptrace.App)
 		if _, err := c.Write(req); err != nil {
 			return nil, fmt.Errorf("round trip %d: %w", i, err)
 		}
 		if _, err := io.ReadFull(c, resp); err != nil {
 			return nil, fmt.Errorf("round trip %d: %w", i, err)
 		}
+		hoptrace.Mark(hoptrace.Read)
 		d := time.Since(start)
 		if resp[0] != req[0] {
 			return nil, errors.New("echo mismatch")

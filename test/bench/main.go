@@ -65,7 +65,7 @@ type config struct {
 
 func parseFlags() (config, error) {
 	var c config
-	cases := flag.String("cases", "tput,rtt,cni,idle,policy", "cases to run: tput, rtt, cni, idle, policy")
+	cases := flag.String("cases", "tput,rtt,trace,cni,idle,policy", "cases to run: tput, rtt, trace (where a sandbox round trip's time goes; needs perf), cni, idle, policy")
 	flag.IntVar(&c.reps, "reps", 3, "repetitions of each case (the median is reported; at least 3)")
 	streams := flag.String("streams", "1,4", "parallel TCP streams of the throughput cases")
 	flag.DurationVar(&c.tputTime, "time", 3*time.Second, "duration of each throughput measurement: iperf3's, and the Go and sandbox programs' timed transfers")
@@ -94,7 +94,7 @@ func parseFlags() (config, error) {
 	for _, k := range strings.Split(*cases, ",") {
 		k = strings.TrimSpace(k)
 		switch k {
-		case "tput", "rtt", "cni", "idle", "policy":
+		case "tput", "rtt", "trace", "cni", "idle", "policy":
 			c.cases[k] = true
 		case "":
 		default:

@@ -23,6 +23,7 @@ type report struct {
 	Config     map[string]string `json:"config"`
 	Throughput []tputRow         `json:"throughput,omitempty"`
 	Latency    []rttRow          `json:"latency,omitempty"`
+	Trace      *traceReport      `json:"trace,omitempty"`
 	CNI        []cniRow          `json:"cni,omitempty"`
 	Idle       []idleRow         `json:"idle,omitempty"`
 	Policy     []policyRow       `json:"policy,omitempty"`
@@ -364,6 +365,9 @@ func (r *report) markdown(b *strings.Builder) {
 		}
 		b.WriteString("\n")
 	}
+	if r.Trace != nil {
+		r.traceMarkdown(b)
+	}
 	if len(r.CNI) > 0 {
 		fmt.Fprintf(b, "## CNI latency, %s pods added then deleted concurrently through libcni (ratio to bridge)\n\n", r.Config["cni-pods"])
 		fmt.Fprintf(b, "| plugin | ADD p50 ms | ADD p99 ms | DEL p50 ms | DEL p99 ms | ADD p99 vs bridge |\n|---|---:|---:|---:|---:|---:|\n")
@@ -469,4 +473,27 @@ func transferLength(c map[string]string) string {
 		return fmt.Sprintf("iperf3 runs for %s; the Go and sandbox programs' transfers send %s bytes each (-bytes).", t, n)
 	}
 	return fmt.Sprintf("Every measurement runs for %s (-time): iperf3, and the Go and sandbox programs' transfers, so that a stream's start (its window's growth, a fresh sender's warm-up) weighs the same on every row.", t)
+}
+
+// traceMarkdown is the trace case's section: a sandbox round trip cut into
+// its hops.
+func (r *report) traceMarkdown(b *strings.Builder) {
+	t := r.Trace
+	fmt.Fprintf(b, "## Where a sandbox ↔ sandbox round trip's time goes (one traced run)\n\n")
+	if t.RoundTrips == 0 {
+		fmt.Fprintf(b, "Not traced: %s.\n\n", t.Error)
+		return
+	}
+	fmt.Fprintf(b, "The netstack client's 64 B round trips to the echo sandbox through the agent, each cut where the three processes recorded (hoptrace) their links' receives and transmits and the applications' writes, from one write of the client to its next. Traced p50 %.1f µs, %.1f µs untraced just before; %d round trips (%d missing a point, left out), their hops summing to %.1f µs on average. \"Woken\" is the share of round trips in which the receive loop ending the hop slept on its eventfd before it took the frame.\n\n",
+		t.TracedP50us, t.UntracedP50us, t.RoundTrips, t.Incomplete, t.MeanUs)
+	fmt.Fprintf(b, "| hop | median µs | mean µs | share of the mean | woken |\n|---|---:|---:|---:|---:|\n")
+	for _, h := range t.Hops {
+		woken := ""
+		if h.Woken != nil {
+			woken = fmt.Sprintf("%.0f%%", 100**h.Woken)
+		}
+		fmt.Fprintf(b, "| %s | %.1f | %.1f | %.0f%% | %s |\n", h.Name, h.MedianUs, h.MeanUs, 100*h.MeanUs/t.MeanUs, woken)
+	}
+	fmt.Fprintf(b, "\nReceive loops' sleeps on their eventfd per round trip: client %.2f, agent %.2f, echo sandbox %.2f.\n\n",
+		t.Sleeps[roleClient], t.Sleeps[roleAgent], t.Sleeps[roleEcho])
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
@@ -41,6 +43,16 @@ type rttCase struct {
 // every case, rep by rep so that drift of the machine hits all alike.
 func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 	log := b.log
+	traceDir := filepath.Join(b.tmp, "hoptrace")
+	if b.cfg.cases["trace"] {
+		// Before the agent and the sandboxes start: they inherit it.
+		if err := os.Mkdir(traceDir, 0o700); err != nil {
+			return err
+		}
+		if err := startTracing(traceDir); err != nil {
+			return err
+		}
+	}
 	log.Info("setting up: veth pair, ptp and bridge pods, shm-cni node and pods")
 	va, vb, err := b.newVethPair()
 	if err != nil {
@@ -315,6 +327,15 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 				P50us: p50s[i], P99us: p99s[i], MedianP50: median(p50s[i]), MedianP99: median(p99s[i]), Error: errs[i]})
 		}
 		rep.rateLatency()
+	}
+	if b.cfg.cases["trace"] && ctx.Err() == nil {
+		t := traceRTT(ctx, traceDir, c0.SocketPath, e0Addr, n.Agent().PID(), echo.PID(), b.cfg.rttCount)
+		if t.Error != "" {
+			log.Warn("trace", "err", t.Error)
+		} else {
+			log.Info("trace", "round trips", t.RoundTrips, "traced p50 µs", fmt.Sprintf("%.1f", t.TracedP50us), "untraced p50 µs", fmt.Sprintf("%.1f", t.UntracedP50us))
+		}
+		rep.Trace = &t
 	}
 	return b.closeNode(n)
 }

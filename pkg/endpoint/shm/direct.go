@@ -4,6 +4,7 @@ import (
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/shm-cni/shm-cni/internal/hoptrace"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
 
@@ -117,6 +118,7 @@ func heldPayload(head *buffer.View, size int) buffer.Buffer {
 // waits up to Options.TxWait as WritePacketsWaiting does, then drops the
 // frame and counts it.
 func (s *Server) WriteFrame(parts [][]byte, total int, gso *stack.GSO) bool {
+	hoptrace.Mark(hoptrace.Tx)
 	var meta uint32
 	if gso.Type != stack.GSONone {
 		if (gso.Type != stack.GSOTCPv4 && gso.Type != stack.GSOTCPv6) || !gso.NeedsCsum || gso.MSS == 0 || !s.rxOffload.Load() {

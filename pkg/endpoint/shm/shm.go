@@ -17,6 +17,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/shm-cni/shm-cni/internal/hoptrace"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/linkspec"
 	"github.com/shm-cni/shm-cni/pkg/queue"
@@ -555,9 +556,11 @@ func (l *queueEndpoint) receiveLoop(d stack.NetworkDispatcher, done chan<- struc
 			n++
 		}
 		if n > 0 {
+			hoptrace.Mark(hoptrace.Rx)
 			poll.Arrived()
 			l.rx.Flush()
 			verr := l.deliverBatch(d, views[:n], metas[:n], sizes[:n])
+			hoptrace.Mark(hoptrace.Delivered)
 			clear(views[:n])
 			clear(metas[:n])
 			if verr == nil && holding {
@@ -588,7 +591,10 @@ func (l *queueEndpoint) receiveLoop(d stack.NetworkDispatcher, done chan<- struc
 			l.rx.DisableNotification()
 			continue
 		}
-		if err := l.rxEvent.Wait(); err != nil {
+		hoptrace.Mark(hoptrace.Sleep)
+		err = l.rxEvent.Wait()
+		hoptrace.Mark(hoptrace.Wake)
+		if err != nil {
 			if !errors.Is(err, queue.ErrClosed) {
 				l.log.Error("shared-memory link: waiting on eventfd", "err", err)
 				l.stop(fmt.Errorf("wait on eventfd: %w", err))
@@ -809,6 +815,7 @@ func (l *queueEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Er
 
 // writePackets is WritePackets waiting up to wait in all for room.
 func (l *queueEndpoint) writePackets(pkts stack.PacketBufferList, wait time.Duration) (int, tcpip.Error) {
+	hoptrace.Mark(hoptrace.Tx)
 	all := pkts.AsSlice()
 	var violation error
 	defer func() {

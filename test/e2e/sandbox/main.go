@@ -49,6 +49,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
+	"github.com/shm-cni/shm-cni/internal/hoptrace"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"github.com/shm-cni/shm-cni/test/e2e/packetlink"
@@ -243,7 +244,7 @@ func serveListener(ln net.Listener, mode string, verify bool) error {
 		go func() {
 			defer c.Close()
 			if mode == "echo" {
-				io.Copy(c, c)
+				io.Copy(markedWriter{c}, markedReader{c})
 				return
 			}
 			start := time.Now()
@@ -319,4 +320,22 @@ func client(ctx context.Context, s *stack.Stack, ep stack.LinkEndpoint, mode, to
 		t.SegmentsSent.Value(), t.ValidSegmentsReceived.Value(), t.Retransmits.Value(),
 		t.FastRecovery.Value()+t.SACKRecovery.Value(), t.SpuriousRecovery.Value(), t.Timeouts.Value(), linkDrops)
 	return nil
+}
+
+// markedWriter marks each write for the benchmark's round-trip trace
+// (hoptrace; nothing unless traced).
+type markedWriter struct{ io.Writer }
+
+func (w markedWriter) Write(b []byte) (int, error) {
+	hoptrace.Mark(hoptrace.App)
+	return w.Writer.Write(b)
+}
+
+// markedReader marks each read's return for the same trace.
+type markedReader struct{ io.Reader }
+
+func (r markedReader) Read(b []byte) (int, error) {
+	n, err := r.Reader.Read(b)
+	hoptrace.Mark(hoptrace.Read)
+	return n, err
 }
