@@ -8,6 +8,7 @@
 //	go run ./test/bench -cases tput,rtt -reps 5  # a subset
 //	go run ./test/bench -idle-pods 0,50 -idle-window 9s
 //	go run ./test/bench -cases policy -reps 7   # NetworkPolicy's cost, 0/100/1000 policies
+//	go run ./test/bench -cases trace            # a sandbox round trip, hop by hop (trace.go)
 //
 // Each case runs -reps times (at least 3) and reports its median and its
 // ratio to the reference (veth for traffic, bridge for CNI latency, the
@@ -65,7 +66,7 @@ type config struct {
 
 func parseFlags() (config, error) {
 	var c config
-	cases := flag.String("cases", "tput,rtt,trace,cni,idle,policy", "cases to run: tput, rtt, trace (where a sandbox round trip's time goes; needs perf), cni, idle, policy")
+	cases := flag.String("cases", "tput,rtt,trace,cni,idle,policy", "cases to run: tput, rtt, trace (where a sandbox round trip's time goes, hop by hop), cni, idle, policy")
 	flag.IntVar(&c.reps, "reps", 3, "repetitions of each case (the median is reported; at least 3)")
 	streams := flag.String("streams", "1,4", "parallel TCP streams of the throughput cases")
 	flag.DurationVar(&c.tputTime, "time", 3*time.Second, "duration of each throughput measurement: iperf3's, and the Go and sandbox programs' timed transfers")

@@ -176,6 +176,10 @@ func startTracing(dir string) error {
 	return hoptrace.Start(dir)
 }
 
+// stopTracing keeps the processes started from now on (the other cases')
+// from tracing.
+func stopTracing() { os.Unsetenv(hoptrace.EnvDir) }
+
 // traceRTT traces count round trips from the in-process netstack client on
 // the link at socket to the echo sandbox (pid echoPID) at to, through the
 // agent (agentPID); dir holds the processes' trace files.

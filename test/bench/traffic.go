@@ -52,6 +52,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 		if err := startTracing(traceDir); err != nil {
 			return err
 		}
+		defer stopTracing()
 	}
 	log.Info("setting up: veth pair, ptp and bridge pods, shm-cni node and pods")
 	va, vb, err := b.newVethPair()
