@@ -484,7 +484,7 @@ func (r *report) traceMarkdown(b *strings.Builder) {
 		fmt.Fprintf(b, "Not traced: %s.\n\n", t.Error)
 		return
 	}
-	fmt.Fprintf(b, "The netstack client's 64 B round trips to the echo sandbox through the agent, each cut where the three processes recorded (hoptrace) their links' receives and transmits and the applications' writes, from one write of the client to its next. Traced p50 %.1f µs, %.1f µs untraced just before; %d round trips (%d missing a point, left out), their hops summing to %.1f µs on average. \"Woken\" is the share of round trips in which the receive loop ending the hop slept on its eventfd before it took the frame.\n\n",
+	fmt.Fprintf(b, "The netstack client's 64 B round trips to the echo sandbox through the agent, each cut where the three processes recorded (hoptrace) their links' receives and transmits and the applications' writes, from one write of the client to its next. Traced p50 %.1f µs, %.1f µs untraced just before; %d round trips (%d missing a point, left out), their hops summing to %.1f µs on average. \"Woken\" is the share of round trips in which a receive loop of the process that takes the frame (the agent has one per link) slept on its eventfd and was woken during the hop.\n\n",
 		t.TracedP50us, t.UntracedP50us, t.RoundTrips, t.Incomplete, t.MeanUs)
 	fmt.Fprintf(b, "| hop | median µs | mean µs | share of the mean | woken |\n|---|---:|---:|---:|---:|\n")
 	for _, h := range t.Hops {

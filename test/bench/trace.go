@@ -69,9 +69,9 @@ type traceHop struct {
 	Name     string  `json:"name"`
 	MedianUs float64 `json:"medianUs"`
 	MeanUs   float64 `json:"meanUs"`
-	// Woken is the share of the hop's round trips in which the hop's
-	// receive loop slept and was woken before it took the frame (hops that
-	// end at a receive only).
+	// Woken is the share of the hop's round trips in which a receive loop
+	// of the process that takes the frame slept and was woken during the
+	// hop (the agent has one per link; hops that end at a receive only).
 	Woken   *float64  `json:"wokenFraction,omitempty"`
 	samples []float64 // µs
 }
@@ -202,7 +202,10 @@ func traceRTTErr(ctx context.Context, dir, socket string, to netip.AddrPort, age
 	roles := map[traceRole]int{roleClient: os.Getpid(), roleAgent: agentPID, roleEcho: echoPID}
 	files := map[traceRole]*hoptrace.File{}
 	defer func() {
+		// Off on every path: a process left recording would fill its
+		// ring for the rest of the run.
 		for _, f := range files {
+			f.Record(false)
 			f.Close()
 		}
 	}()
