@@ -113,7 +113,7 @@ func TestSeriesBuildsAndPasses(t *testing.T) {
 		{"build", "-o", os.DevNull, "./runsc"},
 		{"build", "-o", os.DevNull, "./shim"},
 		{"test", "-count=1", "-run", "SharedMem", "./runsc/boot/", "./runsc/sandbox/"},
-		{"test", "-count=1", "-run", "TailLossProbe|SpuriousRecoveryUndone|TLPEpisode|LostFlightRetransmittedAfterTimeout", "./pkg/tcpip/transport/tcp/"},
+		{"test", "-count=1", "-run", "TailLossProbe|SpuriousRecoveryUndone|TLPEpisode|LostFlightRetransmittedAfterTimeout|DSACK", "./pkg/tcpip/transport/tcp/"},
 		{"test", "-count=1", "-run", "TXHostGSO|RXPartialChecksums", "./pkg/tcpip/link/sharedmem/"},
 		{"test", "-count=1", "-run", "Uncleared", "./pkg/buffer/"},
 	} {
