@@ -56,7 +56,13 @@ type tputRow struct {
 	// how their netstacks' TCP fared: loss recoveries, those found
 	// spurious, retransmissions, segments and ACKs.
 	Senders []node.SenderTCP `json:"sandboxSenders,omitempty"`
-	Error   string           `json:"error,omitempty"`
+	// AgentTxDrops is, per run of a case whose senders are sandbox
+	// programs, the frames the agent's link endpoints dropped toward pods
+	// for want of room (a full ring or TAP queue, after the wait they
+	// allow; every link of the node), or nil where the agent's metrics
+	// could not be read.
+	AgentTxDrops []int64 `json:"agentTxDrops,omitempty"`
+	Error        string  `json:"error,omitempty"`
 }
 
 // rttRow is a latency case; ratios are to the veth pair's.
@@ -442,14 +448,19 @@ func (r *report) senderMarkdown(b *strings.Builder) {
 	if len(rows) == 0 {
 		return
 	}
-	fmt.Fprintf(b, "Sandbox senders' TCP, per run: loss recoveries (of them found spurious: late ACKs, nothing lost), retransmission timeouts, frames the sender's link dropped for want of room in its ring, retransmitted segments, and segments sent per ACK received. Each recovery cuts the sender's congestion window, each timeout to one segment. The sandbox program's gVisor carries the runsc patch series (hack/runsc): 0012 undoes the cut of a recovery it finds spurious, 0013 takes no tail loss probe answered by late ACKs for a loss, 0014 retransmits a lost tail a window at a time (it sent one or two segments per timeout, tens of timeouts in a row), and 0018 has the receiving netstack report a duplicate in a D-SACK block, which tells the sender a probe was needless (without it, a probe that crossed late ACKs between two sandboxes ended in a cut).\n\n")
-	fmt.Fprintf(b, "| case | streams | Gbit/s | recoveries (spurious) | timeouts | link drops | retransmits | segments per ACK |\n|---|---:|---|---|---|---|---|---|\n")
+	fmt.Fprintf(b, "Sandbox senders' TCP, per run: loss recoveries (of them found spurious: late ACKs, nothing lost), retransmission timeouts, frames the sender's link dropped for want of room in its ring, frames the agent dropped toward pods for want of room in theirs (every link of the node), retransmitted segments, and segments sent per ACK received. Each recovery cuts the sender's congestion window, each timeout to one segment. The sandbox program's gVisor carries the runsc patch series (hack/runsc): 0012 undoes the cut of a recovery it finds spurious, 0013 takes no tail loss probe answered by late ACKs for a loss, 0014 retransmits a lost tail a window at a time (it sent one or two segments per timeout, tens of timeouts in a row), and 0018 has the receiving netstack report a duplicate in a D-SACK block, which tells the sender a probe was needless (without it, a probe that crossed late ACKs between two sandboxes ended in a cut).\n\n")
+	fmt.Fprintf(b, "| case | streams | Gbit/s | recoveries (spurious) | timeouts | link drops | agent drops | retransmits | segments per ACK |\n|---|---:|---|---|---|---|---|---|---|\n")
 	for _, t := range rows {
-		var rec, tos, drops, rtx, per []string
-		for _, s := range t.Senders {
+		var rec, tos, drops, agent, rtx, per []string
+		for i, s := range t.Senders {
 			rec = append(rec, fmt.Sprintf("%d (%d)", s.Recoveries, s.Spurious))
 			tos = append(tos, fmt.Sprintf("%d", s.Timeouts))
 			drops = append(drops, fmt.Sprintf("%d", s.LinkDrops))
+			if len(t.AgentTxDrops) == len(t.Senders) {
+				agent = append(agent, fmt.Sprintf("%d", t.AgentTxDrops[i]))
+			} else {
+				agent = append(agent, "-")
+			}
 			rtx = append(rtx, fmt.Sprintf("%d", s.Retransmits))
 			if s.Acks > 0 {
 				per = append(per, fmt.Sprintf("%.1f", float64(s.Segments)/float64(s.Acks)))
@@ -457,8 +468,8 @@ func (r *report) senderMarkdown(b *strings.Builder) {
 				per = append(per, "-")
 			}
 		}
-		fmt.Fprintf(b, "| %s | %d | %s | %s | %s | %s | %s | %s |\n", t.Case, t.Streams, fmtList(t.Gbps, "%.2f"),
-			strings.Join(rec, " "), strings.Join(tos, " "), strings.Join(drops, " "), strings.Join(rtx, " "), strings.Join(per, " "))
+		fmt.Fprintf(b, "| %s | %d | %s | %s | %s | %s | %s | %s | %s |\n", t.Case, t.Streams, fmtList(t.Gbps, "%.2f"),
+			strings.Join(rec, " "), strings.Join(tos, " "), strings.Join(drops, " "), strings.Join(agent, " "), strings.Join(rtx, " "), strings.Join(per, " "))
 	}
 	b.WriteString("\n")
 }

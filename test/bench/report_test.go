@@ -14,13 +14,22 @@ func TestSenderMarkdown(t *testing.T) {
 	r := &report{Throughput: []tputRow{
 		{Case: "veth pair", Streams: 1, Gbps: []float64{18}},
 		{Case: "shm-cni sandbox → outside", Streams: 1, Gbps: []float64{3.25, 6.1},
-			Senders: []node.SenderTCP{{Segments: 12000, Acks: 6000, Retransmits: 5, Recoveries: 4, Spurious: 3, Timeouts: 2, LinkDrops: 1}, {Segments: 8200, Acks: 2050}}},
+			Senders:      []node.SenderTCP{{Segments: 12000, Acks: 6000, Retransmits: 5, Recoveries: 4, Spurious: 3, Timeouts: 2, LinkDrops: 1}, {Segments: 8200, Acks: 2050}},
+			AgentTxDrops: []int64{7, 0}},
+		// The agent's drops unread: a dash per run.
+		{Case: "shm-cni sandbox → sandbox", Streams: 4, Gbps: []float64{5},
+			Senders: []node.SenderTCP{{Segments: 100, Acks: 50}}},
 	}}
 	var b strings.Builder
 	r.senderMarkdown(&b)
 	out := b.String()
-	if want := "| shm-cni sandbox → outside | 1 | 3.25 6.10 | 4 (3) 0 (0) | 2 0 | 1 0 | 5 0 | 2.0 4.0 |\n"; !strings.Contains(out, want) {
-		t.Errorf("sender table lacks %q:\n%s", want, out)
+	for _, want := range []string{
+		"| shm-cni sandbox → outside | 1 | 3.25 6.10 | 4 (3) 0 (0) | 2 0 | 1 0 | 7 0 | 5 0 | 2.0 4.0 |\n",
+		"| shm-cni sandbox → sandbox | 4 | 5.00 | 0 (0) | 0 | 0 | - | 0 | 2.0 |\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("sender table lacks %q:\n%s", want, out)
+		}
 	}
 	if strings.Contains(out, "veth pair") {
 		t.Errorf("sender table lists a case without sandbox senders:\n%s", out)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -222,6 +223,11 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 		sandboxCPUs := make([][]float64, len(results))
 		errs := make([]string, len(results))
 		senders := make([][]node.SenderTCP, len(results))
+		agentDrops := make([][]int64, len(results))
+		dropsOK := make([]bool, len(results))
+		for k := range dropsOK {
+			dropsOK[k] = true
+		}
 		for r := range b.cfg.reps {
 			for i, c := range cases {
 				for j, s := range b.cfg.streams {
@@ -229,6 +235,11 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 						return ctx.Err()
 					}
 					k := i*len(b.cfg.streams) + j
+					var drops0 int64
+					var derr0 error
+					if !c.ref {
+						drops0, derr0 = agentTxDrops(ctx, n)
+					}
 					agent0, sandboxes0 := n.CPU()
 					cpu0, cerr0 := busyCPUSeconds()
 					v, err := c.measure(ctx, s)
@@ -242,6 +253,12 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 					results[k] = append(results[k], v.bitsPerSecond/1e9)
 					if v.sender != nil {
 						senders[k] = append(senders[k], *v.sender)
+						drops1, derr1 := agentTxDrops(ctx, n)
+						if derr0 != nil || derr1 != nil {
+							log.Warn("throughput: the agent's drops", "case", c.name, "err", errors.Join(derr0, derr1))
+							dropsOK[k] = false
+						}
+						agentDrops[k] = append(agentDrops[k], drops1-drops0)
 					}
 					perGiB := 0.0
 					if cerr0 == nil && cerr1 == nil && v.bytes > 0 {
@@ -266,6 +283,9 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 					CPUPerGiB: cpus[k], MedianCPUPerGiB: median(cpus[k]),
 					AgentCPUPerGiB: agentCPUs[k], MedianAgentCPUPerGiB: median(agentCPUs[k]),
 					SandboxCPUPerGiB: sandboxCPUs[k], MedianSandboxCPUPerGiB: median(sandboxCPUs[k]), Senders: senders[k], Error: errs[k]})
+				if dropsOK[k] {
+					rep.Throughput[len(rep.Throughput)-1].AgentTxDrops = agentDrops[k]
+				}
 			}
 		}
 		rep.rateThroughput()
@@ -400,4 +420,12 @@ func transfers(ctx context.Context, n *node.Node, srcs []*node.Peer, dst *node.P
 		return tputSample{}, errs[0]
 	}
 	return tputSample{bitsPerSecond: float64(total) * 8 / long.Seconds(), bytes: float64(total), sender: sender}, nil
+}
+
+// agentTxDrops returns the frames the agent's link endpoints have dropped
+// toward pods for want of room in their ring or queue, every link of n
+// together.
+func agentTxDrops(ctx context.Context, n *node.Node) (int64, error) {
+	v, err := n.Metric(ctx, "shm_cni_link_endpoint_drops_total", map[string]string{"direction": "transmit"})
+	return int64(v), err
 }
