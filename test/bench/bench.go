@@ -87,6 +87,8 @@ func (b *bench) newNS() (ns.NetNS, error) {
 func (b *bench) newNode(ctx context.Context, opts node.Options) (*node.Node, error) {
 	opts.Binaries = b.bins
 	opts.ExtraAgentArgs = append(opts.ExtraAgentArgs, b.cfg.agentArgs...)
+	opts.AgentEnv = append(opts.AgentEnv, b.cfg.agentEnv...)
+	opts.SandboxEnv = append(opts.SandboxEnv, b.cfg.sandboxEnv...)
 	if b.cfg.verbose {
 		opts.Logger = b.log
 	}
@@ -225,6 +227,8 @@ func (c config) describe() map[string]string {
 		"mtu":         fmt.Sprint(c.mtu),
 		"shm-mtu":     shmMTUString(c.shmMTU),
 		"agent-args":  strings.Join(c.agentArgs, " "),
+		"agent-env":   strings.Join(c.agentEnv, " "),
+		"sandbox-env": strings.Join(c.sandboxEnv, " "),
 		"only":        fmtOnly(c.only),
 	}
 }

@@ -57,6 +57,10 @@ type config struct {
 	mtu        int
 	shmMTU     int
 	agentArgs  []string
+	// agentEnv and sandboxEnv are added to the environments of the agent
+	// and of the sandbox programs (shm-cni's and the AF_PACKET
+	// references' alike).
+	agentEnv, sandboxEnv []string
 	// only, when set, keeps the traffic cases whose name it matches
 	// (the references always run: ratios need them).
 	only    *regexp.Regexp
@@ -79,11 +83,20 @@ func parseFlags() (config, error) {
 	flag.IntVar(&c.mtu, "mtu", 1500, "MTU of shm-cni's kernel pods' links and uplink in the traffic cases (the veth, ptp and bridge references stay at 1500)")
 	flag.IntVar(&c.shmMTU, "shm-mtu", 0, "MTU of shm-cni's sandbox links (the agent's --shm-mtu); 0 leaves the agent's default")
 	agentArgs := flag.String("agent-args", "", "extra flags for shm-agent, space-separated (e.g. --fast-path=false)")
+	agentEnv := flag.String("agent-env", "", "extra environment of shm-agent, space-separated NAME=VALUE (e.g. GOMAXPROCS=1)")
+	sandboxEnv := flag.String("sandbox-env", "", "extra environment of the sandbox programs, shm-cni's and the AF_PACKET references' alike, space-separated NAME=VALUE")
 	only := flag.String("only", "", "regular expression: run only the traffic cases whose name matches (e.g. 'sandbox → sandbox'); the kernel references always run")
 	flag.StringVar(&c.out, "out", "bin", "directory for bench.md and bench.json")
 	flag.BoolVar(&c.verbose, "v", false, "log the harness's progress in detail")
 	flag.Parse()
 	c.agentArgs = strings.Fields(*agentArgs)
+	var err error
+	if c.agentEnv, err = parseEnv(*agentEnv); err != nil {
+		return c, fmt.Errorf("-agent-env: %w", err)
+	}
+	if c.sandboxEnv, err = parseEnv(*sandboxEnv); err != nil {
+		return c, fmt.Errorf("-sandbox-env: %w", err)
+	}
 	if *only != "" {
 		re, err := regexp.Compile(*only)
 		if err != nil {
@@ -102,7 +115,6 @@ func parseFlags() (config, error) {
 			return c, fmt.Errorf("-cases: unknown case %q", k)
 		}
 	}
-	var err error
 	if c.streams, err = intList(*streams); err != nil {
 		return c, fmt.Errorf("-streams: %w", err)
 	}
@@ -197,4 +209,16 @@ func run() int {
 		return 1
 	}
 	return 0
+}
+
+// parseEnv splits s, space-separated NAME=VALUE entries, into environment
+// entries.
+func parseEnv(s string) ([]string, error) {
+	env := strings.Fields(s)
+	for _, e := range env {
+		if name, _, ok := strings.Cut(e, "="); !ok || name == "" {
+			return nil, fmt.Errorf("%q is not NAME=VALUE", e)
+		}
+	}
+	return env, nil
 }

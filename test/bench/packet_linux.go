@@ -180,6 +180,9 @@ func (r *packetRef) start(ctx context.Context, e kend, args ...string) (*lineRea
 	defer logf.Close()
 	cmd := exec.Command(r.b.bins.Sandbox, args...)
 	cmd.Stderr = logf
+	if len(r.b.cfg.sandboxEnv) > 0 {
+		cmd.Env = append(os.Environ(), r.b.cfg.sandboxEnv...)
+	}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err

@@ -338,6 +338,12 @@ func (r *report) markdown(b *strings.Builder) {
 	if args := r.Config["agent-args"]; args != "" {
 		fmt.Fprintf(b, "shm-agent run with %s (-agent-args).\n\n", args)
 	}
+	if env := r.Config["agent-env"]; env != "" {
+		fmt.Fprintf(b, "shm-agent's environment adds %s (-agent-env).\n\n", env)
+	}
+	if env := r.Config["sandbox-env"]; env != "" {
+		fmt.Fprintf(b, "The sandbox programs' environment (shm-cni's and the AF_PACKET references') adds %s (-sandbox-env).\n\n", env)
+	}
 	if mtu := r.Config["mtu"]; mtu != "" && mtu != "1500" {
 		fmt.Fprintf(b, "shm-cni's kernel pod links and uplink at MTU %s (-mtu); the veth, ptp and bridge references at 1500.\n\n", mtu)
 	}

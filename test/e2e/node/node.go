@@ -72,6 +72,9 @@ type Options struct {
 	ExtraAgentArgs []string
 	// AgentEnv is added to the agent's environment (the test's).
 	AgentEnv []string
+	// SandboxEnv is added to the environment of the sandbox programs
+	// StartSandbox runs (the test's).
+	SandboxEnv []string
 	// NoVerify makes Transfer count bytes instead of checking them, and
 	// send zeros instead of the pattern: for benchmarks, which measure the
 	// path, not the tool. Tests verify.

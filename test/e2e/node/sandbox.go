@@ -32,16 +32,16 @@ func (s *Sandbox) PID() int { return s.proc.pid() }
 // appended to LogDir()/sandbox-<pod>.log. Only one sandbox may hold a link
 // at a time: the agent refuses a second. Close kills it if it still runs.
 func (n *Node) StartSandbox(p *Pod, args ...string) (*Sandbox, error) {
-	return n.startProgram(p, n.opts.Binaries.Sandbox, "sandbox", args)
+	return n.startProgram(p, n.opts.Binaries.Sandbox, "sandbox", args, n.opts.SandboxEnv)
 }
 
 // StartHostile runs the hostile sandbox program (test/e2e/hostile) on p's
 // link like StartSandbox; its stderr goes to LogDir()/hostile-<pod>.log.
 func (n *Node) StartHostile(p *Pod, args ...string) (*Sandbox, error) {
-	return n.startProgram(p, n.opts.Binaries.Hostile, "hostile", args)
+	return n.startProgram(p, n.opts.Binaries.Hostile, "hostile", args, nil)
 }
 
-func (n *Node) startProgram(p *Pod, bin, name string, args []string) (*Sandbox, error) {
+func (n *Node) startProgram(p *Pod, bin, name string, args, env []string) (*Sandbox, error) {
 	if p.SocketPath == "" {
 		return nil, fmt.Errorf("start %s for %s: not a shm pod", name, p.Name)
 	}
@@ -53,6 +53,9 @@ func (n *Node) startProgram(p *Pod, bin, name string, args []string) (*Sandbox, 
 	defer logf.Close()
 	cmd := exec.Command(bin, append([]string{"--socket", p.SocketPath}, args...)...)
 	cmd.Stderr = logf
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.closed {
