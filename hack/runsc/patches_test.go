@@ -116,6 +116,7 @@ func TestSeriesBuildsAndPasses(t *testing.T) {
 		{"test", "-count=1", "-run", "TailLossProbe|SpuriousRecoveryUndone|TLPEpisode|LostFlightRetransmittedAfterTimeout|DSACK", "./pkg/tcpip/transport/tcp/"},
 		{"test", "-count=1", "-run", "TXHostGSO|RXPartialChecksums", "./pkg/tcpip/link/sharedmem/"},
 		{"test", "-count=1", "-run", "Uncleared", "./pkg/buffer/"},
+		{"test", "-count=1", "-run", "AssertNoWakep", "./pkg/sleep/"},
 	} {
 		cmd := exec.Command("go", args...)
 		cmd.Dir = dir
