@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -18,8 +17,8 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
-	"github.com/shm-cni/shm-cni/internal/hoptrace"
 	"github.com/shm-cni/shm-cni/test/e2e/node"
+	"github.com/shm-cni/shm-cni/test/e2e/pattern"
 )
 
 // iperfPort is the iperf3 servers' port.
@@ -215,41 +214,5 @@ func dialRTT(ctx context.Context, src kend, to netip.AddrPort, count int) ([]tim
 		return nil, fmt.Errorf("connect from %s to %s: %w", src.name, to, err)
 	}
 	defer c.Close()
-	return roundTrips(ctx, c, count)
-}
-
-// rttSize is the request and response size.
-const rttSize = 64
-
-// warmup round trips are not counted.
-const warmup = 200
-
-// roundTrips writes 64-byte requests on c and reads their echo, count
-// times after a warm-up, and returns each round trip's time.
-func roundTrips(ctx context.Context, c net.Conn, count int) ([]time.Duration, error) {
-	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
-	defer stop()
-	req := make([]byte, rttSize)
-	resp := make([]byte, rttSize)
-	out := make([]time.Duration, 0, count)
-	for i := range warmup + count {
-		req[0] = byte(i)
-		start := time.Now()
-		hoptrace.Mark(hoptrace.App)
-		if _, err := c.Write(req); err != nil {
-			return nil, fmt.Errorf("round trip %d: %w", i, err)
-		}
-		if _, err := io.ReadFull(c, resp); err != nil {
-			return nil, fmt.Errorf("round trip %d: %w", i, err)
-		}
-		hoptrace.Mark(hoptrace.Read)
-		d := time.Since(start)
-		if resp[0] != req[0] {
-			return nil, errors.New("echo mismatch")
-		}
-		if i >= warmup {
-			out = append(out, d)
-		}
-	}
-	return out, nil
+	return pattern.RoundTrips(ctx, c, count)
 }

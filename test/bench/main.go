@@ -20,8 +20,8 @@
 // Kernel-stack ends measure throughput with iperf3 (hack/bench-deps.sh
 // installs it), sandbox ends with the sandbox program's send and sink.
 // Latency is 64-byte TCP request/response: a Go echo client and server in
-// the namespaces, the sandbox program's echo server and an in-process
-// netstack client on a shm link.
+// the namespaces, the sandbox program's echo server and its netstack
+// client (the rtt mode) on a shm link.
 package main
 
 import (

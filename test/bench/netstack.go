@@ -4,57 +4,82 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"strconv"
 	"time"
 
-	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
-	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"github.com/shm-cni/shm-cni/test/e2e/node"
+	"github.com/shm-cni/shm-cni/test/e2e/pattern"
 )
 
-const nicID = 1
+// rttClient is the netstack client of the sandbox round trips: the sandbox
+// program in its rtt mode, connected to an echo sandbox. It is a process of
+// its own, built like the sandboxes (on the runsc series' gVisor), so that
+// both ends of a sandbox round trip run the same netstack.
+type rttClient struct {
+	pid  int
+	send func(line string) error                                  // a line to its stdin
+	next func(ctx context.Context, prefix string) (string, error) // its next stdout line with prefix
+	// end ends its stdin and waits for it to exit.
+	end func(ctx context.Context) error
+}
 
-// netstackRTT attaches an in-process gVisor netstack to the shm link at
-// socket (as the sandbox program does) and measures round trips to an
-// echo server at to: a sandbox-to-sandbox latency with this process as the
-// client sandbox.
-func netstackRTT(ctx context.Context, socket string, to netip.AddrPort, count int) ([]time.Duration, error) {
-	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+// round makes count timed round trips (after the warm-up) and returns
+// their times.
+func (c *rttClient) round(ctx context.Context, count int) ([]time.Duration, error) {
+	if err := c.send(strconv.Itoa(count)); err != nil {
+		return nil, err
+	}
+	l, err := c.next(ctx, pattern.RoundTripPrefix)
+	if err != nil {
+		return nil, fmt.Errorf("netstack client: %w", err)
+	}
+	return pattern.ParseRoundTrips(l)
+}
+
+// close ends the client, bounded by a minute.
+func (c *rttClient) close(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 	defer cancel()
-	ep, cfg, err := shm.Dial(dctx, socket, shm.DialOptions{})
+	if err := c.end(ctx); err != nil {
+		return fmt.Errorf("netstack client: %w", err)
+	}
+	return nil
+}
+
+// startShmClient starts the netstack client on the shm pod p, connected to
+// the echo server at to.
+func startShmClient(ctx context.Context, n *node.Node, p *node.Pod, to netip.AddrPort) (*rttClient, error) {
+	s, err := n.StartSandbox(p, "--mode", "rtt", "--to", to.String())
 	if err != nil {
 		return nil, err
 	}
-	s := stack.New(stack.Options{
-		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol, arp.NewProtocol},
-		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol},
-	})
-	// As the sandbox program: SACK recovers a burst lost to a full queue.
-	sack := tcpip.TCPSACKEnabled(true)
-	s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack)
-	if err := s.CreateNIC(nicID, ep); err != nil {
-		ep.Close()
-		ep.Wait()
-		s.Close()
-		return nil, fmt.Errorf("create NIC: %s", err)
+	c := &rttClient{
+		pid:  s.PID(),
+		send: s.WriteLine,
+		next: s.NextLine,
+		end: func(ctx context.Context) error {
+			s.CloseInput()
+			return s.Wait(ctx)
+		},
+	}
+	if _, err := s.NextLine(ctx, "ready"); err != nil {
+		s.Stop()
+		return nil, err
+	}
+	return c, nil
+}
+
+// netstackRTT measures count round trips from a netstack client on the shm
+// pod p to the echo server at to: a sandbox-to-sandbox latency.
+func netstackRTT(ctx context.Context, n *node.Node, p *node.Pod, to netip.AddrPort, count int) (ds []time.Duration, err error) {
+	c, err := startShmClient(ctx, n, p, to)
+	if err != nil {
+		return nil, err
 	}
 	defer func() {
-		s.RemoveNIC(nicID)
-		ep.Wait()
-		s.Close()
-		s.Wait()
+		if cerr := c.close(ctx); err == nil {
+			err = cerr
+		}
 	}()
-	if err := cfg.Configure(s, nicID); err != nil {
-		return nil, err
-	}
-	c, err := gonet.DialContextTCP(dctx, s, tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFromSlice(to.Addr().AsSlice()), Port: to.Port()}, ipv4.ProtocolNumber)
-	if err != nil {
-		return nil, fmt.Errorf("connect %s: %w", to, err)
-	}
-	defer c.Close()
-	return roundTrips(ctx, c, count)
+	return c.round(ctx, count)
 }

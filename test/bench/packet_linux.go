@@ -17,16 +17,8 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
-	"gvisor.dev/gvisor/pkg/tcpip/stack"
-	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
 	"github.com/shm-cni/shm-cni/test/e2e/node"
-	"github.com/shm-cni/shm-cni/test/e2e/packetlink"
 )
 
 // The reference a sandbox has without shm-cni: the same sandbox workload's
@@ -43,7 +35,7 @@ const (
 
 // packetRef is one variant (with or without GSO) of the reference, on a
 // bridge of its own: a sink and an echo sandbox serving in pods of their
-// own, pods for the senders and the in-process client, and a kernel pod.
+// own, pods for the senders and the netstack client, and a kernel pod.
 type packetRef struct {
 	b       *bench
 	gso     bool
@@ -187,13 +179,20 @@ func (r *packetRef) start(ctx context.Context, e kend, args ...string) (*lineRea
 	if err != nil {
 		return nil, err
 	}
-	if err := r.b.startProcIn(e.ns, cmd); err != nil {
+	in, err := cmd.StdinPipe()
+	if err != nil {
 		return nil, err
 	}
-	lr := &lineReader{lines: make(chan string, 64), cmd: cmd}
+	if err := r.b.startProcIn(e.ns, cmd); err != nil {
+		in.Close()
+		return nil, err
+	}
+	lr := &lineReader{lines: make(chan string, 64), cmd: cmd, stdin: in}
 	go func() {
 		defer close(lr.lines)
 		sc := bufio.NewScanner(out)
+		// A round-trip report is one line of every round trip's time.
+		sc.Buffer(nil, 4<<20)
 		for sc.Scan() {
 			lr.lines <- sc.Text()
 		}
@@ -271,43 +270,40 @@ func (r *packetRef) send(ctx context.Context, e kend, to netip.AddrPort, amt nod
 	return got, d, err
 }
 
-// rtt measures round trips from an in-process netstack on the client pod's
-// veth (through AF_PACKET, as the sandboxes) to the echo sandbox.
-func (r *packetRef) rtt(ctx context.Context, count int) ([]time.Duration, error) {
-	s := stack.New(stack.Options{
-		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol, arp.NewProtocol},
-		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol},
-	})
-	sack := tcpip.TCPSACKEnabled(true)
-	s.SetTransportProtocolOption(tcp.ProtocolNumber, &sack)
-	var l *packetlink.Link
-	// The socket and the address changes happen in the pod's namespace;
-	// the netstack runs anywhere.
-	err := r.client.ns.Do(func(ns.NetNS) error {
-		var err error
-		l, err = packetlink.Attach(s, nicID, "eth0", r.gso, nil)
-		return err
-	})
+// rtt measures round trips from a netstack client (the sandbox program in
+// its rtt mode) on the client pod's veth, through AF_PACKET as the
+// sandboxes, to the echo sandbox.
+func (r *packetRef) rtt(ctx context.Context, count int) (ds []time.Duration, err error) {
+	to := netip.AddrPortFrom(r.echo.addr, packetEchoPort)
+	lr, err := r.start(ctx, r.client, "--mode", "rtt", "--to", to.String())
 	if err != nil {
-		s.Close()
 		return nil, err
 	}
-	defer func() {
-		s.RemoveNIC(nicID)
-		l.Endpoint.Wait()
-		s.Close()
-		s.Wait()
-		r.client.ns.Do(func(ns.NetNS) error { return l.Restore() })
-	}()
-	to := netip.AddrPortFrom(r.echo.addr, packetEchoPort)
-	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	c, err := gonet.DialContextTCP(dctx, s, tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFromSlice(to.Addr().AsSlice()), Port: to.Port()}, ipv4.ProtocolNumber)
-	if err != nil {
-		return nil, fmt.Errorf("connect %s: %w", to, err)
+	c := &rttClient{
+		pid:  lr.cmd.Process.Pid,
+		send: func(l string) error { _, err := io.WriteString(lr.stdin, l+"\n"); return err },
+		next: lr.next,
+		end: func(ctx context.Context) error {
+			lr.stdin.Close()
+			// At the end of stdin the program gives the kernel the
+			// pod's addresses back and exits.
+			stop := context.AfterFunc(ctx, func() { lr.cmd.Process.Kill() })
+			defer stop()
+			if err := lr.cmd.Wait(); err != nil {
+				return fmt.Errorf("%w: %s", err, r.logTail(r.client))
+			}
+			return nil
+		},
 	}
-	defer c.Close()
-	return roundTrips(ctx, c, count)
+	defer func() {
+		if cerr := c.close(ctx); err == nil {
+			err = cerr
+		}
+	}()
+	if _, err := lr.next(ctx, "ready"); err != nil {
+		return nil, fmt.Errorf("%s: %w: %s", r.client.name, err, r.logTail(r.client))
+	}
+	return c.round(ctx, count)
 }
 
 // logTail returns the last lines of the sandbox log of e.
@@ -322,10 +318,11 @@ func (r *packetRef) logTail(e kend) string {
 	return strings.Join(lines[max(0, len(lines)-3):], " | ") + " | packet sockets: " + strings.Join(strings.Fields(string(sockets)), " ")
 }
 
-// lineReader is a started program's stdout, line by line.
+// lineReader is a started program's stdout, line by line, and its stdin.
 type lineReader struct {
 	lines chan string
 	cmd   *exec.Cmd
+	stdin io.WriteCloser // closed by cmd.Wait too
 }
 
 // next returns the next line starting with prefix, skipping others.

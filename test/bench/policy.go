@@ -349,7 +349,7 @@ func (b *bench) runPolicy(ctx context.Context, rep *report) error {
 				return transfers(ctx, n, []*node.Peer{n.PodPeer(pods["ps1"])}, n.PodPeer(pods["ps0"]), 1, b.cfg.amount())
 			},
 			func(ctx context.Context) ([]time.Duration, error) {
-				return netstackRTT(ctx, pods["pc0"].SocketPath, e0Addr, b.cfg.rttCount)
+				return netstackRTT(ctx, n, pods["pc0"], e0Addr, b.cfg.rttCount)
 			}, nil},
 	}
 	type key struct {

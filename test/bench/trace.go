@@ -10,14 +10,15 @@ import (
 	"slices"
 
 	"github.com/shm-cni/shm-cni/internal/hoptrace"
+	"github.com/shm-cni/shm-cni/test/e2e/node"
 )
 
 // The trace case: where a sandbox-to-sandbox 64 B round trip's time goes.
 //
 // The bench runs with hoptrace on (SHM_HOPTRACE_DIR in the environment of
-// the agent and the sandbox programs, hoptrace.Start in this process). While
-// the in-process netstack client exchanges round trips with the echo
-// sandbox through the agent, the three processes record when frames pass
+// the agent and the sandbox programs). While the netstack client (the
+// sandbox program's rtt mode) exchanges round trips with the echo sandbox
+// through the agent, the three processes record when frames pass
 // their links' receive and transmit, when a receive loop sleeps on its
 // eventfd and wakes, and the applications' writes; each round trip is then
 // cut into its hops, from the client's write of a request to its next.
@@ -167,39 +168,43 @@ func analyzeTrace(events []traceEvent) traceReport {
 	return rep
 }
 
-// startTracing turns hoptrace on for this process and, through the
-// environment, for the agent and sandboxes it starts from now on.
-func startTracing(dir string) error {
-	if err := os.Setenv(hoptrace.EnvDir, dir); err != nil {
-		return err
-	}
-	return hoptrace.Start(dir)
-}
+// startTracing turns hoptrace on, through the environment, for the agent
+// and sandboxes started from now on.
+func startTracing(dir string) error { return os.Setenv(hoptrace.EnvDir, dir) }
 
 // stopTracing keeps the processes started from now on (the other cases')
 // from tracing.
 func stopTracing() { os.Unsetenv(hoptrace.EnvDir) }
 
-// traceRTT traces count round trips from the in-process netstack client on
-// the link at socket to the echo sandbox (pid echoPID) at to, through the
-// agent (agentPID); dir holds the processes' trace files.
-func traceRTT(ctx context.Context, dir, socket string, to netip.AddrPort, agentPID, echoPID, count int) traceReport {
-	rep, err := traceRTTErr(ctx, dir, socket, to, agentPID, echoPID, count)
+// traceRTT traces count round trips from a netstack client on the shm pod
+// p to the echo sandbox (pid echoPID) at to, through n's agent; dir holds
+// the processes' trace files.
+func traceRTT(ctx context.Context, dir string, n *node.Node, p *node.Pod, to netip.AddrPort, echoPID, count int) traceReport {
+	rep, err := traceRTTErr(ctx, dir, n, p, to, echoPID, count)
 	if err != nil {
 		rep.Error = err.Error()
 	}
 	return rep
 }
 
-func traceRTTErr(ctx context.Context, dir, socket string, to netip.AddrPort, agentPID, echoPID, count int) (traceReport, error) {
-	var rep traceReport
+func traceRTTErr(ctx context.Context, dir string, n *node.Node, p *node.Pod, to netip.AddrPort, echoPID, count int) (rep traceReport, err error) {
 	// At most a ring's worth of records per process: about ten a round trip.
 	count = min(count, hoptrace.Records/16)
-	untraced, err := netstackRTT(ctx, socket, to, count)
+	// One client and connection: untraced round trips, then traced ones.
+	c, err := startShmClient(ctx, n, p, to)
+	if err != nil {
+		return rep, err
+	}
+	defer func() {
+		if cerr := c.close(ctx); err == nil {
+			err = cerr
+		}
+	}()
+	untraced, err := c.round(ctx, count)
 	if err != nil {
 		return rep, fmt.Errorf("untraced round trips: %w", err)
 	}
-	roles := map[traceRole]int{roleClient: os.Getpid(), roleAgent: agentPID, roleEcho: echoPID}
+	roles := map[traceRole]int{roleClient: c.pid, roleAgent: n.Agent().PID(), roleEcho: echoPID}
 	files := map[traceRole]*hoptrace.File{}
 	defer func() {
 		// Off on every path: a process left recording would fill its
@@ -217,7 +222,7 @@ func traceRTTErr(ctx context.Context, dir, socket string, to netip.AddrPort, age
 		files[role] = f
 		f.Record(true)
 	}
-	traced, rttErr := netstackRTT(ctx, socket, to, count)
+	traced, rttErr := c.round(ctx, count)
 	for _, f := range files {
 		f.Record(false)
 	}

@@ -114,7 +114,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 		return err
 	}
 	// s0 receives; s1..sN send (one sandbox per link); e0 serves echo;
-	// c0 is the in-process netstack client's link.
+	// c0 is the netstack client's link (the sandbox program's rtt mode).
 	maxStreams := 1
 	for _, s := range b.cfg.streams {
 		maxStreams = max(maxStreams, s)
@@ -317,7 +317,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 				return dialRTT(ctx, vv1, e0Addr, b.cfg.rttCount)
 			}},
 			{"shm-cni sandbox → sandbox", "netstack client, sandbox echo", false, func(ctx context.Context) ([]time.Duration, error) {
-				return netstackRTT(ctx, c0.SocketPath, e0Addr, b.cfg.rttCount)
+				return netstackRTT(ctx, n, c0, e0Addr, b.cfg.rttCount)
 			}},
 		}
 		for _, pk := range pkts {
@@ -356,7 +356,7 @@ func (b *bench) runTraffic(ctx context.Context, rep *report) error {
 		rep.rateLatency()
 	}
 	if b.cfg.cases["trace"] && ctx.Err() == nil {
-		t := traceRTT(ctx, traceDir, c0.SocketPath, e0Addr, n.Agent().PID(), echo.PID(), b.cfg.rttCount)
+		t := traceRTT(ctx, traceDir, n, c0, e0Addr, echo.PID(), b.cfg.rttCount)
 		if t.Error != "" {
 			log.Warn("trace", "err", t.Error)
 		} else {

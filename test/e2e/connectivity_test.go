@@ -4,9 +4,13 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/shm-cni/shm-cni/test/e2e/node"
+	"github.com/shm-cni/shm-cni/test/e2e/pattern"
 )
 
 // TestConnectivityMatrix proves every path of a node over IPv4 and IPv6 with
@@ -204,6 +208,66 @@ func TestOneCopy(t *testing.T) {
 		// 128 KiB on average.
 		if v < 256 {
 			t.Errorf("%s: %.0f frames in one copy, want at least 256", p.Name, v)
+		}
+	}
+}
+
+// TestSandboxRoundTrips runs the benchmark's netstack client (the sandbox
+// program's rtt mode) against an echo sandbox through the agent, over IPv4
+// and IPv6: each count read on its stdin yields as many round trips, each
+// request echoed unchanged; a bad count ends it with an error, the end of
+// its stdin without one.
+func TestSandboxRoundTrips(t *testing.T) {
+	n := newNode(t, node.Options{})
+	ctx := testContext(t)
+	s1, s2 := addPod(t, ctx, n, "s1", node.KindShm), addPod(t, ctx, n, "s2", node.KindShm)
+	echo, err := n.StartSandbox(s2, "--mode", "echo", "--port", "7001")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := echo.WaitLine(ctx, "ready"); err != nil {
+		t.Fatal(err)
+	}
+	for _, to := range []netip.Addr{s2.Addr4, s2.Addr6} {
+		addr := netip.AddrPortFrom(to, 7001).String()
+		c, err := n.StartSandbox(s1, "--mode", "rtt", "--to", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.WaitLine(ctx, "ready"); err != nil {
+			t.Fatal(err)
+		}
+		for _, count := range []int{50, 7} {
+			if err := c.WriteLine(strconv.Itoa(count)); err != nil {
+				t.Fatal(err)
+			}
+			l, err := c.WaitLine(ctx, pattern.RoundTripPrefix)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ds, err := pattern.ParseRoundTrips(l)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(ds) != count {
+				t.Errorf("to %s: asked for %d round trips, got %d", addr, count, len(ds))
+			}
+		}
+		if to.Is4() {
+			// A count that is none ends the client with an error.
+			if err := c.WriteLine("many"); err != nil {
+				t.Fatal(err)
+			}
+			if err := c.Wait(ctx); err == nil || !strings.Contains(err.Error(), `"many" is not a positive count`) {
+				t.Errorf("to %s: after a bad count: %v, want the count refused", addr, err)
+			}
+			continue
+		}
+		if err := c.CloseInput(); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Wait(ctx); err != nil {
+			t.Errorf("to %s: after the end of stdin: %v", addr, err)
 		}
 	}
 }

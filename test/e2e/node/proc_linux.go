@@ -71,6 +71,9 @@ func startIn(n ns.NetNS, name string, cmd *exec.Cmd, lines bool) (*process, erro
 			defer r.Close()
 			defer close(p.stdout)
 			sc := bufio.NewScanner(r)
+			// A round-trip report (the sandbox's rtt mode) is one line
+			// of every round trip's time.
+			sc.Buffer(nil, 4<<20)
 			for sc.Scan() {
 				select {
 				case p.stdout <- sc.Text():

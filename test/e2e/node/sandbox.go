@@ -2,7 +2,9 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -18,8 +20,9 @@ const SinkPort = 7000
 
 // Sandbox is a running sandbox workload program on a shm pod's link.
 type Sandbox struct {
-	pod  *Pod     // immutable
-	proc *process // immutable
+	pod   *Pod           // immutable
+	proc  *process       // immutable
+	stdin io.WriteCloser // immutable; closed by the process's Wait too
 	// LogPath is the file its stderr goes to. Immutable.
 	LogPath string
 }
@@ -56,6 +59,10 @@ func (n *Node) startProgram(p *Pod, bin, name string, args, env []string) (*Sand
 	if len(env) > 0 {
 		cmd.Env = append(os.Environ(), env...)
 	}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, fmt.Errorf("start %s for %s: %w", name, p.Name, err)
+	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.closed {
@@ -63,9 +70,10 @@ func (n *Node) startProgram(p *Pod, bin, name string, args, env []string) (*Sand
 	}
 	proc, err := startIn(p.NS, name+" "+p.Name, cmd, true)
 	if err != nil {
+		stdin.Close()
 		return nil, fmt.Errorf("start %s for %s: %w", name, p.Name, err)
 	}
-	s := &Sandbox{pod: p, proc: proc, LogPath: logPath}
+	s := &Sandbox{pod: p, proc: proc, stdin: stdin, LogPath: logPath}
 	// Forget those that ended, so that many short-lived senders do not
 	// pile up; what they used stays counted.
 	live := n.sandboxes[:0]
@@ -101,6 +109,23 @@ func (s *Sandbox) nextLine(ctx context.Context, prefix string) (string, error) {
 			return "", fmt.Errorf("sandbox %s: waiting for %q: %w", s.pod.Name, prefix, ctx.Err())
 		}
 	}
+}
+
+// WriteLine writes l and a newline to the sandbox's stdin (the rtt mode
+// reads its counts there).
+func (s *Sandbox) WriteLine(l string) error {
+	if _, err := io.WriteString(s.stdin, l+"\n"); err != nil {
+		return fmt.Errorf("sandbox %s: stdin: %w", s.pod.Name, err)
+	}
+	return nil
+}
+
+// CloseInput ends the sandbox's stdin.
+func (s *Sandbox) CloseInput() error {
+	if err := s.stdin.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
+		return fmt.Errorf("sandbox %s: stdin: %w", s.pod.Name, err)
+	}
+	return nil
 }
 
 // Stop stops the sandbox (SIGTERM to its pid) and waits for it.

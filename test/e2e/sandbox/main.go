@@ -10,6 +10,9 @@
 //	sandbox --socket S --mode send --to A:P --bytes N   send N pattern bytes
 //	sandbox ... --mode send --duration D              send for D instead (benchmarks)
 //	sandbox --socket S --mode connect --to A:P      one TCP connection, then exit
+//	sandbox --socket S --mode rtt --to A:P          64 B round trips to an echo
+//	                                                 server: per count N read
+//	                                                 on stdin, N of them
 //	sandbox --packet eth0 [--packet-gso] --mode ...  the same netstack on a kernel
 //	                                                 interface through AF_PACKET
 //	                                                 (the benchmark's reference)
@@ -19,12 +22,19 @@
 // netstack's TCP counters and its link's drops ("tcp: segments N, acks N,
 // retransmits N, recoveries N, spurious N, timeouts N, link drops N"). The pattern byte at offset i is byte((i * 0x9E3779B1) >> 24).
 //
+// The rtt mode is the benchmark's netstack client: it connects, prints
+// "ready", then reads counts from stdin, one a line. For each count N it
+// makes pattern.RoundTrips's warm-up and N timed 64 B round trips on its
+// connection and prints their times on one line ("rtt: NS,NS,..."). It
+// exits when stdin ends.
+//
 // With SHM_SANDBOX_CPUPROFILE=DIR in its environment (which the tests and
 // the benchmark pass on to it), the program writes a CPU profile of its
 // whole run to DIR/sandbox-MODE-PID.pprof, for go tool pprof.
 package main
 
 import (
+	"bufio"
 	"context"
 	"flag"
 	"fmt"
@@ -36,6 +46,8 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime/pprof"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -62,9 +74,9 @@ func main() { os.Exit(run()) }
 
 func run() int {
 	socket := flag.String("socket", "", "the link's socket (socketPath of the CNI result)")
-	mode := flag.String("mode", "echo", "echo, sink, http, send or connect")
+	mode := flag.String("mode", "echo", "echo, sink, http, send, connect or rtt")
 	port := flag.Int("port", 7000, "port to serve on")
-	to := flag.String("to", "", "address:port to connect to (send, connect)")
+	to := flag.String("to", "", "address:port to connect to (send, connect, rtt)")
 	n := flag.Int64("bytes", 1<<20, "bytes to send (send)")
 	dur := flag.Duration("duration", 0, "send: send for this long instead of --bytes (a benchmark's timed transfer); 0: --bytes")
 	timeout := flag.Duration("timeout", 2*time.Minute, "bound of dialing the link and of client modes")
@@ -130,6 +142,8 @@ func run() int {
 		cctx, cancel := context.WithTimeout(ctx, *timeout)
 		defer cancel()
 		err = client(cctx, s, ep, *mode, *to, *n, *dur, *verify)
+	case "rtt":
+		err = rtt(ctx, s, *to, *timeout)
 	default:
 		err = fmt.Errorf("unknown mode %q", *mode)
 	}
@@ -263,11 +277,11 @@ func serveListener(ln net.Listener, mode string, verify bool) error {
 	}
 }
 
-// client runs the send or connect mode.
-func client(ctx context.Context, s *stack.Stack, ep stack.LinkEndpoint, mode, to string, n int64, dur time.Duration, verify bool) error {
+// dial connects to the address:port to.
+func dial(ctx context.Context, s *stack.Stack, to string) (*gonet.TCPConn, error) {
 	ap, err := netip.ParseAddrPort(to)
 	if err != nil {
-		return fmt.Errorf("--to: %w", err)
+		return nil, fmt.Errorf("--to: %w", err)
 	}
 	proto := ipv6.ProtocolNumber
 	if ap.Addr().Is4() {
@@ -275,7 +289,68 @@ func client(ctx context.Context, s *stack.Stack, ep stack.LinkEndpoint, mode, to
 	}
 	c, err := gonet.DialContextTCP(ctx, s, tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFromSlice(ap.Addr().AsSlice()), Port: ap.Port()}, proto)
 	if err != nil {
-		return fmt.Errorf("connect %s: %w", to, err)
+		return nil, fmt.Errorf("connect %s: %w", to, err)
+	}
+	return c, nil
+}
+
+// rtt runs the rtt mode: round trips to the echo server at to, as many as
+// each line of stdin asks for, each batch bounded by timeout.
+func rtt(ctx context.Context, s *stack.Stack, to string, timeout time.Duration) error {
+	dctx, cancel := context.WithTimeout(ctx, timeout)
+	c, err := dial(dctx, s, to)
+	cancel()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	// Stdin is read aside, so that a signal ends the program while it
+	// waits for a line.
+	lines := make(chan string)
+	errc := make(chan error, 1)
+	go func() {
+		sc := bufio.NewScanner(os.Stdin)
+		for sc.Scan() {
+			select {
+			case lines <- sc.Text():
+			case <-ctx.Done():
+				return
+			}
+		}
+		errc <- sc.Err()
+	}()
+	fmt.Println("ready")
+	for {
+		var l string
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-errc:
+			if err != nil {
+				return fmt.Errorf("stdin: %w", err)
+			}
+			return nil
+		case l = <-lines:
+		}
+		count, err := strconv.Atoi(strings.TrimSpace(l))
+		if err != nil || count <= 0 {
+			return fmt.Errorf("stdin: %q is not a positive count of round trips", l)
+		}
+		rctx, cancel := context.WithTimeout(ctx, timeout)
+		ds, err := pattern.RoundTrips(rctx, c, count)
+		cancel()
+		if err != nil {
+			return err
+		}
+		fmt.Println(pattern.FormatRoundTrips(ds))
+	}
+}
+
+// client runs the send or connect mode.
+func client(ctx context.Context, s *stack.Stack, ep stack.LinkEndpoint, mode, to string, n int64, dur time.Duration, verify bool) error {
+	c, err := dial(ctx, s, to)
+	if err != nil {
+		return err
 	}
 	defer c.Close()
 	if mode == "connect" {
