@@ -56,13 +56,13 @@ func startShmClient(ctx context.Context, n *node.Node, p *node.Pod, to netip.Add
 	c := &rttClient{
 		pid:  s.PID(),
 		send: s.WriteLine,
-		next: s.NextLine,
+		next: s.WaitLine,
 		end: func(ctx context.Context) error {
 			s.CloseInput()
 			return s.Wait(ctx)
 		},
 	}
-	if _, err := s.NextLine(ctx, "ready"); err != nil {
+	if _, err := s.WaitLine(ctx, "ready"); err != nil {
 		s.Stop()
 		return nil, err
 	}

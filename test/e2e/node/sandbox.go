@@ -88,12 +88,6 @@ func (n *Node) startProgram(p *Pod, bin, name string, args, env []string) (*Sand
 	return s, nil
 }
 
-// NextLine returns the sandbox's next stdout line starting with prefix,
-// skipping others. It fails when the sandbox exits first or ctx ends.
-func (s *Sandbox) NextLine(ctx context.Context, prefix string) (string, error) {
-	return s.nextLine(ctx, prefix)
-}
-
 func (s *Sandbox) nextLine(ctx context.Context, prefix string) (string, error) {
 	for {
 		select {
