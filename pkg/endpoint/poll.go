@@ -35,10 +35,11 @@ import (
 // finds nothing doubles the sleeps until the next, up to probeMax. An idle
 // link probes only after frames, ever more rarely.
 //
-// Between checks a polling loop yields its processor, to the runtime's
-// other goroutines and to the kernel's other threads on its CPU
+// Between checks a polling loop yields its CPU to the kernel's other threads
 // (sched_yield): a pod's thread woken on the agent's CPU runs at once
-// instead of waiting for the poll to end. At most GOMAXPROCS receive loops
+// instead of waiting for the poll to end. It yields its processor to the
+// runtime's other goroutines at the poll's start and every goschedEvery
+// checks after (below). At most GOMAXPROCS receive loops
 // of a process poll at once; one that finds no slot sleeps.
 
 // DefaultPollMax is the longest a receive loop polls an empty source before
@@ -152,7 +153,20 @@ func (p *Poll) Wait(ready func() bool, stop func() bool) bool {
 			}
 			return false
 		}
-		runtime.Gosched()
+		if i%goschedEvery == 0 {
+			runtime.Gosched()
+		}
 		osYield()
 	}
 }
+
+// goschedEvery is how many of a poll's checks run between two of the
+// runtime's yields (runtime.Gosched), the first at the poll's start. That
+// yield lets the processor's other goroutines run (the TCP processing a
+// delivery has just readied, for one: the first), but it also wakes an idle
+// processor's thread to look for work (wakep), which mostly finds none and
+// parks again, or takes the polling goroutine to another thread: a futex
+// wake and a park per call, on a virtual machine the other vCPU's wake-up.
+// Between those yields a poll only gives the CPU to the kernel's other
+// threads (sched_yield).
+const goschedEvery = 16

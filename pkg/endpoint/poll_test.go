@@ -216,3 +216,36 @@ func TestPollProbesBackOff(t *testing.T) {
 		t.Errorf("after them a probe comes every %d waits, want %d", p.probeEvery, probeMax)
 	}
 }
+
+// TestPollRunsItsProcessorsGoroutines: a poll lets the goroutines of its
+// processor run from its start (the TCP processing a delivery has just
+// readied runs at once): on one processor, a goroutine readied before the
+// poll and one readied by the first make the frame the poll waits for.
+// The poll's budget, 2 ms, is shorter than the runtime's preemption of a
+// goroutine that runs on (10 ms): a poll that did not yield would end
+// without the frame.
+func TestPollRunsItsProcessorsGoroutines(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	p := NewPoll(time.Second)
+	p.gap = int64(time.Millisecond)
+	if b := p.Budget(); b != 2*time.Millisecond {
+		t.Fatalf("budget %v, want 2ms", b)
+	}
+	var first, second atomic.Bool
+	go func() {
+		first.Store(true)
+		go second.Store(true)
+	}()
+	checks := 0
+	found := p.Wait(func() bool {
+		checks++
+		return second.Load()
+	}, nil)
+	if !found {
+		t.Fatalf("the poll ended after %d checks without the frame: it did not let its processor's goroutines run", checks)
+	}
+	if !first.Load() {
+		t.Fatal("the poll found the frame before the goroutine that made it ran")
+	}
+	t.Logf("found at check %d", checks)
+}
