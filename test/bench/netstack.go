@@ -69,17 +69,27 @@ func startShmClient(ctx context.Context, n *node.Node, p *node.Pod, to netip.Add
 	return c, nil
 }
 
-// netstackRTT measures count round trips from a netstack client on the shm
-// pod p to the echo server at to: a sandbox-to-sandbox latency.
-func netstackRTT(ctx context.Context, n *node.Node, p *node.Pod, to netip.AddrPort, count int) (ds []time.Duration, err error) {
+// withShmClient runs f with a netstack client on the shm pod p, connected
+// to the echo server at to, and ends the client after.
+func withShmClient(ctx context.Context, n *node.Node, p *node.Pod, to netip.AddrPort, f func(*rttClient) error) (err error) {
 	c, err := startShmClient(ctx, n, p, to)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer func() {
 		if cerr := c.close(ctx); err == nil {
 			err = cerr
 		}
 	}()
-	return c.round(ctx, count)
+	return f(c)
+}
+
+// netstackRTT measures count round trips from a netstack client on the shm
+// pod p to the echo server at to: a sandbox-to-sandbox latency.
+func netstackRTT(ctx context.Context, n *node.Node, p *node.Pod, to netip.AddrPort, count int) (ds []time.Duration, err error) {
+	err = withShmClient(ctx, n, p, to, func(c *rttClient) error {
+		ds, err = c.round(ctx, count)
+		return err
+	})
+	return ds, err
 }

@@ -191,20 +191,22 @@ func traceRTTErr(ctx context.Context, dir string, n *node.Node, p *node.Pod, to 
 	// At most a ring's worth of records per process: about ten a round trip.
 	count = min(count, hoptrace.Records/16)
 	// One client and connection: untraced round trips, then traced ones.
-	c, err := startShmClient(ctx, n, p, to)
-	if err != nil {
-		return rep, err
-	}
-	defer func() {
-		if cerr := c.close(ctx); err == nil {
-			err = cerr
-		}
-	}()
+	err = withShmClient(ctx, n, p, to, func(c *rttClient) error {
+		var err error
+		rep, err = traceRounds(ctx, dir, c, n.Agent().PID(), echoPID, count)
+		return err
+	})
+	return rep, err
+}
+
+// traceRounds makes count untraced round trips on c, then count traced
+// ones, and cuts the latter into hops.
+func traceRounds(ctx context.Context, dir string, c *rttClient, agentPID, echoPID, count int) (rep traceReport, err error) {
 	untraced, err := c.round(ctx, count)
 	if err != nil {
 		return rep, fmt.Errorf("untraced round trips: %w", err)
 	}
-	roles := map[traceRole]int{roleClient: c.pid, roleAgent: n.Agent().PID(), roleEcho: echoPID}
+	roles := map[traceRole]int{roleClient: c.pid, roleAgent: agentPID, roleEcho: echoPID}
 	files := map[traceRole]*hoptrace.File{}
 	defer func() {
 		// Off on every path: a process left recording would fill its
