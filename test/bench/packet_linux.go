@@ -181,10 +181,16 @@ func (r *packetRef) start(ctx context.Context, e kend, args ...string) (*lineRea
 	}
 	in, err := cmd.StdinPipe()
 	if err != nil {
+		out.Close()
+		cmd.Stdout.(*os.File).Close()
 		return nil, err
 	}
 	if err := r.b.startProcIn(e.ns, cmd); err != nil {
+		// A failed Start closed the pipes; one that never ran did not.
 		in.Close()
+		out.Close()
+		cmd.Stdin.(*os.File).Close()
+		cmd.Stdout.(*os.File).Close()
 		return nil, err
 	}
 	lr := &lineReader{lines: make(chan string, 64), cmd: cmd, stdin: in}

@@ -59,18 +59,20 @@ func (n *Node) startProgram(p *Pod, bin, name string, args, env []string) (*Sand
 	if len(env) > 0 {
 		cmd.Env = append(os.Environ(), env...)
 	}
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		return nil, fmt.Errorf("start %s for %s: %w", name, p.Name, err)
-	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.closed {
 		return nil, fmt.Errorf("start %s for %s: node closed", name, p.Name)
 	}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, fmt.Errorf("start %s for %s: %w", name, p.Name, err)
+	}
 	proc, err := startIn(p.NS, name+" "+p.Name, cmd, true)
 	if err != nil {
+		// A failed Start closed both ends; one that never ran did not.
 		stdin.Close()
+		cmd.Stdin.(*os.File).Close()
 		return nil, fmt.Errorf("start %s for %s: %w", name, p.Name, err)
 	}
 	s := &Sandbox{pod: p, proc: proc, stdin: stdin, LogPath: logPath}
