@@ -1,4 +1,5 @@
-// Package tcpipx converts between net/netip and gVisor's tcpip types.
+// Package tcpipx converts between net/netip and gVisor's tcpip types, and
+// builds IP packets for tests.
 package tcpipx
 
 import (
@@ -14,4 +15,29 @@ func ProtocolOf(a netip.Addr) tcpip.NetworkProtocolNumber {
 		return header.IPv4ProtocolNumber
 	}
 	return header.IPv6ProtocolNumber
+}
+
+// IPPacket returns an IPv4 packet (src an IPv4 address; its header checksum
+// set) or an IPv6 one with hopLimit, proto and payload: a packet of the
+// tests' and the test programs' own making.
+func IPPacket(src, dst netip.Addr, proto tcpip.TransportProtocolNumber, hopLimit uint8, payload []byte) []byte {
+	s, d := tcpip.AddrFromSlice(src.AsSlice()), tcpip.AddrFromSlice(dst.AsSlice())
+	if src.Is4() {
+		b := make([]byte, header.IPv4MinimumSize+len(payload))
+		ip := header.IPv4(b)
+		ip.Encode(&header.IPv4Fields{
+			TotalLength: uint16(len(b)), TTL: hopLimit, Protocol: uint8(proto),
+			SrcAddr: s, DstAddr: d,
+		})
+		ip.SetChecksum(^ip.CalculateChecksum())
+		copy(b[header.IPv4MinimumSize:], payload)
+		return b
+	}
+	b := make([]byte, header.IPv6MinimumSize+len(payload))
+	header.IPv6(b).Encode(&header.IPv6Fields{
+		PayloadLength: uint16(len(payload)), TransportProtocol: proto, HopLimit: hopLimit,
+		SrcAddr: s, DstAddr: d,
+	})
+	copy(b[header.IPv6MinimumSize:], payload)
+	return b
 }

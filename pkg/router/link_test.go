@@ -13,6 +13,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/link/ethernet"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
@@ -73,24 +74,7 @@ func (c chanLink) read() header.Ethernet {
 
 // ipPacket builds an IPv4 or IPv6 packet with hop limit 64.
 func ipPacket(src, dst netip.Addr, proto tcpip.TransportProtocolNumber, payload []byte) []byte {
-	if src.Is4() {
-		b := make([]byte, header.IPv4MinimumSize+len(payload))
-		ip := header.IPv4(b)
-		ip.Encode(&header.IPv4Fields{
-			TotalLength: uint16(len(b)), TTL: 64, Protocol: uint8(proto),
-			SrcAddr: toAddr(src), DstAddr: toAddr(dst),
-		})
-		ip.SetChecksum(^ip.CalculateChecksum())
-		copy(b[header.IPv4MinimumSize:], payload)
-		return b
-	}
-	b := make([]byte, header.IPv6MinimumSize+len(payload))
-	header.IPv6(b).Encode(&header.IPv6Fields{
-		PayloadLength: uint16(len(payload)), TransportProtocol: proto, HopLimit: 64,
-		SrcAddr: toAddr(src), DstAddr: toAddr(dst),
-	})
-	copy(b[header.IPv6MinimumSize:], payload)
-	return b
+	return tcpipx.IPPacket(src, dst, proto, 64, payload)
 }
 
 // echoRequest builds an ICMP or ICMPv6 echo request from src to dst.

@@ -39,6 +39,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"github.com/shm-cni/shm-cni/pkg/queue"
 )
@@ -410,25 +411,14 @@ func ipUDP(src netip.Addr, dst netip.AddrPort, payload []byte) []byte {
 	return ipPacket(src, dst.Addr(), header.UDPProtocolNumber, u)
 }
 
+// ipPacket builds an IPv4 packet with TTL 64 or an IPv6 one with hop
+// limit 255.
 func ipPacket(src, dst netip.Addr, proto tcpip.TransportProtocolNumber, payload []byte) []byte {
-	if src.Is4() {
-		b := make([]byte, header.IPv4MinimumSize+len(payload))
-		ip := header.IPv4(b)
-		ip.Encode(&header.IPv4Fields{
-			TotalLength: uint16(len(b)), TTL: 64, Protocol: uint8(proto),
-			SrcAddr: addr(src), DstAddr: addr(dst),
-		})
-		ip.SetChecksum(^ip.CalculateChecksum())
-		copy(b[header.IPv4MinimumSize:], payload)
-		return b
+	hops := uint8(64)
+	if src.Is6() {
+		hops = 255
 	}
-	b := make([]byte, header.IPv6MinimumSize+len(payload))
-	header.IPv6(b).Encode(&header.IPv6Fields{
-		PayloadLength: uint16(len(payload)), TransportProtocol: proto, HopLimit: 255,
-		SrcAddr: addr(src), DstAddr: addr(dst),
-	})
-	copy(b[header.IPv6MinimumSize:], payload)
-	return b
+	return tcpipx.IPPacket(src, dst, proto, hops, payload)
 }
 
 // arpReply claims ip for mac.
