@@ -17,9 +17,9 @@ func ProtocolOf(a netip.Addr) tcpip.NetworkProtocolNumber {
 	return header.IPv6ProtocolNumber
 }
 
-// IPPacket returns an IPv4 packet (src an IPv4 address; its header checksum
-// set) or an IPv6 one with hopLimit, proto and payload: a packet of the
-// tests' and the test programs' own making.
+// IPPacket builds an IP packet from src to dst carrying payload as proto,
+// with hopLimit as its TTL or hop limit: IPv4, its header checksum set, when
+// src is an IPv4 address, IPv6 otherwise. For tests and test programs.
 func IPPacket(src, dst netip.Addr, proto tcpip.TransportProtocolNumber, hopLimit uint8, payload []byte) []byte {
 	s, d := tcpip.AddrFromSlice(src.AsSlice()), tcpip.AddrFromSlice(dst.AsSlice())
 	if src.Is4() {
