@@ -88,8 +88,9 @@ func withShmClient(ctx context.Context, n *node.Node, p *node.Pod, to netip.Addr
 // pod p to the echo server at to: a sandbox-to-sandbox latency.
 func netstackRTT(ctx context.Context, n *node.Node, p *node.Pod, to netip.AddrPort, count int) (ds []time.Duration, err error) {
 	err = withShmClient(ctx, n, p, to, func(c *rttClient) error {
-		ds, err = c.round(ctx, count)
-		return err
+		var rerr error
+		ds, rerr = c.round(ctx, count)
+		return rerr
 	})
 	return ds, err
 }
