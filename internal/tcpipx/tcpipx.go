@@ -9,6 +9,9 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
+// Addr returns a as gVisor's address: 4 bytes for IPv4, 16 for IPv6.
+func Addr(a netip.Addr) tcpip.Address { return tcpip.AddrFromSlice(a.AsSlice()) }
+
 // ProtocolOf returns a's network protocol, IPv4 or IPv6.
 func ProtocolOf(a netip.Addr) tcpip.NetworkProtocolNumber {
 	if a.Is4() {
@@ -21,7 +24,7 @@ func ProtocolOf(a netip.Addr) tcpip.NetworkProtocolNumber {
 // with hopLimit as its TTL or hop limit: IPv4, its header checksum set, when
 // src is an IPv4 address, IPv6 otherwise. For tests and test programs.
 func IPPacket(src, dst netip.Addr, proto tcpip.TransportProtocolNumber, hopLimit uint8, payload []byte) []byte {
-	s, d := tcpip.AddrFromSlice(src.AsSlice()), tcpip.AddrFromSlice(dst.AsSlice())
+	s, d := Addr(src), Addr(dst)
 	if src.Is4() {
 		b := make([]byte, header.IPv4MinimumSize+len(payload))
 		ip := header.IPv4(b)

@@ -407,7 +407,7 @@ func (sb *sandbox) addr(v4 bool) netip.Addr {
 // listen listens on a TCP port of addr inside the sandbox.
 func (sb *sandbox) listen(t *testing.T, addr netip.Addr, port uint16) net.Listener {
 	t.Helper()
-	ln, err := gonet.ListenTCP(sb.s, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(addr.AsSlice()), Port: port}, tcpipx.ProtocolOf(addr))
+	ln, err := gonet.ListenTCP(sb.s, tcpip.FullAddress{NIC: 1, Addr: tcpipx.Addr(addr), Port: port}, tcpipx.ProtocolOf(addr))
 	if err != nil {
 		t.Fatalf("sandbox listen %s: %v", addr, err)
 	}
@@ -419,7 +419,7 @@ func (sb *sandbox) listen(t *testing.T, addr netip.Addr, port uint16) net.Listen
 func (sb *sandbox) dial(dst netip.AddrPort) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), ioTimeout)
 	defer cancel()
-	return gonet.DialContextTCP(ctx, sb.s, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(dst.Addr().AsSlice()), Port: dst.Port()}, tcpipx.ProtocolOf(dst.Addr()))
+	return gonet.DialContextTCP(ctx, sb.s, tcpip.FullAddress{NIC: 1, Addr: tcpipx.Addr(dst.Addr()), Port: dst.Port()}, tcpipx.ProtocolOf(dst.Addr()))
 }
 
 // listenIn listens on a kernel TCP port of addr inside n.

@@ -702,7 +702,7 @@ func serveTruth(t *testing.T, end truthEnd) {
 			var err error
 			switch {
 			case end.pod != nil && end.pod.sandbox:
-				fa := tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(a.AsSlice()), Port: pr.port}
+				fa := tcpip.FullAddress{NIC: 1, Addr: tcpipx.Addr(a), Port: pr.port}
 				if pr.proto == corev1.ProtocolTCP {
 					ln, err = gonet.ListenTCP(end.pod.sb.s, fa, tcpipx.ProtocolOf(a))
 				} else {
@@ -771,7 +771,7 @@ func (e truthEnd) probe(dst truthEnd, fam int, pr truthProbe, wait time.Duration
 	var err error
 	if e.pod != nil && e.pod.sandbox {
 		s := e.pod.sb.s
-		fa := tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(to.Addr().AsSlice()), Port: to.Port()}
+		fa := tcpip.FullAddress{NIC: 1, Addr: tcpipx.Addr(to.Addr()), Port: to.Port()}
 		if pr.proto == corev1.ProtocolTCP {
 			ctx, cancel := context.WithTimeout(context.Background(), wait)
 			c, err = gonet.DialContextTCP(ctx, s, fa, tcpipx.ProtocolOf(to.Addr()))
@@ -1167,7 +1167,7 @@ func sandboxPing(s *stack.Stack, dst netip.Addr, req []byte, wait time.Duration)
 		return false, fmt.Errorf("ping endpoint: %s", terr)
 	}
 	defer ep.Close()
-	if terr := ep.Connect(tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(dst.AsSlice())}); terr != nil {
+	if terr := ep.Connect(tcpip.FullAddress{NIC: 1, Addr: tcpipx.Addr(dst)}); terr != nil {
 		return false, fmt.Errorf("ping connect %s: %s", dst, terr)
 	}
 	send := func() error {

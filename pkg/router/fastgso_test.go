@@ -12,6 +12,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 )
 
@@ -52,7 +53,7 @@ func TestLargeSegmentsToKernelPod(t *testing.T) {
 		seg = append(seg, patterned(30000)...)
 		t4 := header.TCP(seg)
 		t4.SetChecksum(0)
-		xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, toAddr(tc.src), toAddr(tc.dst), uint16(len(seg)))
+		xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, tcpipx.Addr(tc.src), tcpipx.Addr(tc.dst), uint16(len(seg)))
 		t4.SetChecksum(^checksumOf(seg, xsum))
 		sent := ipPacket(tc.src, tc.dst, header.TCPProtocolNumber, seg)
 		before, _ := r.LinkStats("a")
@@ -148,7 +149,7 @@ func (c chanLink) injectSuper(mac tcpip.LinkAddress, src, dst netip.Addr, data i
 	opts := []byte{1, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8} // timestamps
 	seg := tcpSYN(src, dst, header.TCPFlagAck|header.TCPFlagPsh, opts)
 	seg = append(seg, patterned(data)...)
-	header.TCP(seg).SetChecksum(header.PseudoHeaderChecksum(header.TCPProtocolNumber, toAddr(src), toAddr(dst), uint16(len(seg))))
+	header.TCP(seg).SetChecksum(header.PseudoHeaderChecksum(header.TCPProtocolNumber, tcpipx.Addr(src), tcpipx.Addr(dst), uint16(len(seg))))
 	ip := ipPacket(src, dst, header.TCPProtocolNumber, seg)
 	proto := header.IPv4ProtocolNumber
 	if src.Is6() {

@@ -11,6 +11,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 )
 
 // These tests send crafted frames from pod A through a router that was never
@@ -49,7 +51,7 @@ func icmpv6(typ header.ICMPv6Type, src, dst, target netip.Addr) []byte {
 	opt := m[header.ICMPv6HeaderSize+4+16:]
 	opt[0], opt[1] = 1, 1 // source link-layer address, 8 bytes
 	copy(opt[2:], macA)
-	m.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: m, Src: toAddr(src), Dst: toAddr(dst)}))
+	m.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: m, Src: tcpipx.Addr(src), Dst: tcpipx.Addr(dst)}))
 	return m
 }
 
@@ -85,7 +87,7 @@ func withExtHeader(ip []byte, ext header.IPv6ExtensionHeaderIdentifier) []byte {
 
 // solicited returns a's solicited-node multicast address.
 func solicited(a netip.Addr) netip.Addr {
-	return netip.AddrFrom16(header.SolicitedNodeAddr(toAddr(a)).As16())
+	return netip.AddrFrom16(header.SolicitedNodeAddr(tcpipx.Addr(a)).As16())
 }
 
 var (

@@ -108,7 +108,7 @@ func (r *Router) AddLink(id string, ep stack.LinkEndpoint, l Link) error {
 	}
 	for _, a := range l.Addrs {
 		if resolves {
-			if err := r.stack.AddStaticNeighbor(nicID, tcpipx.ProtocolOf(a), toAddr(a), l.PodMAC); err != nil {
+			if err := r.stack.AddStaticNeighbor(nicID, tcpipx.ProtocolOf(a), tcpipx.Addr(a), l.PodMAC); err != nil {
 				return fmt.Errorf("add link %s: neighbor %s -> %s: %s", id, a, l.PodMAC, err)
 			}
 		}

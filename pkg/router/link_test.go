@@ -92,7 +92,7 @@ func echoRequest(src, dst netip.Addr) []byte {
 	icmp.SetIdent(7)
 	icmp.SetSequence(1)
 	icmp.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{
-		Header: icmp, Src: toAddr(src), Dst: toAddr(dst),
+		Header: icmp, Src: tcpipx.Addr(src), Dst: tcpipx.Addr(dst),
 	}))
 	return ipPacket(src, dst, header.ICMPv6ProtocolNumber, icmp)
 }

@@ -14,6 +14,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 	"gvisor.dev/gvisor/pkg/tcpip/link/ethernet"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 )
 
 // Links of different MTUs: sandbox links carry large packets (64 KiB TCP
@@ -257,7 +259,7 @@ func tcpSYN(src, dst netip.Addr, flags header.TCPFlags, opts []byte) []byte {
 	t := header.TCP(make([]byte, header.TCPMinimumSize+len(opts)))
 	t.Encode(&header.TCPFields{SrcPort: 1000, DstPort: 2000, SeqNum: 1, DataOffset: uint8(len(t)), Flags: flags, WindowSize: 65535})
 	copy(t[header.TCPMinimumSize:], opts)
-	xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, toAddr(src), toAddr(dst), uint16(len(t)))
+	xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, tcpipx.Addr(src), tcpipx.Addr(dst), uint16(len(t)))
 	t.SetChecksum(^checksum.Checksum(t, xsum))
 	return t
 }
@@ -266,7 +268,7 @@ func tcpSYN(src, dst netip.Addr, flags header.TCPFlags, opts []byte) []byte {
 // valid checksum.
 func tcpChecksumValid(ip []byte) bool {
 	src, dst, _, seg := ipFields(ip)
-	xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, toAddr(src), toAddr(dst), uint16(len(seg)))
+	xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, tcpipx.Addr(src), tcpipx.Addr(dst), uint16(len(seg)))
 	return checksum.Checksum(seg, xsum) == 0xffff
 }
 

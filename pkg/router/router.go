@@ -11,6 +11,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/google/nftables"
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/policy"
 	"github.com/vishvananda/netlink"
@@ -20,8 +21,6 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
-
-	"github.com/shm-cni/shm-cni/internal/tcpipx"
 )
 
 // The link-local gateway every pod routes to. The router owns both on every
@@ -268,7 +267,7 @@ func addGatewayAddrs(s *stack.Stack, id tcpip.NICID) error {
 	for _, a := range []netip.Addr{GatewayV4, GatewayV6} {
 		pa := tcpip.ProtocolAddress{
 			Protocol:          tcpipx.ProtocolOf(a),
-			AddressWithPrefix: tcpip.AddressWithPrefix{Address: toAddr(a), PrefixLen: a.BitLen()},
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpipx.Addr(a), PrefixLen: a.BitLen()},
 		}
 		if err := s.AddProtocolAddress(id, pa, stack.AddressProperties{}); err != nil {
 			return fmt.Errorf("add address %s to NIC %d: %s", a, id, err)
@@ -538,14 +537,9 @@ func (r *Router) UnroutedDrops() uint64 {
 	return r.hole.dropped.Load()
 }
 
-// toAddr converts a to a tcpip.Address.
-func toAddr(a netip.Addr) tcpip.Address {
-	return tcpip.AddrFromSlice(a.AsSlice())
-}
-
 // toSubnet converts a valid, masked prefix to a tcpip.Subnet.
 func toSubnet(p netip.Prefix) tcpip.Subnet {
-	return tcpip.AddressWithPrefix{Address: toAddr(p.Addr()), PrefixLen: p.Bits()}.Subnet()
+	return tcpip.AddressWithPrefix{Address: tcpipx.Addr(p.Addr()), PrefixLen: p.Bits()}.Subnet()
 }
 
 // defaultSubnet is the default route's destination in a's family.

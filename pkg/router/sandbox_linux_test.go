@@ -129,7 +129,7 @@ func newSandboxPodWith(t testing.TB, r *Router, id string, o sandboxOpts, addrs 
 
 // fullAddress is addr:port on the sandbox's NIC.
 func fullAddress(addr netip.Addr, port uint16) tcpip.FullAddress {
-	return tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(addr.AsSlice()), Port: port}
+	return tcpip.FullAddress{NIC: 1, Addr: tcpipx.Addr(addr), Port: port}
 }
 
 // listen listens on addr:port in the sandbox until t ends.

@@ -25,7 +25,7 @@ func (c *LinkConfig) Configure(s *stack.Stack, nic tcpip.NICID) error {
 		return err
 	}
 	for _, gw := range c.Gateways {
-		if err := s.AddStaticNeighbor(nic, tcpipx.ProtocolOf(gw), tcpip.AddrFromSlice(gw.AsSlice()), tcpip.LinkAddress(gwMAC)); err != nil {
+		if err := s.AddStaticNeighbor(nic, tcpipx.ProtocolOf(gw), tcpipx.Addr(gw), tcpip.LinkAddress(gwMAC)); err != nil {
 			return fmt.Errorf("configure NIC %d: neighbor %s -> %s: %s", nic, gw, c.GatewayMAC, err)
 		}
 	}
@@ -38,7 +38,7 @@ func AddAddresses(s *stack.Stack, nic tcpip.NICID, addrs []netip.Prefix) error {
 	for _, p := range addrs {
 		pa := tcpip.ProtocolAddress{
 			Protocol:          tcpipx.ProtocolOf(p.Addr()),
-			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(p.Addr().AsSlice()), PrefixLen: p.Bits()},
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpipx.Addr(p.Addr()), PrefixLen: p.Bits()},
 		}
 		if err := s.AddProtocolAddress(nic, pa, stack.AddressProperties{}); err != nil {
 			return fmt.Errorf("configure NIC %d: add address %s: %s", nic, p, err)
@@ -51,11 +51,11 @@ func AddAddresses(s *stack.Stack, nic tcpip.NICID, addrs []netip.Prefix) error {
 func AddRoutes(s *stack.Stack, nic tcpip.NICID, routes []LinkRoute) {
 	for _, r := range routes {
 		rt := tcpip.Route{
-			Destination: tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(r.Dst.Addr().AsSlice()), PrefixLen: r.Dst.Bits()}.Subnet(),
+			Destination: tcpip.AddressWithPrefix{Address: tcpipx.Addr(r.Dst.Addr()), PrefixLen: r.Dst.Bits()}.Subnet(),
 			NIC:         nic,
 		}
 		if r.GW.IsValid() {
-			rt.Gateway = tcpip.AddrFromSlice(r.GW.AsSlice())
+			rt.Gateway = tcpipx.Addr(r.GW)
 		}
 		s.AddRoute(rt)
 	}

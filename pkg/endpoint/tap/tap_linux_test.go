@@ -34,6 +34,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 	"github.com/shm-cni/shm-cni/internal/testutil"
 	"github.com/shm-cni/shm-cni/pkg/endpoint/internal/frametest"
 	"github.com/shm-cni/shm-cni/pkg/tuntap"
@@ -184,7 +185,7 @@ func newAgentStack(t *testing.T, ep stack.LinkEndpoint, v6 bool) *stack.Stack {
 		if p.Addr().Is6() {
 			proto = ipv6.ProtocolNumber
 		}
-		awp := tcpip.AddressWithPrefix{Address: tcpip.AddrFromSlice(p.Addr().AsSlice()), PrefixLen: p.Bits()}
+		awp := tcpip.AddressWithPrefix{Address: tcpipx.Addr(p.Addr()), PrefixLen: p.Bits()}
 		if err := s.AddProtocolAddress(1, tcpip.ProtocolAddress{Protocol: proto, AddressWithPrefix: awp}, stack.AddressProperties{}); err != nil {
 			t.Fatalf("add %s: %v", p, err)
 		}
@@ -256,7 +257,7 @@ func podToAgent(t *testing.T, s *stack.Stack, pod *kernelPod, dst netip.Addr, n 
 	if dst.Is6() {
 		proto = ipv6.ProtocolNumber
 	}
-	ln, err := gonet.ListenTCP(s, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(dst.AsSlice()), Port: 5001}, proto)
+	ln, err := gonet.ListenTCP(s, tcpip.FullAddress{NIC: 1, Addr: tcpipx.Addr(dst), Port: 5001}, proto)
 	if err != nil {
 		t.Fatalf("gvisor listen: %v", err)
 	}
@@ -323,7 +324,7 @@ func agentToPod(t *testing.T, s *stack.Stack, pod *kernelPod, dst netip.Addr, n 
 	ctx, cancel := context.WithTimeout(context.Background(), transferDeadline)
 	defer cancel()
 	port := uint16(ln.Addr().(*net.TCPAddr).Port)
-	c, err := gonet.DialContextTCP(ctx, s, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(dst.AsSlice()), Port: port}, proto)
+	c, err := gonet.DialContextTCP(ctx, s, tcpip.FullAddress{NIC: 1, Addr: tcpipx.Addr(dst), Port: port}, proto)
 	if err != nil {
 		t.Fatalf("gvisor dial: %v", err)
 	}

@@ -398,14 +398,12 @@ func ethernetType(src, dst tcpip.LinkAddress, proto tcpip.NetworkProtocolNumber,
 	return f
 }
 
-func addr(a netip.Addr) tcpip.Address { return tcpip.AddrFromSlice(a.AsSlice()) }
-
 // ipUDP builds an IPv4 or IPv6 UDP packet with valid checksums.
 func ipUDP(src netip.Addr, dst netip.AddrPort, payload []byte) []byte {
 	u := make([]byte, header.UDPMinimumSize+len(payload))
 	header.UDP(u).Encode(&header.UDPFields{SrcPort: 40000, DstPort: dst.Port(), Length: uint16(len(u))})
 	copy(u[header.UDPMinimumSize:], payload)
-	xsum := header.PseudoHeaderChecksum(header.UDPProtocolNumber, addr(src), addr(dst.Addr()), uint16(len(u)))
+	xsum := header.PseudoHeaderChecksum(header.UDPProtocolNumber, tcpipx.Addr(src), tcpipx.Addr(dst.Addr()), uint16(len(u)))
 	xsum = checksum.Combine(xsum, checksum.Checksum(payload, 0))
 	header.UDP(u).SetChecksum(^header.UDP(u).CalculateChecksum(xsum))
 	return ipPacket(src, dst.Addr(), header.UDPProtocolNumber, u)
@@ -440,10 +438,10 @@ func neighborAdvert(src, target netip.Addr, mac tcpip.LinkAddress) []byte {
 	m.SetType(header.ICMPv6NeighborAdvert)
 	na := header.NDPNeighborAdvert(m.MessageBody())
 	na.SetOverrideFlag(true)
-	na.SetTargetAddress(addr(target))
+	na.SetTargetAddress(tcpipx.Addr(target))
 	opt := m[header.ICMPv6NeighborAdvertMinimumSize:]
 	opt[0], opt[1] = 2, 1 // target link-layer address, 8 bytes
 	copy(opt[2:], mac)
-	m.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: m, Src: addr(src), Dst: addr(gw)}))
+	m.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: m, Src: tcpipx.Addr(src), Dst: tcpipx.Addr(gw)}))
 	return ipPacket(src, gw, header.ICMPv6ProtocolNumber, m)
 }

@@ -21,6 +21,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 	"github.com/shm-cni/shm-cni/internal/testutil"
 )
 
@@ -85,7 +86,7 @@ func testAttach(t *testing.T, gso bool) {
 		t.Errorf("the kernel still has %v on eth0 after Attach", got)
 	}
 
-	ln, err := gonet.ListenTCP(s, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFromSlice(sbxAddr.Addr().AsSlice()), Port: 7000}, ipv4.ProtocolNumber)
+	ln, err := gonet.ListenTCP(s, tcpip.FullAddress{NIC: 1, Addr: tcpipx.Addr(sbxAddr.Addr()), Port: 7000}, ipv4.ProtocolNumber)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -62,6 +62,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/shm-cni/shm-cni/internal/hoptrace"
+	"github.com/shm-cni/shm-cni/internal/tcpipx"
 	"github.com/shm-cni/shm-cni/pkg/endpoint"
 	"github.com/shm-cni/shm-cni/pkg/endpoint/shm"
 	"github.com/shm-cni/shm-cni/test/e2e/packetlink"
@@ -224,7 +225,7 @@ func serve(ctx context.Context, s *stack.Stack, cfg shm.LinkConfig, mode string,
 		if v4 {
 			proto = ipv4.ProtocolNumber
 		}
-		ln, err := gonet.ListenTCP(s, tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFromSlice(p.Addr().AsSlice()), Port: port}, proto)
+		ln, err := gonet.ListenTCP(s, tcpip.FullAddress{NIC: nicID, Addr: tcpipx.Addr(p.Addr()), Port: port}, proto)
 		if err != nil {
 			return fmt.Errorf("listen on %s port %d: %w", p.Addr(), port, err)
 		}
@@ -287,7 +288,7 @@ func dial(ctx context.Context, s *stack.Stack, to string) (*gonet.TCPConn, error
 	if ap.Addr().Is4() {
 		proto = ipv4.ProtocolNumber
 	}
-	c, err := gonet.DialContextTCP(ctx, s, tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFromSlice(ap.Addr().AsSlice()), Port: ap.Port()}, proto)
+	c, err := gonet.DialContextTCP(ctx, s, tcpip.FullAddress{NIC: nicID, Addr: tcpipx.Addr(ap.Addr()), Port: ap.Port()}, proto)
 	if err != nil {
 		return nil, fmt.Errorf("connect %s: %w", to, err)
 	}
