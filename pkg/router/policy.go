@@ -45,11 +45,17 @@ func (r *Router) SetPolicy(s *policy.Snapshot) {
 	if h := r.hostPol.Load(); h != nil {
 		h.setPolicy(s)
 	}
+	r.inForce.Store(s)
 }
 
-// Policy returns the installed policy snapshot, or nil.
+// Policy returns the policy snapshot in force, or nil: the one SetPolicy
+// installed last, once it returned. Until then the host may still let a
+// veth link's new connection through without queueing it to the router
+// (its sets of isolated addresses are updated after the enforcer's
+// snapshot), so the agent's /policy and metrics, which report this one,
+// never say a policy is enforced before it is.
 func (r *Router) Policy() *policy.Snapshot {
-	return r.policy.Snapshot()
+	return r.inForce.Load()
 }
 
 // PolicyCounts returns the policy counters of the installed snapshot's

@@ -85,6 +85,9 @@ type Router struct {
 	// policy enforces NetworkPolicy (policy.go); its snapshot is swapped
 	// atomically. Immutable pointer.
 	policy *policy.Enforcer
+	// inForce is the snapshot SetPolicy installed last, once the host's
+	// queueing for veth links has it too (Policy).
+	inForce atomic.Pointer[policy.Snapshot]
 
 	// mu guards the fields below and serialises every change to the
 	// stack's NICs, addresses, routes and neighbors, and to the host.
