@@ -34,10 +34,11 @@ import (
 // it; the fast path copies the headers and the link copies the segment into
 // its queue. A sandbox's link that took checksum offload (shm.Options.RxGSO)
 // gets the super-packet with its checksum partial, as a virtio-net guest
-// would: neither the router nor the sandbox sums its 64 KiB. Only a
-// super-packet for a link that takes no GSO and that it does not fit still
-// goes through gVisor, whose link cuts it into segments (or, with checksum
-// offload, writes it whole).
+// would: neither the router nor the sandbox sums its 64 KiB. A super-packet
+// that a link without GSO does not fit (one of 64 KiB from a veth pod,
+// whose kernel keeps its own gso_max_size, to a sandbox's link of 65000)
+// is cut into the fewest pieces of whole segments that fit (splitSuper):
+// two, where gVisor's path would cut it into segments of the kernel's MSS.
 //
 // The sandbox's own checksum is replaced by the partial one: a sandbox that
 // sends a bad checksum gets its own data through unchecked, which is all a
@@ -197,4 +198,67 @@ func setSynMSS(protocol tcpip.NetworkProtocolNumber, ip []byte, mtu uint32, rais
 	}
 	mss := uint16(min(int(mtu), maxMTU) - l3 - header.TCPMinimumSize)
 	setMSS(t, i, func(old uint16) bool { return (old < mss) == raise && old != mss }, mss)
+}
+
+// splitSuper cuts a kernel's super-packet that a link without GSO does not
+// fit (a sandbox's, for a kernel pod whose TCP sends 64 KiB super-packets)
+// into pieces that fit it, each a whole number of segments of mss: as few
+// as fit, where gVisor's path would cut it into segments of mss. hb is the
+// private copy of its IP and TCP headers (the TTL decremented), at the
+// front of payload, the whole packet, which splitSuper takes. Each piece
+// gets headers of its own, as a kernel's segmentation makes them (the IP
+// length and IPv4 ID, the sequence number, FIN and PSH on the last piece
+// only, CWR on the first) and shares payload's data; emit gets it, with the
+// private headers at its front, the TCP checksum left as it was (the
+// caller completes it or makes it partial). It returns the number of
+// pieces. The headers fit mtu (hdrLen < mtu) and mss is at most what fits.
+func (s *tcpSegment) splitSuper(hb []byte, payload buffer.Buffer, mtu uint32, mss uint16, emit func(buffer.Buffer, []byte)) int {
+	hl := s.l3 + s.l4
+	// The headers first: hb may lie in the view the trim releases.
+	var tmpl [header.IPv6MinimumSize + header.TCPHeaderMaximumSize]byte
+	hb = tmpl[:copy(tmpl[:], hb[:hl])]
+	data := payload
+	data.TrimFront(int64(hl))
+	n := int(data.Size())
+	per := (int(mtu) - hl) / int(mss) * int(mss)
+	th := header.TCP(hb[s.l3:])
+	seq0, flags0 := th.SequenceNumber(), uint8(th.Flags())
+	var id0 uint16
+	if !s.v6 {
+		id0 = header.IPv4(hb).ID()
+	}
+	pieces := 0
+	for off := 0; off < n; off += per {
+		size := min(per, n-off)
+		hv := buffer.NewViewWithData(hb[:hl])
+		h := hv.AsSlice()
+		if s.v6 {
+			header.IPv6(h).SetPayloadLength(uint16(s.l4 + size))
+		} else {
+			ip := header.IPv4(h)
+			ip.SetTotalLength(uint16(hl + size))
+			ip.SetID(id0 + uint16(off/int(mss)))
+			ip.SetChecksum(0)
+			ip.SetChecksum(^ip.CalculateChecksum())
+		}
+		t := header.TCP(h[s.l3:])
+		t.SetSequenceNumber(seq0 + uint32(off))
+		flags := flags0
+		if off+size < n {
+			flags &^= uint8(header.TCPFlagFin | header.TCPFlagPsh)
+		}
+		if off != 0 {
+			flags &^= uint8(header.TCPFlagCwr)
+		}
+		t.SetFlags(flags)
+		piece := buffer.MakeWithView(hv)
+		d := data.Clone()
+		d.TrimFront(int64(off))
+		d.Truncate(int64(size))
+		piece.Merge(&d)
+		emit(piece, h)
+		pieces++
+	}
+	data.Release()
+	return pieces
 }

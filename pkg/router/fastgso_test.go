@@ -3,6 +3,7 @@ package router
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"net/netip"
 	"testing"
 
@@ -171,7 +172,7 @@ func (c chanLink) injectSuper(mac tcpip.LinkAddress, src, dst netip.Addr, data i
 // sandbox's) it goes whole, as a plain segment with its checksum completed;
 // to another kernel pod's link it stays a super-packet, cut at the kernel's
 // MSS (at least 536 bytes, at most what fits the link), its checksum partial;
-// to a link without GSO that it does not fit, gVisor's path segments it.
+// to a link without GSO that it does not fit, in pieces that do (checkPieces).
 func TestKernelSuperPacketsFastPath(t *testing.T) {
 	r, a, _, c := mtuLinks(t)
 	k := kernelLink(t, r)
@@ -236,13 +237,140 @@ func TestKernelSuperPacketsFastPath(t *testing.T) {
 			}
 		}
 
-		// To a link without GSO that it does not fit: gVisor's path.
-		before = fast()
-		k.injectSuper(macK, src, small, 30000, 1448)
-		for c.read() != nil {
+		// To a link without GSO that it does not fit: pieces of whole
+		// segments that fit, the fewest (a sandbox's link, for a
+		// super-packet of 64 KiB), or segments (a link of the kernel
+		// pod's MTU), on the fast path.
+		for _, tc := range []struct {
+			name      string
+			to        chanLink
+			dst       netip.Addr
+			data      int
+			mtu       int
+			kernelMSS uint16
+		}{
+			{"a sandbox's link", a, sandbox, 65000, largeMTU, 1448},
+			{"a sandbox's link, MSS 1000", a, sandbox, 64990, largeMTU, 1000},
+			{"a link of 1500", c, small, 30000, smallMTU, 1448},
+		} {
+			before := fast()
+			sent := k.injectSuper(macK, src, tc.dst, tc.data, tc.kernelMSS)
+			checkPieces(t, fmt.Sprintf("v6=%v %s", v6, tc.name), sent, tc.to, tc.mtu, tc.kernelMSS, false)
+			if fast() != before+1 {
+				t.Errorf("v6=%v %s: did not take the fast path", v6, tc.name)
+			}
 		}
-		if fast() != before {
-			t.Errorf("v6=%v: a super-packet too big for a link without GSO took the fast path", v6)
+	}
+}
+
+// partialEndpoint makes a test link take partial TCP checksums, as a
+// sandbox's link that took checksum offload does.
+type partialEndpoint struct{ stack.LinkEndpoint }
+
+func (partialEndpoint) TakesPartialTCPChecksum() bool { return true }
+
+// TestKernelSuperPacketSplitPartial: a kernel pod's super-packet too big
+// for a sandbox's link that takes partial checksums reaches it in pieces
+// that fit, each with its checksum partial (the pseudo-header sum of the
+// piece) and GSO options.
+func TestKernelSuperPacketSplitPartial(t *testing.T) {
+	r, _, b, _ := mtuLinks(t)
+	if err := r.RemoveLink("b"); err != nil {
+		t.Fatal(err)
+	}
+	p := newChanLinkMTU(largeMTU)
+	p.ep = partialEndpoint{p.ep}
+	if err := r.AddLink("p", p.ep, Link{Addrs: []netip.Addr{podB4, podB6}, PodMAC: macB}); err != nil {
+		t.Fatal(err)
+	}
+	_ = b
+	k := kernelLink(t, r)
+	for _, tc := range []struct{ src, dst netip.Addr }{{podK4, podB4}, {podK6, podB6}} {
+		sent := k.injectSuper(macK, tc.src, tc.dst, 65000, 1448)
+		checkPieces(t, tc.dst.String(), sent, p, largeMTU, 1448, true)
+	}
+}
+
+// checkPieces reads the pieces of the kernel's super-packet sent (IP
+// packet, checksum partial, flags ACK and PSH, the kernel's MSS kernelMSS)
+// from link to and checks them: as few as fit mtu in whole segments of the
+// MSS it is cut at (the kernel's, or what fits), hop limit one less, the
+// IP length, IPv4 ID and header checksum, sequence numbers and data of the
+// pieces in order, PSH on the last only, TCP checksums complete (or,
+// partial, the pseudo-header sums, with GSO options), and nothing else on
+// the link.
+func checkPieces(t *testing.T, name string, sent []byte, to chanLink, mtu int, kernelMSS uint16, partial bool) {
+	t.Helper()
+	_, _, _, sentSeg := ipFields(sent)
+	sentTCP := header.TCP(sentSeg)
+	l4 := int(sentTCP.DataOffset())
+	data := sentSeg[l4:]
+	v6 := header.IPVersion(sent) == header.IPv6Version
+	fit := mtu - (len(sent) - len(sentSeg)) - l4
+	mss := min(int(kernelMSS), fit)
+	per := fit / mss * mss
+	want := (len(data) + per - 1) / per
+	if want < 2 {
+		t.Fatalf("%s: %d bytes of data fit one piece of %d", name, len(data), per)
+	}
+	var got []byte
+	for i := 0; i < want; i++ {
+		pkt := to.ch.Read()
+		if pkt == nil {
+			t.Fatalf("%s: %d pieces on the link, want %d", name, i, want)
 		}
+		g := pkt.GSOOptions
+		ip := append([]byte(nil), pkt.ToView().AsSlice()[header.EthernetMinimumSize:]...)
+		pkt.DecRef()
+		src, dst, hops, seg := ipFields(ip)
+		if len(ip) > mtu {
+			t.Errorf("%s: piece %d of %d bytes, over the MTU %d", name, i, len(ip), mtu)
+		}
+		if hops != 63 {
+			t.Errorf("%s: piece %d: hop limit %d, want 63", name, i, hops)
+		}
+		if v6 {
+			if h := header.IPv6(ip); int(h.PayloadLength()) != len(seg) {
+				t.Errorf("%s: piece %d: payload length %d, want %d", name, i, h.PayloadLength(), len(seg))
+			}
+		} else {
+			h := header.IPv4(ip)
+			if int(h.TotalLength()) != len(ip) || !h.IsChecksumValid() {
+				t.Errorf("%s: piece %d: IPv4 total length %d of %d bytes, header checksum valid %v", name, i, h.TotalLength(), len(ip), h.IsChecksumValid())
+			}
+			if wantID := header.IPv4(sent).ID() + uint16(len(got)/mss); h.ID() != wantID {
+				t.Errorf("%s: piece %d: IPv4 ID %d, want %d", name, i, h.ID(), wantID)
+			}
+		}
+		th := header.TCP(seg)
+		if th.SequenceNumber() != sentTCP.SequenceNumber()+uint32(len(got)) {
+			t.Errorf("%s: piece %d: sequence number %d, want %d", name, i, th.SequenceNumber(), sentTCP.SequenceNumber()+uint32(len(got)))
+		}
+		n := len(seg) - l4
+		if i < want-1 && n != per {
+			t.Errorf("%s: piece %d: %d bytes of data, want %d (segments of %d)", name, i, n, per, mss)
+		}
+		wantFlags := header.TCPFlagAck
+		if i == want-1 {
+			wantFlags |= header.TCPFlagPsh
+		}
+		if th.Flags() != wantFlags {
+			t.Errorf("%s: piece %d: flags %v, want %v", name, i, th.Flags(), wantFlags)
+		}
+		if partial {
+			xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, tcpipx.Addr(src), tcpipx.Addr(dst), uint16(len(seg)))
+			if th.Checksum() != xsum || !g.NeedsCsum || g.CsumOffset != header.TCPChecksumOffset {
+				t.Errorf("%s: piece %d: checksum %#04x, GSO %+v, want the partial %#04x", name, i, th.Checksum(), g, xsum)
+			}
+		} else if !tcpChecksumValid(ip) {
+			t.Errorf("%s: piece %d: TCP checksum not complete", name, i)
+		}
+		got = append(got, seg[l4:]...)
+	}
+	if !bytes.Equal(got, data) {
+		t.Errorf("%s: the pieces carry %d bytes, not the %d sent", name, len(got), len(data))
+	}
+	if extra := to.read(); extra != nil {
+		t.Errorf("%s: more than %d pieces on the link", name, want)
 	}
 }

@@ -262,12 +262,16 @@ func (f *fastPath) route(src *fastDst, links *fastLinks, to *fastDst, protocol t
 	}
 	var seg tcpSegment
 	var tcp *tcpSegment
+	split := false
 	switch {
 	case super:
-		// Whole to a link that takes TCP GSO, or whole with its
-		// checksum completed to one whose MTU it fits; anything else
-		// goes to gVisor, and the link cuts it into segments.
-		if tcp = parseTCPSegment(&seg, protocol, pkt, size); tcp == nil || size > maxMTU || (!d.tcpGSO && uint32(size) > d.mtu) {
+		// Whole to a link that takes TCP GSO; whole with its checksum
+		// completed to one whose MTU it fits; to one it does not fit,
+		// cut at the kernel's MSS into pieces that fit (splitSuper).
+		if tcp = parseTCPSegment(&seg, protocol, pkt, size); tcp == nil || size > maxMTU {
+			return false
+		}
+		if split = !d.tcpGSO && uint32(size) > d.mtu; split && tcp.l3+tcp.l4 >= int(d.mtu) {
 			return false
 		}
 	case uint32(size) > d.mtu && to == nil:
@@ -289,7 +293,7 @@ func (f *fastPath) route(src *fastDst, links *fastLinks, to *fastDst, protocol t
 	if src.held != nil {
 		// A held packet goes whole from one sandbox's memory to
 		// another's, or has its data copied out (direct.go).
-		if tcp != nil && to == nil && super && writeDirect(src, d, protocol, pkt, tcp, tcp.mssFor(d.mtu, gsoMSS, super), size) {
+		if tcp != nil && to == nil && super && !split && writeDirect(src, d, protocol, pkt, tcp, tcp.mssFor(d.mtu, gsoMSS, super), size) {
 			return true
 		}
 		src.held.CopyHeld(pkt)
@@ -340,33 +344,43 @@ func (f *fastPath) route(src *fastDst, links *fastLinks, to *fastDst, protocol t
 		setSynMSS(protocol, hb, d.mtu, true)
 	}
 	mss := uint16(0)
+	partial := false
 	if tcp != nil {
 		mss = tcp.mssFor(d.mtu, gsoMSS, super)
-		if super && !d.tcpGSO && (d.partial == nil || !d.partial.TakesPartialTCPChecksum()) {
-			// A link without GSO, which the super-packet fits whole
-			// (a sandbox's): it gets a plain segment. One that takes
-			// partial checksums gets it as it is (GSO options).
+		partial = d.tcpGSO || (d.partial != nil && d.partial.TakesPartialTCPChecksum())
+	}
+	// A link without GSO gets plain segments, each with its checksum
+	// completed: the super-packet whole where it fits (a sandbox's link),
+	// else its pieces. One that takes partial checksums gets them as they
+	// are (GSO options).
+	var l stack.PacketBufferList
+	defer func() { l.DecRef() }() // a value receiver: l as it is then
+	emit := func(payload buffer.Buffer, hb []byte) {
+		if tcp != nil && !partial {
 			tcp.completeChecksum(hb, &payload)
-			tcp = nil
 		}
+		out := stack.NewPacketBuffer(stack.PacketBufferOptions{
+			ReserveHeaderBytes: int(d.ep.MaxHeaderLength()),
+			Payload:            payload,
+		})
+		out.NetworkProtocolNumber = protocol
+		if tcp != nil && partial {
+			tcp.toGSO(out, mss)
+		}
+		out.EgressRoute.NetProto = protocol
+		out.EgressRoute.LocalLinkAddress = d.gwMAC
+		out.EgressRoute.RemoteLinkAddress = d.podMAC
+		d.ep.AddHeader(out)
+		l.PushBack(out)
 	}
-	out := stack.NewPacketBuffer(stack.PacketBufferOptions{
-		ReserveHeaderBytes: int(d.ep.MaxHeaderLength()),
-		Payload:            payload,
-	})
-	defer out.DecRef()
-	out.NetworkProtocolNumber = protocol
-	if tcp != nil {
-		tcp.toGSO(out, mss)
+	txBytes := size
+	if split {
+		txBytes += (tcp.splitSuper(hb, payload, d.mtu, mss, emit) - 1) * (tcp.l3 + tcp.l4)
+	} else {
+		emit(payload, hb)
 	}
-	out.EgressRoute.NetProto = protocol
-	out.EgressRoute.LocalLinkAddress = d.gwMAC
-	out.EgressRoute.RemoteLinkAddress = d.podMAC
-	d.ep.AddHeader(out)
 	self.rxPackets.Add(1)
 	self.rxBytes.Add(uint64(size))
-	var l stack.PacketBufferList
-	l.PushBack(out)
 	// Our endpoints take every packet (a full queue drops and counts in
 	// the endpoint's own stats), as they do from the slow path; a pod's
 	// packet to a sandbox whose ring is full first waits a little,
@@ -378,9 +392,9 @@ func (f *fastPath) route(src *fastDst, links *fastLinks, to *fastDst, protocol t
 	} else {
 		n, err = d.ep.WritePackets(l)
 	}
-	if n == 1 && err == nil {
-		d.counters.txPackets.Add(1)
-		d.counters.txBytes.Add(uint64(size))
+	if n == l.Len() && err == nil {
+		d.counters.txPackets.Add(uint64(n))
+		d.counters.txBytes.Add(uint64(txBytes))
 	}
 	return true
 }
