@@ -139,7 +139,7 @@ func (c *call) add(args *skel.CmdArgs) (*types100.Result, error) {
 		}
 		defer pod.Close()
 		hostName := linkspec.HostVethName(req.Key())
-		if err := pod.createVeth(netns, hostName, conf.tapGSOMaxSize()); err != nil {
+		if err := pod.createVeth(netns, hostName); err != nil {
 			return nil, err
 		}
 		defer func() {

@@ -193,12 +193,12 @@ func createTAP(netns ns.NetNS, name string, gsoMaxSize int) (*os.File, *podIface
 // thread's netns (the host's, the plugin's), its peer p.name in p's netns,
 // which openPodIface found free. It fails with agentapi.CodeInterfaceExists
 // if hostName exists (the link is added with NLM_F_EXCL). On error nothing
-// is left behind. The agent sets the host side up and routes to it.
-// gsoMaxSize, when not 0, is the pod side's gso_max_size, as for a TAP
-// device (Config.tapGSOMaxSize): the host forwards the pod's TCP
-// super-packets as they are, through the uplink to the router, which hands
-// those that fit a sandbox's link to it whole.
-func (p *podIface) createVeth(netns ns.NetNS, hostName string, gsoMaxSize int) error {
+// is left behind. The agent sets the host side up and routes to it. The
+// pod side keeps the kernel's gso_max_size (unlike a TAP device's,
+// Config.tapGSOMaxSize): below it, a BBR sender's streams through the host
+// move half as much (README, Speed); the router cuts the super-packets a
+// sandbox's link does not fit (splitSuper in package router).
+func (p *podIface) createVeth(netns ns.NetNS, hostName string) error {
 	h, err := newHandle()
 	if err != nil {
 		return linkErr(err)
@@ -221,10 +221,6 @@ func (p *podIface) createVeth(netns ns.NetNS, hostName string, gsoMaxSize int) e
 			h.LinkDel(hl)
 		}
 		return linkErr(fmt.Errorf("read veth peer %s: %w", p.name, err))
-	}
-	if gsoMaxSize > 0 {
-		// Speed only, as in createTAP.
-		_ = p.h.LinkSetGSOMaxSize(l, gsoMaxSize)
 	}
 	p.link = l
 	return nil

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -32,6 +33,21 @@ func TestVethMatrix(t *testing.T) {
 	ctx := testContext(t)
 	v1, v2 := addPod(t, ctx, n, "v1", node.KindVeth), addPod(t, ctx, n, "v2", node.KindVeth)
 	k, s := addPod(t, ctx, n, "k", node.KindTap), addPod(t, ctx, n, "s", node.KindShm)
+	// The pod side keeps the kernel's gso_max_size: a BBR sender's
+	// streams through a lower one take half the rate (README, Speed); the
+	// router cuts the super-packets a sandbox's link does not fit.
+	const kernelDefault = 65536 // GSO_LEGACY_MAX_SIZE
+	for _, p := range []*node.Pod{v1, v2} {
+		if err := p.NS.Do(func(ns.NetNS) error {
+			l, err := netlink.LinkByName("eth0")
+			if err == nil && l.Attrs().GSOMaxSize != kernelDefault {
+				err = fmt.Errorf("gso_max_size %d, want the kernel's default %d", l.Attrs().GSOMaxSize, kernelDefault)
+			}
+			return err
+		}); err != nil {
+			t.Errorf("pod %s: eth0: %v", p.Name, err)
+		}
+	}
 	matrix(t, ctx, n, v1, v2, k, s)
 }
 
