@@ -36,6 +36,7 @@ FUZZ_TARGETS ?= \
 	./pkg/endpoint/shm:FuzzCoalesce \
 	./pkg/endpoint/tap:FuzzTAPFrame \
 	./pkg/endpoint/tap:FuzzTAPPassGSO \
+	./pkg/router:FuzzSplitSuper \
 	./pkg/endpoint/shm:FuzzParseLinkConfig \
 	./pkg/ipam:FuzzParseState \
 	./pkg/agentapi:FuzzDecodeRequest \

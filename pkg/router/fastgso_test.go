@@ -374,3 +374,66 @@ func checkPieces(t *testing.T, name string, sent []byte, to chanLink, mtu int, k
 		t.Errorf("%s: more than %d pieces on the link", name, want)
 	}
 }
+
+// FuzzSplitSuper delivers, from a kernel pod's link, what may arrive marked
+// as a TCP super-packet (a kernel's, or a sandbox's through its link's
+// offload) with any bytes and MSS, toward links without GSO that it may
+// not fit: whatever they hold, the router must not panic and must send
+// nothing larger than a link's MTU; and a super-packet it cuts reaches
+// the link with its data whole and in order.
+func FuzzSplitSuper(f *testing.F) {
+	seg := append(tcpSYN(podK4, podC4, header.TCPFlagAck|header.TCPFlagFin, nil), patterned(5000)...)
+	f.Add(uint16(header.IPv4ProtocolNumber), ipPacket(podK4, podC4, header.TCPProtocolNumber, seg), uint16(1448))
+	seg6 := append(tcpSYN(podK6, podA6, header.TCPFlagAck, []byte{1, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8}), patterned(65200)...)
+	f.Add(uint16(header.IPv6ProtocolNumber), ipPacket(podK6, podA6, header.TCPProtocolNumber, seg6), uint16(1000))
+	f.Add(uint16(header.IPv4ProtocolNumber), ipPacket(podK4, podC4, header.TCPProtocolNumber, seg), uint16(0))
+	r, a, _, c := mtuLinks(f)
+	k := kernelLink(f, r)
+	f.Fuzz(func(t *testing.T, proto uint16, ip []byte, mss uint16) {
+		if len(ip) > maxMTU {
+			ip = ip[:maxMTU]
+		}
+		frame := make([]byte, header.EthernetMinimumSize+len(ip))
+		header.Ethernet(frame).Encode(&header.EthernetFields{SrcAddr: macK, DstAddr: gwMAC, Type: tcpip.NetworkProtocolNumber(proto)})
+		copy(frame[header.EthernetMinimumSize:], ip)
+		pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(frame)})
+		endpoint.MarkForwardedGSO(pkt, mss)
+		k.ch.InjectInbound(tcpip.NetworkProtocolNumber(proto), pkt)
+		pkt.DecRef()
+		for _, l := range []struct {
+			cl  chanLink
+			mtu int
+		}{{a, largeMTU}, {c, smallMTU}} {
+			var data []byte
+			whole := true
+			for got := l.cl.read(); got != nil; got = l.cl.read() {
+				out := got[header.EthernetMinimumSize:]
+				if len(out) > l.mtu {
+					t.Fatalf("%d bytes sent on a link of MTU %d", len(out), l.mtu)
+				}
+				if _, _, _, s := ipFields(out); unfragmentedTCP(out) && len(s) >= header.TCPMinimumSize && int(header.TCP(s).DataOffset()) <= len(s) {
+					data = append(data, s[header.TCP(s).DataOffset():]...)
+				} else {
+					whole = false
+				}
+			}
+			if !whole || data == nil || len(ip) <= l.mtu {
+				continue
+			}
+			// Cut here (it did not fit): the pieces carry its data.
+			if _, _, _, s := ipFields(ip); unfragmentedTCP(ip) && len(s) >= header.TCPMinimumSize && int(header.TCP(s).DataOffset()) <= len(s) && !bytes.Equal(data, s[header.TCP(s).DataOffset():]) {
+				t.Fatalf("the pieces carry %d bytes, the super-packet %d", len(data), len(s)-int(header.TCP(s).DataOffset()))
+			}
+		}
+	})
+}
+
+// unfragmentedTCP reports whether ip, an IPv4 or IPv6 packet, is TCP and
+// not a fragment.
+func unfragmentedTCP(ip []byte) bool {
+	if len(ip) >= header.IPv4MinimumSize && header.IPVersion(ip) == header.IPv4Version {
+		h := header.IPv4(ip)
+		return h.Protocol() == uint8(header.TCPProtocolNumber) && !h.More() && h.FragmentOffset() == 0
+	}
+	return len(ip) >= header.IPv6MinimumSize && header.IPv6(ip).NextHeader() == uint8(header.TCPProtocolNumber)
+}
