@@ -38,7 +38,8 @@ import (
 // that a link without GSO does not fit (one of 64 KiB from a veth pod,
 // whose kernel keeps its own gso_max_size, to a sandbox's link of 65000)
 // is cut into the fewest pieces of whole segments that fit (splitSuper):
-// two, where gVisor's path would cut it into segments of the kernel's MSS.
+// two, on the fast path, where it went through gVisor's forwarding (a copy
+// of the packet) to the link's software GSO, which cuts it the same way.
 //
 // The sandbox's own checksum is replaced by the partial one: a sandbox that
 // sends a bad checksum gets its own data through unchecked, which is all a
@@ -203,7 +204,7 @@ func setSynMSS(protocol tcpip.NetworkProtocolNumber, ip []byte, mtu uint32, rais
 // splitSuper cuts a kernel's super-packet that a link without GSO does not
 // fit (a sandbox's, for a kernel pod whose TCP sends 64 KiB super-packets)
 // into pieces that fit it, each a whole number of segments of mss: as few
-// as fit, where gVisor's path would cut it into segments of mss. hb is the
+// as fit, as a link's software GSO does (package endpoint). hb is the
 // private copy of its IP and TCP headers (the TTL decremented), at the
 // front of payload, the whole packet, which splitSuper takes. Each piece
 // gets headers of its own, as a kernel's segmentation makes them (the IP
