@@ -100,27 +100,29 @@ func IsTCPGSO(pkt *stack.PacketBuffer) bool {
 	return t == stack.GSOTCPv4 || t == stack.GSOTCPv6
 }
 
-// gsoSegmentSize returns the payload size to cut a GSO packet into for a link
-// whose IP MTU is mtu: the packet's MSS, at most what fits the link and at
-// least minSegmentMSS (or what fits, if less); on a link that fits several
-// of them (a sandbox's, at MTU 65000), as many whole MSS-sized pieces as
-// fit, as a receiver's GRO would join them. A kernel's 64 KiB super-packet
-// of 1448-byte segments is 65212 bytes of IP: two segments for a sandbox,
-// not 45. The receiver's TCP takes any segment within its own MSS, which
-// its link's MTU bounds.
-func gsoSegmentSize(mss uint16, mtu uint32, f *ParsedTCP) int {
-	fit := int(mtu) - f.L3 - f.L4
-	s := int(mss)
-	if s > fit {
-		s = fit
+// SegmentMSS returns the MSS a TCP super-packet asking for mss is cut at
+// for a link that fits fit bytes of TCP payload in a packet: mss, at most
+// fit and at least minSegmentMSS (or fit, if less), which bounds the work a
+// pod's tiny segment size can cause at the receiver.
+func SegmentMSS(mss uint16, fit int) int {
+	return min(max(int(mss), min(minSegmentMSS, fit)), fit)
+}
+
+// PieceSize returns the payload of each piece a TCP super-packet asking
+// for mss is cut into for a link of IP MTU mtu, its IP and TCP headers
+// hdrLen bytes: segments of SegmentMSS, as many whole ones as fit the
+// link (a sandbox's, at MTU 65000, fits several), as a receiver's GRO would
+// join them. A kernel's 64 KiB super-packet of 1448-byte segments is 65212
+// bytes of IP: two pieces for a sandbox, not 45. The receiver's TCP takes
+// any segment within its own MSS, which its link's MTU bounds. It returns
+// 0 when no payload fits.
+func PieceSize(mss uint16, mtu uint32, hdrLen int) int {
+	fit := int(mtu) - hdrLen
+	s := SegmentMSS(mss, fit)
+	if s <= 0 {
+		return 0
 	}
-	if s < minSegmentMSS {
-		s = min(minSegmentMSS, fit)
-	}
-	if s > 0 {
-		s *= fit / s
-	}
-	return s
+	return s * (fit / s)
 }
 
 // SoftwareGSO calls emit with the frames a link that takes no GSO must send
@@ -152,11 +154,12 @@ func SoftwareGSO(frame []byte, ethernet bool, gso stack.GSO, mtu uint32, emit fu
 		emit(f.Frame, true)
 		return true
 	}
-	size := gsoSegmentSize(gso.MSS, mtu, &f)
+	hl := f.L3 + f.L4
+	size := PieceSize(gso.MSS, mtu, hl)
 	if size <= 0 {
 		return false
 	}
-	return segmentParsed(f, size, emit) == nil
+	return segmentParsed(f, size, SegmentMSS(gso.MSS, int(mtu)-hl), emit) == nil
 }
 
 // PseudoHeaderSum is the TCP pseudo-header sum of f with a TCP length of n:

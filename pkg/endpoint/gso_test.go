@@ -68,8 +68,9 @@ func TestRestoreForwardedGSO(t *testing.T) {
 // TestSoftwareGSO checks the frames an egress without GSO makes of a
 // forwarded super-packet: segments with valid checksums and contiguous
 // sequence numbers carrying the whole payload, at most the link MTU and at
-// least minSegmentMSS, as many whole MSS-sized pieces as fit; or the packet
-// whole, checksum completed, when it fits.
+// least minSegmentMSS, as many whole MSS-sized pieces as fit, their IPv4
+// IDs counting the segments before them (as the router's split numbers
+// them); or the packet whole, checksum completed, when it fits.
 func TestSoftwareGSO(t *testing.T) {
 	tests := []struct {
 		name     string
@@ -78,13 +79,14 @@ func TestSoftwareGSO(t *testing.T) {
 		mtu      uint32
 		wantSegs int
 		wantSize int // payload bytes of every segment but the last
+		wantMSS  int // the segments a piece holds, for its IPv4 ID
 	}{
-		{name: "v4 tap", frame: frametest.TCPFrame{Ethernet: true, Flags: header.TCPFlagAck | header.TCPFlagPsh, Payload: frametest.RandomBytes(5000)}, mss: 1460, mtu: 1500, wantSegs: 4, wantSize: 1460},
-		{name: "v6 tun", frame: frametest.TCPFrame{V6: true, Flags: header.TCPFlagAck, Payload: frametest.RandomBytes(5000)}, mss: 1440, mtu: 1500, wantSegs: 4, wantSize: 1440},
-		{name: "capped by mtu", frame: frametest.TCPFrame{Ethernet: true, Flags: header.TCPFlagAck, Payload: frametest.RandomBytes(5000)}, mss: 4000, mtu: 1500, wantSegs: 4, wantSize: 1460},
-		{name: "tiny mss raised, joined up to the mtu", frame: frametest.TCPFrame{Flags: header.TCPFlagAck, Payload: frametest.RandomBytes(5000)}, mss: 1, mtu: 1500, wantSegs: 5, wantSize: 2 * minSegmentMSS},
-		{name: "joined for a large link", frame: frametest.TCPFrame{Ethernet: true, Flags: header.TCPFlagAck, Payload: frametest.RandomBytes(20000)}, mss: 1448, mtu: 9000, wantSegs: 3, wantSize: 6 * 1448},
-		{name: "fits whole", frame: frametest.TCPFrame{Ethernet: true, Flags: header.TCPFlagAck, Payload: frametest.RandomBytes(5000)}, mss: 1460, mtu: 9000, wantSegs: 1, wantSize: 5000},
+		{name: "v4 tap", frame: frametest.TCPFrame{Ethernet: true, Flags: header.TCPFlagAck | header.TCPFlagPsh, Payload: frametest.RandomBytes(5000)}, mss: 1460, mtu: 1500, wantSegs: 4, wantSize: 1460, wantMSS: 1460},
+		{name: "v6 tun", frame: frametest.TCPFrame{V6: true, Flags: header.TCPFlagAck, Payload: frametest.RandomBytes(5000)}, mss: 1440, mtu: 1500, wantSegs: 4, wantSize: 1440, wantMSS: 1440},
+		{name: "capped by mtu", frame: frametest.TCPFrame{Ethernet: true, Flags: header.TCPFlagAck, Payload: frametest.RandomBytes(5000)}, mss: 4000, mtu: 1500, wantSegs: 4, wantSize: 1460, wantMSS: 1460},
+		{name: "tiny mss raised, joined up to the mtu", frame: frametest.TCPFrame{Flags: header.TCPFlagAck, Payload: frametest.RandomBytes(5000)}, mss: 1, mtu: 1500, wantSegs: 5, wantSize: 2 * minSegmentMSS, wantMSS: minSegmentMSS},
+		{name: "joined for a large link", frame: frametest.TCPFrame{Ethernet: true, Flags: header.TCPFlagAck, Payload: frametest.RandomBytes(20000), ID: 65533}, mss: 1448, mtu: 9000, wantSegs: 3, wantSize: 6 * 1448, wantMSS: 1448},
+		{name: "fits whole", frame: frametest.TCPFrame{Ethernet: true, Flags: header.TCPFlagAck, Payload: frametest.RandomBytes(5000)}, mss: 1460, mtu: 9000, wantSegs: 1, wantSize: 5000, wantMSS: 1460},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -112,6 +114,9 @@ func TestSoftwareGSO(t *testing.T) {
 			for i, s := range segs {
 				if s.Seq != tc.frame.Seq+uint32(len(payload)) {
 					t.Errorf("segment %d: seq %d, want %d", i, s.Seq, tc.frame.Seq+uint32(len(payload)))
+				}
+				if want := tc.frame.ID + uint16(len(payload)/tc.wantMSS); !tc.frame.V6 && s.ID != want {
+					t.Errorf("segment %d: IPv4 ID %d, want %d", i, s.ID, want)
 				}
 				if i < len(segs)-1 && len(s.Payload) != tc.wantSize {
 					t.Errorf("segment %d: %d payload bytes, want %d", i, len(s.Payload), tc.wantSize)

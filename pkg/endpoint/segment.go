@@ -117,11 +117,66 @@ func SegmentTCP(frame []byte, ethernet, v6 bool, gsoSize int, emit func([]byte, 
 	if err != nil {
 		return err
 	}
-	return segmentParsed(f, gsoSize, emit)
+	return segmentParsed(f, gsoSize, gsoSize, emit)
 }
 
-// segmentParsed is SegmentTCP on a parsed frame. gsoSize must be positive.
-func segmentParsed(f ParsedTCP, gsoSize int, emit func([]byte, bool)) error {
+// SuperHeaders are what the headers of a TCP super-packet's pieces are
+// made from: the super-packet's IPv4 ID, sequence number and flags, read
+// once. A piece holds one segment or several whole ones; each gets headers
+// as a kernel's segmentation makes them.
+type SuperHeaders struct {
+	l3    int
+	v6    bool
+	id    uint16
+	seq   uint32
+	flags uint8
+}
+
+// ReadSuperHeaders reads a TCP super-packet's headers: ip holds its IP
+// header (l3 bytes: IPv6 without extension headers when v6) and its TCP
+// header, which the caller checked.
+func ReadSuperHeaders(ip []byte, l3 int, v6 bool) SuperHeaders {
+	t := header.TCP(ip[l3:])
+	s := SuperHeaders{l3: l3, v6: v6, seq: t.SequenceNumber(), flags: uint8(t.Flags())}
+	if !v6 {
+		s.id = header.IPv4(ip).ID()
+	}
+	return s
+}
+
+// Piece makes ip, a copy of the super-packet's IP and TCP headers, the
+// headers of the piece that carries size bytes from off of its n bytes of
+// payload, the super-packet being cut at mss: the IP length, the IPv4 ID
+// (the super-packet's, plus one per segment before the piece) and header
+// checksum, the sequence number, FIN and PSH on the last piece only and CWR
+// on the first only. The TCP checksum is the caller's.
+func (s *SuperHeaders) Piece(ip []byte, off, size, n, mss int) {
+	l4 := int(header.TCP(ip[s.l3:]).DataOffset())
+	if s.v6 {
+		header.IPv6(ip).SetPayloadLength(uint16(l4 + size))
+	} else {
+		h := header.IPv4(ip)
+		h.SetTotalLength(uint16(s.l3 + l4 + size))
+		h.SetID(s.id + uint16(off/mss))
+		h.SetChecksum(0)
+		h.SetChecksum(^h.CalculateChecksum())
+	}
+	t := header.TCP(ip[s.l3:])
+	t.SetSequenceNumber(s.seq + uint32(off))
+	flags := s.flags
+	if off+size < n {
+		flags &^= uint8(header.TCPFlagFin | header.TCPFlagPsh)
+	}
+	if off != 0 {
+		flags &^= uint8(header.TCPFlagCwr)
+	}
+	t.SetFlags(flags)
+}
+
+// segmentParsed is SegmentTCP on a parsed frame, its pieces gsoSize bytes
+// of payload, whole segments of mss (the IPv4 IDs count those). Both must
+// be positive.
+func segmentParsed(f ParsedTCP, gsoSize, mss int, emit func([]byte, bool)) error {
 	frame, l2, l3, l4, v6 := f.Frame, f.L2, f.L3, f.L4, f.V6
 	hdrLen := f.HeaderLength()
 	payloadLen := len(frame) - hdrLen
@@ -131,13 +186,7 @@ func segmentParsed(f ParsedTCP, gsoSize int, emit func([]byte, bool)) error {
 	var tmplArr [MaxGSOHeaderLen]byte
 	tmpl := tmplArr[:hdrLen]
 	copy(tmpl, frame)
-	tmplTCP := header.TCP(tmpl[l2+l3:])
-	seq0 := tmplTCP.SequenceNumber()
-	flags0 := uint8(tmplTCP.Flags())
-	var id0 uint16
-	if !v6 {
-		id0 = header.IPv4(tmpl[l2:]).ID()
-	}
+	sh := ReadSuperHeaders(tmpl[l2:], l3, v6)
 	// Pseudo-header sum without the length: source and destination
 	// addresses (adjacent in both IPv4 and IPv6 headers) and the protocol.
 	var addrs []byte
@@ -157,31 +206,13 @@ func segmentParsed(f ParsedTCP, gsoSize int, emit func([]byte, bool)) error {
 		end := min(start+gsoSize, len(frame))
 		seg := frame[start-hdrLen : end]
 		copy(seg, tmpl)
-		segLen := end - start + l4 // TCP header + payload
-
-		if v6 {
-			header.IPv6(seg[l2:]).SetPayloadLength(uint16(segLen))
-		} else {
-			h := header.IPv4(seg[l2:])
-			h.SetTotalLength(uint16(l3 + segLen))
-			h.SetID(id0 + uint16(i))
-			h.SetChecksum(0)
-			h.SetChecksum(^h.CalculateChecksum())
-		}
+		sh.Piece(seg[l2:], start-hdrLen, end-start, payloadLen, mss)
 
 		t := header.TCP(seg[l2+l3:])
-		t.SetSequenceNumber(seq0 + uint32(i*gsoSize))
-		flags := flags0
-		if i != nseg-1 {
-			flags &^= uint8(header.TCPFlagFin | header.TCPFlagPsh)
-		}
-		if i != 0 {
-			flags &^= uint8(header.TCPFlagCwr)
-		}
-		t.SetFlags(flags)
 		t.SetChecksum(0)
 		// The TCP header length is a multiple of 4, so the payload starts
 		// at an even offset and the sums can be chained.
+		segLen := end - start + l4 // TCP header + payload
 		xsum := checksum.Combine(pseudo, uint16(segLen))
 		xsum = checksum.Checksum(t[:l4], xsum)
 		xsum = checksum.Checksum(seg[hdrLen:], xsum)

@@ -6,6 +6,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/shm-cni/shm-cni/pkg/endpoint"
 )
 
 // Large segments from a sandbox to a kernel pod.
@@ -116,21 +118,14 @@ func parseTCPSegment(s *tcpSegment, protocol tcpip.NetworkProtocolNumber, pkt *s
 
 // mssFor returns the MSS to cut the segment at for a link of IP MTU mtu:
 // what fits the link; for a kernel's super-packet (super), the kernel's own
-// MSS if smaller, but not below minSegmentMSS (or what fits, if less), which
-// bounds the work a pod's tiny segment size can cause at the receiver, as
-// software segmentation does.
+// MSS as a link's software segmentation takes it (endpoint.SegmentMSS).
 func (s *tcpSegment) mssFor(mtu uint32, kernelMSS uint16, super bool) uint16 {
 	fit := int(mtu) - s.l3 - s.l4
 	if !super {
 		return uint16(fit)
 	}
-	return uint16(min(max(int(kernelMSS), min(minSegmentMSS, fit)), fit))
+	return uint16(endpoint.SegmentMSS(kernelMSS, fit))
 }
-
-// minSegmentMSS is the smallest MSS a kernel's super-packet is cut at
-// (endpoint's software segmentation has the same floor): 536 bytes, the MSS
-// every IPv4 host must accept (RFC 9293 section 3.7.1).
-const minSegmentMSS = 536
 
 // completeChecksum turns the partial TCP checksum of a kernel's super-packet
 // (the pseudo-header sum, left for the device) into the full one, in hdr,
@@ -203,55 +198,30 @@ func setSynMSS(protocol tcpip.NetworkProtocolNumber, ip []byte, mtu uint32, rais
 
 // splitSuper cuts a kernel's super-packet that a link without GSO does not
 // fit (a sandbox's, for a kernel pod whose TCP sends 64 KiB super-packets)
-// into pieces that fit it, each a whole number of segments of mss: as few
-// as fit, as a link's software GSO does (package endpoint). hb is the
-// private copy of its IP and TCP headers (the TTL decremented), at the
-// front of payload, the whole packet, which splitSuper takes. Each piece
-// gets headers of its own, as a kernel's segmentation makes them (the IP
-// length and IPv4 ID, the sequence number, FIN and PSH on the last piece
-// only, CWR on the first) and shares payload's data; emit gets it, with the
-// private headers at its front, the TCP checksum left as it was (the
-// caller completes it or makes it partial). It returns the number of
+// into pieces that fit it, each a whole number of segments of mss, as a
+// link's software GSO cuts it (endpoint.PieceSize: as few as fit; headers
+// made by endpoint.SuperHeaders). hb is the private copy of its IP and TCP
+// headers (the TTL decremented), at the front of payload, the whole packet,
+// which splitSuper takes. Each piece shares payload's data; emit gets it,
+// with its private headers at its front, the TCP checksum left as it was
+// (the caller completes it or makes it partial). It returns the number of
 // pieces. The headers fit mtu (hdrLen < mtu) and mss is at most what fits.
 func (s *tcpSegment) splitSuper(hb []byte, payload buffer.Buffer, mtu uint32, mss uint16, emit func(buffer.Buffer, []byte)) int {
 	hl := s.l3 + s.l4
 	// The headers first: hb may lie in the view the trim releases.
 	var tmpl [header.IPv6MinimumSize + header.TCPHeaderMaximumSize]byte
 	hb = tmpl[:copy(tmpl[:], hb[:hl])]
+	sh := endpoint.ReadSuperHeaders(hb, s.l3, s.v6)
 	data := payload
 	data.TrimFront(int64(hl))
 	n := int(data.Size())
-	per := (int(mtu) - hl) / int(mss) * int(mss)
-	th := header.TCP(hb[s.l3:])
-	seq0, flags0 := th.SequenceNumber(), uint8(th.Flags())
-	var id0 uint16
-	if !s.v6 {
-		id0 = header.IPv4(hb).ID()
-	}
+	per := endpoint.PieceSize(mss, mtu, hl)
 	pieces := 0
 	for off := 0; off < n; off += per {
 		size := min(per, n-off)
-		hv := buffer.NewViewWithData(hb[:hl])
+		hv := buffer.NewViewWithData(hb)
 		h := hv.AsSlice()
-		if s.v6 {
-			header.IPv6(h).SetPayloadLength(uint16(s.l4 + size))
-		} else {
-			ip := header.IPv4(h)
-			ip.SetTotalLength(uint16(hl + size))
-			ip.SetID(id0 + uint16(off/int(mss)))
-			ip.SetChecksum(0)
-			ip.SetChecksum(^ip.CalculateChecksum())
-		}
-		t := header.TCP(h[s.l3:])
-		t.SetSequenceNumber(seq0 + uint32(off))
-		flags := flags0
-		if off+size < n {
-			flags &^= uint8(header.TCPFlagFin | header.TCPFlagPsh)
-		}
-		if off != 0 {
-			flags &^= uint8(header.TCPFlagCwr)
-		}
-		t.SetFlags(flags)
+		sh.Piece(h, off, size, n, int(mss))
 		piece := buffer.MakeWithView(hv)
 		d := data.Clone()
 		d.TrimFront(int64(off))
