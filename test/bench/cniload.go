@@ -72,7 +72,7 @@ func (b *bench) runCNI(ctx context.Context, rep *report) error {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			adds, dels, err := b.cniRound(ctx, c, r)
+			adds, dels, cpu, err := b.cniRound(ctx, c, r)
 			if err != nil {
 				b.log.Warn("CNI latency", "plugin", c.name, "rep", r+1, "err", err)
 				rows[i].Error = err.Error()
@@ -83,9 +83,12 @@ func (b *bench) runCNI(ctx context.Context, rep *report) error {
 			row.AddP99ms = append(row.AddP99ms, percentile(adds, 99)/1000)
 			row.DelP50ms = append(row.DelP50ms, percentile(dels, 50)/1000)
 			row.DelP99ms = append(row.DelP99ms, percentile(dels, 99)/1000)
+			row.AddCPUms = append(row.AddCPUms, cpu[0])
+			row.DelCPUms = append(row.DelCPUms, cpu[1])
 			b.log.Info("CNI latency", "plugin", c.name, "rep", r+1,
 				"ADD p50 ms", fmt.Sprintf("%.1f", percentile(adds, 50)/1000), "ADD p99 ms", fmt.Sprintf("%.1f", percentile(adds, 99)/1000),
-				"DEL p50 ms", fmt.Sprintf("%.1f", percentile(dels, 50)/1000), "DEL p99 ms", fmt.Sprintf("%.1f", percentile(dels, 99)/1000))
+				"DEL p50 ms", fmt.Sprintf("%.1f", percentile(dels, 50)/1000), "DEL p99 ms", fmt.Sprintf("%.1f", percentile(dels, 99)/1000),
+				"ADD CPU ms", fmt.Sprintf("%.1f", cpu[0]), "DEL CPU ms", fmt.Sprintf("%.1f", cpu[1]))
 		}
 	}
 	for i := range rows {
@@ -97,8 +100,9 @@ func (b *bench) runCNI(ctx context.Context, rep *report) error {
 }
 
 // cniRound adds cniPods pods at once, then deletes them at once, each in a
-// fresh namespace, and returns each ADD's and DEL's time.
-func (b *bench) cniRound(ctx context.Context, c cniOps, round int) (adds, dels []time.Duration, err error) {
+// fresh namespace, and returns each ADD's and DEL's time and the machine's
+// busy CPU milliseconds per pod of each phase.
+func (b *bench) cniRound(ctx context.Context, c cniOps, round int) (adds, dels []time.Duration, cpu [2]float64, err error) {
 	count := b.cfg.cniPods
 	nss := make([]ns.NetNS, count)
 	defer func() {
@@ -108,12 +112,13 @@ func (b *bench) cniRound(ctx context.Context, c cniOps, round int) (adds, dels [
 	}()
 	for i := range nss {
 		if nss[i], err = b.newNS(); err != nil {
-			return nil, nil, err
+			return nil, nil, cpu, err
 		}
 	}
 	id := func(i int) string { return fmt.Sprintf("bench-cni-%d-%d", round, i) }
-	phase := func(op func(context.Context, string, ns.NetNS) error) ([]time.Duration, error) {
+	phase := func(op func(context.Context, string, ns.NetNS) error, cpuMs *float64) ([]time.Duration, error) {
 		ds := make([]time.Duration, count)
+		cpu0, cerr0 := busyCPUSeconds()
 		errs := make([]error, count)
 		var wg sync.WaitGroup
 		for i := range count {
@@ -124,6 +129,9 @@ func (b *bench) cniRound(ctx context.Context, c cniOps, round int) (adds, dels [
 			})
 		}
 		wg.Wait()
+		if cpu1, cerr1 := busyCPUSeconds(); cerr0 == nil && cerr1 == nil {
+			*cpuMs = (cpu1 - cpu0) * 1000 / float64(count)
+		}
 		for _, err := range errs {
 			if err != nil {
 				return nil, err
@@ -131,12 +139,12 @@ func (b *bench) cniRound(ctx context.Context, c cniOps, round int) (adds, dels [
 		}
 		return ds, nil
 	}
-	adds, err = phase(c.add)
+	adds, err = phase(c.add, &cpu[0])
 	if err != nil {
 		// Delete what was added; DEL is idempotent.
-		phase(c.del)
-		return nil, nil, err
+		phase(c.del, &cpu[1])
+		return nil, nil, cpu, err
 	}
-	dels, err = phase(c.del)
-	return adds, dels, err
+	dels, err = phase(c.del, &cpu[1])
+	return adds, dels, cpu, err
 }
