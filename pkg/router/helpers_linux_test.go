@@ -376,6 +376,22 @@ func goroutinesIn(fn string) int {
 	return count
 }
 
+// goroutinesSettle returns the number of goroutines in fn once it is want,
+// or after 10 seconds. A reader that RemoveLink or Close waited for has
+// called its WaitGroup's Done from a deferred call and may still be
+// returning: its stack shows fn a moment longer. A reader that never
+// stops still shows.
+func goroutinesSettle(fn string, want int) int {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := goroutinesIn(fn)
+		if got == want || time.Now().After(deadline) {
+			return got
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // dispatchLoop is the TAP/TUN endpoints' reader goroutine (pod links and
 // the uplink).
 const dispatchLoop = "tap.(*Endpoint).readLoop"

@@ -279,7 +279,7 @@ func TestRemoveLink(t *testing.T) {
 	if err := e.r.RemoveLink(e.b.id); err != nil {
 		t.Fatalf("RemoveLink: %v", err)
 	}
-	if got, want := goroutinesIn(dispatchLoop), readers-1; got != want {
+	if got, want := goroutinesSettle(dispatchLoop, readers-1), readers-1; got != want {
 		t.Errorf("endpoint readers after RemoveLink = %d, want %d", got, want)
 	}
 	if got, want := e.r.Links(), []string{e.a.id}; !slices.Equal(got, want) {
@@ -338,7 +338,7 @@ func TestClose(t *testing.T) {
 	if err := e.r.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
-	if got := goroutinesIn(dispatchLoop); got != readers {
+	if got := goroutinesSettle(dispatchLoop, readers); got != readers {
 		t.Errorf("endpoint readers after Close = %d, want %d", got, readers)
 	}
 	testutil.Do(t, e.host, func() error {
