@@ -289,9 +289,9 @@ func (c *Config) linkMTU(kind string) int {
 // router; through gVisor's forwarding, before the router cut it on its fast
 // path, it cost 31% more CPU per GiB). A veth pod keeps the kernel's size,
 // under which a BBR sender moves more; a TAP pod's streams are bound by the
-// agent's CPU, and with the kernel's size they moved no more (README,
-// Speed). Below 16 KiB a super-packet is cut anyway: 0 leaves the kernel's
-// default.
+// agent's CPU, and with the kernel's size they moved no more
+// (docs/speed.md). Below 16 KiB a super-packet is cut anyway: 0 leaves the
+// kernel's default.
 func (c *Config) tapGSOMaxSize() int {
 	mtu := c.ShmMTU
 	if mtu == 0 {

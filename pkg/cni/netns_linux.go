@@ -196,7 +196,7 @@ func createTAP(netns ns.NetNS, name string, gsoMaxSize int) (*os.File, *podIface
 // is left behind. The agent sets the host side up and routes to it. The
 // pod side keeps the kernel's gso_max_size (unlike a TAP device's,
 // Config.tapGSOMaxSize): below it, a BBR sender's streams through the host
-// move half as much (README, Speed); the router cuts the super-packets a
+// move half as much (docs/speed.md); the router cuts the super-packets a
 // sandbox's link does not fit (splitSuper in package router).
 func (p *podIface) createVeth(netns ns.NetNS, hostName string) error {
 	h, err := newHandle()

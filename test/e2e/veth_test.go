@@ -34,7 +34,7 @@ func TestVethMatrix(t *testing.T) {
 	v1, v2 := addPod(t, ctx, n, "v1", node.KindVeth), addPod(t, ctx, n, "v2", node.KindVeth)
 	k, s := addPod(t, ctx, n, "k", node.KindTap), addPod(t, ctx, n, "s", node.KindShm)
 	// The pod side keeps the kernel's gso_max_size: a BBR sender's
-	// streams through a lower one take half the rate (README, Speed); the
+	// streams through a lower one take half the rate (docs/speed.md); the
 	// router cuts the super-packets a sandbox's link does not fit.
 	const kernelDefault = 65536 // GSO_LEGACY_MAX_SIZE
 	for _, p := range []*node.Pod{v1, v2} {
