@@ -72,7 +72,7 @@ func (b *bench) runCNI(ctx context.Context, rep *report) error {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			adds, dels, cpu, err := b.cniRound(ctx, c, r)
+			adds, dels, use, err := b.cniRound(ctx, c, r)
 			if err != nil {
 				b.log.Warn("CNI latency", "plugin", c.name, "rep", r+1, "err", err)
 				rows[i].Error = err.Error()
@@ -83,12 +83,15 @@ func (b *bench) runCNI(ctx context.Context, rep *report) error {
 			row.AddP99ms = append(row.AddP99ms, percentile(adds, 99)/1000)
 			row.DelP50ms = append(row.DelP50ms, percentile(dels, 50)/1000)
 			row.DelP99ms = append(row.DelP99ms, percentile(dels, 99)/1000)
-			row.AddCPUms = append(row.AddCPUms, cpu[0])
-			row.DelCPUms = append(row.DelCPUms, cpu[1])
+			row.AddCPUms = append(row.AddCPUms, use[0].busyMs)
+			row.DelCPUms = append(row.DelCPUms, use[1].busyMs)
+			row.AddProcCPUms = append(row.AddProcCPUms, use[0].procMs)
+			row.AddProcFaults = append(row.AddProcFaults, use[0].procFaults)
 			b.log.Info("CNI latency", "plugin", c.name, "rep", r+1,
 				"ADD p50 ms", fmt.Sprintf("%.1f", percentile(adds, 50)/1000), "ADD p99 ms", fmt.Sprintf("%.1f", percentile(adds, 99)/1000),
 				"DEL p50 ms", fmt.Sprintf("%.1f", percentile(dels, 50)/1000), "DEL p99 ms", fmt.Sprintf("%.1f", percentile(dels, 99)/1000),
-				"ADD CPU ms", fmt.Sprintf("%.1f", cpu[0]), "DEL CPU ms", fmt.Sprintf("%.1f", cpu[1]))
+				"ADD CPU ms", fmt.Sprintf("%.1f", use[0].busyMs), "DEL CPU ms", fmt.Sprintf("%.1f", use[1].busyMs),
+				"ADD processes' CPU ms", fmt.Sprintf("%.1f", use[0].procMs), "ADD processes' page faults", fmt.Sprintf("%.0f", use[0].procFaults))
 		}
 	}
 	for i := range rows {
@@ -99,10 +102,17 @@ func (b *bench) runCNI(ctx context.Context, rep *report) error {
 	return nil
 }
 
+// cniUsage is what one phase of a CNI round cost, per pod: the machine's
+// busy CPU milliseconds, and the CPU milliseconds and minor page faults of
+// the plugins' processes alone (with what they ran: an IPAM plugin).
+type cniUsage struct {
+	busyMs, procMs, procFaults float64
+}
+
 // cniRound adds cniPods pods at once, then deletes them at once, each in a
-// fresh namespace, and returns each ADD's and DEL's time and the machine's
-// busy CPU milliseconds per pod of each phase.
-func (b *bench) cniRound(ctx context.Context, c cniOps, round int) (adds, dels []time.Duration, cpu [2]float64, err error) {
+// fresh namespace, and returns each ADD's and DEL's time and what each phase
+// cost per pod.
+func (b *bench) cniRound(ctx context.Context, c cniOps, round int) (adds, dels []time.Duration, use [2]cniUsage, err error) {
 	count := b.cfg.cniPods
 	nss := make([]ns.NetNS, count)
 	defer func() {
@@ -112,13 +122,14 @@ func (b *bench) cniRound(ctx context.Context, c cniOps, round int) (adds, dels [
 	}()
 	for i := range nss {
 		if nss[i], err = b.newNS(); err != nil {
-			return nil, nil, cpu, err
+			return nil, nil, use, err
 		}
 	}
 	id := func(i int) string { return fmt.Sprintf("bench-cni-%d-%d", round, i) }
-	phase := func(op func(context.Context, string, ns.NetNS) error, cpuMs *float64) ([]time.Duration, error) {
+	phase := func(op func(context.Context, string, ns.NetNS) error, u *cniUsage) ([]time.Duration, error) {
 		ds := make([]time.Duration, count)
 		cpu0, cerr0 := busyCPUSeconds()
+		proc0, faults0, perr0 := childrenUsage()
 		errs := make([]error, count)
 		var wg sync.WaitGroup
 		for i := range count {
@@ -130,7 +141,11 @@ func (b *bench) cniRound(ctx context.Context, c cniOps, round int) (adds, dels [
 		}
 		wg.Wait()
 		if cpu1, cerr1 := busyCPUSeconds(); cerr0 == nil && cerr1 == nil {
-			*cpuMs = (cpu1 - cpu0) * 1000 / float64(count)
+			u.busyMs = (cpu1 - cpu0) * 1000 / float64(count)
+		}
+		if proc1, faults1, perr1 := childrenUsage(); perr0 == nil && perr1 == nil {
+			u.procMs = (proc1 - proc0) * 1000 / float64(count)
+			u.procFaults = (faults1 - faults0) / float64(count)
 		}
 		for _, err := range errs {
 			if err != nil {
@@ -139,12 +154,12 @@ func (b *bench) cniRound(ctx context.Context, c cniOps, round int) (adds, dels [
 		}
 		return ds, nil
 	}
-	adds, err = phase(c.add, &cpu[0])
+	adds, err = phase(c.add, &use[0])
 	if err != nil {
 		// Delete what was added; DEL is idempotent.
-		phase(c.del, &cpu[1])
-		return nil, nil, cpu, err
+		phase(c.del, &use[1])
+		return nil, nil, use, err
 	}
-	dels, err = phase(c.del, &cpu[1])
-	return adds, dels, cpu, err
+	dels, err = phase(c.del, &use[1])
+	return adds, dels, use, err
 }

@@ -44,3 +44,18 @@ func busyCPUSeconds() (float64, error) {
 	}
 	return float64(busy) / userHZ, nil
 }
+
+// childrenUsage returns the CPU seconds and minor page faults of the
+// bench's child processes that have ended and been waited for, their own
+// waited-for children included (getrusage, RUSAGE_CHILDREN). Over a CNI
+// phase that is the plugins' processes and what they ran (an IPAM plugin),
+// which libcni execs and waits for, and nothing else: the node's agent and
+// tools run on.
+func childrenUsage() (cpuSeconds, minorFaults float64, err error) {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_CHILDREN, &ru); err != nil {
+		return 0, 0, fmt.Errorf("getrusage: %w", err)
+	}
+	seconds := func(t syscall.Timeval) float64 { return float64(t.Sec) + float64(t.Usec)/1e6 }
+	return seconds(ru.Utime) + seconds(ru.Stime), float64(ru.Minflt), nil
+}

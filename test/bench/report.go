@@ -81,24 +81,29 @@ type rttRow struct {
 
 // cniRow is a plugin's ADD and DEL latency; ratios are to bridge's.
 type cniRow struct {
-	Plugin      string     `json:"plugin"`
-	Reference   bool       `json:"reference"`
-	AddP50ms    []float64  `json:"addP50ms"`
-	AddP99ms    []float64  `json:"addP99ms"`
-	DelP50ms    []float64  `json:"delP50ms"`
-	DelP99ms    []float64  `json:"delP99ms"`
-	AddCPUms    []float64  `json:"addCPUms"`
-	DelCPUms    []float64  `json:"delCPUms"`
-	Medians     [4]float64 `json:"medianAddP50AddP99DelP50DelP99ms"`
-	MedianCPU   [2]float64 `json:"medianAddDelCPUms"`
-	AddP99Ratio float64    `json:"addP99RatioToBridge"`
-	AddCPURatio float64    `json:"addCPURatioToBridge"`
-	Error       string     `json:"error,omitempty"`
+	Plugin    string    `json:"plugin"`
+	Reference bool      `json:"reference"`
+	AddP50ms  []float64 `json:"addP50ms"`
+	AddP99ms  []float64 `json:"addP99ms"`
+	DelP50ms  []float64 `json:"delP50ms"`
+	DelP99ms  []float64 `json:"delP99ms"`
+	AddCPUms  []float64 `json:"addCPUms"`
+	DelCPUms  []float64 `json:"delCPUms"`
+	// The plugins' processes alone, per ADD (childrenUsage).
+	AddProcCPUms  []float64  `json:"addProcessCPUms"`
+	AddProcFaults []float64  `json:"addProcessPageFaults"`
+	Medians       [4]float64 `json:"medianAddP50AddP99DelP50DelP99ms"`
+	MedianCPU     [2]float64 `json:"medianAddDelCPUms"`
+	MedianProc    [2]float64 `json:"medianAddProcessCPUmsPageFaults"`
+	AddP99Ratio   float64    `json:"addP99RatioToBridge"`
+	AddCPURatio   float64    `json:"addCPURatioToBridge"`
+	Error         string     `json:"error,omitempty"`
 }
 
 func (r *cniRow) finish() {
 	r.Medians = [4]float64{median(r.AddP50ms), median(r.AddP99ms), median(r.DelP50ms), median(r.DelP99ms)}
 	r.MedianCPU = [2]float64{median(r.AddCPUms), median(r.DelCPUms)}
+	r.MedianProc = [2]float64{median(r.AddProcCPUms), median(r.AddProcFaults)}
 }
 
 // idleRow is the agent at rest with Pods attached tap pods.
@@ -388,10 +393,10 @@ func (r *report) markdown(b *strings.Builder) {
 	}
 	if len(r.CNI) > 0 {
 		fmt.Fprintf(b, "## CNI latency, %s pods added then deleted concurrently through libcni (ratio to bridge)\n\n", r.Config["cni-pods"])
-		fmt.Fprintf(b, "CPU is the whole machine's busy time during the %s ADDs (or DELs), per pod: the plugin and what it runs (an IPAM plugin, the agent), the kernel's work for them, and libcni's in the harness, which is the same for every plugin.\n\n", r.Config["cni-pods"])
-		fmt.Fprintf(b, "| plugin | ADD p50 ms | ADD p99 ms | DEL p50 ms | DEL p99 ms | ADD p99 vs bridge | ADD CPU ms per pod | DEL CPU ms per pod | ADD CPU vs bridge |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+		fmt.Fprintf(b, "CPU is the whole machine's busy time during the %s ADDs (or DELs), per pod: the plugin and what it runs (an IPAM plugin, the agent), the kernel's work for them, and libcni's in the harness, which is the same for every plugin. The processes' columns are an ADD's plugin processes alone (the plugin and an IPAM plugin it runs, not the agent): their CPU time and minor page faults.\n\n", r.Config["cni-pods"])
+		fmt.Fprintf(b, "| plugin | ADD p50 ms | ADD p99 ms | DEL p50 ms | DEL p99 ms | ADD p99 vs bridge | ADD CPU ms per pod | DEL CPU ms per pod | ADD CPU vs bridge | ADD processes' CPU ms | ADD processes' page faults |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, c := range r.CNI {
-			fmt.Fprintf(b, "| %s | %.1f | %.1f | %.1f | %.1f | %.2fx | %.1f | %.1f | %.2fx |%s\n", c.Plugin, c.Medians[0], c.Medians[1], c.Medians[2], c.Medians[3], c.AddP99Ratio, c.MedianCPU[0], c.MedianCPU[1], c.AddCPURatio, errNote(c.Error))
+			fmt.Fprintf(b, "| %s | %.1f | %.1f | %.1f | %.1f | %.2fx | %.1f | %.1f | %.2fx | %.1f | %.0f |%s\n", c.Plugin, c.Medians[0], c.Medians[1], c.Medians[2], c.Medians[3], c.AddP99Ratio, c.MedianCPU[0], c.MedianCPU[1], c.AddCPURatio, c.MedianProc[0], c.MedianProc[1], errNote(c.Error))
 		}
 		b.WriteString("\n")
 	}

@@ -58,16 +58,19 @@ func TestTransferLength(t *testing.T) {
 	}
 }
 
-// TestCNIMarkdown checks the CNI table: each plugin's medians of latency
-// and of the machine's CPU per ADD and DEL, and both ADD ratios to bridge.
+// TestCNIMarkdown checks the CNI table: each plugin's medians of latency,
+// of the machine's CPU per ADD and DEL and of an ADD's processes' CPU and
+// page faults, and both ADD ratios to bridge.
 func TestCNIMarkdown(t *testing.T) {
 	r := &report{Config: map[string]string{"cni-pods": "100"}, CNI: []cniRow{
 		{Plugin: "shm-cni (veth)", AddP50ms: []float64{900, 1000, 950}, AddP99ms: []float64{1200, 1400, 1300},
 			DelP50ms: []float64{800, 800, 800}, DelP99ms: []float64{1100, 1100, 1100},
-			AddCPUms: []float64{28, 26, 30}, DelCPUms: []float64{25, 24, 26}},
+			AddCPUms: []float64{28, 26, 30}, DelCPUms: []float64{25, 24, 26},
+			AddProcCPUms: []float64{11, 12, 10}, AddProcFaults: []float64{420, 430, 425}},
 		{Plugin: "bridge", Reference: true, AddP50ms: []float64{1800}, AddP99ms: []float64{2600},
 			DelP50ms: []float64{1400}, DelP99ms: []float64{2000},
-			AddCPUms: []float64{56}, DelCPUms: []float64{44}},
+			AddCPUms: []float64{56}, DelCPUms: []float64{44},
+			AddProcCPUms: []float64{22}, AddProcFaults: []float64{809}},
 	}}
 	for i := range r.CNI {
 		r.CNI[i].finish()
@@ -76,8 +79,8 @@ func TestCNIMarkdown(t *testing.T) {
 	var b strings.Builder
 	r.markdown(&b)
 	for _, want := range []string{
-		"| shm-cni (veth) | 950.0 | 1300.0 | 800.0 | 1100.0 | 0.50x | 28.0 | 25.0 | 0.50x |\n",
-		"| bridge | 1800.0 | 2600.0 | 1400.0 | 2000.0 | 1.00x | 56.0 | 44.0 | 1.00x |\n",
+		"| shm-cni (veth) | 950.0 | 1300.0 | 800.0 | 1100.0 | 0.50x | 28.0 | 25.0 | 0.50x | 11.0 | 425 |\n",
+		"| bridge | 1800.0 | 2600.0 | 1400.0 | 2000.0 | 1.00x | 56.0 | 44.0 | 1.00x | 22.0 | 809 |\n",
 		"during the 100 ADDs (or DELs), per pod",
 	} {
 		if !strings.Contains(b.String(), want) {
