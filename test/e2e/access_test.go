@@ -263,9 +263,7 @@ func TestAgentSocketsRootOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("before: %v; after: %v", base, got)
-	if got.fds > base.fds || got.goroutines > base.goroutines || got.memfdMaps > base.memfdMaps {
-		t.Errorf("agent footprint %v after the refused connections, %v before", got, base)
-	}
+	checkFootprint(t, "after the refused connections", got, base)
 	if _, err := n.Transfer(ctx, n.HostPeer(), n.PodPeer(p), false, 1<<20); err != nil {
 		t.Errorf("traffic after the refused connections: %v", err)
 	}

@@ -454,14 +454,9 @@ func TestAgentSocketBadInput(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("after %d more rounds (%d bad requests): %v, %d threads", badRounds, badRounds*len(cases), got, threads)
-	if got.fds > base.fds {
-		t.Errorf("agent fds: %d after the rounds, %d before", got.fds, base.fds)
-	}
+	checkFootprint(t, "after the rounds", got, base)
 	if got.memfdMaps != 0 {
 		t.Errorf("agent memfd mappings: %d, want 0 (no pod)", got.memfdMaps)
-	}
-	if got.goroutines > base.goroutines {
-		t.Errorf("agent goroutines: %d after the rounds, %d before", got.goroutines, base.goroutines)
 	}
 	// Go keeps idle threads; a thread per bad request would add
 	// badRounds*len(cases). The slack is what the Go runtime may add for

@@ -184,9 +184,7 @@ func TestChurn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f.fds > base.fds || f.memfdMaps > base.memfdMaps || f.goroutines > base.goroutines {
-		t.Errorf("agent after the churn holds %v, before it %v", f, base)
-	}
+	checkFootprint(t, "after the churn", f, base)
 	// Live heap, after a collection, against its level after the first
 	// wave: a leak of 4 KiB per pod exceeds the bound from 500 pods on
 	// (the full churn); the race-built agent's heap varies more.

@@ -114,9 +114,7 @@ func (e *hostileEnv) healthyAgain(t *testing.T, ctx context.Context, base agentF
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f.fds > base.fds || f.memfdMaps > base.memfdMaps || f.goroutines > base.goroutines {
-		t.Errorf("agent holds %v, before the hostile sandbox %v", f, base)
-	}
+	checkFootprint(t, "after the hostile sandbox", f, base)
 }
 
 // TestHostileGarbage: a sandbox that scribbles over its shared pages and

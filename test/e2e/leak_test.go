@@ -16,14 +16,37 @@ const settlePoll = 50 * time.Millisecond
 // agentFootprint is what an agent holds that a pod may leak.
 type agentFootprint struct {
 	fds, memfdMaps, goroutines int
+	// stacks are the agent's goroutines by stack at the reading, for
+	// the message of a test that finds more of them than before.
+	stacks string
 }
 
 func (f agentFootprint) String() string {
 	return fmt.Sprintf("%d fds, %d memfd mappings, %d goroutines", f.fds, f.memfdMaps, f.goroutines)
 }
 
+// exceeds says whether f holds more of anything than base.
+func (f agentFootprint) exceeds(base agentFootprint) bool {
+	return f.fds > base.fds || f.memfdMaps > base.memfdMaps || f.goroutines > base.goroutines
+}
+
+// checkFootprint fails t if got holds more than base, naming what and, for
+// goroutines, showing both readings' stacks: a goroutine that outlives its
+// pod shows there with where it waits.
+func checkFootprint(t *testing.T, what string, got, base agentFootprint) {
+	t.Helper()
+	if !got.exceeds(base) {
+		return
+	}
+	t.Errorf("agent holds %v %s, %v before", got, what, base)
+	if got.goroutines > base.goroutines {
+		t.Logf("the agent's goroutines before:\n%s\nand %s:\n%s", base.stacks, what, got.stacks)
+	}
+}
+
 // footprint reads the agent's open fds and memfd mappings (/proc) and its
-// goroutines (its go_goroutines metric).
+// goroutines (their stacks, and their count but for those serving the
+// readings: node.CountGoroutines).
 func footprint(ctx context.Context, n *node.Node) (agentFootprint, error) {
 	pid := n.Agent().PID()
 	var f agentFootprint
@@ -34,8 +57,10 @@ func footprint(ctx context.Context, n *node.Node) (agentFootprint, error) {
 	if f.memfdMaps, err = node.MemfdMappings(pid); err != nil {
 		return f, err
 	}
-	g, err := n.Metric(ctx, "go_goroutines", nil)
-	f.goroutines = int(g)
+	if f.stacks, err = n.GoroutineStacks(ctx); err != nil {
+		return f, err
+	}
+	f.goroutines, err = node.CountGoroutines(f.stacks)
 	return f, err
 }
 
@@ -48,7 +73,7 @@ func settledFootprint(ctx context.Context, n *node.Node, base agentFootprint) (a
 		if err != nil {
 			return f, err
 		}
-		if f.fds <= base.fds && f.memfdMaps <= base.memfdMaps && f.goroutines <= base.goroutines {
+		if !f.exceeds(base) {
 			return f, nil
 		}
 		select {
@@ -151,15 +176,7 @@ func TestAddDelCyclesLeakNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("after %d cycles: %v", cycles, got)
-	if got.fds > base.fds {
-		t.Errorf("agent fds: %d after %d cycles, %d before", got.fds, cycles, base.fds)
-	}
-	if got.memfdMaps > base.memfdMaps {
-		t.Errorf("agent memfd mappings: %d after %d cycles, %d before", got.memfdMaps, cycles, base.memfdMaps)
-	}
-	if got.goroutines > base.goroutines {
-		t.Errorf("agent goroutines: %d after %d cycles, %d before", got.goroutines, cycles, base.goroutines)
-	}
+	checkFootprint(t, fmt.Sprintf("after %d cycles", cycles), got, base)
 	if base.memfdMaps != 0 {
 		t.Errorf("agent memfd mappings with no pod: %d, want 0", base.memfdMaps)
 	}

@@ -283,9 +283,7 @@ func TestNodeReboot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f.fds > base.fds || f.memfdMaps > base.memfdMaps || f.goroutines > base.goroutines {
-		t.Errorf("agent after the reboot holds %v, a fresh one %v", f, base)
-	}
+	checkFootprint(t, "after the reboot (before: a fresh agent)", f, base)
 	// The runtime deletes the old pods: DEL succeeds for what is gone.
 	for _, p := range pods {
 		if err := n.DeletePod(ctx, p); err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -202,6 +203,61 @@ func (n *Node) GC(ctx context.Context) error {
 // a garbage collection.
 func (n *Node) HeapProfile(ctx context.Context) ([]byte, error) {
 	return n.httpGet(ctx, "/debug/pprof/heap?gc=1")
+}
+
+// GoroutineStacks returns the agent's goroutines grouped by stack, with a
+// count for each (the goroutine profile in text, debug=1).
+func (n *Node) GoroutineStacks(ctx context.Context) (string, error) {
+	b, err := n.httpGet(ctx, "/debug/pprof/goroutine?debug=1")
+	return string(b), err
+}
+
+// httpServing are frames of the goroutines net/http runs for a connection
+// to the agent's HTTP server.
+var httpServing = []string{"net/http.(*conn).serve", "net/http.(*connReader).backgroundRead"}
+
+// CountGoroutines counts the goroutines of a goroutine profile in text
+// (GoroutineStacks) but those serving the HTTP server's connections, the
+// reading's own among them, and those with no frame yet. Unlike the
+// go_goroutines metric, which counts the goroutines gathering the metrics
+// too (a number that varies with the machine's load), the count is the
+// same at every reading of an agent doing the same.
+func CountGoroutines(profile string) (int, error) {
+	groups := strings.Split(strings.TrimSpace(profile), "\n\n")
+	header, ok := strings.CutPrefix(groups[0], "goroutine profile: total ")
+	if !ok {
+		return 0, fmt.Errorf("goroutine profile: no header in %.80q", profile)
+	}
+	total, rest, _ := strings.Cut(header, "\n")
+	want, err := strconv.Atoi(total)
+	if err != nil {
+		return 0, fmt.Errorf("goroutine profile: total %q: %w", total, err)
+	}
+	groups[0] = rest
+	sum, count := 0, 0
+	for _, g := range groups {
+		head, frames, _ := strings.Cut(strings.TrimSpace(g), "\n")
+		if head == "" {
+			continue
+		}
+		ns, _, ok := strings.Cut(head, " @")
+		n, err := strconv.Atoi(ns)
+		if !ok || err != nil {
+			return 0, fmt.Errorf("goroutine profile: a group starts %.80q", head)
+		}
+		sum += n
+		// A goroutine with no frame of its own is one starting or
+		// ending (the HTTP connection's reader, started at each
+		// request, shows so): it waits nowhere.
+		if strings.TrimSpace(frames) == "" || slices.ContainsFunc(httpServing, func(f string) bool { return strings.Contains(frames, f) }) {
+			continue
+		}
+		count += n
+	}
+	if sum != want {
+		return 0, fmt.Errorf("goroutine profile: groups of %d goroutines, total %d", sum, want)
+	}
+	return count, nil
 }
 
 // AgentLogTail returns the last lines of the agent's log.
