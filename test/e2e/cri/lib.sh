@@ -316,14 +316,15 @@ run_agent() {
 	[ "$(http_get "$METRICS_ADDR" /readyz)" = ok ] || die "the agent is not ready after 30 s"
 }
 
-# start_agent_bg NAME: the agent on the run's state, started as NAME, with
+# start_agent_bg NAME: the agent on the run's state, started as NAME (its
+# HTTP server, on loopback, with Go's profiles: goroutines reads one), with
 # SHM_AGENT_ARGS (words, optional) after the run's own flags: to measure
 # or try the agent's options (SHM_AGENT_ARGS=--poll-max=0 make bench-runsc).
 start_agent_bg() {
 	local cidrs=$POD_CIDR${POD_CIDR6:+,$POD_CIDR6}
 	# shellcheck disable=SC2086 # SHM_AGENT_ARGS is words
 	start_bg "$1" "$REPO/bin/shm-agent" --pod-cidr "$cidrs" --cluster-cidr "$cidrs" --uplink "$UPLINK" \
-		--socket "$S/agent.sock" --state-dir "$S/state" --sandbox-dir "$S/sb" --metrics-addr "$METRICS_ADDR" --log-level debug ${SHM_AGENT_ARGS:-}
+		--socket "$S/agent.sock" --state-dir "$S/state" --sandbox-dir "$S/sb" --metrics-addr "$METRICS_ADDR" --pprof --log-level debug ${SHM_AGENT_ARGS:-}
 }
 
 # clean_after_killed_agent: an agent killed (restart_agent KILL) and not
@@ -493,7 +494,23 @@ attachments_count() { http_get "$METRICS_ADDR" /attachments | grep -c '"containe
 # fd_count PID; tun_fds PID: open fds, and those on /dev/net/tun.
 fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
 tun_fds() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 -lname /dev/net/tun 2>/dev/null | wc -l; }
-goroutines() { http_get "$METRICS_ADDR" /metrics | awk '$1 == "go_goroutines" {print $2}'; }
+# goroutines: the agent's goroutines, counted from its goroutine profile
+# (--pprof) as the Go tests count them (CountGoroutines in test/e2e/node):
+# not those serving HTTP, this reading's among them, nor those with no
+# frame yet. The go_goroutines metric would count the goroutines gathering
+# the metrics too, a number that varies with the machine's load.
+goroutines() {
+	http_get "$METRICS_ADDR" '/debug/pprof/goroutine?debug=1' | awk '
+		function flush() {
+			if (n != "" && frames != "" && frames !~ /net\/http\.\(\*conn\)\.serve|net\/http\.\(\*connReader\)\.backgroundRead/) sum += n
+			n = ""; frames = ""
+		}
+		/^goroutine profile: total / { total = $4; next }
+		/^[0-9]+ @/ { flush(); n = $1; next }
+		/^#/ { frames = frames $0 "\n"; next }
+		/^$/ { flush() }
+		END { flush(); if (total != "") print sum + 0 }'
+}
 # nsfs_mounts: pod network namespaces containerd has mounted.
 nsfs_mounts() { awk -v s="$S/containerd/" '$0 ~ / - nsfs / && index($5, s) == 1' /proc/self/mountinfo | wc -l; }
 # ipam_allocations: addresses the agent's IPAM state holds.
@@ -738,6 +755,7 @@ agent_baseline() {
 	check "agent: no attachment after $1" 0 "$(attachments_count)"
 	BASE_FDS=$(fd_count "$AGENT")
 	BASE_GR=$(goroutines)
+	[ -n "$BASE_GR" ] || die "the agent's goroutine profile: no count (is --pprof on?)"
 	say "agent baseline: $BASE_FDS fds, $BASE_GR goroutines"
 }
 
