@@ -247,8 +247,8 @@ func CountGoroutines(profile string) (int, error) {
 		}
 		sum += n
 		// A goroutine with no frame of its own is one starting or
-		// ending (the HTTP connection's reader, started at each
-		// request, shows so): it waits nowhere.
+		// ending, and waits nowhere (one shows at a reading over
+		// HTTP, where a reading in the process has none).
 		if strings.TrimSpace(frames) == "" || slices.ContainsFunc(httpServing, func(f string) bool { return strings.Contains(frames, f) }) {
 			continue
 		}
